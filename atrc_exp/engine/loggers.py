@@ -1,0 +1,76 @@
+"""Experiment loggers: ``logger=none`` (nothing remote) and ``logger=wandb``.
+
+Only the main process creates a real logger; other ranks get :class:`NullLogger`.
+Every logger is closed by ``finish(exit_code)``, also when the run fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class NullLogger:
+    """Logs nothing remotely (``metrics.json`` and the log file are written by the engine)."""
+
+    wants_images = False
+
+    def log(self, data: dict[str, float], step: int) -> None:
+        pass
+
+    def log_images(self, panels: dict[str, np.ndarray], step: int) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+class WandbLogger:
+    """Weights & Biases: resolved config, losses, lr, metrics and image panels per task."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        import wandb
+
+        self._wandb = wandb
+        lc = cfg.logger
+        config = OmegaConf.to_container(cfg, resolve=True)
+        self.run = wandb.init(
+            project=lc.project,
+            entity=lc.entity,
+            group=lc.group,
+            tags=list(lc.tags or []),
+            name=f"{cfg.run_name}/{run_dir.name}",
+            dir=str(run_dir),
+            config=config,
+            mode=lc.mode,
+            reinit="finish_previous",
+        )
+        self.wants_images = bool(lc.log_images)
+        self.num_images = int(lc.num_images)
+        log.info("W&B run %s (%s) in %s", self.run.id, self.run.settings.mode, self.run.dir)
+
+    def log(self, data: dict[str, float], step: int) -> None:
+        self.run.log(dict(data), step=step)
+
+    def log_images(self, panels: dict[str, np.ndarray], step: int) -> None:
+        images = {f"val_images/{k}": self._wandb.Image(v, caption="image | ground truth | prediction")
+                  for k, v in panels.items()}
+        self.run.log(images, step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, is_main: bool) -> Any:
+    """The configured logger on the main process, :class:`NullLogger` elsewhere."""
+    if not is_main or cfg.logger.name == "none":
+        return NullLogger()
+    if cfg.logger.name == "wandb":
+        return WandbLogger(cfg, run_dir)
+    raise ValueError(f"unknown logger {cfg.logger.name!r}: choose logger=wandb or logger=none")

@@ -1,0 +1,255 @@
+"""The Accelerate training loop (``mode=distill``): SGD + poly LR, validation, checkpoints, logging.
+
+``fit(cfg, run_dir)`` runs one job on every process of a launch and returns the final validation
+metrics (identical on every rank). Only the main process writes files and logs remotely.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, validate_config
+from ..data import build_datasets, prepare_data
+from ..losses import MultiTaskLoss
+from ..metrics import MultiTaskMetrics
+from ..models import build_model
+from ..visualize import colorize, postprocess
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_json_atomic
+from .loggers import build_logger
+
+log = logging.getLogger(__name__)
+
+
+def poly_lambda(max_steps: int, power: float):
+    """LR factor (1 − step/max_steps)^power, 0 past the end."""
+    return lambda step: max(0.0, 1.0 - step / max(1, max_steps)) ** power
+
+
+def make_accelerator(cfg: DictConfig) -> Accelerator:
+    """An Accelerator for this job; checks that the total batch splits over the processes."""
+    acc = Accelerator(
+        cpu=bool(cfg.trainer.cpu),
+        mixed_precision=str(cfg.trainer.mixed_precision),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if int(cfg.trainer.batch_size) % acc.num_processes:
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size} (total over processes) is not divisible by "
+            f"the {acc.num_processes} processes; use a multiple of {acc.num_processes}"
+        )
+    return acc
+
+
+def reset_accelerate_state() -> None:
+    """Forget the process-wide Accelerate singletons (between Hydra multirun jobs and tests)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _infinite(loader) -> Iterator[dict]:
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def build_val_loader(dataset, cfg: DictConfig, acc: Accelerator) -> DataLoader:
+    """Shard ``dataset`` over processes without padding (every sample counted exactly once)."""
+    shard = Subset(dataset, list(range(acc.process_index, len(dataset), acc.num_processes)))
+    per_proc = max(1, int(cfg.trainer.val_batch_size) // acc.num_processes)
+    return DataLoader(
+        shard,
+        batch_size=per_proc,
+        shuffle=False,
+        num_workers=int(cfg.trainer.num_workers),
+        pin_memory=acc.device.type == "cuda",
+    )
+
+
+@torch.no_grad()
+def validate(model, loader, metrics: MultiTaskMetrics, acc: Accelerator, panel_images: int = 0):
+    """Metrics over the whole split, reduced across processes; optional image panels (main rank)."""
+    net = acc.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    metrics.reset()
+    panels: dict = {}
+    for batch in loader:
+        batch = _to_device(batch, acc.device)
+        with acc.autocast():
+            out = net(batch["image"])
+        metrics.update(out["final"], batch)
+        if panel_images and not panels:
+            panels = make_panels(batch, out["final"], panel_images)
+    state = metrics.state().to(acc.device)
+    if acc.num_processes > 1:
+        state = acc.reduce(state, reduction="sum")
+    metrics.load_state(state.cpu())
+    net.train(was_training)
+    return metrics.compute(), panels
+
+
+def make_panels(batch: dict, final: dict, n: int):
+    """Per task, rows of [image | ground truth | prediction] for the first ``n`` images."""
+    import numpy as np
+
+    from ..data.transforms import denormalize
+
+    panels = {}
+    n = min(n, batch["image"].shape[0])
+    imgs = [denormalize(batch["image"][i]).byte().permute(1, 2, 0).cpu().numpy() for i in range(n)]
+    for task, logits in final.items():
+        pred = postprocess(task, logits).float().cpu().numpy()
+        gt = batch[task].float().cpu().numpy()
+        rows = [np.concatenate([imgs[i], colorize(task, gt[i], True), colorize(task, pred[i])], 1) for i in range(n)]
+        panels[task] = np.concatenate(rows, 0)
+    return panels
+
+
+def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Train and validate the configured model; write ``metrics.json`` and checkpoints in ``run_dir``."""
+    run_dir = Path(run_dir)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    validate_config(cfg)
+    acc = make_accelerator(cfg)
+    logger = None
+    try:
+        logger = build_logger(cfg, run_dir, acc.is_main_process)
+        metrics = _fit(cfg, run_dir, acc, logger)
+        logger.finish(0)
+        return metrics
+    except BaseException:
+        if logger is not None:
+            logger.finish(1)
+        raise
+    finally:
+        reset_accelerate_state()
+
+
+def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, float]:
+    tc = cfg.trainer
+    is_main = acc.is_main_process
+    set_seed(int(cfg.seed))
+    with acc.main_process_first():
+        data_dir = prepare_data(cfg, progress=is_main)
+    train_ds, val_ds = build_datasets(cfg, data_dir)
+    per_proc = int(tc.batch_size) // acc.num_processes
+    if len(train_ds) < per_proc * acc.num_processes:
+        raise ConfigError(f"the train split has {len(train_ds)} samples, fewer than trainer.batch_size={tc.batch_size}")
+
+    model = build_model(cfg)
+    if acc.num_processes > 1 and acc.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    tasks = list(cfg.tasks.names)
+    criterion = MultiTaskLoss(tasks, edge_pos_weight=float(cfg.dataset.edge_pos_weight)).to(acc.device)
+    metrics = MultiTaskMetrics(tasks, int(cfg.dataset.num_semseg_classes), float(cfg.dataset.edge_pos_weight))
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=float(tc.lr), momentum=float(tc.momentum), weight_decay=float(tc.weight_decay)
+    )
+    max_steps = int(tc.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(max_steps, float(tc.poly_power)))
+    nw = int(tc.num_workers)
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=per_proc,
+        shuffle=True,
+        drop_last=True,
+        num_workers=nw,
+        pin_memory=acc.device.type == "cuda",
+        persistent_workers=nw > 0,
+    )
+    model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
+    acc.register_for_checkpointing(scheduler)
+    val_loader = build_val_loader(val_ds, cfg, acc)
+
+    n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
+    log.info(
+        "run dir %s | %s on %s, %d process(es), %d parameters | train %d / val %d samples",
+        run_dir, cfg.run_name, acc.device, acc.num_processes, n_params, len(train_ds), len(val_ds),
+    )
+    if is_main:
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    step = 0
+    ckpt = resolve_resume(tc.resume, run_dir)
+    if ckpt is not None:
+        step = int(load_checkpoint(acc, ckpt)["step"])
+        log.info("resumed from %s at step %d", ckpt, step)
+
+    final_metrics: dict[str, float] = {}
+    want_images = int(cfg.logger.get("num_images", 0)) if getattr(logger, "wants_images", False) else 0
+    bar = tqdm(total=max_steps, initial=step, disable=not (is_main and tc.progress), desc="train", dynamic_ncols=True)
+    it = _infinite(train_loader)
+    model.train()
+    t_last, imgs_since = time.perf_counter(), 0
+    while step < max_steps:
+        batch = next(it)
+        outputs = model(batch["image"])
+        loss, terms = criterion(outputs, batch)
+        if not torch.isfinite(loss):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+            raise FloatingPointError(f"non-finite loss at step {step + 1} (terms: {', '.join(bad) or 'total'})")
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if tc.grad_clip:
+            acc.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        imgs_since += int(tc.batch_size)
+        bar.update(1)
+        if step % int(tc.log_interval) == 0 or step == max_steps:
+            now = time.perf_counter()
+            ips = imgs_since / max(now - t_last, 1e-9)
+            t_last, imgs_since = now, 0
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+            record = {"train/loss": loss.item(), "train/lr": lr, "train/images_per_s": ips,
+                      **{f"train/{k}": v.item() for k, v in terms.items()}}
+            logger.log(record, step)
+            if is_main:
+                with open(run_dir / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **record}) + "\n")
+            log.debug("step %d loss %.4f lr %.3e", step, loss.item(), lr)
+        if step % int(tc.val_interval) == 0 or step == max_steps:
+            final_metrics, panels = validate(model, val_loader, metrics, acc, want_images if is_main else 0)
+            if is_main:
+                write_json_atomic(run_dir / "metrics.json", {"step": step, "metrics": final_metrics})
+                with open(run_dir / "metrics_history.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "metrics": final_metrics}) + "\n")
+                logger.log({f"val/{k}": v for k, v in final_metrics.items()}, step)
+                if panels:
+                    logger.log_images(panels, step)
+            log.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in final_metrics.items()))
+        if tc.checkpoint_interval and (step % int(tc.checkpoint_interval) == 0 or step == max_steps):
+            save_checkpoint(acc, run_dir, step, int(tc.keep_checkpoints))
+    bar.close()
+    if not final_metrics:  # resumed at the end: validate once more
+        final_metrics, _ = validate(model, val_loader, metrics, acc)
+        if is_main:
+            write_json_atomic(run_dir / "metrics.json", {"step": step, "metrics": final_metrics})
+    acc.wait_for_everyone()
+    bad = [k for k, v in final_metrics.items() if not math.isfinite(v)]
+    if bad:
+        log.warning("non-finite validation metrics: %s", bad)
+    return final_metrics

@@ -1,0 +1,56 @@
+"""The full network: backbone → concatenated multi-scale features → head → outputs at input size."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ..config import RELATIONAL_CONTEXTS, ConfigError
+from ..tasks import task_info
+from .backbones import build_backbone
+from .heads import MultiTaskFCNHead
+from .layers import concat_features, resize_to
+
+
+class MultiTaskModel(nn.Module):
+    """``model(image: B×3×H×W) -> {"final": {task: B×C×H×W}, "aux": {...}}`` at input resolution.
+
+    ``aux`` is present only when the head makes auxiliary predictions.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, tasks: list[str]):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.tasks = list(tasks)
+
+    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        features = concat_features(self.backbone(image))
+        out = self.head(features)
+        size = tuple(image.shape[-2:])
+        return {kind: {t: resize_to(v, size) for t, v in preds.items()} for kind, preds in out.items()}
+
+
+def build_model(cfg: DictConfig) -> MultiTaskModel:
+    """Build the network of a composed config (``backbone``, ``tasks``, ``context``, ``dataset``)."""
+    tasks = list(cfg.tasks.names)
+    bb = cfg.backbone
+    extra = {}
+    if bb.name == "timm":
+        extra = {"model_name": bb.model_name, "out_indices": bb.get("out_indices")}
+    backbone = build_backbone(bb.name, pretrained=bb.pretrained, **extra)
+    c_in = sum(backbone.out_channels)
+    num_classes = int(cfg.dataset.num_semseg_classes)
+    out_ch = {t: task_info(t, num_classes).final_channels for t in tasks}
+    ctx = cfg.context.name
+    if ctx == "none":
+        head = MultiTaskFCNHead(c_in, out_ch)
+    elif ctx in RELATIONAL_CONTEXTS:
+        raise ConfigError(
+            f"context={ctx} needs the relational-context head, which is not part of this build yet "
+            "(tracked in the relational-context issue); use context=none for the FCN baselines"
+        )
+    else:
+        raise ConfigError(f"unknown context {ctx!r}: choose none, global, local, tlabel, slabel, atrc, search")
+    return MultiTaskModel(backbone, head, tasks)

@@ -1,0 +1,63 @@
+"""Shared fixtures: offline W&B, few threads, tiny synthetic configs composed with Hydra."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from atrc_exp.config import CONF_DIR, register_resolvers  # noqa: E402
+
+torch.set_num_threads(2)
+register_resolvers()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(data_dir: Path, **extra: object) -> list[str]:
+    """Overrides for a seconds-long run on a tiny synthetic dataset in ``data_dir``."""
+    base = {
+        "paths.data_dir": str(data_dir),
+        "dataset.generator.n_train": 8,
+        "dataset.generator.n_val": 4,
+        "dataset.generator.height": 48,
+        "dataset.generator.width": 64,
+        "dataset.crop_size": "[48,64]",
+        "trainer.batch_size": 2,
+        "trainer.max_steps": 4,
+        "trainer.val_interval": 2,
+        "trainer.num_workers": 0,
+        "trainer.progress": "false",
+        "trainer.log_interval": 1,
+    }
+    base.update({k: v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def compose_cfg(overrides: list[str] | None = None):
+    """Compose ``conf/train.yaml`` with ``overrides`` (Hydra's compose API)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset (generated once per test session)."""
+    from atrc_exp.data.synthetic import ensure_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    ensure_synthetic_dataset(root, n_train=8, n_val=4, height=48, width=64, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _wandb_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
