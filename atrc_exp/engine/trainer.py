@@ -132,6 +132,8 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         cfg.paths.output_dir = str(run_dir)
     validate_config(cfg)
     acc = make_accelerator(cfg)
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
     logger = None
     try:
         logger = build_logger(cfg, run_dir, acc.is_main_process)

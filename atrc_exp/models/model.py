@@ -39,7 +39,8 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     extra = {}
     if bb.name == "timm":
         extra = {"model_name": bb.model_name, "out_indices": bb.get("out_indices")}
-    backbone = build_backbone(bb.name, pretrained=bb.pretrained, **extra)
+    weights_dir = cfg.paths.get("weights_dir") if "paths" in cfg else None
+    backbone = build_backbone(bb.name, pretrained=bb.pretrained, weights_dir=weights_dir, **extra)
     c_in = sum(backbone.out_channels)
     num_classes = int(cfg.dataset.num_semseg_classes)
     out_ch = {t: task_info(t, num_classes).final_channels for t in tasks}

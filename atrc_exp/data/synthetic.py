@@ -1,0 +1,299 @@
+"""Synthetic multi-task dataset: procedurally rendered rooms written in the NYUD_MT layout.
+
+:func:`render_scene` ray-casts one scene (see :mod:`atrc_exp.data.synthetic_scene` for the
+geometry and the frame conventions) and returns mutually consistent labels for every task:
+
+=============== ================ ===============================================================
+key             dtype / shape    meaning
+=============== ================ ===============================================================
+``image``       uint8  H×W×3     RGB, Lambertian shading + textures + gaussian sensor noise
+``depth``       float32 H×W      z-depth in metres (along the optical axis), about 1..10
+``normals``     float32 H×W×3    unit normals, camera frame, OpenCV axes (x right, y down,
+                                 z forward), oriented toward the camera (n · ray < 0)
+``semseg``      uint8  H×W       index into :data:`SEMSEG_CLASSES` (K = 7)
+``instance``    int32  H×W       1..6 the room faces, 7.. one id per object (a figure is one)
+``edge``        uint8  H×W       1-pixel boundaries of instances, occlusions and creases
+``sal``         uint8  H×W       1 on objects (sphere, box, cylinder, person), 0 on the room
+``human_parts`` uint8  H×W       index into :data:`HUMAN_PART_NAMES`, > 0 only on the figure
+=============== ================ ===============================================================
+
+:func:`ensure_synthetic_dataset` writes ``<root>/NYUD_MT/`` once (atomically, safe under
+concurrency) so that :class:`atrc_exp.data.nyud.NYUDMT` reads it like the real dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+from filelock import FileLock
+from tqdm import tqdm
+
+from .synthetic_scene import (
+    FIRST_OBJECT_CLASS,
+    HUMAN_PART_NAMES,
+    SEMSEG_CLASSES,
+    Scene,
+    cast,
+    intrinsics,
+    sample_scene,
+)
+
+__all__ = [
+    "HUMAN_PART_NAMES",
+    "SEMSEG_CLASSES",
+    "ensure_synthetic_dataset",
+    "intrinsics",
+    "render_scene",
+    "scene_seed",
+    "write_nyud_layout",
+]
+
+GENERATOR = "atrc_exp.synthetic"
+#: Bump when the renderer's output changes, so stale datasets are detected.
+VERSION = 1
+MANIFEST = "synthetic.json"
+_PARAMS = ("n_train", "n_val", "height", "width", "seed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering: labels, shading, edges
+# ----------------------------------------------------------------------------------------------
+
+#: An edge separates two neighbouring pixels of different surfaces whose depths differ by more than
+#: this fraction of the nearer one (an occlusion boundary) ...
+EDGE_DEPTH_REL = 0.05
+#: ... or whose normals differ by more than this angle (a crease); any instance change is an edge.
+EDGE_CREASE_DEG = 30.0
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("...i,...i->...", a, b)
+
+
+def _edges(inst: np.ndarray, surf: np.ndarray, depth: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """1-pixel edges: a pixel is marked when it and its right or bottom neighbour differ (H×W uint8)."""
+    edge = np.zeros(inst.shape, bool)
+    cos_thr = np.cos(np.radians(EDGE_CREASE_DEG))
+    for a, b in (
+        ((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+        ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
+    ):
+        other_surface = surf[a] != surf[b]
+        jump = np.abs(depth[a] - depth[b]) > EDGE_DEPTH_REL * np.minimum(depth[a], depth[b])
+        crease = _dot(normals[a], normals[b]) < cos_thr
+        edge[a] |= (inst[a] != inst[b]) | (other_surface & (jump | crease))
+    return edge.astype(np.uint8)
+
+
+def render(scene: Scene, height: int, width: int, noise_rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Ray-cast ``scene`` at ``height``×``width``: the arrays of the module doc, shaded with a
+    Lambertian point or directional light (shadows cast by the objects) plus sensor noise."""
+    fx, fy, cx, cy = intrinsics(height, width)
+    jj, ii = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
+    d_cam = np.stack([(jj - cx) / fx, (ii - cy) / fy, np.ones_like(jj)], -1).reshape(-1, 3)
+    d = d_cam @ scene.R_wc.T  # world directions with unit optical-axis component: t == z-depth
+    o = scene.cam_pos
+    t_room, face = scene.room.intersect(o, d)
+    t, owner = cast(scene.prims, o, d, t_room)
+    p = o + t[:, None] * d
+
+    n_px = len(t)
+    normal = np.empty((n_px, 3))
+    albedo = np.empty((n_px, 3))
+    semseg = np.empty(n_px, np.uint8)
+    inst = np.empty(n_px, np.int32)
+    part = np.zeros(n_px, np.uint8)
+    surf = np.empty(n_px, np.int64)  # one id per smooth surface patch (face of a primitive)
+    room = scene.room
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(-1, len(scene.prims) + 1))
+    room_idx = order[bounds[0] : bounds[1]]
+    for f in range(6):
+        idx = room_idx[face[room_idx] == f]
+        normal[idx] = room.NORMALS[f]
+        semseg[idx], inst[idx], surf[idx] = room.CLASSES[f], room.instances[f], f
+        albedo[idx] = room.textures[f].albedo(p[idx])
+    for k, prim in enumerate(scene.prims):
+        idx = order[bounds[k + 1] : bounds[k + 2]]
+        if idx.size == 0:
+            continue
+        nk, fk, local = prim.surface(p[idx])
+        normal[idx], surf[idx] = nk, 8 * (k + 1) + fk
+        semseg[idx], inst[idx], part[idx] = prim.semseg, prim.instance, prim.part
+        albedo[idx] = prim.texture.albedo(local)
+    normal[_dot(normal, d) > 0] *= -1  # face the camera
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True)
+
+    # Lambertian shading, point or directional light, cast shadows from the objects
+    if scene.light_pos is not None:
+        lvec = scene.light_pos - p
+        dist = np.linalg.norm(lvec, axis=1)
+        ldir = lvec / dist[:, None]
+        power = 1.6 / (1.0 + (dist / 4.0) ** 2)
+        t_max = 1.0
+    else:
+        lvec = ldir = np.broadcast_to(scene.light_dir, p.shape)
+        power = np.full(n_px, 0.9)
+        t_max = np.inf
+    ndl = np.clip(_dot(normal, ldir), 0.0, None)
+    lit = np.flatnonzero(ndl > 0)
+    if lit.size and scene.prims:
+        _, occ = cast(
+            scene.prims,
+            p[lit] + 1e-4 * normal[lit],
+            np.ascontiguousarray(lvec[lit]),
+            np.full(lit.size, t_max),
+        )
+        ndl[lit[occ >= 0]] = 0.0
+    shade = scene.ambient + (ndl * power)[:, None] * scene.light_color
+    srgb = np.clip(albedo * shade, 0.0, 1.0) ** (1 / 2.2) * 255.0
+    srgb += noise_rng.normal(0.0, scene.noise_sigma, srgb.shape)
+    image = np.clip(np.rint(srgb), 0, 255).astype(np.uint8).reshape(height, width, 3)
+
+    normal_cam = (normal @ scene.R_wc).reshape(height, width, 3)
+    depth = t.reshape(height, width)
+    inst_hw = inst.reshape(height, width)
+    edge = _edges(inst_hw, surf.reshape(height, width), depth, normal_cam)
+    semseg_hw = semseg.reshape(height, width)
+    return {
+        "image": image,
+        "depth": depth.astype(np.float32),
+        "normals": normal_cam.astype(np.float32),
+        "semseg": semseg_hw,
+        "instance": inst_hw,
+        "edge": edge,
+        "sal": (semseg_hw >= FIRST_OBJECT_CLASS).astype(np.uint8),
+        "human_parts": part.reshape(height, width),
+    }
+
+
+def render_scene(seed: int, height: int, width: int) -> dict[str, np.ndarray]:
+    """Render scene ``seed`` (int ≥ 0) at ``height``×``width``; keys and dtypes in the module doc.
+
+    The geometry depends only on ``seed``, so one seed gives the same scene at every size.
+    """
+    if height < 2 or width < 2:
+        raise ValueError(f"image size must be at least 2×2, got {height}×{width}")
+    return render(sample_scene(seed), height, width, np.random.default_rng([seed, 1]))
+
+
+def scene_seed(seed: int, index: int) -> int:
+    """Seed of image ``index`` of a dataset with base ``seed`` (independent of the split sizes)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _manifest(n_train: int, n_val: int, height: int, width: int, seed: int) -> dict:
+    return {
+        "generator": GENERATOR,
+        "version": VERSION,
+        "n_train": n_train,
+        "n_val": n_val,
+        "height": height,
+        "width": width,
+        "seed": seed,
+        "semseg_classes": list(SEMSEG_CLASSES),
+    }
+
+
+def _write(dest: Path, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool) -> None:
+    """Write the NYUD_MT files into ``dest`` itself; the manifest goes last."""
+    for sub in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    names = [f"{i:05d}" for i in range(n_train + n_val)]
+    for i in tqdm(range(len(names)), desc="synthetic NYUD_MT", unit="img", disable=not progress):
+        name, s = names[i], render_scene(scene_seed(seed, i), height, width)
+        bgr = cv2.cvtColor(s["image"], cv2.COLOR_RGB2BGR)
+        if not cv2.imwrite(str(dest / "images" / f"{name}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+            raise OSError(f"could not write {dest / 'images' / name}.jpg")
+        if not cv2.imwrite(str(dest / "segmentation" / f"{name}.png"), s["semseg"] + np.uint8(1)):
+            raise OSError(f"could not write {dest / 'segmentation' / name}.png")
+        np.save(dest / "depth" / f"{name}.npy", s["depth"])
+        np.save(dest / "normals" / f"{name}.npy", s["normals"])
+        np.save(dest / "edge" / f"{name}.npy", s["edge"].astype(np.float32))
+    (dest / "gt_sets" / "train.txt").write_text("".join(f"{n}\n" for n in names[:n_train]))
+    (dest / "gt_sets" / "val.txt").write_text("".join(f"{n}\n" for n in names[n_train:]))
+    manifest = _manifest(n_train, n_val, height, width, seed)
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _check_args(n_train: int, n_val: int, height: int, width: int) -> None:
+    if n_train < 0 or n_val < 0 or n_train + n_val == 0:
+        raise ValueError(f"need n_train, n_val >= 0 and at least one image, got {n_train}, {n_val}")
+    if height < 2 or width < 2:
+        raise ValueError(f"image size must be at least 2×2, got {height}×{width}")
+
+
+def write_nyud_layout(
+    root: str | Path, *, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool = True
+) -> Path:
+    """Render ``n_train + n_val`` scenes into ``root/NYUD_MT/`` and return that folder.
+
+    Names are ``00000``, ``00001``… (train first, then val); image ``i`` has seed
+    :func:`scene_seed` ``(seed, i)``. Files already there are overwritten, never removed; use
+    :func:`ensure_synthetic_dataset` for the atomic, idempotent version.
+    """
+    _check_args(n_train, n_val, height, width)
+    dest = Path(root) / "NYUD_MT"
+    _write(dest, n_train, n_val, height, width, seed, progress)
+    return dest
+
+
+def _existing_ok(root: Path, wanted: dict) -> bool:
+    """True if ``root/NYUD_MT`` holds exactly the wanted dataset, False if absent; else ValueError."""
+    ds = root / "NYUD_MT"
+    if not ds.exists():
+        return False
+    mf = ds / MANIFEST
+    if not mf.is_file():
+        raise ValueError(
+            f"{ds} exists but has no {MANIFEST}: it is not a synthetic dataset (real NYUD data?). "
+            f"Point paths.data_dir at another folder for dataset=synthetic, or move {ds} away"
+        )
+    try:
+        have = json.loads(mf.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable manifest {mf} ({e}); delete {ds} to regenerate it") from e
+    keys = ("generator", "version", *_PARAMS)
+    diff = [f"{k}: on disk {have.get(k)!r}, wanted {wanted[k]!r}" for k in keys if have.get(k) != wanted[k]]
+    if diff:
+        raise ValueError(
+            f"synthetic dataset {ds} was generated with other parameters ({'; '.join(diff)}). "
+            f"Use another paths.data_dir for these settings, or delete {ds} to regenerate it"
+        )
+    return True
+
+
+def ensure_synthetic_dataset(
+    root: str | Path, *, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool = True
+) -> Path:
+    """Make sure ``root/NYUD_MT`` holds the synthetic dataset with these parameters; return ``root``.
+
+    Does nothing when the manifest matches; raises ``ValueError`` when it differs or when
+    ``root/NYUD_MT`` is not synthetic. Generation holds ``root/.synthetic.lock``, writes into
+    ``root/.NYUD_MT.tmp-<pid>`` and renames it into place, so concurrent callers (several ranks or
+    jobs sharing ``root``) end up with one complete dataset and readers never see a partial one.
+    """
+    _check_args(n_train, n_val, height, width)
+    root = Path(root)
+    wanted = _manifest(n_train, n_val, height, width, seed)
+    if _existing_ok(root, wanted):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".synthetic.lock")):
+        if _existing_ok(root, wanted):  # another process finished it while we waited
+            return root
+        for stale in root.glob(".NYUD_MT.tmp-*"):  # left by a crashed generator (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".NYUD_MT.tmp-{os.getpid()}"
+        try:
+            _write(tmp, n_train, n_val, height, width, seed, progress)
+            os.replace(tmp, root / "NYUD_MT")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return root

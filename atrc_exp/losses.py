@@ -1,0 +1,334 @@
+"""Training losses of ATRC (ICCV 2021) for every dense task, final and auxiliary.
+
+Conventions (see :mod:`atrc_exp.tasks`): targets carry the ignore value 255; network outputs
+are logits/raw maps at the target resolution. Every loss
+
+* computes in float32 (logits are cast with ``.float()`` and autocast is disabled inside), so
+  it can be called from inside an autocast region;
+* averages over the *valid* pixels only and returns ``0`` (still connected to the autograd
+  graph, so ``backward`` works and gives zero gradients) when a batch holds no valid pixel,
+  instead of the ``NaN`` of PyTorch's ``reduction="mean"``.
+
+Final losses (``outputs["final"][task]``):
+
+==============  ===========================================================================
+semseg, parts   cross-entropy (ignore 255), mean over valid pixels
+sal             balanced 2-class CE, class weights ``(1 - w_pos, w_pos)``, ``w_pos`` = share
+                of negatives among the valid pixels of the batch; PyTorch weighted-mean
+                semantics ``Σ w_i·l_i / Σ w_i``
+normals         L1 between the L2-normalised prediction and the target, summed over the 3
+                channels, divided by the number of valid pixels
+depth           L1 over valid pixels (mean)
+edge            BCE-with-logits with ``pos_weight = w/(1-w)``, times ``(1-w)``, mean over
+                valid pixels; ``w`` = the dataset's ``edge_pos_weight``
+==============  ===========================================================================
+
+Auxiliary losses (``outputs["aux"][task]``, optional per task):
+
+==============  ===========================================================================
+semseg, parts   cross-entropy (ignore 255)
+sal             the balanced CE of the final sal loss
+normals         CE over the index of the nearest of K normal centroids
+                (:func:`normals_to_centroid_index`)
+depth           CE over 40 log-spaced depth bins (:func:`depth_to_bins`)
+edge            2-class CE with class weights ``(1-w, w)`` over the 0/1 edge targets
+==============  ===========================================================================
+
+The total loss is ``Σ_task LOSS_WEIGHTS[task] · (final_task + aux_task)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .tasks import ALL_TASKS, IGNORE_INDEX, LOSS_WEIGHTS, NUM_DEPTH_BINS
+
+__all__ = [
+    "depth_to_bins",
+    "normals_to_centroid_index",
+    "cross_entropy_loss",
+    "balanced_cross_entropy_loss",
+    "normals_l1_loss",
+    "depth_l1_loss",
+    "edge_bce_loss",
+    "edge_bce_per_pixel",
+    "weighted_edge_cross_entropy_loss",
+    "MultiTaskLoss",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, and ``num * 0`` (graph-connected zero) where ``den == 0``.
+
+    ``den`` (a count or a sum of class weights) is treated as a constant.
+    """
+    den = den.detach()
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(num.dtype).tiny), num * 0)
+
+
+def _as_index_target(target: Tensor) -> Tensor:
+    """Turn a B×H×W or B×1×H×W class map (any dtype) into an int64 B×H×W map."""
+    if target.dim() == 4:
+        if target.shape[1] != 1:
+            raise ValueError(f"expected a single-channel class map, got shape {tuple(target.shape)}")
+        target = target[:, 0]
+    if target.is_floating_point():
+        target = target.round()
+    return target.long()
+
+
+def _check_spatial(pred: Tensor, target: Tensor, name: str) -> None:
+    if pred.dim() != 4 or pred.shape[0] != target.shape[0] or pred.shape[-2:] != target.shape[-2:]:
+        raise ValueError(
+            f"{name}: prediction {tuple(pred.shape)} does not match target {tuple(target.shape)} "
+            "(outputs must be B×C×H×W at the target resolution)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# auxiliary classification targets
+# --------------------------------------------------------------------------------------------
+def depth_to_bins(
+    depth: Tensor, num_bins: int = NUM_DEPTH_BINS, d_min: float = 0.7, d_max: float = 10.0
+) -> Tensor:
+    """Discretise depth (metres) into ``num_bins`` log-spaced bins.
+
+    ``bin = floor(num_bins · log(d / d_min) / log(d_max / d_min))`` clamped to
+    ``[0, num_bins - 1]`` (computed in float64); pixels equal to 255 stay 255.
+    Non-positive depths fall into bin 0. The output is an int64 tensor of ``depth``'s shape.
+    """
+    d = depth.detach().double()
+    ignore = d == IGNORE_INDEX
+    # Non-positive / NaN depths would give -inf or NaN; map them to the smallest bin.
+    safe = torch.nan_to_num(d, nan=d_min).clamp_min(torch.finfo(torch.float64).tiny)
+    scaled = num_bins * torch.log(safe / d_min) / math.log(d_max / d_min)
+    bins = torch.floor(scaled).clamp(0, num_bins - 1).long()
+    return torch.where(ignore, torch.full_like(bins, IGNORE_INDEX), bins)
+
+
+def normals_to_centroid_index(normals: Tensor, centroids: Tensor) -> Tensor:
+    """Index of the nearest centroid (max cosine similarity) for each pixel of a normal map.
+
+    ``normals``: B×3×H×W (255 in any channel marks the pixel invalid); ``centroids``: K×3.
+    Both are L2-normalised, so max cosine similarity == min Euclidean distance. Returns an
+    int64 B×H×W map with 255 at invalid pixels.
+    """
+    if normals.dim() != 4 or normals.shape[1] != 3:
+        raise ValueError(f"normals must be B×3×H×W, got {tuple(normals.shape)}")
+    if centroids.dim() != 2 or centroids.shape[1] != 3:
+        raise ValueError(f"centroids must be K×3, got {tuple(centroids.shape)}")
+    with torch.autocast(device_type=normals.device.type, enabled=False):
+        n = normals.detach().float()
+        invalid = (n == IGNORE_INDEX).any(dim=1)
+        n = F.normalize(n, p=2, dim=1, eps=1e-12)
+        c = F.normalize(centroids.detach().to(device=n.device, dtype=torch.float32), p=2, dim=1)
+        sim = torch.einsum("bchw,kc->bkhw", n, c)
+        idx = sim.argmax(dim=1)
+    return torch.where(invalid, torch.full_like(idx, IGNORE_INDEX), idx)
+
+
+# --------------------------------------------------------------------------------------------
+# individual losses (all return a 0-dim float32 tensor)
+# --------------------------------------------------------------------------------------------
+def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy with ignore index 255 and (optional) class weights.
+
+    Weighted-mean semantics of PyTorch: ``Σ_valid w[y_i]·l_i / Σ_valid w[y_i]``; returns a
+    graph-connected 0 when that denominator is 0 (no valid pixel, or all weights zero).
+    ``target`` may be B×H×W or B×1×H×W, integer or float (0/1 edge maps).
+    """
+    target = _as_index_target(target)
+    _check_spatial(logits, target, "cross_entropy_loss")
+    logits = logits.float()
+    valid = target != IGNORE_INDEX
+    total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    if weight is None:
+        den = valid.sum().to(total.dtype)
+    else:
+        den = weight.to(total.dtype)[target.masked_fill(~valid, 0)].mul(valid).sum()
+    return _safe_ratio(total, den)
+
+
+def balanced_cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Class-balanced 2-class CE used for saliency (final and aux).
+
+    ``w_pos = #negatives / #valid`` over the valid pixels of the batch; class weights
+    ``(1 - w_pos, w_pos)`` for classes ``(0, 1)``; weighted-mean CE (ignore 255).
+    """
+    target = _as_index_target(target)
+    if logits.shape[1] != 2:
+        raise ValueError(f"balanced_cross_entropy_loss expects 2 channels, got {logits.shape[1]}")
+    valid = target != IGNORE_INDEX
+    n_valid = valid.sum().double()
+    n_neg = ((target == 0) & valid).sum().double()
+    w_pos = (n_neg / n_valid.clamp_min(1)).float()
+    weight = torch.stack([1.0 - w_pos, w_pos])
+    return cross_entropy_loss(logits, target, weight=weight)
+
+
+def normals_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """L1 between ``F.normalize(pred, dim=1)`` and the target, summed over channels, / #valid pixels.
+
+    A pixel is valid when none of its target channels equals 255.
+    """
+    _check_spatial(pred, target, "normals_l1_loss")
+    pred = F.normalize(pred.float(), p=2, dim=1, eps=1e-12)
+    target = target.float()
+    valid = (target != IGNORE_INDEX).all(dim=1, keepdim=True)
+    err = (pred - target.masked_fill(~valid, 0)).abs() * valid
+    return _safe_ratio(err.sum(), valid.sum().to(err.dtype))
+
+
+def depth_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """L1 over valid pixels (target != 255), mean."""
+    _check_spatial(pred, target, "depth_l1_loss")
+    pred = pred.float()
+    target = target.float()
+    valid = target != IGNORE_INDEX
+    err = (pred - target.masked_fill(~valid, 0)).abs() * valid
+    return _safe_ratio(err.sum(), valid.sum().to(err.dtype))
+
+
+def edge_bce_per_pixel(logits: Tensor, target: Tensor, pos_weight: float) -> tuple[Tensor, Tensor]:
+    """Per-pixel weighted BCE of the edge loss and the validity mask.
+
+    ``l = -(w·y·log σ(x) + (1-w)·(1-y)·log(1-σ(x)))``, i.e. BCE-with-logits with
+    ``pos_weight = w/(1-w)`` times ``(1-w)``. Returns ``(l · valid, valid)`` (float32, shape
+    of ``logits``); invalid pixels contribute 0.
+    """
+    if not 0.0 < pos_weight < 1.0:
+        raise ValueError(f"edge pos_weight must be in (0, 1), got {pos_weight}")
+    _check_spatial(logits, target, "edge_bce_loss")
+    logits = logits.float()
+    target = target.float()
+    valid = target != IGNORE_INDEX
+    y = target.masked_fill(~valid, 0)
+    pw = torch.tensor(pos_weight / (1.0 - pos_weight), dtype=torch.float32, device=logits.device)
+    bce = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pw, reduction="none")
+    return bce * (1.0 - pos_weight) * valid, valid
+
+
+def edge_bce_loss(logits: Tensor, target: Tensor, pos_weight: float) -> Tensor:
+    """Final edge loss: :func:`edge_bce_per_pixel` averaged over the valid pixels."""
+    per_px, valid = edge_bce_per_pixel(logits, target, pos_weight)
+    return _safe_ratio(per_px.sum(), valid.sum().to(per_px.dtype))
+
+
+def weighted_edge_cross_entropy_loss(logits: Tensor, target: Tensor, pos_weight: float) -> Tensor:
+    """Aux edge loss: 2-class CE with class weights ``(1-w, w)`` over 0/1 targets (ignore 255)."""
+    if logits.shape[1] != 2:
+        raise ValueError(f"aux edge loss expects 2 channels, got {logits.shape[1]}")
+    weight = torch.tensor([1.0 - pos_weight, pos_weight], dtype=torch.float32, device=logits.device)
+    return cross_entropy_loss(logits, target, weight=weight)
+
+
+# --------------------------------------------------------------------------------------------
+# the multi-task loss
+# --------------------------------------------------------------------------------------------
+class MultiTaskLoss(nn.Module):
+    """Weighted sum of the final and auxiliary losses of ``tasks``.
+
+    ``forward(outputs, batch) -> (total, terms)`` with ``outputs = {"final": {task: B×C×H×W},
+    "aux": {task: B×C×H×W}}`` (``"aux"`` optional / partial; only tasks in ``self.tasks`` are
+    used), ``batch`` holding the targets under the task names. ``total`` is
+    ``Σ LOSS_WEIGHTS[t]·(final_t + aux_t)``; ``terms`` maps ``"loss/<task>"`` and
+    ``"loss/aux_<task>"`` to the detached, *unweighted* terms.
+
+    ``normal_centroids`` (K×3) is needed only when an aux normals output is given; it is kept as
+    a (persistent) buffer so it moves with ``.to(device)`` and is saved in the state dict.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        edge_pos_weight: float,
+        normal_centroids: Tensor | None = None,
+    ):
+        super().__init__()
+        unknown = [t for t in tasks if t not in ALL_TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; known tasks: {', '.join(ALL_TASKS)}")
+        if not 0.0 < edge_pos_weight < 1.0:
+            raise ValueError(f"edge_pos_weight must be in (0, 1), got {edge_pos_weight}")
+        self.tasks = tuple(tasks)
+        self.edge_pos_weight = float(edge_pos_weight)
+        if normal_centroids is not None:
+            normal_centroids = torch.as_tensor(normal_centroids, dtype=torch.float32)
+            if normal_centroids.dim() != 2 or normal_centroids.shape[1] != 3:
+                raise ValueError(f"normal_centroids must be K×3, got {tuple(normal_centroids.shape)}")
+        self.register_buffer("normal_centroids", normal_centroids)
+
+    # -- per-task terms ----------------------------------------------------------------------
+    def final_loss(self, task: str, pred: Tensor, target: Tensor) -> Tensor:
+        """Unweighted final loss of ``task``."""
+        if task in ("semseg", "human_parts"):
+            return cross_entropy_loss(pred, target)
+        if task == "sal":
+            return balanced_cross_entropy_loss(pred, target)
+        if task == "normals":
+            return normals_l1_loss(pred, target)
+        if task == "depth":
+            return depth_l1_loss(pred, target)
+        if task == "edge":
+            return edge_bce_loss(pred, target, self.edge_pos_weight)
+        raise ValueError(f"unknown task {task!r}")
+
+    def aux_loss(self, task: str, pred: Tensor, target: Tensor) -> Tensor:
+        """Unweighted auxiliary loss of ``task``."""
+        if task in ("semseg", "human_parts"):
+            return cross_entropy_loss(pred, target)
+        if task == "sal":
+            return balanced_cross_entropy_loss(pred, target)
+        if task == "normals":
+            if self.normal_centroids is None:
+                raise ValueError(
+                    "an aux normals output needs normal centroids: pass normal_centroids (K×3) "
+                    "to MultiTaskLoss"
+                )
+            if pred.shape[1] != self.normal_centroids.shape[0]:
+                raise ValueError(
+                    f"aux normals has {pred.shape[1]} channels but there are "
+                    f"{self.normal_centroids.shape[0]} centroids"
+                )
+            return cross_entropy_loss(pred, normals_to_centroid_index(target, self.normal_centroids))
+        if task == "depth":
+            return cross_entropy_loss(pred, depth_to_bins(target, num_bins=pred.shape[1]))
+        if task == "edge":
+            return weighted_edge_cross_entropy_loss(pred, target, self.edge_pos_weight)
+        raise ValueError(f"unknown task {task!r}")
+
+    # -- total ---------------------------------------------------------------------------------
+    def forward(
+        self, outputs: Mapping[str, Mapping[str, Tensor]], batch: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        final = outputs["final"]
+        aux = outputs.get("aux") or {}
+        terms: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        device_type = next(iter(final.values())).device.type if final else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            for task in self.tasks:
+                if task not in final:
+                    raise KeyError(f"model outputs have no final prediction for task {task!r}")
+                if task not in batch:
+                    raise KeyError(f"batch has no target for task {task!r}")
+                target = batch[task]
+                task_loss = self.final_loss(task, final[task], target)
+                terms[f"loss/{task}"] = task_loss.detach()
+                if task in aux:
+                    aux_l = self.aux_loss(task, aux[task], target)
+                    terms[f"loss/aux_{task}"] = aux_l.detach()
+                    task_loss = task_loss + aux_l
+                weighted = LOSS_WEIGHTS[task] * task_loss
+                total = weighted if total is None else total + weighted
+        if total is None:
+            raise ValueError("MultiTaskLoss has no task")
+        return total, terms

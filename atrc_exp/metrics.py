@@ -1,0 +1,358 @@
+"""Evaluation metrics of every dense task, accumulated over a whole split.
+
+Every meter keeps its whole state as **sums in one float64 1-D tensor** of fixed length, so the
+state of a split that was evaluated by several processes is obtained with a single
+``all_reduce(SUM)`` of :meth:`MultiTaskMetrics.state` followed by
+:meth:`MultiTaskMetrics.load_state`; the metric values are then derived from the sums by
+:meth:`MultiTaskMetrics.compute` (identical on every rank).
+
+Definitions follow the original ATRC evaluation code:
+
+=============  ================================================================================
+semseg, parts  argmax; confusion matrix over valid pixels; IoU_c = TP/(TP+FP+FN) (0 when the
+               denominator is 0); ``mIoU`` = mean over **all** classes × 100
+depth          prediction clamped at ≥ 0; RMSE over all valid pixels of the split (metres)
+normals        angle between the normalised prediction and target (degrees); mean, RMSE and
+               % of pixels below 11.25°, 22.5°, 30°
+sal            softmax channel 1; per threshold 0.05 … 0.95: TP / predicted / actual positives;
+               F_β (β² = 0.3); ``maxF`` = max over thresholds × 100
+edge           validation edge loss (weighted BCE of :mod:`atrc_exp.losses`), pixel mean over
+               the split — a stand-in until the SEISM odsF evaluation exists
+=============  ================================================================================
+
+Inputs are the raw network outputs (``final`` predictions) at target resolution, and the batch
+targets as described in :mod:`atrc_exp.tasks` (ignore value 255).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .losses import edge_bce_per_pixel
+from .tasks import ALL_TASKS, HUMAN_PARTS_CLASSES, IGNORE_INDEX
+
+__all__ = [
+    "SumMeter",
+    "SegmentationMeter",
+    "DepthMeter",
+    "NormalsMeter",
+    "SaliencyMeter",
+    "EdgeLossMeter",
+    "MultiTaskMetrics",
+]
+
+
+def _index_map(target: Tensor) -> Tensor:
+    """B×H×W or B×1×H×W (int or float) class map → int64 B×H×W."""
+    if target.dim() == 4:
+        if target.shape[1] != 1:
+            raise ValueError(f"expected a single-channel class map, got shape {tuple(target.shape)}")
+        target = target[:, 0]
+    if target.is_floating_point():
+        target = target.round()
+    return target.long()
+
+
+def _check_spatial(pred: Tensor, target: Tensor, name: str) -> None:
+    if pred.dim() != 4 or pred.shape[0] != target.shape[0] or pred.shape[-2:] != target.shape[-2:]:
+        raise ValueError(
+            f"{name}: prediction {tuple(pred.shape)} does not match target {tuple(target.shape)} "
+            "(pass the raw outputs at the target resolution)"
+        )
+
+
+def _div(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+class SumMeter:
+    """Base class: the state is ``self.sums``, a float64 1-D tensor of length ``self.size``.
+
+    Subclasses implement :meth:`update` (adds to the sums) and :meth:`compute` (sums → values).
+    The sums live on the device of the last update (so a NCCL all-reduce works on them).
+    """
+
+    size: int = 0
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(self.size, dtype=torch.float64)
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(self.size, dtype=torch.float64, device=self.sums.device)
+
+    def to(self, device: torch.device | str) -> SumMeter:
+        self.sums = self.sums.to(device)
+        return self
+
+    def _add(self, values: Tensor) -> None:
+        values = values.detach().to(torch.float64).reshape(-1)
+        if self.sums.device != values.device:
+            self.sums = self.sums.to(values.device)
+        self.sums += values
+
+    def update(self, pred: Tensor, target: Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SegmentationMeter(SumMeter):
+    """Mean IoU of a segmentation task (``semseg`` or ``human_parts``).
+
+    ``update(logits B×K×H×W, target B×H×W)``: argmax over channels, then the K×K confusion matrix
+    (rows = target, columns = prediction) of the pixels with target != 255 is added to the sums.
+    ``compute() -> {"<task>/mIoU": 100 · mean_c TP_c/(TP_c+FP_c+FN_c)}``; a class with an empty
+    denominator (absent from target and prediction over the whole split) counts as IoU 0 and is
+    still part of the mean (as in ATRC; torchmetrics instead drops such classes).
+    """
+
+    def __init__(self, task: str, num_classes: int):
+        self.task = task
+        self.num_classes = int(num_classes)
+        self.size = self.num_classes**2
+        super().__init__()
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        target = _index_map(target)
+        _check_spatial(pred, target, self.task)
+        if pred.shape[1] != self.num_classes:
+            raise ValueError(f"{self.task}: expected {self.num_classes} channels, got {pred.shape[1]}")
+        k = self.num_classes
+        label = pred.argmax(dim=1)
+        valid = target != IGNORE_INDEX
+        idx = target[valid] * k + label[valid]
+        cm = torch.bincount(idx, minlength=k * k)
+        if cm.numel() > k * k:
+            raise ValueError(f"{self.task}: target labels outside [0, {k}) other than {IGNORE_INDEX}")
+        self._add(cm)
+
+    def confusion_matrix(self) -> Tensor:
+        """The accumulated K×K confusion matrix (float64, rows = target, columns = prediction)."""
+        return self.sums.detach().cpu().reshape(self.num_classes, self.num_classes)
+
+    def iou_per_class(self) -> Tensor:
+        cm = self.confusion_matrix()
+        tp = cm.diag()
+        den = cm.sum(0) + cm.sum(1) - tp
+        return torch.where(den > 0, tp / den.clamp_min(1), torch.zeros_like(tp))
+
+    def compute(self) -> dict[str, float]:
+        return {f"{self.task}/mIoU": 100.0 * self.iou_per_class().mean().item()}
+
+
+class DepthMeter(SumMeter):
+    """Depth RMSE (metres) over all valid pixels of the split.
+
+    Prediction clamped at min 0; valid = target != 255 and target > 0 (and finite).
+    Sums: ``[Σ squared error, #valid]``; ``compute() -> {"depth/rmse": sqrt(Σ/n)}`` (NaN if n=0).
+    """
+
+    size = 2
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        _check_spatial(pred, target, "depth")
+        pred = pred.float().clamp_min(0)
+        target = target.float()
+        valid = (target != IGNORE_INDEX) & (target > 0) & torch.isfinite(target)
+        err = pred.expand_as(target)[valid].double() - target[valid].double()
+        self._add(torch.stack([err.square().sum(), valid.sum().double()]))
+
+    def compute(self) -> dict[str, float]:
+        se, n = self.sums.tolist()
+        return {"depth/rmse": math.sqrt(_div(se, n))}
+
+
+class NormalsMeter(SumMeter):
+    """Surface-normal angular error (degrees) over all valid pixels of the split.
+
+    Prediction and target are L2-normalised; per pixel ``θ = rad2deg(2·atan2(‖p−g‖, ‖p+g‖))``
+    (a numerically stable arccos(p·g)); valid = no target channel equals 255.
+    Sums: ``[Σθ, Σθ², #θ<11.25, #θ<22.5, #θ<30, #valid]``. ``compute()`` gives
+    ``normals/mean_angle``, ``normals/rmse_angle`` and ``normals/within_{11.25,22.5,30}`` (% of
+    pixels). The median angle of the original evaluation needs all pixels and is not kept.
+    """
+
+    THRESHOLDS = (11.25, 22.5, 30.0)
+    size = 6
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        _check_spatial(pred, target, "normals")
+        valid = (target != IGNORE_INDEX).all(dim=1)  # B×H×W
+        p = pred.permute(0, 2, 3, 1)[valid].double()  # N×3
+        g = target.permute(0, 2, 3, 1)[valid].double()
+        p = F.normalize(p, p=2, dim=1, eps=1e-12)
+        g = F.normalize(g, p=2, dim=1, eps=1e-12)
+        ang = torch.rad2deg(2 * torch.atan2((p - g).norm(dim=1), (p + g).norm(dim=1)))
+        within = [(ang < t).sum().double() for t in self.THRESHOLDS]
+        n = torch.tensor(float(ang.numel()), dtype=torch.float64, device=ang.device)
+        self._add(torch.stack([ang.sum(), ang.square().sum(), *within, n]))
+
+    def compute(self) -> dict[str, float]:
+        s, s2, w1, w2, w3, n = self.sums.tolist()
+        return {
+            "normals/mean_angle": _div(s, n),
+            "normals/rmse_angle": math.sqrt(_div(s2, n)),
+            "normals/within_11.25": 100.0 * _div(w1, n),
+            "normals/within_22.5": 100.0 * _div(w2, n),
+            "normals/within_30": 100.0 * _div(w3, n),
+        }
+
+
+class SaliencyMeter(SumMeter):
+    """Saliency max F-measure.
+
+    ``prob = softmax(logits)[:, 1]``; for each threshold t in 0.05, 0.10, …, 0.95 a pixel is a
+    predicted positive when ``prob >= t`` (as ATRC's ``SaliencyMeter``). Over the valid pixels
+    (target != 255) the sums ``[TP_t ×19, PP_t ×19, AP]`` are accumulated;
+    ``P = TP/(PP+1e-8)``, ``R = TP/(AP+1e-8)``, ``F = (1+β²)PR/(β²P+R+1e-8)`` with β² = 0.3;
+    ``compute() -> {"sal/maxF": 100 · max_t F_t}``.
+    """
+
+    THRESHOLDS = tuple(i / 20 for i in range(1, 20))
+    BETA_SQUARED = 0.3
+    EPS = 1e-8
+    size = 2 * len(THRESHOLDS) + 1
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        target = _index_map(target)
+        _check_spatial(pred, target, "sal")
+        if pred.shape[1] != 2:
+            raise ValueError(f"sal: expected 2 channels, got {pred.shape[1]}")
+        prob = torch.softmax(pred.float(), dim=1)[:, 1]
+        valid = target != IGNORE_INDEX
+        p = prob[valid].double()
+        pos = target[valid] == 1
+        thr = torch.tensor(self.THRESHOLDS, dtype=torch.float64, device=p.device)
+        nt = len(self.THRESHOLDS)
+        # bucket i = number of thresholds <= p; #(p >= thr_j) = #(bucket >= j + 1)
+        bucket = torch.bucketize(p, thr, right=True)
+        cnt_all = torch.bincount(bucket, minlength=nt + 1).double()
+        cnt_pos = torch.bincount(bucket[pos], minlength=nt + 1).double()
+        pp = cnt_all.flip(0).cumsum(0).flip(0)[1:]
+        tp = cnt_pos.flip(0).cumsum(0).flip(0)[1:]
+        ap = pos.sum().double().reshape(1)
+        self._add(torch.cat([tp, pp, ap]))
+
+    def f_measure(self) -> Tensor:
+        """F_β per threshold (float64, 19 values)."""
+        nt = len(self.THRESHOLDS)
+        s = self.sums.detach().cpu()
+        tp, pp, ap = s[:nt], s[nt : 2 * nt], s[2 * nt]
+        precision = tp / (pp + self.EPS)
+        recall = tp / (ap + self.EPS)
+        b2 = self.BETA_SQUARED
+        return (1 + b2) * precision * recall / (b2 * precision + recall + self.EPS)
+
+    def compute(self) -> dict[str, float]:
+        return {"sal/maxF": 100.0 * self.f_measure().max().item()}
+
+
+class EdgeLossMeter(SumMeter):
+    """Validation edge loss: the final edge loss (weighted BCE, ``w = edge_pos_weight``) as a
+    pixel-weighted mean over the split, ``Σ per-pixel loss / #valid``.
+
+    Sums: ``[Σ loss, #valid]``; ``compute() -> {"edge/loss": ...}`` (NaN if no valid pixel).
+    Stand-in for the SEISM odsF evaluation, which is not implemented here.
+    """
+
+    size = 2
+
+    def __init__(self, edge_pos_weight: float):
+        self.edge_pos_weight = float(edge_pos_weight)
+        super().__init__()
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        loss, valid = edge_bce_per_pixel(pred, target, self.edge_pos_weight)
+        self._add(torch.stack([loss.double().sum(), valid.sum().double()]))
+
+    def compute(self) -> dict[str, float]:
+        s, n = self.sums.tolist()
+        return {"edge/loss": _div(s, n)}
+
+
+class MultiTaskMetrics:
+    """The metrics of ``tasks`` over a split, reducible across processes.
+
+    * ``update(final_outputs, batch)``: raw ``final`` network outputs (``{task: B×C×H×W}`` at
+      target resolution) and the batch targets; post-processing (argmax, softmax, clamping,
+      normalisation) is done here.
+    * ``state() -> Tensor``: the float64 1-D concatenation of every meter's sums, in the order of
+      ``tasks`` (fixed length :attr:`state_size`), on the device of the updates (CPU if none).
+    * ``load_state(t)``: replace the sums, e.g. with ``all_reduce(state(), SUM)``.
+    * ``compute() -> dict[str, float]``: keys ``semseg/mIoU``, ``human_parts/mIoU``,
+      ``depth/rmse``, ``normals/{mean_angle,rmse_angle,within_11.25,within_22.5,within_30}``,
+      ``sal/maxF``, ``edge/loss`` for the tasks present.
+    * ``reset()``: zero all sums.
+    """
+
+    def __init__(self, tasks: Sequence[str], num_semseg_classes: int, edge_pos_weight: float):
+        unknown = [t for t in tasks if t not in ALL_TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; known tasks: {', '.join(ALL_TASKS)}")
+        self.tasks = tuple(tasks)
+        self.meters: dict[str, SumMeter] = {}
+        for t in self.tasks:
+            if t == "semseg":
+                self.meters[t] = SegmentationMeter("semseg", num_semseg_classes)
+            elif t == "human_parts":
+                self.meters[t] = SegmentationMeter("human_parts", HUMAN_PARTS_CLASSES)
+            elif t == "depth":
+                self.meters[t] = DepthMeter()
+            elif t == "normals":
+                self.meters[t] = NormalsMeter()
+            elif t == "sal":
+                self.meters[t] = SaliencyMeter()
+            elif t == "edge":
+                self.meters[t] = EdgeLossMeter(edge_pos_weight)
+        self._device = torch.device("cpu")
+
+    @property
+    def state_size(self) -> int:
+        return sum(m.size for m in self.meters.values())
+
+    @torch.no_grad()
+    def update(self, final_outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> None:
+        for t, meter in self.meters.items():
+            if t not in final_outputs:
+                raise KeyError(f"outputs have no final prediction for task {t!r}")
+            if t not in batch:
+                raise KeyError(f"batch has no target for task {t!r}")
+            pred = final_outputs[t].detach()
+            self._device = pred.device
+            meter.update(pred, batch[t].to(pred.device))
+
+    def state(self) -> Tensor:
+        if not self.meters:
+            return torch.zeros(0, dtype=torch.float64, device=self._device)
+        return torch.cat([m.sums.to(self._device) for m in self.meters.values()])
+
+    def load_state(self, t: Tensor) -> None:
+        if t.dim() != 1 or t.numel() != self.state_size:
+            raise ValueError(f"state must be a 1-D tensor of {self.state_size} values, got {tuple(t.shape)}")
+        t = t.detach().to(torch.float64)
+        self._device = t.device
+        offset = 0
+        for m in self.meters.values():
+            m.sums = t[offset : offset + m.size].clone()
+            offset += m.size
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for m in self.meters.values():
+            out.update(m.compute())
+        return out
+
+    def reset(self) -> None:
+        for m in self.meters.values():
+            m.reset()

@@ -1,0 +1,295 @@
+"""Backbone registry, ``build_backbone`` and pretrained-weights resolution / loading.
+
+Nothing here downloads anything: ``pretrained=True`` looks for the default OpenMMLab pretrain file in the
+local weights cache (see :func:`weights_dir`) and raises a ``FileNotFoundError`` saying what to fetch and
+where to put it when it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hrnet import HRNet, hrnet18, hrnet48
+from .timm_backbone import TimmBackbone
+
+__all__ = [
+    "BACKBONES",
+    "DROP_PREFIXES",
+    "PRETRAINED_URLS",
+    "build_backbone",
+    "default_weights_path",
+    "load_backbone_checkpoint",
+    "register_backbone",
+    "weights_dir",
+]
+
+#: Default ImageNet pretrain files (OpenMMLab "third_party" HRNetV2 releases) of the built-in HRNets.
+PRETRAINED_URLS: dict[str, str] = {
+    "hrnet18": "https://download.openmmlab.com/pretrain/third_party/hrnetv2_w18_small-b5a04e21.pth",
+    "hrnet48": "https://download.openmmlab.com/pretrain/third_party/hrnetv2_w48-d2186c55.pth",
+}
+
+#: Key prefixes dropped when loading a checkpoint into a backbone: timm/HRNet-ImageNet classification parts
+#: and the heads of a full segmentor (MMSeg ``decode_head``/``auxiliary_head``, our ``head``).
+DROP_PREFIXES: tuple[str, ...] = (
+    "incre_modules.",
+    "downsamp_modules.",
+    "final_layer.",
+    "classifier.",
+    "head.",
+    "decode_head.",
+    "auxiliary_head.",
+)
+
+#: Wrapper prefixes stripped from checkpoint keys (DDP, torch.compile, MMSeg segmentor).
+_STRIP_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "backbone.")
+
+#: Keys under which checkpoints commonly nest the state dict, tried in this order.
+_NESTED_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict", "model_state")
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a backbone factory ``fn(pretrained=..., **kwargs) -> nn.Module`` under ``name``.
+
+    The built module must expose ``out_channels: list[int]`` and return a list of feature maps.
+    """
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        BACKBONES[name] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------------- weights dir
+
+
+def weights_dir() -> Path:
+    """Local weights cache: ``$ATRC_WEIGHTS_DIR``, else ``$XDG_CACHE_HOME/atrc_exp/weights``, else
+    ``~/.cache/atrc_exp/weights``."""
+    env = os.environ.get("ATRC_WEIGHTS_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "atrc_exp" / "weights"
+
+
+def default_weights_path(name: str, directory: str | os.PathLike | None = None) -> Path:
+    """Where ``pretrained=True`` expects the default weights of backbone ``name`` (in ``directory``, default
+    :func:`weights_dir`)."""
+    if name not in PRETRAINED_URLS:
+        raise ValueError(
+            f"backbone {name!r} has no default pretrained weights; known: {sorted(PRETRAINED_URLS)}"
+        )
+    base = Path(directory).expanduser() if directory else weights_dir()
+    return base / PRETRAINED_URLS[name].rsplit("/", 1)[-1]
+
+
+def _resolve_pretrained(
+    name: str, pretrained: bool | str | os.PathLike | None, directory: str | os.PathLike | None = None
+) -> Path | None:
+    if pretrained is None or pretrained is False or pretrained == "":
+        return None
+    if pretrained is True:
+        path = default_weights_path(name, directory)
+        if not path.is_file():
+            url = PRETRAINED_URLS[name]
+            raise FileNotFoundError(
+                f"pretrained weights for backbone {name!r} not found at {path}. Nothing is downloaded "
+                f"automatically: fetch {url} and put it at {path} (e.g. `mkdir -p {path.parent} && "
+                f"wget -O {path} {url}`; the directory can be changed with $ATRC_WEIGHTS_DIR), "
+                f"or pass backbone.pretrained=/path/to/file"
+            )
+        return path
+    if isinstance(pretrained, str | os.PathLike):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights file for backbone {name!r} not found: {path}")
+        return path
+    raise TypeError(
+        f"pretrained must be a bool or a file path, got {type(pretrained).__name__}: {pretrained!r}"
+    )
+
+
+# ---------------------------------------------------------------------------------------- checkpoint loading
+
+
+def _read_file(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unwrap(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
+    obj = ckpt
+    for _ in range(3):  # e.g. {"model": {"state_dict": ...}}
+        if not isinstance(obj, Mapping):
+            break
+        nested = next((k for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        obj = obj[nested]
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(f"{source}: not a state dict (got {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{source}: state dict has non-tensor entries: {_fmt(bad)}")
+    return dict(obj)
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _STRIP_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def _fmt(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def load_backbone_checkpoint(
+    model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any]
+) -> dict[str, Any]:
+    """Load backbone weights strictly, accepting the usual checkpoint layouts.
+
+    Accepted: an MMSegmentation checkpoint (``{"state_dict": ...}``, keys bare or prefixed ``backbone.``), an
+    OpenMMLab/HRNet ImageNet pretrain file (bare keys), a timm state dict (maybe ``module.``-prefixed), a
+    ``{"model": ...}`` wrapper, or ``.safetensors``. Prefixes ``module.``/``_orig_mod.``/``backbone.`` are
+    stripped and keys under :data:`DROP_PREFIXES` dropped; then every remaining key must match the model's
+    state dict exactly (same set, same shapes), else ``ValueError`` naming the offending keys and the file.
+    The only tolerated gap is missing BatchNorm ``num_batches_tracked`` buffers (absent from pre-0.4.1
+    PyTorch checkpoints such as the HRNet ImageNet releases); those keep the model's values.
+
+    Returns:
+        ``{"source", "loaded", "dropped", "missing_num_batches_tracked"}`` (counts of keys).
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        source = "<state dict>"
+        ckpt: Any = path_or_state_dict
+    else:
+        path = Path(path_or_state_dict).expanduser()
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        ckpt = _read_file(path)
+    raw = _unwrap(ckpt, source)
+
+    state: dict[str, torch.Tensor] = {}
+    dropped = 0
+    for k, v in raw.items():
+        k2 = _strip(k)
+        if k2.startswith(DROP_PREFIXES):
+            dropped += 1
+            continue
+        if k2 in state:
+            raise ValueError(
+                f"{source}: key {k2!r} appears more than once after stripping prefixes (from {k!r})"
+            )
+        state[k2] = v
+
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    missing_nbt = [k for k in missing if k.endswith("num_batches_tracked")]
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    mismatched = [
+        f"{k} (checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_fmt(unexpected)}")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_fmt(missing)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_fmt(mismatched)}")
+    if problems:
+        raise ValueError(f"cannot load {source} into {type(model).__name__}: " + "; ".join(problems))
+    for k in missing_nbt:
+        state[k] = own[k]
+    model.load_state_dict(state, strict=True)
+    return {
+        "source": source,
+        "loaded": len(state) - len(missing_nbt),
+        "dropped": dropped,
+        "missing_num_batches_tracked": len(missing_nbt),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- registry
+
+
+def _build_hrnet(name: str, factory: Callable[..., HRNet]) -> Callable[..., nn.Module]:
+    def build(
+        pretrained: bool | str = False, weights_dir: str | os.PathLike | None = None, **kwargs
+    ) -> nn.Module:
+        # fail before building if the file is missing
+        path = _resolve_pretrained(name, pretrained, weights_dir)
+        model = factory(**kwargs)
+        if path is not None:
+            model.load_report = load_backbone_checkpoint(model, path)
+        return model
+
+    build.__name__ = f"build_{name}"
+    build.__doc__ = (
+        f"Build {name}; ``pretrained``: False, True (default file in ``weights_dir``, default "
+        f":func:`weights_dir`) or a path."
+    )
+    return build
+
+
+register_backbone("hrnet18")(_build_hrnet("hrnet18", hrnet18))
+register_backbone("hrnet48")(_build_hrnet("hrnet48", hrnet48))
+
+
+@register_backbone("timm")
+def _build_timm(
+    pretrained: bool | str = False,
+    model_name: str | None = None,
+    out_indices=None,
+    weights_dir: str | os.PathLike | None = None,  # accepted for a uniform call; timm has no default file
+    **kwargs,
+) -> nn.Module:
+    if not model_name:
+        raise ValueError("backbone=timm needs model_name (e.g. backbone.model_name=resnet50)")
+    if out_indices is not None:
+        out_indices = tuple(out_indices)
+    return TimmBackbone(model_name, pretrained=pretrained, out_indices=out_indices, **kwargs)
+
+
+def build_backbone(name: str, pretrained: bool | str = False, **kwargs) -> nn.Module:
+    """Build a registered backbone.
+
+    Args:
+        name: ``hrnet18`` (HRNetV2-W18-small), ``hrnet48`` (HRNetV2-W48) or ``timm``.
+        pretrained: ``False`` (random init), ``True`` (default pretrain file from :func:`weights_dir`; HRNets
+            only) or the path of a local weights file.
+        **kwargs: ``weights_dir`` (all backbones): folder searched by ``pretrained=True`` instead of
+            :func:`weights_dir` (e.g. the config's ``paths.weights_dir``). For ``timm``: ``model_name``,
+            ``out_indices`` and anything else for ``timm.create_model``.
+
+    Returns:
+        a module with ``out_channels: list[int]`` whose ``forward(x)`` returns a list of feature maps.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    return BACKBONES[name](pretrained=pretrained, **kwargs)
