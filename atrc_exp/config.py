@@ -122,9 +122,7 @@ def validate_config(cfg: DictConfig) -> None:
     if mode == "search" and ctx != "search":
         raise ConfigError(f"mode=search needs context=search (got context={ctx})")
     if cfg.trainer.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(
-            f"trainer.mixed_precision={cfg.trainer.mixed_precision!r}: use no, bf16 or fp16"
-        )
+        raise ConfigError(f"trainer.mixed_precision={cfg.trainer.mixed_precision!r}: use no, bf16 or fp16")
     if int(cfg.trainer.batch_size) < 1:
         raise ConfigError("trainer.batch_size must be >= 1")
     if int(cfg.trainer.val_interval) < 1:

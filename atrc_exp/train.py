@@ -1,9 +1,9 @@
 """``atrc-train``: the one Hydra entry point (also ``python -m atrc_exp.train``).
 
-    atrc-train                                   # defaults: synthetic data, HRNet18, multi-task FCN
-    atrc-train tasks=semseg                      # single-task baseline
-    atrc-train --multirun tasks=semseg,depth     # one run dir per job, each with metrics.json
-    atrc-train --help                            # config groups and options
+atrc-train                                   # defaults: synthetic data, HRNet18, multi-task FCN
+atrc-train tasks=semseg                      # single-task baseline
+atrc-train --multirun tasks=semseg,depth     # one run dir per job, each with metrics.json
+atrc-train --help                            # config groups and options
 """
 
 from __future__ import annotations

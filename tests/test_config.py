@@ -40,14 +40,24 @@ def test_every_option_composes(group, option):
         assert key in cfg.trainer, key
     if group == "tasks" and option != "all":
         assert list(cfg.tasks.names) == [option]
-    if group == "dataset" and option in {"synthetic", "nyud"} or group == "tasks" and option in {"semseg", "depth", "normals", "edge"}:
+    if (
+        group == "dataset"
+        and option in {"synthetic", "nyud"}
+        or group == "tasks"
+        and option in {"semseg", "depth", "normals", "edge"}
+    ):
         validate_config(cfg)
 
 
 def test_tasks_all_follows_dataset():
     assert list(compose_cfg(["dataset=nyud"]).tasks.names) == ["semseg", "depth", "normals", "edge"]
     assert list(compose_cfg(["dataset=pascal_context"]).tasks.names) == [
-        "semseg", "human_parts", "sal", "normals", "edge"]
+        "semseg",
+        "human_parts",
+        "sal",
+        "normals",
+        "edge",
+    ]
     assert compose_cfg(["dataset=pascal_context"]).trainer.lr == 0.005
     assert compose_cfg(["dataset=nyud"]).trainer.lr == 0.01
 

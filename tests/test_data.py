@@ -47,7 +47,9 @@ def test_reader_label_shift_and_ignore(tmp_path):
     assert torch.equal(s["semseg"][:12, :16][raw != 0], torch.from_numpy(raw[raw != 0].astype(np.int64) - 1))
     # padding: labels 255, depth 0 -> 255, normals zero -> 255
     assert (s["semseg"][12:] == 255).all() and (s["semseg"][:, 16:] == 255).all()
-    assert s["depth"].shape == (1, 16, 20) and s["depth"][0, 1, 1] == 255 and (s["depth"][0, 12:] == 255).all()
+    assert (
+        s["depth"].shape == (1, 16, 20) and s["depth"][0, 1, 1] == 255 and (s["depth"][0, 12:] == 255).all()
+    )
     assert (s["normals"][:, 2, 2] == 255).all() and (s["normals"][:, 12:] == 255).all()
     assert (s["edge"][0, 12:] == 255).all()
 

@@ -34,7 +34,12 @@ def test_multitask_outputs_have_task_channels():
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 72))["final"]
     assert {t: v.shape[1] for t, v in out.items()} == {
-        "semseg": 21, "human_parts": 7, "sal": 2, "normals": 3, "edge": 1}
+        "semseg": 21,
+        "human_parts": 7,
+        "sal": 2,
+        "normals": 3,
+        "edge": 1,
+    }
     assert all(v.shape[-2:] == (64, 72) and torch.isfinite(v).all() for v in out.values())
 
 

@@ -38,15 +38,23 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["train/loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
-NO_AUG = {"dataset.augment.scale_range": "[1.0,1.0]", "dataset.augment.flip": "false",
-          "dataset.augment.photometric": "false"}
+NO_AUG = {
+    "dataset.augment.scale_range": "[1.0,1.0]",
+    "dataset.augment.flip": "false",
+    "dataset.augment.photometric": "false",
+}
 
 
 @pytest.mark.parametrize("tasks", ["all", "semseg"])
 def test_tiny_run_trains_and_reports(tiny_data_dir, tmp_path, tasks):
     steps = 30
-    cfg = compose_cfg(tiny_overrides(tiny_data_dir, **NO_AUG, **{
-        "tasks": tasks, "trainer.max_steps": steps, "trainer.val_interval": steps, "trainer.lr": 0.01}))
+    cfg = compose_cfg(
+        tiny_overrides(
+            tiny_data_dir,
+            **NO_AUG,
+            **{"tasks": tasks, "trainer.max_steps": steps, "trainer.val_interval": steps, "trainer.lr": 0.01},
+        )
+    )
     metrics = fit(cfg, tmp_path)
     names = list(cfg.tasks.names)
     _check_metrics(metrics, names)
@@ -65,8 +73,9 @@ def test_resume_continues_from_checkpoint(tiny_data_dir, tmp_path):
     fit(compose_cfg(over), tmp_path)
     assert len(_losses(tmp_path)) == 4
     # a longer run resumed from the step-4 checkpoint trains only steps 5..6
-    over6 = tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 6, "trainer.val_interval": 2,
-                                             "trainer.resume": "auto"})
+    over6 = tiny_overrides(
+        tiny_data_dir, **{"trainer.max_steps": 6, "trainer.val_interval": 2, "trainer.resume": "auto"}
+    )
     fit(compose_cfg(over6), tmp_path)
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -83,13 +92,27 @@ def _run_cli(args: list[str], cwd: Path, timeout=600, launcher: list[str] | None
 
 def test_multirun_two_jobs_two_run_dirs(tiny_data_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    out = _run_cli(["--multirun", "tasks=semseg,depth", "context=none", f"hydra.sweep.dir={sweep}",
-                    *tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 2})], cwd=tmp_path)
+    out = _run_cli(
+        [
+            "--multirun",
+            "tasks=semseg,depth",
+            "context=none",
+            f"hydra.sweep.dir={sweep}",
+            *tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 2}),
+        ],
+        cwd=tmp_path,
+    )
     dirs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     assert len(dirs) == 2, out.stdout
     keys = [set(json.loads((d / "metrics.json").read_text())["metrics"]) for d in dirs]
-    assert any(any(k.startswith("semseg/") for k in ks) and not any(k.startswith("depth/") for k in ks) for ks in keys)
-    assert any(any(k.startswith("depth/") for k in ks) and not any(k.startswith("semseg/") for k in ks) for ks in keys)
+    assert any(
+        any(k.startswith("semseg/") for k in ks) and not any(k.startswith("depth/") for k in ks)
+        for ks in keys
+    )
+    assert any(
+        any(k.startswith("depth/") for k in ks) and not any(k.startswith("semseg/") for k in ks)
+        for ks in keys
+    )
     assert "final validation metrics" in out.stdout
 
 
@@ -101,12 +124,22 @@ def _free_port() -> int:
 
 def test_two_process_validation_equals_one_process(tiny_data_dir, tmp_path):
     """Same weights (same seed, no training): 2 gloo processes reduce to the 1-process metrics."""
-    over = tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 0, "trainer.cpu": "true",
-                                            "trainer.val_batch_size": 2})
+    over = tiny_overrides(
+        tiny_data_dir, **{"trainer.max_steps": 0, "trainer.cpu": "true", "trainer.val_batch_size": 2}
+    )
     one = fit(compose_cfg(over), tmp_path / "one")
     two_dir = tmp_path / "two"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port()), "-m", "atrc_exp.train"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "atrc_exp.train",
+    ]
     _run_cli([f"hydra.run.dir={two_dir}", *over], cwd=tmp_path, launcher=launcher)
     two = json.loads((two_dir / "metrics.json").read_text())["metrics"]
     assert set(two) == set(one)
@@ -117,8 +150,9 @@ def test_two_process_validation_equals_one_process(tiny_data_dir, tmp_path):
 
 
 def test_wandb_offline_run_has_metrics(tiny_data_dir, tmp_path):
-    cfg = compose_cfg(tiny_overrides(tiny_data_dir, **{"logger": "wandb", "logger.mode": "offline",
-                                                      "trainer.max_steps": 2}))
+    cfg = compose_cfg(
+        tiny_overrides(tiny_data_dir, **{"logger": "wandb", "logger.mode": "offline", "trainer.max_steps": 2})
+    )
     metrics = fit(cfg, tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -126,12 +160,16 @@ def test_wandb_offline_run_has_metrics(tiny_data_dir, tmp_path):
     record_log = next(runs[0].glob("run-*.wandb")).read_bytes()
     for key in [f"val/{k}" for k in metrics] + ["train/loss", "train/lr", "hrnet18"]:
         assert key.encode() in record_log, key
-    panels = {p.name.split("_")[0] for p in (runs[0] / "files" / "media" / "images" / "val_images").glob("*.png")}
+    panels = {
+        p.name.split("_")[0] for p in (runs[0] / "files" / "media" / "images" / "val_images").glob("*.png")
+    }
     assert panels == {"semseg", "depth", "normals", "edge"}
 
 
 def test_make_train_cli_prints_table(tiny_data_dir, tmp_path):
-    out = _run_cli([f"hydra.run.dir={tmp_path / 'run'}", *tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 1})],
-                   cwd=REPO)
+    out = _run_cli(
+        [f"hydra.run.dir={tmp_path / 'run'}", *tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 1})],
+        cwd=REPO,
+    )
     for key in ("semseg/mIoU", "depth/rmse", "normals/mean_angle", "edge/loss"):
         assert key in out.stdout

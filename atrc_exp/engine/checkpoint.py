@@ -56,7 +56,9 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     )
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = None
+) -> Path:
     """Save the full training state at ``step`` (call on every process); keep the newest ``keep``."""
     root = run_dir / "checkpoints"
     final = root / f"step_{step:08d}"

@@ -59,8 +59,10 @@ class WandbLogger:
         self.run.log(dict(data), step=step)
 
     def log_images(self, panels: dict[str, np.ndarray], step: int) -> None:
-        images = {f"val_images/{k}": self._wandb.Image(v, caption="image | ground truth | prediction")
-                  for k, v in panels.items()}
+        images = {
+            f"val_images/{k}": self._wandb.Image(v, caption="image | ground truth | prediction")
+            for k, v in panels.items()
+        }
         self.run.log(images, step=step)
 
     def finish(self, exit_code: int = 0) -> None:

@@ -119,7 +119,10 @@ def make_panels(batch: dict, final: dict, n: int):
     for task, logits in final.items():
         pred = postprocess(task, logits).float().cpu().numpy()
         gt = batch[task].float().cpu().numpy()
-        rows = [np.concatenate([imgs[i], colorize(task, gt[i], True), colorize(task, pred[i])], 1) for i in range(n)]
+        rows = [
+            np.concatenate([imgs[i], colorize(task, gt[i], True), colorize(task, pred[i])], 1)
+            for i in range(n)
+        ]
         panels[task] = np.concatenate(rows, 0)
     return panels
 
@@ -157,7 +160,9 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
     train_ds, val_ds = build_datasets(cfg, data_dir)
     per_proc = int(tc.batch_size) // acc.num_processes
     if len(train_ds) < per_proc * acc.num_processes:
-        raise ConfigError(f"the train split has {len(train_ds)} samples, fewer than trainer.batch_size={tc.batch_size}")
+        raise ConfigError(
+            f"the train split has {len(train_ds)} samples, fewer than trainer.batch_size={tc.batch_size}"
+        )
 
     model = build_model(cfg)
     if acc.num_processes > 1 and acc.device.type == "cuda":
@@ -187,7 +192,13 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
     n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
     log.info(
         "run dir %s | %s on %s, %d process(es), %d parameters | train %d / val %d samples",
-        run_dir, cfg.run_name, acc.device, acc.num_processes, n_params, len(train_ds), len(val_ds),
+        run_dir,
+        cfg.run_name,
+        acc.device,
+        acc.num_processes,
+        n_params,
+        len(train_ds),
+        len(val_ds),
     )
     if is_main:
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -200,7 +211,9 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
 
     final_metrics: dict[str, float] = {}
     want_images = int(cfg.logger.get("num_images", 0)) if getattr(logger, "wants_images", False) else 0
-    bar = tqdm(total=max_steps, initial=step, disable=not (is_main and tc.progress), desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=max_steps, initial=step, disable=not (is_main and tc.progress), desc="train", dynamic_ncols=True
+    )
     it = _infinite(train_loader)
     model.train()
     t_last, imgs_since = time.perf_counter(), 0
@@ -210,7 +223,9 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
         loss, terms = criterion(outputs, batch)
         if not torch.isfinite(loss):
             bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-            raise FloatingPointError(f"non-finite loss at step {step + 1} (terms: {', '.join(bad) or 'total'})")
+            raise FloatingPointError(
+                f"non-finite loss at step {step + 1} (terms: {', '.join(bad) or 'total'})"
+            )
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         if tc.grad_clip:
@@ -226,8 +241,12 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
             t_last, imgs_since = now, 0
             lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-            record = {"train/loss": loss.item(), "train/lr": lr, "train/images_per_s": ips,
-                      **{f"train/{k}": v.item() for k, v in terms.items()}}
+            record = {
+                "train/loss": loss.item(),
+                "train/lr": lr,
+                "train/images_per_s": ips,
+                **{f"train/{k}": v.item() for k, v in terms.items()},
+            }
             logger.log(record, step)
             if is_main:
                 with open(run_dir / "train_log.jsonl", "a") as f:
@@ -242,7 +261,9 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
                 logger.log({f"val/{k}": v for k, v in final_metrics.items()}, step)
                 if panels:
                     logger.log_images(panels, step)
-            log.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in final_metrics.items()))
+            log.info(
+                "step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in final_metrics.items())
+            )
         if tc.checkpoint_interval and (step % int(tc.checkpoint_interval) == 0 or step == max_steps):
             save_checkpoint(acc, run_dir, step, int(tc.keep_checkpoints))
     bar.close()

@@ -53,5 +53,7 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
             "(tracked in the relational-context issue); use context=none for the FCN baselines"
         )
     else:
-        raise ConfigError(f"unknown context {ctx!r}: choose none, global, local, tlabel, slabel, atrc, search")
+        raise ConfigError(
+            f"unknown context {ctx!r}: choose none, global, local, tlabel, slabel, atrc, search"
+        )
     return MultiTaskModel(backbone, head, tasks)
