@@ -1,7 +1,8 @@
 """atrc_exp: Hydra-configured experiments for ATRC (ICCV 2021) multi-task dense prediction.
 
 Public API:
-    build_model(cfg) -> nn.Module   the network of a composed config
+    build_model(cfg) -> nn.Module                 the network of a composed config
+    load_original_state_dict(model, state_dict)   import weights trained with the original code
 """
 
 from __future__ import annotations
@@ -16,4 +17,12 @@ def build_model(cfg):
     return _build(cfg)
 
 
-__all__ = ["build_model", "__version__"]
+def load_original_state_dict(model, state_dict, weights_only=None):
+    """Import weights of the original ATRC implementation into ``model`` (a Lightning ``.ckpt`` dict,
+    a bare state dict or the path of either); see :func:`atrc_exp.models.original.load_original_state_dict`."""
+    from .models.original import load_original_state_dict as _load
+
+    return _load(model, state_dict, weights_only=weights_only)
+
+
+__all__ = ["build_model", "load_original_state_dict", "__version__"]

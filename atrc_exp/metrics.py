@@ -16,9 +16,17 @@ normals        angle between the normalised prediction and target (degrees); mea
                % of pixels below 11.25°, 22.5°, 30°
 sal            softmax channel 1; per threshold 0.05 … 0.95: TP / predicted / actual positives;
                F_β (β² = 0.3); ``maxF`` = max over thresholds × 100
-edge           validation edge loss (weighted BCE of :mod:`atrc_exp.losses`), pixel mean over
-               the split — a stand-in until the SEISM odsF evaluation exists
+edge           ``odsF`` / ``oisF`` as BSDS/SEISM compute them (8-bit sigmoid map, NMS, per
+               threshold thinning and ``correspondPixels`` with tolerance maxDist × diagonal;
+               :mod:`atrc_exp.evaluation.edge`), counts summed per threshold; plus ``edge/loss``,
+               the validation edge loss (weighted BCE of :mod:`atrc_exp.losses`), pixel mean
 =============  ================================================================================
+
+The per-image edge matching is slow (BSDS' assignment problem at 99 thresholds, seconds per
+image); it runs in a pool of worker processes (``edge_eval_workers``) while the model keeps
+predicting, and its results are gathered in :meth:`MultiTaskMetrics.state` / ``compute``. Its
+timing is logged (and returned by :meth:`MultiTaskMetrics.timings`), not put in the metrics, so
+that the metrics of a split stay reproducible.
 
 Inputs are the raw network outputs (``final`` predictions) at target resolution, and the batch
 targets as described in :mod:`atrc_exp.tasks` (ignore value 255).
@@ -26,15 +34,23 @@ targets as described in :mod:`atrc_exp.tasks` (ignore value 255).
 
 from __future__ import annotations
 
+import logging
 import math
+import multiprocessing
+import time
+import weakref
+from collections import deque
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .losses import edge_bce_per_pixel
 from .tasks import ALL_TASKS, HUMAN_PARTS_CLASSES, IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SumMeter",
@@ -43,6 +59,7 @@ __all__ = [
     "NormalsMeter",
     "SaliencyMeter",
     "EdgeLossMeter",
+    "EdgeMeter",
     "MultiTaskMetrics",
 ]
 
@@ -97,6 +114,9 @@ class SumMeter:
 
     def update(self, pred: Tensor, target: Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Fold work still in flight into :attr:`sums` (meters with asynchronous work override it)."""
 
     def compute(self) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -262,7 +282,7 @@ class EdgeLossMeter(SumMeter):
     pixel-weighted mean over the split, ``Σ per-pixel loss / #valid``.
 
     Sums: ``[Σ loss, #valid]``; ``compute() -> {"edge/loss": ...}`` (NaN if no valid pixel).
-    Stand-in for the SEISM odsF evaluation, which is not implemented here.
+    The edge loss alone (``MultiTaskMetrics(..., edge_odsf=False)``); :class:`EdgeMeter` adds odsF.
     """
 
     size = 2
@@ -281,6 +301,193 @@ class EdgeLossMeter(SumMeter):
         return {"edge/loss": _div(s, n)}
 
 
+def _shutdown_pool(pool) -> None:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+class EdgeMeter(SumMeter):
+    """Edge ``odsF`` / ``oisF`` (percent) and the validation edge loss, reducible by summation.
+
+    ``update(logits B×1×H×W, target B×1×H×W)``: the edge loss sums are added at once (as
+    :class:`EdgeLossMeter`); each image's ``sigmoid`` map, quantised to 8 bits, and its target go
+    to :func:`atrc_exp.evaluation.edge.evaluate_edge_image` — in a pool of ``workers`` processes
+    (started on first use, kept for later validations; ``workers=0`` or a daemonic process: in
+    this process, synchronously; the pool is started only once images are seen to take
+    ≥ :attr:`INLINE_SECONDS_PER_IMAGE` here, so tiny runs never pay for it). Workers are *spawned* (fresh interpreters: safe with CUDA,
+    OpenMP and OpenCV thread pools, which a fork can deadlock — seen with ``fork`` here), so a
+    script that calls :func:`atrc_exp.engine.fit` needs the usual ``if __name__ == "__main__":``
+    guard (``atrc-train`` and ``python -m atrc_exp.train`` have it). ``start_method`` overrides. At most ``max_pending`` images are in flight (then ``update``
+    waits for the oldest), which bounds the memory of a long split.
+
+    Sums (``size = 2 + 4T + 5`` for T thresholds): ``[Σ loss, #valid]``, the per-threshold
+    ``count_r ×T, sum_r ×T, count_p ×T, sum_p ×T``, the four counts at each image's best threshold
+    (oisF), and the number of evaluated images. ``compute() -> {"edge/loss", "edge/odsF",
+    "edge/oisF"}``. Timing (local to this process, not reduced): :meth:`timing`.
+    """
+
+    def __init__(
+        self,
+        edge_pos_weight: float,
+        max_dist: float = 0.011,
+        thresholds: int | Sequence[float] = 99,
+        workers: int = 0,
+        nms: bool = True,
+        max_pending: int | None = None,
+        start_method: str | None = None,
+    ):
+        from .evaluation.edge import edge_thresholds, require_pyedgeeval
+
+        require_pyedgeeval()  # a clear error now rather than in a worker later
+        self.edge_pos_weight = float(edge_pos_weight)
+        self.max_dist = float(max_dist)
+        if not 0 < self.max_dist < 1:
+            raise ValueError(f"edge max_dist is a fraction of the image diagonal, got {max_dist}")
+        self.thresholds = edge_thresholds(thresholds)
+        self.workers = max(0, int(workers))
+        self.nms = bool(nms)
+        self.start_method = start_method
+        self.max_pending = int(max_pending) if max_pending else max(8, 4 * self.workers)
+        t = len(self.thresholds)
+        self.size = 2 + 4 * t + 5
+        super().__init__()
+        self._pool = None
+        self._finalizer = None
+        self._pending: deque = deque()
+        self._timing = {"images": 0, "work_seconds": 0.0, "wait_seconds": 0.0, "inline_seconds": 0.0}
+
+    # -- pool ---------------------------------------------------------------------------------
+    def _get_pool(self):
+        if self.workers == 0:
+            return None
+        if self._pool is None:
+            if multiprocessing.current_process().daemon:
+                log.info("edge evaluation runs in this (daemonic) process: it can not start workers")
+                self.workers = 0
+                return None
+            from concurrent.futures import ProcessPoolExecutor
+
+            from .evaluation.edge import _worker_init
+
+            method = self.start_method or "spawn"
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context(method),
+                initializer=_worker_init,
+            )
+            self._finalizer = weakref.finalize(self, _shutdown_pool, self._pool)
+        return self._pool
+
+    #: While images take less than this (s/image) in this process, no worker pool is started.
+    INLINE_SECONDS_PER_IMAGE = 0.25
+
+    def _needs_pool(self) -> bool:
+        """Start workers only once evaluation is found to be slow (a tiny or untrained model's
+        edge maps are matched in milliseconds: not worth starting processes for)."""
+        if self.workers == 0 or self._pool is not None:
+            return self.workers > 0
+        n = self._timing["images"]
+        return n > 0 and self._timing["inline_seconds"] / n >= self.INLINE_SECONDS_PER_IMAGE
+
+    def close(self) -> None:
+        """Stop the worker processes (they are also stopped when the meter is garbage-collected)."""
+        self._discard_pending()
+        if self._finalizer is not None:
+            self._finalizer()
+        self._pool = self._finalizer = None
+
+    # -- accumulation -------------------------------------------------------------------------
+    def _fold(self, results) -> None:
+        t = len(self.thresholds)
+        add = torch.zeros(self.size - 2, dtype=torch.float64)
+        for c in results:
+            self._timing["work_seconds"] += c.seconds
+            if not c.evaluated:
+                continue
+            self._timing["images"] += 1
+            add[: 4 * t] += torch.from_numpy(c.stack().reshape(-1))
+            add[4 * t : 4 * t + 4] += torch.from_numpy(c.best())
+            add[4 * t + 4] += 1
+        self.sums = self.sums.cpu()
+        self.sums[2:] += add
+
+    def _wait_oldest(self) -> None:
+        fut = self._pending.popleft()
+        t0 = time.perf_counter()
+        res = fut.result()
+        self._timing["wait_seconds"] += time.perf_counter() - t0
+        self._fold(res)
+
+    def flush(self) -> None:
+        while self._pending:
+            self._wait_oldest()
+
+    def _discard_pending(self) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        for fut in self._pending:
+            if not fut.cancelled():
+                try:
+                    fut.result()
+                except Exception:  # noqa: BLE001 - discarded work
+                    pass
+        self._pending.clear()
+
+    def reset(self) -> None:
+        self._discard_pending()
+        self.sums = torch.zeros(self.size, dtype=torch.float64)
+        self._timing = {"images": 0, "work_seconds": 0.0, "wait_seconds": 0.0, "inline_seconds": 0.0}
+
+    def to(self, device):  # the sums stay on the CPU (results come from CPU workers)
+        return self
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        from .evaluation.edge import evaluate_edge_batch
+
+        loss, valid = edge_bce_per_pixel(pred, target, self.edge_pos_weight)
+        ls = torch.stack([loss.double().sum(), valid.sum().double()]).cpu()
+        self.sums = self.sums.cpu()
+        self.sums[:2] += ls
+        prob = (torch.sigmoid(pred.float()) * 255.0).round_().to(torch.uint8).cpu().numpy()
+        tgt = target.float().cpu().numpy()
+        tgt = np.where(tgt == IGNORE_INDEX, IGNORE_INDEX, tgt >= 0.5).astype(np.uint8)
+        items = [(prob[i].reshape(prob.shape[-2:]), tgt[i].reshape(tgt.shape[-2:])) for i in range(len(prob))]
+        args = (self.max_dist, self.thresholds, self.nms)
+        pool = self._get_pool() if self._needs_pool() else None
+        if pool is None:
+            t0 = time.perf_counter()
+            self._fold(evaluate_edge_batch(items, *args))
+            self._timing["inline_seconds"] += time.perf_counter() - t0
+            return
+        for item in items:
+            self._pending.append(pool.submit(evaluate_edge_batch, [item], *args))
+        while self._pending and self._pending[0].done():
+            self._wait_oldest()
+        while len(self._pending) > self.max_pending:
+            self._wait_oldest()
+
+    def compute(self) -> dict[str, float]:
+        from .evaluation.edge import summarize
+
+        self.flush()
+        t = len(self.thresholds)
+        s = self.sums.detach().cpu().numpy()
+        out = {"edge/loss": _div(s[0], s[1])}
+        n_images = s[2 + 4 * t + 4]
+        if n_images > 0:
+            res = summarize(s[2 : 2 + 4 * t].reshape(4, t), s[2 + 4 * t : 2 + 4 * t + 4], self.thresholds)
+            out["edge/odsF"], out["edge/oisF"] = res["odsF"], res["oisF"]
+        else:
+            out["edge/odsF"] = out["edge/oisF"] = math.nan
+        return out
+
+    def timing(self) -> dict[str, float]:
+        """This process's edge-evaluation time since :meth:`reset`: images evaluated here,
+        ``work_seconds`` (Σ per-image time in the workers), ``wait_seconds`` (time ``update`` /
+        ``flush`` blocked on results), ``inline_seconds`` (time spent evaluating in this process)."""
+        return dict(self._timing, workers=self.workers)
+
+
 class MultiTaskMetrics:
     """The metrics of ``tasks`` over a split, reducible across processes.
 
@@ -292,11 +499,28 @@ class MultiTaskMetrics:
     * ``load_state(t)``: replace the sums, e.g. with ``all_reduce(state(), SUM)``.
     * ``compute() -> dict[str, float]``: keys ``semseg/mIoU``, ``human_parts/mIoU``,
       ``depth/rmse``, ``normals/{mean_angle,rmse_angle,within_11.25,within_22.5,within_30}``,
-      ``sal/maxF``, ``edge/loss`` for the tasks present.
-    * ``reset()``: zero all sums.
+      ``sal/maxF``, ``edge/loss``, ``edge/odsF``, ``edge/oisF`` for the tasks present.
+    * ``reset()``: zero all sums; ``close()``: stop the edge-evaluation workers.
+
+    Edge options: ``edge_max_dist`` (match tolerance, fraction of the image diagonal: 0.011 NYUD,
+    0.0075 PASCAL-Context), ``edge_eval_workers`` (worker processes for the per-image matching;
+    0 = synchronously in this process), ``edge_thresholds`` (a count, default 99 = 0.01 … 0.99,
+    or explicit values), ``edge_nms`` (non-maximum suppression before thresholding, default on),
+    ``edge_odsf=False`` for the loss alone (no pyEdgeEval needed).
     """
 
-    def __init__(self, tasks: Sequence[str], num_semseg_classes: int, edge_pos_weight: float):
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        num_semseg_classes: int,
+        edge_pos_weight: float,
+        *,
+        edge_max_dist: float = 0.011,
+        edge_eval_workers: int = 0,
+        edge_thresholds: int | Sequence[float] = 99,
+        edge_nms: bool = True,
+        edge_odsf: bool = True,
+    ):
         unknown = [t for t in tasks if t not in ALL_TASKS]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; known tasks: {', '.join(ALL_TASKS)}")
@@ -314,7 +538,17 @@ class MultiTaskMetrics:
             elif t == "sal":
                 self.meters[t] = SaliencyMeter()
             elif t == "edge":
-                self.meters[t] = EdgeLossMeter(edge_pos_weight)
+                self.meters[t] = (
+                    EdgeMeter(
+                        edge_pos_weight,
+                        max_dist=edge_max_dist,
+                        thresholds=edge_thresholds,
+                        workers=edge_eval_workers,
+                        nms=edge_nms,
+                    )
+                    if edge_odsf
+                    else EdgeLossMeter(edge_pos_weight)
+                )
         self._device = torch.device("cpu")
 
     @property
@@ -332,7 +566,13 @@ class MultiTaskMetrics:
             self._device = pred.device
             meter.update(pred, batch[t].to(pred.device))
 
+    def flush(self) -> None:
+        """Wait for the edge evaluation still in flight (``state`` and ``compute`` call it)."""
+        for m in self.meters.values():
+            m.flush()
+
     def state(self) -> Tensor:
+        self.flush()
         if not self.meters:
             return torch.zeros(0, dtype=torch.float64, device=self._device)
         return torch.cat([m.sums.to(self._device) for m in self.meters.values()])
@@ -340,6 +580,7 @@ class MultiTaskMetrics:
     def load_state(self, t: Tensor) -> None:
         if t.dim() != 1 or t.numel() != self.state_size:
             raise ValueError(f"state must be a 1-D tensor of {self.state_size} values, got {tuple(t.shape)}")
+        self.flush()
         t = t.detach().to(torch.float64)
         self._device = t.device
         offset = 0
@@ -348,11 +589,36 @@ class MultiTaskMetrics:
             offset += m.size
 
     def compute(self) -> dict[str, float]:
+        self.flush()
         out: dict[str, float] = {}
         for m in self.meters.values():
             out.update(m.compute())
+        edge = self.meters.get("edge")
+        if isinstance(edge, EdgeMeter):
+            tm = edge.timing()
+            if tm["images"]:
+                log.info(
+                    "edge odsF evaluation: %d images here, %.3f s/image (%s), %.1f s waited for results",
+                    tm["images"],
+                    tm["work_seconds"] / tm["images"],
+                    f"{tm['workers']} worker processes" if tm["workers"] else "in this process",
+                    tm["wait_seconds"] + tm["inline_seconds"],
+                )
         return out
+
+    def timings(self) -> dict[str, float]:
+        """Edge-evaluation timing of this process (see :meth:`EdgeMeter.timing`); empty without edge."""
+        edge = self.meters.get("edge")
+        return (
+            {f"edge/{k}": float(v) for k, v in edge.timing().items()} if isinstance(edge, EdgeMeter) else {}
+        )
 
     def reset(self) -> None:
         for m in self.meters.values():
             m.reset()
+
+    def close(self) -> None:
+        """Stop worker processes (idempotent; also done when the object is garbage-collected)."""
+        for m in self.meters.values():
+            if hasattr(m, "close"):
+                m.close()

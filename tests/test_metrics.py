@@ -192,6 +192,8 @@ def test_state_round_trip_sum_of_halves_equals_whole():
         "normals/within_22.5",
         "normals/within_30",
         "edge/loss",
+        "edge/odsF",
+        "edge/oisF",
         "sal/maxF",
     }
     for key in ref:

@@ -22,7 +22,7 @@ def test_multitask_baseline_parameter_count_matches_original():
 
 def test_single_task_head_and_outputs_at_odd_size():
     model = atrc_exp.build_model(compose_cfg(["dataset=nyud", "tasks=normals"])).eval()
-    assert list(model.head.heads) == ["normals"]
+    assert list(model.head.bottleneck) == ["normals"] and list(model.head.final_logits) == ["normals"]
     with torch.no_grad():
         out = model(torch.randn(1, 3, 97, 131))
     assert set(out) == {"final"} and out["final"]["normals"].shape == (1, 3, 97, 131)
@@ -52,6 +52,6 @@ def test_timm_backbone_builds():
     assert out["semseg"].shape == (1, 7, 64, 96)
 
 
-def test_relational_context_not_built_yet_is_a_clear_error():
-    with pytest.raises(ConfigError, match="context=global"):
-        atrc_exp.build_model(compose_cfg(["context=global"]))
+def test_search_head_not_built_yet_is_a_clear_error():
+    with pytest.raises(ConfigError, match="context=search"):
+        atrc_exp.build_model(compose_cfg(["context=search", "mode=search"]))

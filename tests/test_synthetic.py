@@ -281,3 +281,59 @@ def test_ensure_concurrent(tmp_path):
         np.load(ds / "depth" / "00029.npy"), render_scene(scene_seed(7, 29), H, W)["depth"]
     )
     ensure_synthetic_dataset(root, **kw)  # and it is recognised as complete
+
+
+def test_pascal_layout_files_and_structure(tmp_path):
+    import scipy.io as sio
+
+    from atrc_exp.data.synthetic import PASCAL_CONTEXT_IDS, write_pascal_layout
+
+    ds = write_pascal_layout(tmp_path, n_train=4, n_val=1, height=H, width=W, seed=0, progress=False)
+    assert ds == tmp_path / "PASCAL_MT"
+    train = (ds / "ImageSets" / "Context" / "train.txt").read_text().split()
+    val = (ds / "ImageSets" / "Context" / "val.txt").read_text().split()
+    assert len(train) == 4 and len(val) == 1
+    assert json.loads((ds / "synthetic.json").read_text())["layout"] == "PASCAL_MT"
+    for i, name in enumerate(train + val):
+        ref = render_scene(scene_seed(0, i), H, W)
+        assert (ds / "JPEGImages" / f"{name}.jpg").is_file()
+        seg_dir = "VOC12" if i % 2 == 0 else "pascal-context"
+        seg = cv2.imread(str(ds / "semseg" / seg_dir / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(seg, ref["semseg"])
+        lm = sio.loadmat(str(ds / "pascal-context" / "trainval" / f"{name}.mat"))["LabelMap"]
+        ids = np.array([PASCAL_CONTEXT_IDS[c][0] for c in SEMSEG_CLASSES])
+        np.testing.assert_array_equal(lm, ids[ref["semseg"]])
+        anno = sio.loadmat(str(ds / "human_parts" / f"{name}.mat"))["anno"]
+        assert anno.dtype.names == ("imname", "objects")
+        objs = anno[0][0][1]
+        assert objs.dtype.names == ("class", "class_ind", "mask", "parts")
+        n_obj = len(np.unique(ref["instance"][ref["instance"] >= 7]))
+        assert objs.shape == (1, n_obj)
+        for o in objs[0]:
+            assert o[2].shape == (H, W)
+            if int(o[1].ravel()[0]) == 15 and i % 5 != 3:
+                assert o[3].dtype.names == ("part_name", "mask") and o[3].shape[1] >= 1
+            else:
+                assert o[3].size == 0
+        nrm = cv2.cvtColor(cv2.imread(str(ds / "normals_distill" / f"{name}.png")), cv2.COLOR_BGR2RGB)
+        np.testing.assert_allclose(2 * nrm.astype(np.float64) / 255.0 - 1, ref["normals"], atol=1 / 127)
+        sal = cv2.imread(str(ds / "sal_distill" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(sal > 127, ref["sal"] > 0)
+
+
+def test_ensure_pascal_layout_beside_nyud(tmp_path, monkeypatch):
+    kw = dict(n_train=2, n_val=1, height=H, width=W, seed=1, progress=False)
+    ensure_synthetic_dataset(tmp_path, **kw)
+    assert ensure_synthetic_dataset(tmp_path, layout="PASCAL_MT", **kw) == tmp_path
+    assert {"NYUD_MT", "PASCAL_MT"} <= {p.name for p in tmp_path.iterdir()}
+    assert not list(tmp_path.glob(".PASCAL_MT.tmp-*"))
+
+    def boom(*a, **k):
+        raise AssertionError("regenerated an existing dataset")
+
+    monkeypatch.setattr(synthetic, "_write_pascal", boom)
+    ensure_synthetic_dataset(tmp_path, layout="PASCAL_MT", **kw)
+    with pytest.raises(ValueError, match="n_val"):
+        ensure_synthetic_dataset(tmp_path, layout="PASCAL_MT", **{**kw, "n_val": 3})
+    with pytest.raises(ValueError, match="layout"):
+        ensure_synthetic_dataset(tmp_path, layout="KITTI", **kw)

@@ -175,9 +175,12 @@ def test_make_train_cli_prints_table(tiny_data_dir, tmp_path):
         assert key in out.stdout
 
 
-def test_bf16_mixed_precision_runs_on_cpu(tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("context", ["none", "local"])
+def test_bf16_mixed_precision_runs_on_cpu(tiny_data_dir, tmp_path, context):
     cfg = compose_cfg(
-        tiny_overrides(tiny_data_dir, **{"trainer.mixed_precision": "bf16", "trainer.max_steps": 2})
+        tiny_overrides(
+            tiny_data_dir, **{"trainer.mixed_precision": "bf16", "trainer.max_steps": 2, "context": context}
+        )
     )
     metrics = fit(cfg, tmp_path)
     _check_metrics(metrics, list(cfg.tasks.names), trained=False)

@@ -1,20 +1,30 @@
-"""Datasets, transforms and the synthetic generator.
+"""Datasets, transforms, auxiliary targets and the synthetic generator.
 
-``build_datasets(cfg)`` is what the engine calls: it makes sure the data exists (generating the
-synthetic dataset on first use) and returns the train and validation datasets.
+``prepare_data(cfg)`` makes sure the data exists (generating the synthetic dataset on first use),
+``build_datasets(cfg, data_dir)`` returns the train and validation datasets and
+``normal_centroids(cfg, data_dir)`` the 40 normal centroids of the aux normals target.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from ..config import ConfigError, resolve_data_dir
 from .nyud import NYUDMT, DataError
+from .pascal import PASCALMT
 from .transforms import build_train_transform, build_val_transform
 
-__all__ = ["NYUDMT", "DataError", "build_datasets", "prepare_data"]
+__all__ = ["NYUDMT", "PASCALMT", "DataError", "build_datasets", "normal_centroids", "prepare_data"]
+
+LAYOUTS = ("NYUD_MT", "PASCAL_MT")
+
+
+def is_synthetic(ds_cfg: DictConfig) -> bool:
+    """True for the embedded synthetic datasets (they carry ``generator`` settings)."""
+    return str(ds_cfg.name).startswith("synthetic") or "generator" in ds_cfg
 
 
 def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
@@ -23,7 +33,7 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
     Call it on the main process first (the generator is also safe under concurrency).
     """
     data_dir = resolve_data_dir(cfg)
-    if cfg.dataset.name == "synthetic":
+    if is_synthetic(cfg.dataset):
         from .synthetic import ensure_synthetic_dataset
 
         g = cfg.dataset.generator
@@ -35,8 +45,27 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
             width=int(g.width),
             seed=int(g.seed),
             progress=progress,
+            layout=str(cfg.dataset.layout),
         )
     return data_dir
+
+
+def _make(cfg: DictConfig, data_dir: Path, split: str, tasks: list[str], transform):
+    ds = cfg.dataset
+    if ds.layout == "NYUD_MT":
+        return NYUDMT(data_dir, split, tasks, transform=transform, num_classes=int(ds.num_semseg_classes))
+    if ds.layout == "PASCAL_MT":
+        valid = ds.get("normals_valid_classes", None)
+        return PASCALMT(
+            data_dir,
+            split,
+            tasks,
+            transform=transform,
+            num_classes=int(ds.num_semseg_classes),
+            normals_valid_classes=None if valid is None else [int(c) for c in valid],
+            cache_dir=Path(str(cfg.paths.cache_dir)),
+        )
+    raise ConfigError(f"dataset={ds.name}: unknown layout {ds.layout!r}; known layouts: {', '.join(LAYOUTS)}")
 
 
 def build_datasets(cfg: DictConfig, data_dir: Path | None = None):
@@ -46,14 +75,40 @@ def build_datasets(cfg: DictConfig, data_dir: Path | None = None):
     tasks = list(cfg.tasks.names)
     crop = list(ds.crop_size)
     aug = ds.augment
-    train_tf = build_train_transform(crop, aug.scale_range, aug.flip, aug.photometric)
-    val_tf = build_val_transform(crop)
-    if ds.layout == "NYUD_MT":
-        kw = dict(tasks=tasks, num_classes=int(ds.num_semseg_classes))
-        return (
-            NYUDMT(data_dir, ds.train_split, transform=train_tf, **kw),
-            NYUDMT(data_dir, ds.val_split, transform=val_tf, **kw),
-        )
-    raise ConfigError(
-        f"dataset={ds.name} ({ds.layout} layout) has no reader yet; available now: synthetic, nyud"
+    train_tf = build_train_transform(
+        crop, aug.scale_range, aug.flip, aug.photometric, cat_max_ratio=float(aug.get("cat_max_ratio", 0.75))
     )
+    val_tf = build_val_transform(crop)
+    return (
+        _make(cfg, data_dir, ds.train_split, tasks, train_tf),
+        _make(cfg, data_dir, ds.val_split, tasks, val_tf),
+    )
+
+
+def normal_centroids(cfg: DictConfig, data_dir: Path | None = None, *, max_images: int = 500) -> torch.Tensor:
+    """The 40 normal centroids (40×3 float32 unit vectors) of the configured dataset's training
+    split: k-means over normals sampled from up to ``max_images`` images (evenly spaced), cached in
+    ``paths.cache_dir/normal_centroids/``. Raises :class:`DataError` when the dataset has no
+    normals."""
+    from .targets import cached_normal_centroids
+
+    data_dir = Path(data_dir or resolve_data_dir(cfg))
+    ds = cfg.dataset
+    if "normals" not in ds.tasks:
+        raise DataError(f"dataset={ds.name} has no normals, so no normal centroids")
+    reader = _make(cfg, data_dir, ds.train_split, ["normals"], None)
+    n = len(reader)
+    idx = sorted({int(i) for i in torch.linspace(0, n - 1, min(n, max_images)).round().tolist()})
+    sf = reader.split_file.stat()
+    key = {
+        "name": f"{ds.name}_{ds.layout}",
+        "root": str(reader.root.resolve()),
+        "split": ds.train_split,
+        "split_list": f"{sf.st_size}:{sf.st_mtime_ns}",
+        "images": len(idx),
+        "normals_valid": [int(c) for c in getattr(reader, "normals_valid_classes", [])],
+    }
+    cent = cached_normal_centroids(
+        Path(str(cfg.paths.cache_dir)), key, lambda: (reader.load_raw(i)["normals"] for i in idx), seed=0
+    )
+    return torch.from_numpy(cent)

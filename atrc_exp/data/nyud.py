@@ -23,6 +23,9 @@ from torch.utils.data import Dataset
 
 from ..tasks import IGNORE_INDEX
 
+#: Split sizes of the published datasets (``atrc-data check`` compares against them).
+NYUD_SPLIT_SIZES = {"train": 795, "val": 654}
+
 #: Folder and file extension of every NYUD task.
 NYUD_TASK_FILES = {
     "semseg": ("segmentation", ".png"),
@@ -36,13 +39,42 @@ class DataError(RuntimeError):
     """Missing or malformed data; the message names the file and what to do."""
 
 
+def read_image(path: Path, split_file: Path | str = "") -> np.ndarray:
+    """An RGB image as float32 H×W×3 in [0, 255] (OpenCV decode, BGR → RGB)."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        where = f" (listed in {split_file})" if split_file else ""
+        raise DataError(f"unreadable image {path}{where}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32)
+
+
+def read_label_png(path: Path, split_file: Path | str = "") -> np.ndarray:
+    """A label PNG as uint8/uint16 H×W: palette PNGs give their indices (as PIL reads them in the
+    original loaders), grey PNGs their values; an RGB PNG takes its first channel."""
+    from PIL import Image, UnidentifiedImageError
+
+    where = f" (listed in {split_file})" if split_file else ""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"unreadable label {path}{where}: {e}") from e
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    return arr
+
+
 def _read_split(root: Path, split: str) -> list[str]:
     split_file = root / "gt_sets" / f"{split}.txt"
     if not split_file.is_file():
         raise DataError(
             f"split list {split_file} not found: expected the NYUD_MT layout (images/, segmentation/, "
-            f"depth/, normals/, edge/, gt_sets/{{train,val}}.txt) under {root}. Get NYUD_MT.tgz "
-            f"(see `atrc-data fetch`), unpack it in paths.data_dir, or use dataset=synthetic"
+            f"depth/, normals/, edge/, gt_sets/{{train,val}}.txt) under {root}. Get it with "
+            f"`atrc-data fetch --dataset nyud --dest <paths.data_dir>` so that <paths.data_dir>/NYUD_MT/ "
+            f"exists, or use dataset=synthetic"
         )
     names = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
     if not names:
@@ -70,10 +102,11 @@ class NYUDMT(Dataset):
         num_classes: int = 40,
     ):
         self.root = Path(data_dir) / "NYUD_MT"
-        if not self.root.is_dir():
+        if not self.root.is_dir() or not any(self.root.iterdir()):
             raise DataError(
-                f"{self.root} does not exist: paths.data_dir must be the folder that contains NYUD_MT/ "
-                f"(got {data_dir}). Fetch the NYUD_MT archive and unpack it there, or use dataset=synthetic"
+                f"{self.root} does not exist or is empty: paths.data_dir must be the folder that contains "
+                f"NYUD_MT/ (got {data_dir}). Download it with `atrc-data fetch --dataset nyud --dest "
+                f"{data_dir}`, or use dataset=synthetic"
             )
         unknown = [t for t in tasks if t not in NYUD_TASK_FILES]
         if unknown:
@@ -82,6 +115,7 @@ class NYUDMT(Dataset):
         self.tasks = list(tasks)
         self.transform = transform
         self.num_classes = num_classes
+        self.split_file = self.root / "gt_sets" / f"{split}.txt"
         self.names = _read_split(self.root, split)
 
     def __len__(self) -> int:
@@ -90,49 +124,56 @@ class NYUDMT(Dataset):
     def _path(self, folder: str, name: str, ext: str) -> Path:
         p = self.root / folder / f"{name}{ext}"
         if not p.is_file():
-            raise DataError(f"missing file {p} (listed in gt_sets/{self.split}.txt)")
+            raise DataError(f"missing file {p} (listed in {self.split_file})")
         return p
 
     def _load_npy(self, p: Path) -> np.ndarray:
         try:
-            return np.load(p).astype(np.float32)
-        except (OSError, ValueError) as e:
-            raise DataError(f"unreadable file {p}: {e}") from e
+            arr = np.load(p).astype(np.float32)
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"unreadable file {p} (listed in {self.split_file}): {e}") from e
+        bad = ~np.isfinite(arr)
+        if bad.any():  # missing measurements: 0 marks them ignore in IgnoreRegions
+            arr[bad] = 0.0
+        return arr
 
     def load_raw(self, index: int) -> dict:
         """The untransformed sample: numpy arrays in HWC layout plus ``meta``."""
         name = self.names[index]
         img_path = self._path("images", name, ".jpg")
-        img = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
-        if img is None:
-            raise DataError(f"unreadable image {img_path}")
-        image = cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32)
+        image = read_image(img_path, self.split_file)
         h, w = image.shape[:2]
         sample = {"image": image}
         for task in self.tasks:
             folder, ext = NYUD_TASK_FILES[task]
             p = self._path(folder, name, ext)
             if task == "semseg":
-                raw = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-                if raw is None:
-                    raise DataError(f"unreadable label {p}")
-                if raw.ndim == 3:
-                    raw = raw[..., 0]
-                if raw.max(initial=0) > self.num_classes:
-                    raise DataError(f"{p}: label {raw.max()} > {self.num_classes} classes")
+                # labels 1..K -> 0..K-1; 0 (unlabelled) and 255 -> ignore
+                raw = read_label_png(p, self.split_file)
+                bad = (raw > self.num_classes) & (raw != IGNORE_INDEX)
+                if bad.any():
+                    raise DataError(
+                        f"{p}: label {int(raw[bad].max())} > {self.num_classes} classes "
+                        f"(listed in {self.split_file})"
+                    )
                 lab = raw.astype(np.int64) - 1
-                lab[raw == 0] = IGNORE_INDEX
+                lab[(raw == 0) | (raw == IGNORE_INDEX)] = IGNORE_INDEX
                 arr = lab
             elif task == "normals":
                 arr = self._load_npy(p)
                 if arr.ndim != 3 or arr.shape[2] != 3:
-                    raise DataError(f"{p}: normals must be H×W×3, got {arr.shape}")
+                    raise DataError(
+                        f"{p}: normals must be H×W×3, got {arr.shape} (listed in {self.split_file})"
+                    )
             else:
                 arr = self._load_npy(p)
                 if arr.ndim == 3:
                     arr = arr[..., 0]
             if arr.shape[:2] != (h, w):
-                raise DataError(f"{p}: size {arr.shape[:2]} differs from its image {img_path} ({h}, {w})")
+                raise DataError(
+                    f"{p}: size {arr.shape[:2]} differs from its image {img_path} ({h}, {w}) "
+                    f"(listed in {self.split_file})"
+                )
             sample[task] = arr
         sample["meta"] = {"name": name, "size": (h, w)}
         return sample

@@ -17,8 +17,18 @@ key             dtype / shape    meaning
 ``human_parts`` uint8  H×W       index into :data:`HUMAN_PART_NAMES`, > 0 only on the figure
 =============== ================ ===============================================================
 
-:func:`ensure_synthetic_dataset` writes ``<root>/NYUD_MT/`` once (atomically, safe under
-concurrency) so that :class:`atrc_exp.data.nyud.NYUDMT` reads it like the real dataset.
+:func:`ensure_synthetic_dataset` writes ``<root>/NYUD_MT/`` (default) or ``<root>/PASCAL_MT/``
+(``layout="PASCAL_MT"``) once (atomically, safe under concurrency) so that
+:class:`atrc_exp.data.nyud.NYUDMT` / :class:`atrc_exp.data.pascal.PASCALMT` read it like the real
+dataset.
+
+The PASCAL_MT files have the real ones' formats: ``semseg/{VOC12,pascal-context}/*.png`` (the 7
+synthetic classes, 0..6, VOC12 for even image indices), Pascal-Part ``human_parts/*.mat``
+(``anno`` struct with ``imname`` and ``objects``: ``class``, ``class_ind``, ``mask``, ``parts``
+with ``part_name``/``mask``; the person of every 5th image (index 3, 8, ...) is written without parts, as happens in
+Pascal-Part), ``pascal-context/trainval/*.mat`` (``LabelMap`` in 459-class ids, see
+:data:`PASCAL_CONTEXT_IDS`: the sphere is a "ball", whose normals are not kept), RGB
+``normals_distill/*.png`` and grey ``sal_distill/*.png`` (20 background, 220 salient).
 """
 
 from __future__ import annotations
@@ -45,6 +55,9 @@ from .synthetic_scene import (
 
 __all__ = [
     "HUMAN_PART_NAMES",
+    "LAYOUTS",
+    "PASCAL_CONTEXT_IDS",
+    "write_pascal_layout",
     "SEMSEG_CLASSES",
     "ensure_synthetic_dataset",
     "intrinsics",
@@ -58,6 +71,21 @@ GENERATOR = "atrc_exp.synthetic"
 VERSION = 1
 MANIFEST = "synthetic.json"
 _PARAMS = ("n_train", "n_val", "height", "width", "seed")
+LAYOUTS = ("NYUD_MT", "PASCAL_MT")
+
+#: Synthetic class -> (PASCAL-Context 459-class LabelMap id, Pascal-Part object class, class_ind).
+PASCAL_CONTEXT_IDS: dict[str, tuple[int, str, int]] = {
+    "wall": (440, "", 0),
+    "floor": (158, "", 0),
+    "ceiling": (68, "", 0),
+    "sphere": (10, "pottedplant", 16),  # a "ball": not an NYUD class, normals not kept
+    "box": (37, "diningtable", 11),
+    "cylinder": (34, "bottle", 5),
+    "person": (284, "person", 15),
+}
+#: Synthetic part index -> Pascal-Part names (left, right); one connected piece each.
+_PART_NAMES = {1: ("head", "hair"), 2: ("torso", "neck"), 3: ("luarm", "ruarm"), 4: ("llarm", "rlarm"),
+               5: ("luleg", "ruleg"), 6: ("llleg", "rlleg")}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,8 +215,10 @@ def scene_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _manifest(n_train: int, n_val: int, height: int, width: int, seed: int) -> dict:
+def _manifest(n_train: int, n_val: int, height: int, width: int, seed: int, layout: str = "NYUD_MT") -> dict:
+    extra = {} if layout == "NYUD_MT" else {"layout": layout}
     return {
+        **extra,
         "generator": GENERATOR,
         "version": VERSION,
         "n_train": n_train,
@@ -221,6 +251,70 @@ def _write(dest: Path, n_train: int, n_val: int, height: int, width: int, seed: 
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def _struct_array(records: list[tuple], fields: tuple[str, ...]) -> np.ndarray:
+    """A 1×N MATLAB struct array for ``scipy.io.savemat`` (empty → a 0×0 double, as MATLAB's [])."""
+    if not records:
+        return np.zeros((0, 0))
+    arr = np.empty((1, len(records)), dtype=[(f, object) for f in fields])
+    for i, rec in enumerate(records):
+        arr[0, i] = rec
+    return arr
+
+
+def _pascal_anno(name: str, s: dict, drop_parts: bool) -> dict:
+    """The Pascal-Part ``anno`` struct of a rendered scene."""
+    objects = []
+    inst, sem, parts = s["instance"], s["semseg"], s["human_parts"]
+    for iid in np.unique(inst[inst >= 7]):
+        mask = inst == iid
+        cls = SEMSEG_CLASSES[int(np.bincount(sem[mask]).argmax())]
+        _, obj_name, class_ind = PASCAL_CONTEXT_IDS[cls]
+        part_recs = []
+        if cls == "person" and not drop_parts:
+            for k, names in _PART_NAMES.items():
+                pm = (mask & (parts == k)).astype(np.uint8)
+                n_cc, cc = cv2.connectedComponents(pm, connectivity=8)
+                for c in range(1, n_cc):
+                    part_recs.append((names[min(c - 1, 1)], (cc == c).astype(np.uint8)))
+        objects.append((obj_name, np.array([[class_ind]], np.uint8), mask.astype(np.uint8),
+                        _struct_array(part_recs, ("part_name", "mask"))))  # fmt: skip
+    return {"imname": name, "objects": _struct_array(objects, ("class", "class_ind", "mask", "parts"))}
+
+
+def _write_pascal(
+    dest: Path, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool
+) -> None:
+    """Write the PASCAL_MT files into ``dest`` itself; the manifest goes last."""
+    import scipy.io as sio
+
+    subs = ("JPEGImages", "semseg/VOC12", "semseg/pascal-context", "human_parts", "pascal-context/trainval",
+            "normals_distill", "sal_distill", "ImageSets/Context")  # fmt: skip
+    for sub in subs:
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    ctx_ids = np.array([PASCAL_CONTEXT_IDS[c][0] for c in SEMSEG_CLASSES], np.uint16)
+    names = [f"2008_{i:06d}" for i in range(n_train + n_val)]
+    for i in tqdm(range(len(names)), desc="synthetic PASCAL_MT", unit="img", disable=not progress):
+        name, s = names[i], render_scene(scene_seed(seed, i), height, width)
+        bgr = cv2.cvtColor(s["image"], cv2.COLOR_RGB2BGR)
+        if not cv2.imwrite(str(dest / "JPEGImages" / f"{name}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+            raise OSError(f"could not write {dest / 'JPEGImages' / name}.jpg")
+        seg_dir = "VOC12" if i % 2 == 0 else "pascal-context"
+        cv2.imwrite(str(dest / "semseg" / seg_dir / f"{name}.png"), s["semseg"])
+        sio.savemat(str(dest / "human_parts" / f"{name}.mat"), {"anno": _pascal_anno(name, s, i % 5 == 3)})
+        sio.savemat(
+            str(dest / "pascal-context" / "trainval" / f"{name}.mat"), {"LabelMap": ctx_ids[s["semseg"]]}
+        )
+        nrm = np.clip(np.rint((s["normals"] + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(dest / "normals_distill" / f"{name}.png"), cv2.cvtColor(nrm, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(
+            str(dest / "sal_distill" / f"{name}.png"), np.where(s["sal"] > 0, 220, 20).astype(np.uint8)
+        )
+    (dest / "ImageSets" / "Context" / "train.txt").write_text("".join(f"{n}\n" for n in names[:n_train]))
+    (dest / "ImageSets" / "Context" / "val.txt").write_text("".join(f"{n}\n" for n in names[n_train:]))
+    manifest = _manifest(n_train, n_val, height, width, seed, "PASCAL_MT")
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def _check_args(n_train: int, n_val: int, height: int, width: int) -> None:
     if n_train < 0 or n_val < 0 or n_train + n_val == 0:
         raise ValueError(f"need n_train, n_val >= 0 and at least one image, got {n_train}, {n_val}")
@@ -243,15 +337,28 @@ def write_nyud_layout(
     return dest
 
 
-def _existing_ok(root: Path, wanted: dict) -> bool:
-    """True if ``root/NYUD_MT`` holds exactly the wanted dataset, False if absent; else ValueError."""
-    ds = root / "NYUD_MT"
+def write_pascal_layout(
+    root: str | Path, *, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool = True
+) -> Path:
+    """Render ``n_train + n_val`` scenes into ``root/PASCAL_MT/`` and return that folder.
+
+    Names are ``2008_000000``… (train first); image ``i`` is the same scene as in the NYUD layout.
+    """
+    _check_args(n_train, n_val, height, width)
+    dest = Path(root) / "PASCAL_MT"
+    _write_pascal(dest, n_train, n_val, height, width, seed, progress)
+    return dest
+
+
+def _existing_ok(root: Path, wanted: dict, layout: str = "NYUD_MT") -> bool:
+    """True if ``root/<layout>`` holds exactly the wanted dataset, False if absent; else ValueError."""
+    ds = root / layout
     if not ds.exists():
         return False
     mf = ds / MANIFEST
     if not mf.is_file():
         raise ValueError(
-            f"{ds} exists but has no {MANIFEST}: it is not a synthetic dataset (real NYUD data?). "
+            f"{ds} exists but has no {MANIFEST}: it is not a synthetic dataset (real {layout} data?). "
             f"Point paths.data_dir at another folder for dataset=synthetic, or move {ds} away"
         )
     try:
@@ -269,9 +376,18 @@ def _existing_ok(root: Path, wanted: dict) -> bool:
 
 
 def ensure_synthetic_dataset(
-    root: str | Path, *, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool = True
+    root: str | Path,
+    *,
+    n_train: int,
+    n_val: int,
+    height: int,
+    width: int,
+    seed: int,
+    progress: bool = True,
+    layout: str = "NYUD_MT",
 ) -> Path:
-    """Make sure ``root/NYUD_MT`` holds the synthetic dataset with these parameters; return ``root``.
+    """Make sure ``root/<layout>`` (``NYUD_MT`` or ``PASCAL_MT``) holds the synthetic dataset with
+    these parameters; return ``root``.
 
     Does nothing when the manifest matches; raises ``ValueError`` when it differs or when
     ``root/NYUD_MT`` is not synthetic. Generation holds ``root/.synthetic.lock``, writes into
@@ -279,20 +395,23 @@ def ensure_synthetic_dataset(
     jobs sharing ``root``) end up with one complete dataset and readers never see a partial one.
     """
     _check_args(n_train, n_val, height, width)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     root = Path(root)
-    wanted = _manifest(n_train, n_val, height, width, seed)
-    if _existing_ok(root, wanted):
+    wanted = _manifest(n_train, n_val, height, width, seed, layout)
+    if _existing_ok(root, wanted, layout):
         return root
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".synthetic.lock")):
-        if _existing_ok(root, wanted):  # another process finished it while we waited
+        if _existing_ok(root, wanted, layout):  # another process finished it while we waited
             return root
-        for stale in root.glob(".NYUD_MT.tmp-*"):  # left by a crashed generator (we hold the lock)
+        for stale in root.glob(f".{layout}.tmp-*"):  # left by a crashed generator (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".NYUD_MT.tmp-{os.getpid()}"
+        tmp = root / f".{layout}.tmp-{os.getpid()}"
+        writer = _write if layout == "NYUD_MT" else _write_pascal
         try:
-            _write(tmp, n_train, n_val, height, width, seed, progress)
-            os.replace(tmp, root / "NYUD_MT")
+            writer(tmp, n_train, n_val, height, width, seed, progress)
+            os.replace(tmp, root / layout)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -65,6 +65,14 @@ class WandbLogger:
         }
         self.run.log(images, step=step)
 
+    def log_genotype(self, genotype: dict, tasks: list[str], step: int) -> None:
+        """The genotype as a T×T heatmap image (target rows, source columns) and a table."""
+        from ..models.genotype import GENOTYPE_TABLE_COLUMNS, genotype_heatmap, genotype_table_rows
+
+        table = self._wandb.Table(columns=list(GENOTYPE_TABLE_COLUMNS), data=genotype_table_rows(genotype, tasks))
+        image = self._wandb.Image(genotype_heatmap(genotype, tasks), caption="target rows, source columns")
+        self.run.log({"genotype/heatmap": image, "genotype/table": table}, step=step)
+
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
 

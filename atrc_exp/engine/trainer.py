@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, validate_config
-from ..data import build_datasets, prepare_data
+from ..data import build_datasets, normal_centroids, prepare_data
 from ..losses import MultiTaskLoss
 from ..metrics import MultiTaskMetrics
 from ..models import build_model
@@ -134,6 +134,11 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     validate_config(cfg)
+    backend = OmegaConf.select(cfg, "ops.local_attention.backend", default=None)
+    if backend:
+        from ..ops import set_backend
+
+        set_backend(str(backend))
     acc = make_accelerator(cfg)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -167,9 +172,28 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
     model = build_model(cfg)
     if acc.num_processes > 1 and acc.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    init_from = OmegaConf.select(cfg, "trainer.init_from_original", default=None)
+    if init_from:
+        from ..models.original import load_original_state_dict
+
+        report = load_original_state_dict(model, str(init_from))
+        log.info("initialised from original weights %s (%d tensors)", init_from, report["loaded"])
     tasks = list(cfg.tasks.names)
-    criterion = MultiTaskLoss(tasks, edge_pos_weight=float(cfg.dataset.edge_pos_weight)).to(acc.device)
-    metrics = MultiTaskMetrics(tasks, int(cfg.dataset.num_semseg_classes), float(cfg.dataset.edge_pos_weight))
+    centroids = None
+    if "normals" in getattr(model.head, "aux_tasks", ()):
+        with acc.main_process_first():
+            centroids = normal_centroids(cfg, data_dir)
+    criterion = MultiTaskLoss(
+        tasks, edge_pos_weight=float(cfg.dataset.edge_pos_weight), normal_centroids=centroids
+    ).to(acc.device)
+    metrics = MultiTaskMetrics(
+        tasks,
+        int(cfg.dataset.num_semseg_classes),
+        float(cfg.dataset.edge_pos_weight),
+        edge_max_dist=float(OmegaConf.select(cfg, "dataset.edge_max_dist", default=0.011)),
+        edge_eval_workers=int(OmegaConf.select(cfg, "trainer.edge_eval_workers", default=2)),
+        edge_thresholds=OmegaConf.select(cfg, "trainer.edge_eval_thresholds", default=99),
+    )
     optimizer = torch.optim.SGD(
         model.parameters(), lr=float(tc.lr), momentum=float(tc.momentum), weight_decay=float(tc.weight_decay)
     )
@@ -202,6 +226,9 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
     )
     if is_main:
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        genotype = getattr(acc.unwrap_model(model).head, "genotype", None)
+        if genotype is not None and hasattr(logger, "log_genotype"):
+            logger.log_genotype(genotype, tasks, step=0)
 
     step = 0
     ckpt = resolve_resume(tc.resume, run_dir)

@@ -1,4 +1,8 @@
-"""FCN heads: the single-task and multi-task baselines (``context=none``)."""
+"""FCN heads: the single-task and multi-task baselines (``context=none``).
+
+Module names follow the original implementation (``head.bottleneck.<task>``,
+``head.final_logits.<task>``), so its baseline checkpoints import without renaming.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +12,26 @@ from torch import nn
 from .layers import ConvBNReLU
 
 
-class FCNHead(nn.Module):
-    """ConvBNReLU 3×3 (C_in → C_in//4), then a 1×1 conv with bias to ``c_out`` channels."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.conv = ConvBNReLU(c_in, c_in // 4, kernel_size=3)
-        self.logits = nn.Conv2d(c_in // 4, c_out, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.conv(x))
-
-
 class MultiTaskFCNHead(nn.Module):
-    """One :class:`FCNHead` per task on the shared concatenated features.
+    """Per task: ``bottleneck`` ConvBNReLU 3×3 (C_in → C_in//4), then ``final_logits`` 1×1 conv with
+    bias to the task's output channels (init normal(0, 0.01), bias 0).
 
-    ``forward(x: B×C_in×h×w) -> {"final": {task: B×C_t×h×w}}`` (at feature resolution).
+    ``forward(x: B×C_in×h×w, image=None) -> {"final": {task: B×C_t×h×w}}`` (at feature resolution;
+    ``image`` is accepted for a uniform head interface and unused).
     """
 
     def __init__(self, c_in: int, out_channels: dict[str, int]):
         super().__init__()
-        self.heads = nn.ModuleDict({t: FCNHead(c_in, c) for t, c in out_channels.items()})
+        self.tasks = list(out_channels)
+        self.bottleneck = nn.ModuleDict({t: ConvBNReLU(c_in, c_in // 4, kernel_size=3) for t in self.tasks})
+        self.final_logits = nn.ModuleDict(
+            {t: nn.Conv2d(c_in // 4, c, 1, bias=True) for t, c in out_channels.items()}
+        )
+        for m in self.final_logits.values():
+            nn.init.normal_(m.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        return {"final": {t: head(x) for t, head in self.heads.items()}}
+    def forward(
+        self, x: torch.Tensor, image: torch.Tensor | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        return {"final": {t: self.final_logits[t](self.bottleneck[t](x)) for t in self.tasks}}

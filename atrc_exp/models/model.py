@@ -9,8 +9,10 @@ from torch import nn
 from ..config import RELATIONAL_CONTEXTS, ConfigError
 from ..tasks import task_info
 from .backbones import build_backbone
+from .genotype import load_genotype
 from .heads import MultiTaskFCNHead
 from .layers import concat_features, resize_to
+from .relational_head import RelationalContextHead, uniform_genotype
 
 
 class MultiTaskModel(nn.Module):
@@ -27,7 +29,7 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         features = concat_features(self.backbone(image))
-        out = self.head(features)
+        out = self.head(features, image=image)
         size = tuple(image.shape[-2:])
         return {kind: {t: resize_to(v, size) for t, v in preds.items()} for kind, preds in out.items()}
 
@@ -44,13 +46,34 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     c_in = sum(backbone.out_channels)
     num_classes = int(cfg.dataset.num_semseg_classes)
     out_ch = {t: task_info(t, num_classes).final_channels for t in tasks}
+    aux_ch = {t: task_info(t, num_classes).aux_channels for t in tasks}
     ctx = cfg.context.name
     if ctx == "none":
         head = MultiTaskFCNHead(c_in, out_ch)
-    elif ctx in RELATIONAL_CONTEXTS:
+    elif ctx in ("global", "local", "tlabel", "slabel", "atrc"):
+        if ctx == "atrc":
+            path = cfg.context.get("genotype")
+            if path in (None, "", "null"):
+                raise ConfigError(
+                    "context=atrc needs a genotype: pass context.genotype=<genotype.json> or a search "
+                    "run directory holding atrc_genotype.json (published ones are in genotypes/)"
+                )
+            genotype = load_genotype(path, tasks)
+        else:
+            genotype = uniform_genotype(tasks, ctx)
+        head = RelationalContextHead(
+            c_in,
+            tasks,
+            genotype,
+            out_ch,
+            aux_ch,
+            dropout=float(cfg.context.get("dropout", 0.05)),
+            kernel_size=int(cfg.context.get("kernel_size", 9)),
+        )
+    elif ctx in RELATIONAL_CONTEXTS:  # search
         raise ConfigError(
-            f"context={ctx} needs the relational-context head, which is not part of this build yet "
-            "(tracked in the relational-context issue); use context=none for the FCN baselines"
+            f"context={ctx}: the ATRC search head is not part of this build yet (search is a later "
+            "issue); use context=atrc context.genotype=<json> with a published genotype from genotypes/"
         )
     else:
         raise ConfigError(

@@ -1,0 +1,298 @@
+"""``atrc-eval``: evaluate a trained model on a split and write ``metrics.json``.
+
+    atrc-eval <run_dir>                          # newest checkpoint of the run, its val split
+    atrc-eval <run_dir>/checkpoints/step_N       # that checkpoint
+    atrc-eval <run_dir> --split train paths.data_dir=/data trainer.val_batch_size=4
+    atrc-eval original.ckpt --config <run_dir or config.yaml>   # weights of the original code
+    atrc-eval original.ckpt experiment=nyud_hrnet18_atrc context.genotype=g.json paths.data_dir=/data
+    atrc-eval <run_dir> --export-edges out/edges    # also the edge maps as SEISM-readable PNGs
+
+The model is rebuilt from the run's config (``<run>/.hydra/config.yaml``, else
+``config_resolved.yaml``); ``key=value`` overrides are applied to that config. For weights of the
+original implementation (a Lightning ``.ckpt`` or a plain state-dict file), the config comes from
+``--config`` or is composed from ``conf/`` with the overrides (Hydra syntax, groups allowed), and
+the weights are imported with ``atrc_exp.load_original_state_dict``.
+
+Evaluation runs in one process (CUDA when available, unless ``--cpu``), with the same metrics and
+post-processing as the validation in training, so a checkpoint's numbers reproduce the
+``metrics.json`` of the run that saved it. Output: ``<out>/metrics.json`` (default
+``<run>/eval/``) ``{"step", "metrics", "split", "checkpoint", "edge_eval"}`` and a table on screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("atrc_exp.eval")
+
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "pytorch_model.pt")
+
+
+class EvalError(Exception):
+    """A user-facing error (bad path, missing checkpoint, ...)."""
+
+
+# ------------------------------------------------------------------------------------------
+# locating runs, configs and checkpoints (shared with atrc-predict)
+# ------------------------------------------------------------------------------------------
+
+
+def _is_ckpt_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "meta.json").is_file()
+
+
+def resolve_target(target: str | Path) -> tuple[Path | None, Path | None, Path | None]:
+    """``(run_dir, checkpoint_dir, original_weights_file)`` for a run dir, a checkpoint dir or a file."""
+    from ..engine.checkpoint import list_checkpoints
+
+    p = Path(target).expanduser()
+    if not p.exists():
+        raise EvalError(f"{p}: no such run folder, checkpoint folder or weights file")
+    if p.is_file():
+        return None, None, p
+    if _is_ckpt_dir(p):
+        run = p.parent.parent if p.parent.name == "checkpoints" else None
+        return run, p, None
+    ckpts = list_checkpoints(p / "checkpoints")
+    if not ckpts:
+        raise EvalError(
+            f"{p}: no checkpoint in {p / 'checkpoints'} (expected step_N/ folders with meta.json)"
+        )
+    return p, ckpts[-1], None
+
+
+def load_run_config(run_dir: Path | None, overrides: list[str], config: str | None = None):
+    """The run's config with ``key=value`` overrides; composed from ``conf/`` when there is no run."""
+    from omegaconf import OmegaConf
+
+    from ..config import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    src = Path(config).expanduser() if config else run_dir
+    if src is not None:
+        if src.is_dir():
+            cands = [src / ".hydra" / "config.yaml", src / "config_resolved.yaml"]
+            path = next((c for c in cands if c.is_file()), None)
+            if path is None:
+                raise EvalError(f"{src}: no .hydra/config.yaml or config_resolved.yaml")
+        else:
+            path = src
+        cfg = OmegaConf.load(path)
+        bad = [o for o in overrides if "=" not in o or o.split("=", 1)[0].lstrip("+").find("/") >= 0]
+        if bad:
+            raise EvalError(f"overrides of a saved config must be key=value (no group changes): {bad}")
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        return cfg
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def load_weights(model, ckpt_dir: Path | None, weights_file: Path | None) -> int:
+    """Load our Accelerate checkpoint or original-implementation weights; returns the step (or -1)."""
+    import torch
+
+    if ckpt_dir is not None:
+        f = next((ckpt_dir / n for n in WEIGHT_FILES if (ckpt_dir / n).is_file()), None)
+        if f is None:
+            raise EvalError(f"{ckpt_dir}: no model weights ({' / '.join(WEIGHT_FILES)})")
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(f))
+        else:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True)
+        return int(json.loads((ckpt_dir / "meta.json").read_text()).get("step", -1))
+    try:
+        from .. import load_original_state_dict
+    except ImportError as e:
+        raise EvalError(
+            "importing original-implementation weights needs atrc_exp.load_original_state_dict, "
+            f"which this installation does not provide ({e})"
+        ) from e
+    try:
+        load_original_state_dict(model, weights_file)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise EvalError(f"{weights_file}: not loadable as original-implementation weights: {e}") from e
+    return -1
+
+
+def build_eval_model(args_target: str, overrides: list[str], config: str | None, cpu: bool = False):
+    """``(model in eval mode, cfg, run_dir, ckpt_dir, weights_file, step, device)``."""
+    import torch
+    from omegaconf import open_dict
+
+    from ..models import build_model
+
+    run_dir, ckpt_dir, wfile = resolve_target(args_target)
+    cfg = load_run_config(run_dir, overrides, config)
+    with open_dict(cfg):
+        if "backbone" in cfg and cfg.backbone.get("pretrained") not in (None, False):
+            cfg.backbone.pretrained = False  # the checkpoint has all weights: never fetch ImageNet ones
+    model = build_model(cfg)
+    step = load_weights(model, ckpt_dir, wfile)
+    want_cpu = cpu or bool(cfg.trainer.get("cpu", False))
+    device = torch.device("cuda" if torch.cuda.is_available() and not want_cpu else "cpu")
+    model.to(device).eval()
+    return model, cfg, run_dir, ckpt_dir, wfile, step, device
+
+
+# ------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    model, cfg, device, split: str | None = None, edge_workers: int | None = None, export_edges=None
+):
+    """Metrics of ``model`` over a split of the configured dataset (same metrics as training)."""
+    import torch
+    from omegaconf import OmegaConf, open_dict
+    from torch.utils.data import DataLoader
+
+    from ..data import build_datasets, prepare_data
+    from ..metrics import MultiTaskMetrics
+
+    if split:
+        with open_dict(cfg):
+            cfg.dataset.val_split = split
+    data_dir = prepare_data(cfg, progress=False)
+    _, val_ds = build_datasets(cfg, data_dir)
+    tasks = list(cfg.tasks.names)
+    workers = (
+        edge_workers
+        if edge_workers is not None
+        else OmegaConf.select(cfg, "trainer.edge_eval_workers", default=2)
+    )
+    metrics = MultiTaskMetrics(
+        tasks,
+        int(cfg.dataset.num_semseg_classes),
+        float(cfg.dataset.edge_pos_weight),
+        edge_max_dist=float(OmegaConf.select(cfg, "dataset.edge_max_dist", default=0.011)),
+        edge_eval_workers=int(workers),
+        edge_thresholds=OmegaConf.select(cfg, "trainer.edge_eval_thresholds", default=99),
+    )
+    loader = DataLoader(
+        val_ds,
+        batch_size=max(1, int(OmegaConf.select(cfg, "trainer.val_batch_size", default=1))),
+        shuffle=False,
+        num_workers=int(OmegaConf.select(cfg, "trainer.num_workers", default=0)),
+    )
+    mp = str(OmegaConf.select(cfg, "trainer.mixed_precision", default="no"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    t0 = time.perf_counter()
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    out = model(batch["image"])
+                metrics.update(out["final"], batch)
+                n += batch["image"].shape[0]
+                if export_edges is not None and "edge" in out["final"]:
+                    _export_edges(out["final"]["edge"], batch, export_edges)
+        t_model = time.perf_counter() - t0
+        results = metrics.compute()
+        timing = {"images": n, "seconds_total": time.perf_counter() - t0, "seconds_model_loop": t_model}
+        timing.update(metrics.timings())
+    finally:
+        metrics.close()
+    return results, timing
+
+
+def _export_edges(logits, batch, out_dir) -> None:
+    from ..evaluation.edge import save_seism_pngs
+
+    prob = logits.float().sigmoid().cpu().numpy()
+    names = batch["meta"]["name"] if "meta" in batch else [f"{i:06d}" for i in range(len(prob))]
+    targets = batch["edge"].cpu().numpy() if "edge" in batch else None
+    save_seism_pngs(prob, names, out_dir, targets=targets)
+
+
+def format_table(metrics: dict[str, float], title: str) -> str:
+    width = max([len(k) for k in metrics] + [6])
+    lines = [title, "-" * (width + 14)]
+    lines += [f"{k:<{width}}  {v:>12.4f}" for k, v in metrics.items()]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="atrc-eval",
+        description="Evaluate a checkpoint (ours, or original-implementation weights) on a split; write metrics.json.",
+    )
+    p.add_argument(
+        "target", help="run folder, checkpoint folder (checkpoints/step_N) or original weights file"
+    )
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. paths.data_dir=/data)")
+    p.add_argument(
+        "--split", default=None, help="split to evaluate (default: the config's dataset.val_split)"
+    )
+    p.add_argument("--out", default=None, help="output folder (default: <run>/eval, or ./eval)")
+    p.add_argument("--config", default=None, help="run folder or config YAML (for original weights)")
+    p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when CUDA is present")
+    p.add_argument(
+        "--edge-workers", type=int, default=None, help="edge odsF worker processes (default: config, 2)"
+    )
+    p.add_argument(
+        "--export-edges", default=None, help="also write edge maps as 8-bit PNGs for SEISM to this folder"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..engine.checkpoint import write_json_atomic
+
+    try:
+        model, cfg, run_dir, ckpt_dir, wfile, step, device = build_eval_model(
+            args.target, args.overrides, args.config, args.cpu
+        )
+        export = Path(args.export_edges) if args.export_edges else None
+        metrics, timing = evaluate(model, cfg, device, args.split, args.edge_workers, export)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else ((run_dir / "eval") if run_dir is not None else Path("eval"))
+    out.mkdir(parents=True, exist_ok=True)
+    split = args.split or str(cfg.dataset.val_split)
+    write_json_atomic(
+        out / "metrics.json",
+        {
+            "step": step,
+            "metrics": metrics,
+            "split": split,
+            "checkpoint": str(ckpt_dir or wfile),
+            "edge_eval": timing,
+        },
+    )
+    print(format_table(metrics, f"{split} metrics ({ckpt_dir or wfile}, step {step}, {device})"))
+    if timing.get("edge/images"):
+        print(
+            f"edge odsF evaluation: {timing['edge/images']:.0f} images, "
+            f"{timing['edge/work_seconds'] / timing['edge/images']:.2f} s/image, "
+            f"{timing['edge/workers']:.0f} workers; whole evaluation {timing['seconds_total']:.1f} s"
+        )
+    print(f"written: {out / 'metrics.json'}")
+    if export:
+        print(f"edge PNGs for SEISM: {export}")
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        log.warning("non-finite metrics: %s", bad)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

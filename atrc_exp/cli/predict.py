@@ -1,0 +1,155 @@
+"""``atrc-predict``: run a trained model on a folder of images of any size.
+
+    atrc-predict --run <run_dir | checkpoint_dir | original.ckpt> --images photos/ --out preds/
+    atrc-predict --run original.ckpt --config <run_dir or yaml> --images photos/ --out preds/
+
+Each image is normalised like the validation data (ImageNet statistics), padded at the bottom and
+right to a multiple of 32 (with 0 after normalisation, i.e. the mean colour — as validation pads
+to the crop size), run through the network, and every output is cropped back to the original
+size: no resizing, so the predictions are pixel-aligned with the input. Per image ``<stem>`` and
+task, in ``<out>/<stem>/``:
+
+* ``<task>.npy`` — the prediction in target units: ``semseg`` / ``human_parts`` class indices
+  (H×W int64), ``depth`` metres (H×W float32, clamped at 0), ``normals`` unit vectors (H×W×3),
+  ``sal`` / ``edge`` probabilities (H×W float32);
+* ``<task>.png`` — label maps as 8-bit PNGs (class indices); ``sal`` / ``edge`` as 8-bit
+  probability PNGs (``round(255·p)``, the format SEISM reads for edges);
+* ``<task>_color.png`` — a coloured rendering (VOC palette, viridis depth, normals as RGB,
+  grey-scale saliency and edges);
+* ``sheet.png`` — the image and all renderings side by side, titled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .eval import EvalError, build_eval_model
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+STRIDE = 32
+
+
+def list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise EvalError(f"{folder}: not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise EvalError(f"{folder}: no images ({', '.join(IMAGE_EXTS)})")
+    return files
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise EvalError(f"{path}: not a readable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def predict_image(model, rgb: np.ndarray, device) -> dict[str, np.ndarray]:
+    """Predictions of one H×W×3 uint8 RGB image, per task, cropped to H×W (see module doc)."""
+    import torch
+
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ..visualize import postprocess
+
+    h, w = rgb.shape[:2]
+    img = (rgb.astype(np.float32) - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(
+        IMAGENET_STD, np.float32
+    )
+    ph, pw = (-h) % STRIDE, (-w) % STRIDE
+    img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
+    x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None].to(device)
+    with torch.no_grad():
+        out = model(x)["final"]
+    preds = {}
+    for task, logits in out.items():
+        p = postprocess(task, logits[..., :h, :w])[0].cpu().numpy()
+        if task in ("semseg", "human_parts"):
+            preds[task] = p.astype(np.int64)
+        elif task == "normals":
+            preds[task] = p.transpose(1, 2, 0).astype(np.float32)
+        else:
+            preds[task] = p.reshape(h, w).astype(np.float32)
+    return preds
+
+
+def _title(img: np.ndarray, text: str) -> np.ndarray:
+    import cv2
+
+    bar = np.full((22, img.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, img], 0)
+
+
+def write_predictions(rgb: np.ndarray, preds: dict[str, np.ndarray], out_dir: Path) -> dict[str, Path]:
+    """Write the files listed in the module doc for one image; returns them by name."""
+    import cv2
+
+    from ..visualize import colorize
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    panels = [_title(rgb, "image")]
+    for task, p in preds.items():
+        np.save(out_dir / f"{task}.npy", p)
+        written[f"{task}.npy"] = out_dir / f"{task}.npy"
+        if task in ("semseg", "human_parts"):
+            png = np.clip(p, 0, 255).astype(np.uint8)
+        elif task in ("sal", "edge"):
+            png = np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
+        else:
+            png = None
+        if png is not None:
+            cv2.imwrite(str(out_dir / f"{task}.png"), png)
+            written[f"{task}.png"] = out_dir / f"{task}.png"
+        color = colorize(task, p.transpose(2, 0, 1) if task == "normals" else p)
+        cv2.imwrite(str(out_dir / f"{task}_color.png"), cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
+        written[f"{task}_color.png"] = out_dir / f"{task}_color.png"
+        panels.append(_title(color, task))
+    sheet = np.concatenate(panels, 1)
+    cv2.imwrite(str(out_dir / "sheet.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    written["sheet.png"] = out_dir / "sheet.png"
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="atrc-predict", description="Predict every task for a folder of images.")
+    p.add_argument("--run", required=True, help="run folder, checkpoint folder or original weights file")
+    p.add_argument("--images", required=True, help="folder of images (any size)")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per image)")
+    p.add_argument("--config", default=None, help="run folder or config YAML (for original weights)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is present")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        files = list_images(Path(args.images))
+        model, cfg, _, ckpt, wfile, step, device = build_eval_model(
+            args.run, args.overrides, args.config, args.cpu
+        )
+        out = Path(args.out)
+        for f in files:
+            rgb = read_rgb(f)
+            preds = predict_image(model, rgb, device)
+            write_predictions(rgb, preds, out / f.stem)
+            print(f"{f.name}: {rgb.shape[1]}x{rgb.shape[0]} -> {out / f.stem}")
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(files)} images, tasks {', '.join(cfg.tasks.names)} ({ckpt or wfile}, step {step}) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

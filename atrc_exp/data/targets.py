@@ -1,0 +1,123 @@
+"""Auxiliary classification targets of the regression tasks.
+
+* **Normals**: 40 centroids by k-means (:func:`scipy.cluster.vq.kmeans2`, k-means++ init, fixed
+  seed) over unit normals sampled from the training split, normalised to unit length. Computed once
+  per dataset and cached in the user's cache (:func:`cached_normal_centroids`); the aux target of a
+  pixel is the index of the nearest centroid (:func:`atrc_exp.losses.normals_to_centroid_index`).
+* **Depth**: 40 log bins between 0.7 m and 10 m (:func:`atrc_exp.losses.depth_to_bins`, re-exported
+  here; :func:`depth_bin_edges` gives the bin edges in metres).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from ..losses import depth_to_bins
+from ..tasks import IGNORE_INDEX, NUM_DEPTH_BINS, NUM_NORMAL_CENTROIDS
+
+__all__ = [
+    "cached_normal_centroids",
+    "compute_normal_centroids",
+    "depth_bin_edges",
+    "depth_to_bins",
+    "sample_normals",
+]
+
+_VERSION = 1
+
+
+def depth_bin_edges(num_bins: int = NUM_DEPTH_BINS, d_min: float = 0.7, d_max: float = 10.0) -> np.ndarray:
+    """The ``num_bins + 1`` edges (metres) of the log depth bins of :func:`depth_to_bins`:
+    bin ``b`` holds ``edges[b] <= d < edges[b + 1]`` (the first and last bins are open-ended)."""
+    return d_min * (d_max / d_min) ** (np.arange(num_bins + 1) / num_bins)
+
+
+def sample_normals(maps: Iterable[np.ndarray], per_image: int = 2000, seed: int = 0) -> np.ndarray:
+    """Up to ``per_image`` valid unit normals (N×3 float32) from each H×W×3 map; pixels of zero
+    norm or marked 255 are skipped."""
+    rng = np.random.default_rng(seed)
+    chunks = []
+    for n in maps:
+        v = np.asarray(n, np.float32).reshape(-1, 3)
+        norm = np.linalg.norm(v, axis=1)
+        ok = (norm > 1e-6) & ~(v == IGNORE_INDEX).any(1) & np.isfinite(norm)
+        v = v[ok] / norm[ok, None]
+        if len(v) > per_image:
+            v = v[rng.choice(len(v), per_image, replace=False)]
+        chunks.append(v)
+    return np.concatenate(chunks) if chunks else np.zeros((0, 3), np.float32)
+
+
+def compute_normal_centroids(normals: np.ndarray, k: int = NUM_NORMAL_CENTROIDS, seed: int = 0) -> np.ndarray:
+    """k-means (k-means++ init, 50 iterations, ``seed``) of unit normals (N×3) → k×3 unit centroids.
+
+    With fewer than ``k`` distinct samples the centroids are padded with unit vectors spread over
+    the sphere (a Fibonacci lattice) so that the result always has ``k`` rows.
+    """
+    from scipy.cluster.vq import kmeans2
+
+    x = np.asarray(normals, np.float64).reshape(-1, 3)
+    distinct = np.unique(np.round(x, 6), axis=0)
+    if len(distinct) >= k:
+        cent, _ = kmeans2(x, k, iter=50, minit="++", seed=np.random.default_rng(seed), missing="warn")
+    else:
+        i = np.arange(k) + 0.5
+        phi, theta = np.arccos(1 - 2 * i / k), np.pi * (1 + 5**0.5) * i
+        fib = np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], 1)
+        cent = np.concatenate([distinct, fib[: k - len(distinct)]])
+    norm = np.linalg.norm(cent, axis=1, keepdims=True)
+    cent = np.where(norm > 1e-8, cent / np.maximum(norm, 1e-12), np.array([0.0, 0.0, -1.0]))
+    return cent.astype(np.float32)
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def centroid_cache_key(**params) -> str:
+    """A stable key for a centroid computation (dataset identity + parameters)."""
+    blob = json.dumps({"version": _VERSION, **params}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cached_normal_centroids(
+    cache_root: str | Path,
+    key_params: dict,
+    load_maps: Callable[[], Iterable[np.ndarray]],
+    k: int = NUM_NORMAL_CENTROIDS,
+    per_image: int = 2000,
+    seed: int = 0,
+) -> np.ndarray:
+    """Centroids from ``cache_root/normal_centroids/<name>_<key>.npy``, computed (from the maps
+    ``load_maps()`` yields) and written atomically on the first call."""
+    key = centroid_cache_key(k=k, per_image=per_image, seed=seed, **key_params)
+    tag = str(key_params.get("name", "dataset")).replace("/", "_")
+    path = Path(cache_root) / "normal_centroids" / f"{tag}_{key}.npy"
+    if path.is_file():
+        try:
+            cent = np.load(path)
+            if cent.shape == (k, 3) and np.isfinite(cent).all():
+                return cent.astype(np.float32)
+        except (OSError, ValueError):
+            pass  # damaged: recompute
+    cent = compute_normal_centroids(sample_normals(load_maps(), per_image, seed), k, seed)
+    try:
+        _atomic_save_npy(path, cent)
+    except OSError:
+        pass  # read-only cache: recompute next time
+    return cent

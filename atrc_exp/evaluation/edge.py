@@ -1,0 +1,348 @@
+"""Edge F-measure (odsF / oisF) the BSDS / SEISM way, with pyEdgeEval's compiled kernels.
+
+Per image (:func:`evaluate_edge_image`), the steps of the BSDS500 ``boundaryBench`` / SEISM
+pipeline that ATRC's MATLAB evaluation ran on the PNGs it wrote:
+
+1. the edge probability is quantised to 8 bits (``round(255·p)``), as the PNG files SEISM reads;
+2. the map is cropped to the bounding box of the valid pixels (the validation padding is label
+   255), so the match tolerance is relative to the *original* image diagonal;
+3. non-maximum suppression (optional, on by default): pyEdgeEval's ``fast_nms`` — Dollár's
+   ``edgesNms``: triangle smoothing, orientation from the second derivatives of the smoothed map,
+   suppression across the edge direction (r=1, s=5, m=1.01);
+4. the remaining ignore pixels (255 inside the image) are set to 0 in prediction and ground truth;
+5. for every threshold t (default 99: 0.01, 0.02, …, 0.99, BSDS' ``nthresh=99``): the binary map
+   ``p >= t`` is thinned (``bwmorph(·, 'thin', Inf)``, pyEdgeEval's ``binary_thin``) and matched to
+   the ground truth with BSDS' ``correspondPixels`` (pyEdgeEval's compiled copy of it) with
+   tolerance ``max_dist × image diagonal``; this gives, per threshold, the counts
+   ``cntR`` (matched ground-truth pixels), ``sumR`` (ground-truth pixels), ``cntP`` (matched
+   predicted pixels), ``sumP`` (predicted pixels) — pyEdgeEval's
+   ``evaluate_boundaries_threshold``.
+
+Over a split (:func:`summarize`): the counts are summed over images; ``odsF`` = the best F over
+the thresholds of the summed counts, ``oisF`` = the F of the summed counts at each image's own best
+threshold (both ×100, as the papers print them). All quantities are sums, so they reduce across
+processes by addition.
+
+**Determinism.** BSDS' ``correspondPixels`` draws the sparse outlier connections of its
+assignment problem from a random generator seeded from the clock, so the same maps can give
+counts that differ by a few pixels from call to call (MATLAB's version too). We reseed that
+generator with a constant before every call (via the symbols the compiled extension exports), so
+results are reproducible and independent of which process evaluated which image. If the symbols
+can not be found (another pyEdgeEval build), a warning is logged and results may jitter slightly.
+
+This module imports only numpy at import time; pyEdgeEval is imported on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+DEFAULT_NUM_THRESHOLDS = 99
+#: Seed of BSDS' random outlier graph (any non-zero constant; 0 would mean "from the clock").
+MATCH_SEED = 0x5EED
+PYEDGEEVAL_PIN = "pyEdgeEval==0.2.8"
+#: Images (after cropping the padding) thinner than this are matched without NMS.
+MIN_NMS_SIDE = 3
+
+__all__ = [
+    "DEFAULT_NUM_THRESHOLDS",
+    "EdgeCounts",
+    "edge_thresholds",
+    "evaluate_edge_image",
+    "evaluate_edge_batch",
+    "summarize",
+    "save_seism_pngs",
+    "require_pyedgeeval",
+]
+
+
+def edge_thresholds(thresholds: int | Sequence[float] = DEFAULT_NUM_THRESHOLDS) -> np.ndarray:
+    """``n`` → BSDS' ``linspace(1/(n+1), 1-1/(n+1), n)`` (0.01 … 0.99 for 99); a sequence → itself."""
+    if isinstance(thresholds, (int, np.integer)):
+        n = int(thresholds)
+        if n < 1:
+            raise ValueError(f"need at least one edge threshold, got {n}")
+        return np.linspace(1.0 / (n + 1), 1.0 - 1.0 / (n + 1), n)
+    t = np.asarray(list(thresholds), dtype=np.float64).reshape(-1)
+    if t.size == 0 or np.any(np.diff(t) <= 0) or t[0] <= 0 or t[-1] > 1:
+        raise ValueError(f"edge thresholds must be increasing values in (0, 1], got {t.tolist()}")
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# pyEdgeEval access
+# --------------------------------------------------------------------------------------------
+
+_PEE: dict = {}
+
+
+def require_pyedgeeval() -> dict:
+    """Import pyEdgeEval's pieces once per process (its import prints a line: silenced)."""
+    if _PEE:
+        return _PEE
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            from pyEdgeEval._lib import correspond_pixels
+            from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
+            from pyEdgeEval.common.metrics import compute_rec_prec_f1
+            from pyEdgeEval.preprocess import binary_thin, fast_nms
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"edge odsF needs pyEdgeEval ({e}); install it with `pip install {PYEDGEEVAL_PIN}` "
+            "(a source package: it needs a C++ compiler, Cython and numpy at build time)"
+        ) from e
+    _PEE.update(
+        correspond_pixels=correspond_pixels,
+        evaluate_boundaries_threshold=evaluate_boundaries_threshold,
+        compute_rec_prec_f1=compute_rec_prec_f1,
+        binary_thin=binary_thin,
+        fast_nms=fast_nms,
+        reseed=_find_reseed(),
+    )
+    return _PEE
+
+
+def _find_reseed():
+    """A function reseeding BSDS' ``Random::rand`` inside the compiled matcher, or ``None``."""
+    import ctypes
+    import sys
+
+    mod = sys.modules.get("pyEdgeEval._lib.correspond_pixels")
+    try:
+        lib = ctypes.CDLL(mod.__file__)
+        addr = ctypes.addressof(ctypes.c_char.in_dll(lib, "_ZN6Random4randE"))
+        fn = lib._ZN6Random6reseedEm
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+        fn.restype = None
+    except (AttributeError, OSError, ValueError, TypeError) as e:
+        log.warning(
+            "could not reach the random generator of pyEdgeEval's correspondPixels (%s): "
+            "edge counts may differ by a few pixels between runs",
+            e,
+        )
+        return None
+
+    def reseed(seed: int = MATCH_SEED) -> None:
+        fn(addr, seed)
+
+    return reseed
+
+
+class _SeededCorrespond:
+    """``correspond_pixels`` with the BSDS random generator reseeded before every call."""
+
+    def __init__(self, pee: dict):
+        self.fn = pee["correspond_pixels"]
+        self.reseed = pee["reseed"]
+
+    def __call__(self, img0, img1, max_dist=0.0075, outlier_cost=100.0):
+        if self.reseed is not None:
+            self.reseed()
+        return self.fn(img0, img1, max_dist=max_dist, outlier_cost=outlier_cost)
+
+
+# --------------------------------------------------------------------------------------------
+# per image
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EdgeCounts:
+    """Per-threshold BSDS counts of one image (float64 arrays of length T) and the time it took."""
+
+    count_r: np.ndarray
+    sum_r: np.ndarray
+    count_p: np.ndarray
+    sum_p: np.ndarray
+    seconds: float = 0.0
+    evaluated: bool = True
+
+    def stack(self) -> np.ndarray:
+        return np.stack([self.count_r, self.sum_r, self.count_p, self.sum_p])
+
+    def best(self) -> np.ndarray:
+        """The four counts at this image's best-F threshold (for oisF; first maximum, as BSDS)."""
+        r = self.count_r / (self.sum_r + (self.sum_r == 0))
+        p = self.count_p / (self.sum_p + (self.sum_p == 0))
+        f = 2 * p * r / (p + r + ((p + r) == 0))
+        i = int(np.argmax(f))
+        return np.array([self.count_r[i], self.sum_r[i], self.count_p[i], self.sum_p[i]])
+
+
+def to_uint8_prob(prob: np.ndarray) -> np.ndarray:
+    """Probability map in [0, 1] → uint8 0..255 as written to a PNG (``round(255·p)``)."""
+    return np.round(np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _crop_to_valid(pred: np.ndarray, target: np.ndarray):
+    valid = target != IGNORE_INDEX
+    rows = np.flatnonzero(valid.any(axis=1))
+    cols = np.flatnonzero(valid.any(axis=0))
+    if rows.size == 0:
+        return None
+    sl = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    return pred[sl], target[sl], valid[sl]
+
+
+def evaluate_edge_image(
+    pred: np.ndarray,
+    target: np.ndarray,
+    max_dist: float,
+    thresholds: int | Sequence[float] = DEFAULT_NUM_THRESHOLDS,
+    nms: bool = True,
+    thin: bool = True,
+) -> EdgeCounts:
+    """BSDS counts per threshold of one image.
+
+    ``pred``: H×W edge probability — uint8 (0..255, as a PNG) or float in [0, 1] (quantised to
+    8 bits first). ``target``: H×W ground truth, 1 = edge, 0 = no edge, 255 = ignore (padding).
+    ``max_dist``: tolerance as a fraction of the image diagonal (0.011 NYUD, 0.0075 PASCAL).
+    An image without any valid pixel contributes nothing (``evaluated=False``, all zeros).
+    """
+    t0 = time.perf_counter()
+    pee = require_pyedgeeval()
+    th = edge_thresholds(thresholds)
+    pred = np.asarray(pred)
+    target = np.asarray(target)
+    if pred.ndim == 3:
+        pred = pred.reshape(pred.shape[-2:])
+    if target.ndim == 3:
+        target = target.reshape(target.shape[-2:])
+    if pred.shape != target.shape:
+        raise ValueError(f"edge prediction {pred.shape} and target {target.shape} differ in size")
+    if pred.dtype != np.uint8:
+        pred = to_uint8_prob(pred)
+    zeros = np.zeros(len(th))
+    cropped = _crop_to_valid(pred, target)
+    if cropped is None:
+        return EdgeCounts(zeros, zeros.copy(), zeros.copy(), zeros.copy(), time.perf_counter() - t0, False)
+    pred, target, valid = cropped
+    prob = pred.astype(np.float64) / 255.0
+    if nms and min(prob.shape) >= MIN_NMS_SIDE:  # NMS needs image gradients: skip on slivers
+        prob = pee["fast_nms"](prob, r=1, s=5, m=1.01)
+    prob = np.where(valid, prob, 0.0)
+    gt = valid & (target >= 0.5)
+    counts = _count_thresholds(pee, th, prob, gt, float(max_dist), thin)
+    return EdgeCounts(*counts, seconds=time.perf_counter() - t0)
+
+
+def _count_thresholds(pee, th, prob, gt, max_dist, thin):
+    """pyEdgeEval's ``evaluate_boundaries_threshold`` (its thinning and matching, seeded), with
+    the thresholds above the maximum of the map skipped: their counts are known exactly
+    (nothing predicted, nothing matched)."""
+    import pyEdgeEval.common.binary_label.evaluate_boundaries as eb
+
+    n = len(th)
+    count_r, sum_r, count_p, sum_p = (np.zeros(n) for _ in range(4))
+    active = th <= prob.max() if prob.size else np.zeros(n, bool)
+    if gt.any():
+        sum_r[~active] = gt.sum()
+    if active.any():
+        saved = eb.correspond_pixels
+        eb.correspond_pixels = _SeededCorrespond(pee)
+        try:
+            cr, sr, cp, sp = pee["evaluate_boundaries_threshold"](
+                th[active], prob, gt, max_dist=max_dist, apply_thinning=thin, apply_nms=False
+            )
+        finally:
+            eb.correspond_pixels = saved
+        count_r[active], sum_r[active], count_p[active], sum_p[active] = cr, sr, cp, sp
+    return count_r, sum_r, count_p, sum_p
+
+
+def evaluate_edge_batch(
+    items: Sequence[tuple[np.ndarray, np.ndarray]],
+    max_dist: float,
+    thresholds: int | Sequence[float] = DEFAULT_NUM_THRESHOLDS,
+    nms: bool = True,
+    thin: bool = True,
+) -> list[EdgeCounts]:
+    """:func:`evaluate_edge_image` over ``(pred, target)`` pairs (the unit of work of a worker)."""
+    return [evaluate_edge_image(p, t, max_dist, thresholds, nms, thin) for p, t in items]
+
+
+def _worker_init() -> None:
+    """Worker processes: one thread each (they run in parallel already) and pyEdgeEval loaded."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except Exception:  # pragma: no cover
+        pass
+    require_pyedgeeval()
+
+
+# --------------------------------------------------------------------------------------------
+# over a split
+# --------------------------------------------------------------------------------------------
+
+
+def summarize(per_threshold: np.ndarray, ois: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
+    """Split-level numbers from summed counts.
+
+    ``per_threshold``: 4×T (``count_r, sum_r, count_p, sum_p`` summed over images);
+    ``ois``: the 4 counts summed over images at each image's best threshold.
+    Returns ``odsF``, ``oisF`` (percent), ``ods_threshold``, ``precision``/``recall``/``f`` per
+    threshold (fractions) — precision, recall and F as pyEdgeEval/BSDS define them
+    (a 0/0 ratio counts as 0).
+    """
+    cr, sr, cp, sp = (np.asarray(x, dtype=np.float64) for x in per_threshold)
+    rec = cr / (sr + (sr == 0))
+    prec = cp / (sp + (sp == 0))
+    f = 2 * prec * rec / (prec + rec + ((prec + rec) == 0))
+    i = int(np.argmax(f))
+    ocr, osr, ocp, osp = (float(x) for x in ois)
+    orec = ocr / (osr + (osr == 0))
+    oprec = ocp / (osp + (osp == 0))
+    of = 2 * oprec * orec / (oprec + orec + ((oprec + orec) == 0))
+    out = {
+        "odsF": 100.0 * float(f[i]),
+        "oisF": 100.0 * float(of),
+        "ods_index": i,
+        "precision": prec,
+        "recall": rec,
+        "f": f,
+    }
+    if thresholds is not None:
+        out["ods_threshold"] = float(np.asarray(thresholds)[i])
+    return out
+
+
+def save_seism_pngs(
+    probs: Sequence[np.ndarray], names: Sequence[str], out_dir: str | Path, targets=None
+) -> list[Path]:
+    """Write edge probabilities as 8-bit PNGs ``<out_dir>/<name>.png`` (``round(255·p)``), the
+    files SEISM's ``read_one_png`` reads (image id = file stem). With ``targets``, the padding
+    (255 in the target) is cropped away first so every PNG has the original image size."""
+    import cv2
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (prob, name) in enumerate(zip(probs, names)):
+        prob = np.asarray(prob)
+        prob = prob.reshape(prob.shape[-2:])
+        u8 = prob if prob.dtype == np.uint8 else to_uint8_prob(prob)
+        if targets is not None:
+            tgt = np.asarray(targets[i]).reshape(prob.shape[-2:])
+            cropped = _crop_to_valid(u8, tgt)
+            if cropped is not None:
+                u8 = cropped[0]
+        path = out / f"{name}.png"
+        cv2.imwrite(str(path), u8)
+        paths.append(path)
+    return paths

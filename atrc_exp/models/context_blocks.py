@@ -1,0 +1,238 @@
+"""ATRC's context-propagation (CP) blocks: global, local, t-label and s-label context.
+
+Every block maps ``(features_t, features_s)`` (both B×C×h×w, C = the head's bottleneck width) to
+B×d×h×w with d = C // 2 (``out_channels``). All four share one call signature,
+
+    block(target_feats, source_feats, target_prob=None, source_prob=None) -> B×d×h×w
+
+where ``target_prob`` / ``source_prob`` are the spatially normalised auxiliary predictions of the
+target / source task (B×K×hw, see :func:`spatial_softmax`); only the label blocks read them. This
+lets a search block hold all ops in ``op_list.<i>`` and call them alike.
+
+Module names and parameter order follow the original implementation (``query_project``,
+``key_project``, ``value_project``; each a :class:`ConvBNReLU` = ``Sequential(conv, bn[, relu])``),
+so the state-dict keys are the original's:
+``query_project.0.0.weight`` (first conv of the query), ``value_project.1.running_mean``, ...
+
+``last_affine=False`` makes the value projection's BatchNorm non-affine (used by the search head).
+Conv weights are Xavier-uniform initialised (biases, if any, zero).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ConvBNReLU
+
+__all__ = [
+    "CONTEXT_CODES",
+    "CONTEXT_NAMES",
+    "GlobalContextBlock",
+    "LabelContextBlock",
+    "LocalContextBlock",
+    "SLabelContextBlock",
+    "TLabelContextBlock",
+    "make_cp_block",
+    "spatial_softmax",
+]
+
+#: Genotype encoding: index → context name (0 = no connection).
+CONTEXT_NAMES: tuple[str, ...] = ("none", "global", "local", "tlabel", "slabel")
+#: Context name → genotype code.
+CONTEXT_CODES: dict[str, int] = {n: i for i, n in enumerate(CONTEXT_NAMES)}
+
+IGNORE_VALUE = 255
+
+
+def _init_cp_block(block: nn.Module) -> None:
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class _CPBlock(nn.Module):
+    """Shared plumbing; subclasses build ``query_project``, ``key_project``, ``value_project``."""
+
+    #: which auxiliary prediction the block needs: None, "target" or "source"
+    needs_prob: str | None = None
+
+    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.last_affine = last_affine
+
+    def _value(self, c_in: int) -> ConvBNReLU:
+        return ConvBNReLU(c_in, self.out_channels, 1, relu=True, affine=self.last_affine)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, last_affine={self.last_affine}"
+
+
+class GlobalContextBlock(_CPBlock):
+    """Global context: linear (kernelised) attention over all pixels of the source.
+
+    query = [ConvBNReLU 1×1, ConvBN 1×1, Softplus](target); key = the same on the source;
+    value = ConvBNReLU 1×1 (source). With K, V, Q flattened to B×d×N:
+    S = V·Kᵀ (B×d×d), Z = Σ_N K (B×d), out = S·Q / max(Zᵀ·Q, 1e-12).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True):
+        super().__init__(in_channels, out_channels, last_affine)
+        d = out_channels
+        self.query_project = nn.Sequential(
+            ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1, relu=False), nn.Softplus()
+        )
+        self.key_project = nn.Sequential(
+            ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1, relu=False), nn.Softplus()
+        )
+        self.value_project = self._value(in_channels)
+        _init_cp_block(self)
+
+    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
+        B, _, H, W = target_feats.shape
+        key = self.key_project(source_feats).flatten(2)  # B×d×N
+        value = self.value_project(source_feats).flatten(2)  # B×d×N
+        query = self.query_project(target_feats).flatten(2)  # B×d×N
+        s = torch.matmul(value, key.transpose(1, 2))  # B×d×d
+        z = key.sum(dim=2, keepdim=True).transpose(1, 2)  # B×1×d
+        denom = torch.matmul(z, query).clamp_min(1e-12)  # B×1×N
+        out = torch.matmul(s, query) / denom  # B×d×N
+        return out.view(B, self.out_channels, H, W)
+
+
+class LocalContextBlock(_CPBlock):
+    """Local context: softmax attention over the ``kernel_size``² window around each pixel.
+
+    query = [ConvBNReLU, ConvBNReLU] 1×1 (target); key = the same (source); value = ConvBNReLU 1×1
+    (source). Scores are ⟨q, k⟩/√d; window positions outside the image are zero keys and values
+    that score 0 and stay in the softmax (the original's border semantics; see
+    :func:`atrc_exp.ops.local_attention`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, kernel_size: int = 9):
+        super().__init__(in_channels, out_channels, last_affine)
+        d = out_channels
+        self.kernel_size = int(kernel_size)
+        self.query_project = nn.Sequential(ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1))
+        self.key_project = nn.Sequential(ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1))
+        self.value_project = self._value(in_channels)
+        _init_cp_block(self)
+
+    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
+        from ..ops import local_attention
+
+        query = self.query_project(target_feats)
+        key = self.key_project(source_feats)
+        value = self.value_project(source_feats)
+        if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+            # the CPU kernels are float32/float64 only (CPU autocast hands us bf16)
+            query, key, value = query.float(), key.float(), value.float()
+        return local_attention(query.contiguous(), key.contiguous(), value.contiguous(), self.kernel_size)
+
+
+class LabelContextBlock(_CPBlock):
+    """Label context (OCR-style): attention over K class-conditional summaries of the source.
+
+    P (B×K×N): spatial softmax of the auxiliary logits of the target (``context_type="tlabel"``)
+    or the source (``"slabel"``). Context = P·F_sᵀ laid out as B×C×K×1; key = [ConvBNReLU,
+    ConvBNReLU] 1×1 and value = ConvBNReLU 1×1 on the context; query = [ConvBNReLU, ConvBNReLU]
+    1×1 on the target; out = softmax_K(QᵀK/√d)·V.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, last_affine: bool = True, context_type: str = "tlabel"
+    ):
+        super().__init__(in_channels, out_channels, last_affine)
+        if context_type not in ("tlabel", "slabel"):
+            raise ValueError(f"context_type must be 'tlabel' or 'slabel', got {context_type!r}")
+        self.context_type = context_type
+        self.needs_prob = "target" if context_type == "tlabel" else "source"
+        d = out_channels
+        self.query_project = nn.Sequential(ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1))
+        self.key_project = nn.Sequential(ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1))
+        self.value_project = self._value(in_channels)
+        _init_cp_block(self)
+
+    @staticmethod
+    def gather_context(feats: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """``probs`` B×K×N (spatially normalised), ``feats`` B×C×h×w → context B×C×K×1."""
+        B, C = feats.shape[:2]
+        f = feats.reshape(B, C, -1).transpose(1, 2)  # B×N×C
+        return torch.matmul(probs, f).transpose(1, 2).unsqueeze(3)  # B×C×K×1
+
+    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
+        probs = target_prob if self.context_type == "tlabel" else source_prob
+        if probs is None:
+            who = "target" if self.context_type == "tlabel" else "source"
+            raise ValueError(f"{self.context_type} context needs the {who} task's auxiliary prediction")
+        B, _, H, W = target_feats.shape
+        if probs.dim() == 4:
+            probs = probs.flatten(2)
+        context = self.gather_context(source_feats, probs)
+        key = self.key_project(context).flatten(2)  # B×d×K
+        value = self.value_project(context).flatten(2).transpose(1, 2)  # B×K×d
+        query = self.query_project(target_feats).flatten(2).transpose(1, 2)  # B×N×d
+        sim = torch.matmul(query, key) / self.out_channels**0.5  # B×N×K
+        sim = sim.softmax(dim=-1)
+        out = torch.matmul(sim, value).transpose(1, 2)  # B×d×N
+        return out.reshape(B, self.out_channels, H, W)
+
+
+class TLabelContextBlock(LabelContextBlock):
+    """Label context from the target task's auxiliary prediction."""
+
+    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True):
+        super().__init__(in_channels, out_channels, last_affine, context_type="tlabel")
+
+
+class SLabelContextBlock(LabelContextBlock):
+    """Label context from the source task's auxiliary prediction."""
+
+    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True):
+        super().__init__(in_channels, out_channels, last_affine, context_type="slabel")
+
+
+_BLOCKS: dict[int, type[_CPBlock]] = {
+    1: GlobalContextBlock,
+    2: LocalContextBlock,
+    3: TLabelContextBlock,
+    4: SLabelContextBlock,
+}
+
+
+def make_cp_block(
+    context: int | str, in_channels: int, out_channels: int, last_affine: bool = True, kernel_size: int = 9
+) -> nn.Module:
+    """Build the CP block of genotype code (1–4) or context name (``global``, ``local``, ``tlabel``,
+    ``slabel``)."""
+    code = CONTEXT_CODES.get(context) if isinstance(context, str) else context
+    if code not in _BLOCKS:
+        raise ValueError(f"no CP block for context {context!r}; choose 1-4 or {CONTEXT_NAMES[1:]}")
+    if code == 2:
+        return LocalContextBlock(in_channels, out_channels, last_affine, kernel_size=kernel_size)
+    return _BLOCKS[code](in_channels, out_channels, last_affine)
+
+
+def spatial_softmax(
+    logits: torch.Tensor, image: torch.Tensor | None = None, ignore_value: float = IGNORE_VALUE
+) -> torch.Tensor:
+    """Per-class softmax over spatial positions of aux ``logits`` (B×K×h×w) → B×K×(h·w).
+
+    Pixels where the input ``image`` (B×3×H×W, nearest-resized to h×w) equals ``ignore_value`` in any
+    channel do not take part; an image whose pixels are all excluded gives zeros (not NaN, and
+    finite gradients).
+    """
+    B, K, h, w = logits.shape
+    x = logits.reshape(B, K, h * w)
+    if image is None:
+        return F.softmax(x, dim=2)
+    img = image if tuple(image.shape[-2:]) == (h, w) else F.interpolate(image, size=(h, w), mode="nearest")
+    mask = (img == ignore_value).any(dim=1).reshape(B, 1, h * w)  # B×1×N
+    empty = mask.all(dim=2, keepdim=True)  # B×1×1
+    x = x.masked_fill(mask, float("-inf")).masked_fill(empty, 0.0)
+    return F.softmax(x, dim=2).masked_fill(empty, 0.0)

@@ -1,0 +1,182 @@
+"""The relational-context head of ATRC (distillation network with a fixed genotype).
+
+Layout (C_in = concatenated backbone channels, C = C_in // 4, d = C // 2), module names = the
+original's state-dict keys under ``head.``:
+
+* ``bottleneck.<t>``: ConvBNReLU 3×3 C_in → C per task;
+* ``aux_conv.<t>`` (ConvBNReLU 1×1 C_in → C_in) and ``aux_logits.<t>`` (1×1 conv with bias) on the
+  *detached* backbone features, only for tasks whose auxiliary prediction a label block reads
+  (t if some context(t, ·) is t-label, s if some context(·, s) is s-label; every task in search);
+* ``atrc_module``: :class:`ATRCModule` (``cp_blocks.<t>.<s>``, ``out_proj.<t>``, ``bottleneck.<t>``);
+* ``final_logits.<t>``: 1×1 conv with bias to the task's output channels.
+
+``forward(x, image=None) -> {"final": {t: ...}, "aux": {t: ...}}`` at feature resolution (the model
+upsamples to the input size); ``aux`` only when there are aux heads. ``image`` (the network input)
+marks pixels equal to 255 that the label context ignores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .context_blocks import CONTEXT_CODES, make_cp_block, spatial_softmax
+from .layers import ConvBNReLU
+
+__all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "uniform_genotype"]
+
+Genotype = Mapping[str, Mapping[str, int]]
+
+
+def uniform_genotype(tasks: Sequence[str], context: str | int) -> dict[str, dict[str, int]]:
+    """Every (target, source) pair, including t = s, uses ``context``."""
+    code = CONTEXT_CODES[context] if isinstance(context, str) else int(context)
+    return {t: {s: code for s in tasks} for t in tasks}
+
+
+def aux_tasks_of(genotype: Genotype, tasks: Sequence[str]) -> list[str]:
+    """Tasks that need an auxiliary head: t if some context(t, ·) is t-label (3), s if some
+    context(·, s) is s-label (4); in ``tasks`` order."""
+    need = set()
+    for t in tasks:
+        for s in tasks:
+            code = int(genotype[t][s])
+            if code == 3:
+                need.add(t)
+            elif code == 4:
+                need.add(s)
+    return [t for t in tasks if t in need]
+
+
+class ATRCModule(nn.Module):
+    """CP blocks per (target, source) with context ≠ none → concat → ``out_proj`` (ConvBN 1×1, BN
+    weight and bias zero at init) → concat [features_t, projection] → ``bottleneck`` ConvBNReLU 1×1
+    (2C → C) → Dropout2d. A target without sources: ConvBNReLU 1×1 (C → C) → Dropout2d."""
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        genotype: Genotype,
+        channels: int,
+        inter_channels: int | None = None,
+        dropout: float = 0.05,
+        kernel_size: int = 9,
+        zero_init: bool = True,
+    ):
+        super().__init__()
+        self.tasks = list(tasks)
+        inter = channels // 2 if inter_channels is None else inter_channels
+        self.cp_blocks = nn.ModuleDict()
+        for t in self.tasks:
+            row = nn.ModuleDict()
+            for s in self.tasks:
+                code = int(genotype[t][s])
+                if code != 0:
+                    row[s] = make_cp_block(code, channels, inter, kernel_size=kernel_size)
+            self.cp_blocks[t] = row
+        self.out_proj = nn.ModuleDict()
+        self.bottleneck = nn.ModuleDict()
+        for t in self.tasks:
+            n = len(self.cp_blocks[t])
+            if n > 0:
+                proj = ConvBNReLU(inter * n, channels, 1, relu=False)
+                if zero_init:
+                    nn.init.zeros_(proj[1].weight)
+                    nn.init.zeros_(proj[1].bias)
+                self.out_proj[t] = proj
+                self.bottleneck[t] = ConvBNReLU(2 * channels, channels, 1)
+            else:
+                self.bottleneck[t] = ConvBNReLU(channels, channels, 1)
+        self.dropout = nn.Dropout2d(dropout)
+
+    def forward(
+        self, feats: Mapping[str, torch.Tensor], probs: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        probs = probs or {}
+        out = {}
+        for t in self.tasks:
+            blocks = self.cp_blocks[t]
+            if len(blocks) == 0:
+                out[t] = self.dropout(self.bottleneck[t](feats[t]))
+                continue
+            ctx = [
+                blk(feats[t], feats[s], target_prob=probs.get(t), source_prob=probs.get(s))
+                for s, blk in blocks.items()
+            ]
+            distilled = self.out_proj[t](torch.cat(ctx, dim=1))
+            out[t] = self.dropout(self.bottleneck[t](torch.cat([feats[t], distilled], dim=1)))
+        return out
+
+
+class RelationalContextHead(nn.Module):
+    """ATRC's relational-context head for a fixed ``genotype`` ({target: {source: 0..4}}).
+
+    Args:
+        in_channels: C_in, channels of the concatenated backbone features.
+        tasks: task names (order of the outputs and of the sources within each target).
+        genotype: context code of every (target, source) pair (0 none, 1 global, 2 local,
+            3 t-label, 4 s-label).
+        out_channels: final output channels per task.
+        aux_channels: aux output channels per task (needed for tasks with an aux head).
+        dropout: Dropout2d rate after the ATRC bottleneck.
+        kernel_size: window of the local context.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        tasks: Sequence[str],
+        genotype: Genotype,
+        out_channels: Mapping[str, int],
+        aux_channels: Mapping[str, int],
+        dropout: float = 0.05,
+        kernel_size: int = 9,
+    ):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.genotype = {t: {s: int(genotype[t][s]) for s in self.tasks} for t in self.tasks}
+        self.aux_tasks = aux_tasks_of(self.genotype, self.tasks)
+        c = in_channels // 4
+        self.in_channels = in_channels
+        self.channels = c
+        self.bottleneck = nn.ModuleDict({t: ConvBNReLU(in_channels, c, 3) for t in self.tasks})
+        if self.aux_tasks:
+            self.aux_conv = nn.ModuleDict(
+                {t: ConvBNReLU(in_channels, in_channels, 1) for t in self.aux_tasks}
+            )
+            self.aux_logits = nn.ModuleDict(
+                {t: nn.Conv2d(in_channels, aux_channels[t], 1, bias=True) for t in self.aux_tasks}
+            )
+        self.atrc_module = ATRCModule(self.tasks, self.genotype, c, c // 2, dropout, kernel_size)
+        self.final_logits = nn.ModuleDict(
+            {t: nn.Conv2d(c, out_channels[t], 1, bias=True) for t in self.tasks}
+        )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Every conv whose name contains ``logits``: normal(0, 0.01), bias 0 (CP blocks initialise
+        themselves Xavier-uniform; ``out_proj`` BN starts at zero)."""
+        for name, m in self.named_modules():
+            if "logits" in name and isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, mean=0.0, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(
+        self, x: torch.Tensor, image: torch.Tensor | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        feats = {t: self.bottleneck[t](x) for t in self.tasks}
+        aux: dict[str, torch.Tensor] = {}
+        probs: dict[str, torch.Tensor] = {}
+        if self.aux_tasks:
+            xd = x.detach()
+            for t in self.aux_tasks:
+                aux[t] = self.aux_logits[t](self.aux_conv[t](xd))
+                probs[t] = spatial_softmax(aux[t], image)
+        out = self.atrc_module(feats, probs)
+        result = {"final": {t: self.final_logits[t](out[t]) for t in self.tasks}}
+        if aux:
+            result["aux"] = aux
+        return result

@@ -1,0 +1,249 @@
+"""JIT builder for the local-attention kernels in ``kernels/`` (stylegan3 ``custom_ops`` style).
+
+* Sources are compiled with :func:`torch.utils.cpp_extension.load` on first use.
+* The build directory is keyed by a hash of the source files, the compile flags, the torch,
+  Python and CUDA versions and the machine (architecture and CPU model/flags, because the CPU
+  kernel is built with ``-march=native``): ``<root>/atrc_exp/<name>-<hash16>`` where ``<root>`` is
+  ``$TORCH_EXTENSIONS_DIR`` or torch's default (``~/.cache/torch_extensions``). Nothing is ever
+  written into the source tree. A second process (or a second run) finds the built ``.so`` and
+  only imports it.
+* A :mod:`filelock` lock next to the build directory makes concurrent processes (DDP ranks,
+  Hydra multirun jobs) build once: the first builds, the others wait and then import.
+* CUDA is built only when ``torch.cuda.is_available()`` and an ``nvcc`` exist. When
+  ``CUDA_HOME`` is unset we locate the real toolkit behind ``nvcc`` on PATH (which may be a
+  wrapper script that ``exec``s the real binary) instead of torch's guess.
+
+A failed build raises :class:`ExtensionBuildError` (cached, so we do not retry on every call).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ExtensionBuildError",
+    "KERNELS_DIR",
+    "build_root",
+    "find_cuda_home",
+    "get_extension",
+    "cuda_build_possible",
+]
+
+KERNELS_DIR = Path(os.environ.get("ATRC_KERNELS_DIR", Path(__file__).resolve().parents[2] / "kernels"))
+
+_SOURCES = {
+    "cpp": ["local_attention_cpu.cpp"],
+    "cuda": ["local_attention_cuda.cpp", "local_attention_cuda.cu"],
+}
+_CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
+_LDFLAGS = ["-fopenmp"]
+_CUDA_FLAGS = [
+    "-O3",
+    "--use_fast_math",
+    "-U__CUDA_NO_HALF_OPERATORS__",
+    "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+]
+
+
+class ExtensionBuildError(RuntimeError):
+    """The extension could not be compiled or imported."""
+
+
+_lock = threading.Lock()
+_cache: dict[str, object] = {}  # kind -> module or ExtensionBuildError
+
+
+def build_root() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        root = torch.utils.cpp_extension.get_default_build_root()
+    return Path(root) / "atrc_exp"
+
+
+def _cpu_identity() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+        flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+        return (model.group(1) if model else "") + "|" + (flags.group(1) if flags else "")
+    except OSError:
+        return platform.processor()
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root: ``$CUDA_HOME``/``$CUDA_PATH``, else the real toolkit behind
+    ``nvcc`` on PATH (following symlinks and ``exec`` wrapper scripts)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    seen = set()
+    while nvcc and nvcc not in seen:
+        seen.add(nvcc)
+        nvcc = os.path.realpath(nvcc)
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+        except OSError:
+            return None
+        if head.startswith(b"\x7fELF"):
+            return str(Path(nvcc).parent.parent)
+        # a shell wrapper: follow the first absolute path to an nvcc it execs
+        m = re.search(rb"(/\S*/nvcc)\b", head)
+        nvcc = m.group(1).decode() if m else None
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default.parent.parent) if default.exists() else None
+
+
+def cuda_build_possible() -> bool:
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return False
+    home = find_cuda_home()
+    return bool(home) and (Path(home) / "bin" / "nvcc").exists()
+
+
+def _source_paths(kind: str) -> list[Path]:
+    return [KERNELS_DIR / s for s in _SOURCES[kind]]
+
+
+def _build_key(kind: str) -> str:
+    h = hashlib.sha256()
+    for p in _source_paths(kind):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(repr((_CFLAGS, _LDFLAGS, _CUDA_FLAGS)).encode())
+    h.update(torch.__version__.encode())
+    h.update(f"{sys.version_info[:2]}|{platform.machine()}|{platform.system()}".encode())
+    h.update(_cpu_identity().encode())
+    if kind == "cuda":
+        h.update(str(torch.version.cuda).encode())
+        h.update(str(find_cuda_home()).encode())
+        h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                h.update(str(torch.cuda.get_device_capability(i)).encode())
+    return h.hexdigest()[:16]
+
+
+def _build(kind: str, verbose: bool = False):
+    """Compile (or just import, when already built) the extension of ``kind`` (``cpp``/``cuda``)."""
+    import filelock
+    from torch.utils import cpp_extension
+
+    sources = _source_paths(kind)
+    missing = [str(p) for p in sources if not p.exists()]
+    if missing:
+        raise ExtensionBuildError(f"local_attention {kind} sources not found: {missing}")
+    if kind == "cuda":
+        if not cuda_build_possible():
+            raise ExtensionBuildError("CUDA extension needs torch.cuda.is_available() and nvcc")
+        home = find_cuda_home()
+        os.environ.setdefault("CUDA_HOME", home)
+        cpp_extension.CUDA_HOME = home  # torch guessed it at import time (wrongly for wrappers)
+    elif shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise ExtensionBuildError("no C++ compiler found (set $CXX or install g++)")
+    key = _build_key(kind)
+    name = f"atrc_local_attention_{kind}_{key}"
+    build_dir = build_root() / f"local_attention_{kind}-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(
+        name=name,
+        sources=[str(p) for p in sources],
+        build_directory=str(build_dir),
+        extra_cflags=list(_CFLAGS) if kind == "cpp" else ["-O3"],
+        extra_ldflags=list(_LDFLAGS) if kind == "cpp" else [],
+        verbose=verbose,
+    )
+    if kind == "cuda":
+        kwargs["extra_cuda_cflags"] = list(_CUDA_FLAGS)
+    try:
+        with filelock.FileLock(str(build_dir) + ".lock"):
+            return cpp_extension.load(**kwargs)
+    except Exception as e:  # compiler missing, compile error, import error
+        raise ExtensionBuildError(f"building the local_attention {kind} extension failed: {e}") from e
+
+
+def get_extension(kind: str, verbose: bool = False):
+    """The built module for ``kind`` (``"cpp"`` or ``"cuda"``); raises
+    :class:`ExtensionBuildError` (and remembers the failure) when it cannot be built."""
+    with _lock:
+        got = _cache.get(kind)
+        if got is None:
+            try:
+                got = _build(kind, verbose=verbose)
+            except ExtensionBuildError as e:
+                got = e
+            except Exception as e:  # noqa: BLE001 - any failure means "not available"
+                got = ExtensionBuildError(f"building the local_attention {kind} extension failed: {e}")
+            _cache[kind] = got
+    if isinstance(got, ExtensionBuildError):
+        raise got
+    return got
+
+
+def reset_cache() -> None:
+    """Forget built/failed extensions (tests)."""
+    with _lock:
+        _cache.clear()
+
+
+def _compile_check_cuda(out_dir: str | None = None, quick: bool = True) -> subprocess.CompletedProcess:
+    """Compile ``local_attention_cuda.cu`` to an object file with the real nvcc (no GPU needed);
+    used by the tests to keep the CUDA sources compiling on CPU-only machines. ``quick``
+    instantiates only float32 + bfloat16 and k in {9, generic} (``LA_QUICK_COMPILE_CHECK``), with
+    ptxas -O0: the full build (4 dtypes x 6 window sizes) takes minutes."""
+    import sysconfig
+    import tempfile
+
+    from torch.utils import cpp_extension
+
+    home = find_cuda_home()
+    if home is None:
+        raise ExtensionBuildError("nvcc not found")
+    nvcc = str(Path(home) / "bin" / "nvcc")
+    cpp_extension.CUDA_HOME = home
+    out_dir = out_dir or tempfile.mkdtemp(prefix="atrc_nvcc_")
+    h = hashlib.sha256((KERNELS_DIR / "local_attention_cuda.cu").read_bytes())
+    h.update(f"{quick}|{torch.__version__}|{home}|{_CUDA_FLAGS}".encode())
+    stamp = build_root() / f"local_attention_cuda_check-{h.hexdigest()[:16]}.ok"
+    if stamp.exists():  # these exact sources already compiled with this toolkit and torch
+        return subprocess.CompletedProcess(["cached", str(stamp)], 0, "", "")
+    incs = (
+        cpp_extension.include_paths(device_type="cuda")
+        if _accepts_device_type()
+        else cpp_extension.include_paths(cuda=True)
+    )
+    cmd = [nvcc, "-c", str(KERNELS_DIR / "local_attention_cuda.cu"), "-o", str(Path(out_dir) / "la.o")]
+    cmd += ["-arch=sm_90", "-std=c++20", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC"]
+    cmd += ["-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI))]
+    cmd += ["-DTORCH_EXTENSION_NAME=atrc_la_check", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    cmd += _CUDA_FLAGS[2:]
+    cmd += [f"-I{p}" for p in incs] + [f"-I{sysconfig.get_paths()['include']}"]
+    cmd += [f"-I{Path(home) / 'include'}"]
+    if quick:
+        cmd += ["-DLA_QUICK_COMPILE_CHECK", "-Xptxas", "-O0"]
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode == 0:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(" ".join(cmd))
+    return res
+
+
+def _accepts_device_type() -> bool:
+    import inspect
+
+    from torch.utils import cpp_extension
+
+    return "device_type" in inspect.signature(cpp_extension.include_paths).parameters

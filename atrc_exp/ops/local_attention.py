@@ -1,0 +1,236 @@
+"""``local_attention(query, key, value, kernel_size=9)``: ATRC's local context op.
+
+Public entry point plus backend dispatch. The computation is registered as the
+``torch.library`` custom ops ``atrc_exp::local_attention_fwd`` (returns the output and the
+per-pixel log-sum-exp of the scores) and ``atrc_exp::local_attention_bwd`` with fake (meta)
+implementations and autograd, so ``torch.compile`` traces through without graph breaks.
+
+Backends (``set_backend`` / ``ops.local_attention.backend`` in the Hydra config):
+
+* ``auto`` (default): the CUDA kernel for CUDA tensors, the C++/OpenMP kernel for CPU tensors,
+  JIT-built on first use; when the build is impossible (no compiler, no nvcc) it falls back to
+  the PyTorch reference with a one-time warning.
+* ``cuda`` / ``cpp``: that kernel or an error (never a silent fallback).
+* ``torch``: the pure-PyTorch reference (:mod:`atrc_exp.ops.reference`).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+
+from . import build
+from .reference import reference_backward, reference_forward
+
+__all__ = ["local_attention", "set_backend", "get_backend", "available_backends", "BACKENDS"]
+
+BACKENDS = ("auto", "cpp", "cuda", "torch")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_backend = "auto"
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+def set_backend(name: str) -> None:
+    """Select the implementation used by :func:`local_attention`: auto | cpp | cuda | torch."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"local_attention backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def available_backends() -> list[str]:
+    """Backends that work in this process (builds the extensions if needed): always ``torch``,
+    ``cpp`` when the C++ extension builds, ``cuda`` when CUDA is present and the CUDA one builds."""
+    out = ["torch"]
+    for kind in ("cpp", "cuda"):
+        if kind == "cuda" and not build.cuda_build_possible():
+            continue
+        try:
+            build.get_extension(kind)
+            out.append(kind)
+        except build.ExtensionBuildError:
+            pass
+    return out
+
+
+def _warn_once(key: str, msg: str) -> None:
+    with _warn_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _resolve(backend: str, device: torch.device):
+    """Returns the extension module to use, or None for the PyTorch reference."""
+    kind = "cuda" if device.type == "cuda" else "cpp"
+    if backend == "torch":
+        return None
+    if backend in ("cpp", "cuda"):
+        if backend != kind:
+            raise ValueError(
+                f"local_attention backend {backend!r} cannot run on {device.type} tensors "
+                f"(use backend='{kind}', 'torch' or 'auto')"
+            )
+        return build.get_extension(kind)  # raises ExtensionBuildError
+    if device.type not in ("cpu", "cuda"):
+        return None
+    if kind == "cuda" and not build.cuda_build_possible():
+        _warn_once(
+            "cuda", "local_attention: no nvcc/CUDA toolkit found, using the slow PyTorch reference on CUDA"
+        )
+        return None
+    try:
+        return build.get_extension(kind)
+    except build.ExtensionBuildError as e:
+        _warn_once(
+            kind, f"local_attention: the {kind} kernel is unavailable ({e}); using the slow PyTorch reference"
+        )
+        return None
+
+
+def _reference_fwd(q, k, v, kernel_size):
+    if q.dtype in _LOW_PRECISION:
+        out, lse = reference_forward(q.float(), k.float(), v.float(), kernel_size)
+        return out.to(q.dtype), lse
+    return reference_forward(q, k, v, kernel_size)
+
+
+def _reference_bwd(g, q, k, v, lse, kernel_size):
+    if q.dtype in _LOW_PRECISION:
+        grads = reference_backward(g.float(), q.float(), k.float(), v.float(), lse, kernel_size)
+        return tuple(x.to(q.dtype) for x in grads)
+    return reference_backward(g, q, k, v, lse, kernel_size)
+
+
+@torch.library.custom_op("atrc_exp::local_attention_fwd", mutates_args=())
+def _la_fwd(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ext = _resolve(backend, query.device)
+    if ext is None:
+        out, lse = _reference_fwd(query, key, value, kernel_size)
+    else:
+        out, lse = ext.forward(query, key, value, kernel_size)
+    return out, lse
+
+
+@_la_fwd.register_fake
+def _(query, key, value, kernel_size, backend):
+    B, _, H, W = query.shape
+    lse_dtype = torch.float32 if query.dtype in _LOW_PRECISION else query.dtype
+    return torch.empty_like(query), query.new_empty((B, H, W), dtype=lse_dtype)
+
+
+@torch.library.custom_op("atrc_exp::local_attention_bwd", mutates_args=())
+def _la_bwd(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ext = _resolve(backend, query.device)
+    if ext is None:
+        gq, gk, gv = _reference_bwd(grad_out, query, key, value, lse, kernel_size)
+    else:
+        gq, gk, gv = ext.backward(grad_out, query, key, value, lse, kernel_size)
+    return gq, gk, gv
+
+
+@_la_bwd.register_fake
+def _(grad_out, query, key, value, lse, kernel_size, backend):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, kernel_size, backend = inputs
+    _, lse = output
+    ctx.save_for_backward(query, key, value, lse)
+    ctx.kernel_size = kernel_size
+    ctx.backend = backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, lse = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None
+    gq, gk, gv = _la_bwd(grad_out.contiguous(), query, key, value, lse, ctx.kernel_size, ctx.backend)
+    return gq, gk, gv, None, None
+
+
+_la_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
+    names = ("query", "key", "value")
+    tensors = (query, key, value)
+    for n, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"local_attention: {n} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"local_attention: {n} must be B×C×H×W (rank 4), got shape {tuple(t.shape)}")
+    if not (query.shape == key.shape == value.shape):
+        raise ValueError(
+            "local_attention: query, key and value must have the same shape, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        raise TypeError(f"local_attention: kernel_size must be an int, got {kernel_size!r}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"local_attention: kernel_size must be a positive odd integer, got {kernel_size}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"local_attention: query, key and value must be on the same device, got "
+            f"{query.device}, {key.device}, {value.device}"
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"local_attention: query, key and value must have the same dtype, got "
+            f"{query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    allowed = (torch.float32, torch.float64) + (_LOW_PRECISION if query.device.type == "cuda" else ())
+    if query.dtype not in allowed:
+        raise TypeError(
+            f"local_attention: dtype {query.dtype} is not supported on {query.device.type} "
+            f"(float32/float64 everywhere, bfloat16/float16 on CUDA only)"
+        )
+    if query.shape[1] == 0:
+        raise ValueError("local_attention: the channel dimension must be non-empty")
+
+
+def local_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kernel_size: int = 9,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Local (k×k window) softmax attention, ATRC's local context.
+
+    Args:
+        query, key, value: B×C×H×W tensors (same shape, dtype and device; any strides).
+        kernel_size: odd window size k (9 in ATRC).
+        backend: ``auto`` | ``cpp`` | ``cuda`` | ``torch``; ``None`` uses :func:`set_backend`'s.
+
+    Returns:
+        B×C×H×W: for every pixel, softmax over its k² window of ``<q, k>/sqrt(C)`` (positions
+        outside the image are zero keys — score 0, kept in the softmax — and zero values) applied
+        to the values' window.
+    """
+    _check(query, key, value, kernel_size)
+    backend = _backend if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"local_attention backend must be one of {BACKENDS}, got {backend!r}")
+    out, _ = _la_fwd(query.contiguous(), key.contiguous(), value.contiguous(), kernel_size, backend)
+    return out

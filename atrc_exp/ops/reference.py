@@ -1,0 +1,102 @@
+"""Pure-PyTorch reference of the local-attention op (the fallback backend and the test oracle).
+
+Semantics (ATRC's local context): for query, key, value of shape B×C×H×W and an odd window k,
+each pixel attends to the k×k window of keys around it with scores ``<q, k> / sqrt(C)``; the
+softmax runs over all k² positions; the output is the weighted sum of the values' k×k window.
+Window positions outside the image are *zero* keys and values: they score exactly 0 and stay in
+the softmax (they dilute the weights but contribute nothing to the output).
+
+Implementation: pad key/value by r = k // 2 zeros and loop over the k² offsets, so memory is
+O(B·C·H·W + B·k²·H·W) (no ``F.unfold`` C·k² blow-up). The forward also returns the per-pixel
+log-sum-exp of the scores, so the backward recomputes the weights exactly without a second
+max/sum pass (the same contract as the C++ and CUDA kernels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _offsets(kernel_size: int):
+    for dy in range(kernel_size):
+        for dx in range(kernel_size):
+            yield dy, dx
+
+
+def _scores(q: torch.Tensor, kp: torch.Tensor, kernel_size: int, scale: float) -> torch.Tensor:
+    """B×k²×H×W raw scores (scaled) of each pixel against its window of the padded keys."""
+    B, C, H, W = q.shape
+    s = q.new_empty(B, kernel_size * kernel_size, H, W)
+    for o, (dy, dx) in enumerate(_offsets(kernel_size)):
+        s[:, o] = (q * kp[:, :, dy : dy + H, dx : dx + W]).sum(1)
+    return s.mul_(scale)
+
+
+def reference_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out B×C×H×W, lse B×H×W) where lse is the log-sum-exp of the scaled scores."""
+    B, C, H, W = query.shape
+    r = kernel_size // 2
+    scale = 1.0 / math.sqrt(C)
+    kp = F.pad(key, (r, r, r, r))
+    vp = F.pad(value, (r, r, r, r))
+    s = _scores(query, kp, kernel_size, scale)
+    lse = torch.logsumexp(s, dim=1)
+    a = torch.exp(s - lse.unsqueeze(1))
+    out = torch.zeros_like(query)
+    for o, (dy, dx) in enumerate(_offsets(kernel_size)):
+        out.addcmul_(a[:, o : o + 1], vp[:, :, dy : dy + H, dx : dx + W])
+    return out, lse
+
+
+def reference_backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hand-written backward: (grad_query, grad_key, grad_value)."""
+    B, C, H, W = query.shape
+    r = kernel_size // 2
+    scale = 1.0 / math.sqrt(C)
+    kp = F.pad(key, (r, r, r, r))
+    vp = F.pad(value, (r, r, r, r))
+    a = torch.exp(_scores(query, kp, kernel_size, scale) - lse.unsqueeze(1))
+    # dA[o] = <g, v_o>
+    da = query.new_empty(B, kernel_size * kernel_size, H, W)
+    for o, (dy, dx) in enumerate(_offsets(kernel_size)):
+        da[:, o] = (grad_out * vp[:, :, dy : dy + H, dx : dx + W]).sum(1)
+    # softmax backward: dS = A * (dA - sum_o A*dA), then the 1/sqrt(C) scale
+    ds = a * (da - (a * da).sum(1, keepdim=True))
+    ds.mul_(scale)
+    gq = torch.zeros_like(query)
+    gkp = torch.zeros_like(kp)
+    gvp = torch.zeros_like(vp)
+    for o, (dy, dx) in enumerate(_offsets(kernel_size)):
+        dso = ds[:, o : o + 1]
+        gq.addcmul_(dso, kp[:, :, dy : dy + H, dx : dx + W])
+        gkp[:, :, dy : dy + H, dx : dx + W].addcmul_(dso, query)
+        gvp[:, :, dy : dy + H, dx : dx + W].addcmul_(a[:, o : o + 1], grad_out)
+    gk = gkp[:, :, r : r + H, r : r + W].contiguous()
+    gv = gvp[:, :, r : r + H, r : r + W].contiguous()
+    return gq, gk, gv
+
+
+def local_attention_naive(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int = 9
+) -> torch.Tensor:
+    """The op written with ``F.unfold`` and autograd only: an independent oracle for tests
+    (memory O(B·C·k²·H·W); use it on small inputs)."""
+    B, C, H, W = query.shape
+    r = kernel_size // 2
+    kk = F.unfold(key, kernel_size, padding=r).view(B, C, kernel_size * kernel_size, H, W)
+    vv = F.unfold(value, kernel_size, padding=r).view(B, C, kernel_size * kernel_size, H, W)
+    s = (query.unsqueeze(2) * kk).sum(1) / math.sqrt(C)
+    a = torch.softmax(s, dim=1)
+    return (a.unsqueeze(1) * vv).sum(2)

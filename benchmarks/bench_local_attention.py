@@ -1,0 +1,165 @@
+"""Benchmark atrc_exp.ops.local_attention: every available backend, same run, with ratios.
+
+    python benchmarks/bench_local_attention.py --out bench.json
+    python benchmarks/bench_local_attention.py --sizes 2x33x48x64 8x33x107x140 --threads 2
+
+For each size (B x C x H x W, k = 9 by default) and backend it reports the forward time
+(no autograd) and the forward+backward time (median of --repeat runs after a warm-up), the
+speed-up against the PyTorch reference measured in the same run, and the arithmetic floor:
+4·B·C·H·W·k² FLOPs forward and ~2× that backward, divided by the matmul throughput measured in
+the same process (CPU) — plus the bytes that must move. CUDA rows (fp32, bf16) appear when a GPU
+and the CUDA extension are available; their peak memory is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from atrc_exp.ops import available_backends
+from atrc_exp.ops.local_attention import local_attention
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: str, repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def matmul_gflops(device: str, dtype: torch.dtype) -> float:
+    n = 1024 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = _time(lambda: a @ b, device, repeat=3)
+    return 2 * n**3 / t / 1e9
+
+
+def bench_one(backend, device, dtype, shape, ks, repeat):
+    B, C, H, W = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, go = (torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    with torch.no_grad():
+        t_fwd = _time(lambda: local_attention(q, k, v, ks, backend=backend), device, repeat)
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+
+    def fwd_bwd():
+        out = local_attention(qq, kk, vv, ks, backend=backend)
+        torch.autograd.grad(out, (qq, kk, vv), go)
+
+    peak = None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_fb = _time(fwd_bwd, device, repeat)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return t_fwd, t_fb, peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["2x33x48x64", "8x33x107x140"], help="BxCxHxW")
+    p.add_argument("--kernel-size", type=int, default=9)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--ref-repeat", type=int, default=1, help="repeats for the slow PyTorch reference")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference rows")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ks = args.kernel_size
+    backends = available_backends()
+    rows = []
+    cpu_gflops = matmul_gflops("cpu", torch.float32)
+    gpu_gflops = {}
+    if "cuda" in backends:
+        for dt in (torch.float32, torch.bfloat16):
+            gpu_gflops[str(dt)] = matmul_gflops("cuda", dt)
+    configs = [("torch", "cpu", torch.float32)] if not args.no_reference else []
+    if "cpp" in backends:
+        configs.append(("cpp", "cpu", torch.float32))
+    if "cuda" in backends:
+        if not args.no_reference:
+            configs.append(("torch", "cuda", torch.float32))
+        configs += [("cuda", "cuda", torch.float32), ("cuda", "cuda", torch.bfloat16)]
+    for size in args.sizes:
+        shape = tuple(int(x) for x in size.lower().split("x"))
+        B, C, H, W = shape
+        flops_fwd = 4 * B * C * H * W * ks * ks
+        flops_fb = 3 * flops_fwd
+        ref = {}
+        for backend, device, dtype in configs:
+            rep = args.ref_repeat if backend == "torch" else args.repeat
+            t_fwd, t_fb, peak = bench_one(backend, device, dtype, shape, ks, rep)
+            esize = torch.finfo(dtype).bits // 8
+            bytes_fb = (4 + 7) * B * C * H * W * esize  # fwd: q,k,v,out; bwd: g,q,k,v,dq,dk,dv
+            peak_gflops = cpu_gflops if device == "cpu" else gpu_gflops.get(str(dtype))
+            floor = flops_fb / (peak_gflops * 1e9) if peak_gflops else None
+            if backend == "torch":
+                ref[device] = (t_fwd, t_fb)
+            base = ref.get(device)
+            rows.append(
+                dict(
+                    size=size,
+                    backend=backend,
+                    device=device,
+                    dtype=str(dtype).replace("torch.", ""),
+                    k=ks,
+                    fwd_s=t_fwd,
+                    fwd_bwd_s=t_fb,
+                    speedup_fwd_vs_torch=(base[0] / t_fwd) if base else None,
+                    speedup_fwd_bwd_vs_torch=(base[1] / t_fb) if base else None,
+                    gflops_fwd_bwd=flops_fb / t_fb / 1e9,
+                    floor_fwd_bwd_s=floor,
+                    x_floor=(t_fb / floor) if floor else None,
+                    bytes_fwd_bwd=bytes_fb,
+                    peak_mem_mib=peak,
+                )
+            )
+    hdr = f"{'size':>14} {'backend':>7} {'dev':>4} {'dtype':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x ref fwd':>9} {'x ref f+b':>9} {'GFLOP/s':>8} {'x floor':>7} {'MB moved':>8} {'peak MiB':>8}"
+    print(
+        f"threads={torch.get_num_threads()}  cpu matmul {cpu_gflops:.1f} GFLOP/s (floor = FLOPs / this)  k={ks}"
+    )
+    print(hdr)
+    for r in rows:
+        f = lambda x, fmt: (fmt % x) if x is not None else "-"  # noqa: E731
+        print(
+            f"{r['size']:>14} {r['backend']:>7} {r['device']:>4} {r['dtype']:>8} {r['fwd_s'] * 1e3:9.2f} {r['fwd_bwd_s'] * 1e3:11.2f} "
+            f"{f(r['speedup_fwd_vs_torch'], '%.1fx'):>9} {f(r['speedup_fwd_bwd_vs_torch'], '%.1fx'):>9} {r['gflops_fwd_bwd']:8.1f} "
+            f"{f(r['x_floor'], '%.1f'):>7} {r['bytes_fwd_bwd'] / 1e6:8.1f} {f(r['peak_mem_mib'], '%.0f'):>8}"
+        )
+    if args.out:
+        meta = dict(
+            torch=torch.__version__,
+            machine=platform.machine(),
+            processor=platform.processor(),
+            threads=torch.get_num_threads(),
+            cpu_matmul_gflops=cpu_gflops,
+            gpu_matmul_gflops=gpu_gflops,
+            cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            backends=backends,
+        )
+        with open(args.out, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
