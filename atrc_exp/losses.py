@@ -89,7 +89,7 @@ def _check_spatial(pred: Tensor, target: Tensor, name: str) -> None:
     if pred.dim() != 4 or pred.shape[0] != target.shape[0] or pred.shape[-2:] != target.shape[-2:]:
         raise ValueError(
             f"{name}: prediction {tuple(pred.shape)} does not match target {tuple(target.shape)} "
-            "(outputs must be B×C×H×W at the target resolution)"
+            "(outputs must be raw B×C×H×W maps at the target resolution)"
         )
 
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .losses import edge_bce_per_pixel
+from .losses import _as_index_target, _check_spatial, edge_bce_per_pixel
 from .tasks import ALL_TASKS, HUMAN_PARTS_CLASSES, IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -62,25 +62,6 @@ __all__ = [
     "EdgeMeter",
     "MultiTaskMetrics",
 ]
-
-
-def _index_map(target: Tensor) -> Tensor:
-    """B×H×W or B×1×H×W (int or float) class map → int64 B×H×W."""
-    if target.dim() == 4:
-        if target.shape[1] != 1:
-            raise ValueError(f"expected a single-channel class map, got shape {tuple(target.shape)}")
-        target = target[:, 0]
-    if target.is_floating_point():
-        target = target.round()
-    return target.long()
-
-
-def _check_spatial(pred: Tensor, target: Tensor, name: str) -> None:
-    if pred.dim() != 4 or pred.shape[0] != target.shape[0] or pred.shape[-2:] != target.shape[-2:]:
-        raise ValueError(
-            f"{name}: prediction {tuple(pred.shape)} does not match target {tuple(target.shape)} "
-            "(pass the raw outputs at the target resolution)"
-        )
 
 
 def _div(num: float, den: float) -> float:
@@ -140,7 +121,7 @@ class SegmentationMeter(SumMeter):
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        target = _index_map(target)
+        target = _as_index_target(target)
         _check_spatial(pred, target, self.task)
         if pred.shape[1] != self.num_classes:
             raise ValueError(f"{self.task}: expected {self.num_classes} channels, got {pred.shape[1]}")
@@ -244,7 +225,7 @@ class SaliencyMeter(SumMeter):
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        target = _index_map(target)
+        target = _as_index_target(target)
         _check_spatial(pred, target, "sal")
         if pred.shape[1] != 2:
             raise ValueError(f"sal: expected 2 channels, got {pred.shape[1]}")

@@ -371,8 +371,6 @@ def test_genotype_file_errors(tmp_path):
 def test_build_model_context_errors():
     with pytest.raises(ConfigError, match="context.genotype"):
         _build(["dataset=nyud", "context=atrc"], meta=True)
-    with pytest.raises(ConfigError, match="later issue"):
-        _build(["dataset=nyud", "context=search", "mode=search"], meta=True)
     with pytest.raises(ConfigError, match="pair"):
         _build(
             ["dataset=nyud", "tasks=semseg", "context=atrc", "context.genotype=genotypes/nyud_hrnet18.json"],

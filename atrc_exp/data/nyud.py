@@ -67,6 +67,18 @@ def read_label_png(path: Path, split_file: Path | str = "") -> np.ndarray:
     return arr
 
 
+def require_layout_dir(data_dir: str | Path, layout: str, dataset: str) -> Path:
+    """``data_dir/layout`` if it exists and is not empty, else a :class:`DataError` saying how to get it."""
+    root = Path(data_dir) / layout
+    if not root.is_dir() or not any(root.iterdir()):
+        raise DataError(
+            f"{root} does not exist or is empty: paths.data_dir must be the folder that contains "
+            f"{layout}/ (got {data_dir}). Download it with `atrc-data fetch --dataset {dataset} --dest "
+            f"{data_dir}`, or use dataset=synthetic"
+        )
+    return root
+
+
 def _read_split(root: Path, split: str) -> list[str]:
     split_file = root / "gt_sets" / f"{split}.txt"
     if not split_file.is_file():
@@ -101,13 +113,7 @@ class NYUDMT(Dataset):
         transform: Callable | None = None,
         num_classes: int = 40,
     ):
-        self.root = Path(data_dir) / "NYUD_MT"
-        if not self.root.is_dir() or not any(self.root.iterdir()):
-            raise DataError(
-                f"{self.root} does not exist or is empty: paths.data_dir must be the folder that contains "
-                f"NYUD_MT/ (got {data_dir}). Download it with `atrc-data fetch --dataset nyud --dest "
-                f"{data_dir}`, or use dataset=synthetic"
-            )
+        self.root = require_layout_dir(data_dir, "NYUD_MT", "nyud")
         unknown = [t for t in tasks if t not in NYUD_TASK_FILES]
         if unknown:
             raise DataError(f"NYUD-v2 has no task(s) {unknown}; it has {list(NYUD_TASK_FILES)}")

@@ -45,7 +45,7 @@ from scipy import ndimage as ndi
 from torch.utils.data import Dataset
 
 from ..tasks import IGNORE_INDEX
-from .nyud import DataError, read_image, read_label_png
+from .nyud import DataError, read_image, read_label_png, require_layout_dir
 
 PASCAL_TASKS = ("semseg", "human_parts", "sal", "normals", "edge")
 #: ``class_ind`` of a person in Pascal-Part (VOC order, 1-based).
@@ -258,13 +258,7 @@ class PASCALMT(Dataset):
         cache_dir: str | Path | None = None,
         area_thres: int = 0,
     ):
-        self.root = Path(data_dir) / "PASCAL_MT"
-        if not self.root.is_dir() or not any(self.root.iterdir()):
-            raise DataError(
-                f"{self.root} does not exist or is empty: paths.data_dir must be the folder that "
-                f"contains PASCAL_MT/ (got {data_dir}). Download it with `atrc-data fetch --dataset "
-                f"pascal_context --dest {data_dir}`, or use dataset=synthetic"
-            )
+        self.root = require_layout_dir(data_dir, "PASCAL_MT", "pascal_context")
         unknown = [t for t in tasks if t not in PASCAL_TASKS]
         if unknown:
             raise DataError(f"PASCAL-Context has no task(s) {unknown}; it has {list(PASCAL_TASKS)}")

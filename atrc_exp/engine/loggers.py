@@ -69,7 +69,9 @@ class WandbLogger:
         """The genotype as a T×T heatmap image (target rows, source columns) and a table."""
         from ..models.genotype import GENOTYPE_TABLE_COLUMNS, genotype_heatmap, genotype_table_rows
 
-        table = self._wandb.Table(columns=list(GENOTYPE_TABLE_COLUMNS), data=genotype_table_rows(genotype, tasks))
+        table = self._wandb.Table(
+            columns=list(GENOTYPE_TABLE_COLUMNS), data=genotype_table_rows(genotype, tasks)
+        )
         image = self._wandb.Image(genotype_heatmap(genotype, tasks), caption="target rows, source columns")
         self.run.log({"genotype/heatmap": image, "genotype/table": table}, step=step)
 

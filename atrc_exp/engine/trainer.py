@@ -134,6 +134,13 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     validate_config(cfg)
+    if cfg.mode.name == "search":
+        raise ConfigError(
+            "mode=search: the ATRC search loop (Gumbel-softmax schedule, entropy term, Adam on the "
+            "architecture parameters) is not built yet; the search head itself builds "
+            "(atrc_exp.build_model with context=search). Train with mode=distill, e.g. "
+            "context=atrc context.genotype=genotypes/nyud_hrnet18.json"
+        )
     backend = OmegaConf.select(cfg, "ops.local_attention.backend", default=None)
     if backend:
         from ..ops import set_backend

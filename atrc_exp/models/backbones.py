@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .hrnet import HRNet, hrnet18, hrnet48
+from .state_dict import format_keys, load_strict
 from .timm_backbone import TimmBackbone
 
 __all__ = [
@@ -146,7 +147,7 @@ def _unwrap(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{source}: not a state dict (got {type(obj).__name__})")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{source}: state dict has non-tensor entries: {_fmt(bad)}")
+        raise ValueError(f"{source}: state dict has non-tensor entries: {format_keys(bad)}")
     return dict(obj)
 
 
@@ -158,11 +159,6 @@ def _strip(key: str) -> str:
             if key.startswith(p):
                 key, changed = key[len(p) :], True
     return key
-
-
-def _fmt(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
 
 def load_backbone_checkpoint(
@@ -205,33 +201,12 @@ def load_backbone_checkpoint(
             )
         state[k2] = v
 
-    own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state]
-    missing_nbt = [k for k in missing if k.endswith("num_batches_tracked")]
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{k} (checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
-        for k in state
-        if k in own and state[k].shape != own[k].shape
-    ]
-    problems = []
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_fmt(unexpected)}")
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_fmt(missing)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_fmt(mismatched)}")
-    if problems:
-        raise ValueError(f"cannot load {source} into {type(model).__name__}: " + "; ".join(problems))
-    for k in missing_nbt:
-        state[k] = own[k]
-    model.load_state_dict(state, strict=True)
+    n_nbt = load_strict(model, state, source)
     return {
         "source": source,
-        "loaded": len(state) - len(missing_nbt),
+        "loaded": len(state) - n_nbt,
         "dropped": dropped,
-        "missing_num_batches_tracked": len(missing_nbt),
+        "missing_num_batches_tracked": n_nbt,
     }
 
 

@@ -50,7 +50,7 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     ctx = cfg.context.name
     if ctx == "none":
         head = MultiTaskFCNHead(c_in, out_ch)
-    elif ctx in ("global", "local", "tlabel", "slabel", "atrc"):
+    elif ctx in RELATIONAL_CONTEXTS:
         if ctx == "atrc":
             path = cfg.context.get("genotype")
             if path in (None, "", "null"):
@@ -59,6 +59,8 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
                     "run directory holding atrc_genotype.json (published ones are in genotypes/)"
                 )
             genotype = load_genotype(path, tasks)
+        elif ctx == "search":
+            genotype = None  # every pair mixes all candidate contexts
         else:
             genotype = uniform_genotype(tasks, ctx)
         head = RelationalContextHead(
@@ -69,11 +71,6 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
             aux_ch,
             dropout=float(cfg.context.get("dropout", 0.05)),
             kernel_size=int(cfg.context.get("kernel_size", 9)),
-        )
-    elif ctx in RELATIONAL_CONTEXTS:  # search
-        raise ConfigError(
-            f"context={ctx}: the ATRC search head is not part of this build yet (search is a later "
-            "issue); use context=atrc context.genotype=<json> with a published genotype from genotypes/"
         )
     else:
         raise ConfigError(

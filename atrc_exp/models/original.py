@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .state_dict import load_strict
+
 __all__ = ["DROPPED_PREFIXES", "KEY_RENAMES", "load_original_state_dict", "original_to_ours"]
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,6 @@ def _read(path: Path, weights_only: bool | None) -> Any:
         # Lightning checkpoints may pickle hyper-parameter objects (e.g. jsonargparse Namespaces)
         log.warning("%s: not loadable with weights_only=True; loading it as a trusted pickle", path)
         return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _fmt(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
 
 def load_original_state_dict(
@@ -113,34 +110,15 @@ def load_original_state_dict(
             raise ValueError(f"{source}: key {ours!r} appears twice after renaming (from {k!r})")
         mapped[ours] = v
 
-    own = model.state_dict()
-    unexpected = [k for k in mapped if k not in own]
-    missing = [k for k in own if k not in mapped]
-    missing_nbt = [k for k in missing if k.endswith("num_batches_tracked")]
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{k} (checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)})"
-        for k in mapped
-        if k in own and tuple(mapped[k].shape) != tuple(own[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_fmt(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_fmt(mismatched)}")
-    if problems:
-        raise ValueError(
-            f"cannot load original weights from {source} into {type(model).__name__}: "
-            + "; ".join(problems)
-            + " (does the config — dataset, backbone, tasks, context/genotype — match the checkpoint?)"
-        )
-    for k in missing_nbt:
-        mapped[k] = own[k]
-    model.load_state_dict(mapped, strict=True)
+    n_nbt = load_strict(
+        model,
+        mapped,
+        f"original weights from {source}",
+        hint=" (does the config — dataset, backbone, tasks, context/genotype — match the checkpoint?)",
+        limit=8,
+    )
     return {
-        "loaded": len(mapped) - len(missing_nbt),
+        "loaded": len(mapped) - n_nbt,
         "dropped": dropped,
-        "missing_num_batches_tracked": len(missing_nbt),
+        "missing_num_batches_tracked": n_nbt,
     }

@@ -24,6 +24,7 @@ from torch import nn
 
 from .context_blocks import CONTEXT_CODES, make_cp_block, spatial_softmax
 from .layers import ConvBNReLU
+from .search_block import SearchCPBlock
 
 __all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "uniform_genotype"]
 
@@ -72,6 +73,9 @@ class ATRCModule(nn.Module):
         for t in self.tasks:
             row = nn.ModuleDict()
             for s in self.tasks:
+                if genotype is None:  # search: every pair mixes all candidate ops
+                    row[s] = SearchCPBlock(s == t, channels, inter, kernel_size=kernel_size)
+                    continue
                 code = int(genotype[t][s])
                 if code != 0:
                     row[s] = make_cp_block(code, channels, inter, kernel_size=kernel_size)
@@ -136,8 +140,13 @@ class RelationalContextHead(nn.Module):
     ):
         super().__init__()
         self.tasks = list(tasks)
-        self.genotype = {t: {s: int(genotype[t][s]) for s in self.tasks} for t in self.tasks}
-        self.aux_tasks = aux_tasks_of(self.genotype, self.tasks)
+        self.search = genotype is None
+        if self.search:  # every task has an aux head in search
+            self._genotype = None
+            self.aux_tasks = list(self.tasks)
+        else:
+            self._genotype = {t: {s: int(genotype[t][s]) for s in self.tasks} for t in self.tasks}
+            self.aux_tasks = aux_tasks_of(self._genotype, self.tasks)
         c = in_channels // 4
         self.in_channels = in_channels
         self.channels = c
@@ -149,11 +158,19 @@ class RelationalContextHead(nn.Module):
             self.aux_logits = nn.ModuleDict(
                 {t: nn.Conv2d(in_channels, aux_channels[t], 1, bias=True) for t in self.aux_tasks}
             )
-        self.atrc_module = ATRCModule(self.tasks, self.genotype, c, c // 2, dropout, kernel_size)
+        self.atrc_module = ATRCModule(self.tasks, self._genotype, c, c // 2, dropout, kernel_size)
         self.final_logits = nn.ModuleDict(
             {t: nn.Conv2d(c, out_channels[t], 1, bias=True) for t in self.tasks}
         )
         self.init_weights()
+
+    @property
+    def genotype(self) -> dict[str, dict[str, int]]:
+        """The fixed genotype, or in search the current discrete choice of every pair."""
+        if not self.search:
+            return self._genotype
+        blocks = self.atrc_module.cp_blocks
+        return {t: {s: blocks[t][s].choice() for s in self.tasks} for t in self.tasks}
 
     def init_weights(self) -> None:
         """Every conv whose name contains ``logits``: normal(0, 0.01), bias 0 (CP blocks initialise
