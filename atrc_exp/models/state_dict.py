@@ -7,7 +7,6 @@ from collections.abc import MutableMapping
 import torch
 from torch import nn
 
-
 #: Buffers a checkpoint may lack (the model keeps its own value): BatchNorm counters absent from
 #: pre-0.4.1 files, and the search blocks' freeze state (not part of the original's keys).
 OPTIONAL_BUFFERS = ("num_batches_tracked", "frozen_choice")
