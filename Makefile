@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format clean
+.PHONY: help install train test test-full lint format clean bench-data bench-ops
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,12 @@ test: $(STAMP) ## the test suite without slow tests (the CI gate)
 
 test-full: $(STAMP) ## every test, slow and CUDA ones included (CUDA skips without a GPU)
 	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-data: $(STAMP) ## train-transform samples/s on NYUD- and PASCAL-sized inputs (vs the original's 57/s)
+	$(BIN)/atrc-data bench
+
+bench-ops: $(STAMP) ## local-attention backends: time, memory, FLOP floor (JSON in benchmarks/)
+	$(BIN)/python benchmarks/bench_local_attention.py --threads 2 --out benchmarks/results-ops-$$(hostname).json
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check atrc_exp tests
