@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import compose_cfg
 
 import atrc_exp
-from atrc_exp.config import ConfigError
 
 
 def _count(m: torch.nn.Module) -> int:
@@ -50,8 +48,3 @@ def test_timm_backbone_builds():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 96))["final"]
     assert out["semseg"].shape == (1, 7, 64, 96)
-
-
-def test_search_head_not_built_yet_is_a_clear_error():
-    with pytest.raises(ConfigError, match="context=search"):
-        atrc_exp.build_model(compose_cfg(["context=search", "mode=search"]))
