@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .hrnet import HRNet, hrnet18, hrnet48
-from .state_dict import format_keys, load_strict
+from .state_dict import format_keys, load_strict, strip_prefixes
 from .timm_backbone import TimmBackbone
 
 __all__ = [
@@ -152,13 +152,7 @@ def _unwrap(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
 
 
 def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _STRIP_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
+    return strip_prefixes(key, _STRIP_PREFIXES)
 
 
 def load_backbone_checkpoint(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .state_dict import load_strict
+from .state_dict import load_strict, strip_prefixes
 
 __all__ = ["DROPPED_PREFIXES", "KEY_RENAMES", "load_original_state_dict", "original_to_ours"]
 
@@ -38,12 +38,7 @@ KEY_RENAMES: tuple[tuple[str, str], ...] = ()
 
 def original_to_ours(key: str) -> str | None:
     """Our key for an original state-dict key, or ``None`` for an entry that is not a weight."""
-    changed = True
-    while changed:
-        changed = False
-        for p in _WRAPPER_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
+    key = strip_prefixes(key, _WRAPPER_PREFIXES)
     if key.startswith(DROPPED_PREFIXES):
         return None
     for old, new in KEY_RENAMES:

@@ -12,6 +12,17 @@ from torch import nn
 OPTIONAL_BUFFERS = ("num_batches_tracked", "frozen_choice")
 
 
+def strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
+    """Remove any of ``prefixes`` from the front of ``key``, repeatedly (``module.backbone.x`` → ``x``)."""
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
 def format_keys(keys: list[str], limit: int = 5) -> str:
     """``a, b, c (+N more)``: the first ``limit`` keys of a list."""
     shown = ", ".join(keys[:limit])
