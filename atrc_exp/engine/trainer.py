@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -26,9 +26,11 @@ from ..data import build_datasets, normal_centroids, prepare_data
 from ..losses import MultiTaskLoss
 from ..metrics import MultiTaskMetrics
 from ..models import build_model
+from ..models.genotype import GENOTYPE_FILENAME, save_genotype
 from ..visualize import colorize, postprocess
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_json_atomic
 from .loggers import build_logger
+from .search import SearchController, split_parameters
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,10 @@ def poly_lambda(max_steps: int, power: float):
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     """An Accelerator for this job; checks that the total batch splits over the processes."""
+    # search: frozen pairs skip their unused ops, which DDP must be told about
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.mode.name == "search")
     acc = Accelerator(
+        kwargs_handlers=[ddp],
         cpu=bool(cfg.trainer.cpu),
         mixed_precision=str(cfg.trainer.mixed_precision),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -134,13 +139,6 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     validate_config(cfg)
-    if cfg.mode.name == "search":
-        raise ConfigError(
-            "mode=search: the ATRC search loop (Gumbel-softmax schedule, entropy term, Adam on the "
-            "architecture parameters) is not built yet; the search head itself builds "
-            "(atrc_exp.build_model with context=search). Train with mode=distill, e.g. "
-            "context=atrc context.genotype=genotypes/nyud_hrnet18.json"
-        )
     backend = OmegaConf.select(cfg, "ops.local_attention.backend", default=None)
     if backend:
         from ..ops import set_backend
@@ -201,10 +199,17 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
         edge_eval_workers=int(OmegaConf.select(cfg, "trainer.edge_eval_workers", default=2)),
         edge_thresholds=OmegaConf.select(cfg, "trainer.edge_eval_thresholds", default=99),
     )
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=float(tc.lr), momentum=float(tc.momentum), weight_decay=float(tc.weight_decay)
-    )
     max_steps = int(tc.max_steps)
+    search = cfg.mode.name == "search"
+    weights, arch = split_parameters(model)
+    optimizer = torch.optim.SGD(
+        weights, lr=float(tc.lr), momentum=float(tc.momentum), weight_decay=float(tc.weight_decay)
+    )
+    controller = arch_opt = None
+    if search:
+        controller = SearchController(model, cfg.mode, max_steps)
+        arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0)
+    grad_clip = tc.grad_clip if tc.grad_clip else (cfg.mode.get("grad_clip") if search else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(max_steps, float(tc.poly_power)))
     nw = int(tc.num_workers)
     train_loader = DataLoader(
@@ -216,7 +221,10 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
         pin_memory=acc.device.type == "cuda",
         persistent_workers=nw > 0,
     )
-    model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
+    if search:
+        model, optimizer, arch_opt, train_loader = acc.prepare(model, optimizer, arch_opt, train_loader)
+    else:
+        model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
     acc.register_for_checkpointing(scheduler)
     val_loader = build_val_loader(val_ds, cfg, acc)
 
@@ -253,18 +261,28 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
     t_last, imgs_since = time.perf_counter(), 0
     while step < max_steps:
         batch = next(it)
+        if search:
+            entropy_w = controller.begin_step(step)
         outputs = model(batch["image"])
         loss, terms = criterion(outputs, batch)
+        if search:
+            ent = controller.loss_term(entropy_w)
+            terms["loss/entropy_term"] = ent.detach()
+            loss = loss + ent
         if not torch.isfinite(loss):
             bad = [k for k, v in terms.items() if not torch.isfinite(v)]
             raise FloatingPointError(
                 f"non-finite loss at step {step + 1} (terms: {', '.join(bad) or 'total'})"
             )
         optimizer.zero_grad(set_to_none=True)
+        if search:
+            arch_opt.zero_grad(set_to_none=True)
         acc.backward(loss)
-        if tc.grad_clip:
-            acc.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
+        if grad_clip:
+            acc.clip_grad_norm_(model.parameters(), float(grad_clip))
         optimizer.step()
+        if search:
+            arch_opt.step()
         scheduler.step()
         step += 1
         imgs_since += int(tc.batch_size)
@@ -281,6 +299,15 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
                 "train/images_per_s": ips,
                 **{f"train/{k}": v.item() for k, v in terms.items()},
             }
+            if search:
+                record.update(
+                    {
+                        "search/tau": controller.tau_at(step - 1),
+                        "search/entropy_weight": entropy_w,
+                        "search/frozen_pairs": controller.num_frozen(),
+                    }
+                )
+                logger.log(controller.alpha_log(), step)
             logger.log(record, step)
             if is_main:
                 with open(run_dir / "train_log.jsonl", "a") as f:
@@ -293,6 +320,11 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
                 with open(run_dir / "metrics_history.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, "metrics": final_metrics}) + "\n")
                 logger.log({f"val/{k}": v for k, v in final_metrics.items()}, step)
+                if search:
+                    genotype = acc.unwrap_model(model).head.genotype
+                    save_genotype(genotype, run_dir / GENOTYPE_FILENAME, step)
+                    if hasattr(logger, "log_genotype"):
+                        logger.log_genotype(genotype, tasks, step)
                 if panels:
                     logger.log_images(panels, step)
             log.info(
