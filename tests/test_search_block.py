@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import compose_cfg
 
 import atrc_exp
-from atrc_exp.config import ConfigError
 from atrc_exp.models.search_block import SearchCPBlock
 
 
@@ -75,15 +73,6 @@ def test_search_model_genotype_is_argmax_per_pair():
         blk.arch_param.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.2]))
     g = model.head.genotype
     assert g["depth"]["edge"] == 4 and g["semseg"]["semseg"] == 0
-
-
-def test_search_mode_training_is_a_clear_error(tiny_data_dir, tmp_path):
-    from conftest import tiny_overrides
-
-    from atrc_exp.engine import fit
-
-    with pytest.raises(ConfigError, match="mode=search"):
-        fit(compose_cfg(tiny_overrides(tiny_data_dir, context="search", mode="search")), tmp_path)
 
 
 def test_original_search_weights_import_and_argmax_outputs_match():
