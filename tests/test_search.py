@@ -77,3 +77,16 @@ def test_tiny_search_writes_genotype_that_distill_consumes(tiny_data_dir, tmp_pa
     )
     fit(compose_cfg(over), dist)
     assert json.loads((dist / "metrics.json").read_text())["step"] == 1
+
+
+def test_pipeline_search_distill_baseline(tiny_data_dir, tmp_path, capsys):
+    from atrc_exp.pipeline import main
+
+    over = tiny_overrides(tiny_data_dir)
+    rc = main(["--search-steps", "2", "--distill-steps", "1", "--out", str(tmp_path), *over])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "genotype found by the search" in out and "MT baseline" in out and "semseg/mIoU" in out
+    for stage in ("search", "distill", "baseline"):
+        assert (tmp_path / stage / "metrics.json").is_file()
+    assert (tmp_path / "search" / "atrc_genotype.json").is_file()
