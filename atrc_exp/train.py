@@ -8,12 +8,15 @@ atrc-train --help                            # config groups and options
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .config import CONF_DIR, ConfigError, register_resolvers
@@ -23,6 +26,29 @@ log = logging.getLogger("atrc_exp")
 
 #: Errors caused by the user's input: one line with a hint, no traceback (HYDRA_FULL_ERROR=1 shows it).
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Every exception type that means bad input (data, config, weights), not a bug."""
+    from .data import DataError
+    from .engine.faults import NonFiniteError
+    from .models.state_dict import WeightsError
+
+    return (*USER_ERRORS, DataError, WeightsError, NonFiniteError)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line; an error re-raised from a DataLoader worker loses the
+    worker's traceback and keeps its last line."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = [line for line in msg.splitlines() if line.strip()][-1]
+        msg = (
+            last.split(": ", 1)[1]
+            if ": " in last and last.split(": ", 1)[0].endswith(type(e).__name__)
+            else last
+        )
+    return " ".join(msg.split("\n")).strip()
 
 
 def format_metrics_table(metrics: dict[str, float], title: str = "final validation metrics") -> str:
@@ -40,17 +66,39 @@ def _is_main_rank() -> bool:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; returns the first validation metric (for Hydra sweepers)."""
-    from .data import DataError
     from .engine import fit
+    from .engine.faults import Preempted
+    from .hydra_callbacks import FAILED_MARKER
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    sweeping = hc.mode == RunMode.MULTIRUN
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         metrics = fit(cfg, run_dir)
-    except (*USER_ERRORS, DataError) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Preempted as e:
+        log.warning("%s", e)
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Exception as e:
+        known = isinstance(e, user_errors())
+        if sweeping and bool(cfg.get("continue_on_failure", True)):
+            # record it and let the sweep go on; the end-of-sweep callback reports and exits non-zero
+            log.error("job failed: %s", one_line(e), exc_info=not known)
+            if _is_main_rank():
+                marker = {"error": f"{type(e).__name__}: {one_line(e)}", "overrides": list(hc.overrides.task)}
+                (Path(run_dir) / FAILED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+                print(f"error: {one_line(e)} (job {hc.job.num}, run dir {run_dir})", file=sys.stderr)
+            return None
+        if full_error or not (known or sweeping):
             raise
-        log.error("%s: %s", type(e).__name__, e)
-        print(f"error: {e}\n(run dir: {run_dir}; set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        if not known:  # a bug, in a sweep that must stop here: the traceback goes to the job's log
+            log.exception("job failed")
+        log.error("%s: %s", type(e).__name__, one_line(e))
+        print(
+            f"error: {one_line(e)}\n(run dir: {run_dir}; set HYDRA_FULL_ERROR=1 for the traceback)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if _is_main_rank():
         print(format_metrics_table(metrics, f"final validation metrics ({cfg.run_name}, {run_dir})"))

@@ -84,3 +84,17 @@ def load_checkpoint(accelerator: Accelerator, ckpt: Path) -> dict:
     """Restore the state saved by :func:`save_checkpoint`; returns its ``meta.json``."""
     accelerator.load_state(str(ckpt))
     return json.loads((ckpt / META).read_text())
+
+
+def truncate_logs(run_dir: Path, step: int, names=("train_log.jsonl", "metrics_history.jsonl")) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a resumed run starts from)."""
+    for name in names:
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        keep = [
+            line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+        ]
+        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)

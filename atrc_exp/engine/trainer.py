@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,8 +27,17 @@ from ..metrics import MultiTaskMetrics
 from ..models import build_model
 from ..models.genotype import GENOTYPE_FILENAME, save_genotype
 from ..visualize import colorize, postprocess
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_json_atomic
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, truncate_logs, write_json_atomic
+from .faults import (
+    FaultInjector,
+    NonFiniteError,
+    Preempted,
+    PreemptionGuard,
+    any_nonfinite,
+    nonfinite_grad_params,
+)
 from .loggers import build_logger
+from .sampling import SeededAugmentation, StepBatchSampler
 from .search import SearchController, split_parameters
 
 log = logging.getLogger(__name__)
@@ -58,22 +66,83 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     return acc
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """Select the local-attention backend; a forced ``cpp``/``cuda`` one must work here and now."""
+    from ..ops import build, set_backend
+
+    if backend not in ("cpp", "cuda"):
+        set_backend(backend)
+        return
+    want = "cuda" if device.type == "cuda" else "cpp"
+    if backend != want:
+        raise ConfigError(
+            f"ops.local_attention.backend={backend} cannot run on this job's device ({device.type}); "
+            f"use ops.local_attention.backend=auto (or {want}, or torch)"
+        )
+    try:
+        build.get_extension(backend)
+    except build.ExtensionBuildError as e:
+        tool = "the CUDA toolkit (nvcc; set CUDA_HOME)" if backend == "cuda" else "a C++ compiler (g++)"
+        raise ConfigError(
+            f"ops.local_attention.backend={backend} is forced but its kernel is unavailable ({e}); "
+            f"install {tool} or use ops.local_attention.backend=auto"
+        ) from e
+    set_backend(backend)
+
+
+def _worker_init(_: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints first."""
+    import signal
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def reset_accelerate_state() -> None:
     """Forget the process-wide Accelerate singletons (between Hydra multirun jobs and tests)."""
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _infinite(loader) -> Iterator[dict]:
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def build_train_loader(dataset, cfg: DictConfig, acc: Accelerator, start_step: int = 0) -> DataLoader:
+    """An endless loader of this process's training batches from global step ``start_step`` on
+    (see :mod:`atrc_exp.engine.sampling`: the data of step k depends only on the seed and k)."""
+    tc = cfg.trainer
+    sampler = StepBatchSampler(
+        len(dataset),
+        int(tc.batch_size),
+        seed=int(cfg.seed),
+        start_step=start_step,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
+    nw = int(tc.num_workers)
+    pin = OmegaConf.select(cfg, "trainer.pin_memory", default="auto")
+    extra = (
+        {"prefetch_factor": int(OmegaConf.select(cfg, "trainer.prefetch_factor", default=2))} if nw else {}
+    )
+    # one iterator for the whole run, so workers live as long as the run (persistent by design)
+    return DataLoader(
+        SeededAugmentation(dataset, int(cfg.seed)),
+        batch_sampler=sampler,
+        num_workers=nw,
+        pin_memory=acc.device.type == "cuda" if pin in (None, "auto") else bool(pin),
+        generator=torch.Generator(),  # leaves the global RNG stream alone
+        worker_init_fn=_worker_init,
+        **extra,
+    )
+
+
+def _describe_nonfinite(step: int, loss_ok: bool, terms: dict, model) -> str:
+    if not loss_ok:
+        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v))]
+        return f"non-finite loss at step {step} (terms: {', '.join(bad) or 'total'})"
+    names = nonfinite_grad_params(model)
+    return f"non-finite gradient at step {step} (parameters: {', '.join(names) or '?'})"
 
 
 def build_val_loader(dataset, cfg: DictConfig, acc: Accelerator) -> DataLoader:
@@ -86,6 +155,7 @@ def build_val_loader(dataset, cfg: DictConfig, acc: Accelerator) -> DataLoader:
         shuffle=False,
         num_workers=int(cfg.trainer.num_workers),
         pin_memory=acc.device.type == "cuda",
+        worker_init_fn=_worker_init,
     )
 
 
@@ -139,16 +209,14 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     validate_config(cfg)
-    backend = OmegaConf.select(cfg, "ops.local_attention.backend", default=None)
-    if backend:
-        from ..ops import set_backend
-
-        set_backend(str(backend))
-    acc = make_accelerator(cfg)
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
     logger = None
     try:
+        acc = make_accelerator(cfg)
+        backend = OmegaConf.select(cfg, "ops.local_attention.backend", default=None)
+        if backend:
+            check_backend(str(backend), acc.device)
+        if acc.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
         logger = build_logger(cfg, run_dir, acc.is_main_process)
         metrics = _fit(cfg, run_dir, acc, logger)
         logger.finish(0)
@@ -211,20 +279,10 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
         arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0)
     grad_clip = tc.grad_clip if tc.grad_clip else (cfg.mode.get("grad_clip") if search else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(max_steps, float(tc.poly_power)))
-    nw = int(tc.num_workers)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=per_proc,
-        shuffle=True,
-        drop_last=True,
-        num_workers=nw,
-        pin_memory=acc.device.type == "cuda",
-        persistent_workers=nw > 0,
-    )
     if search:
-        model, optimizer, arch_opt, train_loader = acc.prepare(model, optimizer, arch_opt, train_loader)
+        model, optimizer, arch_opt = acc.prepare(model, optimizer, arch_opt)
     else:
-        model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
+        model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)
     val_loader = build_val_loader(val_ds, cfg, acc)
 
@@ -245,93 +303,145 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
         if genotype is not None and hasattr(logger, "log_genotype"):
             logger.log_genotype(genotype, tasks, step=0)
 
-    step = 0
+    step = skipped = 0
     ckpt = resolve_resume(tc.resume, run_dir)
     if ckpt is not None:
-        step = int(load_checkpoint(acc, ckpt)["step"])
+        meta = load_checkpoint(acc, ckpt)  # restores every process's RNG states too
+        step, skipped = int(meta["step"]), int(meta.get("skipped_steps", 0))
+        if is_main:
+            truncate_logs(run_dir, step)
         log.info("resumed from %s at step %d", ckpt, step)
+    # built after the RNG restore, and drawing from its own generator: the global RNG stream
+    # (dropout, Gumbel noise) is the same whether or not the run was resumed
+    train_loader = build_train_loader(train_ds, cfg, acc, start_step=step)
 
+    on_nonfinite = str(OmegaConf.select(cfg, "trainer.on_nonfinite", default="stop"))
+    max_skipped = int(OmegaConf.select(cfg, "trainer.max_skipped_steps", default=100))
+    check_grads = acc.scaler is None  # fp16's GradScaler skips non-finite steps itself
+    faults = FaultInjector()
     final_metrics: dict[str, float] = {}
+    last_ckpt: Path | None = ckpt
     want_images = int(cfg.logger.get("num_images", 0)) if getattr(logger, "wants_images", False) else 0
     bar = tqdm(
         total=max_steps, initial=step, disable=not (is_main and tc.progress), desc="train", dynamic_ncols=True
     )
-    it = _infinite(train_loader)
+    it = iter(train_loader)
     model.train()
     t_last, imgs_since = time.perf_counter(), 0
-    while step < max_steps:
-        batch = next(it)
-        if search:
-            entropy_w = controller.begin_step(step)
-        outputs = model(batch["image"])
-        loss, terms = criterion(outputs, batch)
-        if search:
-            ent = controller.loss_term(entropy_w)
-            terms["loss/entropy_term"] = ent.detach()
-            loss = loss + ent
-        if not torch.isfinite(loss):
-            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-            raise FloatingPointError(
-                f"non-finite loss at step {step + 1} (terms: {', '.join(bad) or 'total'})"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if search:
-            arch_opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        if grad_clip:
-            acc.clip_grad_norm_(model.parameters(), float(grad_clip))
-        optimizer.step()
-        if search:
-            arch_opt.step()
-        scheduler.step()
-        step += 1
-        imgs_since += int(tc.batch_size)
-        bar.update(1)
-        if step % int(tc.log_interval) == 0 or step == max_steps:
-            now = time.perf_counter()
-            ips = imgs_since / max(now - t_last, 1e-9)
-            t_last, imgs_since = now, 0
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-            record = {
-                "train/loss": loss.item(),
-                "train/lr": lr,
-                "train/images_per_s": ips,
-                **{f"train/{k}": v.item() for k, v in terms.items()},
-            }
+    guard = PreemptionGuard()
+    with guard:
+        while step < max_steps:
+            batch = _to_device(next(it), acc.device)
+            faults.poison_batch(step + 1, batch)
             if search:
-                record.update(
-                    {
-                        "search/tau": controller.tau_at(step - 1),
-                        "search/entropy_weight": entropy_w,
-                        "search/frozen_pairs": controller.num_frozen(),
-                    }
+                entropy_w = controller.begin_step(step)
+            outputs = model(batch["image"])
+            loss, terms = criterion(outputs, batch)
+            if search:
+                ent = controller.loss_term(entropy_w)
+                terms["loss/entropy_term"] = ent.detach()
+                loss = loss + ent
+            faults.after_forward(step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            if search:
+                arch_opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            faults.poison_grads(step + 1, model)
+            grad_norm = None
+            if grad_clip:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), float(grad_clip))
+            elif check_grads:
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in model.parameters() if p.grad is not None]
                 )
-                logger.log(controller.alpha_log(), step)
-            logger.log(record, step)
-            if is_main:
-                with open(run_dir / "train_log.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **record}) + "\n")
-            log.debug("step %d loss %.4f lr %.3e", step, loss.item(), lr)
-        if step % int(tc.val_interval) == 0 or step == max_steps:
-            final_metrics, panels = validate(model, val_loader, metrics, acc, want_images if is_main else 0)
-            if is_main:
-                write_json_atomic(run_dir / "metrics.json", {"step": step, "metrics": final_metrics})
-                with open(run_dir / "metrics_history.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "metrics": final_metrics}) + "\n")
-                logger.log({f"val/{k}": v for k, v in final_metrics.items()}, step)
+            loss_ok = bool(torch.isfinite(loss))
+            grad_ok = grad_norm is None or bool(torch.isfinite(grad_norm))
+            if any_nonfinite(acc, not (loss_ok and grad_ok)):
+                what = _describe_nonfinite(step + 1, loss_ok, terms, model)
+                if on_nonfinite != "skip":
+                    raise NonFiniteError(
+                        f"{what}; stopped (last good checkpoint: {last_ckpt or 'none'}). Lower trainer.lr, "
+                        f"set trainer.grad_clip, or pass trainer.on_nonfinite=skip to skip such steps"
+                    )
+                skipped += 1
+                log.warning("%s: step skipped (%d so far)", what, skipped)
+                optimizer.zero_grad(set_to_none=True)
                 if search:
-                    genotype = acc.unwrap_model(model).head.genotype
-                    save_genotype(genotype, run_dir / GENOTYPE_FILENAME, step)
-                    if hasattr(logger, "log_genotype"):
-                        logger.log_genotype(genotype, tasks, step)
-                if panels:
-                    logger.log_images(panels, step)
-            log.info(
-                "step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in final_metrics.items())
-            )
-        if tc.checkpoint_interval and (step % int(tc.checkpoint_interval) == 0 or step == max_steps):
-            save_checkpoint(acc, run_dir, step, int(tc.keep_checkpoints))
+                    arch_opt.zero_grad(set_to_none=True)
+                if skipped > max_skipped:
+                    raise NonFiniteError(
+                        f"{what}; {skipped} steps skipped, more than trainer.max_skipped_steps={max_skipped}"
+                    )
+            else:
+                optimizer.step()
+                if search:
+                    arch_opt.step()
+            scheduler.step()
+            step += 1
+            imgs_since += int(tc.batch_size)
+            bar.update(1)
+            if step % int(tc.log_interval) == 0 or step == max_steps:
+                now = time.perf_counter()
+                ips = imgs_since / max(now - t_last, 1e-9)
+                t_last, imgs_since = now, 0
+                lr = optimizer.param_groups[0]["lr"]
+                loss_v = loss.item()
+                bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+                record = {
+                    "train/loss": loss_v,
+                    "train/lr": lr,
+                    "train/images_per_s": ips,
+                    **{f"train/{k}": v.item() for k, v in terms.items()},
+                }
+                if on_nonfinite == "skip":
+                    record["train/skipped_steps"] = skipped
+                if search:
+                    record.update(
+                        {
+                            "search/tau": controller.tau_at(step - 1),
+                            "search/entropy_weight": entropy_w,
+                            "search/frozen_pairs": controller.num_frozen(),
+                        }
+                    )
+                    logger.log(controller.alpha_log(), step)
+                logger.log(record, step)
+                if is_main:
+                    with open(run_dir / "train_log.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, **record}) + "\n")
+                log.debug("step %d loss %.4f lr %.3e", step, loss_v, lr)
+            if step % int(tc.val_interval) == 0 or step == max_steps:
+                final_metrics, panels = validate(
+                    model, val_loader, metrics, acc, want_images if is_main else 0
+                )
+                if is_main:
+                    result = {"step": step, "metrics": final_metrics}
+                    if on_nonfinite == "skip":
+                        result["skipped_steps"] = skipped
+                    write_json_atomic(run_dir / "metrics.json", result)
+                    with open(run_dir / "metrics_history.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, "metrics": final_metrics}) + "\n")
+                    logger.log({f"val/{k}": v for k, v in final_metrics.items()}, step)
+                    if search:
+                        genotype = acc.unwrap_model(model).head.genotype
+                        save_genotype(genotype, run_dir / GENOTYPE_FILENAME, step)
+                        if hasattr(logger, "log_genotype"):
+                            logger.log_genotype(genotype, tasks, step)
+                    if panels:
+                        logger.log_images(panels, step)
+                log.info(
+                    "step %d validation: %s",
+                    step,
+                    ", ".join(f"{k} {v:.4g}" for k, v in final_metrics.items()),
+                )
+            meta = {"step": step, "skipped_steps": skipped, "data": train_loader.batch_sampler.position(step)}
+            if tc.checkpoint_interval and (step % int(tc.checkpoint_interval) == 0 or step == max_steps):
+                last_ckpt = save_checkpoint(acc, run_dir, step, int(tc.keep_checkpoints), meta)
+            if step < max_steps and guard.requested(acc):
+                if last_ckpt is None or not last_ckpt.name.endswith(f"_{step:08d}"):
+                    last_ckpt = save_checkpoint(acc, run_dir, step, int(tc.keep_checkpoints), meta)
+                bar.close()
+                guard.hand_over()
+                raise Preempted(guard.signum, step, str(last_ckpt))
     bar.close()
     if not final_metrics:  # resumed at the end: validate once more
         final_metrics, _ = validate(model, val_loader, metrics, acc)

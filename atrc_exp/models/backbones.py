@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .hrnet import HRNet, hrnet18, hrnet48
-from .state_dict import format_keys, load_strict, strip_prefixes
+from .state_dict import WeightsError, format_keys, load_strict, strip_prefixes
 from .timm_backbone import TimmBackbone
 
 __all__ = [
@@ -144,10 +144,10 @@ def _unwrap(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
             break
         obj = obj[nested]
     if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{source}: not a state dict (got {type(obj).__name__})")
+        raise WeightsError(f"{source}: not a state dict (got {type(obj).__name__})")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{source}: state dict has non-tensor entries: {format_keys(bad)}")
+        raise WeightsError(f"{source}: state dict has non-tensor entries: {format_keys(bad)}")
     return dict(obj)
 
 
@@ -190,7 +190,7 @@ def load_backbone_checkpoint(
             dropped += 1
             continue
         if k2 in state:
-            raise ValueError(
+            raise WeightsError(
                 f"{source}: key {k2!r} appears more than once after stripping prefixes (from {k!r})"
             )
         state[k2] = v

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .state_dict import load_strict, strip_prefixes
+from .state_dict import WeightsError, load_strict, strip_prefixes
 
 __all__ = ["DROPPED_PREFIXES", "KEY_RENAMES", "load_original_state_dict", "original_to_ours"]
 
@@ -90,7 +90,7 @@ def load_original_state_dict(
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: not a state dict or Lightning checkpoint (got {type(obj).__name__})")
+        raise WeightsError(f"{source}: not a state dict or Lightning checkpoint (got {type(obj).__name__})")
 
     mapped: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
@@ -100,9 +100,9 @@ def load_original_state_dict(
             dropped.append(k)
             continue
         if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{source}: entry {k!r} is not a tensor ({type(v).__name__})")
+            raise WeightsError(f"{source}: entry {k!r} is not a tensor ({type(v).__name__})")
         if ours in mapped:
-            raise ValueError(f"{source}: key {ours!r} appears twice after renaming (from {k!r})")
+            raise WeightsError(f"{source}: key {ours!r} appears twice after renaming (from {k!r})")
         mapped[ours] = v
 
     n_nbt = load_strict(

@@ -29,12 +29,16 @@ def format_keys(keys: list[str], limit: int = 5) -> str:
     return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
 
+class WeightsError(ValueError):
+    """A weights file that does not fit the model (wrong keys or shapes, not a state dict)."""
+
+
 def load_strict(
     model: nn.Module, state: MutableMapping[str, torch.Tensor], what: str, hint: str = "", limit: int = 5
 ) -> int:
     """Load ``state`` into ``model`` strictly; returns how many ``num_batches_tracked`` were missing.
 
-    Missing :data:`OPTIONAL_BUFFERS` keep the model's values; any other missing or unexpected key or shape mismatch raises ``ValueError``
+    Missing :data:`OPTIONAL_BUFFERS` keep the model's values; any other missing or unexpected key or shape mismatch raises :class:`WeightsError`
     ``"cannot load {what} into <Model>: ...{hint}"`` listing up to ``limit`` keys of each kind.
     """
     own = model.state_dict()
@@ -55,7 +59,7 @@ def load_strict(
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): {format_keys(mismatched, limit)}")
     if problems:
-        raise ValueError(f"cannot load {what} into {type(model).__name__}: " + "; ".join(problems) + hint)
+        raise WeightsError(f"cannot load {what} into {type(model).__name__}: " + "; ".join(problems) + hint)
     for k in missing_nbt:
         state[k] = own[k]
     model.load_state_dict(state, strict=True)
