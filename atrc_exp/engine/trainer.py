@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from ..models import build_model
 from ..models.genotype import GENOTYPE_FILENAME, save_genotype
 from ..visualize import colorize, postprocess
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, truncate_logs, write_json_atomic
+from .fast_paths import apply_fast_paths, channels_last_enabled, prepare_input, train_loader_kwargs
 from .faults import (
     FaultInjector,
     NonFiniteError,
@@ -120,20 +122,13 @@ def build_train_loader(dataset, cfg: DictConfig, acc: Accelerator, start_step: i
         rank=acc.process_index,
         world_size=acc.num_processes,
     )
-    nw = int(tc.num_workers)
-    pin = OmegaConf.select(cfg, "trainer.pin_memory", default="auto")
-    extra = (
-        {"prefetch_factor": int(OmegaConf.select(cfg, "trainer.prefetch_factor", default=2))} if nw else {}
-    )
     # one iterator for the whole run, so workers live as long as the run (persistent by design)
     return DataLoader(
         SeededAugmentation(dataset, int(cfg.seed)),
         batch_sampler=sampler,
-        num_workers=nw,
-        pin_memory=acc.device.type == "cuda" if pin in (None, "auto") else bool(pin),
         generator=torch.Generator(),  # leaves the global RNG stream alone
         worker_init_fn=_worker_init,
-        **extra,
+        **train_loader_kwargs(tc, acc.device),  # num_workers, pin_memory, prefetch_factor, ...
     )
 
 
@@ -251,6 +246,8 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
 
         report = load_original_state_dict(model, str(init_from))
         log.info("initialised from original weights %s (%d tensors)", init_from, report["loaded"])
+    model = apply_fast_paths(model, cfg)  # channels_last / torch.compile (trainer.*; off by default)
+    channels_last = channels_last_enabled(cfg)
     tasks = list(cfg.tasks.names)
     centroids = None
     if "normals" in getattr(model.head, "aux_tasks", ()):
@@ -317,6 +314,7 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
 
     on_nonfinite = str(OmegaConf.select(cfg, "trainer.on_nonfinite", default="stop"))
     max_skipped = int(OmegaConf.select(cfg, "trainer.max_skipped_steps", default=100))
+    buffers = list(acc.unwrap_model(model).buffers())
     check_grads = acc.scaler is None  # fp16's GradScaler skips non-finite steps itself
     faults = FaultInjector()
     final_metrics: dict[str, float] = {}
@@ -333,9 +331,11 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
         while step < max_steps:
             batch = _to_device(next(it), acc.device)
             faults.poison_batch(step + 1, batch)
+            if on_nonfinite == "skip":  # a skipped step must not leave NaN in BatchNorm statistics
+                saved_buffers = [b.detach().clone() for b in buffers]
             if search:
                 entropy_w = controller.begin_step(step)
-            outputs = model(batch["image"])
+            outputs = model(prepare_input(batch["image"], channels_last))
             loss, terms = criterion(outputs, batch)
             if search:
                 ent = controller.loss_term(entropy_w)
@@ -368,6 +368,9 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
                 optimizer.zero_grad(set_to_none=True)
                 if search:
                     arch_opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for b, saved in zip(buffers, saved_buffers, strict=True):
+                        b.copy_(saved)
                 if skipped > max_skipped:
                     raise NonFiniteError(
                         f"{what}; {skipped} steps skipped, more than trainer.max_skipped_steps={max_skipped}"
@@ -376,7 +379,9 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
                 optimizer.step()
                 if search:
                     arch_opt.step()
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped first step warns "scheduler before optimizer"
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             step += 1
             imgs_since += int(tc.batch_size)
             bar.update(1)
