@@ -54,6 +54,14 @@ def test_reader_label_shift_and_ignore(tmp_path):
     assert (s["edge"][0, 12:] == 255).all()
 
 
+def test_reader_image_is_uint8_rgb(tmp_path):
+    d = _write_nyud(tmp_path)
+    raw = NYUDMT(tmp_path, "train", TASKS).load_raw(0)
+    bgr = cv2.imread(str(d / "images" / "a.jpg"), cv2.IMREAD_COLOR)
+    assert raw["image"].dtype == np.uint8 and raw["image"].shape == (12, 16, 3)
+    np.testing.assert_array_equal(raw["image"], bgr[..., ::-1])
+
+
 def test_reader_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="NYUD_MT"):
         NYUDMT(tmp_path, "train", TASKS)

@@ -38,7 +38,7 @@ def test_every_task_both_splits(pascal_dir, cache, split, offset, n):
     assert len(ds) == n
     for i in range(n):
         s, r = ds.load_raw(i), _ref(offset + i)
-        assert s["image"].shape == (H, W, 3) and s["image"].dtype == np.float32
+        assert s["image"].shape == (H, W, 3) and s["image"].dtype == np.uint8
         np.testing.assert_array_equal(s["semseg"], r["semseg"])
         np.testing.assert_array_equal(s["sal"], r["sal"])
         assert s["sal"].dtype == np.int64 and s["semseg"].dtype == np.int64

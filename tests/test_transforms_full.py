@@ -174,21 +174,26 @@ def test_train_pipeline_output():
     assert "RandomScaleCrop" in repr(tf)
 
 
-def test_fused_scale_crop_equals_scale_then_crop():
-    """Same draws → the same labels as RandomScale + RandomCrop (cv2 nearest), the image within
-    the 1/32-px quantisation of warpAffine."""
+@pytest.mark.parametrize("scale_range", [(0.5, 2.0), (0.5, 0.63)], ids=["window", "whole"])
+@pytest.mark.parametrize("image_dtype", [np.float32, np.uint8])
+def test_fused_scale_crop_equals_scale_then_crop(image_dtype, scale_range):
+    """Same draws → the same output as RandomScale + RandomCrop: labels bit for bit (cv2 nearest;
+    the fused step gathers them with cv2.remap), the image exactly (resize, then crop)."""
     rng = np.random.default_rng(0)
     s = _sample(47, 63)
+    s["image"] = s["image"].astype(image_dtype)
     s["semseg"] = rng.integers(0, 3, (47, 63))
+    s["semseg"][:5] = 255
     for seed in range(40):
         g1, g2 = np.random.default_rng(seed), np.random.default_rng(seed)
-        a = T.Compose([T.RandomScale((0.5, 2), rng=g1), T.RandomCrop((30, 40), rng=g1, cat_max_ratio=0.75)])(
-            s
-        )
-        b = T.RandomScaleCrop((0.5, 2), (30, 40), rng=g2)(s)
-        for k in (*LABELS, "depth", "normals", "edge"):
+        a = T.Compose(
+            [T.RandomScale(scale_range, rng=g1), T.RandomCrop((30, 40), rng=g1, cat_max_ratio=0.75)]
+        )(s)
+        b = T.RandomScaleCrop(scale_range, (30, 40), rng=g2)(s)
+        assert g1.random() == g2.random()  # the same number of draws
+        for k in (*LABELS, "depth", "normals", "edge", "image"):
+            assert b[k].dtype == s[k].dtype, k  # (cv2.resize turns int64 into int32; the fused step not)
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"seed {seed} {k}")
-        assert np.abs(a["image"] - b["image"]).max() < 3
 
 
 def test_val_pipeline_is_deterministic():
@@ -201,3 +206,332 @@ def test_val_pipeline_is_deterministic():
     np.testing.assert_allclose(
         T.denormalize(a["image"])[:, :20, :30].permute(1, 2, 0).numpy(), s["image"], atol=1e-3
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# fast paths (uint8 image, cv2.remap gathers, look-up tables, fused normalise/pad/to-tensor)
+# ---------------------------------------------------------------------------------------------
+
+
+def _smooth_uint8_image(h, w, seed=0):
+    """A natural-looking uint8 image (smooth colour blobs), where interpolation rounding is small."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = cv2.resize(rng.uniform(0, 255, (h // 8 + 2, w // 8 + 2, 3)).astype(np.float32), (w, h))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.array([[0, 255, -1, 2**40, -(2**62), 7]] * 5, np.int64),
+        np.array([[0, 255, -1, 2**31 - 1, -(2**31), 7]] * 5, np.int32),
+        np.array([[0, 1, 65535, 300, 2, 7]] * 5, np.uint16),
+        np.array([[0, 1, 255, 3, 2, 7]] * 5, np.uint8),
+        np.array([[True, False, True, True, False, False]] * 5),
+        np.array([[0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45]] * 5, np.float32),
+        np.array([[0.0, -0.0, np.nan, 5e-324, -1.5, 2.0]] * 5, np.float64),
+        np.arange(5 * 6 * 3, dtype=np.float32).reshape(5, 6, 3),
+        np.arange(5 * 6 * 4, dtype=np.uint8).reshape(5, 6, 4),
+    ],
+    ids=["int64", "int32", "uint16", "uint8", "bool", "float32", "float64", "hwc3", "hwc4"],
+)
+def test_gather_is_bit_exact(arr):
+    """The cv2.remap gather and cv2.flip move every value bit for bit (negative/huge ints, NaN, -0.0,
+    denormals), like the np.take fallback and plain fancy indexing."""
+    rng = np.random.default_rng(0)
+    rows, cols = np.sort(rng.integers(0, 5, 9)), np.sort(rng.integers(0, 6, 11))
+    want = arr[rows][:, cols]
+    nmap = T._nearest_map(rows, cols)
+    assert nmap is not None and nmap.shape == (9, 11, 2) and nmap.dtype == np.int16
+    for got in (T._gather(arr, rows, cols, nmap), T._gather(arr, rows, cols)):
+        assert got.dtype == arr.dtype and got.shape == want.shape and got.flags.c_contiguous
+        assert got.tobytes() == want.tobytes()
+    # a non-contiguous source (a flipped view) too
+    assert T._gather(arr[:, ::-1], rows, cols, nmap).tobytes() == arr[:, ::-1][rows][:, cols].tobytes()
+    # the flip (cv2.flip) moves values bit for bit as well, into a contiguous array
+    flipped = T._flip_lr(arr)
+    assert flipped.dtype == arr.dtype and flipped.flags.c_contiguous
+    assert flipped.tobytes() == np.ascontiguousarray(arr[:, ::-1]).tobytes()
+
+
+def _ratio_reference(seg, cat_max_ratio, ignore_index=255):
+    labels, cnt = np.unique(seg, return_counts=True)
+    cnt = cnt[labels != ignore_index]
+    return len(cnt) > 1 and cnt.max() / cnt.sum() < cat_max_ratio
+
+
+def test_class_ratio_ok_matches_unique():
+    """np.bincount counting gives MMSeg's np.unique verdict, also on the fallback dtypes."""
+    rng = np.random.default_rng(0)
+    verdicts = set()
+    for i in range(300):
+        k = int(rng.integers(1, 5))
+        seg = rng.choice(np.array([0, 1, 2, 3, 255, 254])[: k + 1], size=(6, 7), p=None)
+        if i % 3 == 0:  # one dominant class
+            seg[:, : int(rng.integers(3, 7))] = int(rng.integers(0, 4))
+        for arr in (seg.astype(np.int64), seg.astype(np.uint8), seg.astype(np.uint64), seg - 3, seg * 1.0):
+            want = _ratio_reference(arr, 0.75)
+            assert T.class_ratio_ok(arr, 0.75) == want, (i, arr.dtype)
+            verdicts.add(want)
+    assert verdicts == {True, False}
+    assert not T.class_ratio_ok(np.full((3, 3), 255), 0.75) and not T.class_ratio_ok(
+        np.array([[5, 7000]]), 0.5
+    )
+    assert T.class_ratio_ok(np.array([[5, 70000]]), 0.75)  # labels beyond bincount's range: np.unique
+
+
+def test_photometric_uint8_equals_float_path():
+    """Same draws → the look-up-table uint8 path gives exactly the float path's values, in every
+    branch combination (brightness, contrast first/last, saturation, hue)."""
+    img = _smooth_uint8_image(24, 32)
+    s8 = {"image": img, "semseg": np.zeros((24, 32), np.int64)}
+    sf = {**s8, "image": img.astype(np.float32)}
+    before = img.copy()
+    combos = set()
+    for seed in range(300):
+        p = T.PhotometricDistortion()._draw(np.random.default_rng(seed))
+        combos.add(tuple(v is not None for v in p.values()))
+        a = T.PhotometricDistortion(rng=np.random.default_rng(seed))(s8)["image"]
+        b = T.PhotometricDistortion(rng=np.random.default_rng(seed))(sf)["image"]
+        assert b.dtype == np.float32 and a.dtype in (np.uint8, np.float32)
+        np.testing.assert_array_equal(a.astype(np.float32), b, err_msg=f"seed {seed}: {p}")
+        if not any(v is not None for v in p.values()):
+            assert a is img  # nothing drawn: the image passes through
+    np.testing.assert_array_equal(img, before)  # the input is never changed in place
+    assert len(combos) >= 20  # most of the 2^5 - (impossible ones) combinations were exercised
+    # brightness then contrast last, with and without the HSV step in between
+    assert (True, False, True, False, False) in combos and (True, False, True, True, True) in combos
+
+
+def test_normalize_uint8_lut_equals_float():
+    img = _smooth_uint8_image(10, 12)
+    img[0, :3] = [0, 128, 255]
+    a = T.Normalize()({"image": img})["image"]
+    b = T.Normalize()({"image": img.astype(np.float32)})["image"]
+    assert a.dtype == np.float32 and a.shape == (10, 12, 3)
+    np.testing.assert_array_equal(a, b)
+
+
+def _final_sample(h, w, dtype, seed=0, parts=True):
+    s = _sample(h, w, seed)
+    s["image"] = _smooth_uint8_image(h, w, seed).astype(dtype)
+    s["normals"][1, 2] = 0
+    s["normals"][0, 0] = -0.0
+    s["depth"][3, 4] = 0
+    if not parts:
+        s["human_parts"] = np.where(np.arange(w)[None] < 2, 0, 255) * np.ones((h, 1), np.int64)
+    return s
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+@pytest.mark.parametrize("hw", [(10, 12), (16, 20), (18, 22), (16, 9)])
+@pytest.mark.parametrize("flipped", [False, True])
+@pytest.mark.parametrize("parts", [True, False])
+def test_normalize_pad_to_tensor_equals_the_four_steps(dtype, hw, flipped, parts):
+    """One pass = Normalize, PadToSize, IgnoreRegions, ToTensor (bit for bit), for uint8 / float
+    images, padded / exact / larger inputs, flipped views and maps with ignore regions."""
+    s = _final_sample(*hw, dtype, parts=parts)
+    if flipped:
+        s = T.RandomHorizontalFlip(p=1.0)(s)
+    size = (16, 20)
+    want = T.Compose([T.Normalize(), T.PadToSize(size), T.IgnoreRegions(), T.ToTensor()])(s)
+    got = T.NormalizePadToTensor(size)(s)
+    assert set(got) == set(want) and got["meta"] is s["meta"]
+    for k in want:
+        if k != "meta":
+            assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+            assert torch.equal(got[k], want[k]), k
+    x = hw[1] - 3 if flipped else 2
+    assert (got["normals"][:, 1, x] == 255).all() and bool((got["human_parts"] == 255).all()) != parts
+    # without the ignore regions: Normalize, PadToSize, ToTensor
+    want = T.Compose([T.Normalize(), T.PadToSize(size), T.ToTensor()])(s)
+    got = T.NormalizePadToTensor(size, ignore_regions=False)(s)
+    for k in want:
+        if k != "meta":
+            assert torch.equal(got[k], want[k]), k
+
+
+def test_flip_uint8_image_and_inputs_untouched():
+    s = _final_sample(12, 16, np.uint8)
+    before = {k: v.copy() for k, v in s.items() if k != "meta"}
+    out = T.RandomHorizontalFlip(p=1.0)(s)
+    assert out["image"].dtype == np.uint8
+    np.testing.assert_array_equal(out["image"], s["image"][:, ::-1])
+    np.testing.assert_array_equal(out["normals"][..., 0], -s["normals"][:, ::-1, 0])
+    for k, v in before.items():
+        np.testing.assert_array_equal(s[k], v, err_msg=k)
+
+
+def test_train_pipeline_matches_the_reference_pipeline():
+    """Same draws as the pre-change pipeline (kept in ``atrc-data bench``, float32 image): the
+    targets are identical tensors; the image (uint8 through scale/crop/flip/photometric) differs
+    only by interpolation rounding. The input sample is never modified."""
+    from atrc_exp.cli.data import _fake_sample, reference_train_steps
+
+    rng = np.random.default_rng(0)
+    crop = (60, 80)
+    s = _fake_sample(72, 96, ["semseg", "human_parts", "sal", "depth", "normals", "edge"], 5, rng)
+    s["image"] = _smooth_uint8_image(72, 96)
+    s["normals"][:10, :10] = 0  # some ignore regions
+    s["depth"][20:30, 40:50] = 0
+    s["semseg"][:8] = 255
+    before = {k: v.copy() for k, v in s.items() if k != "meta"}
+    sf = {**s, "image": s["image"].astype(np.float32)}
+    diffs, pads = [], 0
+    for seed in range(60):
+        g1, g2 = np.random.default_rng(seed), np.random.default_rng(seed)
+        fast = T.Compose(
+            [
+                T.RandomScaleCrop((0.5, 2), crop, rng=g1),
+                T.RandomHorizontalFlip(0.5, rng=g1),
+                T.PhotometricDistortion(rng=g1),
+                T.NormalizePadToTensor(crop),
+            ]
+        )
+        a = fast(s)
+        b = sf
+        for _, step in reference_train_steps(crop, rng=g2):
+            b = step(b)
+        for k in ("semseg", "human_parts", "sal", "depth", "normals", "edge"):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (seed, k)
+        d = (T.denormalize(a["image"]) - T.denormalize(b["image"])).abs()
+        g3 = np.random.default_rng(seed)  # replay the draws: did the 8-bit HSV round trip run?
+        T.RandomHorizontalFlip(0.5, rng=g3)(T.RandomScaleCrop((0.5, 2), crop, rng=g3)(s))
+        p = T.PhotometricDistortion()._draw(g3)
+        hsv = p["saturation"] is not None or p["hue"] is not None
+        diffs.append((d.mean().item(), (d > 2.5).float().mean().item(), hsv))
+        if not hsv:  # uint8 resize rounding (< 1 level, fixed-point bilinear) × a contrast ≤ 1.5
+            assert d.max() < 1.5, (seed, p)
+        pads += bool((a["semseg"][-1] == 255).all())
+    diffs = np.array(diffs)
+    # the quantised HSV round trip (hue in 2° steps) turns some 1-level differences into a few levels
+    assert diffs[:, 0].max() < 1.0 and diffs[:, 0].mean() < 0.5
+    assert diffs[:, 1].max() < 0.15 and diffs[:, 1].mean() < 0.03
+    assert 10 < diffs[:, 2].sum() < 55 and pads > 5  # both kinds of draws; small scales (padding)
+    for k, v in before.items():
+        np.testing.assert_array_equal(s[k], v, err_msg=k)
+
+
+def test_bench_table_and_its_text():
+    from atrc_exp.cli import data as cli
+
+    res = cli.bench_table(n=1)
+    assert [r["label"] for r in res] == [c[0] for c in cli.BENCH_CASES]
+    for r in res:
+        assert [n for n, _ in r["steps"]] == [
+            type(t).__name__ for t in T.build_train_transform((8, 8)).transforms
+        ]
+        assert len(r["ref_steps"]) == 7 and all(ms > 0 for _, ms in r["steps"] + r["ref_steps"])
+        assert r["rate"] == pytest.approx(1e3 / sum(ms for _, ms in r["steps"]))
+        assert r["speedup"] == pytest.approx(r["rate"] / r["ref_rate"])
+    text = cli.format_bench(res, 1)
+    for needle in ("NormalizePadToTensor", "scale+crop", "samples/s", "speed-up vs the reference", "57/s"):
+        assert needle in text, needle
+    assert text.count("speed-up vs the reference") == 2
+
+
+class _CountingGenerator:
+    """A numpy generator that counts the draws of each kind."""
+
+    def __init__(self, seed=0):
+        self.rng, self.draws = np.random.default_rng(seed), {"uniform": 0, "integers": 0}
+
+    def uniform(self, lo, hi):
+        self.draws["uniform"] += 1
+        return self.rng.uniform(lo, hi)
+
+    def integers(self, lo, hi):
+        self.draws["integers"] += 1
+        return self.rng.integers(lo, hi)
+
+
+def test_fused_scale_crop_redraw_rule():
+    """Up to 10 checked positions, then an 11th taken as it is; one draw when accepted at once."""
+    s = _sample(40, 50)
+    rng = _CountingGenerator()
+    out = T.RandomScaleCrop((1.2, 1.5), (20, 20), rng=rng)({**s, "semseg": np.zeros((40, 50), np.int64)})
+    assert rng.draws == {"uniform": 1, "integers": 2 * 11} and out["semseg"].shape == (20, 20)
+    rng = _CountingGenerator()  # the crop is the whole rescaled map: the same position 11 times
+    out = T.RandomScaleCrop((0.5, 0.5), (20, 25), rng=rng)({**s, "semseg": np.zeros((40, 50), np.int64)})
+    assert rng.draws == {"uniform": 1, "integers": 2 * 11} and out["semseg"].shape == (20, 25)
+    rng = _CountingGenerator()
+    T.RandomScaleCrop((1.2, 1.5), (20, 20), rng=rng)(s)  # 5 random classes: accepted at once
+    assert rng.draws == {"uniform": 1, "integers": 2}
+    rng = _CountingGenerator()
+    T.RandomScaleCrop((1.2, 1.5), (20, 20), rng=rng, cat_max_ratio=1.0)({**s, "semseg": s["semseg"] * 0})
+    assert rng.draws == {"uniform": 1, "integers": 2}
+
+
+def test_fused_depth_division_keeps_invalid_values():
+    """Depth 0, 255, negative and NaN are kept, the rest divided by the scale (as RandomScale)."""
+    s = _sample(20, 30)
+    special = s["depth"].copy()
+    special[0, :4] = [0.0, 255.0, -1.0, np.nan]
+    for d in (special, s["depth"]):  # the masked path and the plain one
+        b = T.RandomScaleCrop((2.0, 2.0), (40, 60))({**s, "depth": d})["depth"]
+        want = T.RandomScale((2.0, 2.0))({**s, "depth": d})["depth"]
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(b, want)
+        np.testing.assert_allclose(b[1::2, 1::2][1:], d[1:] / 2, rtol=1e-6)
+    np.testing.assert_array_equal(b[0, 8:], s["depth"][0, 4:].repeat(2) / np.float32(2))
+    out = T.RandomScaleCrop((2.0, 2.0), (40, 60))({**s, "depth": special})["depth"]
+    np.testing.assert_array_equal(out[0, :8], [0, 0, 255, 255, -1, -1, np.nan, np.nan])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+def test_normalize_pad_to_tensor_image_views(dtype):
+    """Flipped, upside-down and cropped views of the image normalise like contiguous arrays."""
+    img = _smooth_uint8_image(10, 12).astype(dtype)
+    four = T.Compose([T.Normalize(), T.PadToSize((16, 20)), T.IgnoreRegions(), T.ToTensor()])
+    for view in (img, img[:, ::-1], img[::-1], img[2:8, 3:9]):
+        got = T.NormalizePadToTensor((16, 20))({"image": view})["image"]
+        assert got.shape == (3, 16, 20) and torch.equal(got, four({"image": view})["image"])
+
+
+def test_torch_draws_follow_the_torch_seed():
+    torch.manual_seed(7)
+    a = T.TorchDraws()
+    first = [a.random() for _ in range(40)]  # more than one batch of 16
+    torch.manual_seed(7)
+    b = T.TorchDraws()
+    assert [b.random() for _ in range(40)] == first and len(set(first)) == 40
+    assert all(0 <= u < 1 for u in first)
+    ints = [T.TorchDraws().integers(3, 7) for _ in range(2000)]
+    counts = np.bincount(ints, minlength=7)[3:]
+    assert set(ints) == {3, 4, 5, 6} and counts.min() > 400  # uniform over low .. high-1
+    assert T.TorchDraws().integers(5, 6) == 5
+    u = [T.TorchDraws().uniform(-32, 32) for _ in range(2000)]
+    assert -32 <= min(u) < -28 and 28 < max(u) < 32 and abs(np.mean(u)) < 2
+    # transforms without an rng draw from torch: the same seed, the same augmentation
+    s = _sample(30, 40)
+    tf = T.build_train_transform((24, 32))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        outs.append([tf(s) for _ in range(3)])
+    for x, y in zip(*outs):
+        assert all(torch.equal(x[k], y[k]) for k in x if k != "meta")
+    assert not torch.equal(outs[0][0]["image"], outs[0][1]["image"])
+
+
+@pytest.mark.parametrize(
+    "hp,parts",
+    [
+        ([[0, 0], [0, 0]], False),
+        ([[255, 255], [255, 255]], False),
+        ([[0, 255], [255, 0]], False),
+        ([[3, 255], [255, 0]], True),
+        ([[0, 6], [0, 0]], True),
+        ([[300, 300], [300, 300]], True),
+        ([[0, 256], [255, 0]], True),
+        ([[-1, 0], [255, -3]], False),
+    ],
+)
+def test_has_parts(hp, parts):
+    """A part is any value > 0 other than 255 (the one-pass shortcuts agree with that rule)."""
+    hp = np.array(hp, np.int64)
+    assert T._has_parts(hp) == parts == bool(((hp > 0) & (hp != 255)).any())
+    out = T.NormalizePadToTensor((2, 2))({"image": np.zeros((2, 2, 3), np.uint8), "human_parts": hp})
+    assert bool((out["human_parts"] == 255).all()) == (not parts or bool((hp == 255).all()))

@@ -40,12 +40,13 @@ class DataError(RuntimeError):
 
 
 def read_image(path: Path, split_file: Path | str = "") -> np.ndarray:
-    """An RGB image as float32 H×W×3 in [0, 255] (OpenCV decode, BGR → RGB)."""
+    """An RGB image as uint8 H×W×3 (OpenCV decode, BGR → RGB); the transforms keep it uint8 as long
+    as they can (see :mod:`atrc_exp.data.transforms`)."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         where = f" (listed in {split_file})" if split_file else ""
         raise DataError(f"unreadable image {path}{where}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def read_label_png(path: Path, split_file: Path | str = "") -> np.ndarray:
