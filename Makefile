@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
+BENCH_ARGS ?=
 
 # Tests never talk to a W&B server.
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format clean bench-data bench-ops
+.PHONY: help install train test test-full lint format clean bench bench-data bench-ops
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +33,9 @@ test: $(STAMP) ## the test suite without slow tests (the CI gate)
 
 test-full: $(STAMP) ## every test, slow and CUDA ones included (CUDA skips without a GPU)
 	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) ## training step per context and fast path, + bench-data and bench-ops: one table (JSON in benchmarks/)
+	$(BIN)/python benchmarks/bench_train.py --include loader,data,ops $(BENCH_ARGS)
 
 bench-data: $(STAMP) ## train-transform samples/s on NYUD- and PASCAL-sized inputs (vs the original's 57/s)
 	$(BIN)/atrc-data bench

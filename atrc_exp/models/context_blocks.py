@@ -20,21 +20,27 @@ Conv weights are Xavier-uniform initialised (biases, if any, zero).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBNReLU
+from .layers import ConvBNReLU, conv_bn_act_blockwise, conv_bn_relu_group
 
 __all__ = [
     "CONTEXT_CODES",
     "CONTEXT_NAMES",
+    "CPOp",
     "GlobalContextBlock",
     "LabelContextBlock",
     "LocalContextBlock",
     "SLabelContextBlock",
     "TLabelContextBlock",
+    "label_contexts",
     "make_cp_block",
+    "run_cp_ops",
     "spatial_softmax",
 ]
 
@@ -59,6 +65,8 @@ class _CPBlock(nn.Module):
 
     #: which auxiliary prediction the block needs: None, "target" or "source"
     needs_prob: str | None = None
+    #: "global", "local" or "label": how :func:`run_cp_ops` evaluates the block
+    kind: str = ""
 
     def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True):
         super().__init__()
@@ -93,16 +101,25 @@ class GlobalContextBlock(_CPBlock):
         self.value_project = self._value(in_channels)
         _init_cp_block(self)
 
+    kind = "global"
+
     def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
-        B, _, H, W = target_feats.shape
-        key = self.key_project(source_feats).flatten(2)  # B×d×N
-        value = self.value_project(source_feats).flatten(2)  # B×d×N
-        query = self.query_project(target_feats).flatten(2)  # B×d×N
+        key = self.key_project(source_feats)
+        value = self.value_project(source_feats)
+        query = self.query_project(target_feats)
+        return self.attend(query, key, value)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Projected query (B×d×H×W), key and value (B×d×h×w) → B×d×H×W."""
+        B, d, H, W = query.shape
+        key = key.reshape(B, d, -1)  # B×d×N
+        value = value.reshape(B, d, -1)  # B×d×N
+        query = query.reshape(B, d, -1)  # B×d×N
         s = torch.matmul(value, key.transpose(1, 2))  # B×d×d
         z = key.sum(dim=2, keepdim=True).transpose(1, 2)  # B×1×d
         denom = torch.matmul(z, query).clamp_min(1e-12)  # B×1×N
         out = torch.matmul(s, query) / denom  # B×d×N
-        return out.view(B, self.out_channels, H, W)
+        return out.view(B, d, H, W)
 
 
 class LocalContextBlock(_CPBlock):
@@ -123,12 +140,18 @@ class LocalContextBlock(_CPBlock):
         self.value_project = self._value(in_channels)
         _init_cp_block(self)
 
-    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
-        from ..ops import local_attention
+    kind = "local"
 
+    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
         query = self.query_project(target_feats)
         key = self.key_project(source_feats)
         value = self.value_project(source_feats)
+        return self.attend(query, key, value)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Projected query, key and value (B×d×H×W) → B×d×H×W."""
+        from ..ops import local_attention
+
         if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
             # the CPU kernels are float32/float64 only (CPU autocast hands us bf16)
             query, key, value = query.float(), key.float(), value.float()
@@ -158,29 +181,42 @@ class LabelContextBlock(_CPBlock):
         self.value_project = self._value(in_channels)
         _init_cp_block(self)
 
+    kind = "label"
+
     @staticmethod
     def gather_context(feats: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """``probs`` B×K×N (spatially normalised), ``feats`` B×C×h×w → context B×C×K×1."""
         B, C = feats.shape[:2]
+        if probs.dim() == 4:
+            probs = probs.flatten(2)
         f = feats.reshape(B, C, -1).transpose(1, 2)  # B×N×C
         return torch.matmul(probs, f).transpose(1, 2).unsqueeze(3)  # B×C×K×1
 
-    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
+    def select_prob(self, target_prob, source_prob) -> torch.Tensor:
         probs = target_prob if self.context_type == "tlabel" else source_prob
         if probs is None:
             who = "target" if self.context_type == "tlabel" else "source"
             raise ValueError(f"{self.context_type} context needs the {who} task's auxiliary prediction")
-        B, _, H, W = target_feats.shape
-        if probs.dim() == 4:
-            probs = probs.flatten(2)
+        return probs
+
+    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
+        probs = self.select_prob(target_prob, source_prob)
         context = self.gather_context(source_feats, probs)
-        key = self.key_project(context).flatten(2)  # B×d×K
-        value = self.value_project(context).flatten(2).transpose(1, 2)  # B×K×d
-        query = self.query_project(target_feats).flatten(2).transpose(1, 2)  # B×N×d
-        sim = torch.matmul(query, key) / self.out_channels**0.5  # B×N×K
+        key = self.key_project(context)
+        value = self.value_project(context)
+        query = self.query_project(target_feats)
+        return self.attend(query, key, value)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Projected query (B×d×H×W), key and value of the context (B×d×K×1) → B×d×H×W."""
+        B, d, H, W = query.shape
+        key = key.reshape(B, d, -1)  # B×d×K
+        value = value.reshape(B, d, -1).transpose(1, 2)  # B×K×d
+        query = query.reshape(B, d, -1).transpose(1, 2)  # B×N×d
+        sim = torch.matmul(query, key).div_(d**0.5)  # B×N×K (the product is not saved for backward)
         sim = sim.softmax(dim=-1)
-        out = torch.matmul(sim, value).transpose(1, 2)  # B×d×N
-        return out.reshape(B, self.out_channels, H, W)
+        out = torch.matmul(sim, value).transpose(1, 2)  # B×d×N, strides (N·d, 1, d)
+        return out.view(B, d, H, W)  # splitting N is a view: no copy (cat / add read any layout)
 
 
 class TLabelContextBlock(LabelContextBlock):
@@ -236,3 +272,128 @@ def spatial_softmax(
     empty = mask.all(dim=2, keepdim=True)  # B×1×1
     x = x.masked_fill(mask, float("-inf")).masked_fill(empty, 0.0)
     return F.softmax(x, dim=2).masked_fill(empty, 0.0)
+
+
+# -- batched evaluation of many CP blocks ------------------------------------------------------------
+
+
+class CPOp(NamedTuple):
+    """One CP block to evaluate for ``target`` ← ``source`` (see :func:`run_cp_ops`)."""
+
+    target: str
+    source: str
+    block: _CPBlock
+
+
+def _project_rest(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
+    """The layers of a projection after its first one (ConvBN[ReLU], Softplus), functionally."""
+    for m in layers:
+        if isinstance(m, ConvBNReLU):
+            x = conv_bn_relu_group(x, [m])
+        elif isinstance(m, nn.Softplus):
+            x = F.softplus(x, m.beta, m.threshold)
+        else:
+            x = m(x)
+    return x
+
+
+def _prob_task(op: CPOp) -> str:
+    return op.target if op.block.context_type == "tlabel" else op.source
+
+
+def label_contexts(
+    ops: Sequence[CPOp], feats: Mapping[str, torch.Tensor], probs: Mapping[str, torch.Tensor], cache=None
+) -> dict[tuple[str, str], torch.Tensor]:
+    """The label contexts P_x·F_sᵀ (B×C×K×1) the label blocks of ``ops`` read, each computed once:
+    a t-label block (t, s) reads (t, s), an s-label block reads (s, s)."""
+    cache = {} if cache is None else cache
+    for op in ops:
+        if op.block.kind != "label":
+            continue
+        x = _prob_task(op)
+        if (x, op.source) not in cache:
+            p = probs.get(x)
+            if p is None:
+                op.block.select_prob(None, None)  # raises the block's error
+            cache[(x, op.source)] = LabelContextBlock.gather_context(feats[op.source], p)
+    return cache
+
+
+def _group(ops: Sequence[CPOp], key) -> dict:
+    """Indices of ``ops`` by ``key(op)`` (None: left out); within a group the global blocks last
+    (their second query/key layer has no ReLU, the others' do: one in-place ReLU for the rest)."""
+    groups: dict = {}
+    for i, op in enumerate(ops):
+        k = key(op)
+        if k is not None:
+            groups.setdefault(k, []).append(i)
+    return {k: sorted(idx, key=lambda i: ops[i].block.kind == "global") for k, idx in groups.items()}
+
+
+def run_cp_ops(
+    ops: Sequence[CPOp],
+    feats: Mapping[str, torch.Tensor],
+    probs: Mapping[str, torch.Tensor] | None = None,
+    contexts: Mapping[tuple[str, str], torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Outputs of many CP blocks, ``[op.block(feats[op.target], feats[op.source], ...) for op in ops]``,
+    with the projections that read the same tensor batched into one 1×1 convolution and one batch
+    norm (:func:`~atrc_exp.models.layers.conv_bn_relu_group`):
+
+    * the first query layer of every block with the same target;
+    * the first key layer and the value projection of every global / local block with the same
+      source;
+    * the first key layer and the value projection of every label block that reads the same label
+      context (contexts are computed once per (probability task, source), see
+      :func:`label_contexts`; pass ``contexts`` to reuse them).
+
+    The remaining layers and the attention run per block. Same numbers as the blocks' own forward
+    (float rounding aside), running statistics updated once per layer.
+    """
+    n = len(ops)
+    query: list = [None] * n
+    key: list = [None] * n
+    value: list = [None] * n
+    d = [op.block.out_channels for op in ops]
+
+    def first_and_second(x, idx, first, second):
+        """One conv + BN (+ ReLU) for the layers ``first(op)`` of the ops ``idx`` (all reading
+        ``x``), then their second layers ``second(op)`` block-wise as one batched product."""
+        y = conv_bn_relu_group(x, [first(ops[i]) for i in idx])
+        return conv_bn_act_blockwise(y, [second(ops[i]) for i in idx])
+
+    # queries: per target, the first layers as one conv, the second ones as one batched product
+    for t, idx in _group(ops, lambda op: op.target).items():
+        parts = first_and_second(
+            feats[t], idx, lambda op: op.block.query_project[0], lambda op: op.block.query_project[1]
+        )
+        for i, part in zip(idx, parts):
+            query[i] = _project_rest(part, ops[i].block.query_project[2:])
+
+    def keys_and_values(x, idx, together):
+        """First key layers and values of the ops ``idx``, then the second key layers.
+        ``together``: first key layers and values as one conv (small inputs: the label contexts);
+        else two, so that the keys are contiguous for the batched second layers (no copy kept)."""
+        dk = sum(d[i] for i in idx)
+        keys1 = [ops[i].block.key_project[0] for i in idx]
+        vals = [ops[i].block.value_project for i in idx]
+        if together:
+            y = conv_bn_relu_group(x, keys1 + vals)
+            k, v = y[:, :dk], y[:, dk:]
+        else:
+            k, v = conv_bn_relu_group(x, keys1), conv_bn_relu_group(x, vals)
+        keys = conv_bn_act_blockwise(k, [ops[i].block.key_project[1] for i in idx])
+        for i, kp, vp in zip(idx, keys, v.split([d[i] for i in idx], dim=1)):
+            key[i] = _project_rest(kp, ops[i].block.key_project[2:])
+            value[i] = vp
+
+    # on the source features (global, local): per source
+    for s, idx in _group(ops, lambda op: op.source if op.block.kind in ("global", "local") else None).items():
+        keys_and_values(feats[s], idx, together=False)
+    # on the label contexts: per context
+    if any(op.block.kind == "label" for op in ops):
+        contexts = label_contexts(ops, feats, probs or {}, dict(contexts or {}))
+        by_context = _group(ops, lambda op: (_prob_task(op), op.source) if op.block.kind == "label" else None)
+        for ck, idx in by_context.items():
+            keys_and_values(contexts[ck], idx, together=True)
+    return [op.block.attend(query[i], key[i], value[i]) for i, op in enumerate(ops)]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,3 +34,185 @@ def concat_features(features: list[torch.Tensor]) -> torch.Tensor:
     """Upsample every map to the first one's size and concatenate along channels."""
     size = tuple(features[0].shape[-2:])
     return torch.cat([resize_to(f, size) for f in features], dim=1)
+
+
+# -- grouped evaluation of layers that read the same input -----------------------------------------
+#
+# Several 1×1 ConvBNReLU layers applied to the *same* tensor (the query projections of all CP blocks
+# of one target, the aux heads, ...) are evaluated as one convolution with the weights concatenated
+# at call time (``torch.cat`` of the parameters: gradients flow back into each layer's own weight)
+# and one batch norm over the concatenated channels. Batch norm normalises every channel on its
+# own, so this is the same computation as layer by layer (float rounding aside); the running
+# statistics are updated in each layer's own buffers, exactly once, as ``nn.BatchNorm2d`` does.
+
+_stats_frozen = 0
+
+
+@contextlib.contextmanager
+def frozen_bn_stats():
+    """Within this context the grouped batch norms below use batch statistics in training mode
+    as usual but leave running statistics and ``num_batches_tracked`` alone (used when a forward
+    is recomputed for the backward, so a step updates them once)."""
+    global _stats_frozen
+    _stats_frozen += 1
+    try:
+        yield
+    finally:
+        _stats_frozen -= 1
+
+
+def bn_stats_frozen() -> bool:
+    return _stats_frozen > 0
+
+
+def _plain_bn(bn: nn.Module) -> bool:
+    return type(bn) is nn.BatchNorm2d
+
+
+def _bn_module(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """``bn(x)`` through the module (e.g. SyncBatchNorm), honouring :func:`frozen_bn_stats`."""
+    if not (bn_stats_frozen() and bn.training and bn.track_running_stats):
+        return bn(x)
+    momentum = bn.momentum
+    bn.momentum = 0.0  # running = 1·running + 0·batch: unchanged
+    try:
+        y = bn(x)
+    finally:
+        bn.momentum = momentum
+        bn.num_batches_tracked.sub_(1)
+    return y
+
+
+def _bn_compatible(bns: Sequence[nn.Module]) -> bool:
+    b0 = bns[0]
+    return all(
+        _plain_bn(b)
+        and b.training == b0.training
+        and b.track_running_stats == b0.track_running_stats
+        and b.eps == b0.eps
+        and b.momentum == b0.momentum
+        for b in bns
+    ) and (len(bns) == 1 or b0.momentum is not None or not (b0.training and b0.track_running_stats))
+
+
+def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module]) -> torch.Tensor:
+    """Batch norm of ``x`` whose channels are those of ``bns`` concatenated (in order): the same
+    as ``torch.cat([bn(part) for bn, part in zip(bns, x.split(...))], 1)``, running statistics
+    updated in each module's buffers."""
+    if len(bns) == 1 and not _plain_bn(bns[0]):
+        return _bn_module(x, bns[0])
+    if not _bn_compatible(bns):
+        parts = x.split([b.num_features for b in bns], dim=1)
+        return torch.cat([_bn_module(p, b) for p, b in zip(parts, bns)], dim=1)
+    b0 = bns[0]
+    tracked = b0.track_running_stats
+    frozen = bn_stats_frozen()
+    update = b0.training and tracked and not frozen
+    use_batch_stats = b0.training or not tracked
+    factor = 0.0
+    if update:
+        for b in bns:
+            b.num_batches_tracked.add_(1)
+        factor = b0.momentum if b0.momentum is not None else 1.0 / float(b0.num_batches_tracked)
+    if len(bns) == 1:
+        weight, bias = b0.weight, b0.bias
+        mean, var = (b0.running_mean, b0.running_var) if tracked else (None, None)
+        if frozen and b0.training and tracked:  # update a throw-away copy (same op as the forward)
+            mean, var = mean.clone(), var.clone()
+    else:
+        if any(b.affine for b in bns):
+            weight = torch.cat([b.weight if b.affine else x.new_ones(b.num_features) for b in bns])
+            bias = torch.cat([b.bias if b.affine else x.new_zeros(b.num_features) for b in bns])
+        else:
+            weight = bias = None
+        if tracked:
+            mean = torch.cat([b.running_mean for b in bns])
+            var = torch.cat([b.running_var for b in bns])
+        else:
+            mean = var = None
+    y = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, b0.eps)
+    if update and len(bns) > 1:
+        with torch.no_grad():
+            lo = 0
+            for b in bns:
+                hi = lo + b.num_features
+                b.running_mean.copy_(mean[lo:hi])
+                b.running_var.copy_(var[lo:hi])
+                lo = hi
+    return y
+
+
+def _geometry(conv: nn.Conv2d) -> tuple:
+    return (conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+
+
+def conv_group(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Tensor:
+    """The convolutions ``convs`` of the same input (same kernel, stride, padding; no groups) as
+    one convolution: outputs concatenated along channels, in order."""
+    if len(convs) == 1:
+        return convs[0](x)
+    g = _geometry(convs[0])
+    if any(c.groups != 1 or _geometry(c) != g for c in convs) or g[-1] != "zeros":
+        return torch.cat([c(x) for c in convs], dim=1)
+    weight = torch.cat([c.weight for c in convs])
+    if any(c.bias is not None for c in convs):
+        bias = torch.cat([c.bias if c.bias is not None else x.new_zeros(c.out_channels) for c in convs])
+    else:
+        bias = None
+    c0 = convs[0]
+    return F.conv2d(x, weight, bias, c0.stride, c0.padding, c0.dilation)
+
+
+def _pointwise(conv: nn.Conv2d) -> bool:
+    return (
+        conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+    )
+
+
+def pointwise_blockwise(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Tensor:
+    """``torch.cat([conv(part) for conv, part in zip(convs, x.split(c_in, 1))], 1)`` for 1×1
+    convolutions without bias of equal shape (c_in → c_out), each reading its own block of
+    ``c_in`` channels of ``x`` (B×(n·c_in)×H×W): one batched matrix product."""
+    c0 = convs[0]
+    n, cin, cout = len(convs), c0.in_channels, c0.out_channels
+    B, C, H, W = x.shape
+    same = all(_pointwise(c) and c.in_channels == cin and c.out_channels == cout for c in convs)
+    if not same or C != n * cin:
+        return torch.cat([c(p) for c, p in zip(convs, x.split(cin, dim=1))], dim=1)
+    weight = torch.stack([c.weight.view(cout, cin) for c in convs])  # n×c_out×c_in
+    y = torch.matmul(weight, x.reshape(B, n, cin, H * W))  # B×n×c_out×HW
+    return y.view(B, n * cout, H, W)
+
+
+def conv_bn_relu_group(x: torch.Tensor, layers: Sequence[ConvBNReLU]) -> torch.Tensor:
+    """``torch.cat([layer(x) for layer in layers], 1)`` for :class:`ConvBNReLU` layers reading the
+    same ``x``, as one convolution and one batch norm (see :func:`batch_norm_group`). The layers
+    must agree on having a ReLU or not."""
+    relu = [len(m) > 2 for m in layers]
+    if any(r != relu[0] for r in relu):
+        raise ValueError("conv_bn_relu_group: layers mix ConvBNReLU and ConvBN")
+    y = batch_norm_group(conv_group(x, [m[0] for m in layers]), [m[1] for m in layers])
+    return F.relu(y, inplace=True) if relu[0] else y
+
+
+def conv_bn_act_blockwise(x: torch.Tensor, layers: Sequence[ConvBNReLU]) -> list[torch.Tensor]:
+    """``[layer(part) for layer, part in zip(layers, x.split(c_in, 1))]`` for 1×1 ConvBN[ReLU]
+    layers of equal shape, each reading its own channel block of ``x``: one batched matrix
+    product (:func:`pointwise_blockwise`), one batch norm, the ReLUs where the layers have them."""
+    y = batch_norm_group(pointwise_blockwise(x, [m[0] for m in layers]), [m[1] for m in layers])
+    relu = [len(m) > 2 for m in layers]
+    sizes = [m[1].num_features for m in layers]
+    n_relu = sum(relu)
+    if n_relu and relu[:n_relu] == [True] * n_relu:  # ReLU layers first: one in-place ReLU
+        if n_relu == len(relu):
+            y = F.relu(y, inplace=True)
+        else:
+            y[:, : sum(sizes[:n_relu])].relu_()
+        return list(y.split(sizes, dim=1))
+    parts = y.split(sizes, dim=1)
+    return [F.relu(p) if r else p for p, r in zip(parts, relu)]

@@ -21,12 +21,25 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .context_blocks import CONTEXT_CODES, make_cp_block, spatial_softmax
-from .layers import ConvBNReLU
+from .context_blocks import CONTEXT_CODES, CPOp, label_contexts, make_cp_block, run_cp_ops, spatial_softmax
+from .layers import ConvBNReLU, conv_bn_relu_group, frozen_bn_stats
 from .search_block import SearchCPBlock
 
-__all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "uniform_genotype"]
+__all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "set_fused", "uniform_genotype"]
+
+
+def set_fused(module: nn.Module, fused: bool = True, recompute: bool | None = None) -> None:
+    """Switch every ATRC head / module inside ``module`` between the batched evaluation
+    (``fused=True``, the default) and the block-by-block one of the original implementation;
+    ``recompute`` sets :attr:`ATRCModule.recompute` (the memory-lean search) as well."""
+    for m in module.modules():
+        if isinstance(m, (ATRCModule, RelationalContextHead)):
+            m.fused = bool(fused)
+        if recompute is not None and isinstance(m, ATRCModule):
+            m.recompute = bool(recompute)
+
 
 Genotype = Mapping[str, Mapping[str, int]]
 
@@ -54,7 +67,18 @@ def aux_tasks_of(genotype: Genotype, tasks: Sequence[str]) -> list[str]:
 class ATRCModule(nn.Module):
     """CP blocks per (target, source) with context ≠ none → concat → ``out_proj`` (ConvBN 1×1, BN
     weight and bias zero at init) → concat [features_t, projection] → ``bottleneck`` ConvBNReLU 1×1
-    (2C → C) → Dropout2d. A target without sources: ConvBNReLU 1×1 (C → C) → Dropout2d."""
+    (2C → C) → Dropout2d. A target without sources: ConvBNReLU 1×1 (C → C) → Dropout2d.
+
+    ``fused`` (default True): the CP blocks are evaluated together by
+    :func:`~atrc_exp.models.context_blocks.run_cp_ops` (projections that read the same tensor
+    batched into one convolution, label contexts computed once); False calls block by block as the
+    original. Same numbers either way (float rounding aside), same parameters and buffers.
+
+    ``recompute`` (default True, search only): while training, the CP ops of each target are run
+    under activation checkpointing — their intermediate activations are not kept but recomputed
+    in the backward (batch-norm running statistics still updated once), so the search holds
+    one target's ops at a time instead of all 16 pairs × 4 ops. Fused search only.
+    """
 
     def __init__(
         self,
@@ -68,6 +92,9 @@ class ATRCModule(nn.Module):
     ):
         super().__init__()
         self.tasks = list(tasks)
+        self.search = genotype is None
+        self.fused = True
+        self.recompute = True
         inter = channels // 2 if inter_channels is None else inter_channels
         self.cp_blocks = nn.ModuleDict()
         for t in self.tasks:
@@ -95,22 +122,71 @@ class ATRCModule(nn.Module):
                 self.bottleneck[t] = ConvBNReLU(channels, channels, 1)
         self.dropout = nn.Dropout2d(dropout)
 
+    def _finish(self, t: str, feats_t: torch.Tensor, ctx: list[torch.Tensor] | None) -> torch.Tensor:
+        if not ctx:
+            return self.dropout(self.bottleneck[t](feats_t))
+        distilled = self.out_proj[t](torch.cat(ctx, dim=1))
+        return self.dropout(self.bottleneck[t](torch.cat([feats_t, distilled], dim=1)))
+
     def forward(
         self, feats: Mapping[str, torch.Tensor], probs: Mapping[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
         probs = probs or {}
+        if not self.fused:
+            return self._forward_plain(feats, probs)
+        if self.search:
+            return self._forward_search(feats, probs)
+        ops = [CPOp(t, s, blk) for t in self.tasks for s, blk in self.cp_blocks[t].items()]
+        ys = iter(run_cp_ops(ops, feats, probs))
+        return {t: self._finish(t, feats[t], [next(ys) for _ in self.cp_blocks[t]]) for t in self.tasks}
+
+    def _forward_plain(self, feats, probs) -> dict[str, torch.Tensor]:
         out = {}
         for t in self.tasks:
-            blocks = self.cp_blocks[t]
-            if len(blocks) == 0:
-                out[t] = self.dropout(self.bottleneck[t](feats[t]))
-                continue
             ctx = [
                 blk(feats[t], feats[s], target_prob=probs.get(t), source_prob=probs.get(s))
-                for s, blk in blocks.items()
+                for s, blk in self.cp_blocks[t].items()
             ]
-            distilled = self.out_proj[t](torch.cat(ctx, dim=1))
-            out[t] = self.dropout(self.bottleneck[t](torch.cat([feats[t], distilled], dim=1)))
+            out[t] = self._finish(t, feats[t], ctx)
+        return out
+
+    def _forward_search(self, feats, probs) -> dict[str, torch.Tensor]:
+        """Row by row (target by target), in the plain path's order of random draws: the Gumbel
+        weights of a row's pairs, then the row's dropout."""
+        out = {}
+        contexts: dict = {}
+        for t in self.tasks:
+            blocks = list(self.cp_blocks[t].items())
+            plan = []  # per pair: (block, weights, active op indices)
+            ops = []
+            for s, blk in blocks:
+                w = blk.op_weights()
+                active = blk.active_ops()
+                plan.append((blk, w, active))
+                ops += [CPOp(t, s, blk.op_list[i]) for i in active]
+            # label contexts outside of any checkpoint: shared by rows, small
+            ctx_in = label_contexts(ops, feats, probs, contexts)
+
+            def row(*_, ops=ops, plan=plan, ctx_in=ctx_in, t=t):
+                ys = iter(run_cp_ops(ops, feats, probs, ctx_in))
+                return tuple(
+                    blk.mix(w, active, [next(ys) for _ in active], feats[t]) for blk, w, active in plan
+                )
+
+            if ops and self.recompute and self.training and torch.is_grad_enabled():
+                calls = [0]
+
+                def row_once(*args, row=row, calls=calls):
+                    calls[0] += 1
+                    if calls[0] == 1:
+                        return row(*args)
+                    with frozen_bn_stats():  # the recomputation in the backward
+                        return row(*args)
+
+                mixed = checkpoint(row_once, feats[t], use_reentrant=False, preserve_rng_state=False)
+            else:
+                mixed = row()
+            out[t] = self._finish(t, feats[t], list(mixed))
         return out
 
 
@@ -162,6 +238,8 @@ class RelationalContextHead(nn.Module):
         self.final_logits = nn.ModuleDict(
             {t: nn.Conv2d(c, out_channels[t], 1, bias=True) for t in self.tasks}
         )
+        #: aux heads (all reading the same detached features) as one convolution; see ATRCModule.fused
+        self.fused = True
         self.init_weights()
 
     @property
@@ -189,8 +267,13 @@ class RelationalContextHead(nn.Module):
         probs: dict[str, torch.Tensor] = {}
         if self.aux_tasks:
             xd = x.detach()
+            if self.fused and len(self.aux_tasks) > 1:
+                hidden = conv_bn_relu_group(xd, [self.aux_conv[t] for t in self.aux_tasks])
+                hidden = dict(zip(self.aux_tasks, hidden.split(self.in_channels, dim=1)))
+            else:
+                hidden = {t: self.aux_conv[t](xd) for t in self.aux_tasks}
             for t in self.aux_tasks:
-                aux[t] = self.aux_logits[t](self.aux_conv[t](xd))
+                aux[t] = self.aux_logits[t](hidden[t])
                 probs[t] = spatial_softmax(aux[t], image)
         out = self.atrc_module(feats, probs)
         result = {"final": {t: self.final_logits[t](out[t]) for t in self.tasks}}

@@ -66,16 +66,33 @@ class SearchCPBlock(nn.Module):
             return F.one_hot(torch.tensor(self.choice()), n).to(self.arch_param)
         return F.gumbel_softmax(self.arch_param, tau=self.tau, hard=False)
 
-    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
-        w = self.op_weights()
+    def active_ops(self) -> list[int]:
+        """Indices into ``op_list`` of the ops this forward pass computes (call after
+        :meth:`op_weights`, which may freeze the choice): all of them while searching, else only
+        the chosen one (none for ``none``)."""
+        if self.training and not self.is_frozen:
+            return list(range(len(self.op_list)))
+        c = self.choice()
+        return [c - 1] if c > 0 else []
+
+    def mix(
+        self, w: torch.Tensor, active: list[int], outputs: list[torch.Tensor], like: torch.Tensor
+    ) -> torch.Tensor:
+        """Σ w[i+1]·outputs for the ``active`` ops (zeros shaped like ``like`` when there is none)."""
         out = None
-        for i, op in enumerate(self.op_list):
-            if not self.training or self.is_frozen:
-                if self.choice() != i + 1:
-                    continue
-            y = w[i + 1] * op(target_feats, source_feats, target_prob=target_prob, source_prob=source_prob)
+        for i, y in zip(active, outputs):
+            y = w[i + 1] * y
             out = y if out is None else out + y
         if out is None:  # `none` chosen: contributes nothing
-            b, _, h, wd = target_feats.shape
-            out = target_feats.new_zeros(b, self.out_channels, h, wd)
+            b, _, h, wd = like.shape
+            out = like.new_zeros(b, self.out_channels, h, wd)
         return out
+
+    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
+        w = self.op_weights()
+        active = self.active_ops()
+        outputs = [
+            self.op_list[i](target_feats, source_feats, target_prob=target_prob, source_prob=source_prob)
+            for i in active
+        ]
+        return self.mix(w, active, outputs, target_feats)

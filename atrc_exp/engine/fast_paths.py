@@ -1,0 +1,127 @@
+"""Switchable fast training paths: channels_last, ``torch.compile`` and the DataLoader settings.
+
+Every switch lives in ``conf/trainer/default.yaml`` under ``# fast paths`` and is off by default,
+so a run's numbers do not change unless asked for. ``make bench`` (``benchmarks/bench_train.py``)
+times each against the plain float32 step in the same run. bf16 is not here: it is
+``trainer.mixed_precision=bf16`` (Accelerate's autocast).
+
+``trainer.channels_last`` (bool)
+    Weights and activations in NHWC (``torch.channels_last``). :func:`apply_fast_paths` converts
+    the model; the trainer converts each input batch with :func:`prepare_input`. Numerically the
+    same computation (float rounding aside).
+
+``trainer.compile`` (``false`` | ``true`` | ``{enabled, mode, fullgraph, dynamic}``)
+    ``torch.compile`` of ``model.backbone`` and ``model.head`` *in place* (``nn.Module.compile``),
+    so parameter names and state-dict keys stay unchanged: checkpoints, resume,
+    ``init_from_original`` and the weight/α split of the search work as without it. ``mode`` is
+    torch.compile's (``default``, ``reduce-overhead``, ``max-autotune``, ...); ``fullgraph: true``
+    turns any graph break into an error. The local-attention op is a ``torch.library`` custom op
+    (``torch.ops.atrc_exp.local_attention_fwd`` / ``_bwd``) with fake implementations, so it
+    compiles without a graph break (``tests/test_fast_paths.py`` checks the ATRC head with
+    ``fullgraph=True``). The search block (``context=search``) reads α and its frozen choice on
+    the host and therefore breaks the graph: keep ``fullgraph: false`` there. Compilation happens
+    on the first step (tens of seconds to minutes on a CPU; needs a C++ compiler for the CPU
+    backend); switching between train and eval mode and a new input size recompile once each.
+
+``trainer.pin_memory`` (``auto`` | bool), ``trainer.persistent_workers`` (bool), ``trainer.prefetch_factor`` (int)
+    Train DataLoader settings, see :func:`train_loader_kwargs`. ``auto`` pins host memory only
+    when training on CUDA; the worker settings apply only with ``trainer.num_workers > 0``. The
+    trainer's train loader is a single endless iterator (step-indexed sampler), so its workers
+    live for the whole run either way; ``persistent_workers`` only matters for loaders that are
+    iterated again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+__all__ = [
+    "apply_fast_paths",
+    "channels_last_enabled",
+    "compile_options",
+    "prepare_input",
+    "train_loader_kwargs",
+]
+
+
+def _get(cfg: DictConfig, key: str, default: Any) -> Any:
+    value = OmegaConf.select(cfg, key, default=default)
+    return default if value is None else value
+
+
+def channels_last_enabled(cfg: DictConfig) -> bool:
+    """``trainer.channels_last`` (false when the key is missing)."""
+    return bool(_get(cfg, "trainer.channels_last", False))
+
+
+def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``torch.compile`` keyword arguments of ``trainer.compile``, or None when compile is off.
+
+    Accepts a bool (``trainer.compile=true``) or a dict ``{enabled, mode, fullgraph, dynamic}``.
+    """
+    c = OmegaConf.select(cfg, "trainer.compile", default=None)
+    if c is None or isinstance(c, bool):
+        return {"mode": None, "fullgraph": False, "dynamic": None} if c else None
+    if isinstance(c, str):
+        raise ValueError(f"trainer.compile must be a bool or a dict, got {c!r}")
+    c = OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else dict(c)
+    if not c.get("enabled", False):
+        return None
+    mode = c.get("mode")
+    return {
+        "mode": None if mode in (None, "default") else str(mode),
+        "fullgraph": bool(c.get("fullgraph", False)),
+        "dynamic": c.get("dynamic"),
+    }
+
+
+def apply_fast_paths(model: nn.Module, cfg: DictConfig) -> nn.Module:
+    """Apply the model-side fast paths of ``cfg.trainer`` to ``model`` and return it.
+
+    * ``channels_last``: ``model.to(memory_format=torch.channels_last)`` (4-D weights become NHWC);
+    * ``compile``: ``model.backbone.compile(...)`` and ``model.head.compile(...)`` in place (a model
+      without those attributes is compiled as a whole, still in place).
+
+    Call it after the weights are loaded and before ``Accelerator.prepare`` / DDP wrapping. With
+    everything off the model is returned untouched.
+    """
+    if channels_last_enabled(cfg):
+        model = model.to(memory_format=torch.channels_last)
+    opts = compile_options(cfg)
+    if opts is not None:
+        parts = [
+            getattr(model, n) for n in ("backbone", "head") if isinstance(getattr(model, n, None), nn.Module)
+        ]
+        for part in parts or [model]:
+            part.compile(**opts)
+    return model
+
+
+def prepare_input(image: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The input batch in the memory format the model expects (NHWC when ``channels_last``)."""
+    if channels_last and image.dim() == 4:
+        return image.contiguous(memory_format=torch.channels_last)
+    return image
+
+
+def train_loader_kwargs(trainer_cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """DataLoader keyword arguments of the train loader from ``trainer.*``.
+
+    ``num_workers``; ``pin_memory`` (``auto``: only when ``device`` is CUDA); with workers,
+    ``persistent_workers`` (default true) and ``prefetch_factor`` (default 2, PyTorch's own).
+    """
+    nw = int(_get(trainer_cfg, "num_workers", 0))
+    pin = _get(trainer_cfg, "pin_memory", "auto")
+    if isinstance(pin, str):
+        if pin.lower() != "auto":
+            raise ValueError(f"trainer.pin_memory must be auto, true or false, got {pin!r}")
+        pin = torch.device(device).type == "cuda"
+    kwargs: dict[str, Any] = {"num_workers": nw, "pin_memory": bool(pin)}
+    if nw > 0:
+        kwargs["persistent_workers"] = bool(_get(trainer_cfg, "persistent_workers", True))
+        kwargs["prefetch_factor"] = int(_get(trainer_cfg, "prefetch_factor", 2))
+    return kwargs

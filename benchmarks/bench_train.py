@@ -1,0 +1,563 @@
+"""Benchmark one training step (forward + loss + backward + SGD step) per context and fast path.
+
+    python benchmarks/bench_train.py                       # CPU table (+ CUDA rows on a GPU)
+    python benchmarks/bench_train.py --include data,ops    # + `atrc-data bench` and bench-ops (`make bench`)
+    python benchmarks/bench_train.py --contexts none atrc --paths fp32 channels_last --steps 4
+
+Models are built the way training builds them: the Hydra config is composed from ``conf/``
+(``dataset=nyud``: semseg/depth/normals/edge with 40 classes; ``backbone=hrnet18`` without
+pretrained weights; ``context=...``; ``context=search`` with ``mode=search``), then
+``atrc_exp.models.build_model``, ``atrc_exp.engine.fast_paths.apply_fast_paths`` and
+``atrc_exp.losses.MultiTaskLoss`` (random unit-vector normal centroids, 40×3). Batches are
+synthetic random tensors (no dataset needed), built once. ``context=atrc`` uses the published
+NYUD genotype (``genotypes/nyud_hrnet18.json``); ``context=search`` runs the search step (τ
+schedule, entropy term, Adam on α, gradient clipping at ``mode.grad_clip``), before any pair freezes.
+
+A step is ``zero_grad → forward → loss → backward → SGD step`` (as in ``atrc_exp.engine.trainer``).
+Warm-up steps are excluded; the median of the timed steps is reported. Every configuration runs
+in a fresh subprocess. Peak memory: on CPU, the growth of the process's peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its RSS right before the first step, i.e.
+gradients + optimizer state + activations + allocator caches (weights and the batch excluded); on
+CUDA, ``torch.cuda.max_memory_allocated`` over all steps (weights included).
+
+Fast paths, each timed against the plain float32 step of the same context in the same run:
+
+* ``bf16``: ``torch.autocast(device, dtype=torch.bfloat16)`` around forward + loss
+  (what ``trainer.mixed_precision=bf16`` does through Accelerate);
+* ``channels_last``: ``trainer.channels_last=true`` (model and input batch in NHWC);
+* ``compile``: ``trainer.compile.enabled=true`` (``torch.compile`` of backbone and head); the
+  first step (compilation) is reported apart;
+* ``cl+compile``: both.
+
+``--include loader`` adds DataLoader rows: the context=none float32 step fed by the trainer's own
+train loader (``atrc_exp.engine.trainer.build_train_loader``) over the synthetic dataset (train
+transforms at the benchmark crop) per worker setting, against the same step on the in-memory
+batch; the mean step time is reported there (stalls waiting for data count). The train loader is
+one endless iterator, so ``persistent_workers`` changes nothing there and is not timed;
+``pin_memory`` is timed on CUDA only (it has no effect on the CPU).
+
+CPU: batch 2 at 192×256 with ``--threads`` (2) torch threads. CUDA (when present): batch 8 at
+425×560 (the paper's NYUD crop). Results go to ``benchmarks/results-<hostname>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MARK = "BENCH_RESULT "
+CONTEXTS = ("none", "global", "local", "tlabel", "atrc", "search")
+PATHS = {
+    "fp32": {},
+    "bf16": {"bf16": True},
+    "channels_last": {"channels_last": True},
+    "compile": {"compile": True},
+    "cl+compile": {"channels_last": True, "compile": True},
+}
+#: DataLoader variants of ``--include loader``: (label, settings); None = the in-memory batch.
+LOADERS = (
+    ("in-memory batch", None),
+    ("workers=0", {"num_workers": 0}),
+    ("workers=1", {"num_workers": 1}),
+    ("workers=2 (trainer default)", {"num_workers": 2}),
+    ("workers=2 prefetch_factor=4", {"num_workers": 2, "prefetch_factor": 4}),
+)
+SIZES = {"cpu": (2, 192, 256), "cuda": (8, 425, 560)}
+GENOTYPE = "genotypes/nyud_hrnet18.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# worker: one configuration in a fresh process
+# ----------------------------------------------------------------------------------------------
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def compose(context: str, spec: dict):
+    from hydra import compose as hy_compose
+    from hydra import initialize_config_dir
+
+    from atrc_exp.config import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    ov = ["dataset=nyud", "backbone=hrnet18", "backbone.pretrained=false", f"context={context}"]
+    if context == "search":
+        ov.append("mode=search")
+    if context == "atrc":
+        ov.append(f"context.genotype={REPO / GENOTYPE}")
+    ov.append(f"trainer.channels_last={'true' if spec.get('channels_last') else 'false'}")
+    ov.append(f"trainer.compile.enabled={'true' if spec.get('compile') else 'false'}")
+    ov.append(f"trainer.mixed_precision={'bf16' if spec.get('bf16') else 'no'}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hy_compose(config_name="train", overrides=ov)
+
+
+def synthetic_batch(batch: int, h: int, w: int, classes: int, device, seed: int = 0) -> dict:
+    """Random inputs and targets in the batch conventions of ``atrc_exp.tasks``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    normals = torch.randn(batch, 3, h, w, generator=g)
+    out = {
+        "image": torch.randn(batch, 3, h, w, generator=g),
+        "semseg": torch.randint(0, classes, (batch, h, w), generator=g),
+        "depth": torch.rand(batch, 1, h, w, generator=g) * 9.5 + 0.5,
+        "normals": normals / normals.norm(dim=1, keepdim=True),
+        "edge": (torch.rand(batch, 1, h, w, generator=g) > 0.95).float(),
+    }
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _loader(spec: dict, device):
+    """Batches from the trainer's own train loader (``build_train_loader``: endless step-indexed
+    sampler, seeded augmentation) over the synthetic dataset at the benchmark crop."""
+    from types import SimpleNamespace
+
+    from hydra import compose as hy_compose
+    from hydra import initialize_config_dir
+
+    from atrc_exp.config import CONF_DIR
+    from atrc_exp.data import build_datasets, prepare_data
+    from atrc_exp.engine.trainer import _to_device, build_train_loader
+
+    b, h, w = spec["size"]
+    ov = [f"dataset.crop_size=[{h},{w}]", f"trainer.batch_size={b}"]
+    ov += [f"trainer.{k}={str(v).lower()}" for k, v in spec["loader"].items()]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        dcfg = hy_compose(config_name="train", overrides=ov)
+    train_ds, _ = build_datasets(dcfg, prepare_data(dcfg, progress=False))
+    acc = SimpleNamespace(process_index=0, num_processes=1, device=device)
+    it = iter(build_train_loader(train_ds, dcfg, acc))
+    return lambda: _to_device(next(it), device)
+
+
+def run_worker(spec: dict) -> dict:
+    import resource
+
+    import torch
+
+    threads = int(spec.get("threads") or 0)
+    if threads:
+        torch.set_num_threads(threads)
+    from atrc_exp.engine.fast_paths import apply_fast_paths, channels_last_enabled, prepare_input
+    from atrc_exp.engine.search import SearchController, split_parameters
+    from atrc_exp.losses import MultiTaskLoss
+    from atrc_exp.models import build_model
+
+    device = torch.device(spec["device"])
+    context = spec["context"]
+    cfg = compose(context, spec)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model = apply_fast_paths(model.to(device), cfg)
+    model.train()
+    tasks = list(cfg.tasks.names)
+    g = torch.Generator().manual_seed(1)
+    centroids = torch.randn(40, 3, generator=g)
+    centroids = centroids / centroids.norm(dim=1, keepdim=True)
+    criterion = MultiTaskLoss(tasks, float(cfg.dataset.edge_pos_weight), normal_centroids=centroids).to(
+        device
+    )
+    tc = cfg.trainer
+    weights, arch = split_parameters(model)
+    opt = torch.optim.SGD(weights, lr=0.01, momentum=float(tc.momentum), weight_decay=float(tc.weight_decay))
+    search = cfg.mode.name == "search"
+    n_total = int(spec["warmup"]) + int(spec["steps"])
+    controller = arch_opt = None
+    if search:
+        controller = SearchController(model, cfg.mode, n_total)
+        arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0)
+    grad_clip = float(cfg.mode.grad_clip) if search else None
+    b, h, w = spec["size"]
+    cl = channels_last_enabled(cfg)
+    fixed = synthetic_batch(b, h, w, int(cfg.dataset.num_semseg_classes), device)
+    next_batch = _loader(spec, device) if spec.get("loader") is not None else (lambda: fixed)
+    use_bf16 = bool(spec.get("bf16"))
+    cuda = device.type == "cuda"
+
+    def step(i: int) -> float:
+        batch = next_batch()
+        image = prepare_input(batch["image"], cl)
+        opt.zero_grad(set_to_none=True)
+        if search:
+            arch_opt.zero_grad(set_to_none=True)
+            ent_w = controller.begin_step(i)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(image)
+            loss, _ = criterion(out, batch)
+            if search:
+                loss = loss + controller.loss_term(ent_w)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if search:
+            arch_opt.step()
+        return float(loss.detach())
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _rss_kib()
+    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, losses = [], []
+    for i in range(n_total):
+        t0 = time.perf_counter()
+        losses.append(step(i))
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if cuda:
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return {
+        **spec,
+        "step_times_s": times[int(spec["warmup"]) :],
+        "first_step_s": times[0],
+        "peak_mem_mib": peak_mib,
+        "peak_mem_kind": "cuda max_memory_allocated" if cuda else "peak RSS growth",
+        "rss_before_mib": rss0 / 1024,
+        "maxrss_before_mib": maxrss0 / 1024,
+        "losses": losses,
+        "finite": all(math.isfinite(x) for x in losses),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+def _spawn(args: list[str], threads: int | None, timeout: float) -> tuple[int, str, str]:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("WANDB_MODE", "offline")
+    p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def measure(spec: dict, timeout: float) -> dict:
+    try:
+        rc, out, err = _spawn(
+            [sys.executable, __file__, "--worker", json.dumps(spec)], spec.get("threads"), timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(out.splitlines()):
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK) :])
+    tail = (err or out).strip().splitlines()[-3:]
+    return {**spec, "error": f"exit {rc}: " + " | ".join(tail)}
+
+
+def bench_data(n: int, timeout: float) -> list[dict]:
+    """``atrc-data bench`` (train transforms, one core per worker) in a fresh process."""
+    code = (
+        "import json; from atrc_exp.cli.data import bench_transforms, ORIGINAL_SAMPLES_PER_S as o; "
+        f"print({MARK!r} + json.dumps({{'rows': bench_transforms({n}), 'original': o}}))"
+    )
+    try:
+        rc, out, err = _spawn([sys.executable, "-c", code], 1, timeout)
+    except subprocess.TimeoutExpired:
+        return [{"error": "timed out"}]
+    for line in out.splitlines():
+        if line.startswith(MARK):
+            d = json.loads(line[len(MARK) :])
+            return [
+                {"input": lab, "samples_per_s": r, "vs_original": r / d["original"]} for lab, r in d["rows"]
+            ]
+    return [{"error": f"exit {rc}: " + " | ".join((err or out).strip().splitlines()[-3:])}]
+
+
+def bench_ops(threads: int, timeout: float) -> list[dict]:
+    """``benchmarks/bench_local_attention.py`` (what ``make bench-ops`` runs); its JSON rows."""
+    out_json = REPO / "benchmarks" / f"results-ops-{socket.gethostname()}.json"
+    script = str(REPO / "benchmarks" / "bench_local_attention.py")
+    try:
+        rc, out, err = _spawn(
+            [sys.executable, script, "--threads", str(threads), "--out", str(out_json)], threads, timeout
+        )
+    except subprocess.TimeoutExpired:
+        return [{"error": "timed out"}]
+    if rc != 0 or not out_json.exists():
+        return [{"error": f"exit {rc}: " + " | ".join((err or out).strip().splitlines()[-3:])}]
+    return json.loads(out_json.read_text())["rows"]
+
+
+def _fmt(x, fmt: str) -> str:
+    return "-" if x is None else fmt % x
+
+
+def train_table(rows: list[dict]) -> list[str]:
+    """The training-step rows as a Markdown table (ratios from the same run)."""
+    ok = [r for r in rows if "error" not in r and not r["path"].startswith("loader:")]
+    base = {(r["device"], r["path"]): r["step_s"] for r in ok if r["context"] == "none"}
+    fp32 = {(r["device"], r["context"]): r["step_s"] for r in ok if r["path"] == "fp32"}
+    mem_kind = {r["device"]: r["peak_mem_kind"] for r in ok}
+    lines = [
+        "| device | context | path | B×H×W | ms/step (median) | best ms | img/s | × none (same path) "
+        "| speed-up vs fp32 | peak MiB | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["path"].startswith("loader:"):
+            continue
+        b, h, w = r["size"]
+        head = f"| {r['device']} | {r['context']} | {r['path']} | {b}×{h}×{w} "
+        if "error" in r:
+            lines.append(head + f"| error: {r['error'][:160]} | | | | | | |")
+            continue
+        t = r["step_s"]
+        nb = base.get((r["device"], r["path"]))
+        f32 = fp32.get((r["device"], r["context"])) if r["path"] != "fp32" else None
+        lines.append(
+            head + f"| {t * 1e3:.0f} | {r['best_step_s'] * 1e3:.0f} | {r['images_per_s']:.2f} "
+            f"| {_fmt(t / nb if nb else None, '%.2f×')} | {_fmt(f32 / t if f32 else None, '%.2f×')} "
+            f"| {r['peak_mem_mib']:.0f} | {r['first_step_s'][0]:.1f} |"
+        )
+    if mem_kind:
+        lines.append("")
+        lines.append(
+            "peak MiB: " + "; ".join(f"{d}: {k}" for d, k in mem_kind.items()) + ". first step: round 1 "
+            "(compile rows: compilation; later rounds hit the inductor cache)"
+        )
+    return lines
+
+
+def loader_table(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r["path"].startswith("loader:")]
+    if not rows:
+        return []
+    ref = {
+        r["device"]: r["step_s"] for r in rows if r["path"] == "loader:in-memory batch" and "error" not in r
+    }
+    lines = [
+        "| device | context=none fp32 step fed by | ms/step (mean) | img/s | vs in-memory batch |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        label = r["path"].split(":", 1)[1]
+        if "error" in r:
+            lines.append(f"| {r['device']} | {label} | error: {r['error'][:160]} | | |")
+            continue
+        base = ref.get(r["device"])
+        lines.append(
+            f"| {r['device']} | {label} | {r['step_s'] * 1e3:.0f} | {r['images_per_s']:.2f} "
+            f"| {_fmt(base / r['step_s'] if base else None, '%.2f×')} |"
+        )
+    return lines
+
+
+def data_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| train transforms (`atrc-data bench`, one core) | samples/s | vs original 57/s |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| error: {r['error'][:120]} | | |")
+        else:
+            lines.append(f"| {r['input']} | {r['samples_per_s']:.1f} | {r['vs_original']:.2f}× |")
+    return lines
+
+
+def ops_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| local attention (`bench-ops`) B×C×H×W | backend | dtype | fwd ms | fwd+bwd ms | × reference (f+b) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| error: {r['error'][:120]} | | | | | |")
+        else:
+            lines.append(
+                f"| {r['size']} | {r['backend']} {r['device']} | {r['dtype']} | {r['fwd_s'] * 1e3:.2f} | {r['fwd_bwd_s'] * 1e3:.2f} "
+                f"| {_fmt(r.get('speedup_fwd_bwd_vs_torch'), '%.1f×')} |"
+            )
+    return lines
+
+
+def merge(results: list[dict]) -> dict:
+    """One row from the rounds of a configuration: all timed steps pooled."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[-1]
+    times = [t for r in ok for t in r["step_times_s"]]
+    stat = statistics.mean if ok[0]["path"].startswith("loader:") else statistics.median
+    t = stat(times)
+    row = {k: v for k, v in ok[0].items() if k not in ("step_times_s", "losses")}
+    row.update(
+        step_s=t,
+        step_stat=stat.__name__,
+        best_step_s=min(times),
+        images_per_s=ok[0]["size"][0] / t,
+        step_times_s=[r["step_times_s"] for r in ok],
+        first_step_s=[r["first_step_s"] for r in ok],
+        peak_mem_mib=max(r["peak_mem_mib"] for r in ok),
+        final_loss=ok[0]["losses"][-1],
+        finite=all(r["finite"] for r in ok),
+        rounds=len(ok),
+    )
+    if len(ok) < len(results):
+        row["failed_rounds"] = [r["error"] for r in results if "error" in r]
+    return row
+
+
+def plan_specs(args, dev: str, include: set[str]) -> list[dict]:
+    import torch
+
+    steps = args.steps or (6 if dev == "cpu" else 20)
+    threads = args.threads if dev == "cpu" else None
+    plan = [(c, "fp32") for c in args.contexts if "fp32" in args.paths]
+    plan += [(c, n) for n in args.paths if n != "fp32" for c in args.contexts if c in args.fast_contexts]
+    specs = []
+    for context, name in plan:
+        extra = PATHS[name]
+        if extra.get("bf16") and dev == "cuda" and not torch.cuda.is_bf16_supported():
+            continue
+        warmup = args.warmup + (1 if extra.get("compile") else 0)
+        specs.append(
+            dict(
+                device=dev,
+                context=context,
+                path=name,
+                size=SIZES[dev],
+                threads=threads,
+                steps=steps,
+                warmup=warmup,
+            )
+            | extra
+        )
+    if "loader" in include:
+        loaders = list(LOADERS)
+        if dev == "cuda":  # pin_memory=auto pins on CUDA; time it off too
+            loaders.append(("workers=2 pin_memory=false", {"num_workers": 2, "pin_memory": False}))
+        for label, settings in loaders:
+            specs.append(
+                dict(
+                    device=dev, context="none", path=f"loader:{label}", size=SIZES[dev], threads=threads,
+                    steps=2 * steps, warmup=args.warmup, loader=settings,
+                )
+            )  # fmt: skip
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--contexts", nargs="+", default=list(CONTEXTS), choices=CONTEXTS)
+    p.add_argument(
+        "--paths", nargs="+", default=list(PATHS), choices=list(PATHS), help="fast paths (fp32 = plain)"
+    )
+    p.add_argument(
+        "--fast-contexts", nargs="+", default=["none", "atrc"], choices=CONTEXTS,
+        help="contexts on which the non-fp32 paths are timed",
+    )  # fmt: skip
+    p.add_argument(
+        "--devices", nargs="+", default=None, choices=["cpu", "cuda"], help="default: cpu, + cuda if present"
+    )
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 6 CPU, 20 CUDA)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile: +1)")
+    p.add_argument(
+        "--rounds", type=int, default=2,
+        help="passes over all configurations (interleaved, so machine noise spreads evenly); steps pooled",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    p.add_argument("--include", default="", help="comma list of: loader, data, ops (`make bench`: all three)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration and round")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results-<hostname>.json)")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(MARK + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    import torch
+
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    include = {s.strip() for s in args.include.split(",") if s.strip()}
+    unknown = include - {"loader", "data", "ops"}
+    if unknown:
+        p.error(f"--include: unknown {sorted(unknown)}")
+    out_path = Path(args.out or REPO / "benchmarks" / f"results-{socket.gethostname()}.json")
+    specs = [s for dev in devices for s in plan_specs(args, dev, include)]
+    results: list[list[dict]] = [[] for _ in specs]
+    t_start = time.perf_counter()
+    load = [os.getloadavg()]
+    for rnd in range(args.rounds):
+        for i, spec in enumerate(specs):
+            r = measure(spec, args.timeout)
+            results[i].append(r)
+            if "error" in r:
+                msg = r["error"]
+            else:
+                msg = (
+                    f"{statistics.median(r['step_times_s']) * 1e3:.0f} ms/step (median), first step "
+                    f"{r['first_step_s']:.1f} s, peak {r['peak_mem_mib']:.0f} MiB"
+                )
+            print(
+                f"[{time.perf_counter() - t_start:6.0f} s] round {rnd + 1} {spec['device']} {spec['context']:>6} "
+                f"{spec['path']:<13} {msg}",
+                flush=True,
+            )
+            load.append(os.getloadavg())
+    rows = [merge(rs) for rs in results]
+    data_rows = bench_data(50, args.timeout) if "data" in include else []
+    ops_rows = bench_ops(args.threads, args.timeout) if "ops" in include else []
+
+    meta = dict(
+        date=_dt.datetime.now().isoformat(timespec="seconds"),
+        host=socket.gethostname(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        machine=platform.machine(),
+        cpu_count=os.cpu_count(),
+        threads=args.threads,
+        rounds=args.rounds,
+        cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        sizes={d: SIZES[d] for d in devices},
+        genotype=GENOTYPE,
+        loadavg_1min=[round(x[0], 2) for x in load],
+        wall_s=time.perf_counter() - t_start,
+    )
+    out_path.write_text(
+        json.dumps({"meta": meta, "train": rows, "data": data_rows, "ops": ops_rows}, indent=2)
+    )
+    lo, hi = min(x[0] for x in load), max(x[0] for x in load)
+    print()
+    print(
+        f"Training step (zero_grad + forward + loss + backward + SGD step), HRNet18, NYUD tasks (40 classes); "
+        f"{meta['host']}, torch {meta['torch']}, {os.cpu_count()} CPUs, {args.threads} torch threads, "
+        f"{args.rounds} round(s), 1-min load average {lo:.1f}-{hi:.1f}"
+    )
+    tables = [
+        train_table(rows),
+        loader_table(rows),
+        data_table(data_rows) if data_rows else [],
+        ops_table(ops_rows) if ops_rows else [],
+    ]
+    for tab in tables:
+        if tab:
+            print("\n".join(tab))
+            print()
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Fast training paths (atrc_exp.engine.fast_paths): off by default, same numbers when on.
+
+A few SGD steps of HRNet18 + the ATRC head (published NYUD genotype) on a fixed random batch,
+with each fast path off and on: the float32 paths (channels_last, torch.compile) must give the
+same losses (3 steps) and the same first update up to float rounding; bf16 autocast must run and
+stay finite.
+
+Why a small learning rate and only the *first* update: on a 64×96 input HRNet's 1/32 branch is
+2×3 pixels, and train-mode BatchNorm over 12 values per channel makes the gradients chaotic in the
+weights — changing the learning rate by 1e-4 (relative) changes the step-2 gradients by ~1 % and
+the step-3 ones by ~10 % in plain float32 alone. The losses stay insensitive (at lr 1e-4 they
+agree to ~1e-6 between the paths over 3 steps), the first update differs by float rounding only
+(median ~5e-4 relative per tensor, like float32 vs float64), later weights do not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REPO, compose_cfg, tiny_overrides
+
+from atrc_exp.engine.fast_paths import (
+    apply_fast_paths,
+    channels_last_enabled,
+    compile_options,
+    prepare_input,
+    train_loader_kwargs,
+)
+from atrc_exp.losses import MultiTaskLoss
+from atrc_exp.models import build_model
+
+GENOTYPE = str(REPO / "genotypes" / "nyud_hrnet18.json")
+ATRC = ["dataset=nyud", "backbone.pretrained=false", "context=atrc", f"context.genotype={GENOTYPE}"]
+B, H, W = 2, 64, 96
+STEPS = 3
+LR = 1e-4
+
+
+def _batch(classes: int = 40) -> dict:
+    g = torch.Generator().manual_seed(0)
+    normals = torch.randn(B, 3, H, W, generator=g)
+    return {
+        "image": torch.randn(B, 3, H, W, generator=g),
+        "semseg": torch.randint(0, classes, (B, H, W), generator=g),
+        "depth": torch.rand(B, 1, H, W, generator=g) * 9.5 + 0.5,
+        "normals": normals / normals.norm(dim=1, keepdim=True),
+        "edge": (torch.rand(B, 1, H, W, generator=g) > 0.9).float(),
+    }
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone().contiguous() for k, p in model.named_parameters()}
+
+
+def _train(overrides: list[str], bf16: bool = False, steps: int = STEPS) -> dict:
+    """Losses of ``steps`` SGD steps, the parameters before and after the first step, the model."""
+    cfg = compose_cfg(ATRC + overrides)
+    torch.manual_seed(0)
+    model = apply_fast_paths(build_model(cfg), cfg).train()
+    cent = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+    criterion = MultiTaskLoss(
+        list(cfg.tasks.names), 0.8, normal_centroids=cent / cent.norm(dim=1, keepdim=True)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    batch = _batch()
+    image = prepare_input(batch["image"], channels_last_enabled(cfg))
+    out = {"init": _params(model), "losses": [], "model": model}
+    torch.manual_seed(1)  # dropout masks
+    for i in range(steps):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = criterion(model(image), batch)
+        loss.backward()
+        opt.step()
+        out["losses"].append(loss.detach())
+        if i == 0:
+            out["first"] = _params(model)
+    out["losses"] = torch.stack(out["losses"])
+    out["final"] = _params(model)
+    return out
+
+
+def _assert_same_training(run: dict, ref: dict) -> None:
+    torch.testing.assert_close(run["losses"], ref["losses"], rtol=1e-4, atol=1e-5)
+    assert run["init"].keys() == ref["init"].keys()
+    for k in ref["init"]:  # same initial weights, whatever the memory format
+        torch.testing.assert_close(run["init"][k], ref["init"][k], rtol=0, atol=0, msg=k)
+    # the first update agrees to float rounding: 2e-2 of its norm (it is dominated by the stem
+    # convolutions, whose float32 gradient is itself ~0.4 % off the float64 one here; channels_last
+    # vs plain measured 0.6 %)
+    upd = {k: ref["first"][k] - ref["init"][k] for k in ref["init"]}
+    diff = sum(((run["first"][k] - ref["first"][k]) ** 2).sum() for k in upd).sqrt()
+    norm = sum((u**2).sum() for u in upd.values()).sqrt()
+    assert diff <= 2e-2 * norm, f"first update differs by {float(diff / norm):.2e} of its norm"
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return _train([])
+
+
+def test_defaults_are_off_and_keep_the_loader_settings():
+    cfg = compose_cfg([])
+    assert not channels_last_enabled(cfg) and compile_options(cfg) is None
+    model = build_model(compose_cfg(["backbone.pretrained=false", "context=none"]))
+    assert apply_fast_paths(model, cfg) is model
+    assert model.backbone._compiled_call_impl is None
+    assert next(model.parameters()).is_contiguous()
+    tc = cfg.trainer
+    assert train_loader_kwargs(tc, torch.device("cpu")) == {
+        "num_workers": int(tc.num_workers),
+        "pin_memory": False,
+        "persistent_workers": True,
+        "prefetch_factor": 2,
+    }
+    assert train_loader_kwargs(tc, torch.device("cuda"))["pin_memory"] is True
+    no_workers = compose_cfg(["trainer.num_workers=0", "trainer.pin_memory=true"]).trainer
+    assert train_loader_kwargs(no_workers, torch.device("cpu")) == {"num_workers": 0, "pin_memory": True}
+
+
+def test_compile_options_forms():
+    assert compile_options(compose_cfg(["trainer.compile.enabled=true"])) == {
+        "mode": None,
+        "fullgraph": False,
+        "dynamic": None,
+    }
+    cfg = compose_cfg(["trainer.compile.enabled=true", "trainer.compile.mode=max-autotune"])
+    assert compile_options(cfg)["mode"] == "max-autotune"
+    assert compile_options(compose_cfg(["~trainer.compile", "+trainer.compile=true"]))["fullgraph"] is False
+
+
+def test_channels_last_matches_plain_fp32(plain):
+    run = _train(["trainer.channels_last=true"])
+    convs = [p for p in run["model"].parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    _assert_same_training(run, plain)
+
+
+def test_bf16_autocast_runs_and_stays_finite(plain):
+    run = _train([], bf16=True, steps=2)
+    assert torch.isfinite(run["losses"]).all()
+    assert all(torch.isfinite(w).all() for w in run["final"].values())
+    # same model and data: the first loss agrees to bf16 precision
+    torch.testing.assert_close(run["losses"][0], plain["losses"][0], rtol=5e-2, atol=0)
+
+
+def test_trainer_runs_with_fast_path_settings(tiny_data_dir, tmp_path):
+    from atrc_exp.engine import fit
+
+    cfg = compose_cfg(
+        tiny_overrides(
+            tiny_data_dir,
+            **{
+                "trainer.max_steps": 2,
+                "trainer.channels_last": "true",
+                "trainer.num_workers": 1,
+                "trainer.persistent_workers": "false",
+                "trainer.prefetch_factor": 3,
+            },
+        )
+    )
+    metrics = fit(cfg, tmp_path)
+    assert metrics and all(v == v for v in metrics.values())
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_plain_fp32(plain):
+    """torch.compile of backbone and ATRC head: no graph break (the local-attention custom op and
+    the label contexts trace), same losses and weights as eager."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    old = inductor_config.fallback_random
+    inductor_config.fallback_random = True  # dropout masks from the eager RNG
+    try:
+        run = _train(["trainer.compile.enabled=true", "trainer.compile.fullgraph=true"])
+    finally:
+        inductor_config.fallback_random = old
+        torch._dynamo.reset()
+    model = run["model"]
+    assert model.backbone._compiled_call_impl is not None and model.head._compiled_call_impl is not None
+    assert model.state_dict().keys() == plain["model"].state_dict().keys()  # keys unchanged
+    _assert_same_training(run, plain)
+
+
+def test_local_attention_op_does_not_break_the_graph():
+    """The local-context head (the custom op) traces as one graph (dynamo only, no inductor)."""
+    import torch._dynamo
+
+    cfg = compose_cfg(["dataset=nyud", "backbone.pretrained=false", "context=local", "tasks=semseg"])
+    head = build_model(cfg).head.train()
+    torch._dynamo.reset()
+    try:
+        explain = torch._dynamo.explain(head)(torch.randn(1, head.in_channels, 8, 12))
+    finally:
+        torch._dynamo.reset()
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert any("local_attention" in str(n.target) for g in explain.graphs for n in g.graph.nodes)
