@@ -281,10 +281,33 @@ def test_fused_head_batches_the_projections():
     # plain: 4 bottlenecks + 4×2 aux + per block 5 convs (3 for the global one: 5) + 4×(out_proj,
     # bottleneck) + 4 final = 4 + 8 + 16·5 + 8 + 4
     assert counts[False] == 104
-    # fused: 4 + (1 + 4) aux + 4 query groups + the global block's keys and values (2: kept apart so
+    # fused: 1 (the 4 task bottlenecks) + (1 + 4) aux + 4 query groups + the global block's keys and values (2: kept apart so
     # the keys stay contiguous) + one key/value conv per distinct label context (8 for 15 label
     # blocks) + 8 + 4; the second query and key layers are batched matrix products, not convolutions
-    assert counts[True] == 4 + 5 + 4 + 2 + 8 + 8 + 4
+    assert counts[True] == 1 + 5 + 4 + 2 + 8 + 8 + 4
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fused_fcn_head_equals_task_by_task(train):
+    """The baseline head: its task bottlenecks (3×3 ConvBNReLU, all reading x) as one convolution."""
+    from atrc_exp.models.heads import MultiTaskFCNHead
+
+    torch.manual_seed(0)
+    head = MultiTaskFCNHead(32, OUT)
+    _randomise(head)
+    head.train(train)
+    x, _ = _head_inputs()
+    plain, fused = _step(copy.deepcopy(head), False, (x,)), _step(head, True, (x,))
+    for p_, f_ in zip(plain, fused):
+        assert p_.keys() == f_.keys()
+        for k in p_:
+            _close(p_[k].double(), f_[k].double(), k, 1e-4)
+    if train:
+        assert fused[1]["bottleneck.semseg.0.weight"].abs().sum() > 0
+        assert fused[2]["bottleneck.edge.1.running_mean"].abs().sum() > 0  # updated, in its own buffer
+    with _CountConvs() as c, torch.no_grad():
+        head(x)
+    assert c.n == 1 + 4  # one bottleneck conv, four final logits
 
 
 def test_state_dict_keys_unchanged_by_the_switch():

@@ -248,3 +248,19 @@ def test_loss_under_autocast_matches_float32():
         got, _ = loss(outputs, batch)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_l2_normalize_channels_equals_f_normalize_and_is_finite_at_zero():
+    from atrc_exp.losses import l2_normalize_channels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, generator=g)
+    x[0, :, 1, 1] = 0  # a zero vector: F.normalize gives 0 there, and so must we
+    ref = torch.nn.functional.normalize(x.double(), dim=1)
+    torch.testing.assert_close(l2_normalize_channels(x).double(), ref, rtol=1e-6, atol=1e-7)
+    xr = x.clone().requires_grad_()
+    l2_normalize_channels(xr).sum().backward()
+    xf = x.clone().requires_grad_()
+    torch.nn.functional.normalize(xf, dim=1).sum().backward()
+    assert torch.isfinite(xr.grad).all()
+    torch.testing.assert_close(xr.grad, xf.grad, rtol=1e-5, atol=1e-6)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .context_blocks import CONTEXT_CODES, CPOp, label_contexts, make_cp_block, run_cp_ops, spatial_softmax
+from .heads import MultiTaskFCNHead, task_bottlenecks
 from .layers import ConvBNReLU, conv_bn_relu_group, frozen_bn_stats
 from .search_block import SearchCPBlock
 
@@ -35,7 +36,7 @@ def set_fused(module: nn.Module, fused: bool = True, recompute: bool | None = No
     (``fused=True``, the default) and the block-by-block one of the original implementation;
     ``recompute`` sets :attr:`ATRCModule.recompute` (the memory-lean search) as well."""
     for m in module.modules():
-        if isinstance(m, (ATRCModule, RelationalContextHead)):
+        if isinstance(m, (ATRCModule, RelationalContextHead, MultiTaskFCNHead)):
             m.fused = bool(fused)
         if recompute is not None and isinstance(m, ATRCModule):
             m.recompute = bool(recompute)
@@ -238,7 +239,8 @@ class RelationalContextHead(nn.Module):
         self.final_logits = nn.ModuleDict(
             {t: nn.Conv2d(c, out_channels[t], 1, bias=True) for t in self.tasks}
         )
-        #: aux heads (all reading the same detached features) as one convolution; see ATRCModule.fused
+        #: the task bottlenecks (all reading x) as one convolution, the aux heads (all reading the same
+        #: detached features) as one convolution; see ATRCModule.fused
         self.fused = True
         self.init_weights()
 
@@ -262,7 +264,7 @@ class RelationalContextHead(nn.Module):
     def forward(
         self, x: torch.Tensor, image: torch.Tensor | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
-        feats = {t: self.bottleneck[t](x) for t in self.tasks}
+        feats = task_bottlenecks(self.bottleneck, self.tasks, x, self.fused)
         aux: dict[str, torch.Tensor] = {}
         probs: dict[str, torch.Tensor] = {}
         if self.aux_tasks:
