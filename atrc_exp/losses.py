@@ -157,7 +157,14 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = N
     _check_spatial(logits, target, "cross_entropy_loss")
     logits = logits.float()
     valid = target != IGNORE_INDEX
-    total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    c = logits.shape[1]
+    if c > 1 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
+        # channels-last logits (resize_prediction): as (pixels × classes) rows, a view; the
+        # log-softmax then runs over contiguous memory (about 2× faster on the CPU), same sum
+        logits, flat_target = logits.permute(0, 2, 3, 1).reshape(-1, c), target.reshape(-1)
+    else:
+        flat_target = target
+    total = F.cross_entropy(logits, flat_target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
     if weight is None:
         den = valid.sum().to(total.dtype)
     else:

@@ -241,7 +241,7 @@ def main() -> None:
             f"\nstep time, HRNet18 NYUD 4 tasks, fp32, batch {args.batch}, "
             f"{args.size[0]}x{args.size[1]}, {args.threads} threads, {args.repeat} rounds"
         )
-        print(f"| variant | median s | min s | / baseline (median) | / baseline (min) |")
+        print("| variant | median s | min s | / baseline (median) | / baseline (min) |")
         print("|---|---|---|---|---|")
         for name, v in t.items():
             r = v["median"] / b

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -204,6 +205,9 @@ def test_bad_input_is_one_line_with_exit_2(case, tiny_data_dir, tmp_path, capsys
     if extra.get("dataset") == "nyud":  # the generator settings exist only for synthetic data
         over = [o for o in over if not o.startswith("dataset.generator.")]
     code, err = _run_main(over, capsys, monkeypatch)
+    # no DataLoader worker outlives the failed run (they ignore SIGTERM: a leftover one would hang
+    # the interpreter's exit)
+    assert not multiprocessing.active_children()
     assert code == 2, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("error:")]

@@ -264,3 +264,29 @@ def test_l2_normalize_channels_equals_f_normalize_and_is_finite_at_zero():
     torch.nn.functional.normalize(xf, dim=1).sum().backward()
     assert torch.isfinite(xr.grad).all()
     torch.testing.assert_close(xr.grad, xf.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_reads_channels_last_logits_as_rows():
+    """resize_prediction hands class logits over in channels-last layout: same loss and gradient."""
+    from atrc_exp.losses import cross_entropy_loss
+    from atrc_exp.models.layers import resize_prediction, resize_to
+
+    g = torch.Generator().manual_seed(0)
+    small = torch.randn(2, 7, 6, 8, generator=g)
+    target = torch.randint(0, 7, (2, 1, 24, 32), generator=g)
+    target[:, :, :5] = 255
+    weight = torch.rand(7, generator=g) + 0.5
+    for w in (None, weight):
+        losses, grads = [], []
+        for resize in (resize_to, resize_prediction):
+            x = small.clone().requires_grad_()
+            logits = resize(x, (24, 32))
+            loss = cross_entropy_loss(logits, target, w)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(x.grad)
+        assert logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous()
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    # few channels (depth, normals, edge, saliency) stay NCHW
+    assert resize_prediction(torch.randn(1, 3, 4, 4), (8, 8)).is_contiguous()

@@ -31,7 +31,13 @@ def _cmd(run_dir: Path, data_dir: Path, extra: dict) -> list[str]:
         "dataset.augment.scale_range": "[0.8,1.25]",
         **extra,
     }
-    return [sys.executable, "-m", "atrc_exp.train", f"hydra.run.dir={run_dir}", *tiny_overrides(data_dir, **over)]
+    return [
+        sys.executable,
+        "-m",
+        "atrc_exp.train",
+        f"hydra.run.dir={run_dir}",
+        *tiny_overrides(data_dir, **over),
+    ]
 
 
 def _start(run_dir, data_dir, extra, fault: str | None = None) -> subprocess.Popen:

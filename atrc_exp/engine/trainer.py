@@ -6,11 +6,13 @@ metrics (identical on every rank). Only the main process writes files and logs r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -99,6 +101,22 @@ def _worker_init(_: int) -> None:
     for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def workers_shut_down(iterator) -> Iterator[None]:
+    """Shut the DataLoader workers of ``iterator`` down when the block ends, however it ends.
+
+    Needed because the workers ignore SIGTERM (:func:`_worker_init`): an iterator kept alive by an
+    exception's traceback (a failed sweep job, a test) would otherwise leave workers that
+    multiprocessing's exit handler can neither terminate nor join, and the process would hang
+    at exit."""
+    try:
+        yield
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def reset_accelerate_state() -> None:
@@ -327,7 +345,7 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
     model.train()
     t_last, imgs_since = time.perf_counter(), 0
     guard = PreemptionGuard()
-    with guard:
+    with guard, workers_shut_down(it):
         while step < max_steps:
             batch = _to_device(next(it), acc.device)
             faults.poison_batch(step + 1, batch)

@@ -11,7 +11,7 @@ from ..tasks import task_info
 from .backbones import build_backbone
 from .genotype import load_genotype
 from .heads import MultiTaskFCNHead
-from .layers import concat_features, resize_to
+from .layers import concat_features, resize_prediction
 from .relational_head import RelationalContextHead, uniform_genotype
 
 
@@ -31,7 +31,9 @@ class MultiTaskModel(nn.Module):
         features = concat_features(self.backbone(image))
         out = self.head(features, image=image)
         size = tuple(image.shape[-2:])
-        return {kind: {t: resize_to(v, size) for t, v in preds.items()} for kind, preds in out.items()}
+        return {
+            kind: {t: resize_prediction(v, size) for t, v in preds.items()} for kind, preds in out.items()
+        }
 
 
 def build_model(cfg: DictConfig) -> MultiTaskModel:
