@@ -34,8 +34,9 @@ test: $(STAMP) ## the test suite without slow tests (the CI gate)
 test-full: $(STAMP) ## every test, slow and CUDA ones included (CUDA skips without a GPU)
 	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP) ## training step per context and fast path, + bench-data and bench-ops: one table (JSON in benchmarks/)
+bench: $(STAMP) ## training step per context and fast path, + bench-data and bench-ops (JSON in benchmarks/); then ATRC vs baseline step and search vs distill memory
 	$(BIN)/python benchmarks/bench_train.py --include loader,data,ops $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_context.py --threads 2 --json benchmarks/results-context-$$(hostname).json
 
 bench-data: $(STAMP) ## train-transform samples/s on NYUD- and PASCAL-sized inputs (vs the original's 57/s)
 	$(BIN)/atrc-data bench
