@@ -269,7 +269,7 @@ def measure(spec: dict, timeout: float) -> dict:
 def bench_data(n: int, timeout: float) -> list[dict]:
     """``atrc-data bench`` (train transforms, one core per worker) in a fresh process."""
     code = (
-        "import json; from atrc_exp.cli.data import bench_transforms, ORIGINAL_SAMPLES_PER_S as o; "
+        "import json; from atrc_exp.data.bench import bench_transforms, ORIGINAL_SAMPLES_PER_S as o; "
         f"print({MARK!r} + json.dumps({{'rows': bench_transforms({n}), 'original': o}}))"
     )
     try:

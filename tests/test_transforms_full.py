@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from atrc_exp.data import to_tensor as TT
 from atrc_exp.data import transforms as T
 
 LABELS = ("semseg", "human_parts", "sal")
@@ -368,7 +369,7 @@ def test_train_pipeline_matches_the_reference_pipeline():
     """Same draws as the pre-change pipeline (kept in ``atrc-data bench``, float32 image): the
     targets are identical tensors; the image (uint8 through scale/crop/flip/photometric) differs
     only by interpolation rounding. The input sample is never modified."""
-    from atrc_exp.cli.data import _fake_sample, reference_train_steps
+    from atrc_exp.data.bench import _fake_sample, reference_train_steps
 
     rng = np.random.default_rng(0)
     crop = (60, 80)
@@ -415,7 +416,7 @@ def test_train_pipeline_matches_the_reference_pipeline():
 
 
 def test_bench_table_and_its_text():
-    from atrc_exp.cli import data as cli
+    from atrc_exp.data import bench as cli
 
     res = cli.bench_table(n=1)
     assert [r["label"] for r in res] == [c[0] for c in cli.BENCH_CASES]
@@ -532,6 +533,6 @@ def test_torch_draws_follow_the_torch_seed():
 def test_has_parts(hp, parts):
     """A part is any value > 0 other than 255 (the one-pass shortcuts agree with that rule)."""
     hp = np.array(hp, np.int64)
-    assert T._has_parts(hp) == parts == bool(((hp > 0) & (hp != 255)).any())
+    assert TT._has_parts(hp) == parts == bool(((hp > 0) & (hp != 255)).any())
     out = T.NormalizePadToTensor((2, 2))({"image": np.zeros((2, 2, 3), np.uint8), "human_parts": hp})
     assert bool((out["human_parts"] == 255).all()) == (not parts or bool((hp == 255).all()))

@@ -5,7 +5,8 @@ A *sample* is a dict of numpy arrays in HWC layout as a reader returns it:
 ``semseg``/``human_parts``/``sal`` int64 H×W; ``depth``/``edge`` float32 H×W; ``normals`` float32
 H×W×3; plus ``meta`` (a dict, untouched). Transforms never modify their input arrays in place; an
 output array may be a view of an input one. :class:`ToTensor` (or the fused
-:class:`NormalizePadToTensor`) turns a sample into the batch conventions of :mod:`atrc_exp.tasks`.
+:class:`NormalizePadToTensor`, both in :mod:`atrc_exp.data.to_tensor` and re-exported here) turns a
+sample into the batch conventions of :mod:`atrc_exp.tasks`.
 
 Random transforms take an optional ``rng`` (a ``np.random.Generator``, or anything with its
 ``random`` / ``uniform`` / ``integers``); without one they draw from torch's RNG (:class:`TorchDraws`).
@@ -28,25 +29,23 @@ import numpy as np
 import torch
 
 from ..tasks import IGNORE_INDEX
+from .to_tensor import (  # noqa: F401  (re-exported: all pipeline steps in one namespace)
+    _GREY,
+    _INT_KEYS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PAD_VALUES,
+    IgnoreRegions,
+    Normalize,
+    NormalizePadToTensor,
+    PadToSize,
+    ToTensor,
+    _dense_keys,
+)
 
 Sample = dict
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
-#: Fill value of each key when padding.
-PAD_VALUES = {
-    "image": 0.0,
-    "semseg": IGNORE_INDEX,
-    "human_parts": IGNORE_INDEX,
-    "sal": IGNORE_INDEX,
-    "edge": IGNORE_INDEX,
-    "normals": 0.0,  # zero norm -> ignore in IgnoreRegions
-    "depth": 0.0,  # 0 -> ignore in IgnoreRegions
-}
 _LABEL_KEYS = ("semseg", "human_parts", "sal", "edge", "depth", "normals")
-#: Class maps: int64 tensors (every other dense key becomes float32).
-_INT_KEYS = ("semseg", "human_parts", "sal")
-_GREY = np.arange(256, dtype=np.uint8)  # the 256 grey levels, input of the look-up tables
 
 
 def torch_seeded_rng() -> np.random.Generator:
@@ -82,10 +81,6 @@ class TorchDraws:
     def integers(self, low: int, high: int) -> int:
         """Uniform in ``low .. high-1``."""
         return low + min(int((high - low) * self.random()), high - low - 1)
-
-
-def _dense_keys(sample: Sample) -> list[str]:
-    return [k for k in sample if k != "meta"]
 
 
 class Compose:
@@ -470,232 +465,6 @@ class PhotometricDistortion:
             img *= p["contrast_last"]
             np.clip(img, 0, 255, out=img)
         return img
-
-
-class Normalize:
-    """``(image - mean) / std`` (ImageNet statistics in the 0..255 range by default) → float32.
-
-    A uint8 image goes through a per-channel look-up table holding the same float32 results."""
-
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.mean = np.asarray(mean, np.float32)
-        self.std = np.asarray(std, np.float32)
-        self._inv_std = (1.0 / np.asarray(std, np.float64)).astype(np.float32)
-        grey = _GREY.astype(np.float32)[:, None]
-        #: 256×C float32: the normalised value of each grey level per channel.
-        self.lut = np.ascontiguousarray((grey - self.mean) * self._inv_std)
-        self.channel_luts = [np.ascontiguousarray(self.lut[:, c]) for c in range(self.lut.shape[1])]
-
-    def __call__(self, sample: Sample) -> Sample:
-        out = dict(sample)
-        img = sample["image"]
-        c = img.shape[2] if img.ndim == 3 else 1
-        if img.dtype == np.uint8 and c == len(self.mean) and c <= 4:
-            out["image"] = cv2.LUT(img, self.lut.reshape(256, 1, c)).reshape(img.shape)
-            return out
-        img = np.array(img, dtype=np.float32)  # a copy
-        img -= self.mean
-        img *= self._inv_std
-        out["image"] = img
-        return out
-
-
-class PadToSize:
-    """Pad bottom/right up to ``size`` (H, W) with :data:`PAD_VALUES` (larger inputs are kept)."""
-
-    def __init__(self, size: Sequence[int]):
-        self.size = (int(size[0]), int(size[1]))
-
-    def __call__(self, sample: Sample) -> Sample:
-        h, w = sample["image"].shape[:2]
-        ph, pw = max(0, self.size[0] - h), max(0, self.size[1] - w)
-        if ph == 0 and pw == 0:
-            return sample
-        out = dict(sample)
-        for k in _dense_keys(sample):
-            arr = sample[k]
-            pad = ((0, ph), (0, pw)) + ((0, 0),) * (arr.ndim - 2)
-            out[k] = np.pad(arr, pad, constant_values=PAD_VALUES.get(k, 0))
-        return out
-
-
-class IgnoreRegions:
-    """Mark invalid targets with 255: normals of zero norm (all channels), depth 0, and the whole
-    human-parts map when it shows no part (no person in the image or in the crop, or a person
-    without part annotations — the original's ``AddIgnoreRegions``; padding, already 255, does not
-    count as a part)."""
-
-    def __call__(self, sample: Sample) -> Sample:
-        out = dict(sample)
-        if "human_parts" in sample:
-            hp = sample["human_parts"]
-            if not _has_parts(hp):
-                out["human_parts"] = np.full(hp.shape, IGNORE_INDEX, hp.dtype)
-        if "normals" in sample:
-            n = sample["normals"].astype(np.float32, copy=False)
-            zero = (n[..., 0] == 0) & (n[..., 1] == 0) & (n[..., 2] == 0)  # (faster than any(-1))
-            if zero.any():
-                n = n.copy()
-                n[zero] = IGNORE_INDEX
-            out["normals"] = n
-        if "depth" in sample:
-            d = sample["depth"].astype(np.float32, copy=False)
-            zero = d == 0
-            if zero.any():
-                d = np.where(zero, np.float32(IGNORE_INDEX), d)
-            out["depth"] = d
-        return out
-
-
-def _has_parts(hp: np.ndarray) -> bool:
-    """Whether a human-parts map shows a part: a value > 0 other than 255."""
-    if hp.size == 0:
-        return False
-    hi = hp.max()
-    if 0 < hi < IGNORE_INDEX or hi <= 0:  # (one pass for the usual maps)
-        return bool(hi > 0)
-    if hp.min() == hi:  # constant: all 255, or all some value > 255
-        return bool(hi != IGNORE_INDEX)
-    return bool(((hp > 0) & (hp != IGNORE_INDEX)).any())
-
-
-def _zero_vectors(planes: np.ndarray) -> np.ndarray | None:
-    """Mask of the pixels where every plane of ``planes`` (C×H×W) is 0, or ``None`` if there is
-    none (the first plane alone when it has no 0)."""
-    zero = planes[0] == 0
-    if not zero.any():
-        return None
-    for c in range(1, planes.shape[0]):
-        zero &= planes[c] == 0
-    return zero if zero.any() else None
-
-
-class ToTensor:
-    """HWC numpy → the batch tensors of :mod:`atrc_exp.tasks` (CHW, int64 class maps)."""
-
-    def __call__(self, sample: Sample) -> dict:
-        out: dict = {}
-        for k, v in sample.items():
-            if k == "meta":
-                out[k] = v
-            elif k in _INT_KEYS:
-                out[k] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64))
-            else:
-                arr = v if v.ndim == 3 else v[..., None]
-                out[k] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))
-        return out
-
-
-def _adoptable(a: np.ndarray) -> bool:
-    """Whether ``torch.from_numpy`` can take ``a`` as it is (C-contiguous, writeable, native order)."""
-    return a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative
-
-
-def _fill_border(a: np.ndarray, h: int, w: int, value: float) -> None:
-    """Set everything of ``a`` (…×H×W) outside its top-left ``h×w`` block to ``value``."""
-    a[..., h:, :] = value
-    a[..., :h, w:] = value
-
-
-class NormalizePadToTensor:
-    """:class:`Normalize`, :class:`PadToSize`, :class:`IgnoreRegions` (``ignore_regions=True``) and
-    :class:`ToTensor` in one pass: every target is written at most once, straight into a
-    preallocated tensor of the padded size (CHW float32; int64 class maps), with the same values as
-    the four steps in that order — padding with :data:`PAD_VALUES`, then zero-norm normals and zero
-    depth (padding included) → 255, a human-parts map without a part → all 255.
-
-    The image may be uint8 (per-channel look-up table) or float; any map may be a (flipped) view.
-    A map that needs neither padding nor a change (contiguous, already of the output dtype, no
-    ignore region) becomes a tensor sharing its memory, as :class:`ToTensor` does.
-    """
-
-    def __init__(
-        self,
-        size: Sequence[int],
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        ignore_regions: bool = True,
-    ):
-        self.size = (int(size[0]), int(size[1]))
-        self.normalize = Normalize(mean, std)
-        self.ignore_regions = ignore_regions
-
-    def __call__(self, sample: Sample) -> dict:
-        h, w = sample["image"].shape[:2]
-        H, W = max(self.size[0], h), max(self.size[1], w)
-        out: dict = {}
-        for k, v in sample.items():
-            if k == "meta":
-                out[k] = v
-            elif k == "image":
-                out[k] = self._image(v, H, W)
-            elif k in _INT_KEYS:
-                if self.ignore_regions and k == "human_parts" and not _has_parts(v):
-                    out[k] = torch.full((H, W), IGNORE_INDEX, dtype=torch.int64)
-                elif (h, w) == (H, W) and v.dtype == np.int64 and _adoptable(v):
-                    out[k] = torch.from_numpy(v)
-                else:
-                    t = torch.empty((H, W), dtype=torch.int64)
-                    a = t.numpy()
-                    _fill_border(a, h, w, PAD_VALUES.get(k, 0))
-                    np.copyto(a[:h, :w], v, casting="unsafe")
-                    out[k] = t
-            else:
-                out[k] = self._float_map(k, v, H, W)
-        return out
-
-    def _image(self, img: np.ndarray, H: int, W: int) -> torch.Tensor:
-        h, w = img.shape[:2]
-        nz = self.normalize
-        c = img.shape[2] if img.ndim == 3 else 0
-        if c != len(nz.mean) or c > 4 or img.dtype not in (np.uint8, np.float32):
-            return self._float_map("image", nz({"image": img})["image"], H, W)
-        t = torch.empty((c, H, W), dtype=torch.float32)
-        a = t.numpy()
-        _fill_border(a, h, w, PAD_VALUES["image"])
-        body = [a[i, :h, :w] for i in range(c)]
-        if img.dtype == np.uint8:  # uint8 planes through the per-channel tables, into the tensor
-            for i, p in enumerate(cv2.split(img)):
-                r = cv2.LUT(p, nz.channel_luts[i], dst=body[i])
-                if not np.may_share_memory(r, body[i]):  # (cv2 wrote elsewhere: copy it in)
-                    body[i][...] = r
-        else:  # float32 planes into the tensor, then (x - mean) * (1 / std) in place, as Normalize
-            _split_into(img, body)
-            for i, b in enumerate(body):
-                np.subtract(b, nz.mean[i], out=b)
-                b *= nz._inv_std[i]
-        return t
-
-    def _float_map(self, k: str, v: np.ndarray, H: int, W: int) -> torch.Tensor:
-        h, w = v.shape[:2]
-        ignore = self.ignore_regions and k in ("depth", "normals")
-        if v.ndim == 2 and (h, w) == (H, W) and v.dtype == np.float32 and _adoptable(v):
-            zero = _zero_vectors(v[None]) if ignore else None
-            if zero is not None:
-                v = np.where(zero, np.float32(IGNORE_INDEX), v)
-            return torch.from_numpy(v[None])
-        chw = v[None] if v.ndim == 2 else v.transpose(2, 0, 1)
-        t = torch.empty((chw.shape[0], H, W), dtype=torch.float32)
-        a = t.numpy()
-        _fill_border(a, h, w, IGNORE_INDEX if ignore else PAD_VALUES.get(k, 0))
-        body = a[:, :h, :w]
-        if v.ndim == 3 and 1 < v.shape[2] <= 4 and v.dtype == np.float32 and v.strides[1] > 0:
-            _split_into(v, list(body))  # (cv2's deinterleave: twice as fast as a transposing copy)
-        else:
-            np.copyto(body, chw, casting="unsafe")
-        zero = _zero_vectors(body) if ignore else None  # normals: all channels zero
-        if zero is not None:
-            for c in range(body.shape[0]):
-                body[c][zero] = IGNORE_INDEX
-        return t
-
-
-def _split_into(src: np.ndarray, planes: list[np.ndarray]) -> None:
-    """The channels of an H×W×C array into C preallocated H×W planes (views are fine)."""
-    got = cv2.split(src, planes)
-    for g, p in zip(got, planes):
-        if not np.may_share_memory(g, p):  # (cv2 allocated new planes: copy them in)
-            np.copyto(p, g, casting="unsafe")
 
 
 def build_train_transform(
