@@ -118,6 +118,18 @@ def test_defaults_are_off_and_keep_the_loader_settings():
     assert train_loader_kwargs(no_workers, torch.device("cpu")) == {"num_workers": 0, "pin_memory": True}
 
 
+def test_fused_context_switch():
+    from atrc_exp.models.relational_head import ATRCModule
+
+    over = ["backbone.pretrained=false", "context=atrc", "context.genotype=genotypes/nyud_hrnet18.json"]
+    for value in (True, False):
+        cfg = compose_cfg([*over, f"trainer.fused_context={str(value).lower()}"])
+        model = apply_fast_paths(build_model(cfg), cfg)
+        flags = [m.fused for m in model.modules() if hasattr(m, "fused")]
+        assert len(flags) == 2 and all(f is value for f in flags)  # the head and its ATRC module
+        assert any(isinstance(m, ATRCModule) for m in model.modules())
+
+
 def test_compile_options_forms():
     assert compile_options(compose_cfg(["trainer.compile.enabled=true"])) == {
         "mode": None,

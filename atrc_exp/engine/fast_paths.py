@@ -1,9 +1,15 @@
-"""Switchable fast training paths: channels_last, ``torch.compile`` and the DataLoader settings.
+"""Switchable fast training paths: batched context head, channels_last, ``torch.compile``, loader settings.
 
-Every switch lives in ``conf/trainer/default.yaml`` under ``# fast paths`` and is off by default,
-so a run's numbers do not change unless asked for. ``make bench`` (``benchmarks/bench_train.py``)
-times each against the plain float32 step in the same run. bf16 is not here: it is
+Every switch lives in ``conf/trainer/default.yaml`` under ``# fast paths``; all but
+``fused_context`` (exact, on) are off by default, so a run's numbers do not change unless asked
+for. ``make bench`` (``benchmarks/bench_train.py``) times each against the plain float32 step in
+the same run. bf16 is not here: it is
 ``trainer.mixed_precision=bf16`` (Accelerate's autocast).
+
+``trainer.fused_context`` (bool, default true)
+    The batched evaluation of the context head and the FCN head's task bottlenecks
+    (:func:`atrc_exp.models.relational_head.set_fused`); false evaluates block by block, as the
+    original implementation. Same numbers either way (float rounding aside).
 
 ``trainer.channels_last`` (bool)
     Weights and activations in NHWC (``torch.channels_last``). :func:`apply_fast_paths` converts
@@ -82,6 +88,7 @@ def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
 def apply_fast_paths(model: nn.Module, cfg: DictConfig) -> nn.Module:
     """Apply the model-side fast paths of ``cfg.trainer`` to ``model`` and return it.
 
+    * ``fused_context``: :func:`~atrc_exp.models.relational_head.set_fused` (on by default);
     * ``channels_last``: ``model.to(memory_format=torch.channels_last)`` (4-D weights become NHWC);
     * ``compile``: ``model.backbone.compile(...)`` and ``model.head.compile(...)`` in place (a model
       without those attributes is compiled as a whole, still in place).
@@ -89,6 +96,9 @@ def apply_fast_paths(model: nn.Module, cfg: DictConfig) -> nn.Module:
     Call it after the weights are loaded and before ``Accelerator.prepare`` / DDP wrapping. With
     everything off the model is returned untouched.
     """
+    from ..models.relational_head import set_fused
+
+    set_fused(model, bool(_get(cfg, "trainer.fused_context", True)))
     if channels_last_enabled(cfg):
         model = model.to(memory_format=torch.channels_last)
     opts = compile_options(cfg)
