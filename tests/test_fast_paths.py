@@ -128,6 +128,12 @@ def test_fused_context_switch():
         flags = [m.fused for m in model.modules() if hasattr(m, "fused")]
         assert len(flags) == 2 and all(f is value for f in flags)  # the head and its ATRC module
         assert any(isinstance(m, ATRCModule) for m in model.modules())
+    for value in (True, False):
+        cfg = compose_cfg(
+            ["backbone.pretrained=false", "mode=search", "context=search", f"mode.recompute={value}"]
+        )
+        model = apply_fast_paths(build_model(cfg), cfg)
+        assert [m.recompute for m in model.modules() if isinstance(m, ATRCModule)] == [value]
 
 
 def test_compile_options_forms():

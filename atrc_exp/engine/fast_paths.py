@@ -9,7 +9,8 @@ the same run. bf16 is not here: it is
 ``trainer.fused_context`` (bool, default true)
     The batched evaluation of the context head and the FCN head's task bottlenecks
     (:func:`atrc_exp.models.relational_head.set_fused`); false evaluates block by block, as the
-    original implementation. Same numbers either way (float rounding aside).
+    original implementation. Same numbers either way (float rounding aside). ``mode.recompute``
+    (search only, default true) sets :attr:`~atrc_exp.models.relational_head.ATRCModule.recompute`.
 
 ``trainer.channels_last`` (bool)
     Weights and activations in NHWC (``torch.channels_last``). :func:`apply_fast_paths` converts
@@ -98,7 +99,11 @@ def apply_fast_paths(model: nn.Module, cfg: DictConfig) -> nn.Module:
     """
     from ..models.relational_head import set_fused
 
-    set_fused(model, bool(_get(cfg, "trainer.fused_context", True)))
+    set_fused(
+        model,
+        bool(_get(cfg, "trainer.fused_context", True)),
+        recompute=bool(_get(cfg, "mode.recompute", True)),
+    )
     if channels_last_enabled(cfg):
         model = model.to(memory_format=torch.channels_last)
     opts = compile_options(cfg)
