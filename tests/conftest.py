@@ -57,6 +57,27 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small-tensor tests (faster, much faster on a loaded
+    machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def torch_local_attention():
+    """The pure-PyTorch local attention (no extension build in the test)."""
+    from atrc_exp.ops import get_backend, set_backend
+
+    old = get_backend()
+    set_backend("torch")
+    yield
+    set_backend(old)
+
+
 @pytest.fixture(autouse=True)
 def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))

@@ -40,24 +40,7 @@ GENO = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and much faster on a loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _torch_local_attention():
-    """Use the pure-PyTorch local attention (no extension build in these tests)."""
-    from atrc_exp.ops import get_backend, set_backend
-
-    old = get_backend()
-    set_backend("torch")
-    yield
-    set_backend(old)
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_local_attention")
 
 
 def _overrides(context: str, dataset: str = "dataset=nyud", backbone: str = "backbone=hrnet18") -> list[str]:

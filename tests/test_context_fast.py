@@ -40,23 +40,7 @@ OUT = {"semseg": 5, "depth": 1, "normals": 3, "edge": 1}
 AUX = {"semseg": 5, "depth": 6, "normals": 7, "edge": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _torch_local_attention():
-    """The pure-PyTorch local attention (no extension build in these tests)."""
-    from atrc_exp.ops import get_backend, set_backend
-
-    old = get_backend()
-    set_backend("torch")
-    yield
-    set_backend(old)
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_local_attention")
 
 
 def _randomise(module: nn.Module, seed: int = 1) -> None:

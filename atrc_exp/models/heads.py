@@ -9,20 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ConvBNReLU, conv_bn_relu_group
-
-
-def task_bottlenecks(
-    bottleneck: nn.ModuleDict, tasks: list[str], x: torch.Tensor, fused: bool = True
-) -> dict[str, torch.Tensor]:
-    """``{t: bottleneck[t](x)}``; with ``fused``, the layers (which all read ``x``) run as one
-    convolution and one batch norm (:func:`~atrc_exp.models.layers.conv_bn_relu_group`): same
-    numbers, float rounding aside, running statistics updated in each layer's own buffers."""
-    if not fused or len(tasks) < 2:
-        return {t: bottleneck[t](x) for t in tasks}
-    layers = [bottleneck[t] for t in tasks]
-    y = conv_bn_relu_group(x, layers)
-    return dict(zip(tasks, y.split([m[1].num_features for m in layers], dim=1)))
+from .layers import ConvBNReLU, per_task_layers
 
 
 class MultiTaskFCNHead(nn.Module):
@@ -43,11 +30,11 @@ class MultiTaskFCNHead(nn.Module):
         for m in self.final_logits.values():
             nn.init.normal_(m.weight, mean=0.0, std=0.01)
             nn.init.zeros_(m.bias)
-        #: the task bottlenecks as one convolution (:func:`task_bottlenecks`); False: one by one
+        #: the task bottlenecks as one convolution (:func:`~.layers.per_task_layers`); False: one by one
         self.fused = True
 
     def forward(
         self, x: torch.Tensor, image: torch.Tensor | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
-        feats = task_bottlenecks(self.bottleneck, self.tasks, x, self.fused)
+        feats = per_task_layers(self.bottleneck, self.tasks, x, self.fused)
         return {"final": {t: self.final_logits[t](feats[t]) for t in self.tasks}}

@@ -36,11 +36,9 @@ def resize_prediction(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     and backward than NCHW for these large upsamplings, and the cross-entropy reads it as
     (pixels × classes) rows without a copy (:func:`atrc_exp.losses.cross_entropy_loss`). Same
     values (float rounding aside); ``.contiguous()`` gives NCHW back where a caller needs it."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if x.dim() == 4 and x.shape[1] > 4:
+    if x.dim() == 4 and x.shape[1] > 4 and tuple(x.shape[-2:]) != tuple(size):
         x = x.contiguous(memory_format=torch.channels_last)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return resize_to(x, size)
 
 
 def concat_features(features: list[torch.Tensor]) -> torch.Tensor:
@@ -211,6 +209,20 @@ def conv_bn_relu_group(x: torch.Tensor, layers: Sequence[ConvBNReLU]) -> torch.T
         raise ValueError("conv_bn_relu_group: layers mix ConvBNReLU and ConvBN")
     y = batch_norm_group(conv_group(x, [m[0] for m in layers]), [m[1] for m in layers])
     return F.relu(y, inplace=True) if relu[0] else y
+
+
+def per_task_layers(
+    layers: nn.ModuleDict, tasks: Sequence[str], x: torch.Tensor, fused: bool = True
+) -> dict[str, torch.Tensor]:
+    """``{t: layers[t](x)}`` for :class:`ConvBNReLU` layers that all read ``x`` (the task
+    bottlenecks of a head, the aux heads); with ``fused``, one convolution and one batch norm
+    (:func:`conv_bn_relu_group`): same numbers, float rounding aside, running statistics updated in
+    each layer's own buffers."""
+    if not fused or len(tasks) < 2:
+        return {t: layers[t](x) for t in tasks}
+    group = [layers[t] for t in tasks]
+    y = conv_bn_relu_group(x, group)
+    return dict(zip(tasks, y.split([m[1].num_features for m in group], dim=1)))
 
 
 def conv_bn_act_blockwise(x: torch.Tensor, layers: Sequence[ConvBNReLU]) -> list[torch.Tensor]:

@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .context_blocks import CONTEXT_CODES, CPOp, label_contexts, make_cp_block, run_cp_ops, spatial_softmax
-from .heads import MultiTaskFCNHead, task_bottlenecks
-from .layers import ConvBNReLU, conv_bn_relu_group, frozen_bn_stats
+from .heads import MultiTaskFCNHead
+from .layers import ConvBNReLU, frozen_bn_stats, per_task_layers
 from .search_block import SearchCPBlock
 
 __all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "set_fused", "uniform_genotype"]
@@ -264,16 +264,12 @@ class RelationalContextHead(nn.Module):
     def forward(
         self, x: torch.Tensor, image: torch.Tensor | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
-        feats = task_bottlenecks(self.bottleneck, self.tasks, x, self.fused)
+        feats = per_task_layers(self.bottleneck, self.tasks, x, self.fused)
         aux: dict[str, torch.Tensor] = {}
         probs: dict[str, torch.Tensor] = {}
         if self.aux_tasks:
             xd = x.detach()
-            if self.fused and len(self.aux_tasks) > 1:
-                hidden = conv_bn_relu_group(xd, [self.aux_conv[t] for t in self.aux_tasks])
-                hidden = dict(zip(self.aux_tasks, hidden.split(self.in_channels, dim=1)))
-            else:
-                hidden = {t: self.aux_conv[t](xd) for t in self.aux_tasks}
+            hidden = per_task_layers(self.aux_conv, self.aux_tasks, xd, self.fused)
             for t in self.aux_tasks:
                 aux[t] = self.aux_logits[t](hidden[t])
                 probs[t] = spatial_softmax(aux[t], image)
