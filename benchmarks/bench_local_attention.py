@@ -30,16 +30,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device: str, repeat: int, warmup: int = 1) -> float:
+def _time(fn, device: str, repeat: int, warmup: int = 1, inner: int = 1) -> float:
+    """Median over ``repeat`` samples of the time per call; each sample runs ``inner`` calls
+    back to back between two synchronisations (on CUDA, so that launch and sync latency do not
+    dominate calls of ~100 µs)."""
     for _ in range(warmup):
         fn()
     _sync(device)
     ts = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         _sync(device)
-        ts.append(time.perf_counter() - t0)
+        ts.append((time.perf_counter() - t0) / inner)
     return statistics.median(ts)
 
 
@@ -55,8 +59,9 @@ def bench_one(backend, device, dtype, shape, ks, repeat):
     B, C, H, W = shape
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v, go = (torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    inner = 20 if device == "cuda" else 1
     with torch.no_grad():
-        t_fwd = _time(lambda: local_attention(q, k, v, ks, backend=backend), device, repeat)
+        t_fwd = _time(lambda: local_attention(q, k, v, ks, backend=backend), device, repeat, inner=inner)
     qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
 
     def fwd_bwd():
@@ -66,10 +71,35 @@ def bench_one(backend, device, dtype, shape, ks, repeat):
     peak = None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_fb = _time(fwd_bwd, device, repeat)
+    t_fb = _time(fwd_bwd, device, repeat, inner=inner)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     return t_fwd, t_fb, peak
+
+
+def kernel_profile(device: str, dtype: torch.dtype, shape, ks: int, n: int = 5) -> dict[str, float]:
+    """Mean µs per fwd+bwd call of each CUDA kernel the ``cuda`` backend launches (torch.profiler)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, go = (torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    qq, kk, vv = (t.requires_grad_(True) for t in (q, k, v))
+    for _ in range(2):
+        torch.autograd.grad(local_attention(qq, kk, vv, ks, backend="cuda"), (qq, kk, vv), go)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            torch.autograd.grad(local_attention(qq, kk, vv, ks, backend="cuda"), (qq, kk, vv), go)
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            # "void (anonymous namespace)::la_forward_kernel<float, 9>(float const*, ...)"
+            name = e.name.removeprefix("void ").replace("(anonymous namespace)::", "")
+            name = name.split("<")[0].split("(")[0][:60]
+            per[name] = per.get(name, 0.0) + e.time_range.elapsed_us() / n
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
 def main(argv=None):
@@ -81,19 +111,24 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference rows")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--skip-cpu", action="store_true", help="only the CUDA rows (GPU machines)")
+    p.add_argument("--profile", action="store_true", help="CUDA: µs per call of each kernel (torch.profiler)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     ks = args.kernel_size
-    backends = available_backends()
+    if args.skip_cpu:  # do not build the C++ extension either
+        backends = ["torch"] + (["cuda"] if "cuda" in available_backends(("cuda",)) else [])
+    else:
+        backends = available_backends()
     rows = []
     cpu_gflops = matmul_gflops("cpu", torch.float32)
     gpu_gflops = {}
     if "cuda" in backends:
         for dt in (torch.float32, torch.bfloat16):
             gpu_gflops[str(dt)] = matmul_gflops("cuda", dt)
-    configs = [("torch", "cpu", torch.float32)] if not args.no_reference else []
-    if "cpp" in backends:
+    configs = [("torch", "cpu", torch.float32)] if not (args.no_reference or args.skip_cpu) else []
+    if "cpp" in backends and not args.skip_cpu:
         configs.append(("cpp", "cpu", torch.float32))
     if "cuda" in backends:
         if not args.no_reference:
@@ -145,6 +180,16 @@ def main(argv=None):
             f"{f(r['speedup_fwd_vs_torch'], '%.1fx'):>9} {f(r['speedup_fwd_bwd_vs_torch'], '%.1fx'):>9} {r['gflops_fwd_bwd']:8.1f} "
             f"{f(r['x_floor'], '%.1f'):>7} {r['bytes_fwd_bwd'] / 1e6:8.1f} {f(r['peak_mem_mib'], '%.0f'):>8}"
         )
+    profiles = {}
+    if args.profile and "cuda" in backends:
+        for size in args.sizes:
+            shape = tuple(int(x) for x in size.lower().split("x"))
+            for dtype in (torch.float32, torch.bfloat16):
+                key = f"{size} {str(dtype).replace('torch.', '')}"
+                profiles[key] = kernel_profile("cuda", dtype, shape, ks)
+                print(f"kernels per fwd+bwd call, {key}: total {sum(profiles[key].values()):.0f} µs")
+                for name, us in profiles[key].items():
+                    print(f"  {us:9.1f} µs  {name}")
     if args.out:
         meta = dict(
             torch=torch.__version__,
@@ -157,7 +202,7 @@ def main(argv=None):
             backends=backends,
         )
         with open(args.out, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+            json.dump({"meta": meta, "rows": rows, "kernel_profiles_us": profiles}, fh, indent=2)
         print(f"wrote {args.out}")
 
 

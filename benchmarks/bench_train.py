@@ -28,6 +28,12 @@ Fast paths, each timed against the plain float32 step of the same context in the
 * ``compile``: ``trainer.compile.enabled=true`` (``torch.compile`` of backbone and head); the
   first step (compilation) is reported apart;
 * ``cl+compile``: both.
+* ``bf16+compile``, ``bf16+cudagraphs``: bf16 autocast with ``torch.compile`` (mode ``default`` /
+  ``reduce-overhead``, i.e. CUDA graphs; meant for the GPU).
+
+On CUDA each configuration also reports the GPU kernel time of one step (``torch.profiler``, sum
+of the kernels' durations, and their number): a step much longer than its kernel time is bound by
+the host (Python, dispatch, launches), which bf16 cannot speed up and CUDA graphs can.
 
 ``--include loader`` adds DataLoader rows: the context=none float32 step fed by the trainer's own
 train loader (``atrc_exp.engine.trainer.build_train_loader``) over the synthetic dataset (train
@@ -64,6 +70,9 @@ PATHS = {
     "channels_last": {"channels_last": True},
     "compile": {"compile": True},
     "cl+compile": {"channels_last": True, "compile": True},
+    "bf16+compile": {"bf16": True, "compile": True},
+    # torch.compile mode=reduce-overhead: CUDA graphs (for launch-bound steps on a GPU)
+    "bf16+cudagraphs": {"bf16": True, "compile": True, "compile_mode": "reduce-overhead"},
 }
 #: DataLoader variants of ``--include loader``: (label, settings); None = the in-memory batch.
 LOADERS = (
@@ -102,6 +111,7 @@ def compose(context: str, spec: dict):
         ov.append(f"context.genotype={REPO / GENOTYPE}")
     ov.append(f"trainer.channels_last={'true' if spec.get('channels_last') else 'false'}")
     ov.append(f"trainer.compile.enabled={'true' if spec.get('compile') else 'false'}")
+    ov.append(f"trainer.compile.mode={spec.get('compile_mode', 'default')}")
     ov.append(f"trainer.mixed_precision={'bf16' if spec.get('bf16') else 'no'}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hy_compose(config_name="train", overrides=ov)
@@ -144,6 +154,24 @@ def _loader(spec: dict, device):
     acc = SimpleNamespace(process_index=0, num_processes=1, device=device)
     it = iter(build_train_loader(train_ds, dcfg, acc))
     return lambda: _to_device(next(it), device)
+
+
+def gpu_kernel_time(step, i0: int, n: int = 2) -> dict:
+    """GPU kernel time and kernel count per step over ``n`` profiled steps (``torch.profiler``)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(n):
+                step(i0 + i)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+        return {"gpu_kernel_s": busy_us / 1e6 / n, "gpu_kernels_per_step": len(kernels) / n}
+    except Exception as e:  # noqa: BLE001 - the profile is an extra, never fail the row for it
+        return {"gpu_kernel_error": f"{type(e).__name__}: {e}"[:200]}
 
 
 def run_worker(spec: dict) -> dict:
@@ -226,7 +254,9 @@ def run_worker(spec: dict) -> dict:
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    kernel = gpu_kernel_time(step, n_total) if cuda else {}
     return {
+        **kernel,
         **spec,
         "step_times_s": times[int(spec["warmup"]) :],
         "first_step_s": times[0],
@@ -304,6 +334,12 @@ def _fmt(x, fmt: str) -> str:
     return "-" if x is None else fmt % x
 
 
+def _kernel_cell(r: dict) -> str:
+    if "gpu_kernel_s" in r:
+        return f"{r['gpu_kernel_s'] * 1e3:.0f} ({r['gpu_kernels_per_step']:.0f})"
+    return r.get("gpu_kernel_error", "-")[:60]
+
+
 def train_table(rows: list[dict]) -> list[str]:
     """The training-step rows as a Markdown table (ratios from the same run)."""
     ok = [r for r in rows if "error" not in r and not r["path"].startswith("loader:")]
@@ -312,8 +348,8 @@ def train_table(rows: list[dict]) -> list[str]:
     mem_kind = {r["device"]: r["peak_mem_kind"] for r in ok}
     lines = [
         "| device | context | path | B×H×W | ms/step (median) | best ms | img/s | × none (same path) "
-        "| speed-up vs fp32 | peak MiB | first step s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speed-up vs fp32 | peak MiB | first step s | GPU kernel ms/step (kernels) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["path"].startswith("loader:"):
@@ -321,7 +357,7 @@ def train_table(rows: list[dict]) -> list[str]:
         b, h, w = r["size"]
         head = f"| {r['device']} | {r['context']} | {r['path']} | {b}×{h}×{w} "
         if "error" in r:
-            lines.append(head + f"| error: {r['error'][:160]} | | | | | | |")
+            lines.append(head + f"| error: {r['error'][:160]} | | | | | | | |")
             continue
         t = r["step_s"]
         nb = base.get((r["device"], r["path"]))
@@ -329,7 +365,7 @@ def train_table(rows: list[dict]) -> list[str]:
         lines.append(
             head + f"| {t * 1e3:.0f} | {r['best_step_s'] * 1e3:.0f} | {r['images_per_s']:.2f} "
             f"| {_fmt(t / nb if nb else None, '%.2f×')} | {_fmt(f32 / t if f32 else None, '%.2f×')} "
-            f"| {r['peak_mem_mib']:.0f} | {r['first_step_s'][0]:.1f} |"
+            f"| {r['peak_mem_mib']:.0f} | {r['first_step_s'][0]:.1f} | {_kernel_cell(r)} |"
         )
     if mem_kind:
         lines.append("")

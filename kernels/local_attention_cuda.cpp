@@ -1,12 +1,13 @@
-// Python binding + input checks for the CUDA local-attention kernels (local_attention_cuda.cu).
+// Python binding, input checks and dtype dispatch for the CUDA local-attention kernels
+// (local_attention_cuda.cuh, one instantiation per dtype in local_attention_cuda_<dtype>.cu).
 #include <torch/extension.h>
+
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include <vector>
 
-std::vector<at::Tensor> la_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                        int64_t kernel_size);
-std::vector<at::Tensor> la_backward_cuda(const at::Tensor& gout, const at::Tensor& q, const at::Tensor& k,
-                                         const at::Tensor& v, const at::Tensor& lse, int64_t kernel_size);
+#include "local_attention_cuda.h"
 
 namespace {
 
@@ -28,7 +29,14 @@ void check_inputs(const std::vector<at::Tensor>& ts, int64_t k) {
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ks) {
   check_inputs({q, k, v}, ks);
-  return la_forward_cuda(q, k, v, ks);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto acc = (q.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+  auto out = at::empty_like(q);
+  auto lse = at::empty({q.size(0), q.size(2), q.size(3)}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, q.scalar_type(),
+                                  "la_forward_cuda",
+                                  [&] { atrc_la::forward_impl<scalar_t>(q, k, v, out, lse, static_cast<int>(ks)); });
+  return {out, lse};
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -38,7 +46,13 @@ std::vector<at::Tensor> backward(const at::Tensor& g, const at::Tensor& q, const
   TORCH_CHECK(lse.is_cuda() && lse.is_contiguous() && lse.scalar_type() == acc && lse.dim() == 3 &&
                   lse.size(0) == q.size(0) && lse.size(1) == q.size(2) && lse.size(2) == q.size(3),
               "local_attention (cuda): bad lse tensor");
-  return la_backward_cuda(g, q, k, v, lse, ks);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, q.scalar_type(),
+                                  "la_backward_cuda", [&] {
+                                    atrc_la::backward_impl<scalar_t>(g, q, k, v, lse, dq, dk, dv, static_cast<int>(ks));
+                                  });
+  return {dq, dk, dv};
 }
 
 }  // namespace

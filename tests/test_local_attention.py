@@ -271,8 +271,9 @@ def test_find_cuda_home_follows_wrapper(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(build.find_cuda_home() is None or shutil.which("g++") is None, reason="no nvcc")
 def test_cuda_sources_compile_with_nvcc(tmp_path):
-    """Build-only check of kernels/local_attention_cuda.cu (no GPU needed): float32 + bf16,
-    k = 9 and generic k. Minutes the first time; cached per source hash afterwards."""
+    """Build-only check of the CUDA sources (no GPU needed): the float32 and bf16 kernel units
+    (k = 9 and generic k) with nvcc, the binding/dispatch unit with the host compiler. About a
+    minute the first time; cached per source hash afterwards."""
     res = build._compile_check_cuda(str(tmp_path))
     assert res.returncode == 0, res.stderr[-4000:]
 

@@ -41,10 +41,14 @@ __all__ = [
 
 KERNELS_DIR = Path(os.environ.get("ATRC_KERNELS_DIR", Path(__file__).resolve().parents[2] / "kernels"))
 
+# one CUDA translation unit per dtype (ninja compiles them in parallel; ptxas of one is ~30 s)
+_CUDA_DTYPES = ("f32", "bf16", "f16", "f64")
 _SOURCES = {
     "cpp": ["local_attention_cpu.cpp"],
-    "cuda": ["local_attention_cuda.cpp", "local_attention_cuda.cu"],
+    "cuda": ["local_attention_cuda.cpp"] + [f"local_attention_cuda_{d}.cu" for d in _CUDA_DTYPES],
 }
+# included files: part of the build key too
+_HEADERS = {"cpp": [], "cuda": ["local_attention_cuda.h", "local_attention_cuda.cuh"]}
 _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
 _LDFLAGS = ["-fopenmp"]
 _CUDA_FLAGS = [
@@ -119,7 +123,7 @@ def _source_paths(kind: str) -> list[Path]:
 
 def _build_key(kind: str) -> str:
     h = hashlib.sha256()
-    for p in _source_paths(kind):
+    for p in _source_paths(kind) + [KERNELS_DIR / f for f in _HEADERS[kind]]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     h.update(repr((_CFLAGS, _LDFLAGS, _CUDA_FLAGS)).encode())
@@ -199,10 +203,12 @@ def reset_cache() -> None:
 
 
 def _compile_check_cuda(out_dir: str | None = None, quick: bool = True) -> subprocess.CompletedProcess:
-    """Compile ``local_attention_cuda.cu`` to an object file with the real nvcc (no GPU needed);
-    used by the tests to keep the CUDA sources compiling on CPU-only machines. ``quick``
-    instantiates only float32 + bfloat16 and k in {9, generic} (``LA_QUICK_COMPILE_CHECK``), with
-    ptxas -O0: the full build (4 dtypes x 6 window sizes) takes minutes."""
+    """Compile the CUDA sources to object files with the real nvcc (no GPU needed), the
+    per-dtype kernel units in parallel; used by the tests to keep the CUDA sources compiling on
+    CPU-only machines. ``quick`` compiles only the float32 and bfloat16 units with k in {9,
+    generic} (``LA_QUICK_COMPILE_CHECK``) and ptxas -O0: the full build (4 dtypes x 6 window
+    sizes) takes minutes. The binding/dispatch unit (``local_attention_cuda.cpp``) is
+    syntax-checked with the host compiler. Returns the first failure (or the last success)."""
     import sysconfig
     import tempfile
 
@@ -214,7 +220,9 @@ def _compile_check_cuda(out_dir: str | None = None, quick: bool = True) -> subpr
     nvcc = str(Path(home) / "bin" / "nvcc")
     cpp_extension.CUDA_HOME = home
     out_dir = out_dir or tempfile.mkdtemp(prefix="atrc_nvcc_")
-    h = hashlib.sha256((KERNELS_DIR / "local_attention_cuda.cu").read_bytes())
+    units = ["f32", "bf16"] if quick else list(_CUDA_DTYPES)
+    files = _source_paths("cuda") + [KERNELS_DIR / f for f in _HEADERS["cuda"]]
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in files))
     h.update(f"{quick}|{torch.__version__}|{home}|{_CUDA_FLAGS}".encode())
     stamp = build_root() / f"local_attention_cuda_check-{h.hexdigest()[:16]}.ok"
     if stamp.exists():  # these exact sources already compiled with this toolkit and torch
@@ -224,20 +232,36 @@ def _compile_check_cuda(out_dir: str | None = None, quick: bool = True) -> subpr
         if _accepts_device_type()
         else cpp_extension.include_paths(cuda=True)
     )
-    cmd = [nvcc, "-c", str(KERNELS_DIR / "local_attention_cuda.cu"), "-o", str(Path(out_dir) / "la.o")]
-    cmd += ["-arch=sm_90", "-std=c++20", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC"]
-    cmd += ["-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI))]
-    cmd += ["-DTORCH_EXTENSION_NAME=atrc_la_check", "-DTORCH_API_INCLUDE_EXTENSION_H"]
-    cmd += _CUDA_FLAGS[2:]
-    cmd += [f"-I{p}" for p in incs] + [f"-I{sysconfig.get_paths()['include']}"]
-    cmd += [f"-I{Path(home) / 'include'}"]
-    if quick:
-        cmd += ["-DLA_QUICK_COMPILE_CHECK", "-Xptxas", "-O0"]
+    incs = [*incs, sysconfig.get_paths()["include"], str(Path(home) / "include")]
+    abi = "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI))
+    defs = [abi, "-DTORCH_EXTENSION_NAME=atrc_la_check", "-DTORCH_API_INCLUDE_EXTENSION_H"]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode == 0:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(" ".join(cmd))
+    cmds = []
+    for unit in units:
+        src = KERNELS_DIR / f"local_attention_cuda_{unit}.cu"
+        cmd = [nvcc, "-c", str(src), "-o", str(Path(out_dir) / f"la_{unit}.o")]
+        cmd += ["-arch=sm_90", "-std=c++20", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC", *defs]
+        cmd += _CUDA_FLAGS[2:] + [f"-I{p}" for p in incs]
+        if quick:
+            cmd += ["-DLA_QUICK_COMPILE_CHECK", "-Xptxas", "-O0"]
+        cmds.append(cmd)
+    cxx = os.environ.get("CXX", "c++")
+    cmds.append(
+        [cxx, "-fsyntax-only", "-std=c++20", *defs, str(KERNELS_DIR / "local_attention_cuda.cpp")]
+        + [f"-I{p}" for p in incs]
+    )
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    res = None
+    for c, proc in zip(cmds, procs):
+        out, err = proc.communicate()
+        res = subprocess.CompletedProcess(c, proc.returncode, out, err)
+        if proc.returncode != 0:
+            for other in procs:
+                other.kill()
+                other.wait()
+            return res
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text("\n".join(" ".join(c) for c in cmds))
     return res
 
 

@@ -45,11 +45,12 @@ def get_backend() -> str:
     return _backend
 
 
-def available_backends() -> list[str]:
-    """Backends that work in this process (builds the extensions if needed): always ``torch``,
-    ``cpp`` when the C++ extension builds, ``cuda`` when CUDA is present and the CUDA one builds."""
+def available_backends(kinds: tuple[str, ...] = ("cpp", "cuda")) -> list[str]:
+    """Backends that work in this process (builds the extensions of ``kinds`` if needed): always
+    ``torch``, ``cpp`` when the C++ extension builds, ``cuda`` when CUDA is present and the CUDA
+    one builds."""
     out = ["torch"]
-    for kind in ("cpp", "cuda"):
+    for kind in kinds:
         if kind == "cuda" and not build.cuda_build_possible():
             continue
         try:

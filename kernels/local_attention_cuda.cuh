@@ -1,5 +1,7 @@
 // ATRC local attention: CUDA kernels (forward + backward), float32/float64/bfloat16/float16 with
 // float32 (float64 for double) accumulation. Batched: one launch covers all B images.
+// Included by one translation unit per dtype (local_attention_cuda_<dtype>.cu), which instantiates
+// atrc_la::forward_impl / backward_impl for that dtype; local_attention_cuda.cpp dispatches.
 //
 // Semantics: out[b,:,y,x] = sum_o softmax_o(<q[b,:,y,x], k[b,:,y+dy-r,x+dx-r]> / sqrt(C)) v[b,:,...]
 // over the k*k window offsets o = (dy, dx); keys/values outside the image are zeros: they score 0
@@ -19,8 +21,11 @@
 //  * other odd k: same structure with the per-pixel k^2 arrays in a global scratch buffer.
 // Next steps toward the hardware floor (not done yet): shared-memory tiles of q/k/v with halos and
 // a channel-blocked register tile per thread.
+#pragma once
+
+#include "local_attention_cuda.h"
+
 #include <ATen/AccumulateType.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -291,10 +296,8 @@ __global__ void __launch_bounds__(kThreads)
     case 9: { constexpr int KS = 9; __VA_ARGS__(); break; } \
     default: { constexpr int KS = 0; __VA_ARGS__(); break; } \
   }
-#define LA_CUDA_DISPATCH_TYPES(t, name, ...) AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, t, name, __VA_ARGS__)
+#define LA_SPECIALISED_KS(k) ((k) == 9)
 #else
-#define LA_CUDA_DISPATCH_TYPES(t, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, t, name, __VA_ARGS__)
 #define LA_CUDA_DISPATCH_KS(k, ...)                         \
   switch (k) {                                              \
     case 1: { constexpr int KS = 1; __VA_ARGS__(); break; } \
@@ -304,70 +307,63 @@ __global__ void __launch_bounds__(kThreads)
     case 9: { constexpr int KS = 9; __VA_ARGS__(); break; } \
     default: { constexpr int KS = 0; __VA_ARGS__(); break; } \
   }
+#define LA_SPECIALISED_KS(k) ((k) == 1 || (k) == 3 || (k) == 5 || (k) == 7 || (k) == 9)
 #endif
 
 inline unsigned int n_blocks(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
 
 }  // namespace
 
-std::vector<at::Tensor> la_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                        int64_t kernel_size) {
-  const c10::cuda::CUDAGuard guard(q.device());
+namespace atrc_la {
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                  int ks) {
+  using acc_t = at::acc_type<scalar_t, true>;
   const int B = q.size(0), C = q.size(1), H = q.size(2), W = q.size(3);
-  const int ks = static_cast<int>(kernel_size);
-  const auto acc_dtype = at::toAccumulateType(q.scalar_type(), /*is_cuda=*/true);
-  auto out = at::empty_like(q);
-  auto lse = at::empty({B, H, W}, q.options().dtype(acc_dtype));
   const int64_t n = int64_t(B) * H * W;
-  if (n == 0 || C == 0) return {out, lse};
+  if (n == 0 || C == 0) return;
+  const bool generic = !LA_SPECIALISED_KS(ks);  // must match LA_CUDA_DISPATCH_KS's default branch
   at::Tensor scratch;
-#ifdef LA_QUICK_COMPILE_CHECK
-  const bool generic = ks != 9;  // must match LA_CUDA_DISPATCH_KS's default branch
-#else
-  const bool generic = !(ks == 1 || ks == 3 || ks == 5 || ks == 7 || ks == 9);
-#endif
-  if (generic) scratch = at::empty({int64_t(B) * ks * ks * H * W}, q.options().dtype(acc_dtype));
+  if (generic) scratch = at::empty({int64_t(B) * ks * ks * H * W}, lse.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  LA_CUDA_DISPATCH_TYPES(q.scalar_type(), "la_forward_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const acc_t scale = acc_t(1) / std::sqrt(acc_t(C));
-    acc_t* scr = generic ? scratch.data_ptr<acc_t>() : nullptr;
-    LA_CUDA_DISPATCH_KS(ks, [&] {
-      la_forward_kernel<scalar_t, KS><<<n_blocks(n), kThreads, 0, stream>>>(
-          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-          lse.data_ptr<acc_t>(), scr, B, C, H, W, ks, scale);
-    });
+  const acc_t scale = acc_t(1) / std::sqrt(acc_t(C));
+  acc_t* scr = generic ? scratch.data_ptr<acc_t>() : nullptr;
+  LA_CUDA_DISPATCH_KS(ks, [&] {
+    la_forward_kernel<scalar_t, KS><<<n_blocks(n), kThreads, 0, stream>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+        lse.data_ptr<acc_t>(), scr, B, C, H, W, ks, scale);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, lse};
 }
 
-std::vector<at::Tensor> la_backward_cuda(const at::Tensor& gout, const at::Tensor& q, const at::Tensor& k,
-                                         const at::Tensor& v, const at::Tensor& lse, int64_t kernel_size) {
-  const c10::cuda::CUDAGuard guard(q.device());
+template <typename scalar_t>
+void backward_impl(const at::Tensor& gout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int ks) {
+  using acc_t = at::acc_type<scalar_t, true>;
   const int B = q.size(0), C = q.size(1), H = q.size(2), W = q.size(3);
-  const int ks = static_cast<int>(kernel_size);
-  const auto acc_dtype = at::toAccumulateType(q.scalar_type(), /*is_cuda=*/true);
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const int64_t n = int64_t(B) * H * W;
-  if (n == 0 || C == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
-  auto P = at::empty({B, ks * ks, H, W}, q.options().dtype(acc_dtype));
-  auto DS = at::empty({B, ks * ks, H, W}, q.options().dtype(acc_dtype));
+  if (n == 0 || C == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return;
+  }
+  auto P = at::empty({B, ks * ks, H, W}, lse.options());
+  auto DS = at::empty({B, ks * ks, H, W}, lse.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  LA_CUDA_DISPATCH_TYPES(q.scalar_type(), "la_backward_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const acc_t scale = acc_t(1) / std::sqrt(acc_t(C));
-    LA_CUDA_DISPATCH_KS(ks, [&] {
-      la_backward_query_kernel<scalar_t, KS><<<n_blocks(n), kThreads, 0, stream>>>(
-          gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-          lse.data_ptr<acc_t>(), P.data_ptr<acc_t>(), DS.data_ptr<acc_t>(), dq.data_ptr<scalar_t>(), B, C, H, W, ks,
-          scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      la_backward_key_kernel<scalar_t, KS><<<n_blocks(n), kThreads, 0, stream>>>(
-          gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), P.data_ptr<acc_t>(), DS.data_ptr<acc_t>(),
-          dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, C, H, W, ks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  const acc_t scale = acc_t(1) / std::sqrt(acc_t(C));
+  LA_CUDA_DISPATCH_KS(ks, [&] {
+    la_backward_query_kernel<scalar_t, KS><<<n_blocks(n), kThreads, 0, stream>>>(
+        gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+        lse.data_ptr<acc_t>(), P.data_ptr<acc_t>(), DS.data_ptr<acc_t>(), dq.data_ptr<scalar_t>(), B, C, H, W, ks,
+        scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    la_backward_key_kernel<scalar_t, KS><<<n_blocks(n), kThreads, 0, stream>>>(
+        gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), P.data_ptr<acc_t>(), DS.data_ptr<acc_t>(),
+        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, C, H, W, ks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {dq, dk, dv};
 }
+
+}  // namespace atrc_la

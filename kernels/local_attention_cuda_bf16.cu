@@ -1,0 +1,8 @@
+// The CUDA local-attention launchers for c10::BFloat16 (one dtype per translation unit: parallel builds).
+#include "local_attention_cuda.cuh"
+
+namespace atrc_la {
+template void forward_impl<c10::BFloat16>(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, int);
+template void backward_impl<c10::BFloat16>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, int);
+}  // namespace atrc_la
