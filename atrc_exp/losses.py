@@ -158,18 +158,45 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = N
     logits = logits.float()
     valid = target != IGNORE_INDEX
     c = logits.shape[1]
+    safe_target = target.masked_fill(~valid, 0)
     if c > 1 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
         # channels-last logits (resize_prediction): as (pixels × classes) rows, a view; the
         # log-softmax then runs over contiguous memory (about 2× faster on the CPU), same sum
-        logits, flat_target = logits.permute(0, 2, 3, 1).reshape(-1, c), target.reshape(-1)
+        rows = logits.permute(0, 2, 3, 1).reshape(-1, c)
+        w_row = valid.reshape(-1).to(rows.dtype)
+        if weight is not None:
+            w_row = w_row * weight.to(rows.dtype)[safe_target.reshape(-1)]
+        total = _RowsCrossEntropy.apply(rows, safe_target.reshape(-1), w_row)
     else:
-        flat_target = target
-    total = F.cross_entropy(logits, flat_target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+        total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
     if weight is None:
         den = valid.sum().to(total.dtype)
     else:
-        den = weight.to(total.dtype)[target.masked_fill(~valid, 0)].mul(valid).sum()
+        den = weight.to(total.dtype)[safe_target].mul(valid).sum()
     return _safe_ratio(total, den)
+
+
+class _RowsCrossEntropy(torch.autograd.Function):
+    """``Σ_i w_i · −log softmax(x_i)[y_i]`` over the rows of ``x`` (N×C; ``y`` N int64 in
+    range, ``w`` N: 0 for ignored rows, else the class weight). The same sum as
+    ``F.cross_entropy(reduction="sum")``; its backward writes ``g·w_i·(softmax(x_i) −
+    onehot(y_i))`` in one pass over the saved log-probabilities, where ``F.cross_entropy``
+    zero-fills an N×C gradient, scatters into it and runs the log-softmax backward (about
+    a third of the loss's time on the CPU for 40 classes at full resolution)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, w: Tensor) -> Tensor:  # noqa: D102
+        logp = torch.log_softmax(x, dim=1)
+        ctx.save_for_backward(logp, y, w)
+        return -(logp.gather(1, y.unsqueeze(1)).squeeze(1) * w).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        logp, y, w = ctx.saved_tensors
+        s = (w * grad).unsqueeze(1)
+        dx = torch.exp(logp).mul_(s)
+        dx.scatter_add_(1, y.unsqueeze(1), -s)
+        return dx, None, None
 
 
 def balanced_cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:

@@ -290,3 +290,36 @@ def test_cross_entropy_reads_channels_last_logits_as_rows():
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
     # few channels (depth, normals, edge, saliency) stay NCHW
     assert resize_prediction(torch.randn(1, 3, 4, 4), (8, 8)).is_contiguous()
+
+
+def test_rows_cross_entropy_matches_pytorch_and_gradchecks():
+    """The rows path's own autograd function: F.cross_entropy's sum and gradient (float32, with
+    ignored pixels and class weights, all pixels ignored) and torch.autograd.gradcheck in double."""
+    from atrc_exp.losses import cross_entropy_loss
+
+    g = torch.Generator().manual_seed(3)
+    for w in (None, torch.rand(40, generator=g) + 0.5):
+        for all_ignored in (False, True):
+            x = torch.randn(2, 40, 12, 16, generator=g).contiguous(memory_format=torch.channels_last)
+            t = torch.randint(0, 40, (2, 12, 16), generator=g)
+            t[0, :3] = 255
+            if all_ignored:
+                t[:] = 255
+            a = x.clone().requires_grad_()
+            b = x.contiguous().requires_grad_()
+            la = cross_entropy_loss(a, t, w)
+            ref = torch.nn.functional.cross_entropy(b, t, weight=w, ignore_index=255, reduction="sum")
+            den = (t != 255).sum() if w is None else w[t.clamp(max=39)].mul(t != 255).sum()
+            lb = ref / den if den > 0 else ref * 0
+            (la * 3).backward()
+            (lb * 3).backward()
+            torch.testing.assert_close(la.detach(), lb.detach(), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-8)
+    # the function itself in double (cross_entropy_loss computes in float32)
+    from atrc_exp.losses import _RowsCrossEntropy
+
+    rows = torch.randn(12, 5, dtype=torch.float64, generator=g).requires_grad_()
+    y = torch.randint(0, 5, (12,), generator=g)
+    w_row = torch.rand(12, dtype=torch.float64, generator=g)
+    w_row[0] = 0.0  # an ignored row
+    assert torch.autograd.gradcheck(lambda z: _RowsCrossEntropy.apply(z, y, w_row), (rows,))
