@@ -11,6 +11,11 @@
 #      SKIP_SMOKE=1 skips it)
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_checks.sh          # python3 must have torch with CUDA
+#   STAGES="env train_compile" TOTAL_S=580 OUT=/tmp/gpu bash benchmarks/gpu_checks.sh   # some stages
+#
+# Stages: env build tests ops train_bench train_compile smoke_train. A lent machine runs one
+# command for at most 10 minutes: run the compile rows (minutes of compilation per configuration)
+# in a call of their own.
 #
 # Each stage has its own time limit and appends to $OUT/gpu_checks.log; the JSON results land in
 # $OUT. Stages after a failed one still run. Needs the runtime dependencies of atrc_exp importable
@@ -32,6 +37,9 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/atrc_torch_ext}
 stage() {  # stage NAME LIMIT_S CMD...
   local name=$1 limit=$2 t0 rc left
   shift 2
+  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $name "* ]]; then
+    return
+  fi
   t0=$(date +%s)
   left=$((DEADLINE - t0))
   [ "$left" -lt "$limit" ] && limit=$left
