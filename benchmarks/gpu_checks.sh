@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, as one prepared run (a lent GPU machine is short-lived):
 #   1. build the CUDA local-attention extension (timed)
-#   2. the `cuda`-marked tests (CUDA kernel vs the float64 reference, bf16/fp16, gradcheck, opcheck)
+#   2. the `cuda`-marked tests (CUDA kernel vs the float64 reference, bf16/fp16, gradcheck, opcheck;
+#      a few training steps on the GPU with the CUDA op forced: local fp32/bf16, search)
 #   3. bench-ops on the GPU: fwd and fwd+bwd per call at the ATRC sizes, fp32 and bf16, vs the
 #      PyTorch reference on the same GPU, with the FLOP floor
 #   4. the training-step benchmark at paper size (batch 8, 425x560): contexts none / ATRC / search,
@@ -63,7 +64,7 @@ from atrc_exp.ops import build
 t = time.perf_counter(); build.get_extension('cuda', verbose=True)
 print(f'CUDA extension built in {time.perf_counter() - t:.1f} s')"
 
-stage tests 150 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_local_attention.py -rA
+stage tests 240 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_local_attention.py tests/test_train.py -rA
 
 stage ops 120 $PY benchmarks/bench_local_attention.py --skip-cpu --repeat 10 --ref-repeat 3 --profile \
   --sizes 8x33x107x140 8x33x128x128 8x90x107x140 --out "$OUT/results-ops-gpu.json"

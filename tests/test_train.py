@@ -229,3 +229,28 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"context": "local"},
+        {"context": "local", "trainer.mixed_precision": "bf16"},
+        {"context": "search", "mode": "search"},
+    ],
+    ids=["local-fp32", "local-bf16", "search"],
+)
+def test_training_runs_on_cuda_with_the_cuda_op(tiny_data_dir, tmp_path, extra):
+    """A few steps on the GPU through Accelerate with the CUDA local-attention kernel forced
+    (``backend=cuda`` is refused on any other device), validation included."""
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    overrides = {"trainer.max_steps": 4, "ops.local_attention.backend": "cuda", **extra}
+    cfg = compose_cfg(tiny_overrides(tiny_data_dir, **overrides))
+    metrics = fit(cfg, tmp_path)
+    _check_metrics(metrics, list(cfg.tasks.names), trained=False)
+    assert torch.cuda.max_memory_allocated() > 0
+    assert all(math.isfinite(x) for x in _losses(tmp_path))
