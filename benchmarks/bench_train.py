@@ -28,6 +28,8 @@ Fast paths, each timed against the plain float32 step of the same context in the
 * ``compile``: ``trainer.compile.enabled=true`` (``torch.compile`` of backbone and head); the
   first step (compilation) is reported apart;
 * ``cl+compile``: both.
+* ``cudnn_benchmark``, ``bf16+cudnn_benchmark``: ``trainer.cudnn_benchmark=true`` (cuDNN
+  autotuning; meant for the GPU, a no-op on the CPU);
 * ``bf16+compile``, ``bf16+cudagraphs``: bf16 autocast with ``torch.compile`` (mode ``default`` /
   ``reduce-overhead``, i.e. CUDA graphs; meant for the GPU).
 
@@ -70,10 +72,14 @@ PATHS = {
     "channels_last": {"channels_last": True},
     "compile": {"compile": True},
     "cl+compile": {"channels_last": True, "compile": True},
+    "cudnn_benchmark": {"cudnn_benchmark": True},
+    "bf16+cudnn_benchmark": {"bf16": True, "cudnn_benchmark": True},
     "bf16+compile": {"bf16": True, "compile": True},
     # torch.compile mode=reduce-overhead: CUDA graphs (for launch-bound steps on a GPU)
     "bf16+cudagraphs": {"bf16": True, "compile": True, "compile_mode": "reduce-overhead"},
 }
+#: timed on CUDA only (no-ops on the CPU, or minutes of compilation for a CPU row nobody needs)
+GPU_ONLY_PATHS = ("cudnn_benchmark", "bf16+cudnn_benchmark", "bf16+compile", "bf16+cudagraphs")
 #: DataLoader variants of ``--include loader``: (label, settings); None = the in-memory batch.
 LOADERS = (
     ("in-memory batch", None),
@@ -112,6 +118,7 @@ def compose(context: str, spec: dict):
     ov.append(f"trainer.channels_last={'true' if spec.get('channels_last') else 'false'}")
     ov.append(f"trainer.compile.enabled={'true' if spec.get('compile') else 'false'}")
     ov.append(f"trainer.compile.mode={spec.get('compile_mode', 'default')}")
+    ov.append(f"trainer.cudnn_benchmark={'true' if spec.get('cudnn_benchmark') else 'false'}")
     ov.append(f"trainer.mixed_precision={'bf16' if spec.get('bf16') else 'no'}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hy_compose(config_name="train", overrides=ov)
@@ -466,6 +473,8 @@ def plan_specs(args, dev: str, include: set[str]) -> list[dict]:
     for context, name in plan:
         extra = PATHS[name]
         if extra.get("bf16") and dev == "cuda" and not torch.cuda.is_bf16_supported():
+            continue
+        if name in GPU_ONLY_PATHS and dev != "cuda":
             continue
         warmup = args.warmup + (1 if extra.get("compile") else 0)
         specs.append(

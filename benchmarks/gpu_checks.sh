@@ -70,9 +70,9 @@ stage ops 120 $PY benchmarks/bench_local_attention.py --skip-cpu --repeat 10 --r
   --sizes 8x33x107x140 8x33x128x128 8x90x107x140 --out "$OUT/results-ops-gpu.json"
 
 if [ "$QUICK" = 1 ]; then
-  paths="fp32 bf16"
+  paths="fp32 bf16 bf16+cudnn_benchmark"
 else
-  paths="fp32 bf16 channels_last"
+  paths="fp32 bf16 channels_last cudnn_benchmark bf16+cudnn_benchmark"
 fi
 stage train_bench 300 $PY benchmarks/bench_train.py --devices cuda --contexts none atrc search \
   --paths $paths --fast-contexts none atrc --rounds 1 --steps 10 --warmup 3 --timeout 200 \

@@ -118,6 +118,38 @@ def test_defaults_are_off_and_keep_the_loader_settings():
     assert train_loader_kwargs(no_workers, torch.device("cpu")) == {"num_workers": 0, "pin_memory": True}
 
 
+def test_cudnn_benchmark_follows_the_config():
+    """trainer.cudnn_benchmark sets torch.backends.cudnn.benchmark both ways (a multirun job with
+    it off after one with it on must not inherit it); off by default."""
+    model = build_model(compose_cfg(["backbone.pretrained=false", "context=none"]))
+    old = torch.backends.cudnn.benchmark
+    try:
+        apply_fast_paths(model, compose_cfg(["trainer.cudnn_benchmark=true"]))
+        assert torch.backends.cudnn.benchmark is True
+        apply_fast_paths(model, compose_cfg([]))
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+def test_bench_plans_gpu_only_paths_on_cuda_only():
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_train
+    finally:
+        sys.path.pop(0)
+    args = argparse.Namespace(
+        steps=1, threads=2, contexts=["none", "atrc"], paths=list(bench_train.PATHS),
+        fast_contexts=["none", "atrc"], warmup=1,
+    )  # fmt: skip
+    cpu = {s["path"] for s in bench_train.plan_specs(args, "cpu", set())}
+    assert cpu == set(bench_train.PATHS) - set(bench_train.GPU_ONLY_PATHS)
+    assert "fp32" in cpu and "compile" in cpu
+
+
 def test_fused_context_switch():
     from atrc_exp.models.relational_head import ATRCModule
 

@@ -1,4 +1,5 @@
-"""Switchable fast training paths: batched context head, channels_last, ``torch.compile``, loader settings.
+"""Switchable fast training paths: batched context head, channels_last, ``torch.compile``, cuDNN
+autotuning, loader settings.
 
 Every switch lives in ``conf/trainer/default.yaml`` under ``# fast paths``; all but
 ``fused_context`` (exact, on) are off by default, so a run's numbers do not change unless asked
@@ -29,6 +30,13 @@ the same run. bf16 is not here: it is
     the host and therefore breaks the graph: keep ``fullgraph: false`` there. Compilation happens
     on the first step (tens of seconds to minutes on a CPU; needs a C++ compiler for the CPU
     backend); switching between train and eval mode and a new input size recompile once each.
+
+``trainer.cudnn_benchmark`` (bool)
+    ``torch.backends.cudnn.benchmark``: cuDNN times its convolution algorithms for each new input
+    shape on first use and keeps the fastest (the crop size is fixed in training, so this happens
+    once per shape). GPU only; other algorithms round differently, and the choice can differ
+    between runs, so bit-exact GPU reruns need it off (the default). Set for the process by
+    :func:`apply_fast_paths`, from the config, on every call.
 
 ``trainer.pin_memory`` (``auto`` | bool), ``trainer.persistent_workers`` (bool), ``trainer.prefetch_factor`` (int)
     Train DataLoader settings, see :func:`train_loader_kwargs`. ``auto`` pins host memory only
@@ -92,7 +100,8 @@ def apply_fast_paths(model: nn.Module, cfg: DictConfig) -> nn.Module:
     * ``fused_context``: :func:`~atrc_exp.models.relational_head.set_fused` (on by default);
     * ``channels_last``: ``model.to(memory_format=torch.channels_last)`` (4-D weights become NHWC);
     * ``compile``: ``model.backbone.compile(...)`` and ``model.head.compile(...)`` in place (a model
-      without those attributes is compiled as a whole, still in place).
+      without those attributes is compiled as a whole, still in place);
+    * ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark`` (process-wide, set either way).
 
     Call it after the weights are loaded and before ``Accelerator.prepare`` / DDP wrapping. With
     everything off the model is returned untouched.
@@ -104,6 +113,7 @@ def apply_fast_paths(model: nn.Module, cfg: DictConfig) -> nn.Module:
         bool(_get(cfg, "trainer.fused_context", True)),
         recompute=bool(_get(cfg, "mode.recompute", True)),
     )
+    torch.backends.cudnn.benchmark = bool(_get(cfg, "trainer.cudnn_benchmark", False))
     if channels_last_enabled(cfg):
         model = model.to(memory_format=torch.channels_last)
     opts = compile_options(cfg)
