@@ -231,6 +231,28 @@ def test_fused_head_equals_block_by_block(genotype, train):
     _compare(head, _head_inputs(), train=train)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fused_head_batches_equal_aux_logits(train):
+    """Aux logits of equal width (NYUD: semseg, depth and normals all 40) run as one batched
+    product on the grouped aux features: same outputs, gradients and buffers, fewer convs."""
+    aux_eq = {"semseg": 5, "depth": 5, "normals": 5, "edge": 2}
+    torch.manual_seed(0)
+    head = RelationalContextHead(32, NYUD, NYUD18, OUT, aux_eq, kernel_size=3)
+    _randomise(head)
+    _compare(head, _head_inputs(), train=train)
+    import atrc_exp.models.relational_head as rh
+
+    x, image = _head_inputs()
+    set_fused(head, True)
+    counts = []
+    for blockwise in (rh._logits_blockwise, lambda y, convs: [c(p) for c, p in zip(convs, y.split(32, 1))]):
+        with pytest.MonkeyPatch.context() as mp, _CountConvs() as c, torch.no_grad():
+            mp.setattr(rh, "_logits_blockwise", blockwise)
+            head(x, image=image)
+        counts.append(c.n)
+    assert counts[0] == counts[1] - 3  # the 3 equal aux logits convs are one matrix product
+
+
 def test_fused_head_channels_last_and_no_grad():
     head = _head(MIXED).to(memory_format=torch.channels_last)
     x, image = _head_inputs()
