@@ -159,20 +159,17 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = N
     valid = target != IGNORE_INDEX
     c = logits.shape[1]
     safe_target = target.masked_fill(~valid, 0)
+    # each pixel's weight in the mean: w[y] on valid pixels, 0 on ignored ones
+    w_pix = None if weight is None else weight.to(logits.dtype)[safe_target].mul(valid)
     if c > 1 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
         # channels-last logits (resize_prediction): as (pixels × classes) rows, a view; the
         # log-softmax then runs over contiguous memory (about 2× faster on the CPU), same sum
         rows = logits.permute(0, 2, 3, 1).reshape(-1, c)
-        w_row = valid.reshape(-1).to(rows.dtype)
-        if weight is not None:
-            w_row = w_row * weight.to(rows.dtype)[safe_target.reshape(-1)]
-        total = _RowsCrossEntropy.apply(rows, safe_target.reshape(-1), w_row)
+        w_row = valid.to(rows.dtype) if w_pix is None else w_pix
+        total = _RowsCrossEntropy.apply(rows, safe_target.reshape(-1), w_row.reshape(-1))
     else:
         total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
-    if weight is None:
-        den = valid.sum().to(total.dtype)
-    else:
-        den = weight.to(total.dtype)[safe_target].mul(valid).sum()
+    den = valid.sum().to(total.dtype) if w_pix is None else w_pix.sum()
     return _safe_ratio(total, den)
 
 

@@ -245,9 +245,9 @@ def test_fused_head_batches_equal_aux_logits(train):
     x, image = _head_inputs()
     set_fused(head, True)
     counts = []
-    for blockwise in (rh._logits_blockwise, lambda y, convs: [c(p) for c, p in zip(convs, y.split(32, 1))]):
+    for blockwise in (rh.pointwise_runs, lambda y, convs: [c(p) for c, p in zip(convs, y.split(32, 1))]):
         with pytest.MonkeyPatch.context() as mp, _CountConvs() as c, torch.no_grad():
-            mp.setattr(rh, "_logits_blockwise", blockwise)
+            mp.setattr(rh, "pointwise_runs", blockwise)
             head(x, image=image)
         counts.append(c.n)
     assert counts[0] == counts[1] - 3  # the 3 equal aux logits convs are one matrix product

@@ -181,23 +181,51 @@ def _pointwise(conv: nn.Conv2d) -> bool:
         and conv.padding == (0, 0)
         and conv.dilation == (1, 1)
         and conv.groups == 1
-        and conv.bias is None
     )
+
+
+def _shape(conv: nn.Conv2d) -> tuple[int, int, bool]:
+    return conv.in_channels, conv.out_channels, conv.bias is not None
 
 
 def pointwise_blockwise(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Tensor:
     """``torch.cat([conv(part) for conv, part in zip(convs, x.split(c_in, 1))], 1)`` for 1×1
-    convolutions without bias of equal shape (c_in → c_out), each reading its own block of
-    ``c_in`` channels of ``x`` (B×(n·c_in)×H×W): one batched matrix product."""
+    convolutions of equal shape (c_in → c_out, all with or all without bias), each reading its
+    own block of ``c_in`` channels of ``x`` (B×(n·c_in)×H×W): one batched matrix product."""
     c0 = convs[0]
     n, cin, cout = len(convs), c0.in_channels, c0.out_channels
     B, C, H, W = x.shape
-    same = all(_pointwise(c) and c.in_channels == cin and c.out_channels == cout for c in convs)
+    same = all(_pointwise(c) and _shape(c) == _shape(c0) for c in convs)
     if not same or C != n * cin:
         return torch.cat([c(p) for c, p in zip(convs, x.split(cin, dim=1))], dim=1)
     weight = torch.stack([c.weight.view(cout, cin) for c in convs])  # n×c_out×c_in
     y = torch.matmul(weight, x.reshape(B, n, cin, H * W))  # B×n×c_out×HW
+    if c0.bias is not None:
+        y = y + torch.stack([c.bias for c in convs]).unsqueeze(-1)
     return y.view(B, n * cout, H, W)
+
+
+def pointwise_runs(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.Tensor]:
+    """``[conv(part) for conv, part in zip(convs, x.split([c_in...], 1))]``, each convolution on
+    its own consecutive channel block of ``x``: runs of consecutive convolutions of equal shape
+    as one :func:`pointwise_blockwise` product each (a channel slice of ``x`` reshaped into blocks
+    is a view: no copy, where separate convolutions copy their slice); a run of one is its own
+    convolution."""
+    out: list[torch.Tensor] = []
+    lo = i = 0
+    while i < len(convs):
+        c0 = convs[i]
+        j = i + 1
+        while j < len(convs) and _shape(convs[j]) == _shape(c0):
+            j += 1
+        part = x[:, lo : lo + (j - i) * c0.in_channels]
+        if j - i == 1:
+            out.append(c0(part))
+        else:
+            out += list(pointwise_blockwise(part, convs[i:j]).split(c0.out_channels, dim=1))
+        lo += (j - i) * c0.in_channels
+        i = j
+    return out
 
 
 def conv_bn_relu_group(x: torch.Tensor, layers: Sequence[ConvBNReLU]) -> torch.Tensor:

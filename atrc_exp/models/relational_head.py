@@ -25,7 +25,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .context_blocks import CONTEXT_CODES, CPOp, label_contexts, make_cp_block, run_cp_ops, spatial_softmax
 from .heads import MultiTaskFCNHead
-from .layers import ConvBNReLU, conv_bn_act_blockwise, conv_bn_relu_group, frozen_bn_stats, per_task_layers
+from .layers import (
+    ConvBNReLU,
+    conv_bn_act_blockwise,
+    conv_bn_relu_group,
+    frozen_bn_stats,
+    per_task_layers,
+    pointwise_runs,
+)
 from .search_block import SearchCPBlock
 
 __all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "set_fused", "uniform_genotype"]
@@ -217,42 +224,6 @@ class ATRCModule(nn.Module):
         return out
 
 
-def _logits_blockwise(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.Tensor]:
-    """``[conv(part) for conv, part in zip(convs, x.split(c_in, 1))]`` for 1×1 convolutions with
-    bias (the aux logits, each on its own block of the grouped aux features): runs of consecutive
-    convolutions of equal shape as one batched matrix product (a channel slice of ``x`` reshaped
-    into blocks is a view: no copy, where the convolutions would copy each slice)."""
-    out: list[torch.Tensor] = []
-    B, _, H, W = x.shape
-    lo, i = 0, 0
-    while i < len(convs):
-        c0 = convs[i]
-        j = i + 1
-        while j < len(convs) and _same_pointwise(convs[j], c0):
-            j += 1
-        cin, cout, n = c0.in_channels, c0.out_channels, j - i
-        part = x[:, lo : lo + n * cin]
-        if n == 1 or not _same_pointwise(c0, c0):
-            out += [c(p) for c, p in zip(convs[i:j], part.split(cin, dim=1))]
-        else:
-            weight = torch.stack([c.weight.view(cout, cin) for c in convs[i:j]])  # n×c_out×c_in
-            y = torch.matmul(weight, part.reshape(B, n, cin, H * W))
-            y = y + torch.stack([c.bias for c in convs[i:j]]).unsqueeze(-1)
-            out += list(y.view(B, n, cout, H, W).unbind(1))
-        lo += n * cin
-        i = j
-    return out
-
-
-def _same_pointwise(a: nn.Conv2d, b: nn.Conv2d) -> bool:
-    """Both 1×1, stride 1, no padding/dilation/groups, with bias, of the same shape."""
-    return all(
-        c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0) and c.dilation == (1, 1)
-        and c.groups == 1 and c.bias is not None
-        for c in (a, b)
-    ) and (a.in_channels, a.out_channels) == (b.in_channels, b.out_channels)  # fmt: skip
-
-
 class RelationalContextHead(nn.Module):
     """ATRC's relational-context head for a fixed ``genotype`` ({target: {source: 0..4}}).
 
@@ -336,7 +307,7 @@ class RelationalContextHead(nn.Module):
                 aux = dict(
                     zip(
                         self.aux_tasks,
-                        _logits_blockwise(hidden, [self.aux_logits[t] for t in self.aux_tasks]),
+                        pointwise_runs(hidden, [self.aux_logits[t] for t in self.aux_tasks]),
                     )
                 )
             else:
