@@ -28,6 +28,8 @@
 #include <vector>
 #include <mutex>
 
+#include "local_attention_dispatch.h"
+
 namespace {
 
 template <typename T> struct VT;
@@ -372,15 +374,6 @@ void backward_kernel(const T* gout, const T* q, const T* qp, const T* gp, const 
   }
 }
 
-#define LA_DISPATCH_KS(k, ...)                 \
-  switch (k) {                                 \
-    case 1: { constexpr int KS = 1; __VA_ARGS__(); break; } \
-    case 3: { constexpr int KS = 3; __VA_ARGS__(); break; } \
-    case 5: { constexpr int KS = 5; __VA_ARGS__(); break; } \
-    case 7: { constexpr int KS = 7; __VA_ARGS__(); break; } \
-    case 9: { constexpr int KS = 9; __VA_ARGS__(); break; } \
-    default: { constexpr int KS = 0; __VA_ARGS__(); break; } \
-  }
 
 void check_inputs(const std::vector<at::Tensor>& ts, int64_t k) {
   TORCH_CHECK(k >= 1 && k % 2 == 1, "local_attention: kernel_size must be a positive odd integer, got ", k);

@@ -24,6 +24,7 @@
 #pragma once
 
 #include "local_attention_cuda.h"
+#include "local_attention_dispatch.h"
 
 #include <ATen/AccumulateType.h>
 #include <c10/cuda/CUDAException.h>
@@ -290,25 +291,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-#ifdef LA_QUICK_COMPILE_CHECK  // build-only check on CPU machines (tests): fewer instantiations
-#define LA_CUDA_DISPATCH_KS(k, ...)                         \
-  switch (k) {                                              \
-    case 9: { constexpr int KS = 9; __VA_ARGS__(); break; } \
-    default: { constexpr int KS = 0; __VA_ARGS__(); break; } \
-  }
-#define LA_SPECIALISED_KS(k) ((k) == 9)
-#else
-#define LA_CUDA_DISPATCH_KS(k, ...)                         \
-  switch (k) {                                              \
-    case 1: { constexpr int KS = 1; __VA_ARGS__(); break; } \
-    case 3: { constexpr int KS = 3; __VA_ARGS__(); break; } \
-    case 5: { constexpr int KS = 5; __VA_ARGS__(); break; } \
-    case 7: { constexpr int KS = 7; __VA_ARGS__(); break; } \
-    case 9: { constexpr int KS = 9; __VA_ARGS__(); break; } \
-    default: { constexpr int KS = 0; __VA_ARGS__(); break; } \
-  }
-#define LA_SPECIALISED_KS(k) ((k) == 1 || (k) == 3 || (k) == 5 || (k) == 7 || (k) == 9)
-#endif
 
 inline unsigned int n_blocks(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
 
@@ -323,13 +305,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int B = q.size(0), C = q.size(1), H = q.size(2), W = q.size(3);
   const int64_t n = int64_t(B) * H * W;
   if (n == 0 || C == 0) return;
-  const bool generic = !LA_SPECIALISED_KS(ks);  // must match LA_CUDA_DISPATCH_KS's default branch
+  const bool generic = !LA_SPECIALISED_KS(ks);  // must match LA_DISPATCH_KS's default branch
   at::Tensor scratch;
   if (generic) scratch = at::empty({int64_t(B) * ks * ks * H * W}, lse.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(C));
   acc_t* scr = generic ? scratch.data_ptr<acc_t>() : nullptr;
-  LA_CUDA_DISPATCH_KS(ks, [&] {
+  LA_DISPATCH_KS(ks, [&] {
     la_forward_kernel<scalar_t, KS><<<n_blocks(n), kThreads, 0, stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
         lse.data_ptr<acc_t>(), scr, B, C, H, W, ks, scale);
@@ -353,7 +335,7 @@ void backward_impl(const at::Tensor& gout, const at::Tensor& q, const at::Tensor
   auto DS = at::empty({B, ks * ks, H, W}, lse.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(C));
-  LA_CUDA_DISPATCH_KS(ks, [&] {
+  LA_DISPATCH_KS(ks, [&] {
     la_backward_query_kernel<scalar_t, KS><<<n_blocks(n), kThreads, 0, stream>>>(
         gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         lse.data_ptr<acc_t>(), P.data_ptr<acc_t>(), DS.data_ptr<acc_t>(), dq.data_ptr<scalar_t>(), B, C, H, W, ks,

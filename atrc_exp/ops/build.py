@@ -48,7 +48,10 @@ _SOURCES = {
     "cuda": ["local_attention_cuda.cpp"] + [f"local_attention_cuda_{d}.cu" for d in _CUDA_DTYPES],
 }
 # included files: part of the build key too
-_HEADERS = {"cpp": [], "cuda": ["local_attention_cuda.h", "local_attention_cuda.cuh"]}
+_HEADERS = {
+    "cpp": ["local_attention_dispatch.h"],
+    "cuda": ["local_attention_dispatch.h", "local_attention_cuda.h", "local_attention_cuda.cuh"],
+}
 _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
 _LDFLAGS = ["-fopenmp"]
 _CUDA_FLAGS = [
