@@ -273,7 +273,8 @@ class RelationalContextHead(nn.Module):
             {t: nn.Conv2d(c, out_channels[t], 1, bias=True) for t in self.tasks}
         )
         #: the task bottlenecks (all reading x) as one convolution, the aux heads (all reading the same
-        #: detached features) as one convolution; see ATRCModule.fused
+        #: detached features) as one convolution and their equal-width logits as one batched
+        #: product; see ATRCModule.fused
         self.fused = True
         self.init_weights()
 
@@ -304,17 +305,12 @@ class RelationalContextHead(nn.Module):
             xd = x.detach()
             if self.fused and len(self.aux_tasks) > 1:
                 hidden = conv_bn_relu_group(xd, [self.aux_conv[t] for t in self.aux_tasks])
-                aux = dict(
-                    zip(
-                        self.aux_tasks,
-                        pointwise_runs(hidden, [self.aux_logits[t] for t in self.aux_tasks]),
-                    )
-                )
+                logits = pointwise_runs(hidden, [self.aux_logits[t] for t in self.aux_tasks])
             else:
-                hidden = per_task_layers(self.aux_conv, self.aux_tasks, xd, self.fused)
-                aux = {t: self.aux_logits[t](hidden[t]) for t in self.aux_tasks}
-            for t in self.aux_tasks:
-                probs[t] = spatial_softmax(aux[t], image)
+                logits = [self.aux_logits[t](self.aux_conv[t](xd)) for t in self.aux_tasks]
+            for t, a in zip(self.aux_tasks, logits):
+                aux[t] = a
+                probs[t] = spatial_softmax(a, image)
         out = self.atrc_module(feats, probs)
         result = {"final": {t: self.final_logits[t](out[t]) for t in self.tasks}}
         if aux:
