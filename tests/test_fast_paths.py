@@ -186,6 +186,19 @@ def test_channels_last_matches_plain_fp32(plain):
     _assert_same_training(run, plain)
 
 
+def test_batch_norm_kernel_matches_pytorch_batch_norm(plain):
+    """The default (fused C++ batch norm + ReLU on the CPU) against PyTorch's batch norm."""
+    from atrc_exp.ops import batch_norm as bnop
+
+    assert bnop.get_backend() == "auto"
+    bnop.set_backend("torch")
+    try:
+        run = _train([])
+    finally:
+        bnop.set_backend("auto")
+    _assert_same_training(run, plain)
+
+
 def test_bf16_autocast_runs_and_stays_finite(plain):
     run = _train([], bf16=True, steps=2)
     assert torch.isfinite(run["losses"]).all()

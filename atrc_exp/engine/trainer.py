@@ -94,6 +94,23 @@ def check_backend(backend: str, device: torch.device) -> None:
     set_backend(backend)
 
 
+def check_batch_norm_backend(backend: str) -> None:
+    """Select the batch-norm backend; a forced ``cpp`` one must build here and now."""
+    from ..ops import batch_norm, build
+
+    if backend not in batch_norm.BACKENDS:
+        raise ConfigError(f"ops.batch_norm.backend={backend} is not one of {', '.join(batch_norm.BACKENDS)}")
+    if backend == "cpp":
+        try:
+            build.get_extension("bn_cpp")
+        except build.ExtensionBuildError as e:
+            raise ConfigError(
+                f"ops.batch_norm.backend=cpp is forced but its kernel is unavailable ({e}); install a "
+                "C++ compiler (g++) or use ops.batch_norm.backend=auto"
+            ) from e
+    batch_norm.set_backend(backend)
+
+
 def _worker_init(_: int) -> None:
     """DataLoader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints first."""
     import signal
@@ -228,6 +245,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         backend = OmegaConf.select(cfg, "ops.local_attention.backend", default=None)
         if backend:
             check_backend(str(backend), acc.device)
+        check_batch_norm_backend(str(OmegaConf.select(cfg, "ops.batch_norm.backend", default="auto")))
         if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
         logger = build_logger(cfg, run_dir, acc.is_main_process)

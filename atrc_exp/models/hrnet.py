@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import ConvBNAct, bn_act
+
 __all__ = [
     "HRNET_ARCHS",
     "BasicBlock",
@@ -60,8 +62,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = bn_act(self.bn1, self.conv1(x), relu=True)
+        out = bn_act(self.bn2, self.conv2(out))
         return self.relu(out + identity)
 
 
@@ -83,9 +85,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = bn_act(self.bn1, self.conv1(x), relu=True)
+        out = bn_act(self.bn2, self.conv2(out), relu=True)
+        out = bn_act(self.bn3, self.conv3(out))
         return self.relu(out + identity)
 
 
@@ -98,7 +100,7 @@ def _make_layer(
     downsample = None
     out_ch = planes * block.expansion
     if stride != 1 or inplanes != out_ch:
-        downsample = nn.Sequential(
+        downsample = ConvBNAct(
             nn.Conv2d(inplanes, out_ch, kernel_size=1, stride=stride, bias=False),
             _bn(out_ch),
         )
@@ -143,17 +145,17 @@ class HRModule(nn.Module):
             for j in range(n):
                 if j > i:
                     # 1×1 conv + BN; the bilinear resize to branch i's size happens in forward.
-                    row.append(nn.Sequential(nn.Conv2d(ch[j], ch[i], kernel_size=1, bias=False), _bn(ch[i])))
+                    row.append(ConvBNAct(nn.Conv2d(ch[j], ch[i], kernel_size=1, bias=False), _bn(ch[i])))
                 elif j == i:
                     row.append(nn.Identity())
                 else:
                     convs = []
                     for k in range(i - j):
                         if k == i - j - 1:
-                            convs.append(nn.Sequential(_conv3x3(ch[j], ch[i], stride=2), _bn(ch[i])))
+                            convs.append(ConvBNAct(_conv3x3(ch[j], ch[i], stride=2), _bn(ch[i])))
                         else:
                             convs.append(
-                                nn.Sequential(
+                                ConvBNAct(
                                     _conv3x3(ch[j], ch[j], stride=2), _bn(ch[j]), nn.ReLU(inplace=False)
                                 )
                             )
@@ -263,7 +265,7 @@ class HRNet(nn.Module):
         for i in range(len(cur)):
             if i < len(pre):
                 if cur[i] != pre[i]:
-                    layers.append(nn.Sequential(_conv3x3(pre[i], cur[i]), _bn(cur[i]), nn.ReLU(inplace=True)))
+                    layers.append(ConvBNAct(_conv3x3(pre[i], cur[i]), _bn(cur[i]), nn.ReLU(inplace=True)))
                 else:
                     layers.append(nn.Identity())
             else:
@@ -272,7 +274,7 @@ class HRNet(nn.Module):
                     in_ch = pre[-1]
                     out_ch = cur[i] if j == i - len(pre) else in_ch
                     convs.append(
-                        nn.Sequential(_conv3x3(in_ch, out_ch, stride=2), _bn(out_ch), nn.ReLU(inplace=True))
+                        ConvBNAct(_conv3x3(in_ch, out_ch, stride=2), _bn(out_ch), nn.ReLU(inplace=True))
                     )
                 layers.append(nn.Sequential(*convs))
         return layers
@@ -310,8 +312,8 @@ class HRNet(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
+        x = bn_act(self.bn1, self.conv1(x), relu=True)
+        x = bn_act(self.bn2, self.conv2(x), relu=True)
         x = self.layer1(x)
         ys = [x]
         for k in (1, 2, 3):

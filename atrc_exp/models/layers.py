@@ -9,13 +9,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.batch_norm import batch_norm_act
 
-class ConvBNReLU(nn.Sequential):
+
+class ConvBNAct(nn.Sequential):
+    """``Sequential(conv, bn[, ReLU])`` (keys ``0``, ``1``, ``2``) whose batch norm and ReLU run as
+    one op (:func:`bn_act`: the fused CPU kernel in training, else the modules' own computation).
+    Any other content runs as a plain ``nn.Sequential``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(self)
+        if 2 <= n <= 3 and isinstance(self[1], nn.modules.batchnorm._BatchNorm):
+            if n == 2 or (isinstance(self[2], nn.ReLU) and not self[2]._forward_hooks):
+                return bn_act(self[1], self[0](x), relu=n == 3)
+        return super().forward(x)
+
+
+class ConvBNReLU(ConvBNAct):
     """Conv (no bias) → BatchNorm → ReLU; ``relu=False`` gives ConvBN."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int = 1, relu: bool = True, affine: bool = True):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel_size: int = 1,
+        relu: bool = True,
+        affine: bool = True,
+        stride: int = 1,
+    ):
         layers: list[nn.Module] = [
-            nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(c_out, affine=affine),
         ]
         if relu:
@@ -106,15 +129,18 @@ def _bn_compatible(bns: Sequence[nn.Module]) -> bool:
     ) and (len(bns) == 1 or b0.momentum is not None or not (b0.training and b0.track_running_stats))
 
 
-def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module]) -> torch.Tensor:
-    """Batch norm of ``x`` whose channels are those of ``bns`` concatenated (in order): the same
-    as ``torch.cat([bn(part) for bn, part in zip(bns, x.split(...))], 1)``, running statistics
-    updated in each module's buffers."""
+def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module], relu: bool = False) -> torch.Tensor:
+    """Batch norm of ``x`` whose channels are those of ``bns`` concatenated (in order), then a ReLU
+    if ``relu``: the same as ``torch.cat([bn(part) for bn, part in zip(bns, x.split(...))], 1)``,
+    running statistics updated in each module's buffers. Plain ``nn.BatchNorm2d`` modules run
+    through :func:`~atrc_exp.ops.batch_norm_act` (BN + ReLU as one op, a fused kernel on the CPU)."""
     if len(bns) == 1 and not _plain_bn(bns[0]):
-        return _bn_module(x, bns[0])
+        y = _bn_module(x, bns[0])
+        return F.relu(y, inplace=True) if relu else y
     if not _bn_compatible(bns):
         parts = x.split([b.num_features for b in bns], dim=1)
-        return torch.cat([_bn_module(p, b) for p, b in zip(parts, bns)], dim=1)
+        y = torch.cat([_bn_module(p, b) for p, b in zip(parts, bns)], dim=1)
+        return F.relu(y, inplace=True) if relu else y
     b0 = bns[0]
     tracked = b0.track_running_stats
     frozen = bn_stats_frozen()
@@ -141,7 +167,7 @@ def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module]) -> torch.Tensor:
             var = torch.cat([b.running_var for b in bns])
         else:
             mean = var = None
-    y = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, b0.eps)
+    y = batch_norm_act(x, mean, var, weight, bias, use_batch_stats, factor, b0.eps, relu)
     if update and len(bns) > 1:
         with torch.no_grad():
             lo = 0
@@ -151,6 +177,11 @@ def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module]) -> torch.Tensor:
                 b.running_var.copy_(var[lo:hi])
                 lo = hi
     return y
+
+
+def bn_act(bn: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """``relu(bn(x))`` (``bn(x)`` without ``relu``) as :func:`batch_norm_group` of one module."""
+    return batch_norm_group(x, [bn], relu)
 
 
 def _geometry(conv: nn.Conv2d) -> tuple:
@@ -235,8 +266,7 @@ def conv_bn_relu_group(x: torch.Tensor, layers: Sequence[ConvBNReLU]) -> torch.T
     relu = [len(m) > 2 for m in layers]
     if any(r != relu[0] for r in relu):
         raise ValueError("conv_bn_relu_group: layers mix ConvBNReLU and ConvBN")
-    y = batch_norm_group(conv_group(x, [m[0] for m in layers]), [m[1] for m in layers])
-    return F.relu(y, inplace=True) if relu[0] else y
+    return batch_norm_group(conv_group(x, [m[0] for m in layers]), [m[1] for m in layers], relu[0])
 
 
 def per_task_layers(
@@ -257,15 +287,16 @@ def conv_bn_act_blockwise(x: torch.Tensor, layers: Sequence[ConvBNReLU]) -> list
     """``[layer(part) for layer, part in zip(layers, x.split(c_in, 1))]`` for 1×1 ConvBN[ReLU]
     layers of equal shape, each reading its own channel block of ``x``: one batched matrix
     product (:func:`pointwise_blockwise`), one batch norm, the ReLUs where the layers have them."""
-    y = batch_norm_group(pointwise_blockwise(x, [m[0] for m in layers]), [m[1] for m in layers])
     relu = [len(m) > 2 for m in layers]
     sizes = [m[1].num_features for m in layers]
     n_relu = sum(relu)
-    if n_relu and relu[:n_relu] == [True] * n_relu:  # ReLU layers first: one in-place ReLU
-        if n_relu == len(relu):
-            y = F.relu(y, inplace=True)
-        else:
-            y[:, : sum(sizes[:n_relu])].relu_()
+    y = batch_norm_group(
+        pointwise_blockwise(x, [m[0] for m in layers]), [m[1] for m in layers], n_relu == len(relu)
+    )
+    if n_relu == len(relu) or n_relu == 0:
+        return list(y.split(sizes, dim=1))
+    if relu[:n_relu] == [True] * n_relu:  # ReLU layers first: one in-place ReLU
+        y[:, : sum(sizes[:n_relu])].relu_()
         return list(y.split(sizes, dim=1))
     parts = y.split(sizes, dim=1)
     return [F.relu(p) if r else p for p, r in zip(parts, relu)]

@@ -1,4 +1,6 @@
-"""JIT builder for the local-attention kernels in ``kernels/`` (stylegan3 ``custom_ops`` style).
+"""JIT builder for the C++/CUDA kernels in ``kernels/`` (stylegan3 ``custom_ops`` style).
+
+Extensions (``kind``): ``cpp`` and ``cuda`` (local attention), ``bn_cpp`` (CPU batch norm + ReLU).
 
 * Sources are compiled with :func:`torch.utils.cpp_extension.load` on first use.
 * The build directory is keyed by a hash of the source files, the compile flags, the torch,
@@ -46,13 +48,20 @@ _CUDA_DTYPES = ("f32", "bf16", "f16", "f64")
 _SOURCES = {
     "cpp": ["local_attention_cpu.cpp"],
     "cuda": ["local_attention_cuda.cpp"] + [f"local_attention_cuda_{d}.cu" for d in _CUDA_DTYPES],
+    "bn_cpp": ["batch_norm_cpu.cpp"],
 }
 # included files: part of the build key too
 _HEADERS = {
     "cpp": ["local_attention_dispatch.h"],
     "cuda": ["local_attention_dispatch.h", "local_attention_cuda.h", "local_attention_cuda.cuh"],
+    "bn_cpp": [],
 }
+#: the op each extension implements (module and build-directory names, messages)
+_OP_NAMES = {"cpp": "local_attention", "cuda": "local_attention", "bn_cpp": "batch_norm"}
 _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
+# batch norm: the backward recomputes the forward's x*a + b for the ReLU mask; no contraction
+# into FMAs, so both evaluate it identically
+_BN_CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"]
 _LDFLAGS = ["-fopenmp"]
 _CUDA_FLAGS = [
     "-O3",
@@ -124,12 +133,16 @@ def _source_paths(kind: str) -> list[Path]:
     return [KERNELS_DIR / s for s in _SOURCES[kind]]
 
 
+def _cflags(kind: str) -> list[str]:
+    return list(_BN_CFLAGS if kind == "bn_cpp" else _CFLAGS)
+
+
 def _build_key(kind: str) -> str:
     h = hashlib.sha256()
     for p in _source_paths(kind) + [KERNELS_DIR / f for f in _HEADERS[kind]]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
-    h.update(repr((_CFLAGS, _LDFLAGS, _CUDA_FLAGS)).encode())
+    h.update(repr((_cflags(kind), _LDFLAGS, _CUDA_FLAGS)).encode())
     h.update(torch.__version__.encode())
     h.update(f"{sys.version_info[:2]}|{platform.machine()}|{platform.system()}".encode())
     h.update(_cpu_identity().encode())
@@ -144,14 +157,16 @@ def _build_key(kind: str) -> str:
 
 
 def _build(kind: str, verbose: bool = False):
-    """Compile (or just import, when already built) the extension of ``kind`` (``cpp``/``cuda``)."""
+    """Compile (or just import, when already built) the extension of ``kind`` (``cpp``/``cuda``/
+    ``bn_cpp``)."""
     import filelock
     from torch.utils import cpp_extension
 
+    op = _OP_NAMES[kind]
     sources = _source_paths(kind)
     missing = [str(p) for p in sources if not p.exists()]
     if missing:
-        raise ExtensionBuildError(f"local_attention {kind} sources not found: {missing}")
+        raise ExtensionBuildError(f"{op} {kind} sources not found: {missing}")
     if kind == "cuda":
         if not cuda_build_possible():
             raise ExtensionBuildError("CUDA extension needs torch.cuda.is_available() and nvcc")
@@ -161,15 +176,16 @@ def _build(kind: str, verbose: bool = False):
     elif shutil.which(os.environ.get("CXX", "c++")) is None:
         raise ExtensionBuildError("no C++ compiler found (set $CXX or install g++)")
     key = _build_key(kind)
-    name = f"atrc_local_attention_{kind}_{key}"
-    build_dir = build_root() / f"local_attention_{kind}-{key}"
+    stem = f"{op}_{kind.removeprefix('bn_')}"
+    name = f"atrc_{stem}_{key}"
+    build_dir = build_root() / f"{stem}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(
         name=name,
         sources=[str(p) for p in sources],
         build_directory=str(build_dir),
-        extra_cflags=list(_CFLAGS) if kind == "cpp" else ["-O3"],
-        extra_ldflags=list(_LDFLAGS) if kind == "cpp" else [],
+        extra_cflags=_cflags(kind) if kind != "cuda" else ["-O3"],
+        extra_ldflags=list(_LDFLAGS) if kind != "cuda" else [],
         verbose=verbose,
     )
     if kind == "cuda":
@@ -178,11 +194,11 @@ def _build(kind: str, verbose: bool = False):
         with filelock.FileLock(str(build_dir) + ".lock"):
             return cpp_extension.load(**kwargs)
     except Exception as e:  # compiler missing, compile error, import error
-        raise ExtensionBuildError(f"building the local_attention {kind} extension failed: {e}") from e
+        raise ExtensionBuildError(f"building the {op} {kind} extension failed: {e}") from e
 
 
 def get_extension(kind: str, verbose: bool = False):
-    """The built module for ``kind`` (``"cpp"`` or ``"cuda"``); raises
+    """The built module for ``kind`` (``"cpp"``, ``"cuda"`` or ``"bn_cpp"``); raises
     :class:`ExtensionBuildError` (and remembers the failure) when it cannot be built."""
     with _lock:
         got = _cache.get(kind)
@@ -192,7 +208,9 @@ def get_extension(kind: str, verbose: bool = False):
             except ExtensionBuildError as e:
                 got = e
             except Exception as e:  # noqa: BLE001 - any failure means "not available"
-                got = ExtensionBuildError(f"building the local_attention {kind} extension failed: {e}")
+                got = ExtensionBuildError(
+                    f"building the {_OP_NAMES.get(kind, kind)} {kind} extension failed: {e}"
+                )
             _cache[kind] = got
     if isinstance(got, ExtensionBuildError):
         raise got

@@ -1,0 +1,133 @@
+"""``batch_norm_act``: :func:`torch.nn.functional.batch_norm` with an optional fused ReLU.
+
+Same arguments and semantics as ``F.batch_norm`` (running statistics updated in place with
+``momentum``, the unbiased batch variance for ``running_var``), plus ``relu``. In training mode
+(batch statistics) on float32/float64 CPU tensors the C++/OpenMP kernel of
+``kernels/batch_norm_cpu.cpp`` computes statistics, normalisation and ReLU in one pass over
+memory (the backward in another), 3-6× faster forward+backward than PyTorch's CPU batch norm
+followed by a ReLU (``python benchmarks/bench_batch_norm.py``); same numbers up to float
+rounding. Everything else (CUDA, bfloat16 under autocast, eval mode, ``torch.compile`` tracing,
+non-contiguous inputs) runs ``F.batch_norm`` and ``F.relu``.
+
+Backends (``set_backend`` / ``ops.batch_norm.backend`` in the Hydra config):
+
+* ``auto`` (default): the kernel where it applies, JIT-built on first use (a few seconds, cached
+  like the local-attention kernels); if it cannot be built, PyTorch's with a one-time warning.
+* ``cpp``: the kernel where it applies, an error if it cannot be built.
+* ``torch``: always ``F.batch_norm`` (+ ``F.relu``).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import build
+
+__all__ = ["BACKENDS", "batch_norm_act", "get_backend", "set_backend"]
+
+BACKENDS = ("auto", "cpp", "torch")
+_backend = "auto"
+_warned = False
+_lock = threading.Lock()
+
+
+def set_backend(name: str) -> None:
+    """Select the implementation used by :func:`batch_norm_act`: auto | cpp | torch."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"batch_norm backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _extension():
+    """The built kernel module, or None (``auto`` and the build failed: warned once)."""
+    global _warned
+    try:
+        return build.get_extension("bn_cpp")
+    except build.ExtensionBuildError as e:
+        if _backend == "cpp":
+            raise
+        with _lock:
+            if not _warned:
+                _warned = True
+                warnings.warn(
+                    f"batch_norm: the C++ kernel is unavailable ({e}); using PyTorch's batch norm "
+                    "(slower on the CPU; set ops.batch_norm.backend=torch to silence this)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return None
+
+
+def _kernel_applies(x: torch.Tensor, training: bool, weight, bias) -> bool:
+    if _backend == "torch" or not training or x.device.type != "cpu":
+        return False
+    if x.dtype not in (torch.float32, torch.float64) or x.dim() < 2 or not x.is_contiguous():
+        return False
+    if x.numel() == 0 or x.numel() // x.shape[1] <= 1:  # F.batch_norm raises its own error for M = 1
+        return False
+    for p in (weight, bias):
+        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+            return False
+    if torch.compiler.is_compiling() or torch.jit.is_scripting():
+        return False
+    return True
+
+
+class _BatchNormAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, relu: bool, ext):  # noqa: D102
+        y, mean, invstd, var = ext.forward(x, weight, bias, eps, relu)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.relu = relu
+        ctx.ext = ext
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _gm, _gv):  # noqa: D102
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        dx, dw, db = ctx.ext.backward(grad.contiguous(), x, weight, bias, mean, invstd, ctx.relu)
+        return dx, dw, db, None, None, None
+
+
+def batch_norm_act(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    relu: bool = False,
+) -> torch.Tensor:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)``
+    followed by ``F.relu`` when ``relu``; x is N×C×... . With ``training`` the running statistics
+    (if given) are updated in place: ``r ← (1 − momentum)·r + momentum·batch`` (unbiased variance).
+    """
+    ext = _extension() if _kernel_applies(x, training, weight, bias) else None
+    if ext is None:
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.relu(y, inplace=True) if relu else y
+    C = x.shape[1]
+    w = weight if weight is not None else x.new_ones(C)
+    b = bias if bias is not None else x.new_zeros(C)
+    y, mean, var = _BatchNormAct.apply(x, w.contiguous(), b.contiguous(), float(eps), bool(relu), ext)
+    if running_mean is not None or running_var is not None:
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+    return y
