@@ -138,9 +138,26 @@ def normals_to_centroid_index(normals: Tensor, centroids: Tensor) -> Tensor:
         invalid = (n == IGNORE_INDEX).any(dim=1)
         n = l2_normalize_channels(n)
         c = F.normalize(centroids.detach().to(device=n.device, dtype=torch.float32), p=2, dim=1)
-        sim = torch.einsum("bchw,kc->bkhw", n, c)
-        idx = sim.argmax(dim=1)
+        sim = torch.matmul(c, n.reshape(n.shape[0], 3, -1)).view(n.shape[0], -1, *n.shape[2:])
+        idx = argmax_channels(sim)
     return torch.where(invalid, torch.full_like(idx, IGNORE_INDEX), idx)
+
+
+def argmax_channels(x: Tensor) -> Tensor:
+    """``x.argmax(dim=1)`` (the first maximum) of a B×K×... float tensor. On the CPU with K ≤ 255
+    it is computed as the channel maximum followed by the first channel equal to it, 2-3× faster
+    than ``argmax`` over the strided channel dimension (9 → 3 ms for 2×40×192×256); same result,
+    NaN included (any NaN falls back to ``argmax``)."""
+    K = x.shape[1]
+    if x.device.type != "cpu" or not x.is_floating_point() or not 0 < K <= 255 or x.dim() < 2:
+        return x.argmax(dim=1)
+    m = x.amax(dim=1, keepdim=True)
+    if torch.isnan(m).any():
+        return x.argmax(dim=1)
+    # K - k for channel k where x equals the maximum, 0 elsewhere: the max is K - (first such k)
+    rank = torch.arange(K, 0, -1, dtype=torch.uint8).view(1, K, *([1] * (x.dim() - 2)))
+    first = ((x == m).view(torch.uint8) * rank).amax(dim=1)
+    return K - first.long()
 
 
 # --------------------------------------------------------------------------------------------

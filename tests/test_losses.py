@@ -137,6 +137,35 @@ def test_normals_to_centroid_index():
     assert idx.flatten().tolist() == [0, 3, 4, IGN, 5]
 
 
+def test_argmax_channels_equals_argmax_with_ties_and_nan():
+    from atrc_exp.losses import argmax_channels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 6, 7, generator=g)
+    x[:, 7] = x[:, 3]  # ties: the first maximum wins
+    x[0, :, 0, 0] = 5.0  # all equal
+    assert torch.equal(argmax_channels(x), x.argmax(dim=1))
+    assert torch.equal(argmax_channels(x[:, :1]), torch.zeros(2, 6, 7, dtype=torch.long))
+    x[1, 9, 2, 2] = float("nan")
+    x[1, :, 3, 3] = float("nan")
+    assert torch.equal(argmax_channels(x), x.argmax(dim=1))
+    wide = torch.randn(1, 300, 2, 2, generator=g)  # more channels than the uint8 ranks hold
+    assert torch.equal(argmax_channels(wide), wide.argmax(dim=1))
+
+
+def test_normals_to_centroid_index_equals_nearest_by_cosine():
+    g = torch.Generator().manual_seed(0)
+    normals = torch.randn(2, 3, 19, 23, generator=g)
+    normals[0, :, :4] = IGN
+    centroids = torch.randn(40, 3, generator=g)
+    idx = normals_to_centroid_index(normals, centroids)
+    n = normals / normals.norm(dim=1, keepdim=True)
+    c = centroids / centroids.norm(dim=1, keepdim=True)
+    ref = torch.einsum("bchw,kc->bkhw", n.double(), c.double()).argmax(dim=1)
+    ref[0, :4] = IGN
+    assert torch.equal(idx, ref)
+
+
 def test_aux_depth_and_normals_losses_use_the_class_targets():
     centroids = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     loss = MultiTaskLoss(["depth", "normals"], edge_pos_weight=0.8, normal_centroids=centroids)
