@@ -242,20 +242,25 @@ def pointwise_runs(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.Te
     as one :func:`pointwise_blockwise` product each (a channel slice of ``x`` reshaped into blocks
     is a view: no copy, where separate convolutions copy their slice); a run of one is its own
     convolution."""
-    out: list[torch.Tensor] = []
-    lo = i = 0
+    runs: list[tuple[int, int]] = []  # [i, j): consecutive convolutions of equal shape
+    i = 0
     while i < len(convs):
-        c0 = convs[i]
         j = i + 1
-        while j < len(convs) and _shape(convs[j]) == _shape(c0):
+        while j < len(convs) and _shape(convs[j]) == _shape(convs[i]):
             j += 1
-        part = x[:, lo : lo + (j - i) * c0.in_channels]
-        if j - i == 1:
-            out.append(c0(part))
-        else:
-            out += list(pointwise_blockwise(part, convs[i:j]).split(c0.out_channels, dim=1))
-        lo += (j - i) * c0.in_channels
+        runs.append((i, j))
         i = j
+    # one split (its backward concatenates the parts' gradients once; channel slices would each
+    # zero-fill a gradient of x's full size and add them up)
+    sizes = [(j - i) * convs[i].in_channels for i, j in runs]
+    rest = x.shape[1] - sum(sizes)
+    parts = x.split(sizes + [rest] if rest > 0 else sizes, dim=1)
+    out: list[torch.Tensor] = []
+    for (i, j), part in zip(runs, parts):
+        if j - i == 1:
+            out.append(convs[i](part))
+        else:
+            out += list(pointwise_blockwise(part, convs[i:j]).split(convs[i].out_channels, dim=1))
     return out
 
 
