@@ -33,6 +33,13 @@ Fast paths, each timed against the plain float32 step of the same context in the
 * ``bf16+compile``, ``bf16+cudagraphs``: bf16 autocast with ``torch.compile`` (mode ``default`` /
   ``reduce-overhead``, i.e. CUDA graphs; meant for the GPU).
 
+And the exact speed-ups that are on by default, each switched off, against the same fp32 step:
+
+* ``no_fused_bn``: ``ops.batch_norm.backend=torch`` (PyTorch's batch norm and ReLU instead of
+  the fused CPU kernel of ``atrc_exp.ops.batch_norm``);
+* ``no_keep_freed``: ``trainer.keep_freed_memory=false`` (glibc's default of returning freed
+  memory to the OS, page-faulting it back every step).
+
 On CUDA each configuration also reports the GPU kernel time of one step (``torch.profiler``, sum
 of the kernels' durations, and their number): a step much longer than its kernel time is bound by
 the host (Python, dispatch, launches), which bf16 cannot speed up and CUDA graphs can.
@@ -77,9 +84,14 @@ PATHS = {
     "bf16+compile": {"bf16": True, "compile": True},
     # torch.compile mode=reduce-overhead: CUDA graphs (for launch-bound steps on a GPU)
     "bf16+cudagraphs": {"bf16": True, "compile": True, "compile_mode": "reduce-overhead"},
+    # the always-on exact speed-ups, each switched off (their "speed-up vs fp32" is below 1)
+    "no_fused_bn": {"torch_bn": True},
+    "no_keep_freed": {"keep_freed_memory": False},
 }
 #: timed on CUDA only (no-ops on the CPU, or minutes of compilation for a CPU row nobody needs)
 GPU_ONLY_PATHS = ("cudnn_benchmark", "bf16+cudnn_benchmark", "bf16+compile", "bf16+cudagraphs")
+#: timed on the CPU only (the fused batch-norm kernel is a CPU kernel)
+CPU_ONLY_PATHS = ("no_fused_bn",)
 #: DataLoader variants of ``--include loader``: (label, settings); None = the in-memory batch.
 LOADERS = (
     ("in-memory batch", None),
@@ -120,6 +132,8 @@ def compose(context: str, spec: dict):
     ov.append(f"trainer.compile.mode={spec.get('compile_mode', 'default')}")
     ov.append(f"trainer.cudnn_benchmark={'true' if spec.get('cudnn_benchmark') else 'false'}")
     ov.append(f"trainer.mixed_precision={'bf16' if spec.get('bf16') else 'no'}")
+    ov.append(f"ops.batch_norm.backend={'torch' if spec.get('torch_bn') else 'auto'}")
+    ov.append(f"trainer.keep_freed_memory={'false' if spec.get('keep_freed_memory') is False else 'true'}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hy_compose(config_name="train", overrides=ov)
 
@@ -191,12 +205,14 @@ def run_worker(spec: dict) -> dict:
         torch.set_num_threads(threads)
     from atrc_exp.engine.fast_paths import apply_fast_paths, channels_last_enabled, prepare_input
     from atrc_exp.engine.search import SearchController, split_parameters
+    from atrc_exp.engine.trainer import check_batch_norm_backend
     from atrc_exp.losses import MultiTaskLoss
     from atrc_exp.models import build_model
 
     device = torch.device(spec["device"])
     context = spec["context"]
     cfg = compose(context, spec)
+    check_batch_norm_backend(str(cfg.ops.batch_norm.backend))
     torch.manual_seed(0)
     model = build_model(cfg)
     model = apply_fast_paths(model.to(device), cfg)
@@ -474,7 +490,7 @@ def plan_specs(args, dev: str, include: set[str]) -> list[dict]:
         extra = PATHS[name]
         if extra.get("bf16") and dev == "cuda" and not torch.cuda.is_bf16_supported():
             continue
-        if name in GPU_ONLY_PATHS and dev != "cuda":
+        if (name in GPU_ONLY_PATHS and dev != "cuda") or (name in CPU_ONLY_PATHS and dev != "cpu"):
             continue
         warmup = args.warmup + (1 if extra.get("compile") else 0)
         specs.append(
