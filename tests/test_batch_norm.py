@@ -174,6 +174,18 @@ def test_conv_bn_relu_layers_match_their_plain_sequential_forward(calls):
     assert calls["forward"] == 2 and calls["backward"] == 2
 
 
+def test_modules_with_forward_hooks_run_their_own_forward(calls):
+    from atrc_exp.models.layers import ConvBNReLU
+
+    layer = ConvBNReLU(3, 4, 1).train()
+    seen = []
+    layer[1].register_forward_hook(lambda m, i, o: seen.append("bn"))
+    layer[2].register_forward_hook(lambda m, i, o: seen.append("relu"))
+    y = layer(torch.randn(2, 3, 5, 5))
+    assert seen == ["bn", "relu"] and (y >= 0).all()
+    assert calls["forward"] == 0
+
+
 def test_hrnet_with_the_kernel_matches_pytorch_batch_norm(calls):
     from atrc_exp.models.hrnet import hrnet18
 

@@ -20,7 +20,9 @@ class ConvBNAct(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = len(self)
         if 2 <= n <= 3 and isinstance(self[1], nn.modules.batchnorm._BatchNorm):
-            if n == 2 or (isinstance(self[2], nn.ReLU) and not self[2]._forward_hooks):
+            if n == 2 or (
+                isinstance(self[2], nn.ReLU) and not (self[2]._forward_hooks or self[2]._forward_pre_hooks)
+            ):
                 return bn_act(self[1], self[0](x), relu=n == 3)
         return super().forward(x)
 
@@ -100,7 +102,9 @@ def bn_stats_frozen() -> bool:
 
 
 def _plain_bn(bn: nn.Module) -> bool:
-    return type(bn) is nn.BatchNorm2d
+    """A plain ``nn.BatchNorm2d`` without forward hooks (a module with hooks runs its own forward,
+    so the hooks fire)."""
+    return type(bn) is nn.BatchNorm2d and not bn._forward_hooks and not bn._forward_pre_hooks
 
 
 def _bn_module(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
