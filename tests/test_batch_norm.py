@@ -137,7 +137,7 @@ def test_backend_switch_and_a_failed_build(monkeypatch, calls):
         raise build.ExtensionBuildError("no C++ compiler found (simulated)")
 
     monkeypatch.setattr(build, "get_extension", broken)
-    monkeypatch.setattr(bnop, "_warned", False)
+    bnop._switch.reset_warnings()
     bnop.set_backend("cpp")
     with pytest.raises(build.ExtensionBuildError, match="simulated"):
         bnop.batch_norm_act(x, None, None, None, None, True)

@@ -19,57 +19,45 @@ Backends (``set_backend`` / ``ops.batch_norm.backend`` in the Hydra config):
 
 from __future__ import annotations
 
-import threading
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import build
+from .switch import BackendSwitch
 
 __all__ = ["BACKENDS", "batch_norm_act", "get_backend", "set_backend"]
 
 BACKENDS = ("auto", "cpp", "torch")
-_backend = "auto"
-_warned = False
-_lock = threading.Lock()
+_switch = BackendSwitch("batch_norm", BACKENDS)
 
 
 def set_backend(name: str) -> None:
     """Select the implementation used by :func:`batch_norm_act`: auto | cpp | torch."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"batch_norm backend must be one of {BACKENDS}, got {name!r}")
-    _backend = name
+    _switch.set(name)
 
 
 def get_backend() -> str:
-    return _backend
+    return _switch.name
 
 
 def _extension():
     """The built kernel module, or None (``auto`` and the build failed: warned once)."""
-    global _warned
     try:
         return build.get_extension("bn_cpp")
     except build.ExtensionBuildError as e:
-        if _backend == "cpp":
+        if _switch.name == "cpp":
             raise
-        with _lock:
-            if not _warned:
-                _warned = True
-                warnings.warn(
-                    f"batch_norm: the C++ kernel is unavailable ({e}); using PyTorch's batch norm "
-                    "(slower on the CPU; set ops.batch_norm.backend=torch to silence this)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+        _switch.warn_once(
+            "build",
+            f"batch_norm: the C++ kernel is unavailable ({e}); using PyTorch's batch norm "
+            "(slower on the CPU; set ops.batch_norm.backend=torch to silence this)",
+        )
         return None
 
 
 def _kernel_applies(x: torch.Tensor, training: bool, weight, bias) -> bool:
-    if _backend == "torch" or not training or x.device.type != "cpu":
+    if _switch.name == "torch" or not training or x.device.type != "cpu":
         return False
     if x.dtype not in (torch.float32, torch.float64) or x.dim() < 2 or not x.is_contiguous():
         return False

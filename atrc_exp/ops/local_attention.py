@@ -16,33 +16,26 @@ Backends (``set_backend`` / ``ops.local_attention.backend`` in the Hydra config)
 
 from __future__ import annotations
 
-import threading
-import warnings
-
 import torch
 
 from . import build
 from .reference import reference_backward, reference_forward
+from .switch import BackendSwitch
 
 __all__ = ["local_attention", "set_backend", "get_backend", "available_backends", "BACKENDS"]
 
 BACKENDS = ("auto", "cpp", "cuda", "torch")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_backend = "auto"
-_warned: set[str] = set()
-_warn_lock = threading.Lock()
+_switch = BackendSwitch("local_attention", BACKENDS)
 
 
 def set_backend(name: str) -> None:
     """Select the implementation used by :func:`local_attention`: auto | cpp | cuda | torch."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"local_attention backend must be one of {BACKENDS}, got {name!r}")
-    _backend = name
+    _switch.set(name)
 
 
 def get_backend() -> str:
-    return _backend
+    return _switch.name
 
 
 def available_backends(kinds: tuple[str, ...] = ("cpp", "cuda")) -> list[str]:
@@ -61,14 +54,6 @@ def available_backends(kinds: tuple[str, ...] = ("cpp", "cuda")) -> list[str]:
     return out
 
 
-def _warn_once(key: str, msg: str) -> None:
-    with _warn_lock:
-        if key in _warned:
-            return
-        _warned.add(key)
-    warnings.warn(msg, RuntimeWarning, stacklevel=4)
-
-
 def _resolve(backend: str, device: torch.device):
     """Returns the extension module to use, or None for the PyTorch reference."""
     kind = "cuda" if device.type == "cuda" else "cpp"
@@ -84,14 +69,14 @@ def _resolve(backend: str, device: torch.device):
     if device.type not in ("cpu", "cuda"):
         return None
     if kind == "cuda" and not build.cuda_build_possible():
-        _warn_once(
+        _switch.warn_once(
             "cuda", "local_attention: no nvcc/CUDA toolkit found, using the slow PyTorch reference on CUDA"
         )
         return None
     try:
         return build.get_extension(kind)
     except build.ExtensionBuildError as e:
-        _warn_once(
+        _switch.warn_once(
             kind, f"local_attention: the {kind} kernel is unavailable ({e}); using the slow PyTorch reference"
         )
         return None
@@ -230,7 +215,7 @@ def local_attention(
         to the values' window.
     """
     _check(query, key, value, kernel_size)
-    backend = _backend if backend is None else backend
+    backend = _switch.name if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"local_attention backend must be one of {BACKENDS}, got {backend!r}")
     out, _ = _la_fwd(query.contiguous(), key.contiguous(), value.contiguous(), kernel_size, backend)
