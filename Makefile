@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format clean bench bench-data bench-ops
+.PHONY: help install train test test-full lint format clean bench bench-data bench-ops bench-bn
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench-data: $(STAMP) ## train-transform samples/s on NYUD- and PASCAL-sized inpu
 
 bench-ops: $(STAMP) ## local-attention backends: time, memory, FLOP floor (JSON in benchmarks/)
 	$(BIN)/python benchmarks/bench_local_attention.py --threads 2 --out benchmarks/results-ops-$$(hostname).json
+
+bench-bn: $(STAMP) ## fused CPU batch norm + ReLU against PyTorch's, per HRNet/ATRC shape
+	$(BIN)/python benchmarks/bench_batch_norm.py --threads 2
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check atrc_exp tests

@@ -16,7 +16,8 @@
 // gradient. Here one thread handles one channel at a time, so after the first pass the channel's
 // planes (a few to a few hundred KiB) are read from cache: the forward reads x once and writes y,
 // the backward reads g and x once and writes dx. 3-6x faster forward+backward on the CPU for the
-// shapes of ATRC's head and HRNet (benchmarks/bench_batch_norm.py).
+// shapes of ATRC's head and HRNet in isolation, less inside a training step where the inputs come
+// from DRAM (benchmarks/bench_batch_norm.py, benchmarks/RESULTS.md).
 //
 // Compiled with -ffp-contract=off so that the forward and the backward evaluate x*a + b the same
 // way (no fused multiply-add in one loop and not the other): the recomputed ReLU mask is exact.

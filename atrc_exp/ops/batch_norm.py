@@ -4,15 +4,17 @@ Same arguments and semantics as ``F.batch_norm`` (running statistics updated in 
 ``momentum``, the unbiased batch variance for ``running_var``), plus ``relu``. In training mode
 (batch statistics) on float32/float64 CPU tensors the C++/OpenMP kernel of
 ``kernels/batch_norm_cpu.cpp`` computes statistics, normalisation and ReLU in one pass over
-memory (the backward in another), 3-6× faster forward+backward than PyTorch's CPU batch norm
-followed by a ReLU (``python benchmarks/bench_batch_norm.py``); same numbers up to float
-rounding. Everything else (CUDA, bfloat16 under autocast, eval mode, ``torch.compile`` tracing,
+memory (the backward in another): in isolation 3-6× faster forward+backward than PyTorch's CPU
+batch norm followed by a ReLU, inside a training step (inputs coming from DRAM) about 20% less
+batch-norm time for the ATRC model (``python benchmarks/bench_batch_norm.py``; numbers in
+``benchmarks/RESULTS.md``); same numbers up to float rounding. Everything else (CUDA, bfloat16 under autocast, eval mode, ``torch.compile`` tracing,
 non-contiguous inputs) runs ``F.batch_norm`` and ``F.relu``.
 
 Backends (``set_backend`` / ``ops.batch_norm.backend`` in the Hydra config):
 
-* ``auto`` (default): the kernel where it applies, JIT-built on first use (a few seconds, cached
-  like the local-attention kernels); if it cannot be built, PyTorch's with a one-time warning.
+* ``auto`` (default): the kernel where it applies, JIT-built on first use (about 40 s once,
+  cached like the local-attention kernels); if it cannot be built, PyTorch's with a one-time
+  warning.
 * ``cpp``: the kernel where it applies, an error if it cannot be built.
 * ``torch``: always ``F.batch_norm`` (+ ``F.relu``).
 """
