@@ -39,9 +39,10 @@ the same run. bf16 is not here: it is
     :func:`apply_fast_paths`, from the config, on every call.
 
 ``trainer.keep_freed_memory`` (bool, default true)
-    glibc's ``malloc`` returns freed blocks above 128 KiB-32 MiB to the operating system, so every
-    training step page-faults its activations back in as fresh zero-filled pages (20-50 thousand
-    minor faults and 20-50 ms of system time per ATRC step on the development CPU). On, the
+    glibc's ``malloc`` gives large freed blocks (above its mmap threshold, 128 KiB rising to at
+    most 32 MiB) and the free top of its heap back to the operating system, so every training
+    step page-faults its activations back in as fresh zero-filled pages (8-24 thousand minor
+    faults and 20-50 ms of system time per ATRC step on the development CPU). On, the
     process keeps freed memory for reuse (``mallopt``: allocations up to 32 MiB from the heap, no
     trimming): no page faults after the first steps; the resident memory stays at the peak, which
     a training step reaches every step anyway. Process-wide and not undone by ``false``; Linux
