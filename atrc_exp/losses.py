@@ -149,7 +149,7 @@ def argmax_channels(x: Tensor) -> Tensor:
     than ``argmax`` over the strided channel dimension (9 → 3 ms for 2×40×192×256); same result,
     NaN included (any NaN falls back to ``argmax``)."""
     K = x.shape[1]
-    if x.device.type != "cpu" or not x.is_floating_point() or not 0 < K <= 255 or x.dim() < 2:
+    if x.device.type != "cpu" or not x.is_floating_point() or not 0 < K <= 255:
         return x.argmax(dim=1)
     m = x.amax(dim=1, keepdim=True)
     if torch.isnan(m).any():

@@ -98,8 +98,6 @@ def check_batch_norm_backend(backend: str) -> None:
     """Select the batch-norm backend; a forced ``cpp`` one must build here and now."""
     from ..ops import batch_norm, build
 
-    if backend not in batch_norm.BACKENDS:
-        raise ConfigError(f"ops.batch_norm.backend={backend} is not one of {', '.join(batch_norm.BACKENDS)}")
     if backend == "cpp":
         try:
             build.get_extension("bn_cpp")
@@ -108,7 +106,10 @@ def check_batch_norm_backend(backend: str) -> None:
                 f"ops.batch_norm.backend=cpp is forced but its kernel is unavailable ({e}); install a "
                 "C++ compiler (g++) or use ops.batch_norm.backend=auto"
             ) from e
-    batch_norm.set_backend(backend)
+    try:
+        batch_norm.set_backend(backend)
+    except ValueError as e:  # the switch's own check of the name
+        raise ConfigError(f"ops.batch_norm.backend={backend}: {e}") from e
 
 
 def _worker_init(_: int) -> None:
