@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops import upsample_cross_entropy as upsample_ce
 from .tasks import ALL_TASKS, IGNORE_INDEX, LOSS_WEIGHTS, NUM_DEPTH_BINS
 
 __all__ = [
@@ -91,6 +92,18 @@ def l2_normalize_channels(x: Tensor, eps: float = 1e-12) -> Tensor:
     faster on the CPU (``linalg.vector_norm`` over the strided channel dim is slow there): the
     norm as ``sqrt(max(Σ x², eps²))``, whose gradient stays finite at a zero vector."""
     return x / (x * x).sum(dim=1, keepdim=True).clamp_min(eps * eps).sqrt()
+
+
+def _at_target_size(pred: Tensor, target: Tensor) -> Tensor:
+    """``pred`` bilinearly resized to the target's spatial size (the network's own final
+    upsampling, :func:`atrc_exp.models.layers.resize_prediction`) when it is a B×C×h×w map of
+    another size; else unchanged."""
+    size = tuple(target.shape[-2:])
+    if pred.dim() != 4 or tuple(pred.shape[-2:]) == size or pred.shape[0] != target.shape[0]:
+        return pred
+    from .models.layers import resize_prediction
+
+    return resize_prediction(pred, size)
 
 
 def _check_spatial(pred: Tensor, target: Tensor, name: str) -> None:
@@ -169,16 +182,31 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = N
     Weighted-mean semantics of PyTorch: ``Σ_valid w[y_i]·l_i / Σ_valid w[y_i]``; returns a
     graph-connected 0 when that denominator is 0 (no valid pixel, or all weights zero).
     ``target`` may be B×H×W or B×1×H×W, integer or float (0/1 edge maps).
+
+    ``logits`` may be at a lower resolution than ``target`` (a network's output before its final
+    upsampling): they are then resized bilinearly (``align_corners=False``, as
+    :func:`atrc_exp.models.layers.resize_prediction`) to the target first — on float32/float64
+    CPU tensors inside the fused kernel of :mod:`atrc_exp.ops.upsample_cross_entropy`, which
+    never writes the full-resolution logits (same numbers up to float rounding).
     """
     target = _as_index_target(target)
-    _check_spatial(logits, target, "cross_entropy_loss")
     logits = logits.float()
+    size = tuple(target.shape[-2:])
+    low_res = logits.dim() == 4 and tuple(logits.shape[-2:]) != size and logits.shape[0] == target.shape[0]
+    fused = low_res and logits.shape[1] > 1 and upsample_ce.kernel_applies(logits)
+    if low_res and not fused:
+        logits = _at_target_size(logits, target)
+    if not fused:
+        _check_spatial(logits, target, "cross_entropy_loss")
     valid = target != IGNORE_INDEX
     c = logits.shape[1]
     safe_target = target.masked_fill(~valid, 0)
     # each pixel's weight in the mean: w[y] on valid pixels, 0 on ignored ones
     w_pix = None if weight is None else weight.to(logits.dtype)[safe_target].mul(valid)
-    if c > 1 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
+    if fused:
+        w_row = valid.to(logits.dtype) if w_pix is None else w_pix
+        total = upsample_ce.upsample_cross_entropy(logits, safe_target, w_row)
+    elif c > 1 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
         # channels-last logits (resize_prediction): as (pixels × classes) rows, a view; the
         # log-softmax then runs over contiguous memory (about 2× faster on the CPU), same sum
         rows = logits.permute(0, 2, 3, 1).reshape(-1, c)
@@ -298,6 +326,12 @@ class MultiTaskLoss(nn.Module):
     ``Σ LOSS_WEIGHTS[t]·(final_t + aux_t)``; ``terms`` maps ``"loss/<task>"`` and
     ``"loss/aux_<task>"`` to the detached, *unweighted* terms.
 
+    Outputs may also be the network's maps *before* its final upsampling
+    (``model(image, resize=False)``, what the trainer does): each is then resized bilinearly to
+    its target's size inside the loss — the class-logit losses without ever writing the
+    full-resolution logits on the CPU (:func:`cross_entropy_loss`). Same numbers as resizing
+    first, up to float rounding.
+
     ``normal_centroids`` (K×3) is needed only when an aux normals output is given; it is kept as
     a (persistent) buffer so it moves with ``.to(device)`` and is saved in the state dict.
     """
@@ -325,6 +359,8 @@ class MultiTaskLoss(nn.Module):
     # -- per-task terms ----------------------------------------------------------------------
     def final_loss(self, task: str, pred: Tensor, target: Tensor) -> Tensor:
         """Unweighted final loss of ``task``."""
+        if task in ("normals", "depth", "edge"):  # the class-logit losses resize by themselves
+            pred = _at_target_size(pred, target)
         if task in ("semseg", "human_parts"):
             return cross_entropy_loss(pred, target)
         if task == "sal":

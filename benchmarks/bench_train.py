@@ -37,6 +37,12 @@ And the exact speed-ups that are on by default, each switched off, against the s
 
 * ``no_fused_bn``: ``ops.batch_norm.backend=torch`` (PyTorch's batch norm and ReLU instead of
   the fused CPU kernel of ``atrc_exp.ops.batch_norm``);
+* ``no_fused_ce``: ``ops.upsample_cross_entropy.backend=torch`` (the class logits upsampled to
+  full resolution before the cross-entropy instead of inside the CPU kernel of
+  ``atrc_exp.ops.upsample_cross_entropy``);
+* ``no_fused_label``: ``ops.label_attention.backend=torch`` (PyTorch's batched products and
+  softmax for the label-context attention instead of the CPU kernel of
+  ``atrc_exp.ops.label_attention``);
 * ``no_keep_freed``: ``trainer.keep_freed_memory=false`` (glibc's default of returning freed
   memory to the OS, page-faulting it back every step).
 
@@ -86,12 +92,14 @@ PATHS = {
     "bf16+cudagraphs": {"bf16": True, "compile": True, "compile_mode": "reduce-overhead"},
     # the always-on exact speed-ups, each switched off (their "speed-up vs fp32" is below 1)
     "no_fused_bn": {"torch_bn": True},
+    "no_fused_ce": {"torch_ce": True},
+    "no_fused_label": {"torch_label": True},
     "no_keep_freed": {"keep_freed_memory": False},
 }
 #: timed on CUDA only (no-ops on the CPU, or minutes of compilation for a CPU row nobody needs)
 GPU_ONLY_PATHS = ("cudnn_benchmark", "bf16+cudnn_benchmark", "bf16+compile", "bf16+cudagraphs")
-#: timed on the CPU only (the fused batch-norm kernel is a CPU kernel)
-CPU_ONLY_PATHS = ("no_fused_bn",)
+#: timed on the CPU only (the fused kernels are CPU kernels)
+CPU_ONLY_PATHS = ("no_fused_bn", "no_fused_ce", "no_fused_label")
 #: DataLoader variants of ``--include loader``: (label, settings); None = the in-memory batch.
 LOADERS = (
     ("in-memory batch", None),
@@ -133,6 +141,8 @@ def compose(context: str, spec: dict):
     ov.append(f"trainer.cudnn_benchmark={'true' if spec.get('cudnn_benchmark') else 'false'}")
     ov.append(f"trainer.mixed_precision={'bf16' if spec.get('bf16') else 'no'}")
     ov.append(f"ops.batch_norm.backend={'torch' if spec.get('torch_bn') else 'auto'}")
+    ov.append(f"ops.upsample_cross_entropy.backend={'torch' if spec.get('torch_ce') else 'auto'}")
+    ov.append(f"ops.label_attention.backend={'torch' if spec.get('torch_label') else 'auto'}")
     ov.append(f"trainer.keep_freed_memory={'false' if spec.get('keep_freed_memory') is False else 'true'}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hy_compose(config_name="train", overrides=ov)
@@ -205,14 +215,14 @@ def run_worker(spec: dict) -> dict:
         torch.set_num_threads(threads)
     from atrc_exp.engine.fast_paths import apply_fast_paths, channels_last_enabled, prepare_input
     from atrc_exp.engine.search import SearchController, split_parameters
-    from atrc_exp.engine.trainer import check_batch_norm_backend
+    from atrc_exp.engine.trainer import check_cpu_kernel_backends
     from atrc_exp.losses import MultiTaskLoss
     from atrc_exp.models import build_model
 
     device = torch.device(spec["device"])
     context = spec["context"]
     cfg = compose(context, spec)
-    check_batch_norm_backend(str(cfg.ops.batch_norm.backend))
+    check_cpu_kernel_backends(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
     model = apply_fast_paths(model.to(device), cfg)
@@ -249,7 +259,7 @@ def run_worker(spec: dict) -> dict:
             arch_opt.zero_grad(set_to_none=True)
             ent_w = controller.begin_step(i)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(image)
+            out = model(image, resize=False)  # as the trainer: the loss upsamples
             loss, _ = criterion(out, batch)
             if search:
                 loss = loss + controller.loss_term(ent_w)

@@ -94,22 +94,37 @@ def check_backend(backend: str, device: torch.device) -> None:
     set_backend(backend)
 
 
-def check_batch_norm_backend(backend: str) -> None:
-    """Select the batch-norm backend; a forced ``cpp`` one must build here and now."""
-    from ..ops import batch_norm, build
+#: the fused CPU kernels with an ``ops.<name>.backend`` switch: name -> extension kind
+CPU_KERNEL_OPS = {"batch_norm": "bn_cpp", "upsample_cross_entropy": "ce_cpp"}
 
+
+def check_cpu_kernel_backend(op: str, backend: str) -> None:
+    """Select the backend (auto | cpp | torch) of the fused CPU kernel ``op`` (a key of
+    :data:`CPU_KERNEL_OPS`); a forced ``cpp`` one must build here and now."""
+    import importlib
+
+    from ..ops import build
+
+    module = importlib.import_module(f"atrc_exp.ops.{op}")
     if backend == "cpp":
         try:
-            build.get_extension("bn_cpp")
+            build.get_extension(CPU_KERNEL_OPS[op])
         except build.ExtensionBuildError as e:
             raise ConfigError(
-                f"ops.batch_norm.backend=cpp is forced but its kernel is unavailable ({e}); install a "
-                "C++ compiler (g++) or use ops.batch_norm.backend=auto"
+                f"ops.{op}.backend=cpp is forced but its kernel is unavailable ({e}); install a "
+                f"C++ compiler (g++) or use ops.{op}.backend=auto"
             ) from e
     try:
-        batch_norm.set_backend(backend)
+        module.set_backend(backend)
     except ValueError as e:  # the switch's own check of the name
-        raise ConfigError(f"ops.batch_norm.backend={backend}: {e}") from e
+        raise ConfigError(f"ops.{op}.backend={backend}: {e}") from e
+
+
+def check_cpu_kernel_backends(cfg: DictConfig) -> None:
+    """:func:`check_cpu_kernel_backend` for every op of :data:`CPU_KERNEL_OPS` from ``cfg.ops``
+    (``auto`` where unset)."""
+    for op in CPU_KERNEL_OPS:
+        check_cpu_kernel_backend(op, str(OmegaConf.select(cfg, f"ops.{op}.backend", default="auto")))
 
 
 def _worker_init(_: int) -> None:
@@ -246,7 +261,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         backend = OmegaConf.select(cfg, "ops.local_attention.backend", default=None)
         if backend:
             check_backend(str(backend), acc.device)
-        check_batch_norm_backend(str(OmegaConf.select(cfg, "ops.batch_norm.backend", default="auto")))
+        check_cpu_kernel_backends(cfg)
         if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
         logger = build_logger(cfg, run_dir, acc.is_main_process)
@@ -372,7 +387,8 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
                 saved_buffers = [b.detach().clone() for b in buffers]
             if search:
                 entropy_w = controller.begin_step(step)
-            outputs = model(prepare_input(batch["image"], channels_last))
+            # the loss upsamples the outputs itself (fused into the cross-entropies on the CPU)
+            outputs = model(prepare_input(batch["image"], channels_last), resize=False)
             loss, terms = criterion(outputs, batch)
             if search:
                 ent = controller.loss_term(entropy_w)

@@ -18,7 +18,10 @@ from .relational_head import RelationalContextHead, uniform_genotype
 class MultiTaskModel(nn.Module):
     """``model(image: B×3×H×W) -> {"final": {task: B×C×H×W}, "aux": {...}}`` at input resolution.
 
-    ``aux`` is present only when the head makes auxiliary predictions.
+    ``aux`` is present only when the head makes auxiliary predictions. ``resize=False`` returns
+    the head's maps before the final bilinear upsampling (at the resolution of the first backbone
+    branch, e.g. H/4×W/4 for HRNet): :class:`atrc_exp.losses.MultiTaskLoss` upsamples them itself,
+    fused into the cross-entropies on the CPU (the training loop does this).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, tasks: list[str]):
@@ -27,9 +30,11 @@ class MultiTaskModel(nn.Module):
         self.head = head
         self.tasks = list(tasks)
 
-    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    def forward(self, image: torch.Tensor, resize: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         features = concat_features(self.backbone(image))
         out = self.head(features, image=image)
+        if not resize:
+            return out
         size = tuple(image.shape[-2:])
         return {
             kind: {t: resize_prediction(v, size) for t, v in preds.items()} for kind, preds in out.items()

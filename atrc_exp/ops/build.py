@@ -1,6 +1,8 @@
 """JIT builder for the C++/CUDA kernels in ``kernels/`` (stylegan3 ``custom_ops`` style).
 
-Extensions (``kind``): ``cpp`` and ``cuda`` (local attention), ``bn_cpp`` (CPU batch norm + ReLU).
+Extensions (``kind``): ``cpp`` and ``cuda`` (local attention), ``bn_cpp`` (CPU batch norm + ReLU),
+``ce_cpp`` (CPU bilinear upsampling fused into the cross-entropy), ``label_cpp`` (CPU label-context
+attention).
 
 * Sources are compiled with :func:`torch.utils.cpp_extension.load` on first use.
 * The build directory is keyed by a hash of the source files, the compile flags, the torch,
@@ -49,15 +51,25 @@ _SOURCES = {
     "cpp": ["local_attention_cpu.cpp"],
     "cuda": ["local_attention_cuda.cpp"] + [f"local_attention_cuda_{d}.cu" for d in _CUDA_DTYPES],
     "bn_cpp": ["batch_norm_cpu.cpp"],
+    "ce_cpp": ["upsample_cross_entropy_cpu.cpp"],
+    "label_cpp": ["label_attention_cpu.cpp"],
 }
 # included files: part of the build key too
 _HEADERS = {
     "cpp": ["local_attention_dispatch.h"],
     "cuda": ["local_attention_dispatch.h", "local_attention_cuda.h", "local_attention_cuda.cuh"],
     "bn_cpp": [],
+    "ce_cpp": [],
+    "label_cpp": [],
 }
 #: the op each extension implements (module and build-directory names, messages)
-_OP_NAMES = {"cpp": "local_attention", "cuda": "local_attention", "bn_cpp": "batch_norm"}
+_OP_NAMES = {
+    "cpp": "local_attention",
+    "cuda": "local_attention",
+    "bn_cpp": "batch_norm",
+    "ce_cpp": "upsample_cross_entropy",
+    "label_cpp": "label_attention",
+}
 _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
 # batch norm: the backward recomputes the forward's x*a + b for the ReLU mask; no contraction
 # into FMAs, so both evaluate it identically
@@ -134,7 +146,11 @@ def _source_paths(kind: str) -> list[Path]:
 
 
 def _cflags(kind: str) -> list[str]:
-    return list(_BN_CFLAGS if kind == "bn_cpp" else _CFLAGS)
+    if kind == "bn_cpp":
+        return list(_BN_CFLAGS)
+    if kind in ("ce_cpp", "label_cpp"):  # no FP traps assumed: lets GCC vectorise exp and max
+        return [*_CFLAGS, "-fno-trapping-math"]
+    return list(_CFLAGS)
 
 
 def _build_key(kind: str) -> str:
@@ -157,8 +173,8 @@ def _build_key(kind: str) -> str:
 
 
 def _build(kind: str, verbose: bool = False):
-    """Compile (or just import, when already built) the extension of ``kind`` (``cpp``/``cuda``/
-    ``bn_cpp``)."""
+    """Compile (or just import, when already built) the extension of ``kind`` (see
+    :data:`_SOURCES`)."""
     import filelock
     from torch.utils import cpp_extension
 
@@ -176,7 +192,7 @@ def _build(kind: str, verbose: bool = False):
     elif shutil.which(os.environ.get("CXX", "c++")) is None:
         raise ExtensionBuildError("no C++ compiler found (set $CXX or install g++)")
     key = _build_key(kind)
-    stem = f"{op}_{kind.removeprefix('bn_')}"
+    stem = f"{op}_{'cuda' if kind == 'cuda' else 'cpp'}"
     name = f"atrc_{stem}_{key}"
     build_dir = build_root() / f"{stem}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +214,8 @@ def _build(kind: str, verbose: bool = False):
 
 
 def get_extension(kind: str, verbose: bool = False):
-    """The built module for ``kind`` (``"cpp"``, ``"cuda"`` or ``"bn_cpp"``); raises
+    """The built module for ``kind`` (``"cpp"``, ``"cuda"``, ``"bn_cpp"``, ``"ce_cpp"`` or
+    ``"label_cpp"``); raises
     :class:`ExtensionBuildError` (and remembers the failure) when it cannot be built."""
     with _lock:
         got = _cache.get(kind)

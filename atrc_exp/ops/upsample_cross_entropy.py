@@ -1,0 +1,109 @@
+"""``upsample_cross_entropy``: bilinear upsampling fused into the (weighted) cross-entropy.
+
+``upsample_cross_entropy(logits, target, weight) -> Σ_i weight_i · CE(z_i, target_i)`` where
+``logits`` are low-resolution class logits B×C×h×w, ``z = F.interpolate(logits, size=(H, W),
+mode="bilinear", align_corners=False)`` the full-resolution ones (never materialised), ``target``
+B×H×W int64 class indices in [0, C) and ``weight`` B×H×W (0 for ignored pixels). It equals
+``(weight * F.cross_entropy(z, target, reduction="none")).sum()`` up to float rounding, forward
+and backward.
+
+Why: the loss of a dense classification output at the input resolution is the costliest part
+of the step that scales with the number of classes. PyTorch's path writes the full-resolution
+logits, reads them for the log-softmax, writes the log-probabilities, and in the backward writes
+a full-resolution gradient and reads it for the upsampling's backward — each 16× the size of the
+network's output for a 4× upsampling (15.7 MB for 2×40×192×256). The C++/OpenMP kernel of
+``kernels/upsample_cross_entropy_cpu.cpp`` interpolates the logits of one output row at a time
+in cache, saves only the per-pixel log-sum-exp, and scatters the backward into the low-resolution
+gradient directly (deterministic: no atomics). CPU, float32/float64; everything else takes
+PyTorch's path in :func:`atrc_exp.losses.cross_entropy_loss`.
+
+Backends (``set_backend`` / ``ops.upsample_cross_entropy.backend`` in the Hydra config):
+
+* ``auto`` (default): the kernel where it applies, JIT-built on first use (about 40 s once,
+  cached like the other kernels); if it cannot be built, PyTorch's path with a one-time warning.
+* ``cpp``: the kernel where it applies, an error if it cannot be built.
+* ``torch``: always PyTorch's path (upsample, then the cross-entropy).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import build
+from .switch import BackendSwitch
+
+__all__ = ["BACKENDS", "get_backend", "kernel_applies", "set_backend", "upsample_cross_entropy"]
+
+BACKENDS = ("auto", "cpp", "torch")
+_switch = BackendSwitch("upsample_cross_entropy", BACKENDS)
+
+
+def set_backend(name: str) -> None:
+    """Select the implementation of the low-resolution cross-entropy: auto | cpp | torch."""
+    _switch.set(name)
+
+
+def get_backend() -> str:
+    return _switch.name
+
+
+def _extension():
+    """The built kernel module, or None (``auto`` and the build failed: warned once)."""
+    try:
+        return build.get_extension("ce_cpp")
+    except build.ExtensionBuildError as e:
+        if _switch.name == "cpp":
+            raise
+        _switch.warn_once(
+            "build",
+            f"upsample_cross_entropy: the C++ kernel is unavailable ({e}); upsampling before the "
+            "cross-entropy instead (slower on the CPU; set ops.upsample_cross_entropy.backend=torch "
+            "to silence this)",
+        )
+        return None
+
+
+def kernel_applies(logits: torch.Tensor) -> bool:
+    """Whether :func:`upsample_cross_entropy` can run on ``logits`` (B×C×h×w): the backend is not
+    ``torch``, a float32/float64 CPU tensor, not under ``torch.compile``, and the kernel builds."""
+    if _switch.name == "torch" or logits.device.type != "cpu" or logits.dim() != 4:
+        return False
+    if logits.dtype not in (torch.float32, torch.float64) or logits.numel() == 0:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_scripting():
+        return False
+    return _extension() is not None
+
+
+class _UpsampleCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, target, weight, ext):  # noqa: D102
+        total, lse = ext.forward(x, target, weight)
+        ctx.save_for_backward(x, target, weight, lse)
+        ctx.ext = ext
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        x, target, weight, lse = ctx.saved_tensors
+        return ctx.ext.backward(grad, x, target, weight, lse), None, None, None
+
+
+def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``Σ weight · cross_entropy(bilinear_resize(logits, target.shape[-2:]), target)`` (0-dim, the
+    dtype of ``logits``) with the kernel; ``logits`` B×C×h×w, ``target`` B×H×W int64 in [0, C),
+    ``weight`` B×H×W. Call only where :func:`kernel_applies`; the gradient reaches ``logits``
+    only."""
+    if target.dim() != 3 or weight.shape != target.shape or logits.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"upsample_cross_entropy: logits {tuple(logits.shape)} need a B×H×W target and weight of "
+            f"the same batch, got {tuple(target.shape)} and {tuple(weight.shape)}"
+        )
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("upsample_cross_entropy: the kernel is unavailable; check kernel_applies() first")
+    return _UpsampleCrossEntropy.apply(
+        logits.contiguous(), target.contiguous(), weight.to(logits.dtype).contiguous(), ext
+    )

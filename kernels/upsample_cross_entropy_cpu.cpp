@@ -1,0 +1,327 @@
+// Bilinear upsampling fused into the cross-entropy, for CPU tensors: C++/OpenMP, float32/float64.
+//
+// Inputs: x, low-resolution class logits B x h x w x C (channels-last contiguous), y the class
+// index of every full-resolution pixel (B x H x W, int64, in [0, C)), wt its weight (B x H x W,
+// x's type; 0 for ignored pixels). The logits of full-resolution pixel (i, j) are PyTorch's
+// bilinear interpolation with align_corners=False (F.interpolate(x, size=(H, W)):
+//   src = max((h / H) * (i + 0.5) - 0.5, 0), i0 = min(floor(src), h - 1), i1 = min(i0 + 1, h - 1),
+//   l1 = min(src - i0, 1), l0 = 1 - l1 (the same along the width),
+//   z = l0h * (l0w * x[i0, j0] + l1w * x[i0, j1]) + l1h * (l0w * x[i1, j0] + l1w * x[i1, j1]).
+// Forward: lse = log sum_c exp(z_c) (max-subtracted), total = sum over pixels of wt * (lse - z_y)
+// (per-row partial sums in double, added in row order: deterministic); lse is saved.
+// Backward (g = d total): dz_c = g * wt * (exp(z_c - lse) - [c == y]), scattered back to the low
+// resolution with the same bilinear weights (the adjoint of the interpolation): first every
+// output row's dz is reduced along the width into a B x H x w x C buffer, then each low-resolution
+// row sums the output rows that read it, in row order (no atomics, deterministic).
+//
+// Why: the full-resolution logits (B x C x H x W: 15.7 MB for 2 x 40 x 192 x 256) are never
+// written: PyTorch's path writes them (upsample), reads them and writes log-probabilities
+// (log-softmax), reads those twice and writes the gradient (backward) and reads that again
+// (upsample backward). Here the forward and backward each read the 16x smaller low-resolution map
+// from cache.
+//
+// exp in float32 is a vectorisable Cephes-style approximation (relative error ~1e-7, i.e. float
+// rounding); float64 uses std::exp.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// exp(x) for float, x <= 0 in practice (clamped to the normal range): Cephes expf.
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline double fast_exp(double x) { return std::exp(x); }
+
+// source index pairs and weights of PyTorch's bilinear align_corners=False resize in_size -> out
+template <typename T>
+struct Axis {
+  std::vector<int32_t> i0, i1;
+  std::vector<T> l0, l1;
+  Axis(int64_t in, int64_t out) : i0(out), i1(out), l0(out), l1(out) {
+    const T scale = static_cast<T>(in) / static_cast<T>(out);
+    for (int64_t o = 0; o < out; ++o) {
+      T src = scale * (static_cast<T>(o) + static_cast<T>(0.5)) - static_cast<T>(0.5);
+      if (src < 0) src = 0;
+      const int64_t a = std::min(static_cast<int64_t>(src), in - 1);
+      const T lam = std::min(std::max(src - static_cast<T>(a), static_cast<T>(0)), static_cast<T>(1));
+      i0[o] = static_cast<int32_t>(a);
+      i1[o] = static_cast<int32_t>(std::min(a + 1, in - 1));
+      l1[o] = lam;
+      l0[o] = static_cast<T>(1) - lam;
+    }
+  }
+};
+
+// The adjoint of an Axis as a padded gather table: low-resolution index k receives
+// sum_r lam[r][k] * v[idx[r][k]] over the R output positions that read it (padding: lam 0).
+template <typename T>
+struct AxisAdjoint {
+  int64_t R = 0;
+  std::vector<int32_t> idx;  // R x in
+  std::vector<T> lam;        // R x in
+  AxisAdjoint(const Axis<T>& a, int64_t in) {
+    std::vector<std::vector<std::pair<int32_t, T>>> readers(in);
+    for (size_t o = 0; o < a.i0.size(); ++o) {
+      readers[a.i0[o]].emplace_back(static_cast<int32_t>(o), a.l0[o]);
+      readers[a.i1[o]].emplace_back(static_cast<int32_t>(o), a.l1[o]);
+    }
+    for (const auto& r : readers) R = std::max<int64_t>(R, static_cast<int64_t>(r.size()));
+    idx.assign(R * in, 0);
+    lam.assign(R * in, static_cast<T>(0));
+    for (int64_t k = 0; k < in; ++k)
+      for (size_t r = 0; r < readers[k].size(); ++r) {
+        idx[r * in + k] = readers[k][r].first;
+        lam[r * in + k] = readers[k][r].second;
+      }
+  }
+};
+
+// Width interpolation of low-resolution row k of image xb (C x h x w) into u (C x W)
+template <typename T>
+void width_row(const T* xb, const Axis<T>& aw, int64_t k, int64_t h, int64_t w, int64_t C, int64_t W, T* u) {
+  const int32_t* j0 = aw.i0.data();
+  const int32_t* j1 = aw.i1.data();
+  const T* b0 = aw.l0.data();
+  const T* b1 = aw.l1.data();
+  for (int64_t c = 0; c < C; ++c) {
+    const T* t = xb + (c * h + k) * w;
+    T* uc = u + c * W;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) uc[j] = b0[j] * t[j0[j]] + b1[j] * t[j1[j]];
+  }
+}
+
+// The width-interpolated rows [klo, khi] of image xb into u ((khi - klo + 1) x C x W)
+template <typename T>
+void width_rows(const T* xb, const Axis<T>& aw, int64_t klo, int64_t khi, int64_t h, int64_t w, int64_t C,
+                int64_t W, T* u) {
+  for (int64_t k = klo; k <= khi; ++k) width_row(xb, aw, k, h, w, C, W, u + (k - klo) * C * W);
+}
+
+// output row i (C x W) = a0 * u[i0] + a1 * u[i1]; u holds the rows from klo on
+template <typename T>
+void height_row(const T* u, const Axis<T>& ah, int64_t i, int64_t klo, int64_t C, int64_t W, T* z) {
+  const T a0 = ah.l0[i], a1 = ah.l1[i];
+  const T* u0 = u + (ah.i0[i] - klo) * C * W;
+  const T* u1 = u + (ah.i1[i] - klo) * C * W;
+#pragma omp simd
+  for (int64_t e = 0; e < C * W; ++e) z[e] = a0 * u0[e] + a1 * u1[e];
+}
+
+// lse[j] = log sum_c exp(z[c][j]) for the W pixels of a row (m, s: W scratch)
+template <typename T>
+void row_log_sum_exp(const T* z, int64_t C, int64_t W, T* m, T* s, T* lse) {
+  std::copy(z, z + W, m);
+  for (int64_t c = 1; c < C; ++c) {
+    const T* zc = z + c * W;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) m[j] = zc[j] > m[j] ? zc[j] : m[j];
+  }
+  std::fill(s, s + W, static_cast<T>(0));
+  for (int64_t c = 0; c < C; ++c) {
+    const T* zc = z + c * W;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) s[j] += fast_exp(zc[j] - m[j]);
+  }
+  for (int64_t j = 0; j < W; ++j) lse[j] = m[j] + std::log(s[j]);
+}
+
+// rows per parallel task: enough tasks for the threads, few rows recomputed at chunk borders
+int64_t chunk_rows(int64_t rows_per_image, int64_t B, int64_t most) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = (B * rows_per_image) / (4 * threads);
+  return std::max<int64_t>(1, std::min<int64_t>(most, want));
+}
+
+template <typename T>
+void forward_impl(const T* x, const int64_t* y, const T* wt, T* lse, double* row_sums, std::atomic<int64_t>* bad,
+                  int64_t B, int64_t h, int64_t w, int64_t C, int64_t H, int64_t W) {
+  const Axis<T> ah(h, H), aw(w, W);
+  const int64_t rows = chunk_rows(H, B, 16);
+  const int64_t chunks = (H + rows - 1) / rows;
+  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> u, z(C * W), m(W), s(W);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / chunks, o0 = (task % chunks) * rows, o1 = std::min(H, o0 + rows);
+      const int64_t klo = ah.i0[o0], khi = ah.i1[o1 - 1];
+      u.resize((khi - klo + 1) * C * W);
+      width_rows(x + b * C * h * w, aw, klo, khi, h, w, C, W, u.data());
+      for (int64_t i = o0; i < o1; ++i) {
+        const int64_t r = b * H + i;
+        height_row(u.data(), ah, i, klo, C, W, z.data());
+        T* lr = lse + r * W;
+        row_log_sum_exp(z.data(), C, W, m.data(), s.data(), lr);
+        double acc = 0;
+        const int64_t* yr = y + r * W;
+        const T* wr = wt + r * W;
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t t = yr[j];
+          if (t < 0 || t >= C) {
+            bad->store(t);  // reported after the loop
+            continue;
+          }
+          if (wr[j] != 0) acc += static_cast<double>(wr[j]) * static_cast<double>(lr[j] - z[t * W + j]);
+        }
+        row_sums[r] = acc;
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const T* x, const int64_t* y, const T* wt, const T* lse, T g, T* dx, int64_t B, int64_t h,
+                   int64_t w, int64_t C, int64_t H, int64_t W) {
+  const Axis<T> ah(h, H), aw(w, W);
+  const AxisAdjoint<T> adj(aw, w);
+  // every task owns low-resolution rows [k0, k1) of one image: it recomputes the gradient of the
+  // output rows that read them (a row read across a border is computed by both tasks, the same
+  // way) and adds it in row order: no atomics, the result independent of the threads
+  const int64_t rows = chunk_rows(h, B, 8);
+  const int64_t chunks = (h + rows - 1) / rows;
+  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> u, du, z(C * W), sw(W);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / chunks, k0 = (task % chunks) * rows, k1 = std::min(h, k0 + rows);
+      int64_t ifirst = 0, ilast = H - 1;
+      while (ifirst < H && ah.i1[ifirst] < k0) ++ifirst;
+      while (ilast >= 0 && ah.i0[ilast] >= k1) --ilast;
+      du.assign((k1 - k0) * C * W, static_cast<T>(0));
+      if (ifirst <= ilast) {
+        const int64_t klo = ah.i0[ifirst], khi = ah.i1[ilast];
+        u.resize((khi - klo + 1) * C * W);
+        bool computed = false;
+        for (int64_t i = ifirst; i <= ilast; ++i) {
+          const int64_t r = b * H + i;
+          const int64_t* yr = y + r * W;
+          const T* wr = wt + r * W;
+          bool any = false;
+          for (int64_t j = 0; j < W; ++j) {
+            sw[j] = g * wr[j];
+            any = any || sw[j] != 0;
+          }
+          if (!any) continue;
+          if (!computed) {
+            width_rows(x + b * C * h * w, aw, klo, khi, h, w, C, W, u.data());
+            computed = true;
+          }
+          height_row(u.data(), ah, i, klo, C, W, z.data());
+          const T* lr = lse + r * W;
+          for (int64_t c = 0; c < C; ++c) {
+            T* zc = z.data() + c * W;
+#pragma omp simd
+            for (int64_t j = 0; j < W; ++j) zc[j] = sw[j] * fast_exp(zc[j] - lr[j]);
+          }
+          for (int64_t j = 0; j < W; ++j) z[yr[j] * W + j] -= sw[j];
+          const int64_t ka[2] = {ah.i0[i], ah.i1[i]};
+          const T la[2] = {ah.l0[i], ah.l1[i]};
+          for (int e = 0; e < 2; ++e) {
+            if (ka[e] < k0 || ka[e] >= k1) continue;
+            T* d = du.data() + (ka[e] - k0) * C * W;
+            const T lam = la[e];
+#pragma omp simd
+            for (int64_t q = 0; q < C * W; ++q) d[q] += lam * z[q];
+          }
+        }
+      }
+      // the width adjoint of every owned row: dx[b, c, k, :] = A_w^T du[k][c]
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int64_t c = 0; c < C; ++c) {
+          const T* dz = du.data() + ((k - k0) * C + c) * W;
+          T* d = dx + ((b * C + c) * h + k) * w;
+          std::fill(d, d + w, static_cast<T>(0));
+          for (int64_t q = 0; q < adj.R; ++q) {
+            const int32_t* id = adj.idx.data() + q * w;
+            const T* lq = adj.lam.data() + q * w;
+#pragma omp simd
+            for (int64_t e = 0; e < w; ++e) d[e] += lq[e] * dz[id[e]];
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& wt) {
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu() && wt.device().is_cpu(),
+              "upsample_cross_entropy: CPU tensors only");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "upsample_cross_entropy: logits must be B x C x h x w contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "upsample_cross_entropy: float32 or float64 logits, got ", x.scalar_type());
+  TORCH_CHECK(y.dim() == 3 && y.is_contiguous() && y.scalar_type() == at::kLong,
+              "upsample_cross_entropy: target must be a contiguous int64 B x H x W map");
+  TORCH_CHECK(wt.sizes() == y.sizes() && wt.is_contiguous() && wt.scalar_type() == x.scalar_type(),
+              "upsample_cross_entropy: weights must be B x H x W, contiguous, of the logits' dtype");
+  TORCH_CHECK(y.size(0) == x.size(0), "upsample_cross_entropy: batch sizes differ (", x.size(0), " vs ",
+              y.size(0), ")");
+  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0 && y.size(1) > 0 && y.size(2) > 0,
+              "upsample_cross_entropy: empty input");
+}
+
+// -> (total: 0-dim of x's dtype, lse: B x H x W)
+std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor y, torch::Tensor wt) {
+  check_inputs(x, y, wt);
+  const int64_t B = x.size(0), C = x.size(1), h = x.size(2), w = x.size(3), H = y.size(1), W = y.size(2);
+  auto lse = torch::empty({B, H, W}, x.options());
+  std::vector<double> row_sums(static_cast<size_t>(B * H));
+  std::atomic<int64_t> bad{0};
+  std::atomic<int64_t>* flag = &bad;
+  const int64_t none = std::numeric_limits<int64_t>::min();
+  bad.store(none);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "upsample_cross_entropy_forward", [&] {
+    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), wt.data_ptr<scalar_t>(),
+                           lse.data_ptr<scalar_t>(), row_sums.data(), flag, B, h, w, C, H, W);
+  });
+  TORCH_CHECK(bad.load() == none, "upsample_cross_entropy: target class ", bad.load(), " is out of range [0, ", C,
+              ")");
+  double total = 0;
+  for (double v : row_sums) total += v;
+  return {torch::tensor(total, x.options()).reshape({}), lse};
+}
+
+// -> d x (B x C x h x w)
+torch::Tensor backward(torch::Tensor grad, torch::Tensor x, torch::Tensor y, torch::Tensor wt, torch::Tensor lse) {
+  check_inputs(x, y, wt);
+  TORCH_CHECK(lse.sizes() == y.sizes() && lse.is_contiguous() && lse.scalar_type() == x.scalar_type(),
+              "upsample_cross_entropy: lse must be the forward's");
+  const int64_t B = x.size(0), C = x.size(1), h = x.size(2), w = x.size(3), H = y.size(1), W = y.size(2);
+  auto dx = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "upsample_cross_entropy_backward", [&] {
+    const scalar_t g = grad.item<scalar_t>();
+    backward_impl<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), wt.data_ptr<scalar_t>(),
+                            lse.data_ptr<scalar_t>(), g, dx.data_ptr<scalar_t>(), B, h, w, C, H, W);
+  });
+  return dx;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bilinear upsampling fused into the cross-entropy (CPU, float32/float64)";
+  m.def("forward", &forward, "(x BxCxhxw, y BxHxW int64, wt BxHxW) -> (sum of wt*CE, lse BxHxW)");
+  m.def("backward", &backward, "(grad, x, y, wt, lse) -> dx BxCxhxw");
+}
