@@ -149,10 +149,12 @@ def normals_to_centroid_index(normals: Tensor, centroids: Tensor) -> Tensor:
     with torch.autocast(device_type=normals.device.type, enabled=False):
         n = normals.detach().float()
         invalid = (n == IGNORE_INDEX).any(dim=1)
-        n = l2_normalize_channels(n)
         c = F.normalize(centroids.detach().to(device=n.device, dtype=torch.float32), p=2, dim=1)
-        sim = torch.matmul(c, n.reshape(n.shape[0], 3, -1)).view(n.shape[0], -1, *n.shape[2:])
-        idx = argmax_channels(sim)
+        idx = upsample_ce.nearest_centroid_index(n, c)  # the CPU kernel, or None
+        if idx is None:
+            n = l2_normalize_channels(n)
+            sim = torch.matmul(c, n.reshape(n.shape[0], 3, -1)).view(n.shape[0], -1, *n.shape[2:])
+            idx = argmax_channels(sim)
     return torch.where(invalid, torch.full_like(idx, IGNORE_INDEX), idx)
 
 

@@ -318,10 +318,56 @@ torch::Tensor backward(torch::Tensor grad, torch::Tensor x, torch::Tensor y, tor
   return dx;
 }
 
+// Index of the nearest centroid (max cosine similarity; the first on ties) of every pixel of the
+// normal map n (B x 3 x H x W float32, contiguous), with c the K x 3 L2-normalised centroids:
+// n is L2-normalised per pixel as atrc_exp.losses.l2_normalize_channels (n / sqrt(max(|n|^2,
+// eps^2))), sim_k = c_k . n. Returns (B x H x W int64, whether a similarity was NaN — the caller
+// then falls back to PyTorch's argmax, which ranks NaN first).
+std::vector<torch::Tensor> nearest_centroid(torch::Tensor n, torch::Tensor c, double eps) {
+  TORCH_CHECK(n.device().is_cpu() && n.dim() == 4 && n.size(1) == 3 && n.is_contiguous() &&
+                  n.scalar_type() == at::kFloat,
+              "nearest_centroid: normals must be a contiguous float32 B x 3 x H x W CPU tensor");
+  TORCH_CHECK(c.device().is_cpu() && c.dim() == 2 && c.size(1) == 3 && c.is_contiguous() &&
+                  c.scalar_type() == at::kFloat && c.size(0) > 0,
+              "nearest_centroid: centroids must be a contiguous float32 K x 3 CPU tensor");
+  const int64_t B = n.size(0), S = n.size(2) * n.size(3), K = c.size(0);
+  auto idx = torch::empty({B, n.size(2), n.size(3)}, n.options().dtype(at::kLong));
+  const float* np = n.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+  const float eps2 = static_cast<float>(eps * eps);
+  std::atomic<bool> nan{false};
+  at::parallel_for(0, B * S, 4096, [&](int64_t p0, int64_t p1) {
+    bool saw_nan = false;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / S, q = p % S;
+      const float x = np[(b * 3) * S + q], y = np[(b * 3 + 1) * S + q], z = np[(b * 3 + 2) * S + q];
+      float ss = x * x + y * y + z * z;
+      ss = ss > eps2 ? ss : eps2;
+      const float norm = std::sqrt(ss);
+      const float nx = x / norm, ny = y / norm, nz = z / norm;
+      int64_t best = 0;
+      float bv = cp[0] * nx + cp[1] * ny + cp[2] * nz;
+      saw_nan = saw_nan || std::isnan(bv);
+      for (int64_t k = 1; k < K; ++k) {
+        const float v = cp[3 * k] * nx + cp[3 * k + 1] * ny + cp[3 * k + 2] * nz;
+        if (v > bv) {
+          bv = v;
+          best = k;
+        }
+      }
+      ip[p] = best;
+    }
+    if (saw_nan) nan.store(true);
+  });
+  return {idx, torch::tensor(nan.load())};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bilinear upsampling fused into the cross-entropy (CPU, float32/float64)";
   m.def("forward", &forward, "(x BxCxhxw, y BxHxW int64, wt BxHxW) -> (sum of wt*CE, lse BxHxW)");
   m.def("backward", &backward, "(grad, x, y, wt, lse) -> dx BxCxhxw");
+  m.def("nearest_centroid", &nearest_centroid, "(normals Bx3xHxW, centroids Kx3, eps) -> (index BxHxW, any NaN)");
 }

@@ -54,6 +54,9 @@ def calls(monkeypatch, ext):
         def backward(self, *a):
             return ext.backward(*a)
 
+        def nearest_centroid(self, *a):
+            return ext.nearest_centroid(*a)
+
     counting = Counting()
     real = build.get_extension
     monkeypatch.setattr(
@@ -239,3 +242,28 @@ def test_backend_switch_and_failed_build(monkeypatch):
         cross_entropy_loss(x, y)
     with pytest.raises(ConfigError, match="forced"):
         check_cpu_kernel_backend("upsample_cross_entropy", "cpp")
+
+
+def test_nearest_centroid_kernel_equals_pytorch(ext, calls):
+    """The aux normals target from the kernel equals PyTorch's matmul + argmax path: invalid
+    pixels 255, ties to the first centroid, NaN normals handed back to PyTorch's argmax."""
+    from atrc_exp.losses import normals_to_centroid_index
+
+    g = torch.Generator().manual_seed(5)
+    n = torch.randn(2, 3, 24, 32, generator=g) * 3
+    n[0, :, :4] = 255  # invalid
+    n[1, :, 5, 5] = 0.0  # zero vector: every similarity 0, the first centroid
+    c = torch.randn(12, 3, generator=g)
+    c[7] = c[2]  # a tie between two centroids: the first wins
+    got = normals_to_centroid_index(n, c)
+    uce.set_backend("torch")
+    want = normals_to_centroid_index(n, c)
+    uce.set_backend("auto")
+    assert calls["forward"] == 0  # nearest_centroid is its own entry point
+    assert torch.equal(got, want)
+    assert (got[0, :4] == IGN).all() and got[1, 5, 5] == 0 and not (got == 7).any()
+    n[1, 0, 2, 2] = float("nan")
+    uce.set_backend("torch")
+    want = normals_to_centroid_index(n, c)
+    uce.set_backend("auto")
+    assert torch.equal(normals_to_centroid_index(n, c), want)

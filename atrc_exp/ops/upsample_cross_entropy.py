@@ -17,6 +17,9 @@ in cache, saves only the per-pixel log-sum-exp, and scatters the backward into t
 gradient directly (deterministic: no atomics). CPU, float32/float64; everything else takes
 PyTorch's path in :func:`atrc_exp.losses.cross_entropy_loss`.
 
+The same extension computes the aux normals target (:func:`nearest_centroid_index`: the nearest
+of K centroids per pixel without the B×K×H×W similarity map; 5 → 0.3 ms per batch).
+
 Backends (``set_backend`` / ``ops.upsample_cross_entropy.backend`` in the Hydra config):
 
 * ``auto`` (default): the kernel where it applies, JIT-built on first use (about 40 s once,
@@ -33,7 +36,14 @@ from torch.autograd.function import once_differentiable
 from . import build
 from .switch import BackendSwitch
 
-__all__ = ["BACKENDS", "get_backend", "kernel_applies", "set_backend", "upsample_cross_entropy"]
+__all__ = [
+    "BACKENDS",
+    "get_backend",
+    "kernel_applies",
+    "nearest_centroid_index",
+    "set_backend",
+    "upsample_cross_entropy",
+]
 
 BACKENDS = ("auto", "cpp", "torch")
 _switch = BackendSwitch("upsample_cross_entropy", BACKENDS)
@@ -107,3 +117,17 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: t
     return _UpsampleCrossEntropy.apply(
         logits.contiguous(), target.contiguous(), weight.to(logits.dtype).contiguous(), ext
     )
+
+
+def nearest_centroid_index(normals: torch.Tensor, centroids: torch.Tensor, eps: float = 1e-12):
+    """Index (int64 B×H×W) of the centroid with the largest ``c_k · n̂`` per pixel, the first on
+    ties, where ``n̂`` is ``normals`` (B×3×H×W) L2-normalised per pixel as
+    :func:`atrc_exp.losses.l2_normalize_channels` and ``centroids`` (K×3) are already normalised;
+    or None where the kernel does not apply (not float32 CPU tensors, backend ``torch``, under
+    ``torch.compile``, no kernel) or a similarity is NaN: the caller takes PyTorch's path then."""
+    if normals.dtype != torch.float32 or centroids.dtype != torch.float32 or not kernel_applies(normals):
+        return None
+    if centroids.device.type != "cpu":
+        return None
+    idx, nan = _extension().nearest_centroid(normals.contiguous(), centroids.contiguous(), float(eps))
+    return None if bool(nan) else idx
