@@ -208,15 +208,12 @@ class LabelContextBlock(_CPBlock):
         return self.attend(query, key, value)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Projected query (B×d×H×W), key and value of the context (B×d×K×1) → B×d×H×W."""
-        B, d, H, W = query.shape
-        key = key.reshape(B, d, -1)  # B×d×K
-        value = value.reshape(B, d, -1).transpose(1, 2)  # B×K×d
-        query = query.reshape(B, d, -1).transpose(1, 2)  # B×N×d
-        sim = torch.matmul(query, key).div_(d**0.5)  # B×N×K (the product is not saved for backward)
-        sim = sim.softmax(dim=-1)
-        out = torch.matmul(sim, value).transpose(1, 2)  # B×d×N, strides (N·d, 1, d)
-        return out.view(B, d, H, W)  # splitting N is a view: no copy (cat / add read any layout)
+        """Projected query (B×d×H×W), key and value of the context (B×d×K×1) → B×d×H×W:
+        softmax_K(QᵀK/√d)·V per pixel (:func:`atrc_exp.ops.label_attention.label_attention`: a
+        C++ kernel on float32/float64 CPU tensors, else PyTorch's batched products)."""
+        from ..ops.label_attention import label_attention
+
+        return label_attention(query, key, value)
 
 
 class TLabelContextBlock(LabelContextBlock):
