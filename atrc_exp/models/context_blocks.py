@@ -41,6 +41,7 @@ __all__ = [
     "label_contexts",
     "make_cp_block",
     "run_cp_ops",
+    "ignore_mask",
     "spatial_softmax",
 ]
 
@@ -251,21 +252,42 @@ def make_cp_block(
     return _BLOCKS[code](in_channels, out_channels, last_affine)
 
 
+def ignore_mask(
+    image: torch.Tensor, size: tuple[int, int], ignore_value: float = IGNORE_VALUE
+) -> torch.Tensor | None:
+    """B×1×(h·w) bool: the pixels of ``image`` (B×3×H×W, nearest-resized to ``size`` = (h, w))
+    equal to ``ignore_value`` in any channel; None when no pixel is (outside ``torch.compile``,
+    which gets the all-False mask instead of a data-dependent branch)."""
+    h, w = size
+    img = image if tuple(image.shape[-2:]) == (h, w) else F.interpolate(image, size=(h, w), mode="nearest")
+    mask = (img == ignore_value).any(dim=1).reshape(img.shape[0], 1, h * w)
+    if not torch.compiler.is_compiling() and not bool(mask.any()):
+        return None
+    return mask
+
+
+_NO_MASK = object()
+
+
 def spatial_softmax(
-    logits: torch.Tensor, image: torch.Tensor | None = None, ignore_value: float = IGNORE_VALUE
+    logits: torch.Tensor,
+    image: torch.Tensor | None = None,
+    ignore_value: float = IGNORE_VALUE,
+    mask: torch.Tensor | None | object = _NO_MASK,
 ) -> torch.Tensor:
     """Per-class softmax over spatial positions of aux ``logits`` (B×K×h×w) → B×K×(h·w).
 
     Pixels where the input ``image`` (B×3×H×W, nearest-resized to h×w) equals ``ignore_value`` in any
     channel do not take part; an image whose pixels are all excluded gives zeros (not NaN, and
-    finite gradients).
+    finite gradients). ``mask`` (:func:`ignore_mask` of the image, computed once for several
+    logits) replaces ``image``; None means no pixel is excluded.
     """
     B, K, h, w = logits.shape
     x = logits.reshape(B, K, h * w)
-    if image is None:
+    if mask is _NO_MASK:
+        mask = None if image is None else ignore_mask(image, (h, w), ignore_value)
+    if mask is None:
         return F.softmax(x, dim=2)
-    img = image if tuple(image.shape[-2:]) == (h, w) else F.interpolate(image, size=(h, w), mode="nearest")
-    mask = (img == ignore_value).any(dim=1).reshape(B, 1, h * w)  # B×1×N
     empty = mask.all(dim=2, keepdim=True)  # B×1×1
     x = x.masked_fill(mask, float("-inf")).masked_fill(empty, 0.0)
     return F.softmax(x, dim=2).masked_fill(empty, 0.0)

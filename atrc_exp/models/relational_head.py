@@ -23,7 +23,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .context_blocks import CONTEXT_CODES, CPOp, label_contexts, make_cp_block, run_cp_ops, spatial_softmax
+from .context_blocks import (
+    CONTEXT_CODES,
+    CPOp,
+    ignore_mask,
+    label_contexts,
+    make_cp_block,
+    run_cp_ops,
+    spatial_softmax,
+)
 from .heads import MultiTaskFCNHead
 from .layers import (
     ConvBNReLU,
@@ -308,9 +316,11 @@ class RelationalContextHead(nn.Module):
                 logits = pointwise_runs(hidden, [self.aux_logits[t] for t in self.aux_tasks])
             else:
                 logits = [self.aux_logits[t](self.aux_conv[t](xd)) for t in self.aux_tasks]
+            # the pixels the label contexts ignore: once for every aux map (all of one size)
+            mask = None if image is None else ignore_mask(image, tuple(logits[0].shape[-2:]))
             for t, a in zip(self.aux_tasks, logits):
                 aux[t] = a
-                probs[t] = spatial_softmax(a, image)
+                probs[t] = spatial_softmax(a, mask=mask)
         out = self.atrc_module(feats, probs)
         result = {"final": {t: self.final_logits[t](out[t]) for t in self.tasks}}
         if aux:
