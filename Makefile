@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format clean bench bench-data bench-ops bench-bn
+.PHONY: help install train test test-full lint format clean bench bench-data bench-ops bench-bn bench-ce bench-label
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,12 @@ bench-ops: $(STAMP) ## local-attention backends: time, memory, FLOP floor (JSON 
 
 bench-bn: $(STAMP) ## fused CPU batch norm + ReLU against PyTorch's, per HRNet/ATRC shape
 	$(BIN)/python benchmarks/bench_batch_norm.py --threads 2
+
+bench-ce: $(STAMP) ## CPU loss kernels (upsampling fused into the cross-entropy, normals target) vs PyTorch
+	$(BIN)/python benchmarks/bench_upsample_cross_entropy.py --threads 2
+
+bench-label: $(STAMP) ## CPU label-context attention kernel vs PyTorch's batched products
+	$(BIN)/python benchmarks/bench_label_attention.py --threads 2
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check atrc_exp tests

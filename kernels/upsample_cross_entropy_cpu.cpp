@@ -337,26 +337,45 @@ std::vector<torch::Tensor> nearest_centroid(torch::Tensor n, torch::Tensor c, do
   int64_t* ip = idx.data_ptr<int64_t>();
   const float eps2 = static_cast<float>(eps * eps);
   std::atomic<bool> nan{false};
-  at::parallel_for(0, B * S, 4096, [&](int64_t p0, int64_t p1) {
+  constexpr int64_t kBlock = 256;  // pixels per inner block: the centroid loop vectorises over them
+  const int64_t blocks_per_image = (S + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * blocks_per_image, 16, [&](int64_t t0, int64_t t1) {
+    float nx[kBlock], ny[kBlock], nz[kBlock], best[kBlock];
+    int32_t arg[kBlock];
     bool saw_nan = false;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / S, q = p % S;
-      const float x = np[(b * 3) * S + q], y = np[(b * 3 + 1) * S + q], z = np[(b * 3 + 2) * S + q];
-      float ss = x * x + y * y + z * z;
-      ss = ss > eps2 ? ss : eps2;
-      const float norm = std::sqrt(ss);
-      const float nx = x / norm, ny = y / norm, nz = z / norm;
-      int64_t best = 0;
-      float bv = cp[0] * nx + cp[1] * ny + cp[2] * nz;
-      saw_nan = saw_nan || std::isnan(bv);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks_per_image, q0 = (t % blocks_per_image) * kBlock;
+      const int64_t L = std::min(kBlock, S - q0);
+      const float* px = np + (b * 3) * S + q0;
+      const float* py = px + S;
+      const float* pz = py + S;
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i) {
+        float ss = px[i] * px[i] + py[i] * py[i] + pz[i] * pz[i];
+        ss = ss > eps2 ? ss : eps2;
+        const float norm = std::sqrt(ss);
+        nx[i] = px[i] / norm;
+        ny[i] = py[i] / norm;
+        nz[i] = pz[i] / norm;
+        best[i] = cp[0] * nx[i] + cp[1] * ny[i] + cp[2] * nz[i];
+        arg[i] = 0;
+      }
       for (int64_t k = 1; k < K; ++k) {
-        const float v = cp[3 * k] * nx + cp[3 * k + 1] * ny + cp[3 * k + 2] * nz;
-        if (v > bv) {
-          bv = v;
-          best = k;
+        const float cx = cp[3 * k], cy = cp[3 * k + 1], cz = cp[3 * k + 2];
+        const int32_t kk = static_cast<int32_t>(k);
+#pragma omp simd
+        for (int64_t i = 0; i < L; ++i) {
+          const float v = cx * nx[i] + cy * ny[i] + cz * nz[i];
+          const bool better = v > best[i];
+          best[i] = better ? v : best[i];
+          arg[i] = better ? kk : arg[i];
         }
       }
-      ip[p] = best;
+      int64_t* out = ip + b * S + q0;
+      for (int64_t i = 0; i < L; ++i) {
+        out[i] = arg[i];
+        saw_nan = saw_nan || std::isnan(best[i]);
+      }
     }
     if (saw_nan) nan.store(true);
   });
