@@ -52,8 +52,9 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone().contiguous() for k, p in model.named_parameters()}
 
 
-def _train(overrides: list[str], bf16: bool = False, steps: int = STEPS) -> dict:
-    """Losses of ``steps`` SGD steps, the parameters before and after the first step, the model."""
+def _train(overrides: list[str], bf16: bool = False, steps: int = STEPS, resize: bool = False) -> dict:
+    """Losses of ``steps`` SGD steps, the parameters before and after the first step, the model.
+    As the trainer, the loss gets the outputs before the final upsampling (``resize=False``)."""
     cfg = compose_cfg(ATRC + overrides)
     torch.manual_seed(0)
     model = apply_fast_paths(build_model(cfg), cfg).train()
@@ -69,7 +70,7 @@ def _train(overrides: list[str], bf16: bool = False, steps: int = STEPS) -> dict
     for i in range(steps):
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = criterion(model(image), batch)
+            loss, _ = criterion(model(image, resize=resize), batch)
         loss.backward()
         opt.step()
         out["losses"].append(loss.detach())
@@ -225,6 +226,23 @@ def test_batch_norm_kernel_matches_pytorch_batch_norm(plain):
         run = _train([])
     finally:
         bnop.set_backend("auto")
+    _assert_same_training(run, plain)
+
+
+def test_loss_and_label_kernels_match_the_pytorch_path(plain):
+    """The defaults (the loss upsamples inside the C++ cross-entropy; the label attention kernel)
+    against the previous path: the model upsamples, PyTorch's cross-entropy and batched products."""
+    from atrc_exp.ops import label_attention as laop
+    from atrc_exp.ops import upsample_cross_entropy as uce
+
+    assert uce.get_backend() == "auto" and laop.get_backend() == "auto"
+    uce.set_backend("torch")
+    laop.set_backend("torch")
+    try:
+        run = _train([], resize=True)
+    finally:
+        uce.set_backend("auto")
+        laop.set_backend("auto")
     _assert_same_training(run, plain)
 
 

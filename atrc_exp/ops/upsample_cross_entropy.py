@@ -15,7 +15,9 @@ network's output for a 4× upsampling (15.7 MB for 2×40×192×256). The C++/Ope
 ``kernels/upsample_cross_entropy_cpu.cpp`` interpolates the logits of one output row at a time
 in cache, saves only the per-pixel log-sum-exp, and scatters the backward into the low-resolution
 gradient directly (deterministic: no atomics). CPU, float32/float64; everything else takes
-PyTorch's path in :func:`atrc_exp.losses.cross_entropy_loss`.
+PyTorch's path in :func:`atrc_exp.losses.cross_entropy_loss`. ``make bench-ce``: 2×40×48×64 →
+192×256 forward 3.8 → 2.0 ms, forward + backward 7.6 → 5.0 ms (2 threads); an ATRC training step
+−37 ms and −108 MiB peak memory (``benchmarks/RESULTS.md``).
 
 The same extension computes the aux normals target (:func:`nearest_centroid_index`: the nearest
 of K centroids per pixel without the B×K×H×W similarity map).
