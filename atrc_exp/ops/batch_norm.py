@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import build
 from .switch import BackendSwitch
 
 __all__ = ["BACKENDS", "batch_norm_act", "get_backend", "set_backend"]
@@ -45,17 +44,7 @@ def get_backend() -> str:
 
 def _extension():
     """The built kernel module, or None (``auto`` and the build failed: warned once)."""
-    try:
-        return build.get_extension("bn_cpp")
-    except build.ExtensionBuildError as e:
-        if _switch.name == "cpp":
-            raise
-        _switch.warn_once(
-            "build",
-            f"batch_norm: the C++ kernel is unavailable ({e}); using PyTorch's batch norm "
-            "(slower on the CPU; set ops.batch_norm.backend=torch to silence this)",
-        )
-        return None
+    return _switch.extension("bn_cpp", "using PyTorch's batch norm")
 
 
 def _kernel_applies(x: torch.Tensor, training: bool, weight, bias) -> bool:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import build
 from .switch import BackendSwitch
 
 __all__ = ["BACKENDS", "get_backend", "label_attention", "label_attention_reference", "set_backend"]
@@ -83,17 +82,7 @@ def label_attention_reference(query: torch.Tensor, key: torch.Tensor, value: tor
 
 def _extension():
     """The built kernel module, or None (``auto`` and the build failed: warned once)."""
-    try:
-        return build.get_extension("label_cpp")
-    except build.ExtensionBuildError as e:
-        if _switch.name == "cpp":
-            raise
-        _switch.warn_once(
-            "build",
-            f"label_attention: the C++ kernel is unavailable ({e}); using the PyTorch reference "
-            "(slower on the CPU; set ops.label_attention.backend=torch to silence this)",
-        )
-        return None
+    return _switch.extension("label_cpp", "using the PyTorch reference")
 
 
 def _kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:

@@ -30,6 +30,25 @@ class BackendSwitch:
             self._warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
 
+    def extension(self, kind: str, fallback: str):
+        """The built extension ``kind`` (see :mod:`atrc_exp.ops.build`), or None when it cannot be
+        built under ``auto`` (warned once: ``fallback`` names what runs instead); under ``cpp``
+        the :class:`~atrc_exp.ops.build.ExtensionBuildError` propagates."""
+        from . import build
+
+        try:
+            return build.get_extension(kind)
+        except build.ExtensionBuildError as e:
+            if self.name == "cpp":
+                raise
+            self.warn_once(
+                "build",
+                f"{self.op}: the C++ kernel is unavailable ({e}); {fallback} (slower on the CPU; set "
+                f"ops.{self.op}.backend=torch to silence this)",
+                stacklevel=5,
+            )
+            return None
+
     def reset_warnings(self) -> None:
         """Forget which warnings were issued (tests)."""
         with self._lock:

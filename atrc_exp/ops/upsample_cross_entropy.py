@@ -35,7 +35,6 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import build
 from .switch import BackendSwitch
 
 __all__ = [
@@ -62,18 +61,7 @@ def get_backend() -> str:
 
 def _extension():
     """The built kernel module, or None (``auto`` and the build failed: warned once)."""
-    try:
-        return build.get_extension("ce_cpp")
-    except build.ExtensionBuildError as e:
-        if _switch.name == "cpp":
-            raise
-        _switch.warn_once(
-            "build",
-            f"upsample_cross_entropy: the C++ kernel is unavailable ({e}); upsampling before the "
-            "cross-entropy instead (slower on the CPU; set ops.upsample_cross_entropy.backend=torch "
-            "to silence this)",
-        )
-        return None
+    return _switch.extension("ce_cpp", "upsampling before the cross-entropy instead")
 
 
 def kernel_applies(logits: torch.Tensor) -> bool:
