@@ -255,7 +255,8 @@ void prepare(const T* k, const T* v, int64_t B, int d, int K, T scale, T* kT_s, 
 }
 
 template <typename T>
-void forward_impl(const T* q, const T* k, const T* v, T* out, int64_t B, int d, int64_t N, int K, T scale) {
+void forward_impl(const T* q, int64_t qsb, const T* k, const T* v, T* out, int64_t B, int d, int64_t N, int K,
+                  T scale) {
   constexpr int nv = TILE / VT<T>::N;
   constexpr int64_t ld = padded_ld<T>(TILE);
   const int64_t dK = int64_t(d) * K;
@@ -268,13 +269,13 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, int64_t B, int d, 
       const int64_t b = it / ntiles, n0 = (it % ntiles) * TILE;
       const int n = static_cast<int>(std::min<int64_t>(TILE, N - n0));
       // full tiles straight from/to the tensors, the last one through zero-padded copies
-      const T* qs = q + b * d * N + n0;
+      const T* qs = q + b * qsb + n0;
       T* os = out + b * d * N + n0;
       int64_t lq = N;
       if (n < TILE) {
         qt.resize(d * ld);
         ot.resize(d * ld);
-        load_cols(q + b * d * N, N, d, n0, n, qt.data(), ld, TILE);
+        load_cols(q + b * qsb, N, d, n0, n, qt.data(), ld, TILE);
         qs = qt.data();
         os = ot.data();
         lq = ld;
@@ -328,7 +329,7 @@ void reduce(const T* A, int64_t lda, const T* Bm, int64_t ldb, int nv, T* dst, i
 }
 
 template <typename T>
-void backward_impl(const T* g, const T* q, const T* k, const T* v, T* dq, T* dk, T* dv, int64_t B, int d,
+void backward_impl(const T* g, const T* q, int64_t qsb, const T* k, const T* v, T* dq, T* dk, T* dv, int64_t B, int d,
                    int64_t N, int K, T scale) {
   constexpr int L = VT<T>::N;
   constexpr int nv = TILE / L;
@@ -347,7 +348,7 @@ void backward_impl(const T* g, const T* q, const T* k, const T* v, T* dq, T* dk,
       const int np = static_cast<int>(std::min<int64_t>(CH, N - p0));
       const int ntl = (np + TILE - 1) / TILE;  // tiles with pixels (the rest of the chunk is skipped)
       // full chunks straight from/to the tensors, the last one through zero-padded copies
-      const T* qs = q + b * d * N + p0;
+      const T* qs = q + b * qsb + p0;
       const T* gs = g + b * d * N + p0;
       T* dqs = dq + b * d * N + p0;
       int64_t lq = N;
@@ -355,7 +356,7 @@ void backward_impl(const T* g, const T* q, const T* k, const T* v, T* dq, T* dk,
         qc.resize(d * ld);
         gc.resize(d * ld);
         dqc.resize(d * ld);
-        load_cols(q + b * d * N, N, d, p0, np, qc.data(), ld, ntl * TILE);
+        load_cols(q + b * qsb, N, d, p0, np, qc.data(), ld, ntl * TILE);
         load_cols(g + b * d * N, N, d, p0, np, gc.data(), ld, ntl * TILE);
         qs = qc.data();
         gs = gc.data();
@@ -399,7 +400,7 @@ struct Dims {
 };
 
 // q B x d x (N...), k and v B x d x (K...): trailing dimensions flattened (H x W pixels, K x 1
-// classes), all contiguous.
+// classes); k and v contiguous, q contiguous within each image (any batch stride: a channel slice).
 Dims check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(q.dim() >= 3 && k.dim() >= 3 && v.dim() >= 3,
               "label_attention (cpp): expected q B x d x N (or B x d x H x W), k and v B x d x K (or B x d x "
@@ -411,8 +412,14 @@ Dims check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
               "label_attention (cpp): float32/float64 only, got ", q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "label_attention (cpp): q, k and v must have the same dtype");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
-              "label_attention (cpp): q, k and v must be contiguous");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "label_attention (cpp): k and v must be contiguous");
+  // q: every image contiguous (d x N); the images may be apart (a channel slice of a wider map)
+  int64_t expect = 1;
+  for (int64_t i = q.dim() - 1; i >= 1; --i) {
+    TORCH_CHECK(q.size(i) == 1 || q.stride(i) == expect,
+                "label_attention (cpp): q must be contiguous within each image (B x d x N, any batch stride)");
+    expect *= q.size(i);
+  }
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && v.sizes() == k.sizes(),
               "label_attention (cpp): shape mismatch: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
   Dims g;
@@ -430,10 +437,11 @@ Dims check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
 
 torch::Tensor la_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
   const Dims g = check_qkv(q, k, v);
-  auto out = torch::empty_like(q);
+  auto out = torch::empty(q.sizes(), q.options());
   if (q.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "label_attention_forward", [&] {
-    forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+    forward_impl<scalar_t>(q.data_ptr<scalar_t>(), q.size(0) > 1 ? q.stride(0) : q.numel(),
+                           k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                            out.data_ptr<scalar_t>(), g.B, g.d, g.N, g.K, static_cast<scalar_t>(scale));
   });
   return out;
@@ -444,12 +452,13 @@ std::vector<torch::Tensor> la_backward(torch::Tensor grad, torch::Tensor q, torc
   const Dims g = check_qkv(q, k, v);
   TORCH_CHECK(grad.sizes() == q.sizes() && grad.scalar_type() == q.scalar_type() && grad.is_contiguous(),
               "label_attention (cpp): grad must be contiguous with q's shape and dtype");
-  auto dq = torch::empty_like(q);
+  auto dq = torch::empty(q.sizes(), q.options());
   auto dk = torch::empty_like(k);
   auto dv = torch::empty_like(v);
   if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "label_attention_backward", [&] {
-    backward_impl<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+    backward_impl<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.size(0) > 1 ? q.stride(0) : q.numel(),
+                            k.data_ptr<scalar_t>(),
                             v.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
                             dv.data_ptr<scalar_t>(), g.B, g.d, g.N, g.K, static_cast<scalar_t>(scale));
   });

@@ -103,6 +103,16 @@ def _kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
     return True
 
 
+def _images_contiguous(x: torch.Tensor) -> bool:
+    """Whether every ``x[b]`` is contiguous (the batch stride may be anything)."""
+    expect = 1
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+        if size != 1 and stride != expect:
+            return False
+        expect *= size
+    return True
+
+
 class _LabelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ext):  # noqa: D102
@@ -127,8 +137,10 @@ def label_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
     ext = _extension() if _kernel_applies(query, key, value) else None
     if ext is None:
         return label_attention_reference(query, key, value)
-    # the kernel flattens the trailing dimensions itself: no view nodes in the autograd graph
-    q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+    # the kernel flattens the trailing dimensions itself: no view nodes in the autograd graph; it
+    # reads a query whose images are apart (a channel slice of a wider map) in place
+    q = query if _images_contiguous(query) else query.contiguous()
+    k, v = key.contiguous(), value.contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _LabelAttention.apply(q, k, v, ext)
     return ext.forward(q, k, v, q.shape[1] ** -0.5)  # nothing to differentiate
