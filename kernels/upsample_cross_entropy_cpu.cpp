@@ -204,7 +204,8 @@ void backward_impl(const T* x, const int64_t* y, const T* wt, const T* lse, T g,
   const int64_t rows = chunk_rows(h, B, 8);
   const int64_t chunks = (h + rows - 1) / rows;
   at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> u, du, z(C * W), sw(W);
+    std::vector<T> u, du, sw(W);
+    std::vector<int32_t> yc(W);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / chunks, k0 = (task % chunks) * rows, k1 = std::min(h, k0 + rows);
       int64_t ifirst = 0, ilast = H - 1;
@@ -229,22 +230,41 @@ void backward_impl(const T* x, const int64_t* y, const T* wt, const T* lse, T g,
             width_rows(x + b * C * h * w, aw, klo, khi, h, w, C, W, u.data());
             computed = true;
           }
-          height_row(u.data(), ah, i, klo, C, W, z.data());
+          // per class row: the interpolated logits, dz = sw * (softmax - onehot), added into the
+          // (owned) low-resolution rows i0 and i1 with their weights: one pass, in cache
           const T* lr = lse + r * W;
+          for (int64_t j = 0; j < W; ++j) yc[j] = static_cast<int32_t>(yr[j]);
+          const T a0 = ah.l0[i], a1 = ah.l1[i];
+          const T* u0 = u.data() + (ah.i0[i] - klo) * C * W;
+          const T* u1 = u.data() + (ah.i1[i] - klo) * C * W;
+          const bool own0 = ah.i0[i] >= k0 && ah.i0[i] < k1;
+          const bool own1 = ah.i1[i] >= k0 && ah.i1[i] < k1 && ah.i1[i] != ah.i0[i];
+          // the owned rows this output row adds into (i0 == i1 at the border: once, both weights)
+          T* d0 = du.data() + ((own0 ? ah.i0[i] : ah.i1[i]) - k0) * C * W;
+          T* d1 = own0 && own1 ? du.data() + (ah.i1[i] - k0) * C * W : nullptr;
+          const T b0 = own0 ? (ah.i1[i] == ah.i0[i] ? a0 + a1 : a0) : a1, b1 = a1;
           for (int64_t c = 0; c < C; ++c) {
-            T* zc = z.data() + c * W;
+            const T* u0c = u0 + c * W;
+            const T* u1c = u1 + c * W;
+            T* d0c = d0 + c * W;
+            const int32_t cc = static_cast<int32_t>(c);
+            if (d1 != nullptr) {
+              T* d1c = d1 + c * W;
 #pragma omp simd
-            for (int64_t j = 0; j < W; ++j) zc[j] = sw[j] * fast_exp(zc[j] - lr[j]);
-          }
-          for (int64_t j = 0; j < W; ++j) z[yr[j] * W + j] -= sw[j];
-          const int64_t ka[2] = {ah.i0[i], ah.i1[i]};
-          const T la[2] = {ah.l0[i], ah.l1[i]};
-          for (int e = 0; e < 2; ++e) {
-            if (ka[e] < k0 || ka[e] >= k1) continue;
-            T* d = du.data() + (ka[e] - k0) * C * W;
-            const T lam = la[e];
+              for (int64_t j = 0; j < W; ++j) {
+                const T zj = a0 * u0c[j] + a1 * u1c[j];
+                const T dz = sw[j] * fast_exp(zj - lr[j]) - (yc[j] == cc ? sw[j] : static_cast<T>(0));
+                d0c[j] += b0 * dz;
+                d1c[j] += b1 * dz;
+              }
+            } else {
 #pragma omp simd
-            for (int64_t q = 0; q < C * W; ++q) d[q] += lam * z[q];
+              for (int64_t j = 0; j < W; ++j) {
+                const T zj = a0 * u0c[j] + a1 * u1c[j];
+                const T dz = sw[j] * fast_exp(zj - lr[j]) - (yc[j] == cc ? sw[j] : static_cast<T>(0));
+                d0c[j] += b0 * dz;
+              }
+            }
           }
         }
       }
