@@ -1,7 +1,9 @@
 """Training losses of ATRC (ICCV 2021) for every dense task, final and auxiliary.
 
 Conventions (see :mod:`atrc_exp.tasks`): targets carry the ignore value 255; network outputs
-are logits/raw maps at the target resolution. Every loss
+are logits/raw maps at the target resolution — or, for :class:`MultiTaskLoss` and
+:func:`cross_entropy_loss`, at a lower one (the head's maps before the model's final bilinear
+upsampling), resized to the target inside the loss. Every loss
 
 * computes in float32 (logits are cast with ``.float()`` and autocast is disabled inside), so
   it can be called from inside an autocast region;
