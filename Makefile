@@ -54,12 +54,12 @@ bench-label: $(STAMP) ## CPU label-context attention kernel vs PyTorch's batched
 	$(BIN)/python benchmarks/bench_label_attention.py --threads 2
 
 lint: $(STAMP) ## ruff check + format check
-	$(BIN)/ruff check atrc_exp tests
-	$(BIN)/ruff format --check atrc_exp tests
+	$(BIN)/ruff check atrc_exp tests benchmarks
+	$(BIN)/ruff format --check atrc_exp tests benchmarks
 
 format: $(STAMP) ## ruff fix + format
-	$(BIN)/ruff check --fix atrc_exp tests
-	$(BIN)/ruff format atrc_exp tests
+	$(BIN)/ruff check --fix atrc_exp tests benchmarks
+	$(BIN)/ruff format atrc_exp tests benchmarks
 
 clean: ## remove caches and local outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache build *.egg-info

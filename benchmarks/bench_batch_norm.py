@@ -66,12 +66,12 @@ def main() -> None:
             for backend in ("torch", "cpp"):
                 bnop.set_backend(backend)
 
-                def f(backend=backend):
+                def f(xs=xs, w=w, b=b):
                     with torch.no_grad():
                         for x in xs:
                             bnop.batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, relu=True)
 
-                def fb(backend=backend):
+                def fb(xs=xs, gs=gs, w=w, b=b):
                     for x, g in zip(xs, gs):
                         bnop.batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, relu=True).backward(g)
 
