@@ -148,8 +148,8 @@ def _source_paths(kind: str) -> list[Path]:
 def _cflags(kind: str) -> list[str]:
     if kind == "bn_cpp":
         return list(_BN_CFLAGS)
-    if kind in ("ce_cpp", "label_cpp"):  # no FP traps assumed: lets GCC vectorise exp and max
-        return [*_CFLAGS, "-fno-trapping-math"]
+    if kind in ("ce_cpp", "label_cpp"):  # no FP traps, no errno: lets GCC vectorise exp, max, sqrt
+        return [*_CFLAGS, "-fno-trapping-math", "-fno-math-errno"]
     return list(_CFLAGS)
 
 
