@@ -200,17 +200,16 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = N
     fused = low_res and logits.shape[1] > 1 and upsample_ce.kernel_applies(logits)
     if low_res and not fused:
         logits = _at_target_size(logits, target)
-    if not fused:
-        _check_spatial(logits, target, "cross_entropy_loss")
+    if fused:  # the ignore test and the class weights inside the kernel
+        total, den = upsample_ce.upsample_cross_entropy_ignore(logits, target, weight, IGNORE_INDEX)
+        return _safe_ratio(total, den)
+    _check_spatial(logits, target, "cross_entropy_loss")
     valid = target != IGNORE_INDEX
     c = logits.shape[1]
     safe_target = target.masked_fill(~valid, 0)
     # each pixel's weight in the mean: w[y] on valid pixels, 0 on ignored ones
     w_pix = None if weight is None else weight.to(logits.dtype)[safe_target].mul(valid)
-    if fused:
-        w_row = valid.to(logits.dtype) if w_pix is None else w_pix
-        total = upsample_ce.upsample_cross_entropy(logits, safe_target, w_row)
-    elif c > 1 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
+    if c > 1 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
         # channels-last logits (resize_prediction): as (pixels × classes) rows, a view; the
         # log-softmax then runs over contiguous memory (about 2× faster on the CPU), same sum
         rows = logits.permute(0, 2, 3, 1).reshape(-1, c)

@@ -1,8 +1,9 @@
 // Bilinear upsampling fused into the cross-entropy, for CPU tensors: C++/OpenMP, float32/float64.
 //
-// Inputs: x, low-resolution class logits B x h x w x C (channels-last contiguous), y the class
-// index of every full-resolution pixel (B x H x W, int64, in [0, C)), wt its weight (B x H x W,
-// x's type; 0 for ignored pixels). The logits of full-resolution pixel (i, j) are PyTorch's
+// Inputs: x, low-resolution class logits B x C x h x w (contiguous), y the class index of every
+// full-resolution pixel (B x H x W, int64), and either wt, its weight (B x H x W, x's type; 0 for
+// ignored pixels; y then in [0, C) everywhere), or (wt absent) the ignore index and optional class
+// weights cw (C): the weight is 0 where y equals the ignore index, else cw[y] (or 1). The logits of full-resolution pixel (i, j) are PyTorch's
 // bilinear interpolation with align_corners=False (F.interpolate(x, size=(H, W)):
 //   src = max((h / H) * (i + 0.5) - 0.5, 0), i0 = min(floor(src), h - 1), i1 = min(i0 + 1, h - 1),
 //   l1 = min(src - i0, 1), l0 = 1 - l1 (the same along the width),
@@ -158,9 +159,25 @@ int64_t chunk_rows(int64_t rows_per_image, int64_t B, int64_t most) {
   return std::max<int64_t>(1, std::min<int64_t>(most, want));
 }
 
+// The weight of a pixel in the sum: the given per-pixel weight wt[idx], or (wt null) 0 for the
+// ignore index, else the class weight cw[t] (1 without class weights).
 template <typename T>
-void forward_impl(const T* x, const int64_t* y, const T* wt, T* lse, double* row_sums, std::atomic<int64_t>* bad,
-                  int64_t B, int64_t h, int64_t w, int64_t C, int64_t H, int64_t W) {
+struct PixelWeight {
+  const T* wt;
+  const T* cw;
+  int64_t ignore;
+  bool ignored(int64_t t) const { return wt == nullptr && t == ignore; }
+  T operator()(int64_t idx, int64_t t) const {
+    if (wt != nullptr) return wt[idx];
+    if (t == ignore) return static_cast<T>(0);
+    return cw != nullptr ? cw[t] : static_cast<T>(1);
+  }
+};
+
+template <typename T>
+void forward_impl(const T* x, const int64_t* y, const PixelWeight<T>& pw, T* lse, double* row_sums,
+                  double* row_dens, std::atomic<int64_t>* bad, int64_t B, int64_t h, int64_t w, int64_t C,
+                  int64_t H, int64_t W) {
   const Axis<T> ah(h, H), aw(w, W);
   const int64_t rows = chunk_rows(H, B, 16);
   const int64_t chunks = (H + rows - 1) / rows;
@@ -176,26 +193,29 @@ void forward_impl(const T* x, const int64_t* y, const T* wt, T* lse, double* row
         height_row(u.data(), ah, i, klo, C, W, z.data());
         T* lr = lse + r * W;
         row_log_sum_exp(z.data(), C, W, m.data(), s.data(), lr);
-        double acc = 0;
+        double acc = 0, den = 0;
         const int64_t* yr = y + r * W;
-        const T* wr = wt + r * W;
         for (int64_t j = 0; j < W; ++j) {
           const int64_t t = yr[j];
+          if (pw.ignored(t)) continue;
           if (t < 0 || t >= C) {
             bad->store(t);  // reported after the loop
             continue;
           }
-          if (wr[j] != 0) acc += static_cast<double>(wr[j]) * static_cast<double>(lr[j] - z[t * W + j]);
+          const T wgt = pw(r * W + j, t);
+          if (wgt != 0) acc += static_cast<double>(wgt) * static_cast<double>(lr[j] - z[t * W + j]);
+          den += static_cast<double>(wgt);
         }
         row_sums[r] = acc;
+        row_dens[r] = den;
       }
     }
   });
 }
 
 template <typename T>
-void backward_impl(const T* x, const int64_t* y, const T* wt, const T* lse, T g, T* dx, int64_t B, int64_t h,
-                   int64_t w, int64_t C, int64_t H, int64_t W) {
+void backward_impl(const T* x, const int64_t* y, const PixelWeight<T>& pw, const T* lse, T g, T* dx, int64_t B,
+                   int64_t h, int64_t w, int64_t C, int64_t H, int64_t W) {
   const Axis<T> ah(h, H), aw(w, W);
   const AxisAdjoint<T> adj(aw, w);
   // every task owns low-resolution rows [k0, k1) of one image: it recomputes the gradient of the
@@ -219,10 +239,9 @@ void backward_impl(const T* x, const int64_t* y, const T* wt, const T* lse, T g,
         for (int64_t i = ifirst; i <= ilast; ++i) {
           const int64_t r = b * H + i;
           const int64_t* yr = y + r * W;
-          const T* wr = wt + r * W;
           bool any = false;
           for (int64_t j = 0; j < W; ++j) {
-            sw[j] = g * wr[j];
+            sw[j] = g * pw(r * W + j, yr[j]);
             any = any || sw[j] != 0;
           }
           if (!any) continue;
@@ -286,54 +305,71 @@ void backward_impl(const T* x, const int64_t* y, const T* wt, const T* lse, T g,
   });
 }
 
-void check_inputs(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& wt) {
-  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu() && wt.device().is_cpu(),
-              "upsample_cross_entropy: CPU tensors only");
+void check_inputs(const torch::Tensor& x, const torch::Tensor& y, const std::optional<torch::Tensor>& wt,
+                  const std::optional<torch::Tensor>& cw) {
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "upsample_cross_entropy: CPU tensors only");
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "upsample_cross_entropy: logits must be B x C x h x w contiguous");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "upsample_cross_entropy: float32 or float64 logits, got ", x.scalar_type());
   TORCH_CHECK(y.dim() == 3 && y.is_contiguous() && y.scalar_type() == at::kLong,
               "upsample_cross_entropy: target must be a contiguous int64 B x H x W map");
-  TORCH_CHECK(wt.sizes() == y.sizes() && wt.is_contiguous() && wt.scalar_type() == x.scalar_type(),
-              "upsample_cross_entropy: weights must be B x H x W, contiguous, of the logits' dtype");
+  if (wt.has_value())
+    TORCH_CHECK(wt->device().is_cpu() && wt->sizes() == y.sizes() && wt->is_contiguous() &&
+                    wt->scalar_type() == x.scalar_type(),
+                "upsample_cross_entropy: weights must be B x H x W, contiguous, of the logits' dtype");
+  if (cw.has_value())
+    TORCH_CHECK(cw->device().is_cpu() && cw->dim() == 1 && cw->size(0) == x.size(1) && cw->is_contiguous() &&
+                    cw->scalar_type() == x.scalar_type(),
+                "upsample_cross_entropy: class weights must be a contiguous C vector of the logits' dtype");
   TORCH_CHECK(y.size(0) == x.size(0), "upsample_cross_entropy: batch sizes differ (", x.size(0), " vs ",
               y.size(0), ")");
   TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0 && y.size(1) > 0 && y.size(2) > 0,
               "upsample_cross_entropy: empty input");
 }
 
-// -> (total: 0-dim of x's dtype, lse: B x H x W)
-std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor y, torch::Tensor wt) {
-  check_inputs(x, y, wt);
+template <typename T>
+PixelWeight<T> pixel_weight(const std::optional<torch::Tensor>& wt, const std::optional<torch::Tensor>& cw,
+                            int64_t ignore) {
+  return {wt.has_value() ? wt->data_ptr<T>() : nullptr, cw.has_value() ? cw->data_ptr<T>() : nullptr, ignore};
+}
+
+// -> (total: 0-dim of x's dtype, lse: B x H x W, den: 0-dim, the sum of the pixel weights)
+std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor y, std::optional<torch::Tensor> wt,
+                                   std::optional<torch::Tensor> cw, int64_t ignore_index) {
+  check_inputs(x, y, wt, cw);
   const int64_t B = x.size(0), C = x.size(1), h = x.size(2), w = x.size(3), H = y.size(1), W = y.size(2);
   auto lse = torch::empty({B, H, W}, x.options());
-  std::vector<double> row_sums(static_cast<size_t>(B * H));
+  std::vector<double> row_sums(static_cast<size_t>(B * H)), row_dens(static_cast<size_t>(B * H));
   std::atomic<int64_t> bad{0};
   std::atomic<int64_t>* flag = &bad;
   const int64_t none = std::numeric_limits<int64_t>::min();
   bad.store(none);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "upsample_cross_entropy_forward", [&] {
-    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), wt.data_ptr<scalar_t>(),
-                           lse.data_ptr<scalar_t>(), row_sums.data(), flag, B, h, w, C, H, W);
+    const auto pw = pixel_weight<scalar_t>(wt, cw, ignore_index);
+    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), pw, lse.data_ptr<scalar_t>(),
+                           row_sums.data(), row_dens.data(), flag, B, h, w, C, H, W);
   });
   TORCH_CHECK(bad.load() == none, "upsample_cross_entropy: target class ", bad.load(), " is out of range [0, ", C,
               ")");
-  double total = 0;
+  double total = 0, den = 0;
   for (double v : row_sums) total += v;
-  return {torch::tensor(total, x.options()).reshape({}), lse};
+  for (double v : row_dens) den += v;
+  return {torch::tensor(total, x.options()).reshape({}), lse, torch::tensor(den, x.options()).reshape({})};
 }
 
 // -> d x (B x C x h x w)
-torch::Tensor backward(torch::Tensor grad, torch::Tensor x, torch::Tensor y, torch::Tensor wt, torch::Tensor lse) {
-  check_inputs(x, y, wt);
+torch::Tensor backward(torch::Tensor grad, torch::Tensor x, torch::Tensor y, std::optional<torch::Tensor> wt,
+                       std::optional<torch::Tensor> cw, int64_t ignore_index, torch::Tensor lse) {
+  check_inputs(x, y, wt, cw);
   TORCH_CHECK(lse.sizes() == y.sizes() && lse.is_contiguous() && lse.scalar_type() == x.scalar_type(),
               "upsample_cross_entropy: lse must be the forward's");
   const int64_t B = x.size(0), C = x.size(1), h = x.size(2), w = x.size(3), H = y.size(1), W = y.size(2);
   auto dx = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "upsample_cross_entropy_backward", [&] {
     const scalar_t g = grad.item<scalar_t>();
-    backward_impl<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), wt.data_ptr<scalar_t>(),
-                            lse.data_ptr<scalar_t>(), g, dx.data_ptr<scalar_t>(), B, h, w, C, H, W);
+    const auto pw = pixel_weight<scalar_t>(wt, cw, ignore_index);
+    backward_impl<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), pw, lse.data_ptr<scalar_t>(), g,
+                            dx.data_ptr<scalar_t>(), B, h, w, C, H, W);
   });
   return dx;
 }
@@ -406,7 +442,9 @@ std::vector<torch::Tensor> nearest_centroid(torch::Tensor n, torch::Tensor c, do
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bilinear upsampling fused into the cross-entropy (CPU, float32/float64)";
-  m.def("forward", &forward, "(x BxCxhxw, y BxHxW int64, wt BxHxW) -> (sum of wt*CE, lse BxHxW)");
-  m.def("backward", &backward, "(grad, x, y, wt, lse) -> dx BxCxhxw");
+  m.def("forward", &forward,
+        "(x BxCxhxw, y BxHxW int64, wt BxHxW or None, class weights C or None, ignore index) -> "
+        "(sum of w*CE, lse BxHxW, sum of w)");
+  m.def("backward", &backward, "(grad, x, y, wt, class weights, ignore index, lse) -> dx BxCxhxw");
   m.def("nearest_centroid", &nearest_centroid, "(normals Bx3xHxW, centroids Kx3, eps) -> (index BxHxW, any NaN)");
 }

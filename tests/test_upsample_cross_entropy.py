@@ -135,6 +135,13 @@ def test_kernel_rejects_out_of_range_targets(ext):
         uce.upsample_cross_entropy(x, torch.full((1, 8, 8), 3), torch.ones(1, 8, 8))
     with pytest.raises(ValueError, match="B×H×W target"):
         uce.upsample_cross_entropy(x, torch.zeros(1, 1, 8, 8, dtype=torch.long), torch.ones(1, 8, 8))
+    y = torch.full((1, 8, 8), IGN)
+    y[0, 3, 3] = 7  # neither a class nor the ignore index
+    with pytest.raises(RuntimeError, match="target class 7 is out of range"):
+        uce.upsample_cross_entropy_ignore(x, y, None, IGN)
+    y[0, 3, 3] = 2
+    total, den = uce.upsample_cross_entropy_ignore(x, y, torch.tensor([1.0, 2.0, 0.5]), IGN)
+    assert float(den) == 0.5 and not den.requires_grad  # the one valid pixel's class weight
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -44,6 +44,7 @@ __all__ = [
     "nearest_centroid_index",
     "set_backend",
     "upsample_cross_entropy",
+    "upsample_cross_entropy_ignore",
 ]
 
 BACKENDS = ("auto", "cpp", "torch")
@@ -78,17 +79,33 @@ def kernel_applies(logits: torch.Tensor) -> bool:
 
 class _UpsampleCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, target, weight, ext):  # noqa: D102
-        total, lse = ext.forward(x, target, weight)
-        ctx.save_for_backward(x, target, weight, lse)
+    def forward(ctx, x, target, weight, class_weight, ignore_index: int, ext):  # noqa: D102
+        total, lse, den = ext.forward(x, target, weight, class_weight, ignore_index)
+        ctx.save_for_backward(x, target, lse)
+        ctx.weights = (weight, class_weight, ignore_index)
         ctx.ext = ext
-        return total
+        ctx.mark_non_differentiable(den)
+        return total, den
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):  # noqa: D102
-        x, target, weight, lse = ctx.saved_tensors
-        return ctx.ext.backward(grad, x, target, weight, lse), None, None, None
+    def backward(ctx, grad, _grad_den):  # noqa: D102
+        x, target, lse = ctx.saved_tensors
+        weight, class_weight, ignore_index = ctx.weights
+        dx = ctx.ext.backward(grad, x, target, weight, class_weight, ignore_index, lse)
+        return dx, None, None, None, None, None
+
+
+def _checked_extension(logits: torch.Tensor, target: torch.Tensor):
+    if target.dim() != 3 or logits.dim() != 4 or logits.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"upsample_cross_entropy: logits {tuple(logits.shape)} need a B×H×W target of the same "
+            f"batch, got {tuple(target.shape)}"
+        )
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("upsample_cross_entropy: the kernel is unavailable; check kernel_applies() first")
+    return ext
 
 
 def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -96,17 +113,30 @@ def upsample_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: t
     dtype of ``logits``) with the kernel; ``logits`` B×C×h×w, ``target`` B×H×W int64 in [0, C),
     ``weight`` B×H×W. Call only where :func:`kernel_applies`; the gradient reaches ``logits``
     only."""
-    if target.dim() != 3 or weight.shape != target.shape or logits.shape[0] != target.shape[0]:
+    ext = _checked_extension(logits, target)
+    if weight.shape != target.shape:
         raise ValueError(
-            f"upsample_cross_entropy: logits {tuple(logits.shape)} need a B×H×W target and weight of "
-            f"the same batch, got {tuple(target.shape)} and {tuple(weight.shape)}"
+            f"upsample_cross_entropy: weight {tuple(weight.shape)} must have the target's shape "
+            f"{tuple(target.shape)}"
         )
-    ext = _extension()
-    if ext is None:
-        raise RuntimeError("upsample_cross_entropy: the kernel is unavailable; check kernel_applies() first")
-    return _UpsampleCrossEntropy.apply(
-        logits.contiguous(), target.contiguous(), weight.to(logits.dtype).contiguous(), ext
+    w = weight.to(logits.dtype).contiguous()
+    return _UpsampleCrossEntropy.apply(logits.contiguous(), target.contiguous(), w, None, -1, ext)[0]
+
+
+def upsample_cross_entropy_ignore(
+    logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_i w_i · CE_i, Σ_i w_i)`` over the full-resolution pixels, ``w_i`` = 0 where ``target``
+    (B×H×W int64) equals ``ignore_index``, else ``class_weight[target_i]`` (1 without class
+    weights): the numerator and denominator of PyTorch's weighted-mean cross-entropy, with the
+    ignore test and the class weights inside the kernel (no per-pixel tensors built in Python).
+    The denominator carries no gradient. Call only where :func:`kernel_applies`."""
+    ext = _checked_extension(logits, target)
+    cw = None if class_weight is None else class_weight.to(logits.dtype).contiguous()
+    total, den = _UpsampleCrossEntropy.apply(
+        logits.contiguous(), target.contiguous(), None, cw, int(ignore_index), ext
     )
+    return total, den
 
 
 def nearest_centroid_index(normals: torch.Tensor, centroids: torch.Tensor, eps: float = 1e-12):
