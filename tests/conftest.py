@@ -78,6 +78,42 @@ def torch_local_attention():
     set_backend(old)
 
 
+def built_extension(kind: str):
+    """The built C++ extension ``kind`` (``atrc_exp.ops.build``), or skip the test without a
+    toolchain."""
+    from atrc_exp.ops import build
+
+    try:
+        return build.get_extension(kind)
+    except build.ExtensionBuildError as e:  # pragma: no cover - the gate machine has g++
+        pytest.skip(f"no C++ toolchain: {e}")
+
+
+def count_kernel_calls(monkeypatch, ext, kind: str) -> dict[str, int]:
+    """Make ``build.get_extension(kind)`` return ``ext`` wrapped so that its ``forward`` and
+    ``backward`` calls are counted (other functions pass through); returns the counts."""
+    from atrc_exp.ops import build
+
+    n = {"forward": 0, "backward": 0}
+
+    class Counting:
+        def forward(self, *a):
+            n["forward"] += 1
+            return ext.forward(*a)
+
+        def backward(self, *a):
+            n["backward"] += 1
+            return ext.backward(*a)
+
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+    counting = Counting()
+    real = build.get_extension
+    monkeypatch.setattr(build, "get_extension", lambda k, **kw: counting if k == kind else real(k, **kw))
+    return n
+
+
 @pytest.fixture(autouse=True)
 def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import built_extension, count_kernel_calls
 from torch import nn
 
 from atrc_exp.ops import batch_norm as bnop
@@ -28,32 +29,13 @@ def _auto_backend():
 
 @pytest.fixture(scope="module")
 def ext():
-    try:
-        return build.get_extension("bn_cpp")
-    except build.ExtensionBuildError as e:  # pragma: no cover - the gate machine has g++
-        pytest.skip(f"no C++ toolchain: {e}")
+    return built_extension("bn_cpp")
 
 
 @pytest.fixture
 def calls(monkeypatch, ext):
     """Counts the kernel's forward/backward calls."""
-    n = {"forward": 0, "backward": 0}
-
-    class Counting:
-        def forward(self, *a):
-            n["forward"] += 1
-            return ext.forward(*a)
-
-        def backward(self, *a):
-            n["backward"] += 1
-            return ext.backward(*a)
-
-    counting = Counting()
-    real = build.get_extension
-    monkeypatch.setattr(
-        build, "get_extension", lambda kind, **kw: counting if kind == "bn_cpp" else real(kind, **kw)
-    )
-    return n
+    return count_kernel_calls(monkeypatch, ext, "bn_cpp")
 
 
 def _reference(x, rm, rv, w, b, training, momentum, eps, relu):

@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import built_extension, count_kernel_calls
 
 from atrc_exp.ops import build
 from atrc_exp.ops import label_attention as laop
@@ -30,32 +31,13 @@ def _auto_backend():
 
 @pytest.fixture(scope="module")
 def ext():
-    try:
-        return build.get_extension("label_cpp")
-    except build.ExtensionBuildError as e:  # pragma: no cover - the gate machine has g++
-        pytest.skip(f"no C++ toolchain: {e}")
+    return built_extension("label_cpp")
 
 
 @pytest.fixture
 def calls(monkeypatch, ext):
     """Counts the kernel's forward/backward calls."""
-    n = {"forward": 0, "backward": 0}
-
-    class Counting:
-        def forward(self, *a):
-            n["forward"] += 1
-            return ext.forward(*a)
-
-        def backward(self, *a):
-            n["backward"] += 1
-            return ext.backward(*a)
-
-    counting = Counting()
-    real = build.get_extension
-    monkeypatch.setattr(
-        build, "get_extension", lambda kind, **kw: counting if kind == "label_cpp" else real(kind, **kw)
-    )
-    return n
+    return count_kernel_calls(monkeypatch, ext, "label_cpp")
 
 
 def _inputs(B, d, K, H, W, dtype, seed=0):

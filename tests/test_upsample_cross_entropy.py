@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import built_extension, count_kernel_calls
 
 from atrc_exp.config import ConfigError
 from atrc_exp.engine.trainer import check_cpu_kernel_backend
@@ -35,34 +36,13 @@ def _auto_backend():
 
 @pytest.fixture(scope="module")
 def ext():
-    try:
-        return build.get_extension("ce_cpp")
-    except build.ExtensionBuildError as e:  # pragma: no cover - the gate machine has g++
-        pytest.skip(f"no C++ toolchain: {e}")
+    return built_extension("ce_cpp")
 
 
 @pytest.fixture
 def calls(monkeypatch, ext):
-    """Counts the kernel's forward calls."""
-    n = {"forward": 0}
-
-    class Counting:
-        def forward(self, *a):
-            n["forward"] += 1
-            return ext.forward(*a)
-
-        def backward(self, *a):
-            return ext.backward(*a)
-
-        def nearest_centroid(self, *a):
-            return ext.nearest_centroid(*a)
-
-    counting = Counting()
-    real = build.get_extension
-    monkeypatch.setattr(
-        build, "get_extension", lambda kind, **kw: counting if kind == "ce_cpp" else real(kind, **kw)
-    )
-    return n
+    """Counts the kernel's forward/backward calls."""
+    return count_kernel_calls(monkeypatch, ext, "ce_cpp")
 
 
 def _reference(x, y, w):
