@@ -28,8 +28,9 @@ SHAPES = [  # B, d, K, H, W
 ]
 
 
-def _interleaved(fns: dict, repeat: int, warmup: int = 3) -> dict:
-    """Median seconds per call of each function, calling them in turn ``repeat`` times."""
+def interleaved(fns: dict, repeat: int, warmup: int = 3) -> dict:
+    """Median seconds per call of each function, calling them in turn ``repeat`` times (also used
+    by ``bench_upsample_cross_entropy.py``)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -81,8 +82,8 @@ def main() -> None:
         def fwd_bwd(fn, q=q, k=k, v=v, grad=grad):
             return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
 
-        f = _interleaved({"ref": fwd(reference), "kernel": fwd(kernel)}, args.repeat)
-        fb = _interleaved({"ref": fwd_bwd(reference), "kernel": fwd_bwd(kernel)}, args.repeat)
+        f = interleaved({"ref": fwd(reference), "kernel": fwd(kernel)}, args.repeat)
+        fb = interleaved({"ref": fwd_bwd(reference), "kernel": fwd_bwd(kernel)}, args.repeat)
         ms = lambda s: f"{s * 1e3:.3f}"  # noqa: E731
         print(
             f"| {B}×{d}×{K}×{H}×{W} | {ms(f['ref'])} | {ms(f['kernel'])} | {f['ref'] / f['kernel']:.1f} "

@@ -17,27 +17,12 @@ memory is kept as in training (``trainer.keep_freed_memory``).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_label_attention import interleaved
 
 CE_SHAPES = [(2, 40, 48, 64, 192, 256), (2, 2, 48, 64, 192, 256)]  # B, K, h, w, H, W
-
-
-def _interleaved(fns: dict, repeat: int, warmup: int = 3) -> dict:
-    """Median seconds per call of each function, calling them in turn ``repeat`` times."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _with_backend(op, name: str, fn):
@@ -81,8 +66,8 @@ def main() -> None:
         def both(x=x, y=y):
             torch.autograd.grad(cross_entropy_loss(x, y), x)
 
-        f = _interleaved({"torch": _with_backend(op, "torch", fwd), "kernel": fwd}, args.repeat)
-        fb = _interleaved({"torch": _with_backend(op, "torch", both), "kernel": both}, args.repeat)
+        f = interleaved({"torch": _with_backend(op, "torch", fwd), "kernel": fwd}, args.repeat)
+        fb = interleaved({"torch": _with_backend(op, "torch", both), "kernel": both}, args.repeat)
         print(
             f"| CE {B}×{K}×{h}×{w} → {H}×{W} | {ms(f['torch'])} | {ms(f['kernel'])} | "
             f"{f['torch'] / f['kernel']:.1f} | {ms(fb['torch'])} | {ms(fb['kernel'])} | "
@@ -91,7 +76,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     normals = F.normalize(torch.randn(2, 3, 192, 256, generator=g), dim=1)
     centroids = F.normalize(torch.randn(40, 3, generator=g), dim=1)
-    nc = _interleaved(
+    nc = interleaved(
         {
             "torch": _with_backend(op, "torch", lambda: normals_to_centroid_index(normals, centroids)),
             "kernel": lambda: normals_to_centroid_index(normals, centroids),
