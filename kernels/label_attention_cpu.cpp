@@ -43,35 +43,23 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_vector.h"
+
 namespace {
 
 constexpr int TILE = 64;        // pixels per tile (a multiple of 2 vectors for float and double)
 constexpr int CHUNK_TILES = 4;  // tiles per backward work item (the unit of the dk/dv reduction)
 
-template <typename T> struct VT;
-template <> struct VT<float> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-  static constexpr int N = 8;
-};
-template <> struct VT<double> {
-  typedef double V __attribute__((vector_size(32)));
-  static constexpr int N = 4;
-};
-template <typename T> using Vec = typename VT<T>::V;
+using atrc_vec::Vec;
+using atrc_vec::VT;
+using atrc_vec::vload;
+using atrc_vec::vmax;
+using atrc_vec::vstore;
 
-template <typename T> inline Vec<T> vload(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T> inline void vstore(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
 // broadcast (written out: Vec{} + s costs an add, adding zero is not an identity for -0)
 template <typename T> inline Vec<T> vset(T s);
 template <> inline Vec<float> vset<float>(float s) { return Vec<float>{s, s, s, s, s, s, s, s}; }
 template <> inline Vec<double> vset<double>(double s) { return Vec<double>{s, s, s, s}; }
-// NaN-propagating max: a NaN in b is kept (a > NaN is false)
-template <typename T> inline Vec<T> vmax(Vec<T> a, Vec<T> b) { return a > b ? a : b; }
 
 // Keeps v in a register: GCC otherwise folds a vector used by several FMAs into each of them as a
 // memory operand, which makes the reduction below load-bound.

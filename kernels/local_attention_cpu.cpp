@@ -28,29 +28,17 @@
 #include <vector>
 #include <mutex>
 
+#include "cpu_vector.h"
 #include "local_attention_dispatch.h"
 
 namespace {
 
-template <typename T> struct VT;
-template <> struct VT<float> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-  static constexpr int N = 8;
-};
-template <> struct VT<double> {
-  typedef double V __attribute__((vector_size(32)));
-  static constexpr int N = 4;
-};
+using atrc_vec::Vec;
+using atrc_vec::VT;
+using atrc_vec::vload;
+using atrc_vec::vmax;
+using atrc_vec::vstore;
 
-template <typename T> using Vec = typename VT<T>::V;
-
-template <typename T> inline Vec<T> vload(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T> inline void vstore(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
 template <typename T> inline Vec<T> vset(T s) { return Vec<T>{} + s; }
 template <typename T> inline Vec<T> vload_n(const T* p, int n) {
   if (n >= VT<T>::N) return vload(p);
@@ -62,7 +50,6 @@ template <typename T> inline void vstore_n(T* p, Vec<T> v, int n) {
   if (n >= VT<T>::N) return vstore(p, v);
   for (int i = 0; i < n; ++i) p[i] = v[i];
 }
-template <typename T> inline Vec<T> vmax(Vec<T> a, Vec<T> b) { return a > b ? a : b; }
 
 // exp for float lanes: Cephes-style range reduction + degree-6 polynomial (rel. err ~2e-7).
 inline Vec<float> vexp(Vec<float> x) {

@@ -56,11 +56,11 @@ _SOURCES = {
 }
 # included files: part of the build key too
 _HEADERS = {
-    "cpp": ["local_attention_dispatch.h"],
+    "cpp": ["local_attention_dispatch.h", "cpu_vector.h"],
     "cuda": ["local_attention_dispatch.h", "local_attention_cuda.h", "local_attention_cuda.cuh"],
     "bn_cpp": [],
     "ce_cpp": [],
-    "label_cpp": [],
+    "label_cpp": ["cpu_vector.h"],
 }
 #: the op each extension implements (module and build-directory names, messages)
 _OP_NAMES = {

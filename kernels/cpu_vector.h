@@ -1,0 +1,33 @@
+// 256-bit GCC vector types for the C++/OpenMP CPU kernels (local_attention_cpu.cpp,
+// label_attention_cpu.cpp): Vec<T> holds VT<T>::N lanes of float (8) or double (4); unaligned
+// loads/stores through memcpy; a NaN-propagating max (a NaN in b is kept: a > NaN is false).
+// Each kernel defines its own broadcast and exp, whose conventions differ.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace atrc_vec {
+
+template <typename T> struct VT;
+template <> struct VT<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  static constexpr int N = 8;
+};
+template <> struct VT<double> {
+  typedef double V __attribute__((vector_size(32)));
+  static constexpr int N = 4;
+};
+
+template <typename T> using Vec = typename VT<T>::V;
+
+template <typename T> inline Vec<T> vload(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T> inline void vstore(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename T> inline Vec<T> vmax(Vec<T> a, Vec<T> b) { return a > b ? a : b; }
+
+}  // namespace atrc_vec
