@@ -267,26 +267,23 @@ def ignore_mask(
     return mask
 
 
-_NO_MASK = object()
-
-
 def spatial_softmax(
     logits: torch.Tensor,
     image: torch.Tensor | None = None,
     ignore_value: float = IGNORE_VALUE,
-    mask: torch.Tensor | None | object = _NO_MASK,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-class softmax over spatial positions of aux ``logits`` (B×K×h×w) → B×K×(h·w).
 
     Pixels where the input ``image`` (B×3×H×W, nearest-resized to h×w) equals ``ignore_value`` in any
     channel do not take part; an image whose pixels are all excluded gives zeros (not NaN, and
     finite gradients). ``mask`` (:func:`ignore_mask` of the image, computed once for several
-    logits) replaces ``image``; None means no pixel is excluded.
+    logits) replaces ``image``; with neither, no pixel is excluded.
     """
     B, K, h, w = logits.shape
     x = logits.reshape(B, K, h * w)
-    if mask is _NO_MASK:
-        mask = None if image is None else ignore_mask(image, (h, w), ignore_value)
+    if mask is None and image is not None:
+        mask = ignore_mask(image, (h, w), ignore_value)
     if mask is None:
         return F.softmax(x, dim=2)
     empty = mask.all(dim=2, keepdim=True)  # B×1×1

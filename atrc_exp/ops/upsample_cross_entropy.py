@@ -5,7 +5,9 @@
 mode="bilinear", align_corners=False)`` the full-resolution ones (never materialised), ``target``
 B×H×W int64 class indices in [0, C) and ``weight`` B×H×W (0 for ignored pixels). It equals
 ``(weight * F.cross_entropy(z, target, reduction="none")).sum()`` up to float rounding, forward
-and backward.
+and backward. :func:`upsample_cross_entropy_ignore` (what :func:`atrc_exp.losses.cross_entropy_loss`
+calls) takes the raw target with its ignore index and optional class weights instead of per-pixel
+weights, and also returns the sum of the weights (the mean's denominator).
 
 Why: the loss of a dense classification output at the input resolution is the costliest part
 of the step that scales with the number of classes. PyTorch's path writes the full-resolution
