@@ -43,6 +43,9 @@ And the exact speed-ups that are on by default, each switched off, against the s
 * ``no_fused_label``: ``ops.label_attention.backend=torch`` (PyTorch's batched products and
   softmax for the label-context attention instead of the CPU kernel of
   ``atrc_exp.ops.label_attention``);
+* ``no_fused_aux``: ``ops.upsample_add.backend=torch`` (the aux heads' first 1×1 convolution on the
+  concatenated features instead of at the backbone branches' resolutions with the CPU
+  resize-and-add kernel of ``atrc_exp.ops.upsample_add``);
 * ``no_keep_freed``: ``trainer.keep_freed_memory=false`` (glibc's default of returning freed
   memory to the OS, page-faulting it back every step).
 
@@ -94,12 +97,13 @@ PATHS = {
     "no_fused_bn": {"torch_bn": True},
     "no_fused_ce": {"torch_ce": True},
     "no_fused_label": {"torch_label": True},
+    "no_fused_aux": {"torch_aux": True},
     "no_keep_freed": {"keep_freed_memory": False},
 }
 #: timed on CUDA only (no-ops on the CPU, or minutes of compilation for a CPU row nobody needs)
 GPU_ONLY_PATHS = ("cudnn_benchmark", "bf16+cudnn_benchmark", "bf16+compile", "bf16+cudagraphs")
 #: timed on the CPU only (the fused kernels are CPU kernels)
-CPU_ONLY_PATHS = ("no_fused_bn", "no_fused_ce", "no_fused_label")
+CPU_ONLY_PATHS = ("no_fused_bn", "no_fused_ce", "no_fused_label", "no_fused_aux")
 #: DataLoader variants of ``--include loader``: (label, settings); None = the in-memory batch.
 LOADERS = (
     ("in-memory batch", None),
@@ -143,6 +147,7 @@ def compose(context: str, spec: dict):
     ov.append(f"ops.batch_norm.backend={'torch' if spec.get('torch_bn') else 'auto'}")
     ov.append(f"ops.upsample_cross_entropy.backend={'torch' if spec.get('torch_ce') else 'auto'}")
     ov.append(f"ops.label_attention.backend={'torch' if spec.get('torch_label') else 'auto'}")
+    ov.append(f"ops.upsample_add.backend={'torch' if spec.get('torch_aux') else 'auto'}")
     ov.append(f"trainer.keep_freed_memory={'false' if spec.get('keep_freed_memory') is False else 'true'}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hy_compose(config_name="train", overrides=ov)

@@ -95,7 +95,12 @@ def check_backend(backend: str, device: torch.device) -> None:
 
 
 #: the fused CPU kernels with an ``ops.<name>.backend`` switch: name -> extension kind
-CPU_KERNEL_OPS = {"batch_norm": "bn_cpp", "upsample_cross_entropy": "ce_cpp", "label_attention": "label_cpp"}
+CPU_KERNEL_OPS = {
+    "batch_norm": "bn_cpp",
+    "upsample_cross_entropy": "ce_cpp",
+    "label_attention": "label_cpp",
+    "upsample_add": "ups_cpp",
+}
 
 
 def check_cpu_kernel_backend(op: str, backend: str) -> None:

@@ -16,8 +16,9 @@ class MultiTaskFCNHead(nn.Module):
     """Per task: ``bottleneck`` ConvBNReLU 3×3 (C_in → C_in//4), then ``final_logits`` 1×1 conv with
     bias to the task's output channels (init normal(0, 0.01), bias 0).
 
-    ``forward(x: B×C_in×h×w, image=None) -> {"final": {task: B×C_t×h×w}}`` (at feature resolution;
-    ``image`` is accepted for a uniform head interface and unused).
+    ``forward(x: B×C_in×h×w, image=None, branches=None) -> {"final": {task: B×C_t×h×w}}`` (at
+    feature resolution; ``image`` and ``branches`` are accepted for a uniform head interface and
+    unused).
     """
 
     def __init__(self, c_in: int, out_channels: dict[str, int]):
@@ -34,7 +35,7 @@ class MultiTaskFCNHead(nn.Module):
         self.fused = True
 
     def forward(
-        self, x: torch.Tensor, image: torch.Tensor | None = None
+        self, x: torch.Tensor, image: torch.Tensor | None = None, branches: list[torch.Tensor] | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
         feats = per_task_layers(self.bottleneck, self.tasks, x, self.fused)
         return {"final": {t: self.final_logits[t](feats[t]) for t in self.tasks}}

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import upsample_add as _upsample_add
 from ..ops.batch_norm import batch_norm_act
 
 
@@ -268,14 +269,55 @@ def pointwise_runs(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.Te
     return out
 
 
-def conv_bn_relu_group(x: torch.Tensor, layers: Sequence[ConvBNReLU]) -> torch.Tensor:
+def pointwise_conv_of_concat(branches: Sequence[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """``F.conv2d(concat_features(branches), weight)`` for a 1×1 ``weight`` (C_out × ΣCᵢ × 1 × 1,
+    no bias), computed at the branches' own resolutions: ``conv(b₀, W₀) + Σᵢ resize(conv(bᵢ, Wᵢ))``
+    with Wᵢ the columns of ``weight`` that read branch i. Bilinear resizing mixes pixels and a 1×1
+    convolution mixes channels, so they commute: same numbers up to float rounding, with HRNet18's
+    branches (18, 36, 72, 144 channels at 1, 1/2, 1/4, 1/8 resolution) 8× fewer multiply-adds.
+    The resize-and-add is :func:`~atrc_exp.ops.upsample_add.upsample_add` (a C++ kernel on the CPU)."""
+    ws = weight.split([b.shape[1] for b in branches], dim=1)
+    base = F.conv2d(branches[0], ws[0])
+    rest = [F.conv2d(b, w) for b, w in zip(branches[1:], ws[1:])]
+    return _upsample_add.upsample_add(base, rest, inplace=True)
+
+
+def multiscale_applies(
+    x: torch.Tensor, branches: Sequence[torch.Tensor] | None, convs: Sequence[nn.Conv2d]
+) -> bool:
+    """Whether ``conv_group(x, convs)`` may run as :func:`pointwise_conv_of_concat` of ``branches``:
+    ``x`` is ``concat_features(branches)`` by shape (channels add up, the first branch has ``x``'s
+    size), the convolutions are 1×1 without bias, and the resize-and-add kernel applies and is
+    built (a float32/float64 CPU tensor; with PyTorch's resize the convolution of ``x`` is faster)."""
+    if branches is None or len(branches) < 2 or x.dim() != 4:
+        return False
+    if any(b.dim() != 4 or b.shape[0] != x.shape[0] for b in branches):
+        return False
+    if sum(b.shape[1] for b in branches) != x.shape[1] or branches[0].shape[-2:] != x.shape[-2:]:
+        return False
+    if not all(_pointwise(c) and c.bias is None and c.padding_mode == "zeros" for c in convs):
+        return False
+    return _upsample_add.kernel_available(x, [])
+
+
+def conv_bn_relu_group(
+    x: torch.Tensor, layers: Sequence[ConvBNReLU], branches: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
     """``torch.cat([layer(x) for layer in layers], 1)`` for :class:`ConvBNReLU` layers reading the
     same ``x``, as one convolution and one batch norm (see :func:`batch_norm_group`). The layers
-    must agree on having a ReLU or not."""
+    must agree on having a ReLU or not. ``branches``: the multi-scale maps ``x`` was concatenated
+    from (:func:`concat_features`); where :func:`multiscale_applies`, the convolution runs on them
+    (:func:`pointwise_conv_of_concat`)."""
     relu = [len(m) > 2 for m in layers]
     if any(r != relu[0] for r in relu):
         raise ValueError("conv_bn_relu_group: layers mix ConvBNReLU and ConvBN")
-    return batch_norm_group(conv_group(x, [m[0] for m in layers]), [m[1] for m in layers], relu[0])
+    convs = [m[0] for m in layers]
+    if multiscale_applies(x, branches, convs):
+        weight = convs[0].weight if len(convs) == 1 else torch.cat([c.weight for c in convs])
+        y = pointwise_conv_of_concat(branches, weight)
+    else:
+        y = conv_group(x, convs)
+    return batch_norm_group(y, [m[1] for m in layers], relu[0])
 
 
 def per_task_layers(

@@ -31,8 +31,8 @@ class MultiTaskModel(nn.Module):
         self.tasks = list(tasks)
 
     def forward(self, image: torch.Tensor, resize: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-        features = concat_features(self.backbone(image))
-        out = self.head(features, image=image)
+        branches = self.backbone(image)
+        out = self.head(concat_features(branches), image=image, branches=branches)
         if not resize:
             return out
         size = tuple(image.shape[-2:])

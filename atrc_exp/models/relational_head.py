@@ -10,9 +10,12 @@ original's state-dict keys under ``head.``:
 * ``atrc_module``: :class:`ATRCModule` (``cp_blocks.<t>.<s>``, ``out_proj.<t>``, ``bottleneck.<t>``);
 * ``final_logits.<t>``: 1×1 conv with bias to the task's output channels.
 
-``forward(x, image=None) -> {"final": {t: ...}, "aux": {t: ...}}`` at feature resolution (the model
-upsamples to the input size); ``aux`` only when there are aux heads. ``image`` (the network input)
-marks pixels equal to 255 that the label context ignores.
+``forward(x, image=None, branches=None) -> {"final": {t: ...}, "aux": {t: ...}}`` at feature
+resolution (the model upsamples to the input size); ``aux`` only when there are aux heads.
+``image`` (the network input) marks pixels equal to 255 that the label context ignores.
+``branches`` (optional): the backbone maps ``x`` was concatenated from; with them the aux heads'
+first 1×1 convolution runs at the branches' own resolutions
+(:func:`~atrc_exp.models.layers.pointwise_conv_of_concat`, same numbers up to float rounding).
 """
 
 from __future__ import annotations
@@ -304,15 +307,20 @@ class RelationalContextHead(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(
-        self, x: torch.Tensor, image: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        image: torch.Tensor | None = None,
+        branches: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, dict[str, torch.Tensor]]:
         feats = per_task_layers(self.bottleneck, self.tasks, x, self.fused)
         aux: dict[str, torch.Tensor] = {}
         probs: dict[str, torch.Tensor] = {}
         if self.aux_tasks:
             xd = x.detach()
-            if self.fused and len(self.aux_tasks) > 1:
-                hidden = conv_bn_relu_group(xd, [self.aux_conv[t] for t in self.aux_tasks])
+            if self.fused:
+                # the aux convolutions (1×1) at the backbone branches' own resolutions, where given
+                bd = None if branches is None else [b.detach() for b in branches]
+                hidden = conv_bn_relu_group(xd, [self.aux_conv[t] for t in self.aux_tasks], bd)
                 logits = pointwise_runs(hidden, [self.aux_logits[t] for t in self.aux_tasks])
             else:
                 logits = [self.aux_logits[t](self.aux_conv[t](xd)) for t in self.aux_tasks]

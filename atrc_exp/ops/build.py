@@ -2,7 +2,7 @@
 
 Extensions (``kind``): ``cpp`` and ``cuda`` (local attention), ``bn_cpp`` (CPU batch norm + ReLU),
 ``ce_cpp`` (CPU bilinear upsampling fused into the cross-entropy), ``label_cpp`` (CPU label-context
-attention).
+attention), ``ups_cpp`` (CPU resize-and-add of multi-scale maps).
 
 * Sources are compiled with :func:`torch.utils.cpp_extension.load` on first use.
 * The build directory is keyed by a hash of the source files, the compile flags, the torch,
@@ -53,6 +53,7 @@ _SOURCES = {
     "bn_cpp": ["batch_norm_cpu.cpp"],
     "ce_cpp": ["upsample_cross_entropy_cpu.cpp"],
     "label_cpp": ["label_attention_cpu.cpp"],
+    "ups_cpp": ["upsample_add_cpu.cpp"],
 }
 # included files: part of the build key too
 _HEADERS = {
@@ -61,6 +62,7 @@ _HEADERS = {
     "bn_cpp": [],
     "ce_cpp": [],
     "label_cpp": ["cpu_vector.h"],
+    "ups_cpp": [],
 }
 #: the op each extension implements (module and build-directory names, messages)
 _OP_NAMES = {
@@ -69,6 +71,7 @@ _OP_NAMES = {
     "bn_cpp": "batch_norm",
     "ce_cpp": "upsample_cross_entropy",
     "label_cpp": "label_attention",
+    "ups_cpp": "upsample_add",
 }
 _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
 # batch norm: the backward recomputes the forward's x*a + b for the ReLU mask; no contraction
@@ -214,8 +217,8 @@ def _build(kind: str, verbose: bool = False):
 
 
 def get_extension(kind: str, verbose: bool = False):
-    """The built module for ``kind`` (``"cpp"``, ``"cuda"``, ``"bn_cpp"``, ``"ce_cpp"`` or
-    ``"label_cpp"``); raises
+    """The built module for ``kind`` (``"cpp"``, ``"cuda"``, ``"bn_cpp"``, ``"ce_cpp"``,
+    ``"label_cpp"`` or ``"ups_cpp"``); raises
     :class:`ExtensionBuildError` (and remembers the failure) when it cannot be built."""
     with _lock:
         got = _cache.get(kind)
