@@ -275,11 +275,11 @@ def pointwise_conv_of_concat(branches: Sequence[torch.Tensor], weight: torch.Ten
     with Wᵢ the columns of ``weight`` that read branch i. Bilinear resizing mixes pixels and a 1×1
     convolution mixes channels, so they commute: same numbers up to float rounding, with HRNet18's
     branches (18, 36, 72, 144 channels at 1, 1/2, 1/4, 1/8 resolution) 8× fewer multiply-adds.
-    The resize-and-add is :func:`~atrc_exp.ops.upsample_add.upsample_add` (a C++ kernel on the CPU)."""
+    The first branch's product and the resize-and-add are
+    :func:`~atrc_exp.ops.upsample_add.conv1x1_upsample_add` (one C++ kernel on the CPU)."""
     ws = weight.split([b.shape[1] for b in branches], dim=1)
-    base = F.conv2d(branches[0], ws[0])
     rest = [F.conv2d(b, w) for b, w in zip(branches[1:], ws[1:])]
-    return _upsample_add.upsample_add(base, rest, inplace=True)
+    return _upsample_add.conv1x1_upsample_add(branches[0], ws[0], rest)
 
 
 def multiscale_applies(

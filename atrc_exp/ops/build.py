@@ -62,7 +62,7 @@ _HEADERS = {
     "bn_cpp": [],
     "ce_cpp": [],
     "label_cpp": ["cpu_vector.h"],
-    "ups_cpp": [],
+    "ups_cpp": ["cpu_vector.h"],
 }
 #: the op each extension implements (module and build-directory names, messages)
 _OP_NAMES = {

@@ -38,6 +38,7 @@ from .switch import BackendSwitch
 
 __all__ = [
     "BACKENDS",
+    "conv1x1_upsample_add",
     "get_backend",
     "kernel_applies",
     "kernel_available",
@@ -103,10 +104,12 @@ def kernel_available(base: torch.Tensor, maps: Sequence[torch.Tensor]) -> bool:
 class _UpsampleAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ext, inplace: bool, base, *maps):  # noqa: D102
-        out = base if inplace else base.clone(memory_format=torch.contiguous_format)
+        maps = [m.contiguous() for m in maps]
         if inplace:
             ctx.mark_dirty(base)
-        ext.forward(out, [m.contiguous() for m in maps])
+            out = ext.forward(base, base, None, None, maps)
+        else:
+            out = ext.forward(torch.empty_like(base), base, None, None, maps)
         ctx.ext = ext
         ctx.sizes = [list(m.shape[-2:]) for m in maps]
         return out
@@ -115,8 +118,35 @@ class _UpsampleAdd(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
         need = ctx.needs_input_grad[3:]
-        dmaps = ctx.ext.backward(grad.contiguous(), ctx.sizes) if any(need) else [None] * len(need)
+        dmaps = ctx.ext.backward(grad.contiguous(), None, ctx.sizes) if any(need) else [None] * len(need)
         return (None, None, grad, *dmaps)
+
+
+class _Conv1x1UpsampleAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, x0, w0, *maps):  # noqa: D102
+        C, K = w0.shape[:2]
+        maps = [m.contiguous() for m in maps]
+        x0 = x0.contiguous()
+        w = w0.reshape(C, K).contiguous()
+        out = ext.forward(x0.new_empty(x0.shape[0], C, *x0.shape[-2:]), None, x0, w, maps)
+        ctx.save_for_backward(x0, w)
+        ctx.ext = ext
+        ctx.w0_shape = w0.shape
+        ctx.sizes = [list(m.shape[-2:]) for m in maps]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        x0, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x0, need_w0 = ctx.needs_input_grad[1:3]
+        got = ctx.ext.backward(grad, x0 if need_w0 else None, ctx.sizes)
+        dw0 = got.pop(0).view(ctx.w0_shape) if need_w0 else None
+        dx0 = F.conv2d(grad, w.t().reshape(w.shape[1], w.shape[0], 1, 1)) if need_x0 else None
+        dmaps = [d if n else None for d, n in zip(got, ctx.needs_input_grad[3:])]
+        return (None, dx0, dw0, *dmaps)
 
 
 def upsample_add(base: torch.Tensor, maps: Sequence[torch.Tensor], inplace: bool = False) -> torch.Tensor:
@@ -134,5 +164,28 @@ def upsample_add(base: torch.Tensor, maps: Sequence[torch.Tensor], inplace: bool
         base = base.contiguous()
     if torch.is_grad_enabled() and (base.requires_grad or any(m.requires_grad for m in maps)):
         return _UpsampleAdd.apply(ext, inplace, base, *maps)
-    out = base if inplace else base.clone()
-    return ext.forward(out, [m.contiguous() for m in maps])
+    maps = [m.contiguous() for m in maps]
+    return ext.forward(base if inplace else torch.empty_like(base), base, None, None, maps)
+
+
+def conv1x1_upsample_add(x0: torch.Tensor, w0: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``F.conv2d(x0, w0) + Σ resize(m)`` for a 1×1 ``w0`` (C×K×1×1, no bias; ``x0`` B×K×H×W, maps
+    B×C×hᵢ×wᵢ): the product with ``x0`` inside the kernel, never written apart (see the module
+    docstring); the reference is ``F.conv2d`` then :func:`upsample_add_reference`."""
+    maps = list(maps)
+    ext = None
+    if w0.dim() == 4 and tuple(w0.shape[-2:]) == (1, 1) and x0.dim() == 4 and w0.dtype == x0.dtype:
+        base_like = x0.new_empty(()).expand(x0.shape[0], w0.shape[0], *x0.shape[-2:])
+        if kernel_applies(base_like, maps) and w0.device == x0.device:
+            ext = _extension()
+    if ext is None:
+        return upsample_add_reference(F.conv2d(x0, w0), maps)
+    if torch.is_grad_enabled() and (
+        x0.requires_grad or w0.requires_grad or any(m.requires_grad for m in maps)
+    ):
+        return _Conv1x1UpsampleAdd.apply(ext, x0, w0, *maps)
+    C, K = w0.shape[:2]
+    out = x0.new_empty(x0.shape[0], C, *x0.shape[-2:])
+    return ext.forward(
+        out, None, x0.contiguous(), w0.reshape(C, K).contiguous(), [m.contiguous() for m in maps]
+    )
