@@ -1,9 +1,10 @@
 // ATRC label-context attention: C++/OpenMP CPU kernels (forward + backward, float32/float64).
 //
-// Per image b, with q d x N (N pixels, NCHW: pixel index contiguous), k and v d x K (K classes,
-// small) and scale = 1/sqrt(d):
+// Per image b, with q d x N (N pixels, NCHW: pixel index contiguous), k d x K (K classes, small),
+// v dv x K (dv = d in the blocks; another width when a 1x1 convolution was folded into v) and
+// scale = 1/sqrt(d):
 //   s[n,k] = scale * sum_c q[c,n] k[c,k],  p[n,:] = softmax_k(s[n,:]) (max-subtracted),
-//   out[c,n] = sum_k p[n,k] v[c,k].
+//   out[c,n] = sum_k p[n,k] v[c,k]  (or out += ...: accumulated into a given output).
 // Backward (g = dL/dout), p recomputed from q and k (nothing but the inputs is saved):
 //   dp[n,k] = sum_c g[c,n] v[c,k],  ds = p (dp - sum_k p dp),
 //   dq[c,n] = scale sum_k ds[n,k] k[c,k],  dk[c,k] = scale sum_n ds[n,k] q[c,n],
@@ -145,13 +146,13 @@ inline void with_const(int n, F&& f) {
 // ---------------------------------------------------------------------------------------------
 // C[m][j] = sum_r W[m*ldw + r] * A[r*lda + j] for m < M and j < nv vectors (a tile), rows of A and
 // C pixel-contiguous. Register block: MB rows of C x MM_JB vectors of pixels.
-template <typename T, int MB>
+template <typename T, int MB, bool ACC>
 inline void mm_block(const T* A, int64_t lda, const T* W, int64_t ldw, int R, T* C, int64_t ldc, int nv) {
   constexpr int L = VT<T>::N, JB = MM_JB;
   for (int jv = 0; jv < nv; jv += JB) {
     Vec<T> acc[MB][JB];
     for (int m = 0; m < MB; ++m)
-      for (int j = 0; j < JB; ++j) acc[m][j] = Vec<T>{};
+      for (int j = 0; j < JB; ++j) acc[m][j] = ACC ? vload(C + m * ldc + (jv + j) * L) : Vec<T>{};
     const T* a = A + jv * L;
     for (int r = 0; r < R; ++r) {
       Vec<T> x[JB];
@@ -166,12 +167,13 @@ inline void mm_block(const T* A, int64_t lda, const T* W, int64_t ldw, int R, T*
   }
 }
 
-template <typename T>
+// ACC: C += instead of C = .
+template <typename T, bool ACC = false>
 void mm(const T* A, int64_t lda, const T* W, int64_t ldw, int R, T* C, int64_t ldc, int M, int nv) {
   int m = 0;
-  for (; m + MM_MB <= M; m += MM_MB) mm_block<T, MM_MB>(A, lda, W + m * ldw, ldw, R, C + m * ldc, ldc, nv);
+  for (; m + MM_MB <= M; m += MM_MB) mm_block<T, MM_MB, ACC>(A, lda, W + m * ldw, ldw, R, C + m * ldc, ldc, nv);
   with_const<MM_MB - 1>(M - m, [&](auto mb) {
-    mm_block<T, decltype(mb)::value>(A, lda, W + m * ldw, ldw, R, C + m * ldc, ldc, nv);
+    mm_block<T, decltype(mb)::value, ACC>(A, lda, W + m * ldw, ldw, R, C + m * ldc, ldc, nv);
   });
 }
 
@@ -229,7 +231,7 @@ template <typename T> constexpr int64_t padded_ld(int64_t w) { return w + 64 / i
 
 // Per image: kT_s (K x d) = scale k^T, vT (K x d) = v^T, k_s (d x K) = scale k.
 template <typename T>
-void prepare(const T* k, const T* v, int64_t B, int d, int K, T scale, T* kT_s, T* vT, T* k_s) {
+void prepare(const T* k, const T* v, int64_t B, int d, int dv, int K, T scale, T* kT_s, T* vT, T* k_s) {
   for (int64_t b = 0; b < B; ++b) {
     const int64_t o = b * d * K;
     for (int c = 0; c < d; ++c)
@@ -237,19 +239,24 @@ void prepare(const T* k, const T* v, int64_t B, int d, int K, T scale, T* kT_s, 
         const T kk = k[o + c * K + j] * scale;
         if (kT_s) kT_s[o + j * d + c] = kk;
         if (k_s) k_s[o + c * K + j] = kk;
-        if (vT) vT[o + j * d + c] = v[o + c * K + j];
       }
+    if (vT) {
+      const int64_t ov = b * dv * K;
+      for (int c = 0; c < dv; ++c)
+        for (int j = 0; j < K; ++j) vT[ov + j * dv + c] = v[ov + c * K + j];
+    }
   }
 }
 
+// out (dv rows per image, batch stride osb) = or += (accumulate) the attention of q (batch stride qsb).
 template <typename T>
-void forward_impl(const T* q, int64_t qsb, const T* k, const T* v, T* out, int64_t B, int d, int64_t N, int K,
-                  T scale) {
+void forward_impl(const T* q, int64_t qsb, const T* k, const T* v, T* out, int64_t osb, bool accumulate, int64_t B,
+                  int d, int dv, int64_t N, int K, T scale) {
   constexpr int nv = TILE / VT<T>::N;
   constexpr int64_t ld = padded_ld<T>(TILE);
-  const int64_t dK = int64_t(d) * K;
+  const int64_t dK = int64_t(d) * K, dvK = int64_t(dv) * K;
   std::vector<T> kT_s(B * dK);
-  prepare<T>(k, v, B, d, K, scale, kT_s.data(), nullptr, nullptr);
+  prepare<T>(k, v, B, d, dv, K, scale, kT_s.data(), nullptr, nullptr);
   const int64_t ntiles = (N + TILE - 1) / TILE;
   at::parallel_for(0, B * ntiles, 1, [&](int64_t i0, int64_t i1) {
     std::vector<T> S(K * ld), qt, ot;
@@ -258,20 +265,24 @@ void forward_impl(const T* q, int64_t qsb, const T* k, const T* v, T* out, int64
       const int n = static_cast<int>(std::min<int64_t>(TILE, N - n0));
       // full tiles straight from/to the tensors, the last one through zero-padded copies
       const T* qs = q + b * qsb + n0;
-      T* os = out + b * d * N + n0;
+      T* os = out + b * osb + n0;
       int64_t lq = N;
       if (n < TILE) {
         qt.resize(d * ld);
-        ot.resize(d * ld);
+        ot.resize(dv * ld);
         load_cols(q + b * qsb, N, d, n0, n, qt.data(), ld, TILE);
+        if (accumulate) load_cols(out + b * osb, N, dv, n0, n, ot.data(), ld, TILE);
         qs = qt.data();
         os = ot.data();
         lq = ld;
       }
       mm<T>(qs, lq, kT_s.data() + b * dK, d, d, S.data(), ld, K, nv);  // scores
       softmax_tile<T>(S.data(), ld, K, nv);
-      mm<T>(S.data(), ld, v + b * dK, K, K, os, lq, d, nv);  // out
-      if (n < TILE) store_cols(ot.data(), ld, d, out + b * d * N, N, n0, n);
+      if (accumulate)
+        mm<T, true>(S.data(), ld, v + b * dvK, K, K, os, lq, dv, nv);  // out +=
+      else
+        mm<T>(S.data(), ld, v + b * dvK, K, K, os, lq, dv, nv);  // out
+      if (n < TILE) store_cols(ot.data(), ld, dv, out + b * osb, N, n0, n);
     }
   });
 }
@@ -316,18 +327,19 @@ void reduce(const T* A, int64_t lda, const T* Bm, int64_t ldb, int nv, T* dst, i
   });
 }
 
+// g: dv rows per image, batch stride gsb.
 template <typename T>
-void backward_impl(const T* g, const T* q, int64_t qsb, const T* k, const T* v, T* dq, T* dk, T* dv, int64_t B, int d,
-                   int64_t N, int K, T scale) {
+void backward_impl(const T* g, int64_t gsb, const T* q, int64_t qsb, const T* k, const T* v, T* dq, T* dk, T* dv,
+                   int64_t B, int d, int dvc, int64_t N, int K, T scale) {
   constexpr int L = VT<T>::N;
   constexpr int nv = TILE / L;
   constexpr int CH = CHUNK_TILES * TILE;
   constexpr int64_t ld = padded_ld<T>(CH);
-  const int64_t dK = int64_t(d) * K;
-  std::vector<T> kT_s(B * dK), vT(B * dK), k_s(B * dK);
-  prepare<T>(k, v, B, d, K, scale, kT_s.data(), vT.data(), k_s.data());
+  const int64_t dK = int64_t(d) * K, dvK = int64_t(dvc) * K, pw = dK + dvK;
+  std::vector<T> kT_s(B * dK), vT(B * dvK), k_s(B * dK);
+  prepare<T>(k, v, B, d, dvc, K, scale, kT_s.data(), vT.data(), k_s.data());
   const int64_t nchunks = (N + CH - 1) / CH;
-  std::vector<T> part(B * nchunks * 2 * dK);  // per chunk: [dk partial | dv partial], d x K each
+  std::vector<T> part(B * nchunks * pw);  // per chunk: [dk partial (d x K) | dv partial (dv x K)]
   at::parallel_for(0, B * nchunks, 1, [&](int64_t i0, int64_t i1) {
     // the chunk's q, g, dq (d x CH), probabilities p and dp -> ds (K x CH); row stride ld
     std::vector<T> S(K * ld), D(K * ld), qc, gc, dqc;
@@ -337,15 +349,15 @@ void backward_impl(const T* g, const T* q, int64_t qsb, const T* k, const T* v, 
       const int ntl = (np + TILE - 1) / TILE;  // tiles with pixels (the rest of the chunk is skipped)
       // full chunks straight from/to the tensors, the last one through zero-padded copies
       const T* qs = q + b * qsb + p0;
-      const T* gs = g + b * d * N + p0;
+      const T* gs = g + b * gsb + p0;
       T* dqs = dq + b * d * N + p0;
       int64_t lq = N;
       if (np < CH) {
         qc.resize(d * ld);
-        gc.resize(d * ld);
+        gc.resize(dvc * ld);
         dqc.resize(d * ld);
         load_cols(q + b * qsb, N, d, p0, np, qc.data(), ld, ntl * TILE);
-        load_cols(g + b * d * N, N, d, p0, np, gc.data(), ld, ntl * TILE);
+        load_cols(g + b * gsb, N, dvc, p0, np, gc.data(), ld, ntl * TILE);
         qs = qc.data();
         gs = gc.data();
         dqs = dqc.data();
@@ -356,27 +368,27 @@ void backward_impl(const T* g, const T* q, int64_t qsb, const T* k, const T* v, 
         T *s = S.data() + o, *dd = D.data() + o;
         mm<T>(qs + o, lq, kT_s.data() + b * dK, d, d, s, ld, K, nv);  // scores
         softmax_tile<T>(s, ld, K, nv);                                // p
-        mm<T>(gs + o, lq, vT.data() + b * dK, d, d, dd, ld, K, nv);   // dp
+        mm<T>(gs + o, lq, vT.data() + b * dvK, dvc, dvc, dd, ld, K, nv);  // dp
         softmax_grad_tile<T>(s, dd, ld, K, nv);                       // ds
         mm<T>(dd, ld, k_s.data() + b * dK, K, K, dqs + o, lq, d, nv);  // dq
       }
       if (np < CH) store_cols(dqc.data(), ld, d, dq + b * d * N, N, p0, np);
-      T* pk = part.data() + it * 2 * dK;
-      reduce<T>(qs, lq, D.data(), ld, ntl * nv, pk, d, K);       // sum_n q ds
-      reduce<T>(gs, lq, S.data(), ld, ntl * nv, pk + dK, d, K);  // sum_n g p
+      T* pk = part.data() + it * pw;
+      reduce<T>(qs, lq, D.data(), ld, ntl * nv, pk, d, K);         // sum_n q ds
+      reduce<T>(gs, lq, S.data(), ld, ntl * nv, pk + dK, dvc, K);  // sum_n g p
     }
   });
   // chunk partials, summed in chunk order
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t i = 0; i < dK; ++i) {
-      T sk = 0, sv = 0;
-      for (int64_t ch = 0; ch < nchunks; ++ch) {
-        const T* p = part.data() + (b * nchunks + ch) * 2 * dK;
-        sk += p[i];
-        sv += p[dK + i];
-      }
+      T sk = 0;
+      for (int64_t ch = 0; ch < nchunks; ++ch) sk += part[(b * nchunks + ch) * pw + i];
       dk[b * dK + i] = sk * scale;
-      dv[b * dK + i] = sv;
+    }
+    for (int64_t i = 0; i < dvK; ++i) {
+      T sv = 0;
+      for (int64_t ch = 0; ch < nchunks; ++ch) sv += part[(b * nchunks + ch) * pw + dK + i];
+      dv[b * dvK + i] = sv;
     }
   }
 }
@@ -384,15 +396,28 @@ void backward_impl(const T* g, const T* q, int64_t qsb, const T* k, const T* v, 
 // ---------------------------------------------------------------------------------------------
 struct Dims {
   int64_t B = 0, N = 0;
-  int d = 0, K = 0;
+  int d = 0, dv = 0, K = 0;
 };
 
-// q B x d x (N...), k and v B x d x (K...): trailing dimensions flattened (H x W pixels, K x 1
-// classes); k and v contiguous, q contiguous within each image (any batch stride: a channel slice).
+// Whether every x[b] is contiguous (the batch stride may be anything).
+bool images_contiguous(const torch::Tensor& x) {
+  int64_t expect = 1;
+  for (int64_t i = x.dim() - 1; i >= 1; --i) {
+    if (x.size(i) != 1 && x.stride(i) != expect) return false;
+    expect *= x.size(i);
+  }
+  return true;
+}
+
+int64_t batch_stride(const torch::Tensor& x) { return x.size(0) > 1 ? x.stride(0) : x.numel(); }
+
+// q B x d x (N...), k B x d x (K...), v B x dv x (K...): trailing dimensions flattened (H x W
+// pixels, K x 1 classes); k and v contiguous, q contiguous within each image (any batch stride: a
+// channel slice).
 Dims check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(q.dim() >= 3 && k.dim() >= 3 && v.dim() >= 3,
-              "label_attention (cpp): expected q B x d x N (or B x d x H x W), k and v B x d x K (or B x d x "
-              "K x 1), got ranks ",
+              "label_attention (cpp): expected q B x d x N (or B x d x H x W), k B x d x K and v B x dv x K (or "
+              "... x K x 1), got ranks ",
               q.dim(), ", ", k.dim(), ", ", v.dim());
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "label_attention (cpp): CPU tensors only");
@@ -401,36 +426,53 @@ Dims check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "label_attention (cpp): q, k and v must have the same dtype");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "label_attention (cpp): k and v must be contiguous");
-  // q: every image contiguous (d x N); the images may be apart (a channel slice of a wider map)
-  int64_t expect = 1;
-  for (int64_t i = q.dim() - 1; i >= 1; --i) {
-    TORCH_CHECK(q.size(i) == 1 || q.stride(i) == expect,
-                "label_attention (cpp): q must be contiguous within each image (B x d x N, any batch stride)");
-    expect *= q.size(i);
-  }
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && v.sizes() == k.sizes(),
+  TORCH_CHECK(images_contiguous(q),
+              "label_attention (cpp): q must be contiguous within each image (B x d x N, any batch stride)");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && v.size(0) == q.size(0),
               "label_attention (cpp): shape mismatch: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
   Dims g;
   g.B = q.size(0);
-  const int64_t d = q.size(1);
-  if (g.B * d == 0) return g;
+  const int64_t d = q.size(1), dv = v.size(1);
+  if (g.B * d == 0 || dv == 0) return g;
   const int64_t K = k.numel() / (g.B * d);
   TORCH_CHECK(K > 0, "label_attention (cpp): K must be > 0");
-  TORCH_CHECK(d < (1 << 20) && K < (1 << 20), "label_attention (cpp): d or K too large");
+  TORCH_CHECK(v.numel() == g.B * dv * K, "label_attention (cpp): v must be B x dv x K with k's K: q ", q.sizes(),
+              ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(d < (1 << 20) && dv < (1 << 20) && K < (1 << 20), "label_attention (cpp): d, dv or K too large");
   g.d = static_cast<int>(d);
+  g.dv = static_cast<int>(dv);
   g.K = static_cast<int>(K);
   g.N = q.numel() / (g.B * d);
   return g;
 }
 
-torch::Tensor la_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+// q's shape with dim 1 = dv
+std::vector<int64_t> out_shape(const torch::Tensor& q, int64_t dv) {
+  auto s = q.sizes().vec();
+  s[1] = dv;
+  return s;
+}
+
+// The attention of q over (k, v): a new B x dv x (q's pixels) tensor, or added into `out` (that
+// shape, every image contiguous, any batch stride) when given.
+torch::Tensor la_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
+                         c10::optional<torch::Tensor> out_) {
   const Dims g = check_qkv(q, k, v);
-  auto out = torch::empty(q.sizes(), q.options());
-  if (q.numel() == 0) return out;
+  const bool accumulate = out_.has_value();
+  torch::Tensor out;
+  if (accumulate) {
+    out = *out_;
+    TORCH_CHECK(out.sizes().vec() == out_shape(q, v.size(1)) && out.scalar_type() == q.scalar_type() &&
+                    out.device().is_cpu() && images_contiguous(out),
+                "label_attention (cpp): out must be B x dv x (q's pixels), q's dtype, contiguous within each image");
+  } else {
+    out = torch::empty(out_shape(q, v.size(1)), q.options());
+  }
+  if (out.numel() == 0 || q.numel() == 0) return accumulate ? out : out.zero_();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "label_attention_forward", [&] {
-    forward_impl<scalar_t>(q.data_ptr<scalar_t>(), q.size(0) > 1 ? q.stride(0) : q.numel(),
-                           k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                           out.data_ptr<scalar_t>(), g.B, g.d, g.N, g.K, static_cast<scalar_t>(scale));
+    forward_impl<scalar_t>(q.data_ptr<scalar_t>(), batch_stride(q), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                           out.data_ptr<scalar_t>(), batch_stride(out), accumulate, g.B, g.d, g.dv, g.N, g.K,
+                           static_cast<scalar_t>(scale));
   });
   return out;
 }
@@ -438,17 +480,19 @@ torch::Tensor la_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, doub
 std::vector<torch::Tensor> la_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                        double scale) {
   const Dims g = check_qkv(q, k, v);
-  TORCH_CHECK(grad.sizes() == q.sizes() && grad.scalar_type() == q.scalar_type() && grad.is_contiguous(),
-              "label_attention (cpp): grad must be contiguous with q's shape and dtype");
+  TORCH_CHECK(grad.sizes().vec() == out_shape(q, v.size(1)) && grad.scalar_type() == q.scalar_type() &&
+                  images_contiguous(grad),
+              "label_attention (cpp): grad must be B x dv x (q's pixels) with q's dtype, contiguous within each "
+              "image");
   auto dq = torch::empty(q.sizes(), q.options());
   auto dk = torch::empty_like(k);
   auto dv = torch::empty_like(v);
-  if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
+  if (q.numel() == 0 || v.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "label_attention_backward", [&] {
-    backward_impl<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.size(0) > 1 ? q.stride(0) : q.numel(),
-                            k.data_ptr<scalar_t>(),
-                            v.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-                            dv.data_ptr<scalar_t>(), g.B, g.d, g.N, g.K, static_cast<scalar_t>(scale));
+    backward_impl<scalar_t>(grad.data_ptr<scalar_t>(), batch_stride(grad), q.data_ptr<scalar_t>(), batch_stride(q),
+                            k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                            dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), g.B, g.d, g.dv, g.N, g.K,
+                            static_cast<scalar_t>(scale));
   });
   return {dq, dk, dv};
 }
@@ -457,11 +501,11 @@ std::vector<torch::Tensor> la_backward(torch::Tensor grad, torch::Tensor q, torc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &la_forward,
-        "label attention forward (CPU): q B x d x N (or B x d x H x W), k and v B x d x K (or B x d x K x 1), "
-        "scale -> out (q's shape)",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
+        "label attention forward (CPU): q B x d x N (or B x d x H x W), k B x d x K, v B x dv x K (or ... x K x 1), "
+        "scale, out (None, or B x dv x N to add into) -> out",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("out") = py::none());
   m.def("backward", &la_backward,
-        "label attention backward (CPU): grad (q's shape), q, k, v, scale -> [dq, dk, dv] (their inputs' "
-        "shapes)",
+        "label attention backward (CPU): grad (B x dv x N, any batch stride), q, k, v, scale -> [dq, dk, dv] "
+        "(their inputs' shapes)",
         py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
 }

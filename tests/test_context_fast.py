@@ -290,8 +290,13 @@ def test_fused_head_batches_the_projections():
     # fused: 1 (the 4 task bottlenecks) + (1 + 4) aux + 4 query groups + the global block's keys and values (2: kept apart so
     # the keys stay contiguous) + one key/value conv per distinct label context (8 for 15 label
     # blocks) + 4 final; the second query and key layers, the 4 out_proj and the 4 ATRC
-    # bottlenecks are batched matrix products, not convolutions
-    assert counts[True] == 1 + 5 + 4 + 2 + 8 + 4
+    # bottlenecks are batched matrix products, not convolutions — with the out_proj fold (where
+    # the label-attention kernel runs) the global block's output goes through its block of
+    # edge's out_proj as one more convolution, the label blocks' are folded into their values
+    from atrc_exp.ops import label_attention as laop
+
+    folded = laop._extension() is not None
+    assert counts[True] == 1 + 5 + 4 + 2 + 8 + 4 + int(folded)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -417,3 +422,38 @@ def test_full_model_training_step_fused_equals_plain():
     assert gp["head.atrc_module.cp_blocks.edge.normals.query_project.0.0.weight"].abs().sum() > 0
     for n in gp:
         _close(gp[n], gf[n], f"grad {n}", rtol=1e-4)
+
+
+@pytest.mark.parametrize("genotype", [NYUD18, MIXED, "tlabel"], ids=["nyud18", "mixed", "tlabel"])
+def test_out_proj_folded_into_the_label_attention(genotype, monkeypatch):
+    """``ATRCModule.fold``: ``out_proj`` applied block by block, folded into the label blocks'
+    values and summed in place by the label-attention kernel — the same outputs, gradients and
+    running statistics as concatenating the blocks' outputs first; and the fold did run."""
+    from atrc_exp.ops import label_attention as laop
+
+    if laop._extension() is None:  # pragma: no cover - the gate machine has g++
+        pytest.skip("no label-attention kernel")
+    g = uniform_genotype(NYUD, genotype) if isinstance(genotype, str) else genotype
+    head = _head(g).train()
+    unfolded = copy.deepcopy(head)
+    set_fused(unfolded, True, fold=False)
+    adds = [0]
+    real = laop.label_attention_add
+
+    def counting(*a):
+        adds[0] += 1
+        return real(*a)
+
+    monkeypatch.setattr(laop, "label_attention_add", counting)
+    out_f, grad_f, buf_f = _step(head, True, _head_inputs())
+    n_fold = adds[0]
+    out_u, grad_u, buf_u = _step(unfolded, True, _head_inputs())
+    assert n_fold > 0 and adds[0] == n_fold  # only the folded path adds into a projection
+    for k in out_u:
+        _close(out_f[k], out_u[k], f"output {k}")
+    assert grad_f.keys() == grad_u.keys()
+    for k in grad_u:
+        _close(grad_f[k], grad_u[k], f"grad {k}", 1e-4)
+    for k in buf_u:
+        if buf_u[k].is_floating_point():
+            _close(buf_f[k], buf_u[k], f"buffer {k}")

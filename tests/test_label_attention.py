@@ -302,3 +302,58 @@ def test_label_context_block_routes_through_the_kernel(calls):
     b = _block_run(block, state, inputs, "torch")
     assert calls == {"forward": 1, "backward": 1}
     _compare_block_runs(a, b)
+
+
+# -- values of another width, accumulation into a given output (the ATRC module's out_proj fold) --
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 33, 40, 48, 64, 67), (2, 33, 2, 17, 19, 67), (1, 5, 3, 1, 70, 2)])
+def test_values_of_another_width(calls, dtype, shape):
+    B, d, K, H, W, dv = shape
+    q, k, _, _ = _inputs(B, d, K, H, W, dtype)
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(B, dv, K, 1, generator=g, dtype=dtype)
+    grad = torch.randn(B, dv, H, W, generator=g, dtype=dtype)
+    got = _run(label_attention, q, k, v, grad)
+    want = _run(label_attention_reference, q, k, v, grad)
+    assert calls["forward"] == 1 and calls["backward"] == 1 and got[0].shape == (B, dv, H, W)
+    for a, b, what in zip(got, want, ("out", "dq", "dk", "dv")):
+        _assert_close(a, b, _TOL[dtype], what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_add_into_a_channel_slice(calls, dtype):
+    """``label_attention_add`` into a channel slice of a wider map (batch stride ≠ d_v·N), written in
+    place, twice: base + both attentions, and the gradients (the base's passes through; the
+    kernel reads the sliced gradient in place) as the reference's."""
+    B, d, H, W, dv = 2, 33, 9, 70, 12  # N = 630: partial tiles and chunks
+    g = torch.Generator().manual_seed(6)
+    q1, k1 = (
+        torch.randn(B, d, H, W, generator=g, dtype=dtype),
+        torch.randn(B, d, 40, 1, generator=g, dtype=dtype),
+    )
+    q2, k2 = (
+        torch.randn(B, d, H, W, generator=g, dtype=dtype),
+        torch.randn(B, d, 2, 1, generator=g, dtype=dtype),
+    )
+    v1, v2 = (
+        torch.randn(B, dv, 40, 1, generator=g, dtype=dtype),
+        torch.randn(B, dv, 2, 1, generator=g, dtype=dtype),
+    )
+    x0 = torch.randn(B, 3 * dv, H, W, generator=g, dtype=dtype)
+    grad = torch.randn(B, 3 * dv, H, W, generator=g, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x0, q1, k1, v1, q2, k2, v2)]
+
+    def run(add):
+        x, a1, b1, c1, a2, b2, c2 = (t.detach().clone().requires_grad_() for t in leaves)
+        buf = x * 1.0
+        part = add(add(buf[:, dv : 2 * dv], a1, b1, c1), a2, b2, c2)
+        out = torch.cat([buf[:, :dv], part, buf[:, 2 * dv :]], dim=1)
+        return (out, *torch.autograd.grad(out, (x, a1, b1, c1, a2, b2, c2), grad))
+
+    want = run(lambda base, q, k, v: base + label_attention_reference(q, k, v))
+    got = run(laop.label_attention_add)
+    assert calls["forward"] == 2 and calls["backward"] == 2
+    for a, b, what in zip(got, want, ("out", "dx", "dq1", "dk1", "dv1", "dq2", "dk2", "dv2")):
+        _assert_close(a, b, _TOL[dtype], what)

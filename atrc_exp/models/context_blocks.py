@@ -40,6 +40,7 @@ __all__ = [
     "TLabelContextBlock",
     "label_contexts",
     "make_cp_block",
+    "project_cp_ops",
     "run_cp_ops",
     "ignore_mask",
     "spatial_softmax",
@@ -353,9 +354,21 @@ def run_cp_ops(
     probs: Mapping[str, torch.Tensor] | None = None,
     contexts: Mapping[tuple[str, str], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """Outputs of many CP blocks, ``[op.block(feats[op.target], feats[op.source], ...) for op in ops]``,
-    with the projections that read the same tensor batched into one 1×1 convolution and one batch
-    norm (:func:`~atrc_exp.models.layers.conv_bn_relu_group`):
+    """Outputs of many CP blocks, ``[op.block(feats[op.target], feats[op.source], ...) for op in ops]``:
+    :func:`project_cp_ops`, then every block's ``attend``."""
+    query, key, value = project_cp_ops(ops, feats, probs, contexts)
+    return [op.block.attend(query[i], key[i], value[i]) for i, op in enumerate(ops)]
+
+
+def project_cp_ops(
+    ops: Sequence[CPOp],
+    feats: Mapping[str, torch.Tensor],
+    probs: Mapping[str, torch.Tensor] | None = None,
+    contexts: Mapping[tuple[str, str], torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The projected ``(queries, keys, values)`` of many CP blocks (one list entry per op: what each
+    block's ``attend`` takes), with the projections that read the same tensor batched into one 1×1
+    convolution and one batch norm (:func:`~atrc_exp.models.layers.conv_bn_relu_group`):
 
     * the first query layer of every block with the same target;
     * the first key layer and the value projection of every global / local block with the same
@@ -364,8 +377,8 @@ def run_cp_ops(
       context (contexts are computed once per (probability task, source), see
       :func:`label_contexts`; pass ``contexts`` to reuse them).
 
-    The remaining layers and the attention run per block. Same numbers as the blocks' own forward
-    (float rounding aside), running statistics updated once per layer.
+    The remaining layers run per block. Same numbers as the blocks' own projections (float
+    rounding aside), running statistics updated once per layer.
     """
     n = len(ops)
     query: list = [None] * n
@@ -413,4 +426,4 @@ def run_cp_ops(
         by_context = _group(ops, lambda op: (_prob_task(op), op.source) if op.block.kind == "label" else None)
         for ck, idx in by_context.items():
             keys_and_values(contexts[ck], idx, together=True)
-    return [op.block.attend(query[i], key[i], value[i]) for i, op in enumerate(ops)]
+    return query, key, value

@@ -23,21 +23,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops import label_attention as _label_attention
 from .context_blocks import (
     CONTEXT_CODES,
     CPOp,
     ignore_mask,
     label_contexts,
     make_cp_block,
+    project_cp_ops,
     run_cp_ops,
     spatial_softmax,
 )
 from .heads import MultiTaskFCNHead
 from .layers import (
     ConvBNReLU,
+    batch_norm_group,
     conv_bn_act_blockwise,
     conv_bn_relu_group,
     frozen_bn_stats,
@@ -49,15 +53,20 @@ from .search_block import SearchCPBlock
 __all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "set_fused", "uniform_genotype"]
 
 
-def set_fused(module: nn.Module, fused: bool = True, recompute: bool | None = None) -> None:
+def set_fused(
+    module: nn.Module, fused: bool = True, recompute: bool | None = None, fold: bool | None = None
+) -> None:
     """Switch every ATRC head / module inside ``module`` between the batched evaluation
     (``fused=True``, the default) and the block-by-block one of the original implementation;
-    ``recompute`` sets :attr:`ATRCModule.recompute` (the memory-lean search) as well."""
+    ``recompute`` sets :attr:`ATRCModule.recompute` (the memory-lean search) and ``fold``
+    :attr:`ATRCModule.fold` (``out_proj`` folded into the label attention) as well."""
     for m in module.modules():
         if isinstance(m, (ATRCModule, RelationalContextHead, MultiTaskFCNHead)):
             m.fused = bool(fused)
         if recompute is not None and isinstance(m, ATRCModule):
             m.recompute = bool(recompute)
+        if fold is not None and isinstance(m, ATRCModule):
+            m.fold = bool(fold)
 
 
 Genotype = Mapping[str, Mapping[str, int]]
@@ -93,6 +102,17 @@ class ATRCModule(nn.Module):
     batched into one convolution, label contexts computed once); False calls block by block as the
     original. Same numbers either way (float rounding aside), same parameters and buffers.
 
+    ``fold`` (default True, fused distillation network only): the ``out_proj`` convolution of a
+    target is applied to each CP block's output before the concatenation — ``W·cat(y_s) =
+    Σ_s W_s·y_s`` — and for a label block folded into its values, ``W_s·(V_s·P_s) = (W_s·V_s)·P_s``
+    (P_s the B×K×N attention probabilities): the label-attention kernel then writes the C-channel
+    projection directly, summed over the target's label blocks in place
+    (:func:`~atrc_exp.ops.label_attention.label_attention_add`), and neither the blocks' outputs
+    nor their concatenation are materialised. Fewer multiply-adds when K < d·C/(C−d) (always for the
+    2-class edge maps; about 16% fewer at K = 40), same numbers up to float rounding. Only where the
+    label-attention kernel runs (float32/float64 CPU tensors); elsewhere the blocks' outputs are
+    concatenated as before.
+
     ``recompute`` (default True, search only): while training, the CP ops of each target are run
     under activation checkpointing — their intermediate activations are not kept but recomputed
     in the backward (batch-norm running statistics still updated once), so the search holds
@@ -113,6 +133,7 @@ class ATRCModule(nn.Module):
         self.tasks = list(tasks)
         self.search = genotype is None
         self.fused = True
+        self.fold = True
         self.recompute = True
         inter = channels // 2 if inter_channels is None else inter_channels
         self.cp_blocks = nn.ModuleDict()
@@ -156,32 +177,108 @@ class ATRCModule(nn.Module):
         if self.search:
             return self._forward_search(feats, probs)
         ops = [CPOp(t, s, blk) for t in self.tasks for s, blk in self.cp_blocks[t].items()]
-        ys = iter(run_cp_ops(ops, feats, probs))
-        return self._finish_all(feats, {t: [next(ys) for _ in self.cp_blocks[t]] for t in self.tasks})
+        query, key, value = project_cp_ops(ops, feats, probs)
+        if self.fold and self._fold_applies(ops, query, key, value):
+            return self._finish_all(feats, pres=self._folded_projections(ops, query, key, value))
+        ys = iter(op.block.attend(q, k, v) for op, q, k, v in zip(ops, query, key, value))
+        return self._finish_all(feats, ctxs={t: [next(ys) for _ in self.cp_blocks[t]] for t in self.tasks})
+
+    def _fold_applies(self, ops, query, key, value) -> bool:
+        """Some label block, the label-attention kernel runs for it, and every ``out_proj`` is a
+        plain 1×1 convolution (no bias, no groups) followed by a batch norm."""
+        label = [i for i, op in enumerate(ops) if op.block.kind == "label"]
+        if not label or not _label_attention.kernel_applies(query[label[0]], key[label[0]], value[label[0]]):
+            return False
+        for proj in self.out_proj.values():
+            conv = proj[0]
+            if len(proj) != 2 or conv.kernel_size != (1, 1) or conv.bias is not None or conv.groups != 1:
+                return False
+            if conv.stride != (1, 1) or conv.padding != (0, 0) or conv.dilation != (1, 1):
+                return False
+        return True
+
+    def _folded_projections(self, ops, query, key, value) -> dict[str, torch.Tensor]:
+        """Per target with CP blocks, ``out_proj``'s convolution of the blocks' concatenated outputs
+        (B×C×H×W, before its batch norm), computed block by block (see :attr:`fold`): label
+        blocks as the attention of their values times the weight's block columns, added in place;
+        the other blocks' outputs through their block of the weight."""
+        pres: dict[str, torch.Tensor] = {}
+        i = 0
+        for t in self.tasks:
+            n = len(self.cp_blocks[t])
+            if n == 0:
+                continue
+            conv = self.out_proj[t][0]
+            w = conv.weight.view(conv.out_channels, -1)  # C × (n·d)
+            pre = None
+            label = []
+            lo = 0
+            for j in range(i, i + n):
+                d = ops[j].block.out_channels
+                wj = w[:, lo : lo + d]
+                lo += d
+                if ops[j].block.kind == "label":
+                    label.append((j, wj))
+                    continue
+                y = F.conv2d(ops[j].block.attend(query[j], key[j], value[j]), wj[:, :, None, None])
+                pre = y if pre is None else pre + y
+            for j, wj in label:
+                v = value[j]
+                vw = torch.matmul(wj, v.reshape(v.shape[0], v.shape[1], -1)).unsqueeze(-1)  # B×C×K×1
+                if pre is None:
+                    pre = _label_attention.label_attention(query[j], key[j], vw)
+                else:
+                    pre = _label_attention.label_attention_add(pre, query[j], key[j], vw)
+            pres[t] = pre
+            i += n
+        return pres
+
+    def _distilled(
+        self,
+        ts: list[str],
+        ctxs: Mapping[str, list[torch.Tensor]] | None,
+        pres: Mapping[str, torch.Tensor] | None,
+    ) -> list[torch.Tensor]:
+        """``[self.out_proj[t](torch.cat(ctxs[t], 1)) for t in ts]`` for targets whose ``out_proj``
+        layers have equal shapes: one batched product and one batch norm — or, from ``pres`` (the
+        convolution already applied, :meth:`_folded_projections`), the batch norms alone."""
+        bns = [self.out_proj[t][1] for t in ts]
+        if pres is not None:
+            pre = pres[ts[0]] if len(ts) == 1 else torch.cat([pres[t] for t in ts], dim=1)
+            return list(batch_norm_group(pre, bns).split([bn.num_features for bn in bns], dim=1))
+        if len(ts) == 1:
+            return [self.out_proj[ts[0]](torch.cat(ctxs[ts[0]], dim=1))]
+        ctx_all = torch.cat([c for t in ts for c in ctxs[t]], dim=1)
+        return conv_bn_act_blockwise(ctx_all, [self.out_proj[t] for t in ts])
 
     def _finish_all(
-        self, feats: Mapping[str, torch.Tensor], ctxs: Mapping[str, list[torch.Tensor]]
+        self,
+        feats: Mapping[str, torch.Tensor],
+        ctxs: Mapping[str, list[torch.Tensor]] | None = None,
+        pres: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``{t: self._finish(t, feats[t], ctxs[t])}``, with the ``out_proj`` and the bottleneck
-        layers of targets whose layers have equal shapes evaluated together: each kind as one
-        batched matrix product and one batch norm (:func:`conv_bn_act_blockwise`; small 1×1
-        convolutions run 1.2-1.7× faster so on the CPU). The dropouts run per target in task
-        order, as in :meth:`_finish`, so the random draws are the same."""
+        """``{t: self._finish(t, feats[t], ctxs[t])}`` (or from the folded projections ``pres``),
+        with the ``out_proj`` and the bottleneck layers of targets whose layers have equal shapes
+        evaluated together: each kind as one batched matrix product and one batch norm
+        (:func:`conv_bn_act_blockwise`; small 1×1 convolutions run 1.2-1.7× faster so on the
+        CPU). The dropouts run per target in task order, as in :meth:`_finish`, so the random
+        draws are the same."""
+        has = (lambda t: t in pres) if pres is not None else (lambda t: bool(ctxs[t]))
         groups: dict[tuple[int, int], list[str]] = {}
         for t in self.tasks:
-            if ctxs[t]:
+            if has(t):
                 key = (self.out_proj[t][0].in_channels, self.bottleneck[t][0].in_channels)
                 groups.setdefault(key, []).append(t)
         before_dropout: dict[str, torch.Tensor] = {}
         for ts in groups.values():
+            distilled = self._distilled(ts, ctxs, pres)
             if len(ts) < 2:
+                before_dropout[ts[0]] = self.bottleneck[ts[0]](torch.cat([feats[ts[0]], distilled[0]], dim=1))
                 continue
-            ctx_all = torch.cat([c for t in ts for c in ctxs[t]], dim=1)
-            distilled = conv_bn_act_blockwise(ctx_all, [self.out_proj[t] for t in ts])
             x = torch.cat([z for t, d in zip(ts, distilled) for z in (feats[t], d)], dim=1)
             before_dropout.update(zip(ts, conv_bn_act_blockwise(x, [self.bottleneck[t] for t in ts])))
         return {
-            t: self.dropout(before_dropout[t]) if t in before_dropout else self._finish(t, feats[t], ctxs[t])
+            t: self.dropout(before_dropout[t] if t in before_dropout else self.bottleneck[t](feats[t]))
             for t in self.tasks
         }
 

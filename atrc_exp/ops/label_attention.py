@@ -1,11 +1,14 @@
 """``label_attention(query, key, value)``: the attention of ATRC's label-context blocks.
 
 Contract (what ``LabelContextBlock.attend`` computes): ``query`` B×d×H×W (any strides), ``key``
-and ``value`` B×d×K×1 (K = number of classes, small: 2 to 40), all of one dtype; with N = H·W,
+B×d×K×1 and ``value`` B×d_v×K×1 (K = number of classes, small: 2 to 40; d_v = d in the blocks), all
+of one dtype; with N = H·W,
 
     out[b, :, n] = Σ_k softmax_k(⟨query[b, :, n], key[b, :, k]⟩ / √d) · value[b, :, k]
 
-returned as B×d×H×W. :func:`label_attention_reference` is the PyTorch formulation (two ``bmm``, a
+returned as B×d_v×H×W. :func:`label_attention_add` adds it into a given tensor instead (the ATRC
+module folds the ``out_proj`` convolution into the values — d_v = its output width — and sums the
+label blocks of a target in place: :meth:`atrc_exp.models.relational_head.ATRCModule.fold`). :func:`label_attention_reference` is the PyTorch formulation (two ``bmm``, a
 softmax over the last dimension, transposes); the result of the reference is a non-contiguous
 view (strides (N·d, 1, d)), the kernel's is NCHW-contiguous: same values up to float rounding.
 
@@ -53,7 +56,15 @@ from torch.autograd.function import once_differentiable
 
 from .switch import BackendSwitch
 
-__all__ = ["BACKENDS", "get_backend", "label_attention", "label_attention_reference", "set_backend"]
+__all__ = [
+    "BACKENDS",
+    "get_backend",
+    "kernel_applies",
+    "label_attention",
+    "label_attention_add",
+    "label_attention_reference",
+    "set_backend",
+]
 
 BACKENDS = ("auto", "cpp", "torch")
 _switch = BackendSwitch("label_attention", BACKENDS)
@@ -69,15 +80,16 @@ def get_backend() -> str:
 
 
 def label_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """The PyTorch formulation: query B×d×H×W, key and value B×d×K×1 → B×d×H×W."""
+    """The PyTorch formulation: query B×d×H×W, key B×d×K×1, value B×d_v×K×1 → B×d_v×H×W."""
     B, d, H, W = query.shape
+    dv = value.shape[1]
     key = key.reshape(B, d, -1)  # B×d×K
-    value = value.reshape(B, d, -1).transpose(1, 2)  # B×K×d
+    value = value.reshape(B, dv, -1).transpose(1, 2)  # B×K×d_v
     query = query.reshape(B, d, -1).transpose(1, 2)  # B×N×d
     sim = torch.matmul(query, key).div_(d**0.5)  # B×N×K
     sim = sim.softmax(dim=-1)
-    out = torch.matmul(sim, value).transpose(1, 2)  # B×d×N
-    return out.view(B, d, H, W)
+    out = torch.matmul(sim, value).transpose(1, 2)  # B×d_v×N
+    return out.view(B, dv, H, W)
 
 
 def _extension():
@@ -94,7 +106,7 @@ def _kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
         if t.device.type != "cpu" or t.dtype != query.dtype or t.numel() == 0:
             return False
     B, d = query.shape[:2]
-    if tuple(key.shape[:2]) != (B, d) or value.shape != key.shape:
+    if tuple(key.shape[:2]) != (B, d) or value.shape[0] != B or value.shape[2:] != key.shape[2:]:
         return False  # the reference raises (or broadcasts) as it always did
     if torch.compiler.is_compiling() or torch.jit.is_scripting():
         return False
@@ -113,6 +125,12 @@ def _images_contiguous(x: torch.Tensor) -> bool:
     return True
 
 
+def _grad_layout(grad: torch.Tensor) -> torch.Tensor:
+    """The kernel reads a gradient whose images are apart (a channel slice of a wider map's) in
+    place; anything else is made contiguous."""
+    return grad if _images_contiguous(grad) else grad.contiguous()
+
+
 class _LabelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ext):  # noqa: D102
@@ -127,13 +145,58 @@ class _LabelAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
         q, k, v = ctx.saved_tensors
-        dq, dk, dv = ctx.ext.backward(grad.contiguous(), q, k, v, ctx.scale)
+        dq, dk, dv = ctx.ext.backward(_grad_layout(grad), q, k, v, ctx.scale)
         return dq, dk, dv, None
 
 
+class _LabelAttentionAdd(torch.autograd.Function):
+    """``base += attention`` in place (``base`` marked dirty; its gradient passes through)."""
+
+    @staticmethod
+    def forward(ctx, base, q, k, v, ext):  # noqa: D102
+        scale = q.shape[1] ** -0.5
+        ctx.mark_dirty(base)
+        ext.forward(q, k, v, scale, base)
+        ctx.save_for_backward(q, k, v)
+        ctx.ext = ext
+        ctx.scale = scale
+        return base
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        q, k, v = ctx.saved_tensors
+        if any(ctx.needs_input_grad[1:4]):
+            dq, dk, dv = ctx.ext.backward(_grad_layout(grad), q, k, v, ctx.scale)
+        else:
+            dq = dk = dv = None
+        return grad, dq, dk, dv, None
+
+
+def kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether :func:`label_attention` runs the C++ kernel for these tensors (before building it)."""
+    return _kernel_applies(query, key, value)
+
+
+def label_attention_add(
+    base: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """``base + label_attention(query, key, value)``; ``base`` (B×d_v×H×W, a tensor the caller owns
+    that autograd does not need, e.g. the output of an earlier call) is written in place where the
+    kernel runs (images contiguous, any batch stride), the reference adds out of place."""
+    ext = _extension() if _kernel_applies(query, key, value) else None
+    if ext is None or base.dtype != query.dtype or not _images_contiguous(base) or base.dim() != 4:
+        return base + label_attention(query, key, value)
+    q = query if _images_contiguous(query) else query.contiguous()
+    k, v = key.contiguous(), value.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (base, q, k, v)):
+        return _LabelAttentionAdd.apply(base, q, k, v, ext)
+    return ext.forward(q, k, v, q.shape[1] ** -0.5, base)
+
+
 def label_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``softmax_K(qᵀk/√d)·v`` per pixel: query B×d×H×W, key and value B×d×K×1 → B×d×H×W
-    (see the module docstring for when the C++ kernel runs)."""
+    """``softmax_K(qᵀk/√d)·v`` per pixel: query B×d×H×W, key B×d×K×1, value B×d_v×K×1 →
+    B×d_v×H×W (see the module docstring for when the C++ kernel runs)."""
     ext = _extension() if _kernel_applies(query, key, value) else None
     if ext is None:
         return label_attention_reference(query, key, value)
