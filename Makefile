@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format clean bench bench-data bench-ops bench-bn bench-ce bench-label
+.PHONY: help install train test test-full lint format clean bench bench-data bench-ops bench-bn bench-ce bench-label bench-ups
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ bench-ce: $(STAMP) ## CPU loss kernels (upsampling fused into the cross-entropy,
 
 bench-label: $(STAMP) ## CPU label-context attention kernel vs PyTorch's batched products
 	$(BIN)/python benchmarks/bench_label_attention.py --threads 2
+
+bench-ups: $(STAMP) ## aux heads' 1x1 conv at the backbone branches' resolutions (resize-and-add kernel) vs on the concatenation
+	$(BIN)/python benchmarks/bench_upsample_add.py --threads 2
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check atrc_exp tests benchmarks
