@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import upsample_add as _upsample_add
-from ..ops.batch_norm import batch_norm_act
+from ..ops.batch_norm import batch_norm_act, batch_norm_act_batch_stats
 
 
 class ConvBNAct(nn.Sequential):
@@ -153,8 +153,7 @@ def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module], relu: bool = Fal
     use_batch_stats = b0.training or not tracked
     factor = 0.0
     if update:
-        for b in bns:
-            b.num_batches_tracked.add_(1)
+        torch._foreach_add_([b.num_batches_tracked for b in bns], 1)
         factor = b0.momentum if b0.momentum is not None else 1.0 / float(b0.num_batches_tracked)
     if len(bns) == 1:
         weight, bias = b0.weight, b0.bias
@@ -167,6 +166,21 @@ def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module], relu: bool = Fal
             bias = torch.cat([b.bias if b.affine else x.new_zeros(b.num_features) for b in bns])
         else:
             weight = bias = None
+        if update:  # the kernel's batch statistics into every module's buffers, a few ops in all
+            got = batch_norm_act_batch_stats(x, weight, bias, b0.eps, relu)
+            if got is not None:
+                y, bmean, bvar = got
+                sizes = [b.num_features for b in bns]
+                with torch.no_grad():
+                    for stat, buffers in (
+                        (bmean, [b.running_mean for b in bns]),
+                        (bvar, [b.running_var for b in bns]),
+                    ):
+                        torch._foreach_mul_(buffers, 1.0 - factor)
+                        torch._foreach_add_(
+                            buffers, [s.to(buffers[0].dtype) for s in stat.split(sizes)], alpha=factor
+                        )
+                return y
         if tracked:
             mean = torch.cat([b.running_mean for b in bns])
             var = torch.cat([b.running_var for b in bns])

@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from .switch import BackendSwitch
 
-__all__ = ["BACKENDS", "batch_norm_act", "get_backend", "set_backend"]
+__all__ = ["BACKENDS", "batch_norm_act", "batch_norm_act_batch_stats", "get_backend", "set_backend"]
 
 BACKENDS = ("auto", "cpp", "torch")
 _switch = BackendSwitch("batch_norm", BACKENDS)
@@ -78,6 +78,26 @@ class _BatchNormAct(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         dx, dw, db = ctx.ext.backward(grad.contiguous(), x, weight, bias, mean, invstd, ctx.relu)
         return dx, dw, db, None, None, None
+
+
+def batch_norm_act_batch_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    relu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Training-mode ``batch_norm_act`` without running statistics, through the kernel only:
+    ``(y, batch mean, unbiased batch variance)`` (the statistics detached), or None where the
+    kernel does not apply (then call :func:`batch_norm_act`). Lets a caller update several modules'
+    running statistics from one call (``torch._foreach_*`` over their buffers)."""
+    ext = _extension() if _kernel_applies(x, True, weight, bias) else None
+    if ext is None:
+        return None
+    C = x.shape[1]
+    w = weight if weight is not None else x.new_ones(C)
+    b = bias if bias is not None else x.new_zeros(C)
+    return _BatchNormAct.apply(x, w.contiguous(), b.contiguous(), float(eps), bool(relu), ext)
 
 
 def batch_norm_act(
