@@ -24,7 +24,10 @@ HRNet18 on the four NYUD tasks, float32, batch 2, 192×256 by default, for
   ``--skip-original`` leaves them out.
 
 The variants run interleaved (one step of each per round, ``--repeat`` rounds after a warm-up)
-and the table gives the median and the minimum; the ratios use the medians.
+and the table gives the median and the minimum; the ratios use the medians. Freed memory is kept
+for reuse as in training (``trainer.keep_freed_memory``, the default there);
+``--return-freed-memory`` times with glibc's default instead (every step page-faults its large
+tensors back: what this script measured before 2026-11-30, session 15).
 
 Peak memory: each network runs in a fresh subprocess (glibc malloc set to return freed blocks,
 so the resident size follows the live tensors): one warm-up step, then the peak resident set
@@ -165,6 +168,10 @@ def bench_time(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    if not args.return_freed_memory:
+        from atrc_exp.engine.fast_paths import keep_freed_memory
+
+        keep_freed_memory()
     _warm_local_attention()
     image, targets = make_batch(args.batch, *args.size)
     criterion = make_criterion()
@@ -269,6 +276,11 @@ def main() -> None:
     p.add_argument("--skip-time", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-original", action="store_true", help="no original-path variants")
+    p.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="time with glibc's default of returning freed memory (not keep_freed_memory as in training)",
+    )
     p.add_argument("--json", type=str, default=None, help="also write the numbers here")
     p.add_argument("--mem-worker", type=str, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
