@@ -56,7 +56,9 @@ def main() -> None:
 
     variants = {
         "concat": lambda: F.conv2d(x, weight),
-        "branches, PyTorch": lambda: branchwise(lambda x0, w0, m: op.upsample_add_reference(F.conv2d(x0, w0), m)),
+        "branches, PyTorch": lambda: branchwise(
+            lambda x0, w0, m: op.upsample_add_reference(F.conv2d(x0, w0), m)
+        ),
         "branches, kernel": lambda: branchwise(op.conv1x1_upsample_add),
     }
 
@@ -79,7 +81,9 @@ def main() -> None:
     print("| variant | fwd | vs concat | fwd+bwd | vs concat |")
     print("|---|---|---|---|---|")
     for k in variants:
-        print(f"| {k} | {f[k] * 1e3:.2f} | {f['concat'] / f[k]:.2f}× | {fb[k] * 1e3:.2f} | {fb['concat'] / fb[k]:.2f}× |")
+        print(
+            f"| {k} | {f[k] * 1e3:.2f} | {f['concat'] / f[k]:.2f}× | {fb[k] * 1e3:.2f} | {fb['concat'] / fb[k]:.2f}× |"
+        )
 
 
 if __name__ == "__main__":

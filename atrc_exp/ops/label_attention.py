@@ -8,9 +8,10 @@ of one dtype; with N = H·W,
 
 returned as B×d_v×H×W. :func:`label_attention_add` adds it into a given tensor instead (the ATRC
 module folds the ``out_proj`` convolution into the values — d_v = its output width — and sums the
-label blocks of a target in place: :meth:`atrc_exp.models.relational_head.ATRCModule.fold`). :func:`label_attention_reference` is the PyTorch formulation (two ``bmm``, a
-softmax over the last dimension, transposes); the result of the reference is a non-contiguous
-view (strides (N·d, 1, d)), the kernel's is NCHW-contiguous: same values up to float rounding.
+label blocks of a target in place: ``ATRCModule.fold`` in :mod:`atrc_exp.models.relational_head`).
+:func:`label_attention_reference` is the PyTorch formulation (two ``bmm``, a softmax over the last
+dimension, transposes); the result of the reference is a non-contiguous view (strides (N·d, 1,
+d)), the kernel's is NCHW-contiguous: same values up to float rounding.
 
 On float32/float64 CPU tensors the C++/OpenMP kernel of ``kernels/label_attention_cpu.cpp`` runs
 (forward and backward, through a :class:`torch.autograd.Function`): it works on tiles of 64 pixels
