@@ -19,7 +19,7 @@ map is several times slower forward and far slower backward (a scatter per map).
 
 Backends (``set_backend`` / ``ops.upsample_add.backend`` in the Hydra config):
 
-* ``auto`` (default): the kernel where it applies, JIT-built on first use (about 20 s once,
+* ``auto`` (default): the kernel where it applies, JIT-built on first use (about 30 s once,
   cached like the other kernels); if it cannot be built, the reference with a one-time warning.
 * ``cpp``: the kernel where it applies, an error if it cannot be built.
 * ``torch``: always the reference (and :func:`~atrc_exp.models.layers.pointwise_conv_of_concat`
