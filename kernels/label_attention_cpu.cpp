@@ -51,11 +51,13 @@ namespace {
 constexpr int TILE = 64;        // pixels per tile (a multiple of 2 vectors for float and double)
 constexpr int CHUNK_TILES = 4;  // tiles per backward work item (the unit of the dk/dv reduction)
 
+using atrc_vec::hsum;
 using atrc_vec::Vec;
 using atrc_vec::VT;
 using atrc_vec::vload;
 using atrc_vec::vmax;
 using atrc_vec::vstore;
+using atrc_vec::with_const;
 
 // broadcast (written out: Vec{} + s costs an add, adding zero is not an identity for -0)
 template <typename T> inline Vec<T> vset(T s);
@@ -74,15 +76,6 @@ template <typename V> inline void in_register(V& v) {
 #endif
 }
 
-// sum of the lanes, in a fixed order (pairwise)
-template <typename T> inline T hsum(Vec<T> v) {
-  constexpr int L = VT<T>::N;
-  T x[L];
-  std::memcpy(x, &v, sizeof(v));
-  for (int w = L / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) x[i] += x[i + w];
-  return x[0];
-}
 
 // exp of float lanes holding x <= 0 (scores minus their maximum) or NaN: x = n ln2 + r with
 // |r| <= ln2/2 (Cody-Waite), exp(r) by a degree-6 polynomial (1 + r + r^2 q(r), q a degree-4
@@ -132,16 +125,6 @@ constexpr int RED_CB = 4, RED_KB = 3;
 #endif
 static_assert((TILE / 8) % MM_JB == 0, "a tile must be a whole number of pixel blocks");
 
-// f(std::integral_constant<int, n>) for a runtime 1 <= n <= N.
-template <int N, typename F>
-inline void with_const(int n, F&& f) {
-  if constexpr (N > 0) {
-    if (n == N)
-      f(std::integral_constant<int, N>{});
-    else
-      with_const<N - 1>(n, f);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // C[m][j] = sum_r W[m*ldw + r] * A[r*lda + j] for m < M and j < nv vectors (a tile), rows of A and

@@ -35,35 +35,19 @@
 #include <utility>
 #include <vector>
 
+#include "bilinear_axis.h"
 #include "cpu_vector.h"
 
 namespace {
 
+using atrc_vec::hsum;
 using atrc_vec::Vec;
 using atrc_vec::VT;
 using atrc_vec::vload;
 using atrc_vec::vstore;
+using atrc_vec::with_const;
 
-// f(std::integral_constant<int, n>) for a runtime 1 <= n <= N.
-template <int N, typename F>
-inline void with_const(int64_t n, F&& f) {
-  if constexpr (N > 0) {
-    if (n == N)
-      f(std::integral_constant<int, N>{});
-    else
-      with_const<N - 1>(n, f);
-  }
-}
 
-// sum of the lanes, in a fixed order (pairwise)
-template <typename T> inline T hsum(Vec<T> v) {
-  constexpr int L = VT<T>::N;
-  T x[L];
-  std::memcpy(x, &v, sizeof(v));
-  for (int w = L / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) x[i] += x[i + w];
-  return x[0];
-}
 
 // acc[j][0..W) += sum_k w[j*K + k] * x[k*HW + 0..W) for NC rows acc (stride W): the x loads shared by
 // the NC output rows, the NC accumulators in registers.
@@ -113,49 +97,8 @@ inline void dot_block(const T* g, const T* x, int64_t HW, double* part, int64_t 
     }
 }
 
-// source index pairs and weights of PyTorch's bilinear align_corners=False resize in_size -> out
-template <typename T>
-struct Axis {
-  std::vector<int64_t> i0, i1;
-  std::vector<T> l0, l1;
-  Axis(int64_t in, int64_t out) : i0(out), i1(out), l0(out), l1(out) {
-    const T scale = static_cast<T>(in) / static_cast<T>(out);
-    for (int64_t o = 0; o < out; ++o) {
-      T src = scale * (static_cast<T>(o) + static_cast<T>(0.5)) - static_cast<T>(0.5);
-      if (src < 0) src = 0;
-      const int64_t a = std::min(static_cast<int64_t>(src), in - 1);
-      const T lam = std::min(std::max(src - static_cast<T>(a), static_cast<T>(0)), static_cast<T>(1));
-      i0[o] = a;
-      i1[o] = std::min(a + 1, in - 1);
-      l1[o] = lam;
-      l0[o] = static_cast<T>(1) - lam;
-    }
-  }
-};
-
-// The adjoint of an Axis as a gather: for every input position k, the output positions that read
-// it and their weights (CSR: entries start[k] .. start[k + 1] - 1, in output order). Summing a
-// gather needs no read-after-write through memory, unlike the scatter d[i0[o]] += l0[o] g[o].
-template <typename T>
-struct Readers {
-  std::vector<int64_t> start, pos;
-  std::vector<T> wt;
-  explicit Readers(const Axis<T>& a, int64_t in) : start(in + 1, 0) {
-    const int64_t out = static_cast<int64_t>(a.i0.size());
-    std::vector<std::vector<std::pair<int64_t, T>>> by(in);
-    for (int64_t o = 0; o < out; ++o) {
-      by[a.i0[o]].emplace_back(o, a.l0[o]);
-      by[a.i1[o]].emplace_back(o, a.l1[o]);
-    }
-    for (int64_t k = 0; k < in; ++k) {
-      start[k + 1] = start[k] + static_cast<int64_t>(by[k].size());
-      for (auto& e : by[k]) {
-        pos.push_back(e.first);
-        wt.push_back(e.second);
-      }
-    }
-  }
-};
+using atrc_resize::Axis;
+using atrc_resize::AxisAdjoint;
 
 template <typename T>
 struct Level {
@@ -164,7 +107,7 @@ struct Level {
   int64_t h, w;
   bool same;   // the output's size: added / passed through as it is
   Axis<T> ah, aw;
-  Readers<T> rw;  // the width adjoint (backward)
+  AxisAdjoint<T> rw;  // the width adjoint (backward)
   Level(int64_t h_, int64_t w_, int64_t H, int64_t W)
       : z(nullptr), dz(nullptr), h(h_), w(w_), same(h_ == H && w_ == W), ah(h_, H), aw(w_, W), rw(aw, w_) {}
 };
@@ -176,8 +119,8 @@ constexpr int64_t DB = 4;  // planes per dot_block call (DB x 3 accumulators in 
 template <typename T>
 inline void width_rows(const Level<T>& lv, int64_t p, T* rows, int64_t W) {
   const T* z = lv.z + p * lv.h * lv.w;
-  const int64_t* j0 = lv.aw.i0.data();
-  const int64_t* j1 = lv.aw.i1.data();
+  const int32_t* j0 = lv.aw.i0.data();
+  const int32_t* j1 = lv.aw.i1.data();
   const T* m0 = lv.aw.l0.data();
   const T* m1 = lv.aw.l1.data();
   for (int64_t r = 0; r < lv.h; ++r) {
@@ -299,14 +242,13 @@ void backward_impl(const T* g, const T* x0, T* dw0, int64_t K, std::vector<Level
         for (auto& lv : levels) {
           if (lv.same) continue;
           T* dz = lv.dz + (b * C + c0 + j) * lv.h * lv.w;
-          const int64_t* st = lv.rw.start.data();
-          const int64_t* ps = lv.rw.pos.data();
-          const T* wt = lv.rw.wt.data();
+          const int32_t* ps = lv.rw.idx.data();
+          const T* wt = lv.rw.lam.data();
           for (int64_t c = 0; c < lv.w; ++c) {
             std::fill(cols.begin(), cols.begin() + lv.h, T(0));
-            for (int64_t e = st[c]; e < st[c + 1]; ++e) {
-              const T m = wt[e];
-              const T* src = r + ps[e];
+            for (int64_t e = 0; e < lv.rw.count[c]; ++e) {
+              const T m = wt[e * lv.w + c];
+              const T* src = r + ps[e * lv.w + c];
               for (int64_t q = 0; q < lv.h; ++q) cols[q] += m * src[q * W];
             }
             for (int64_t q = 0; q < lv.h; ++q) dz[q * lv.w + c] = cols[q];

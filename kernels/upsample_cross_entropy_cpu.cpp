@@ -35,6 +35,8 @@
 #include <limits>
 #include <vector>
 
+#include "bilinear_axis.h"
+
 namespace {
 
 // exp(x) for float, x <= 0 in practice (clamped to the normal range): Cephes expf.
@@ -58,49 +60,8 @@ inline float fast_exp(float x) {
 
 inline double fast_exp(double x) { return std::exp(x); }
 
-// source index pairs and weights of PyTorch's bilinear align_corners=False resize in_size -> out
-template <typename T>
-struct Axis {
-  std::vector<int32_t> i0, i1;
-  std::vector<T> l0, l1;
-  Axis(int64_t in, int64_t out) : i0(out), i1(out), l0(out), l1(out) {
-    const T scale = static_cast<T>(in) / static_cast<T>(out);
-    for (int64_t o = 0; o < out; ++o) {
-      T src = scale * (static_cast<T>(o) + static_cast<T>(0.5)) - static_cast<T>(0.5);
-      if (src < 0) src = 0;
-      const int64_t a = std::min(static_cast<int64_t>(src), in - 1);
-      const T lam = std::min(std::max(src - static_cast<T>(a), static_cast<T>(0)), static_cast<T>(1));
-      i0[o] = static_cast<int32_t>(a);
-      i1[o] = static_cast<int32_t>(std::min(a + 1, in - 1));
-      l1[o] = lam;
-      l0[o] = static_cast<T>(1) - lam;
-    }
-  }
-};
-
-// The adjoint of an Axis as a padded gather table: low-resolution index k receives
-// sum_r lam[r][k] * v[idx[r][k]] over the R output positions that read it (padding: lam 0).
-template <typename T>
-struct AxisAdjoint {
-  int64_t R = 0;
-  std::vector<int32_t> idx;  // R x in
-  std::vector<T> lam;        // R x in
-  AxisAdjoint(const Axis<T>& a, int64_t in) {
-    std::vector<std::vector<std::pair<int32_t, T>>> readers(in);
-    for (size_t o = 0; o < a.i0.size(); ++o) {
-      readers[a.i0[o]].emplace_back(static_cast<int32_t>(o), a.l0[o]);
-      readers[a.i1[o]].emplace_back(static_cast<int32_t>(o), a.l1[o]);
-    }
-    for (const auto& r : readers) R = std::max<int64_t>(R, static_cast<int64_t>(r.size()));
-    idx.assign(R * in, 0);
-    lam.assign(R * in, static_cast<T>(0));
-    for (int64_t k = 0; k < in; ++k)
-      for (size_t r = 0; r < readers[k].size(); ++r) {
-        idx[r * in + k] = readers[k][r].first;
-        lam[r * in + k] = readers[k][r].second;
-      }
-  }
-};
+using atrc_resize::Axis;
+using atrc_resize::AxisAdjoint;
 
 // Width interpolation of low-resolution row k of image xb (C x h x w) into u (C x W)
 template <typename T>

@@ -60,9 +60,9 @@ _HEADERS = {
     "cpp": ["local_attention_dispatch.h", "cpu_vector.h"],
     "cuda": ["local_attention_dispatch.h", "local_attention_cuda.h", "local_attention_cuda.cuh"],
     "bn_cpp": [],
-    "ce_cpp": [],
+    "ce_cpp": ["bilinear_axis.h"],
     "label_cpp": ["cpu_vector.h"],
-    "ups_cpp": ["cpu_vector.h"],
+    "ups_cpp": ["bilinear_axis.h", "cpu_vector.h"],
 }
 #: the op each extension implements (module and build-directory names, messages)
 _OP_NAMES = {
