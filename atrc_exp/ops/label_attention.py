@@ -133,10 +133,17 @@ def _grad_layout(grad: torch.Tensor) -> torch.Tensor:
 
 
 class _LabelAttention(torch.autograd.Function):
+    """The kernel's attention; with ``base``, added into it in place (``base`` marked dirty, its
+    gradient passes through). ``base`` comes first: autograd's in-place update of a view
+    (``CopySlices``) takes the first gradient a Function returns as the one of the tensor it
+    modified."""
+
     @staticmethod
-    def forward(ctx, q, k, v, ext):  # noqa: D102
+    def forward(ctx, base, q, k, v, ext):  # noqa: D102
         scale = q.shape[1] ** -0.5
-        out = ext.forward(q, k, v, scale)
+        if base is not None:
+            ctx.mark_dirty(base)
+        out = ext.forward(q, k, v, scale, base)
         ctx.save_for_backward(q, k, v)
         ctx.ext = ext
         ctx.scale = scale
@@ -146,32 +153,23 @@ class _LabelAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
         q, k, v = ctx.saved_tensors
-        dq, dk, dv = ctx.ext.backward(_grad_layout(grad), q, k, v, ctx.scale)
-        return dq, dk, dv, None
-
-
-class _LabelAttentionAdd(torch.autograd.Function):
-    """``base += attention`` in place (``base`` marked dirty; its gradient passes through)."""
-
-    @staticmethod
-    def forward(ctx, base, q, k, v, ext):  # noqa: D102
-        scale = q.shape[1] ** -0.5
-        ctx.mark_dirty(base)
-        ext.forward(q, k, v, scale, base)
-        ctx.save_for_backward(q, k, v)
-        ctx.ext = ext
-        ctx.scale = scale
-        return base
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):  # noqa: D102
-        q, k, v = ctx.saved_tensors
         if any(ctx.needs_input_grad[1:4]):
             dq, dk, dv = ctx.ext.backward(_grad_layout(grad), q, k, v, ctx.scale)
         else:
             dq = dk = dv = None
-        return grad, dq, dk, dv, None
+        return grad if ctx.needs_input_grad[0] else None, dq, dk, dv, None
+
+
+def _run_kernel(ext, query, key, value, base=None) -> torch.Tensor:
+    """The kernel on the op's inputs (and ``base`` to add into), through autograd where needed.
+    The kernel flattens the trailing dimensions itself (no view nodes in the autograd graph) and
+    reads a query whose images are apart (a channel slice of a wider map) in place."""
+    q = query if _images_contiguous(query) else query.contiguous()
+    k, v = key.contiguous(), value.contiguous()
+    inputs = (q, k, v) if base is None else (q, k, v, base)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _LabelAttention.apply(base, q, k, v, ext)
+    return ext.forward(q, k, v, q.shape[1] ** -0.5, base)  # nothing to differentiate
 
 
 def kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -188,11 +186,7 @@ def label_attention_add(
     ext = _extension() if _kernel_applies(query, key, value) else None
     if ext is None or base.dtype != query.dtype or not _images_contiguous(base) or base.dim() != 4:
         return base + label_attention(query, key, value)
-    q = query if _images_contiguous(query) else query.contiguous()
-    k, v = key.contiguous(), value.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (base, q, k, v)):
-        return _LabelAttentionAdd.apply(base, q, k, v, ext)
-    return ext.forward(q, k, v, q.shape[1] ** -0.5, base)
+    return _run_kernel(ext, query, key, value, base)
 
 
 def label_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -201,10 +195,4 @@ def label_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
     ext = _extension() if _kernel_applies(query, key, value) else None
     if ext is None:
         return label_attention_reference(query, key, value)
-    # the kernel flattens the trailing dimensions itself: no view nodes in the autograd graph; it
-    # reads a query whose images are apart (a channel slice of a wider map) in place
-    q = query if _images_contiguous(query) else query.contiguous()
-    k, v = key.contiguous(), value.contiguous()
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _LabelAttention.apply(q, k, v, ext)
-    return ext.forward(q, k, v, q.shape[1] ** -0.5)  # nothing to differentiate
+    return _run_kernel(ext, query, key, value)
