@@ -126,18 +126,18 @@ def train_step(model, criterion, image, targets, resize: bool = False) -> None:
     loss.backward()
 
 
-#: the CPU kernels with a ``torch`` backend (module names under ``atrc_exp.ops``)
-KERNEL_OPS = ("batch_norm", "label_attention", "upsample_cross_entropy")
-
-
 @contextlib.contextmanager
 def original_path():
-    """Every op in :data:`KERNEL_OPS` on its ``torch`` backend (PyTorch's ops), restored after; ops a
-    checkout does not have are skipped."""
+    """Every CPU kernel op (``atrc_exp.engine.trainer.CPU_KERNEL_OPS``) on its ``torch`` backend
+    (PyTorch's ops), restored after; a checkout without that table switches the batch norm only."""
     import importlib
 
+    try:
+        from atrc_exp.engine.trainer import CPU_KERNEL_OPS as ops
+    except ImportError:
+        ops = ("batch_norm",)
     saved = []
-    for name in KERNEL_OPS:
+    for name in ops:
         try:
             mod = importlib.import_module(f"atrc_exp.ops.{name}")
         except ImportError:
