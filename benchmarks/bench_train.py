@@ -27,11 +27,16 @@ Fast paths, each timed against the plain float32 step of the same context in the
 * ``channels_last``: ``trainer.channels_last=true`` (model and input batch in NHWC);
 * ``compile``: ``trainer.compile.enabled=true`` (``torch.compile`` of backbone and head); the
   first step (compilation) is reported apart;
-* ``cl+compile``: both.
+* ``cl+compile``: both;
+* ``compile_backbone``: ``trainer.compile.parts=[backbone]`` (the head stays eager, with its CPU
+  kernels);
+* ``compile_regional``: ``trainer.compile.regional=true`` (HRNet's modules compiled one by one,
+  identical ones once: a shorter first step);
 * ``cudnn_benchmark``, ``bf16+cudnn_benchmark``: ``trainer.cudnn_benchmark=true`` (cuDNN
   autotuning; meant for the GPU, a no-op on the CPU);
 * ``bf16+compile``, ``bf16+cudagraphs``: bf16 autocast with ``torch.compile`` (mode ``default`` /
-  ``reduce-overhead``, i.e. CUDA graphs; meant for the GPU).
+  ``reduce-overhead``, i.e. CUDA graphs; meant for the GPU); ``bf16+compile_regional``,
+  ``bf16+cudagraphs_regional``: the same with the regional compile.
 
 And the exact speed-ups that are on by default, each switched off, against the same fp32 step:
 
@@ -76,6 +81,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,11 +94,23 @@ PATHS = {
     "channels_last": {"channels_last": True},
     "compile": {"compile": True},
     "cl+compile": {"channels_last": True, "compile": True},
+    # trainer.compile.parts=[backbone]: the head stays eager with its CPU kernels
+    "compile_backbone": {"compile": True, "compile_parts": ["backbone"]},
+    # trainer.compile.regional=true: HRNet's modules one by one (identical ones compiled once)
+    "compile_regional": {"compile": True, "compile_regional": True},
     "cudnn_benchmark": {"cudnn_benchmark": True},
     "bf16+cudnn_benchmark": {"bf16": True, "cudnn_benchmark": True},
     "bf16+compile": {"bf16": True, "compile": True},
     # torch.compile mode=reduce-overhead: CUDA graphs (for launch-bound steps on a GPU)
     "bf16+cudagraphs": {"bf16": True, "compile": True, "compile_mode": "reduce-overhead"},
+    # the same two with the regional compile (the whole ATRC model's first compile takes minutes)
+    "bf16+compile_regional": {"bf16": True, "compile": True, "compile_regional": True},
+    "bf16+cudagraphs_regional": {
+        "bf16": True,
+        "compile": True,
+        "compile_mode": "reduce-overhead",
+        "compile_regional": True,
+    },
     # the always-on exact speed-ups, each switched off (their "speed-up vs fp32" is below 1)
     "no_fused_bn": {"torch_bn": True},
     "no_fused_ce": {"torch_ce": True},
@@ -101,7 +119,14 @@ PATHS = {
     "no_keep_freed": {"keep_freed_memory": False},
 }
 #: timed on CUDA only (no-ops on the CPU, or minutes of compilation for a CPU row nobody needs)
-GPU_ONLY_PATHS = ("cudnn_benchmark", "bf16+cudnn_benchmark", "bf16+compile", "bf16+cudagraphs")
+GPU_ONLY_PATHS = (
+    "cudnn_benchmark",
+    "bf16+cudnn_benchmark",
+    "bf16+compile",
+    "bf16+cudagraphs",
+    "bf16+compile_regional",
+    "bf16+cudagraphs_regional",
+)
 #: timed on the CPU only (the fused kernels are CPU kernels)
 CPU_ONLY_PATHS = ("no_fused_bn", "no_fused_ce", "no_fused_label", "no_fused_aux")
 #: DataLoader variants of ``--include loader``: (label, settings); None = the in-memory batch.
@@ -142,6 +167,8 @@ def compose(context: str, spec: dict):
     ov.append(f"trainer.channels_last={'true' if spec.get('channels_last') else 'false'}")
     ov.append(f"trainer.compile.enabled={'true' if spec.get('compile') else 'false'}")
     ov.append(f"trainer.compile.mode={spec.get('compile_mode', 'default')}")
+    ov.append(f"trainer.compile.parts=[{','.join(spec.get('compile_parts', ['backbone', 'head']))}]")
+    ov.append(f"trainer.compile.regional={'true' if spec.get('compile_regional') else 'false'}")
     ov.append(f"trainer.cudnn_benchmark={'true' if spec.get('cudnn_benchmark') else 'false'}")
     ov.append(f"trainer.mixed_precision={'bf16' if spec.get('bf16') else 'no'}")
     ov.append(f"ops.batch_norm.backend={'torch' if spec.get('torch_bn') else 'auto'}")
@@ -311,8 +338,10 @@ def run_worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
-def _spawn(args: list[str], threads: int | None, timeout: float) -> tuple[int, str, str]:
-    env = dict(os.environ)
+def _spawn(
+    args: list[str], threads: int | None, timeout: float, env_extra: dict | None = None
+) -> tuple[int, str, str]:
+    env = dict(os.environ) | (env_extra or {})
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("WANDB_MODE", "offline")
@@ -320,13 +349,19 @@ def _spawn(args: list[str], threads: int | None, timeout: float) -> tuple[int, s
     return p.returncode, p.stdout, p.stderr
 
 
-def measure(spec: dict, timeout: float) -> dict:
-    try:
-        rc, out, err = _spawn(
-            [sys.executable, __file__, "--worker", json.dumps(spec)], spec.get("threads"), timeout
-        )
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+def measure(spec: dict, timeout: float, cold_cache: bool = False) -> dict:
+    """One configuration in a fresh process; ``cold_cache``: with an empty inductor cache (its
+    first step is then a whole compilation, not a cache load)."""
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+        try:
+            rc, out, err = _spawn(
+                [sys.executable, __file__, "--worker", json.dumps(spec)],
+                spec.get("threads"),
+                timeout,
+                {"TORCHINDUCTOR_CACHE_DIR": cache} if cold_cache else None,
+            )
+        except subprocess.TimeoutExpired:
+            return {**spec, "error": f"timed out after {timeout:.0f} s"}
     for line in reversed(out.splitlines()):
         if line.startswith(MARK):
             return json.loads(line[len(MARK) :])
@@ -409,7 +444,8 @@ def train_table(rows: list[dict]) -> list[str]:
         lines.append("")
         lines.append(
             "peak MiB: " + "; ".join(f"{d}: {k}" for d, k in mem_kind.items()) + ". first step: round 1 "
-            "(compile rows: compilation; later rounds hit the inductor cache)"
+            "(compile rows: compilation, from an empty inductor cache with --cold-compile; later rounds "
+            "hit the cache)"
         )
     return lines
 
@@ -556,6 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     p.add_argument("--include", default="", help="comma list of: loader, data, ops (`make bench`: all three)")
+    p.add_argument(
+        "--cold-compile",
+        action="store_true",
+        help="compile rows' first round with an empty inductor cache (first step = a whole compilation)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration and round")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results-<hostname>.json)")
     args = p.parse_args(argv)
@@ -577,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     load = [os.getloadavg()]
     for rnd in range(args.rounds):
         for i, spec in enumerate(specs):
-            r = measure(spec, args.timeout)
+            r = measure(spec, args.timeout, cold_cache=args.cold_compile and rnd == 0 and spec.get("compile"))
             results[i].append(r)
             if "error" in r:
                 msg = r["error"]

@@ -79,10 +79,14 @@ stage train_bench 300 $PY benchmarks/bench_train.py --devices cuda --contexts no
   --out "$OUT/results-train-gpu.json"
 
 # torch.compile of the ATRC step: default mode and CUDA graphs (reduce-overhead), vs fp32 eager.
-# The first compilation of the ATRC training step takes minutes (> 200 s on an H200 machine's 16
-# cores, ~330 s on 2 CPU cores): each configuration gets COMPILE_TIMEOUT_S (default 480)
+# The first compilation of the whole ATRC training step takes minutes (> 200 s on an H200 machine's
+# 16 cores, ~330 s on 2 CPU cores); the regional rows (trainer.compile.regional=true: HRNet's
+# modules one by one, identical ones compiled once; the backbone 1.5x faster to compile on the
+# CPU) come first so that they fit a short lease. Each configuration gets COMPILE_TIMEOUT_S
+# (default 480).
 stage train_compile 1500 $PY benchmarks/bench_train.py --devices cuda --contexts atrc \
-  --paths fp32 bf16+compile compile bf16+cudagraphs --fast-contexts atrc --rounds 1 --steps 10 --warmup 3 \
+  --paths fp32 bf16+compile_regional bf16+cudagraphs_regional compile_regional bf16+compile bf16+cudagraphs \
+  --fast-contexts atrc --rounds 1 --steps 10 --warmup 3 \
   --timeout "${COMPILE_TIMEOUT_S:-480}" --out "$OUT/results-train-compile-gpu.json"
 
 [ "${SKIP_SMOKE:-0}" = 1 ] || stage smoke_train 180 $PY -m atrc_exp.train context=atrc context.genotype=genotypes/nyud_hrnet18.json \

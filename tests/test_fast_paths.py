@@ -174,10 +174,60 @@ def test_compile_options_forms():
         "mode": None,
         "fullgraph": False,
         "dynamic": None,
+        "backend": "inductor",
+        "parts": ("backbone", "head"),
+        "regional": False,
     }
     cfg = compose_cfg(["trainer.compile.enabled=true", "trainer.compile.mode=max-autotune"])
     assert compile_options(cfg)["mode"] == "max-autotune"
     assert compile_options(compose_cfg(["~trainer.compile", "+trainer.compile=true"]))["fullgraph"] is False
+    cfg = compose_cfg(
+        ["trainer.compile.enabled=true", "trainer.compile.parts=[backbone]", "trainer.compile.regional=true"]
+    )
+    assert compile_options(cfg)["parts"] == ("backbone",) and compile_options(cfg)["regional"] is True
+    with pytest.raises(
+        ValueError, match=r"trainer.compile.parts must be .*'backbone', 'head'.*got \['neck'\]"
+    ):
+        compile_options(compose_cfg(["trainer.compile.enabled=true", "trainer.compile.parts=[neck]"]))
+    with pytest.raises(ValueError, match="trainer.compile must be a bool or a dict"):
+        compile_options(compose_cfg(["~trainer.compile", "+trainer.compile=yes_please"]))
+
+
+def test_regional_compile_compiles_each_hrnet_module_once_per_structure():
+    """``regional``: HRNet18's 2 stage-1 blocks and 6 high-resolution modules are compiled in place
+    one by one, the backbone itself and the head not (``parts=[backbone]``); modules of the same
+    code and shapes share a compilation (5 graphs for 8 modules: the bottleneck with and without
+    its downsample, one per stage 2/3/4), and the outputs are the eager ones (up to the rounding
+    of the fused batch-norm kernel, which compiled code bypasses)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from atrc_exp.engine.fast_paths import compile_model, compile_regions
+    from atrc_exp.models.hrnet import Bottleneck, HRModule
+
+    cfg = compose_cfg(["dataset=nyud", "backbone.pretrained=false", "context=none"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    x = torch.randn(B, 3, H, W)
+    ref = model(x, resize=False)
+    regions = compile_regions(model.backbone)
+    assert [type(m) for m in regions] == [Bottleneck] * 2 + [HRModule] * 6
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    try:
+        compiled = compile_model(model, parts=("backbone",), regional=True, backend=counter)
+        out = model(x, resize=False)
+        sum(v.sum() for o in out.values() for v in o.values()).backward()
+    finally:
+        torch._dynamo.reset()
+    assert compiled == regions and all(m._compiled_call_impl is not None for m in regions)
+    assert model.backbone._compiled_call_impl is None and model.head._compiled_call_impl is None
+    assert counter.frame_count == 5
+    for kind in ref:
+        for task in ref[kind]:
+            torch.testing.assert_close(out[kind][task], ref[kind][task], rtol=1e-4, atol=1e-5)
+    # a module without compile_regions (the head, a timm backbone) is compiled whole
+    assert compile_regions(model.head) == [model.head]
 
 
 def test_channels_last_matches_plain_fp32(plain):
@@ -281,10 +331,9 @@ def test_trainer_runs_with_fast_path_settings(tiny_data_dir, tmp_path):
     assert metrics and all(v == v for v in metrics.values())
 
 
-@pytest.mark.slow
-def test_compile_fullgraph_matches_plain_fp32(plain):
-    """torch.compile of backbone and ATRC head: no graph break (the local-attention custom op and
-    the label contexts trace), same losses and weights as eager."""
+def _train_compiled(overrides: list[str]) -> dict:
+    """:func:`_train` with inductor's random numbers from the eager generator (same dropout
+    masks) and dynamo's caches cleared before and after."""
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
@@ -292,13 +341,31 @@ def test_compile_fullgraph_matches_plain_fp32(plain):
     old = inductor_config.fallback_random
     inductor_config.fallback_random = True  # dropout masks from the eager RNG
     try:
-        run = _train(["trainer.compile.enabled=true", "trainer.compile.fullgraph=true"])
+        return _train(["trainer.compile.enabled=true", *overrides])
     finally:
         inductor_config.fallback_random = old
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_plain_fp32(plain):
+    """torch.compile of backbone and ATRC head: no graph break (the local-attention custom op and
+    the label contexts trace), same losses and weights as eager."""
+    run = _train_compiled(["trainer.compile.fullgraph=true"])
     model = run["model"]
     assert model.backbone._compiled_call_impl is not None and model.head._compiled_call_impl is not None
     assert model.state_dict().keys() == plain["model"].state_dict().keys()  # keys unchanged
+    _assert_same_training(run, plain)
+
+
+@pytest.mark.slow
+def test_regional_compile_of_the_backbone_matches_plain_fp32(plain):
+    """The backbone compiled module by module with inductor (the head eager, with its CPU
+    kernels): same losses and weights as eager."""
+    run = _train_compiled(["trainer.compile.regional=true", "trainer.compile.parts=[backbone]"])
+    model = run["model"]
+    assert model.backbone.stage3[0]._compiled_call_impl is not None
+    assert model.backbone._compiled_call_impl is None and model.head._compiled_call_impl is None
     _assert_same_training(run, plain)
 
 

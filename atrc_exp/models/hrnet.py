@@ -311,6 +311,13 @@ class HRNet(nn.Module):
                 out.append(t(ys[i] if i < len(ys) else ys[-1]))
         return out
 
+    def compile_regions(self) -> list[nn.Module]:
+        """The modules to compile one by one for a regional ``torch.compile``
+        (``trainer.compile.regional``): the stage-1 blocks and every high-resolution module.
+        Modules of one stage have the same code and shapes, so they share one compilation; the
+        stem and the transitions (a few convolutions) stay eager."""
+        return [*self.layer1, *self.stage2, *self.stage3, *self.stage4]
+
     def forward(self, x: Tensor) -> list[Tensor]:
         x = bn_act(self.bn1, self.conv1(x), relu=True)
         x = bn_act(self.bn2, self.conv2(x), relu=True)
