@@ -16,7 +16,11 @@
 #
 # Stages: env build tests ops train_bench train_compile smoke_train. A lent machine runs one
 # command for at most 10 minutes: run the compile rows (minutes of compilation per configuration)
-# in a call of their own.
+# in a call of their own. With 15 minutes of device time in all (a machine's start included), what
+# is still unmeasured fits one call:
+#   STAGES="env train_compile" TOTAL_S=540 COMPILE_TIMEOUT_S=200 OUT=$OUT bash benchmarks/gpu_checks.sh
+# (fp32 eager, then bf16 + regional compile, bf16 + CUDA graphs; the whole-model rows only if time
+# is left).
 #
 # Each stage has its own time limit and appends to $OUT/gpu_checks.log; the JSON results land in
 # $OUT. Stages after a failed one still run. Needs the runtime dependencies of atrc_exp importable
