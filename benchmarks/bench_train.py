@@ -40,8 +40,8 @@ Fast paths, each timed against the plain float32 step of the same context in the
 
 And the exact speed-ups that are on by default, each switched off, against the same fp32 step:
 
-* ``no_fused_bn``: ``ops.batch_norm.backend=torch`` (PyTorch's batch norm and ReLU instead of
-  the fused CPU kernel of ``atrc_exp.ops.batch_norm``);
+* ``no_fused_bn``: ``ops.batch_norm.backend=torch`` (PyTorch's batch norm, ReLU and softplus
+  instead of the CPU kernels of ``atrc_exp.ops.batch_norm``);
 * ``no_fused_ce``: ``ops.upsample_cross_entropy.backend=torch`` (the class logits upsampled to
   full resolution before the cross-entropy instead of inside the CPU kernel of
   ``atrc_exp.ops.upsample_cross_entropy``);

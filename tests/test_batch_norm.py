@@ -196,3 +196,63 @@ def test_hrnet_with_the_kernel_matches_pytorch_batch_norm(calls):
         torch.testing.assert_close(grads[k], grads2[k], rtol=1e-7, atol=1e-9, msg=k)
     for k in after:
         torch.testing.assert_close(after[k], after2[k], rtol=1e-9, atol=1e-9, msg=k)
+
+
+# --- softplus (the same extension) -----------------------------------------------------------
+def _count_softplus(monkeypatch, ext) -> dict[str, int]:
+    n = {"softplus": 0}
+
+    class Counting:
+        def softplus(self, *a):
+            n["softplus"] += 1
+            return ext.softplus(*a)
+
+    real = build.get_extension
+    monkeypatch.setattr(
+        build, "get_extension", lambda k, **kw: Counting() if k == "bn_cpp" else real(k, **kw)
+    )
+    return n
+
+
+@pytest.mark.parametrize("beta,threshold", [(1.0, 20.0), (2.0, 5.0), (0.5, 30.0)])
+def test_softplus_matches_the_float64_result(monkeypatch, ext, beta, threshold):
+    """float32: within 3e-7 relative of softplus in float64 over [-120, 60] (0 where the result is
+    below the normal floats, as exp underflows), with PyTorch's threshold; float64: PyTorch's to
+    1e-14; the gradient is PyTorch's own."""
+    n = _count_softplus(monkeypatch, ext)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linspace(-120, 60, 40001), torch.randn(9999, generator=g) * 4]).reshape(2, 5, 5000)
+    ref = F.softplus(x.double(), beta, threshold)
+    got = bnop.softplus(x, beta, threshold)
+    assert got.dtype == torch.float32 and n["softplus"] == 1
+    torch.testing.assert_close(got.double(), ref, rtol=3e-7, atol=1.2e-38)
+    over = x * beta > threshold
+    assert torch.equal(got[over], x[over])  # above the threshold: x itself
+    got64 = bnop.softplus(x.double(), beta, threshold)
+    torch.testing.assert_close(got64, ref, rtol=1e-14, atol=0)
+    xr = x.clone().requires_grad_()
+    gy = torch.randn(x.shape, generator=g)
+    (dx,) = torch.autograd.grad(bnop.softplus(xr, beta, threshold), xr, gy)
+    xr2 = x.clone().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(F.softplus(xr2, beta, threshold), xr2, gy)
+    assert torch.equal(dx, dx_ref)
+    assert n["softplus"] == 3
+    xd = (torch.randn(2, 3, 4, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: bnop.softplus(t, beta, threshold), (xd,))
+
+
+def test_softplus_of_a_channel_slice_and_where_the_kernel_does_not_apply(monkeypatch, ext):
+    """A channel slice of an NCHW tensor (contiguous samples, another batch stride) goes through
+    the kernel; non-contiguous samples, bfloat16 and backend ``torch`` give ``F.softplus`` itself."""
+    n = _count_softplus(monkeypatch, ext)
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(3, 10, 6, 7, generator=g) * 5
+    part = big[:, 4:7]
+    got = bnop.softplus(part)
+    assert n["softplus"] == 1 and got.is_contiguous() and got.shape == part.shape
+    torch.testing.assert_close(got, F.softplus(part), rtol=3e-7, atol=0)
+    for x in (big.transpose(2, 3), big.bfloat16()):
+        assert torch.equal(bnop.softplus(x), F.softplus(x))
+    bnop.set_backend("torch")
+    assert torch.equal(bnop.softplus(part), F.softplus(part))
+    assert n["softplus"] == 1

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.batch_norm import softplus
 from .layers import ConvBNReLU, conv_bn_act_blockwise, conv_bn_relu_group
 
 __all__ = [
@@ -309,7 +310,7 @@ def _project_rest(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
         if isinstance(m, ConvBNReLU):
             x = conv_bn_relu_group(x, [m])
         elif isinstance(m, nn.Softplus):
-            x = F.softplus(x, m.beta, m.threshold)
+            x = softplus(x, m.beta, m.threshold)  # PyTorch's on the GPU, a vectorised kernel on the CPU
         else:
             x = m(x)
     return x

@@ -17,6 +17,10 @@ Backends (``set_backend`` / ``ops.batch_norm.backend`` in the Hydra config):
   warning.
 * ``cpp``: the kernel where it applies, an error if it cannot be built.
 * ``torch``: always ``F.batch_norm`` (+ ``F.relu``).
+
+The same extension and switch serve :func:`softplus` (the global-context blocks' queries and
+keys): PyTorch's CPU softplus calls the scalar ``log1p``, about 8× slower than the kernel's
+vectorised pass; the gradient is PyTorch's own ``softplus_backward``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from torch.autograd.function import once_differentiable
 
 from .switch import BackendSwitch
 
-__all__ = ["BACKENDS", "batch_norm_act", "batch_norm_act_batch_stats", "get_backend", "set_backend"]
+__all__ = [
+    "BACKENDS",
+    "batch_norm_act",
+    "batch_norm_act_batch_stats",
+    "get_backend",
+    "set_backend",
+    "softplus",
+]
 
 BACKENDS = ("auto", "cpp", "torch")
 _switch = BackendSwitch("batch_norm", BACKENDS)
@@ -130,3 +141,42 @@ def batch_norm_act(
             if running_var is not None:
                 running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
     return y
+
+
+class _Softplus(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, beta: float, threshold: float, ext):  # noqa: D102
+        ctx.save_for_backward(x)
+        ctx.beta, ctx.threshold = beta, threshold
+        return ext.softplus(x, beta, threshold)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.softplus_backward(grad, x, ctx.beta, ctx.threshold), None, None, None
+
+
+def softplus(x: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:
+    """``F.softplus(x, beta, threshold)``: ``x`` where ``x·beta > threshold``, else
+    ``log1p(exp(x·beta))/beta``. On float32/float64 CPU tensors whose samples ``x[n]`` are contiguous
+    (a channel slice of a larger NCHW tensor qualifies) one vectorised C++ pass (within 3e-7
+    relative of the float64 result; 0 where it is below the normal floats); elsewhere (CUDA,
+    other dtypes, ``torch.compile`` tracing, backend ``torch``) ``F.softplus``. The output is
+    contiguous."""
+    ext = None
+    if (
+        _switch.name != "torch"
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dim() >= 1
+        and x.numel() > 0
+        and x[0].is_contiguous()
+        and not (torch.compiler.is_compiling() or torch.jit.is_scripting())
+    ):
+        ext = _extension()
+    if ext is None:
+        return F.softplus(x, beta, threshold)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Softplus.apply(x, float(beta), float(threshold), ext)
+    return ext.softplus(x, float(beta), float(threshold))

@@ -76,7 +76,14 @@ _OP_NAMES = {
 _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
 # batch norm: the backward recomputes the forward's x*a + b for the ReLU mask; no contraction
 # into FMAs, so both evaluate it identically
-_BN_CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"]
+_BN_CFLAGS = [
+    "-O3",
+    "-fopenmp",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+]
 _LDFLAGS = ["-fopenmp"]
 _CUDA_FLAGS = [
     "-O3",
