@@ -32,6 +32,8 @@
 #include <cstring>
 #include <vector>
 
+#include "scalar_math.h"
+
 namespace {
 
 template <typename T>
@@ -148,31 +150,14 @@ void backward_impl(const T* g, const T* x, const T* w, const T* bias, const T* m
 // y = x*beta > threshold ? x : log1p(exp(x*beta))/beta, PyTorch's definition, in one vectorised
 // pass: PyTorch's CPU softplus calls the scalar log1p (about 5 ns per element; the global-context
 // blocks' queries and keys go through it). For float: with t = x*beta and u = exp(-|t|) in (0, 1],
-// log1p(exp(t)) = max(t, 0) + log1p(u); exp by Cephes' expf (u = 0 below the normal floats) and
+// log1p(exp(t)) = max(t, 0) + log1p(u); exp by Cephes' expf (scalar_math.h; u = 0 below the
+// normal floats) and
 // log1p(u) = 2*atanh(s), s = u/(2 + u) <= 1/3, by its series to s^15 (truncation < 2e-9
 // relative): about 1 ulp from the float64 result. float64 uses std::log1p(std::exp(t)).
 
-inline float sp_exp(float x) {  // x in [-87.33, 0]: exp(x) a normal float
-  x = x < -87.33f ? -87.33f : (x > 0.0f ? 0.0f : x);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 inline float log1p_exp(float t) {
   const float a = -std::fabs(t);
-  const float u = a < -87.33f ? 0.0f : sp_exp(a);  // exp(a) below the normal floats: 0
+  const float u = a < -87.33f ? 0.0f : atrc_math::fast_exp(a);  // exp(a) below the normal floats: 0
   const float s = u / (2.0f + u);
   const float s2 = s * s;
   float q = 1.0f / 15.0f;

@@ -21,8 +21,8 @@
 // (upsample backward). Here the forward and backward each read the 16x smaller low-resolution map
 // from cache.
 //
-// exp in float32 is a vectorisable Cephes-style approximation (relative error ~1e-7, i.e. float
-// rounding); float64 uses std::exp.
+// exp in float32 is a vectorisable Cephes-style approximation (scalar_math.h; relative error
+// ~1e-7, i.e. float rounding); float64 uses std::exp.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -36,29 +36,11 @@
 #include <vector>
 
 #include "bilinear_axis.h"
+#include "scalar_math.h"
 
 namespace {
 
-// exp(x) for float, x <= 0 in practice (clamped to the normal range): Cephes expf.
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-inline double fast_exp(double x) { return std::exp(x); }
+using atrc_math::fast_exp;  // Cephes expf for float (scalar_math.h), std::exp for double
 
 using atrc_resize::Axis;
 using atrc_resize::AxisAdjoint;

@@ -59,8 +59,8 @@ _SOURCES = {
 _HEADERS = {
     "cpp": ["local_attention_dispatch.h", "cpu_vector.h"],
     "cuda": ["local_attention_dispatch.h", "local_attention_cuda.h", "local_attention_cuda.cuh"],
-    "bn_cpp": [],
-    "ce_cpp": ["bilinear_axis.h"],
+    "bn_cpp": ["scalar_math.h"],
+    "ce_cpp": ["bilinear_axis.h", "scalar_math.h"],
     "label_cpp": ["cpu_vector.h"],
     "ups_cpp": ["bilinear_axis.h", "cpu_vector.h"],
 }
