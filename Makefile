@@ -44,7 +44,7 @@ bench-data: $(STAMP) ## train-transform samples/s on NYUD- and PASCAL-sized inpu
 bench-ops: $(STAMP) ## local-attention backends: time, memory, FLOP floor (JSON in benchmarks/)
 	$(BIN)/python benchmarks/bench_local_attention.py --threads 2 --out benchmarks/results-ops-$$(hostname).json
 
-bench-bn: $(STAMP) ## fused CPU batch norm + ReLU against PyTorch's, per HRNet/ATRC shape
+bench-bn: $(STAMP) ## fused CPU batch norm + ReLU (and the softplus kernel) against PyTorch's, per HRNet/ATRC shape
 	$(BIN)/python benchmarks/bench_batch_norm.py --threads 2
 
 bench-ce: $(STAMP) ## CPU loss kernels (upsampling fused into the cross-entropy, normals target) vs PyTorch
