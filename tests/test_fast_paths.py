@@ -149,6 +149,14 @@ def test_bench_plans_gpu_only_paths_on_cuda_only():
     cpu = {s["path"] for s in bench_train.plan_specs(args, "cpu", set())}
     assert cpu == set(bench_train.PATHS) - set(bench_train.GPU_ONLY_PATHS)
     assert "fp32" in cpu and "compile" in cpu and "no_fused_bn" in cpu
+    # every path's overrides compose into what it names (GPU rows included: they run nowhere here)
+    for name, spec in bench_train.PATHS.items():
+        opts = compile_options(bench_train.compose("atrc", spec))
+        assert (opts is not None) == bool(spec.get("compile")), name
+        if opts is not None:
+            assert opts["regional"] == bool(spec.get("compile_regional")), name
+            assert opts["parts"] == tuple(spec.get("compile_parts", ("backbone", "head"))), name
+            assert opts["mode"] == ("reduce-overhead" if "cudagraphs" in name else None), name
 
 
 def test_fused_context_switch():
