@@ -187,6 +187,10 @@ BAD_INPUTS = {
         lambda d, t: {"paths.log_dir": _file_as_folder(t)},
         r"cannot write the run directory",
     ),
+    "unknown part to compile": (
+        lambda d, t: {"trainer.compile.enabled": "true", "trainer.compile.parts": "[neck]"},
+        r"trainer.compile.parts must be a non-empty list of \['backbone', 'head'\], got \['neck'\]",
+    ),
     "forced CUDA op without CUDA": (
         lambda d, t: {"ops.local_attention.backend": "cuda", "context": "local"},
         r"backend=cuda cannot run on this job's device \(cpu\)",

@@ -76,6 +76,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..config import ConfigError
+
 __all__ = [
     "apply_fast_paths",
     "channels_last_enabled",
@@ -107,7 +109,8 @@ def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
     :data:`COMPILE_PARTS`) and ``regional`` (bool), the arguments of :func:`compile_model`.
 
     Accepts a bool (``trainer.compile=true``) or a dict ``{enabled, mode, fullgraph, dynamic,
-    backend, parts, regional}``; a bad value raises ``ValueError`` naming the key.
+    backend, parts, regional}``; a bad value raises :class:`~atrc_exp.config.ConfigError` (a
+    ``ValueError``) naming the key.
     """
     c = OmegaConf.select(cfg, "trainer.compile", default=None)
     if c is None or isinstance(c, bool):
@@ -115,7 +118,7 @@ def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
     elif isinstance(c, DictConfig):
         c = OmegaConf.to_container(c, resolve=True)
     else:
-        raise ValueError(f"trainer.compile must be a bool or a dict, got {c!r}")
+        raise ConfigError(f"trainer.compile must be a bool or a dict, got {c!r}")
     if not c.get("enabled", False):
         return None
     mode = c.get("mode")
@@ -123,7 +126,7 @@ def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
     parts = COMPILE_PARTS if parts is None else (parts,) if isinstance(parts, str) else tuple(parts)
     unknown = [p for p in parts if p not in COMPILE_PARTS]
     if unknown or not parts:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.compile.parts must be a non-empty list of {list(COMPILE_PARTS)}, got {list(parts)}"
         )
     return {
@@ -236,7 +239,7 @@ def train_loader_kwargs(trainer_cfg: DictConfig, device: torch.device) -> dict[s
     pin = _get(trainer_cfg, "pin_memory", "auto")
     if isinstance(pin, str):
         if pin.lower() != "auto":
-            raise ValueError(f"trainer.pin_memory must be auto, true or false, got {pin!r}")
+            raise ConfigError(f"trainer.pin_memory must be auto, true or false, got {pin!r}")
         pin = torch.device(device).type == "cuda"
     kwargs: dict[str, Any] = {"num_workers": nw, "pin_memory": bool(pin)}
     if nw > 0:
