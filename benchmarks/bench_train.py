@@ -26,7 +26,8 @@ Fast paths, each timed against the plain float32 step of the same context in the
   (what ``trainer.mixed_precision=bf16`` does through Accelerate);
 * ``channels_last``: ``trainer.channels_last=true`` (model and input batch in NHWC);
 * ``compile``: ``trainer.compile.enabled=true`` (``torch.compile`` of backbone and head); the
-  first step (compilation) is reported apart;
+  first step (compilation) is reported apart (``--cold-compile``: in round 1 with an empty
+  inductor cache, so it is a whole compilation rather than a cache load);
 * ``cl+compile``: both;
 * ``compile_backbone``: ``trainer.compile.parts=[backbone]`` (the head stays eager, with its CPU
   kernels);
