@@ -1,4 +1,5 @@
-"""The search head: parameter count of the original, freeze rule, argmax in evaluation."""
+"""The search head: parameter count of the original, freeze rule (also batched, with one device
+read per training forward), argmax in evaluation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import torch
 from conftest import compose_cfg
 
 import atrc_exp
-from atrc_exp.models.search_block import SearchCPBlock
+from atrc_exp.models import search_block
+from atrc_exp.models.search_block import SearchCPBlock, check_freeze
 
 
 def _search_model():
@@ -95,3 +97,82 @@ def test_original_search_weights_import_and_argmax_outputs_match():
     for kind in a:
         for t in a[kind]:
             torch.testing.assert_close(a[kind][t], b[kind][t], rtol=0, atol=0)
+
+
+def _count_host_reads(monkeypatch) -> dict[str, int]:
+    """Counts tensor-to-host reads (each one synchronises a GPU) while ``n["on"]`` is true."""
+    n = {"on": False, "reads": 0}
+    for name in ("__int__", "__float__", "__bool__", "__index__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, real=real, **k):
+            if n["on"]:
+                n["reads"] += 1
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return n
+
+
+def test_check_freeze_decides_like_each_block_with_one_read(monkeypatch):
+    """check_freeze over many blocks: one host read in all, the same freezes as each block's own
+    check, and the blocks' op_weights/active_ops then read nothing until α changes."""
+    gaps = ([0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.5, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0, 0.0])
+    mine, own = [], []
+    for a in gaps:  # ≈0.26 (stays), ≈0.38 (freezes to 2), ≈0.52 (freezes to 3)
+        for dst in (mine, own):
+            b = _block().train()
+            with torch.no_grad():
+                b.arch_param.copy_(torch.tensor(a))
+            dst.append(b)
+    n = _count_host_reads(monkeypatch)
+    n["on"] = True
+    check_freeze(mine)
+    assert n["reads"] == 1
+    ws = [b.op_weights() for b in mine]
+    active = [b.active_ops() for b in mine]
+    assert n["reads"] == 1  # nothing more read
+    n["on"] = False
+    for b, w, act, ref in zip(mine, ws, active, own):
+        w_ref = ref.op_weights()
+        assert b.is_frozen == ref.is_frozen and act == ref.active_ops()
+        if b.is_frozen:
+            assert b.choice() == ref.choice() and int(b.frozen_choice) == b.choice()
+            assert torch.equal(w, w_ref)
+    assert [b.choice() for b in mine[1:]] == [2, 3] and not mine[0].is_frozen
+    n["on"] = True
+    check_freeze(mine)  # only the unfrozen block is looked at: still one read
+    assert n["reads"] == 2
+    with torch.no_grad():
+        mine[0].arch_param.add_(torch.tensor([0.0, 0.0, 2.0, 0.0, 0.0]))  # α changed: its own check
+    mine[0].op_weights()
+    assert n["reads"] == 4 and mine[0].is_frozen and mine[0].choice() == 2  # gap and argmax read
+
+
+def test_a_search_training_forward_checks_the_freeze_rule_once(monkeypatch):
+    """In the search head's training forward the pairs' op_weights/active_ops read nothing from
+    the device: check_freeze runs once for all 16 pairs."""
+    model = _search_model().train()
+    calls = []
+    real = search_block.check_freeze
+    monkeypatch.setattr(
+        "atrc_exp.models.relational_head.check_freeze",
+        lambda blocks: calls.append(len(blocks)) or real(blocks),
+    )
+    n = _count_host_reads(monkeypatch)
+    for name in ("op_weights", "active_ops"):
+        method = getattr(SearchCPBlock, name)
+
+        def watched(self, method=method):
+            n["on"] = True
+            try:
+                return method(self)
+            finally:
+                n["on"] = False
+
+        monkeypatch.setattr(SearchCPBlock, name, watched)
+    model(torch.randn(1, 3, 64, 96))
+    assert calls == [16] and n["reads"] == 0
+    model.eval()
+    model(torch.randn(1, 3, 64, 96))  # evaluation: argmax per pair, no check
+    assert calls == [16]

@@ -10,6 +10,12 @@ Weights of the ops:
 * training: if the top-two gap of softmax(α) is ≥ ``freeze_gap`` the choice freezes to its argmax;
   otherwise Gumbel-softmax(α, τ = ``self.tau``, soft).
 Ops whose weight is exactly zero are not computed (no activations kept for them).
+
+Reading a device tensor on the host synchronises a GPU, so the block keeps a host copy of its
+frozen choice (refreshed when a state dict is loaded), and :func:`check_freeze` decides the freeze
+rule for many blocks with one read: the search head calls it once per training forward, after
+which the blocks' :meth:`~SearchCPBlock.op_weights` and :meth:`~SearchCPBlock.active_ops` read
+nothing from the device (a block used on its own checks itself, one read per call).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context_blocks import make_cp_block
+
+__all__ = ["SearchCPBlock", "check_freeze"]
 
 
 class SearchCPBlock(nn.Module):
@@ -45,25 +53,43 @@ class SearchCPBlock(nn.Module):
             ]
         )
         self.register_buffer("frozen_choice", torch.tensor(-1, dtype=torch.long))
+        self._frozen = -1  # host copy of frozen_choice (set it through freeze())
+        self._checked_version = -1  # arch_param._version when check_freeze() applied the rule
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._frozen = int(self.frozen_choice)
 
     @property
     def is_frozen(self) -> bool:
-        return int(self.frozen_choice) >= 0
+        return self._frozen >= 0
+
+    def freeze(self, code: int) -> None:
+        """Freeze the choice to genotype code ``code`` (irreversible in training)."""
+        self.frozen_choice.fill_(int(code))
+        self._frozen = int(code)
 
     def choice(self) -> int:
         """The current discrete choice (genotype code): the frozen one, else argmax(α)."""
-        return int(self.frozen_choice) if self.is_frozen else int(self.arch_param.argmax())
+        return self._frozen if self.is_frozen else int(self.arch_param.argmax())
+
+    def _gap_and_argmax(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            top2 = F.softmax(self.arch_param.float(), dim=0).topk(2).values
+            return top2[0] - top2[1], self.arch_param.argmax()
 
     def op_weights(self) -> torch.Tensor:
         """Weights over [none, ops...] for this forward pass (see the module docstring)."""
         n = self.arch_param.numel()
         if not self.is_frozen and self.training:
-            with torch.no_grad():
-                top2 = F.softmax(self.arch_param.float(), dim=0).topk(2).values
-            if float(top2[0] - top2[1]) >= self.freeze_gap:
-                self.frozen_choice.fill_(int(self.arch_param.argmax()))
+            if self._checked_version != self.arch_param._version:  # else check_freeze() did, same α
+                gap, top = self._gap_and_argmax()
+                if float(gap) >= self.freeze_gap:
+                    self.freeze(int(top))
         if self.is_frozen or not self.training:
-            return F.one_hot(torch.tensor(self.choice()), n).to(self.arch_param)
+            w = self.arch_param.detach().new_zeros(n)
+            w[self.choice()] = 1.0  # no host-to-device copy
+            return w
         return F.gumbel_softmax(self.arch_param, tau=self.tau, hard=False)
 
     def active_ops(self) -> list[int]:
@@ -96,3 +122,19 @@ class SearchCPBlock(nn.Module):
             for i in active
         ]
         return self.mix(w, active, outputs, target_feats)
+
+
+def check_freeze(blocks: list[SearchCPBlock]) -> None:
+    """Apply the freeze rule (top-two gap of softmax(α) ≥ ``freeze_gap``: freeze to argmax α) to
+    every unfrozen block in training mode with one device-to-host read for all, and mark them
+    checked: until α changes (its ``_version``), :meth:`~SearchCPBlock.op_weights` does not read
+    it again. The same decisions as each block checking itself (the same float32 arithmetic)."""
+    todo = [b for b in blocks if b.training and not b.is_frozen]
+    if not todo:
+        return
+    gaps, tops = zip(*(b._gap_and_argmax() for b in todo))
+    values = torch.cat([torch.stack(gaps), torch.stack(tops).to(gaps[0].dtype)]).tolist()
+    for i, b in enumerate(todo):
+        if values[i] >= b.freeze_gap:
+            b.freeze(int(values[len(todo) + i]))
+        b._checked_version = b.arch_param._version
