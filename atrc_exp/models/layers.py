@@ -224,7 +224,8 @@ def conv_group(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Tensor:
     return F.conv2d(x, weight, bias, c0.stride, c0.padding, c0.dilation)
 
 
-def _pointwise(conv: nn.Conv2d) -> bool:
+def is_pointwise(conv: nn.Conv2d) -> bool:
+    """A plain 1×1 convolution: kernel 1×1, stride 1, no padding or dilation, one group."""
     return (
         conv.kernel_size == (1, 1)
         and conv.stride == (1, 1)
@@ -245,7 +246,7 @@ def pointwise_blockwise(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Te
     c0 = convs[0]
     n, cin, cout = len(convs), c0.in_channels, c0.out_channels
     B, C, H, W = x.shape
-    same = all(_pointwise(c) and _shape(c) == _shape(c0) for c in convs)
+    same = all(is_pointwise(c) and _shape(c) == _shape(c0) for c in convs)
     if not same or C != n * cin:
         return torch.cat([c(p) for c, p in zip(convs, x.split(cin, dim=1))], dim=1)
     weight = torch.stack([c.weight.view(cout, cin) for c in convs])  # n×c_out×c_in
@@ -309,7 +310,7 @@ def multiscale_applies(
         return False
     if sum(b.shape[1] for b in branches) != x.shape[1] or branches[0].shape[-2:] != x.shape[-2:]:
         return False
-    if not all(_pointwise(c) and c.bias is None and c.padding_mode == "zeros" for c in convs):
+    if not all(is_pointwise(c) and c.bias is None and c.padding_mode == "zeros" for c in convs):
         return False
     return _upsample_add.kernel_available(x, [])
 

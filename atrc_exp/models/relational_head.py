@@ -45,6 +45,7 @@ from .layers import (
     conv_bn_act_blockwise,
     conv_bn_relu_group,
     frozen_bn_stats,
+    is_pointwise,
     per_task_layers,
     pointwise_runs,
 )
@@ -189,13 +190,7 @@ class ATRCModule(nn.Module):
         label = [i for i, op in enumerate(ops) if op.block.kind == "label"]
         if not label or not _label_attention.kernel_applies(query[label[0]], key[label[0]], value[label[0]]):
             return False
-        for proj in self.out_proj.values():
-            conv = proj[0]
-            if len(proj) != 2 or conv.kernel_size != (1, 1) or conv.bias is not None or conv.groups != 1:
-                return False
-            if conv.stride != (1, 1) or conv.padding != (0, 0) or conv.dilation != (1, 1):
-                return False
-        return True
+        return all(len(p) == 2 and is_pointwise(p[0]) and p[0].bias is None for p in self.out_proj.values())
 
     def _folded_projections(self, ops, query, key, value) -> dict[str, torch.Tensor]:
         """Per target with CP blocks, ``out_proj``'s convolution of the blocks' concatenated outputs
