@@ -101,15 +101,28 @@ def kernel_available(base: torch.Tensor, maps: Sequence[torch.Tensor]) -> bool:
     return kernel_applies(base, maps) and _extension() is not None
 
 
+def _resize_add(ext, base: torch.Tensor, maps: Sequence[torch.Tensor], inplace: bool) -> torch.Tensor:
+    """The kernel's ``base + Σ resize(m)``, into ``base`` itself or a new tensor."""
+    maps = [m.contiguous() for m in maps]
+    return ext.forward(base if inplace else torch.empty_like(base), base, None, None, maps)
+
+
+def _conv_resize_add(ext, x0: torch.Tensor, w0: torch.Tensor, maps: Sequence[torch.Tensor]):
+    """The kernel's ``conv1x1(x0, w0) + Σ resize(m)``; returns it and the contiguous ``x0`` and
+    C×K weight it read (what the backward needs)."""
+    C, K = w0.shape[:2]
+    x0 = x0.contiguous()
+    w = w0.reshape(C, K).contiguous()
+    out = x0.new_empty(x0.shape[0], C, *x0.shape[-2:])
+    return ext.forward(out, None, x0, w, [m.contiguous() for m in maps]), x0, w
+
+
 class _UpsampleAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ext, inplace: bool, base, *maps):  # noqa: D102
-        maps = [m.contiguous() for m in maps]
         if inplace:
             ctx.mark_dirty(base)
-            out = ext.forward(base, base, None, None, maps)
-        else:
-            out = ext.forward(torch.empty_like(base), base, None, None, maps)
+        out = _resize_add(ext, base, maps, inplace)
         ctx.ext = ext
         ctx.sizes = [list(m.shape[-2:]) for m in maps]
         return out
@@ -125,11 +138,7 @@ class _UpsampleAdd(torch.autograd.Function):
 class _Conv1x1UpsampleAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ext, x0, w0, *maps):  # noqa: D102
-        C, K = w0.shape[:2]
-        maps = [m.contiguous() for m in maps]
-        x0 = x0.contiguous()
-        w = w0.reshape(C, K).contiguous()
-        out = ext.forward(x0.new_empty(x0.shape[0], C, *x0.shape[-2:]), None, x0, w, maps)
+        out, x0, w = _conv_resize_add(ext, x0, w0, maps)
         ctx.save_for_backward(x0, w)
         ctx.ext = ext
         ctx.w0_shape = w0.shape
@@ -164,8 +173,7 @@ def upsample_add(base: torch.Tensor, maps: Sequence[torch.Tensor], inplace: bool
         base = base.contiguous()
     if torch.is_grad_enabled() and (base.requires_grad or any(m.requires_grad for m in maps)):
         return _UpsampleAdd.apply(ext, inplace, base, *maps)
-    maps = [m.contiguous() for m in maps]
-    return ext.forward(base if inplace else torch.empty_like(base), base, None, None, maps)
+    return _resize_add(ext, base, maps, inplace)
 
 
 def conv1x1_upsample_add(x0: torch.Tensor, w0: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -184,8 +192,4 @@ def conv1x1_upsample_add(x0: torch.Tensor, w0: torch.Tensor, maps: Sequence[torc
         x0.requires_grad or w0.requires_grad or any(m.requires_grad for m in maps)
     ):
         return _Conv1x1UpsampleAdd.apply(ext, x0, w0, *maps)
-    C, K = w0.shape[:2]
-    out = x0.new_empty(x0.shape[0], C, *x0.shape[-2:])
-    return ext.forward(
-        out, None, x0.contiguous(), w0.reshape(C, K).contiguous(), [m.contiguous() for m in maps]
-    )
+    return _conv_resize_add(ext, x0, w0, maps)[0]
