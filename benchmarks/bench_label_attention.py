@@ -30,7 +30,7 @@ SHAPES = [  # B, d, K, H, W
 
 def interleaved(fns: dict, repeat: int, warmup: int = 3) -> dict:
     """Median seconds per call of each function, calling them in turn ``repeat`` times (also used
-    by ``bench_upsample_cross_entropy.py``)."""
+    by ``bench_upsample_cross_entropy.py`` and ``bench_upsample_add.py``)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -41,6 +41,21 @@ def interleaved(fns: dict, repeat: int, warmup: int = 3) -> dict:
             fn()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def with_backend(op, name: str, fn):
+    """``fn`` run with ``op``'s backend set to ``name`` (the op module's ``set_backend``), the
+    previous backend restored after each call; returns what ``fn`` returns."""
+
+    def run():
+        before = op.get_backend()
+        op.set_backend(name)
+        try:
+            return fn()
+        finally:
+            op.set_backend(before)
+
+    return run
 
 
 def main() -> None:

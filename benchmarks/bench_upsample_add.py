@@ -26,7 +26,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from bench_label_attention import interleaved
+from bench_label_attention import interleaved, with_backend
 
 BRANCHES = [(18, 48, 64), (36, 24, 32), (72, 12, 16), (144, 6, 8)]  # HRNet18 at 192×256
 
@@ -39,7 +39,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from atrc_exp.engine.fast_paths import keep_freed_memory
-    from atrc_exp.models.layers import concat_features
+    from atrc_exp.models.layers import concat_features, pointwise_conv_of_concat
     from atrc_exp.ops import upsample_add as op
 
     keep_freed_memory()
@@ -49,17 +49,14 @@ def main() -> None:
     x = concat_features(branches)
     weight = (torch.randn(args.out_channels, x.shape[1], 1, 1, generator=g) * 0.05).requires_grad_()
 
-    def branchwise(resize_add):
-        ws = weight.split([b.shape[1] for b in branches], dim=1)
-        rest = [F.conv2d(b, w) for b, w in zip(branches[1:], ws[1:])]
-        return resize_add(branches[0], ws[0], rest)
+    def branchwise():
+        return pointwise_conv_of_concat(branches, weight)
 
     variants = {
         "concat": lambda: F.conv2d(x, weight),
-        "branches, PyTorch": lambda: branchwise(
-            lambda x0, w0, m: op.upsample_add_reference(F.conv2d(x0, w0), m)
-        ),
-        "branches, kernel": lambda: branchwise(op.conv1x1_upsample_add),
+        # with the torch backend, pointwise_conv_of_concat resizes with F.interpolate
+        "branches, PyTorch": with_backend(op, "torch", branchwise),
+        "branches, kernel": branchwise,
     }
 
     def fwd(fn):

@@ -20,20 +20,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from bench_label_attention import interleaved
+from bench_label_attention import interleaved, with_backend
 
 CE_SHAPES = [(2, 40, 48, 64, 192, 256), (2, 2, 48, 64, 192, 256)]  # B, K, h, w, H, W
-
-
-def _with_backend(op, name: str, fn):
-    def run():
-        op.set_backend(name)
-        try:
-            fn()
-        finally:
-            op.set_backend("auto")
-
-    return run
 
 
 def main() -> None:
@@ -66,8 +55,8 @@ def main() -> None:
         def both(x=x, y=y):
             torch.autograd.grad(cross_entropy_loss(x, y), x)
 
-        f = interleaved({"torch": _with_backend(op, "torch", fwd), "kernel": fwd}, args.repeat)
-        fb = interleaved({"torch": _with_backend(op, "torch", both), "kernel": both}, args.repeat)
+        f = interleaved({"torch": with_backend(op, "torch", fwd), "kernel": fwd}, args.repeat)
+        fb = interleaved({"torch": with_backend(op, "torch", both), "kernel": both}, args.repeat)
         print(
             f"| CE {B}×{K}×{h}×{w} → {H}×{W} | {ms(f['torch'])} | {ms(f['kernel'])} | "
             f"{f['torch'] / f['kernel']:.1f} | {ms(fb['torch'])} | {ms(fb['kernel'])} | "
@@ -78,7 +67,7 @@ def main() -> None:
     centroids = F.normalize(torch.randn(40, 3, generator=g), dim=1)
     nc = interleaved(
         {
-            "torch": _with_backend(op, "torch", lambda: normals_to_centroid_index(normals, centroids)),
+            "torch": with_backend(op, "torch", lambda: normals_to_centroid_index(normals, centroids)),
             "kernel": lambda: normals_to_centroid_index(normals, centroids),
         },
         args.repeat,
