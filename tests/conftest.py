@@ -89,24 +89,26 @@ def built_extension(kind: str):
         pytest.skip(f"no C++ toolchain: {e}")
 
 
-def count_kernel_calls(monkeypatch, ext, kind: str) -> dict[str, int]:
-    """Make ``build.get_extension(kind)`` return ``ext`` wrapped so that its ``forward`` and
-    ``backward`` calls are counted (other functions pass through); returns the counts."""
+def count_kernel_calls(
+    monkeypatch, ext, kind: str, names: tuple[str, ...] = ("forward", "backward")
+) -> dict[str, int]:
+    """Make ``build.get_extension(kind)`` return ``ext`` wrapped so that calls of its functions
+    ``names`` are counted (other functions pass through); returns the counts."""
     from atrc_exp.ops import build
 
-    n = {"forward": 0, "backward": 0}
+    n = dict.fromkeys(names, 0)
 
     class Counting:
-        def forward(self, *a):
-            n["forward"] += 1
-            return ext.forward(*a)
-
-        def backward(self, *a):
-            n["backward"] += 1
-            return ext.backward(*a)
-
         def __getattr__(self, name):
-            return getattr(ext, name)
+            fn = getattr(ext, name)
+            if name not in n:
+                return fn
+
+            def counted(*a):
+                n[name] += 1
+                return fn(*a)
+
+            return counted
 
     counting = Counting()
     real = build.get_extension

@@ -199,27 +199,12 @@ def test_hrnet_with_the_kernel_matches_pytorch_batch_norm(calls):
 
 
 # --- softplus (the same extension) -----------------------------------------------------------
-def _count_softplus(monkeypatch, ext) -> dict[str, int]:
-    n = {"softplus": 0}
-
-    class Counting:
-        def softplus(self, *a):
-            n["softplus"] += 1
-            return ext.softplus(*a)
-
-    real = build.get_extension
-    monkeypatch.setattr(
-        build, "get_extension", lambda k, **kw: Counting() if k == "bn_cpp" else real(k, **kw)
-    )
-    return n
-
-
 @pytest.mark.parametrize("beta,threshold", [(1.0, 20.0), (2.0, 5.0), (0.5, 30.0)])
 def test_softplus_matches_the_float64_result(monkeypatch, ext, beta, threshold):
     """float32: within 3e-7 relative of softplus in float64 over [-120, 60] (0 where the result is
     below the normal floats, as exp underflows), with PyTorch's threshold; float64: PyTorch's to
     1e-14; the gradient is PyTorch's own."""
-    n = _count_softplus(monkeypatch, ext)
+    n = count_kernel_calls(monkeypatch, ext, "bn_cpp", names=("softplus",))
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.linspace(-120, 60, 40001), torch.randn(9999, generator=g) * 4]).reshape(2, 5, 5000)
     ref = F.softplus(x.double(), beta, threshold)
@@ -244,7 +229,7 @@ def test_softplus_matches_the_float64_result(monkeypatch, ext, beta, threshold):
 def test_softplus_of_a_channel_slice_and_where_the_kernel_does_not_apply(monkeypatch, ext):
     """A channel slice of an NCHW tensor (contiguous samples, another batch stride) goes through
     the kernel; non-contiguous samples, bfloat16 and backend ``torch`` give ``F.softplus`` itself."""
-    n = _count_softplus(monkeypatch, ext)
+    n = count_kernel_calls(monkeypatch, ext, "bn_cpp", names=("softplus",))
     g = torch.Generator().manual_seed(1)
     big = torch.randn(3, 10, 6, 7, generator=g) * 5
     part = big[:, 4:7]
