@@ -47,8 +47,6 @@ using atrc_vec::vload;
 using atrc_vec::vstore;
 using atrc_vec::with_const;
 
-
-
 // acc[j][0..W) += sum_k w[j*K + k] * x[k*HW + 0..W) for NC rows acc (stride W): the x loads shared by
 // the NC output rows, the NC accumulators in registers.
 template <typename T, int NC>
