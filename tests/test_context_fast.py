@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import atrc_exp
 from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models.layers import (
+    _constant,
     ConvBNReLU,
     batch_norm_group,
     conv_bn_relu_group,
@@ -134,8 +135,12 @@ def _bns(affine=(True, False, True), sizes=(3, 4, 5)):
     return bns
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # the CPU kernel; PyTorch's (as on a GPU)
 @pytest.mark.parametrize("train", [True, False])
-def test_batch_norm_group_equals_modules(train):
+def test_batch_norm_group_equals_modules(train, backend, monkeypatch):
+    from atrc_exp.ops import batch_norm as bnop
+
+    monkeypatch.setattr(bnop._switch, "name", backend)
     plain = _bns()
     grouped = copy.deepcopy(plain)
     for b in plain + grouped:
@@ -158,6 +163,9 @@ def test_batch_norm_group_equals_modules(train):
         assert int(bp.num_batches_tracked) == int(bg.num_batches_tracked) == int(train)
     if train:  # the running statistics did move
         assert not torch.allclose(plain[0].running_mean, _bns()[0].running_mean)
+    # the non-affine module's weight and bias stand-ins are shared constants, left as they were
+    assert torch.equal(_constant(1.0, 4, x), torch.ones(4)) and torch.equal(_constant(0.0, 4, x), torch.zeros(4))
+    assert _constant(1.0, 4, x) is _constant(1.0, 4, x) and not _constant(1.0, 4, x).requires_grad
 
 
 def test_batch_norm_group_frozen_stats_and_fallbacks():
