@@ -145,6 +145,35 @@ GENOTYPE = "genotypes/nyud_hrnet18.json"
 # ----------------------------------------------------------------------------------------------
 # worker: one configuration in a fresh process
 # ----------------------------------------------------------------------------------------------
+#: ATen ops that only make a view or read metadata (no kernel on any device): not counted
+VIEW_OPS = frozenset(
+    "alias as_strided detach empty expand lift_fresh narrow permute reshape select slice split "
+    "split_with_sizes squeeze t transpose unbind unsqueeze view _reshape_alias _unsafe_view".split()
+)
+
+
+def dispatched_ops(step, i: int) -> dict:
+    """ATen ops dispatched by one more training step (``step(i)``), views and metadata ops
+    excluded: the host's share of a step, device-independent (on a GPU, where a step of these
+    small layers is launch-bound, each is at least one kernel launch from Python)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in VIEW_OPS:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with _Count() as c:
+            step(i)
+        return {"aten_ops_per_step": c.n}
+    except Exception as e:  # noqa: BLE001 - an extra, never fail the row for it
+        return {"aten_ops_error": f"{type(e).__name__}: {e}"[:200]}
+
+
 def _rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -321,6 +350,8 @@ def run_worker(spec: dict) -> dict:
     else:
         peak_mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     kernel = gpu_kernel_time(step, n_total) if cuda else {}
+    if not spec.get("compile"):  # a compiled step would be traced again under the counting mode
+        kernel.update(dispatched_ops(step, n_total + 2))
     return {
         **kernel,
         **spec,
@@ -422,8 +453,8 @@ def train_table(rows: list[dict]) -> list[str]:
     mem_kind = {r["device"]: r["peak_mem_kind"] for r in ok}
     lines = [
         "| device | context | path | B×H×W | ms/step (median) | best ms | img/s | × none (same path) "
-        "| speed-up vs fp32 | peak MiB | first step s | GPU kernel ms/step (kernels) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speed-up vs fp32 | peak MiB | first step s | ATen ops/step | GPU kernel ms/step (kernels) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["path"].startswith("loader:"):
@@ -431,7 +462,7 @@ def train_table(rows: list[dict]) -> list[str]:
         b, h, w = r["size"]
         head = f"| {r['device']} | {r['context']} | {r['path']} | {b}×{h}×{w} "
         if "error" in r:
-            lines.append(head + f"| error: {r['error'][:160]} | | | | | | | |")
+            lines.append(head + f"| error: {r['error'][:160]} | | | | | | | | |")
             continue
         t = r["step_s"]
         nb = base.get((r["device"], r["path"]))
@@ -439,14 +470,16 @@ def train_table(rows: list[dict]) -> list[str]:
         lines.append(
             head + f"| {t * 1e3:.0f} | {r['best_step_s'] * 1e3:.0f} | {r['images_per_s']:.2f} "
             f"| {_fmt(t / nb if nb else None, '%.2f×')} | {_fmt(f32 / t if f32 else None, '%.2f×')} "
-            f"| {r['peak_mem_mib']:.0f} | {r['first_step_s'][0]:.1f} | {_kernel_cell(r)} |"
+            f"| {r['peak_mem_mib']:.0f} | {r['first_step_s'][0]:.1f} | {_fmt(r.get('aten_ops_per_step'), '%d')} "
+            f"| {_kernel_cell(r)} |"
         )
     if mem_kind:
         lines.append("")
         lines.append(
             "peak MiB: " + "; ".join(f"{d}: {k}" for d, k in mem_kind.items()) + ". first step: round 1 "
             "(compile rows: compilation, from an empty inductor cache with --cold-compile; later rounds "
-            "hit the cache)"
+            "hit the cache). ATen ops/step: the ops one step dispatches, views excluded (the host's work; "
+            "not counted for compiled steps)"
         )
     return lines
 

@@ -159,6 +159,24 @@ def test_bench_plans_gpu_only_paths_on_cuda_only():
             assert opts["mode"] == ("reduce-overhead" if "cudagraphs" in name else None), name
 
 
+def test_bench_counts_the_ops_a_step_dispatches_without_views():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_train
+    finally:
+        sys.path.pop(0)
+    x = torch.randn(4, 6, requires_grad=True)
+
+    def step(i):  # mul, sum, ones_like (the backward's seed), mul; views and detach not counted
+        (x.view(24) * float(i)).t().sum().backward()
+
+    assert bench_train.dispatched_ops(step, 2) == {"aten_ops_per_step": 4} and x.grad is not None
+    assert bench_train.dispatched_ops(lambda i: x.view(24).t().unsqueeze(0) * 2, 0)["aten_ops_per_step"] == 1
+    assert "aten_ops_error" in bench_train.dispatched_ops(lambda i: 1 / 0, 0)
+
+
 def test_fused_context_switch():
     from atrc_exp.models.relational_head import ATRCModule
 
