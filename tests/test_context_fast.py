@@ -15,8 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import atrc_exp
 from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models.layers import (
-    _constant,
     ConvBNReLU,
+    _constant,
     batch_norm_group,
     conv_bn_relu_group,
     frozen_bn_stats,
