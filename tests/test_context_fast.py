@@ -164,8 +164,9 @@ def test_batch_norm_group_equals_modules(train, backend, monkeypatch):
     if train:  # the running statistics did move
         assert not torch.allclose(plain[0].running_mean, _bns()[0].running_mean)
     # the non-affine module's weight and bias stand-ins are shared constants, left as they were
-    assert torch.equal(_constant(1.0, 4, x), torch.ones(4)) and torch.equal(_constant(0.0, 4, x), torch.zeros(4))
-    assert _constant(1.0, 4, x) is _constant(1.0, 4, x) and not _constant(1.0, 4, x).requires_grad
+    ones, zeros = _constant(1.0, 4, x), _constant(0.0, 4, x)
+    assert torch.equal(ones, torch.ones(4)) and torch.equal(zeros, torch.zeros(4))
+    assert ones is _constant(1.0, 4, x) and not ones.requires_grad
 
 
 def test_batch_norm_group_frozen_stats_and_fallbacks():
