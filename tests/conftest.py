@@ -116,6 +116,31 @@ def count_kernel_calls(
     return n
 
 
+def kernel_op_fixtures(op, kind: str):
+    """The fixtures of a test module for the CPU-kernel op module ``op`` (built as extension
+    ``kind``), used as ``_auto_backend, ext, calls = kernel_op_fixtures(op, kind)``:
+
+    * ``_auto_backend`` (autouse): the op's backend is ``auto`` before and after each test;
+    * ``ext`` (module scope): the built extension (the test is skipped without a toolchain);
+    * ``calls``: :func:`count_kernel_calls` of the extension's ``forward``/``backward``."""
+
+    @pytest.fixture(autouse=True)
+    def _auto_backend():
+        op.set_backend("auto")
+        yield
+        op.set_backend("auto")
+
+    @pytest.fixture(scope="module")
+    def ext():
+        return built_extension(kind)
+
+    @pytest.fixture
+    def calls(monkeypatch, ext):
+        return count_kernel_calls(monkeypatch, ext, kind)
+
+    return _auto_backend, ext, calls
+
+
 @pytest.fixture(autouse=True)
 def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))

@@ -13,29 +13,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import built_extension, count_kernel_calls
+from conftest import count_kernel_calls, kernel_op_fixtures
 from torch import nn
 
 from atrc_exp.ops import batch_norm as bnop
 from atrc_exp.ops import build
 
-
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    bnop.set_backend("auto")
-    yield
-    bnop.set_backend("auto")
-
-
-@pytest.fixture(scope="module")
-def ext():
-    return built_extension("bn_cpp")
-
-
-@pytest.fixture
-def calls(monkeypatch, ext):
-    """Counts the kernel's forward/backward calls."""
-    return count_kernel_calls(monkeypatch, ext, "bn_cpp")
+_auto_backend, ext, calls = kernel_op_fixtures(bnop, "bn_cpp")
 
 
 def _reference(x, rm, rv, w, b, training, momentum, eps, relu):

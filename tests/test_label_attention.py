@@ -15,29 +15,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import built_extension, count_kernel_calls
+from conftest import kernel_op_fixtures
 
 from atrc_exp.ops import build
 from atrc_exp.ops import label_attention as laop
 from atrc_exp.ops.label_attention import label_attention, label_attention_reference
 
-
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    laop.set_backend("auto")
-    yield
-    laop.set_backend("auto")
-
-
-@pytest.fixture(scope="module")
-def ext():
-    return built_extension("label_cpp")
-
-
-@pytest.fixture
-def calls(monkeypatch, ext):
-    """Counts the kernel's forward/backward calls."""
-    return count_kernel_calls(monkeypatch, ext, "label_cpp")
+_auto_backend, ext, calls = kernel_op_fixtures(laop, "label_cpp")
 
 
 def _inputs(B, d, K, H, W, dtype, seed=0):

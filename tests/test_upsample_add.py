@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import built_extension, count_kernel_calls
+from conftest import kernel_op_fixtures
 
 from atrc_exp.config import ConfigError
 from atrc_exp.engine.trainer import check_cpu_kernel_backend
@@ -22,21 +22,7 @@ from atrc_exp.ops import upsample_add as ua
 SIZES = [(8, 12), (4, 6), (2, 3), (16, 24), (5, 7), (20, 30)]
 
 
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    ua.set_backend("auto")
-    yield
-    ua.set_backend("auto")
-
-
-@pytest.fixture(scope="module")
-def ext():
-    return built_extension("ups_cpp")
-
-
-@pytest.fixture
-def calls(ext, monkeypatch):
-    return count_kernel_calls(monkeypatch, ext, "ups_cpp")
+_auto_backend, ext, calls = kernel_op_fixtures(ua, "ups_cpp")
 
 
 def _maps(dtype, B=2, C=3, seed=0):

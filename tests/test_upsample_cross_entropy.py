@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import built_extension, count_kernel_calls
+from conftest import kernel_op_fixtures
 
 from atrc_exp.config import ConfigError
 from atrc_exp.engine.trainer import check_cpu_kernel_backend
@@ -27,22 +27,7 @@ from atrc_exp.ops import upsample_cross_entropy as uce
 IGN = 255
 
 
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    uce.set_backend("auto")
-    yield
-    uce.set_backend("auto")
-
-
-@pytest.fixture(scope="module")
-def ext():
-    return built_extension("ce_cpp")
-
-
-@pytest.fixture
-def calls(monkeypatch, ext):
-    """Counts the kernel's forward/backward calls."""
-    return count_kernel_calls(monkeypatch, ext, "ce_cpp")
+_auto_backend, ext, calls = kernel_op_fixtures(uce, "ce_cpp")
 
 
 def _reference(x, y, w):
