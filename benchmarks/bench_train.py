@@ -55,9 +55,15 @@ And the exact speed-ups that are on by default, each switched off, against the s
 * ``no_keep_freed``: ``trainer.keep_freed_memory=false`` (glibc's default of returning freed
   memory to the OS, page-faulting it back every step).
 
+And for ``context=search`` only: ``no_recompute``, ``mode.recompute=false`` (the candidate ops'
+activations kept for the backward instead of recomputed: a faster step, about twice the memory).
+
 On CUDA each configuration also reports the GPU kernel time of one step (``torch.profiler``, sum
 of the kernels' durations, and their number): a step much longer than its kernel time is bound by
-the host (Python, dispatch, launches), which bf16 cannot speed up and CUDA graphs can.
+the host (Python, dispatch, launches), which bf16 cannot speed up and CUDA graphs can. Every
+eager configuration reports the ATen ops one step dispatches (views and metadata ops excluded;
+counted by a ``TorchDispatchMode`` in one extra step): the host's work, the same on every device
+for the same code path.
 
 ``--include loader`` adds DataLoader rows: the context=none float32 step fed by the trainer's own
 train loader (``atrc_exp.engine.trainer.build_train_loader``) over the synthetic dataset (train
@@ -118,7 +124,12 @@ PATHS = {
     "no_fused_label": {"torch_label": True},
     "no_fused_aux": {"torch_aux": True},
     "no_keep_freed": {"keep_freed_memory": False},
+    # the search without activation recomputation (mode.recompute=false): faster, about twice the
+    # memory; timed for context=search only
+    "no_recompute": {"no_recompute": True},
 }
+#: timed for context=search only (whatever --fast-contexts says)
+SEARCH_ONLY_PATHS = ("no_recompute",)
 #: timed on CUDA only (no-ops on the CPU, or minutes of compilation for a CPU row nobody needs)
 GPU_ONLY_PATHS = (
     "cudnn_benchmark",
@@ -192,6 +203,8 @@ def compose(context: str, spec: dict):
     ov = ["dataset=nyud", "backbone=hrnet18", "backbone.pretrained=false", f"context={context}"]
     if context == "search":
         ov.append("mode=search")
+        if spec.get("no_recompute"):
+            ov.append("mode.recompute=false")
     if context == "atrc":
         ov.append(f"context.genotype={REPO / GENOTYPE}")
     ov.append(f"trainer.channels_last={'true' if spec.get('channels_last') else 'false'}")
@@ -569,7 +582,10 @@ def plan_specs(args, dev: str, include: set[str]) -> list[dict]:
     steps = args.steps or (6 if dev == "cpu" else 20)
     threads = args.threads if dev == "cpu" else None
     plan = [(c, "fp32") for c in args.contexts if "fp32" in args.paths]
-    plan += [(c, n) for n in args.paths if n != "fp32" for c in args.contexts if c in args.fast_contexts]
+    for n in args.paths:
+        if n != "fp32":
+            on = ("search",) if n in SEARCH_ONLY_PATHS else args.fast_contexts
+            plan += [(c, n) for c in args.contexts if c in on]
     specs = []
     for context, name in plan:
         extra = PATHS[name]

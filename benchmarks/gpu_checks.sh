@@ -6,7 +6,8 @@
 #   3. bench-ops on the GPU: fwd and fwd+bwd per call at the ATRC sizes, fp32 and bf16, vs the
 #      PyTorch reference on the same GPU, with the FLOP floor
 #   4. the training-step benchmark at paper size (batch 8, 425x560): contexts none / ATRC / search,
-#      fp32 vs bf16 (and channels_last), peak CUDA memory (search must fit in 40 GB)
+#      fp32 vs bf16 (and channels_last), the search without recomputation, peak CUDA memory (search
+#      must fit in 40 GB), ATen ops per step (the host's work)
 #   5. the ATRC step under torch.compile (default mode and CUDA graphs), fp32 and bf16
 #   6. a short real training run on the GPU (ATRC distillation, bf16 through Accelerate;
 #      SKIP_SMOKE=1 skips it)
@@ -20,7 +21,9 @@
 # is still unmeasured fits one call:
 #   STAGES="env train_compile" TOTAL_S=540 COMPILE_TIMEOUT_S=200 OUT=$OUT bash benchmarks/gpu_checks.sh
 # (fp32 eager, then bf16 + regional compile, bf16 + CUDA graphs; the whole-model rows only if time
-# is left).
+# is left). The eager rows, search included (its per-forward synchronisations were removed and
+# `no_recompute` added after the 2026-11-29 table), take about 3 minutes in a call of their own:
+#   STAGES="env train_bench" QUICK=1 TOTAL_S=400 OUT=$OUT bash benchmarks/gpu_checks.sh
 #
 # Each stage has its own time limit and appends to $OUT/gpu_checks.log; the JSON results land in
 # $OUT. Stages after a failed one still run. Needs the runtime dependencies of atrc_exp importable
@@ -74,9 +77,9 @@ stage ops 120 $PY benchmarks/bench_local_attention.py --skip-cpu --repeat 10 --r
   --sizes 8x33x107x140 8x33x128x128 8x90x107x140 --out "$OUT/results-ops-gpu.json"
 
 if [ "$QUICK" = 1 ]; then
-  paths="fp32 bf16 bf16+cudnn_benchmark"
+  paths="fp32 bf16 bf16+cudnn_benchmark no_recompute"
 else
-  paths="fp32 bf16 channels_last cudnn_benchmark bf16+cudnn_benchmark"
+  paths="fp32 bf16 channels_last cudnn_benchmark bf16+cudnn_benchmark no_recompute"
 fi
 stage train_bench 300 $PY benchmarks/bench_train.py --devices cuda --contexts none atrc search \
   --paths $paths --fast-contexts none atrc --rounds 1 --steps 10 --warmup 3 --timeout 200 \

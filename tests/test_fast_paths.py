@@ -143,12 +143,18 @@ def test_bench_plans_gpu_only_paths_on_cuda_only():
     finally:
         sys.path.pop(0)
     args = argparse.Namespace(
-        steps=1, threads=2, contexts=["none", "atrc"], paths=list(bench_train.PATHS),
+        steps=1, threads=2, contexts=["none", "atrc", "search"], paths=list(bench_train.PATHS),
         fast_contexts=["none", "atrc"], warmup=1,
     )  # fmt: skip
-    cpu = {s["path"] for s in bench_train.plan_specs(args, "cpu", set())}
+    specs = bench_train.plan_specs(args, "cpu", set())
+    cpu = {s["path"] for s in specs}
     assert cpu == set(bench_train.PATHS) - set(bench_train.GPU_ONLY_PATHS)
     assert "fp32" in cpu and "compile" in cpu and "no_fused_bn" in cpu
+    # search: fp32 and the search-only paths, the other paths on the fast contexts only
+    assert {s["path"] for s in specs if s["context"] == "search"} == {"fp32", *bench_train.SEARCH_ONLY_PATHS}
+    assert {s["context"] for s in specs if s["path"] == "no_recompute"} == {"search"}
+    assert bench_train.compose("search", bench_train.PATHS["no_recompute"]).mode.recompute is False
+    assert bench_train.compose("search", bench_train.PATHS["fp32"]).mode.recompute is True
     # every path's overrides compose into what it names (GPU rows included: they run nowhere here)
     for name, spec in bench_train.PATHS.items():
         opts = compile_options(bench_train.compose("atrc", spec))
