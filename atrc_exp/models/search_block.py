@@ -104,7 +104,10 @@ class SearchCPBlock(nn.Module):
     def mix(
         self, w: torch.Tensor, active: list[int], outputs: list[torch.Tensor], like: torch.Tensor
     ) -> torch.Tensor:
-        """Σ w[i+1]·outputs for the ``active`` ops (zeros shaped like ``like`` when there is none)."""
+        """Σ w[i+1]·outputs for the ``active`` ops (zeros shaped like ``like`` when there is none);
+        a single op of a one-hot weight (frozen, evaluation) is its output itself."""
+        if len(active) == 1 and (self.is_frozen or not self.training):  # one-hot: y·1 = y
+            return outputs[0]
         out = None
         for i, y in zip(active, outputs):
             y = w[i + 1] * y
