@@ -53,7 +53,9 @@ And the exact speed-ups that are on by default, each switched off, against the s
   concatenated features instead of at the backbone branches' resolutions with the CPU
   resize-and-add kernel of ``atrc_exp.ops.upsample_add``);
 * ``no_keep_freed``: ``trainer.keep_freed_memory=false`` (glibc's default of returning freed
-  memory to the OS, page-faulting it back every step).
+  memory to the OS, page-faulting it back every step);
+* ``no_cpu_kernels``: the four above ``ops.*.backend=torch`` at once: PyTorch's ops throughout,
+  the code path a GPU runs.
 
 And for ``context=search`` only: ``no_recompute``, ``mode.recompute=false`` (the candidate ops'
 activations kept for the backward instead of recomputed: a faster step, about twice the memory).
@@ -124,6 +126,9 @@ PATHS = {
     "no_fused_label": {"torch_label": True},
     "no_fused_aux": {"torch_aux": True},
     "no_keep_freed": {"keep_freed_memory": False},
+    # all four CPU kernels off: PyTorch's ops, the code path a GPU runs (its ATen ops/step are the
+    # GPU step's, up to the optimizer, which is one loop per parameter on the CPU, foreach on CUDA)
+    "no_cpu_kernels": {"torch_bn": True, "torch_ce": True, "torch_label": True, "torch_aux": True},
     # the search without activation recomputation (mode.recompute=false): faster, about twice the
     # memory; timed for context=search only
     "no_recompute": {"no_recompute": True},
@@ -140,7 +145,7 @@ GPU_ONLY_PATHS = (
     "bf16+cudagraphs_regional",
 )
 #: timed on the CPU only (the fused kernels are CPU kernels)
-CPU_ONLY_PATHS = ("no_fused_bn", "no_fused_ce", "no_fused_label", "no_fused_aux")
+CPU_ONLY_PATHS = ("no_fused_bn", "no_fused_ce", "no_fused_label", "no_fused_aux", "no_cpu_kernels")
 #: DataLoader variants of ``--include loader``: (label, settings); None = the in-memory batch.
 LOADERS = (
     ("in-memory batch", None),
