@@ -41,21 +41,10 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "cpp", "torch")
-_switch = BackendSwitch("batch_norm", BACKENDS)
+_switch = BackendSwitch("batch_norm", BACKENDS, kind="bn_cpp", fallback="using PyTorch's batch norm")
+_extension = _switch.extension  # the built kernel module, or None (auto, build failed: warned once)
 
-
-def set_backend(name: str) -> None:
-    """Select the implementation used by :func:`batch_norm_act`: auto | cpp | torch."""
-    _switch.set(name)
-
-
-def get_backend() -> str:
-    return _switch.name
-
-
-def _extension():
-    """The built kernel module, or None (``auto`` and the build failed: warned once)."""
-    return _switch.extension("bn_cpp", "using PyTorch's batch norm")
+set_backend, get_backend = _switch.accessors("batch_norm_act")
 
 
 def _kernel_applies(x: torch.Tensor, training: bool, weight, bias) -> bool:

@@ -68,16 +68,10 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "cpp", "torch")
-_switch = BackendSwitch("label_attention", BACKENDS)
+_switch = BackendSwitch("label_attention", BACKENDS, kind="label_cpp", fallback="using the PyTorch reference")
+_extension = _switch.extension  # the built kernel module, or None (auto, build failed: warned once)
 
-
-def set_backend(name: str) -> None:
-    """Select the implementation used by :func:`label_attention`: auto | cpp | torch."""
-    _switch.set(name)
-
-
-def get_backend() -> str:
-    return _switch.name
+set_backend, get_backend = _switch.accessors("label_attention")
 
 
 def label_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -91,11 +85,6 @@ def label_attention_reference(query: torch.Tensor, key: torch.Tensor, value: tor
     sim = sim.softmax(dim=-1)
     out = torch.matmul(sim, value).transpose(1, 2)  # B×d_v×N
     return out.view(B, dv, H, W)
-
-
-def _extension():
-    """The built kernel module, or None (``auto`` and the build failed: warned once)."""
-    return _switch.extension("label_cpp", "using the PyTorch reference")
 
 
 def _kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:

@@ -28,14 +28,7 @@ BACKENDS = ("auto", "cpp", "cuda", "torch")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _switch = BackendSwitch("local_attention", BACKENDS)
 
-
-def set_backend(name: str) -> None:
-    """Select the implementation used by :func:`local_attention`: auto | cpp | cuda | torch."""
-    _switch.set(name)
-
-
-def get_backend() -> str:
-    return _switch.name
+set_backend, get_backend = _switch.accessors("local_attention")
 
 
 def available_backends(kinds: tuple[str, ...] = ("cpp", "cuda")) -> list[str]:

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
 
 
 class BackendSwitch:
     """Which implementation ``op`` uses (one of ``choices``; ``auto`` by default), set from the
-    Hydra config or in code, plus warnings that are issued once per key."""
+    Hydra config or in code, plus warnings that are issued once per key. ``kind`` and ``fallback``:
+    the defaults of :meth:`extension` (the op's C++ extension, what runs without it)."""
 
-    def __init__(self, op: str, choices: tuple[str, ...], default: str = "auto"):
+    def __init__(
+        self,
+        op: str,
+        choices: tuple[str, ...],
+        default: str = "auto",
+        kind: str | None = None,
+        fallback: str = "using PyTorch's ops",
+    ):
         self.op = op
         self.choices = choices
         self.name = default
+        self.kind = kind
+        self.fallback = fallback
         self._warned: set[str] = set()
         self._lock = threading.Lock()
 
@@ -21,6 +32,21 @@ class BackendSwitch:
         if name not in self.choices:
             raise ValueError(f"{self.op} backend must be one of {self.choices}, got {name!r}")
         self.name = name
+
+    def accessors(self, function: str) -> tuple[Callable[[str], None], Callable[[], str]]:
+        """The op module's public ``(set_backend, get_backend)``, documented for ``function``
+        (the op's entry point, named in their docstrings)."""
+        choices = " | ".join(self.choices)
+
+        def set_backend(name: str) -> None:
+            self.set(name)
+
+        def get_backend() -> str:
+            return self.name
+
+        set_backend.__doc__ = f"Select the implementation used by :func:`{function}`: {choices}."
+        get_backend.__doc__ = f"The implementation :func:`{function}` uses now: {choices}."
+        return set_backend, get_backend
 
     def warn_once(self, key: str, msg: str, stacklevel: int = 4) -> None:
         """A ``RuntimeWarning`` with ``msg``, the first time ``key`` is seen in this process."""
@@ -30,12 +56,14 @@ class BackendSwitch:
             self._warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
 
-    def extension(self, kind: str, fallback: str):
-        """The built extension ``kind`` (see :mod:`atrc_exp.ops.build`), or None when it cannot be
-        built under ``auto`` (warned once: ``fallback`` names what runs instead); under ``cpp``
-        the :class:`~atrc_exp.ops.build.ExtensionBuildError` propagates."""
+    def extension(self, kind: str | None = None, fallback: str | None = None):
+        """The built extension ``kind`` (default: the switch's; see :mod:`atrc_exp.ops.build`), or
+        None when it cannot be built under ``auto`` (warned once: ``fallback`` names what runs
+        instead); under ``cpp`` the :class:`~atrc_exp.ops.build.ExtensionBuildError` propagates."""
         from . import build
 
+        kind = kind or self.kind
+        fallback = fallback or self.fallback
         try:
             return build.get_extension(kind)
         except build.ExtensionBuildError as e:
@@ -45,7 +73,7 @@ class BackendSwitch:
                 "build",
                 f"{self.op}: the C++ kernel is unavailable ({e}); {fallback} (slower on the CPU; set "
                 f"ops.{self.op}.backend=torch to silence this)",
-                stacklevel=5,
+                stacklevel=4,  # the op's caller (warn_once, extension, the op, its caller)
             )
             return None
 

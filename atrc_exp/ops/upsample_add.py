@@ -48,21 +48,10 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "cpp", "torch")
-_switch = BackendSwitch("upsample_add", BACKENDS)
+_switch = BackendSwitch("upsample_add", BACKENDS, kind="ups_cpp", fallback="using PyTorch's interpolate")
+_extension = _switch.extension  # the built kernel module, or None (auto, build failed: warned once)
 
-
-def set_backend(name: str) -> None:
-    """Select the implementation used by :func:`upsample_add`: auto | cpp | torch."""
-    _switch.set(name)
-
-
-def get_backend() -> str:
-    return _switch.name
-
-
-def _extension():
-    """The built kernel module, or None (``auto`` and the build failed: warned once)."""
-    return _switch.extension("ups_cpp", "using PyTorch's interpolate")
+set_backend, get_backend = _switch.accessors("upsample_add")
 
 
 def upsample_add_reference(base: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:

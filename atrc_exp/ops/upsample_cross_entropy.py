@@ -50,21 +50,12 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "cpp", "torch")
-_switch = BackendSwitch("upsample_cross_entropy", BACKENDS)
+_switch = BackendSwitch(
+    "upsample_cross_entropy", BACKENDS, kind="ce_cpp", fallback="upsampling before the cross-entropy instead"
+)
+_extension = _switch.extension  # the built kernel module, or None (auto, build failed: warned once)
 
-
-def set_backend(name: str) -> None:
-    """Select the implementation of the low-resolution cross-entropy: auto | cpp | torch."""
-    _switch.set(name)
-
-
-def get_backend() -> str:
-    return _switch.name
-
-
-def _extension():
-    """The built kernel module, or None (``auto`` and the build failed: warned once)."""
-    return _switch.extension("ce_cpp", "upsampling before the cross-entropy instead")
+set_backend, get_backend = _switch.accessors("upsample_cross_entropy")
 
 
 def kernel_applies(logits: torch.Tensor) -> bool:
