@@ -116,6 +116,18 @@ def count_kernel_calls(
     return n
 
 
+def fail_builds(monkeypatch, op, message: str = "no C++ compiler found (simulated)") -> None:
+    """Every ``build.get_extension`` call raises ``ExtensionBuildError(message)`` (a machine
+    without a toolchain), and the op module ``op`` forgets which warnings it issued."""
+    from atrc_exp.ops import build
+
+    def broken(kind, **kw):
+        raise build.ExtensionBuildError(message)
+
+    monkeypatch.setattr(build, "get_extension", broken)
+    op._switch.reset_warnings()
+
+
 def kernel_op_fixtures(op, kind: str):
     """The fixtures of a test module for the CPU-kernel op module ``op`` (built as extension
     ``kind``), used as ``_auto_backend, ext, calls = kernel_op_fixtures(op, kind)``:

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import count_kernel_calls, kernel_op_fixtures
+from conftest import count_kernel_calls, fail_builds, kernel_op_fixtures
 from torch import nn
 
 from atrc_exp.ops import batch_norm as bnop
@@ -99,11 +99,7 @@ def test_backend_switch_and_a_failed_build(monkeypatch, calls):
     with pytest.raises(ValueError, match="auto, cpp, torch|one of"):
         bnop.set_backend("cuda")
 
-    def broken(kind, **kw):
-        raise build.ExtensionBuildError("no C++ compiler found (simulated)")
-
-    monkeypatch.setattr(build, "get_extension", broken)
-    bnop._switch.reset_warnings()
+    fail_builds(monkeypatch, bnop)
     bnop.set_backend("cpp")
     with pytest.raises(build.ExtensionBuildError, match="simulated"):
         bnop.batch_norm_act(x, None, None, None, None, True)

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import kernel_op_fixtures
+from conftest import fail_builds, kernel_op_fixtures
 
 from atrc_exp.ops import build
 from atrc_exp.ops import label_attention as laop
@@ -211,11 +211,7 @@ def test_torch_backend_never_calls_the_extension(monkeypatch):
 def test_a_failed_build(monkeypatch):
     q, k, v, _ = _inputs(2, 6, 4, 5, 7, torch.float32)
 
-    def broken(kind, **kw):
-        raise build.ExtensionBuildError("no C++ compiler found (simulated)")
-
-    monkeypatch.setattr(build, "get_extension", broken)
-    laop._switch.reset_warnings()
+    fail_builds(monkeypatch, laop)
     laop.set_backend("cpp")
     with pytest.raises(build.ExtensionBuildError, match="simulated"):
         label_attention(q, k, v)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kernel_op_fixtures
+from conftest import fail_builds, kernel_op_fixtures
 
 from atrc_exp.config import ConfigError
 from atrc_exp.engine.trainer import check_cpu_kernel_backend
@@ -174,11 +174,7 @@ def test_backend_switch_and_failed_build(monkeypatch):
     with pytest.raises(ConfigError, match="ops.upsample_add.backend=fast"):
         check_cpu_kernel_backend("upsample_add", "fast")
 
-    def failing(kind, **kw):
-        raise build.ExtensionBuildError("no compiler here")
-
-    monkeypatch.setattr(build, "get_extension", failing)
-    ua._switch.reset_warnings()
+    fail_builds(monkeypatch, ua, "no compiler here")
     branches = _branches(torch.float32)
     weight = torch.randn(4, 18, 1, 1)
     x = concat_features(branches)

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kernel_op_fixtures
+from conftest import fail_builds, kernel_op_fixtures
 
 from atrc_exp.config import ConfigError
 from atrc_exp.engine.trainer import check_cpu_kernel_backend
@@ -195,11 +195,7 @@ def test_backend_switch_and_failed_build(monkeypatch):
     with pytest.raises(ConfigError, match="ops.upsample_cross_entropy.backend=fast"):
         check_cpu_kernel_backend("upsample_cross_entropy", "fast")
 
-    def failing(kind, **kw):
-        raise build.ExtensionBuildError("no compiler here")
-
-    monkeypatch.setattr(build, "get_extension", failing)
-    uce._switch.reset_warnings()
+    fail_builds(monkeypatch, uce, "no compiler here")
     x = torch.randn(1, 3, 4, 4, requires_grad=True)
     y = torch.randint(0, 3, (1, 1, 8, 8))
     want = cross_entropy_loss(resize_prediction(x, (8, 8)), y)
