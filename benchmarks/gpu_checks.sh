@@ -17,13 +17,21 @@
 #
 # Stages: env build tests ops train_bench train_compile smoke_train. A lent machine runs one
 # command for at most 10 minutes: run the compile rows (minutes of compilation per configuration)
-# in a call of their own. With 15 minutes of device time in all (a machine's start included), what
-# is still unmeasured fits one call:
-#   STAGES="env train_compile" TOTAL_S=540 COMPILE_TIMEOUT_S=200 OUT=$OUT bash benchmarks/gpu_checks.sh
-# (fp32 eager, then bf16 + regional compile, bf16 + CUDA graphs; the whole-model rows only if time
-# is left). The eager rows, search included (its per-forward synchronisations were removed and
-# `no_recompute` added after the 2026-11-29 table), take about 3 minutes in a call of their own:
-#   STAGES="env train_bench" QUICK=1 TOTAL_S=400 OUT=$OUT bash benchmarks/gpu_checks.sh
+# in a call of their own. With 15 minutes of device time in all (a machine's start included), one
+# call of about 9 minutes fits. What is still unmeasured, in order of what it can tell:
+# * the whole model compiled and replayed as CUDA graphs, the one path likely to reach bf16 2x
+#   (on the H200 the bf16 step's kernels alone took 104 ms of fp32's 162, and 2x is 81 ms: only
+#   inductor's fusion with the launches gone can get there; its first compilation took over 200 s
+#   there, so give it the call):
+#     STAGES="env train_compile" COMPILE_PATHS="fp32 bf16+cudagraphs" COMPILE_TIMEOUT_S=480 \
+#       TOTAL_S=580 OUT=$OUT bash benchmarks/gpu_checks.sh
+# * the regional rows (shorter compilation; the head stays eager and host-bound, so likely short
+#   of 2x): STAGES="env train_compile" TOTAL_S=540 COMPILE_TIMEOUT_S=200 OUT=$OUT bash ...
+#   (fp32 eager, bf16 + regional compile, bf16 + regional CUDA graphs; the whole-model rows if
+#   time is left);
+# * the eager rows, search included (its per-forward synchronisations were removed and the
+#   `no_recompute` row added after the 2026-11-29 table), about 3 minutes:
+#     STAGES="env train_bench" QUICK=1 TOTAL_S=400 OUT=$OUT bash benchmarks/gpu_checks.sh
 #
 # Each stage has its own time limit and appends to $OUT/gpu_checks.log; the JSON results land in
 # $OUT. Stages after a failed one still run. Needs the runtime dependencies of atrc_exp importable
@@ -91,8 +99,9 @@ stage train_bench 300 $PY benchmarks/bench_train.py --devices cuda --contexts no
 # modules one by one, identical ones compiled once; the backbone 1.5x faster to compile on the
 # CPU) come first so that they fit a short lease. Each configuration gets COMPILE_TIMEOUT_S
 # (default 480).
+COMPILE_PATHS=${COMPILE_PATHS:-"fp32 bf16+compile_regional bf16+cudagraphs_regional compile_regional bf16+compile bf16+cudagraphs"}
 stage train_compile 1500 $PY benchmarks/bench_train.py --devices cuda --contexts atrc \
-  --paths fp32 bf16+compile_regional bf16+cudagraphs_regional compile_regional bf16+compile bf16+cudagraphs \
+  --paths $COMPILE_PATHS \
   --fast-contexts atrc --rounds 1 --steps 10 --warmup 3 \
   --timeout "${COMPILE_TIMEOUT_S:-480}" --out "$OUT/results-train-compile-gpu.json"
 
