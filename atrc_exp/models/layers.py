@@ -175,8 +175,10 @@ def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module], relu: bool = Fal
     if len(bns) == 1:
         weight, bias = b0.weight, b0.bias
         mean, var = (b0.running_mean, b0.running_var) if tracked else (None, None)
-        if frozen and b0.training and tracked:  # update a throw-away copy: the same op as the
-            mean, var = mean.clone(), var.clone()  # forward (a checkpoint's recomputation must save alike)
+        if frozen and b0.training and tracked:
+            # update a throw-away copy: the same op as in the forward, so that a checkpoint's
+            # recomputation saves the same tensors for the backward
+            mean, var = mean.clone(), var.clone()
     else:
         if any(b.affine for b in bns):
             weight = torch.cat([b.weight if b.affine else _constant(1.0, b.num_features, x) for b in bns])
