@@ -47,6 +47,37 @@ def _time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+def _copies(shape, mode: str) -> int:
+    """Inputs per timed call: one (warm), or enough for ≥ 64 MiB of inputs + gradients (cold)."""
+    return 1 if mode == "warm" else max(2, (64 << 20) // (torch.Size(shape).numel() * 4 * 2))
+
+
+def _row(label: str, mode: str, op, xs, gs, reps: int) -> str:
+    """One table row: ``op`` (one input → output) on every input of ``xs``, forward under no_grad
+    and forward+backward (gradients ``gs``), ms per call with PyTorch's and with the kernel."""
+    from atrc_exp.ops import batch_norm as bnop
+
+    fwd, both = {}, {}
+    for backend in ("torch", "cpp"):
+        bnop.set_backend(backend)
+
+        def f():
+            with torch.no_grad():
+                for x in xs:
+                    op(x)
+
+        def fb():
+            for x, g in zip(xs, gs):
+                op(x).backward(g)
+
+        fwd[backend] = _time(f, reps) / len(xs) * 1e3
+        both[backend] = _time(fb, reps) / len(xs) * 1e3
+    cells = [label, mode]
+    for t in (fwd, both):
+        cells += [f"{t['torch']:.3f}", f"{t['cpp']:.3f}", f"{t['torch'] / t['cpp']:.1f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -61,64 +92,31 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for shape in SHAPES:
         C = shape[1]
-        numel = torch.Size(shape).numel()
+        w, b = torch.rand(C) + 0.5, torch.randn(C)
+
+        def bn_relu(x, w=w, b=b):
+            return bnop.batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, relu=True)
+
         for mode in ("warm", "cold"):
-            k = 1 if mode == "warm" else max(2, (64 << 20) // (numel * 4 * 2))  # ≥ 64 MiB of x + grad
+            k = _copies(shape, mode)
             xs = [torch.randn(shape).requires_grad_() for _ in range(k)]
             gs = [torch.randn(shape) for _ in range(k)]
-            w, b = torch.rand(C) + 0.5, torch.randn(C)
-            row = [f"{'×'.join(map(str, shape))}", mode]
-            fwd, both = {}, {}
-            for backend in ("torch", "cpp"):
-                bnop.set_backend(backend)
-
-                def f(xs=xs, w=w, b=b):
-                    with torch.no_grad():
-                        for x in xs:
-                            bnop.batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, relu=True)
-
-                def fb(xs=xs, gs=gs, w=w, b=b):
-                    for x, g in zip(xs, gs):
-                        bnop.batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, relu=True).backward(g)
-
-                fwd[backend] = _time(f, args.reps) / k * 1e3
-                both[backend] = _time(fb, args.reps) / k * 1e3
-            row += [f"{fwd['torch']:.3f}", f"{fwd['cpp']:.3f}", f"{fwd['torch'] / fwd['cpp']:.1f}"]
-            row += [f"{both['torch']:.3f}", f"{both['cpp']:.3f}", f"{both['torch'] / both['cpp']:.1f}"]
-            print("| " + " | ".join(row) + " |")
+            print(_row("×".join(map(str, shape)), mode, bn_relu, xs, gs, args.reps))
     print()
     print("| softplus of | mode | torch fwd | kernel fwd | × | torch fwd+bwd | kernel fwd+bwd | × |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in SOFTPLUS_SHAPES:
-        numel = torch.Size(shape).numel()
         for mode in ("warm", "cold"):
-            k = 1 if mode == "warm" else max(2, (64 << 20) // (numel * 4 * 2))
+            k = _copies(shape, mode)
             # a 33-channel slice of a 3x wider tensor, as the batched projections give it
             xs = [
-                torch.randn(shape[0], 3 * shape[1], *shape[2:])[:, shape[1] : 2 * shape[1]] * 3
+                (
+                    torch.randn(shape[0], 3 * shape[1], *shape[2:])[:, shape[1] : 2 * shape[1]] * 3
+                ).requires_grad_()
                 for _ in range(k)
             ]
             gs = [torch.randn(shape) for _ in range(k)]
-            row = [f"{'×'.join(map(str, shape))} (slice)", mode]
-            fwd, both = {}, {}
-            for backend in ("torch", "cpp"):
-                bnop.set_backend(backend)
-
-                def f(xs=xs):
-                    with torch.no_grad():
-                        for x in xs:
-                            bnop.softplus(x)
-
-                def fb(xs=xs, gs=gs):
-                    for x, g in zip(xs, gs):
-                        x.requires_grad_()
-                        bnop.softplus(x).backward(g)
-
-                fwd[backend] = _time(f, args.reps) / k * 1e3
-                both[backend] = _time(fb, args.reps) / k * 1e3
-            row += [f"{fwd['torch']:.3f}", f"{fwd['cpp']:.3f}", f"{fwd['torch'] / fwd['cpp']:.1f}"]
-            row += [f"{both['torch']:.3f}", f"{both['cpp']:.3f}", f"{both['torch'] / both['cpp']:.1f}"]
-            print("| " + " | ".join(row) + " |")
+            print(_row(f"{'×'.join(map(str, shape))} (slice)", mode, bnop.softplus, xs, gs, args.reps))
     bnop.set_backend("auto")
 
 
