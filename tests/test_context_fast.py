@@ -16,7 +16,6 @@ import atrc_exp
 from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models.layers import (
     ConvBNReLU,
-    _constant,
     batch_norm_group,
     conv_bn_relu_group,
     frozen_bn_stats,
@@ -164,9 +163,9 @@ def test_batch_norm_group_equals_modules(train, backend, monkeypatch):
     if train:  # the running statistics did move
         assert not torch.allclose(plain[0].running_mean, _bns()[0].running_mean)
     # the non-affine module's weight and bias stand-ins are shared constants, left as they were
-    ones, zeros = _constant(1.0, 4, x), _constant(0.0, 4, x)
+    ones, zeros = bnop.constant_vector(1.0, 4, x), bnop.constant_vector(0.0, 4, x)
     assert torch.equal(ones, torch.ones(4)) and torch.equal(zeros, torch.zeros(4))
-    assert ones is _constant(1.0, 4, x) and not ones.requires_grad
+    assert ones is bnop.constant_vector(1.0, 4, x) and not ones.requires_grad
 
 
 def test_batch_norm_group_frozen_stats_and_fallbacks():

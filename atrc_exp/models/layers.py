@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import upsample_add as _upsample_add
-from ..ops.batch_norm import batch_norm_act, batch_norm_act_batch_stats
+from ..ops.batch_norm import batch_norm_act, batch_norm_act_batch_stats, constant_vector
 
 
 class ConvBNAct(nn.Sequential):
@@ -134,23 +134,6 @@ def _bn_compatible(bns: Sequence[nn.Module]) -> bool:
     ) and (len(bns) == 1 or b0.momentum is not None or not (b0.training and b0.track_running_stats))
 
 
-_CONSTANTS: dict[tuple, torch.Tensor] = {}
-
-
-def _constant(value: float, n: int, like: torch.Tensor) -> torch.Tensor:
-    """A read-only length-``n`` vector of ``value`` with ``like``'s dtype and device, made once per
-    (value, n, dtype, device) (the weight/bias of a non-affine batch norm in a group with affine
-    ones: no allocation and fill per call); a fresh one while ``torch.compile`` traces."""
-    if torch.compiler.is_compiling():
-        return like.new_full((n,), value)
-    key = (value, n, like.dtype, like.device)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        with torch.inference_mode(False):  # usable with autograd even if first made in inference
-            t = _CONSTANTS[key] = like.new_full((n,), value)
-    return t
-
-
 def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module], relu: bool = False) -> torch.Tensor:
     """Batch norm of ``x`` whose channels are those of ``bns`` concatenated (in order), then a ReLU
     if ``relu``: the same as ``torch.cat([bn(part) for bn, part in zip(bns, x.split(...))], 1)``,
@@ -180,16 +163,18 @@ def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module], relu: bool = Fal
             # recomputation saves the same tensors for the backward
             mean, var = mean.clone(), var.clone()
     else:
+        sizes = [b.num_features for b in bns]
         if any(b.affine for b in bns):
-            weight = torch.cat([b.weight if b.affine else _constant(1.0, b.num_features, x) for b in bns])
-            bias = torch.cat([b.bias if b.affine else _constant(0.0, b.num_features, x) for b in bns])
+            weight = torch.cat(
+                [b.weight if b.affine else constant_vector(1.0, b.num_features, x) for b in bns]
+            )
+            bias = torch.cat([b.bias if b.affine else constant_vector(0.0, b.num_features, x) for b in bns])
         else:
             weight = bias = None
         if update:  # the kernel's batch statistics into every module's buffers, a few ops in all
             got = batch_norm_act_batch_stats(x, weight, bias, b0.eps, relu)
             if got is not None:
                 y, bmean, bvar = got
-                sizes = [b.num_features for b in bns]
                 with torch.no_grad():
                     for stat, buffers in (
                         (bmean, [b.running_mean for b in bns]),
@@ -207,7 +192,6 @@ def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module], relu: bool = Fal
             mean = var = None
     y = batch_norm_act(x, mean, var, weight, bias, use_batch_stats, factor, b0.eps, relu)
     if update and len(bns) > 1:  # back into every module's buffers: one multi-tensor copy each
-        sizes = [b.num_features for b in bns]
         with torch.no_grad():
             torch._foreach_copy_([b.running_mean for b in bns], list(mean.split(sizes)))
             torch._foreach_copy_([b.running_var for b in bns], list(var.split(sizes)))

@@ -35,6 +35,7 @@ __all__ = [
     "BACKENDS",
     "batch_norm_act",
     "batch_norm_act_batch_stats",
+    "constant_vector",
     "get_backend",
     "set_backend",
     "softplus",
@@ -80,6 +81,33 @@ class _BatchNormAct(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant_vector(value: float, n: int, like: torch.Tensor) -> torch.Tensor:
+    """A length-``n`` vector of ``value`` with ``like``'s dtype and device, made once per
+    (value, n, dtype, device) and shared (read it, never write it): the weight or bias of a batch
+    norm that has none, without an allocation and fill per call; a fresh one while
+    ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return like.new_full((n,), value)
+    key = (value, n, like.dtype, like.device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):  # usable with autograd even if first made in inference
+            t = _CONSTANTS[key] = like.new_full((n,), value)
+    return t
+
+
+def _run_kernel(ext, x, weight, bias, eps: float, relu: bool):
+    """The kernel's ``(y, batch mean, unbiased batch variance)``; a missing weight / bias is ones /
+    zeros."""
+    C = x.shape[1]
+    w = weight if weight is not None else constant_vector(1.0, C, x)
+    b = bias if bias is not None else constant_vector(0.0, C, x)
+    return _BatchNormAct.apply(x, w.contiguous(), b.contiguous(), float(eps), bool(relu), ext)
+
+
 def batch_norm_act_batch_stats(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -92,12 +120,7 @@ def batch_norm_act_batch_stats(
     kernel does not apply (then call :func:`batch_norm_act`). Lets a caller update several modules'
     running statistics from one call (``torch._foreach_*`` over their buffers)."""
     ext = _extension() if _kernel_applies(x, True, weight, bias) else None
-    if ext is None:
-        return None
-    C = x.shape[1]
-    w = weight if weight is not None else x.new_ones(C)
-    b = bias if bias is not None else x.new_zeros(C)
-    return _BatchNormAct.apply(x, w.contiguous(), b.contiguous(), float(eps), bool(relu), ext)
+    return None if ext is None else _run_kernel(ext, x, weight, bias, eps, relu)
 
 
 def batch_norm_act(
@@ -119,10 +142,7 @@ def batch_norm_act(
     if ext is None:
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y, inplace=True) if relu else y
-    C = x.shape[1]
-    w = weight if weight is not None else x.new_ones(C)
-    b = bias if bias is not None else x.new_zeros(C)
-    y, mean, var = _BatchNormAct.apply(x, w.contiguous(), b.contiguous(), float(eps), bool(relu), ext)
+    y, mean, var = _run_kernel(ext, x, weight, bias, eps, relu)
     if running_mean is not None or running_var is not None:
         with torch.no_grad():
             if running_mean is not None:
