@@ -65,7 +65,8 @@ of the kernels' durations, and their number): a step much longer than its kernel
 the host (Python, dispatch, launches), which bf16 cannot speed up and CUDA graphs can. Every
 eager configuration reports the ATen ops one step dispatches (views and metadata ops excluded;
 counted by a ``TorchDispatchMode`` in one extra step): the host's work, the same on every device
-for the same code path.
+for the same code path (the optimizer aside: a loop per parameter on the CPU, ``foreach`` on
+CUDA).
 
 ``--include loader`` adds DataLoader rows: the context=none float32 step fed by the trainer's own
 train loader (``atrc_exp.engine.trainer.build_train_loader``) over the synthetic dataset (train
@@ -81,6 +82,7 @@ CPU: batch 2 at 192×256 with ``--threads`` (2) torch threads. CUDA (when presen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -367,11 +369,11 @@ def run_worker(spec: dict) -> dict:
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    kernel = gpu_kernel_time(step, n_total) if cuda else {}
+    extra = gpu_kernel_time(step, n_total) if cuda else {}
     if not spec.get("compile"):  # a compiled step would be traced again under the counting mode
-        kernel.update(dispatched_ops(step, n_total + 2))
+        extra.update(dispatched_ops(step, n_total + 2))
     return {
-        **kernel,
+        **extra,
         **spec,
         "step_times_s": times[int(spec["warmup"]) :],
         "first_step_s": times[0],
@@ -402,13 +404,14 @@ def _spawn(
 def measure(spec: dict, timeout: float, cold_cache: bool = False) -> dict:
     """One configuration in a fresh process; ``cold_cache``: with an empty inductor cache (its
     first step is then a whole compilation, not a cache load)."""
-    with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+    cache_dir = tempfile.TemporaryDirectory(prefix="inductor-") if cold_cache else contextlib.nullcontext()
+    with cache_dir as cache:
         try:
             rc, out, err = _spawn(
                 [sys.executable, __file__, "--worker", json.dumps(spec)],
                 spec.get("threads"),
                 timeout,
-                {"TORCHINDUCTOR_CACHE_DIR": cache} if cold_cache else None,
+                {"TORCHINDUCTOR_CACHE_DIR": cache} if cache else None,
             )
         except subprocess.TimeoutExpired:
             return {**spec, "error": f"timed out after {timeout:.0f} s"}
