@@ -133,8 +133,8 @@ def test_cudnn_benchmark_follows_the_config():
         torch.backends.cudnn.benchmark = old
 
 
-def test_bench_plans_gpu_only_paths_on_cuda_only():
-    import argparse
+def _bench_train():
+    """The ``benchmarks/bench_train.py`` module (the benchmarks are scripts, not a package)."""
     import sys
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -142,6 +142,13 @@ def test_bench_plans_gpu_only_paths_on_cuda_only():
         import bench_train
     finally:
         sys.path.pop(0)
+    return bench_train
+
+
+def test_bench_plans_gpu_only_paths_on_cuda_only():
+    import argparse
+
+    bench_train = _bench_train()
     args = argparse.Namespace(
         steps=1, threads=2, contexts=["none", "atrc", "search"], paths=list(bench_train.PATHS),
         fast_contexts=["none", "atrc"], warmup=1,
@@ -166,13 +173,7 @@ def test_bench_plans_gpu_only_paths_on_cuda_only():
 
 
 def test_bench_counts_the_ops_a_step_dispatches_without_views():
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_train
-    finally:
-        sys.path.pop(0)
+    bench_train = _bench_train()
     x = torch.randn(4, 6, requires_grad=True)
 
     def step(i):  # mul, sum, ones_like (the backward's seed), mul; views and detach not counted
