@@ -151,9 +151,9 @@ void backward_impl(const T* g, const T* x, const T* w, const T* bias, const T* m
 // pass: PyTorch's CPU softplus calls the scalar log1p (about 5 ns per element; the global-context
 // blocks' queries and keys go through it). For float: with t = x*beta and u = exp(-|t|) in (0, 1],
 // log1p(exp(t)) = max(t, 0) + log1p(u); exp by Cephes' expf (scalar_math.h; u = 0 below the
-// normal floats) and
-// log1p(u) = 2*atanh(s), s = u/(2 + u) <= 1/3, by its series to s^15 (truncation < 2e-9
-// relative): about 1 ulp from the float64 result. float64 uses std::log1p(std::exp(t)).
+// normal floats) and log1p(u) = 2*atanh(s), s = u/(2 + u) <= 1/3, by its series to s^15
+// (truncation < 2e-9 relative): about 1 ulp from the float64 result. float64 uses
+// std::log1p(std::exp(t)).
 
 inline float log1p_exp(float t) {
   const float a = -std::fabs(t);
