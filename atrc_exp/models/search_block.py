@@ -64,6 +64,11 @@ class SearchCPBlock(nn.Module):
     def is_frozen(self) -> bool:
         return self._frozen >= 0
 
+    @property
+    def one_hot(self) -> bool:
+        """The op weights are one-hot (frozen, or evaluation): only the chosen op runs."""
+        return self.is_frozen or not self.training
+
     def freeze(self, code: int) -> None:
         """Freeze the choice to genotype code ``code`` (irreversible in training)."""
         self.frozen_choice.fill_(int(code))
@@ -86,7 +91,7 @@ class SearchCPBlock(nn.Module):
                 gap, top = self._gap_and_argmax()
                 if float(gap) >= self.freeze_gap:
                     self.freeze(int(top))
-        if self.is_frozen or not self.training:
+        if self.one_hot:
             w = self.arch_param.detach().new_zeros(n)
             w[self.choice()] = 1.0  # no host-to-device copy
             return w
@@ -96,7 +101,7 @@ class SearchCPBlock(nn.Module):
         """Indices into ``op_list`` of the ops this forward pass computes (call after
         :meth:`op_weights`, which may freeze the choice): all of them while searching, else only
         the chosen one (none for ``none``)."""
-        if self.training and not self.is_frozen:
+        if not self.one_hot:
             return list(range(len(self.op_list)))
         c = self.choice()
         return [c - 1] if c > 0 else []
@@ -106,7 +111,7 @@ class SearchCPBlock(nn.Module):
     ) -> torch.Tensor:
         """Σ w[i+1]·outputs for the ``active`` ops (zeros shaped like ``like`` when there is none);
         a single op of a one-hot weight (frozen, evaluation) is its output itself."""
-        if len(active) == 1 and (self.is_frozen or not self.training):  # one-hot: y·1 = y
+        if len(active) == 1 and self.one_hot:  # y·1 = y
             return outputs[0]
         out = None
         for i, y in zip(active, outputs):
