@@ -127,3 +127,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.batch_size must be >= 1")
     if int(cfg.trainer.val_interval) < 1:
         raise ConfigError("trainer.val_interval must be >= 1 (steps between validations)")
+    centroids = cfg.dataset.get("normal_centroids", None)
+    if centroids not in (None, "kmeans", "nyud", "pascal_context"):
+        raise ConfigError(
+            f"dataset.normal_centroids={centroids!r}: use kmeans (computed from the training split) "
+            "or a published set of the original, nyud or pascal_context"
+        )

@@ -5,19 +5,21 @@ are logits/raw maps at the target resolution — or, for :class:`MultiTaskLoss` 
 :func:`cross_entropy_loss`, at a lower one (the head's maps before the model's final bilinear
 upsampling), resized to the target inside the loss. Every loss
 
-* computes in float32 (logits are cast with ``.float()`` and autocast is disabled inside), so
-  it can be called from inside an autocast region;
-* averages over the *valid* pixels only and returns ``0`` (still connected to the autograd
-  graph, so ``backward`` works and gives zero gradients) when a batch holds no valid pixel,
-  instead of the ``NaN`` of PyTorch's ``reduction="mean"``.
+* keeps the dtype of its input: float32 and float64 stay (a whole training step can run in
+  float64 to check equivalence), float16/bfloat16 are computed in float32; autocast is disabled
+  inside, so it can be called from inside an autocast region;
+* is reduced as the original: the sum over the valid pixels of the per-pixel loss (class-weighted
+  where the term has class weights) divided by the **number of valid pixels** — not PyTorch's
+  weighted mean, which divides by the sum of the weights — and returns ``0`` (still connected to
+  the autograd graph, so ``backward`` works and gives zero gradients) when a batch holds no valid
+  pixel, instead of the ``NaN`` of PyTorch's ``reduction="mean"``.
 
 Final losses (``outputs["final"][task]``):
 
 ==============  ===========================================================================
 semseg, parts   cross-entropy (ignore 255), mean over valid pixels
 sal             balanced 2-class CE, class weights ``(1 - w_pos, w_pos)``, ``w_pos`` = share
-                of negatives among the valid pixels of the batch; PyTorch weighted-mean
-                semantics ``Σ w_i·l_i / Σ w_i``
+                of negatives among the valid pixels of the batch; ``Σ w_i·l_i / #valid``
 normals         L1 between the L2-normalised prediction and the target, summed over the 3
                 channels, divided by the number of valid pixels
 depth           L1 over valid pixels (mean)
@@ -33,7 +35,8 @@ sal             the balanced CE of the final sal loss
 normals         CE over the index of the nearest of K normal centroids
                 (:func:`normals_to_centroid_index`)
 depth           CE over 40 log-spaced depth bins (:func:`depth_to_bins`)
-edge            2-class CE with class weights ``(1-w, w)`` over the 0/1 edge targets
+edge            2-class CE with class weights ``(1-w, w)`` over the 0/1 edge targets,
+                ``Σ w_i·l_i / #valid``
 ==============  ===========================================================================
 
 The total loss is ``Σ_task LOSS_WEIGHTS[task] · (final_task + aux_task)``.
@@ -76,6 +79,12 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     """
     den = den.detach()
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(num.dtype).tiny), num * 0)
+
+
+def _compute_dtype(x: Tensor) -> Tensor:
+    """``x`` in the dtype a loss computes in: float32 and float64 as they are, anything else
+    (float16, bfloat16, integers) as float32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _as_index_target(target: Tensor) -> Tensor:
@@ -178,13 +187,13 @@ def argmax_channels(x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# individual losses (all return a 0-dim float32 tensor)
+# individual losses (all return a 0-dim tensor of the prediction's dtype, see _compute_dtype)
 # --------------------------------------------------------------------------------------------
 def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
     """Cross-entropy with ignore index 255 and (optional) class weights.
 
-    Weighted-mean semantics of PyTorch: ``Σ_valid w[y_i]·l_i / Σ_valid w[y_i]``; returns a
-    graph-connected 0 when that denominator is 0 (no valid pixel, or all weights zero).
+    The original's reduction: ``Σ_valid w[y_i]·l_i / #valid`` (not PyTorch's weighted mean, which
+    divides by ``Σ_valid w[y_i]``); returns a graph-connected 0 when there is no valid pixel.
     ``target`` may be B×H×W or B×1×H×W, integer or float (0/1 edge maps).
 
     ``logits`` may be at a lower resolution than ``target`` (a network's output before its final
@@ -194,7 +203,9 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = N
     never writes the full-resolution logits (same numbers up to float rounding).
     """
     target = _as_index_target(target)
-    logits = logits.float()
+    logits = _compute_dtype(logits)
+    if weight is not None:
+        weight = weight.to(device=logits.device, dtype=logits.dtype)
     size = tuple(target.shape[-2:])
     low_res = logits.dim() == 4 and tuple(logits.shape[-2:]) != size and logits.shape[0] == target.shape[0]
     fused = low_res and logits.shape[1] > 1 and upsample_ce.kernel_applies(logits)
@@ -202,13 +213,15 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = N
         logits = _at_target_size(logits, target)
     if fused:  # the ignore test and the class weights inside the kernel
         total, den = upsample_ce.upsample_cross_entropy_ignore(logits, target, weight, IGNORE_INDEX)
+        if weight is not None:  # the kernel's denominator is the sum of the weights
+            den = (target != IGNORE_INDEX).sum().to(total.dtype)
         return _safe_ratio(total, den)
     _check_spatial(logits, target, "cross_entropy_loss")
     valid = target != IGNORE_INDEX
     c = logits.shape[1]
     safe_target = target.masked_fill(~valid, 0)
     # each pixel's weight in the mean: w[y] on valid pixels, 0 on ignored ones
-    w_pix = None if weight is None else weight.to(logits.dtype)[safe_target].mul(valid)
+    w_pix = None if weight is None else weight[safe_target].mul(valid)
     if c > 1 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
         # channels-last logits (resize_prediction): as (pixels × classes) rows, a view; the
         # log-softmax then runs over contiguous memory (about 2× faster on the CPU), same sum
@@ -217,8 +230,7 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = N
         total = _RowsCrossEntropy.apply(rows, safe_target.reshape(-1), w_row.reshape(-1))
     else:
         total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
-    den = valid.sum().to(total.dtype) if w_pix is None else w_pix.sum()
-    return _safe_ratio(total, den)
+    return _safe_ratio(total, valid.sum().to(total.dtype))
 
 
 class _RowsCrossEntropy(torch.autograd.Function):
@@ -248,7 +260,7 @@ def balanced_cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
     """Class-balanced 2-class CE used for saliency (final and aux).
 
     ``w_pos = #negatives / #valid`` over the valid pixels of the batch; class weights
-    ``(1 - w_pos, w_pos)`` for classes ``(0, 1)``; weighted-mean CE (ignore 255).
+    ``(1 - w_pos, w_pos)`` for classes ``(0, 1)``; ``Σ w_i·l_i / #valid`` (ignore 255).
     """
     target = _as_index_target(target)
     if logits.shape[1] != 2:
@@ -256,7 +268,7 @@ def balanced_cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
     valid = target != IGNORE_INDEX
     n_valid = valid.sum().double()
     n_neg = ((target == 0) & valid).sum().double()
-    w_pos = (n_neg / n_valid.clamp_min(1)).float()
+    w_pos = (n_neg / n_valid.clamp_min(1)).to(_compute_dtype(logits).dtype)
     weight = torch.stack([1.0 - w_pos, w_pos])
     return cross_entropy_loss(logits, target, weight=weight)
 
@@ -267,8 +279,8 @@ def normals_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     A pixel is valid when none of its target channels equals 255.
     """
     _check_spatial(pred, target, "normals_l1_loss")
-    pred = l2_normalize_channels(pred.float())
-    target = target.float()
+    pred = l2_normalize_channels(_compute_dtype(pred))
+    target = target.to(pred.dtype)
     valid = (target != IGNORE_INDEX).all(dim=1, keepdim=True)
     err = (pred - target.masked_fill(~valid, 0)).abs() * valid
     return _safe_ratio(err.sum(), valid.sum().to(err.dtype))
@@ -277,8 +289,8 @@ def normals_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
 def depth_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     """L1 over valid pixels (target != 255), mean."""
     _check_spatial(pred, target, "depth_l1_loss")
-    pred = pred.float()
-    target = target.float()
+    pred = _compute_dtype(pred)
+    target = target.to(pred.dtype)
     valid = target != IGNORE_INDEX
     err = (pred - target.masked_fill(~valid, 0)).abs() * valid
     return _safe_ratio(err.sum(), valid.sum().to(err.dtype))
@@ -288,17 +300,17 @@ def edge_bce_per_pixel(logits: Tensor, target: Tensor, pos_weight: float) -> tup
     """Per-pixel weighted BCE of the edge loss and the validity mask.
 
     ``l = -(w·y·log σ(x) + (1-w)·(1-y)·log(1-σ(x)))``, i.e. BCE-with-logits with
-    ``pos_weight = w/(1-w)`` times ``(1-w)``. Returns ``(l · valid, valid)`` (float32, shape
-    of ``logits``); invalid pixels contribute 0.
+    ``pos_weight = w/(1-w)`` times ``(1-w)``. Returns ``(l · valid, valid)`` (the loss dtype,
+    shape of ``logits``); invalid pixels contribute 0.
     """
     if not 0.0 < pos_weight < 1.0:
         raise ValueError(f"edge pos_weight must be in (0, 1), got {pos_weight}")
     _check_spatial(logits, target, "edge_bce_loss")
-    logits = logits.float()
-    target = target.float()
+    logits = _compute_dtype(logits)
+    target = target.to(logits.dtype)
     valid = target != IGNORE_INDEX
     y = target.masked_fill(~valid, 0)
-    pw = torch.tensor(pos_weight / (1.0 - pos_weight), dtype=torch.float32, device=logits.device)
+    pw = torch.tensor(pos_weight / (1.0 - pos_weight), dtype=logits.dtype, device=logits.device)
     bce = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pw, reduction="none")
     return bce * (1.0 - pos_weight) * valid, valid
 
@@ -310,10 +322,13 @@ def edge_bce_loss(logits: Tensor, target: Tensor, pos_weight: float) -> Tensor:
 
 
 def weighted_edge_cross_entropy_loss(logits: Tensor, target: Tensor, pos_weight: float) -> Tensor:
-    """Aux edge loss: 2-class CE with class weights ``(1-w, w)`` over 0/1 targets (ignore 255)."""
+    """Aux edge loss: 2-class CE with class weights ``(1-w, w)`` over 0/1 targets (ignore 255),
+    ``Σ w_i·l_i / #valid``."""
     if logits.shape[1] != 2:
         raise ValueError(f"aux edge loss expects 2 channels, got {logits.shape[1]}")
-    weight = torch.tensor([1.0 - pos_weight, pos_weight], dtype=torch.float32, device=logits.device)
+    weight = torch.tensor(
+        [1.0 - pos_weight, pos_weight], dtype=_compute_dtype(logits).dtype, device=logits.device
+    )
     return cross_entropy_loss(logits, target, weight=weight)
 
 

@@ -122,8 +122,8 @@ def test_forward_matches_timm_up_to_upsampling_mode(timm_hr18, monkeypatch):
     ours = HRNet("hrnet18").eval()
     load_backbone_checkpoint(ours, timm_hr18.state_dict())
 
-    def nearest(x, size=None, mode=None, align_corners=None, **kw):
-        return F.interpolate(x, size=size, mode="nearest")
+    def nearest(x, size=None, scale_factor=None, mode=None, align_corners=None, **kw):
+        return F.interpolate(x, size=size, scale_factor=scale_factor, mode="nearest")
 
     monkeypatch.setattr(hrnet_mod, "F", types.SimpleNamespace(interpolate=nearest))
     x = torch.randn(2, 3, 64, 96)
@@ -138,26 +138,26 @@ def test_forward_matches_timm_up_to_upsampling_mode(timm_hr18, monkeypatch):
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5)
 
 
-def test_fuse_uses_bilinear_resize_to_exact_size(monkeypatch):
+def test_fuse_upsamples_by_the_scale_factor_then_resizes_to_the_exact_size(monkeypatch):
+    """MMSeg's fusion: Upsample(scale_factor=2^k, bilinear) of the lower branch, then a resize to the
+    exact size (values checked against that statement in tests/test_fidelity.py)."""
     calls = []
 
-    def spy(x, size=None, mode=None, align_corners=None, **kw):
-        calls.append((tuple(x.shape[-2:]), tuple(size), mode, align_corners))
-        return F.interpolate(x, size=size, mode=mode, align_corners=align_corners, **kw)
+    def spy(x, size=None, scale_factor=None, mode=None, align_corners=None, **kw):
+        calls.append((tuple(x.shape[-2:]), scale_factor, mode, align_corners))
+        return F.interpolate(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=align_corners)
 
     monkeypatch.setattr(hrnet_mod, "F", types.SimpleNamespace(interpolate=spy))
     ours = HRNet("hrnet18").eval()
     assert not any(isinstance(m, torch.nn.Upsample) for m in ours.modules())
     with torch.no_grad():
-        ours(torch.randn(1, 3, 97, 131))
+        out = ours(torch.randn(1, 3, 97, 131))
+    branch_sizes = [(25, 33), (13, 17), (7, 9), (4, 5)]
+    assert [tuple(o.shape[-2:]) for o in out] == branch_sizes  # exact sizes after the resize
     # stage2: 1 module x 1 up-path, stage3: 3 x 3, stage4: 2 x 6
     assert len(calls) == 1 + 9 + 12
-    branch_sizes = [(25, 33), (13, 17), (7, 9), (4, 5)]
-    for src, dst, mode, ac in calls:
-        assert mode == "bilinear" and ac is False
-        assert (
-            dst in branch_sizes and src in branch_sizes and branch_sizes.index(src) > branch_sizes.index(dst)
-        )
+    for src, scale, mode, ac in calls:
+        assert src in branch_sizes and scale in (2, 4, 8) and mode == "bilinear" and ac is False
 
 
 # ------------------------------------------------------------------------------------ checkpoint loading

@@ -218,8 +218,8 @@ def test_conv_bn_relu_group_equals_layers_and_gradients_split():
     y_p.square().sum().backward()
     y_f.square().sum().backward()
     for mp, mf in zip(layers, fused):
-        _close(mp[0].weight.grad, mf[0].weight.grad, "conv weight grad")
-        assert mf[0].weight.grad.shape == mf[0].weight.shape
+        _close(mp.conv.weight.grad, mf.conv.weight.grad, "conv weight grad")
+        assert mf.conv.weight.grad.shape == mf.conv.weight.shape
     with pytest.raises(ValueError, match="mix"):
         conv_bn_relu_group(x, [ConvBNReLU(6, 3, 1), ConvBNReLU(6, 3, 1, relu=False)])
 
@@ -323,8 +323,8 @@ def test_fused_fcn_head_equals_task_by_task(train):
         for k in p_:
             _close(p_[k].double(), f_[k].double(), k, 1e-4)
     if train:
-        assert fused[1]["bottleneck.semseg.0.weight"].abs().sum() > 0
-        assert fused[2]["bottleneck.edge.1.running_mean"].abs().sum() > 0  # updated, in its own buffer
+        assert fused[1]["bottleneck.semseg.conv.weight"].abs().sum() > 0
+        assert fused[2]["bottleneck.edge.bn.running_mean"].abs().sum() > 0  # updated, in its own buffer
     with _CountConvs() as c, torch.no_grad():
         head(x)
     assert c.n == 1 + 4  # one bottleneck conv, four final logits
@@ -335,7 +335,7 @@ def test_state_dict_keys_unchanged_by_the_switch():
     keys = list(head.state_dict())
     set_fused(head, False)
     assert list(head.state_dict()) == keys
-    assert "atrc_module.cp_blocks.semseg.depth.query_project.0.0.weight" in keys
+    assert "atrc_module.cp_blocks.semseg.depth.query_project.0.conv.weight" in keys
 
 
 # -- the search head ---------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ def test_full_model_training_step_fused_equals_plain():
         results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
     (lp, gp), (lf, gf) = results
     _close(lp, lf, "loss")
-    assert gp["head.atrc_module.cp_blocks.edge.normals.query_project.0.0.weight"].abs().sum() > 0
+    assert gp["head.atrc_module.cp_blocks.edge.normals.query_project.0.conv.weight"].abs().sum() > 0
     for n in gp:
         _close(gp[n], gf[n], f"grad {n}", rtol=1e-4)
 

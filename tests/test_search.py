@@ -20,12 +20,13 @@ from atrc_exp.models.search_block import SearchCPBlock
 def test_tau_and_entropy_weight_schedules():
     mode = OmegaConf.create({"tau": [1.0, 0.05], "entropy_weight": [-0.02, 0.06], "freeze_gap": 0.3})
     model = atrc_exp.build_model(compose_cfg(["dataset=nyud", "context=search", "mode=search"]))
-    ctl = SearchController(model, mode, max_steps=101)
-    assert ctl.tau_at(0) == pytest.approx(1.0) and ctl.tau_at(100) == pytest.approx(0.05)
+    ctl = SearchController(model, mode, max_steps=100)
+    # the original's end + (1 − k/max_steps)·(start − end): the last step (99) is just above the end
+    assert ctl.tau_at(0) == pytest.approx(1.0) and ctl.tau_at(99) == pytest.approx(0.05 + 0.95 / 100)
     assert ctl.tau_at(50) == pytest.approx(0.525)
     assert ctl.entropy_weight_at(0) == pytest.approx(-0.02)
     assert ctl.entropy_weight_at(50) == pytest.approx(0.02)
-    assert ctl.entropy_weight_at(100) == pytest.approx(0.06)
+    assert ctl.entropy_weight_at(99) == pytest.approx(0.06 - 0.08 / 100)
     w = ctl.begin_step(50)
     assert w == pytest.approx(0.02) and all(b.tau == pytest.approx(0.525) for b in ctl.blocks.values())
     assert len(ctl.blocks) == 16
@@ -68,7 +69,8 @@ def test_tiny_search_writes_genotype_that_distill_consumes(tiny_data_dir, tmp_pa
     alphas = [v for k, v in state.items() if k.endswith("arch_param")]
     assert len(alphas) == 16 and any(a.abs().max() > 0 for a in alphas)
     lines = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
-    assert lines[0]["search/tau"] == pytest.approx(1.0) and lines[-1]["search/tau"] == pytest.approx(0.05)
+    # 3 steps: τ at step 2 is 0.05 + (1 − 2/3)·0.95
+    assert lines[0]["search/tau"] == pytest.approx(1.0) and lines[-1]["search/tau"] == pytest.approx(0.05 + 0.95 / 3)
     assert "train/loss/entropy_term" in lines[0]
     # distillation from the search run dir
     dist = tmp_path / "distill"

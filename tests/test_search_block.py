@@ -24,7 +24,7 @@ def test_search_head_parameter_count_matches_original():
     assert set(model.head.aux_tasks) == {"semseg", "depth", "normals", "edge"}
     # value projections' BN is not affine in search
     for op in blocks["semseg"]["depth"].op_list:
-        assert op.value_project[1].affine is False
+        assert op.value_project.bn.affine is False
 
 
 def _block():
@@ -84,9 +84,10 @@ def test_original_search_weights_import_and_argmax_outputs_match():
         for name, p in src.named_parameters():
             if name.endswith("arch_param"):
                 p.copy_(torch.randn(p.shape))
-    # the original's keys: arch_param and op_list.<i>.*, no freeze buffer
-    sd = {k: v.clone() for k, v in src.state_dict().items() if not k.endswith("frozen_choice")}
-    assert "head.atrc_module.cp_blocks.semseg.depth.op_list.3.value_project.0.weight" in sd
+    # the original's keys: arch_param and op_list.<i>.*, no freeze buffer while nothing is frozen
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    assert "head.atrc_module.cp_blocks.semseg.depth.op_list.3.value_project.conv.weight" in sd
+    assert not any(k.endswith("fixed_weights") for k in sd)
     torch.manual_seed(1)
     dst = _search_model().eval()
     atrc_exp.load_original_state_dict(dst, {"state_dict": sd})
@@ -137,7 +138,7 @@ def test_check_freeze_decides_like_each_block_with_one_read(monkeypatch):
         w_ref = ref.op_weights()
         assert b.is_frozen == ref.is_frozen and act == ref.active_ops()
         if b.is_frozen:
-            assert b.choice() == ref.choice() and int(b.frozen_choice) == b.choice()
+            assert b.choice() == ref.choice() and int(b.fixed_weights.argmax()) == b.choice()
             assert torch.equal(w, w_ref)
     assert [b.choice() for b in mine[1:]] == [2, 3] and not mine[0].is_frozen
     n["on"] = True

@@ -86,16 +86,24 @@ def build_datasets(cfg: DictConfig, data_dir: Path | None = None):
 
 
 def normal_centroids(cfg: DictConfig, data_dir: Path | None = None, *, max_images: int = 500) -> torch.Tensor:
-    """The 40 normal centroids (40×3 float32 unit vectors) of the configured dataset's training
-    split: k-means over normals sampled from up to ``max_images`` images (evenly spaced), cached in
+    """The 40 normal centroids (40×3 float32 unit vectors) of the aux normals target, as
+    ``dataset.normal_centroids`` says: the name of a published set (``nyud``, ``pascal_context``:
+    the original's, shipped with the package), or ``kmeans``: k-means over normals sampled from up
+    to ``max_images`` images (evenly spaced) of the training split, cached in
     ``paths.cache_dir/normal_centroids/``. Raises :class:`DataError` when the dataset has no
-    normals."""
-    from .targets import cached_normal_centroids
+    normals or names an unknown set."""
+    from .targets import cached_normal_centroids, published_normal_centroids
 
-    data_dir = Path(data_dir or resolve_data_dir(cfg))
     ds = cfg.dataset
     if "normals" not in ds.tasks:
         raise DataError(f"dataset={ds.name} has no normals, so no normal centroids")
+    choice = str(ds.get("normal_centroids", None) or "kmeans")
+    if choice != "kmeans":
+        try:
+            return torch.from_numpy(published_normal_centroids(choice))
+        except ValueError as e:
+            raise DataError(f"dataset.normal_centroids: {e}") from None
+    data_dir = Path(data_dir or resolve_data_dir(cfg))
     reader = _make(cfg, data_dir, ds.train_split, ["normals"], None)
     n = len(reader)
     idx = sorted({int(i) for i in torch.linspace(0, n - 1, min(n, max_images)).round().tolist()})

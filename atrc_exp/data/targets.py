@@ -1,9 +1,13 @@
 """Auxiliary classification targets of the regression tasks.
 
-* **Normals**: 40 centroids by k-means (:func:`scipy.cluster.vq.kmeans2`, k-means++ init, fixed
-  seed) over unit normals sampled from the training split, normalised to unit length. Computed once
-  per dataset and cached in the user's cache (:func:`cached_normal_centroids`); the aux target of a
-  pixel is the index of the nearest centroid (:func:`atrc_exp.losses.normals_to_centroid_index`).
+* **Normals**: 40 centroids; the aux target of a pixel is the index of the nearest one
+  (:func:`atrc_exp.losses.normals_to_centroid_index`). NYUD-v2 and PASCAL-Context use the original
+  implementation's published centroids, shipped in ``atrc_exp/resources/`` (class k = row k,
+  :func:`published_normal_centroids`), so an imported checkpoint's aux normals head predicts the
+  classes it was trained on. Other datasets (and ``dataset.normal_centroids=kmeans``) use k-means
+  (:func:`scipy.cluster.vq.kmeans2`, k-means++ init, fixed seed) over unit normals sampled from the
+  training split, normalised to unit length, computed once per dataset and cached in the user's
+  cache (:func:`cached_normal_centroids`).
 * **Depth**: 40 log bins between 0.7 m and 10 m (:func:`atrc_exp.losses.depth_to_bins`, re-exported
   here; :func:`depth_bin_edges` gives the bin edges in metres).
 """
@@ -27,8 +31,34 @@ __all__ = [
     "compute_normal_centroids",
     "depth_bin_edges",
     "depth_to_bins",
+    "published_normal_centroids",
+    "PUBLISHED_NORMAL_CENTROIDS",
     "sample_normals",
 ]
+
+#: The normal centroids the original implementation ships, by set name (a JSON file each in
+#: ``atrc_exp/resources/``: ``{"centroids": [[x, y, z], ...]}``, class k = row k).
+PUBLISHED_NORMAL_CENTROIDS: dict[str, str] = {
+    "nyud": "nyud_normal_centroids.json",
+    "pascal_context": "pascal_context_normal_centroids.json",
+}
+
+
+def published_normal_centroids(name: str) -> np.ndarray:
+    """The original's published normal centroids of set ``name`` (``nyud``, ``pascal_context``):
+    a K×3 float32 array (K = 40), row k = class k of the aux normals target."""
+    from importlib.resources import files
+
+    if name not in PUBLISHED_NORMAL_CENTROIDS:
+        raise ValueError(
+            f"no published normal centroids named {name!r}: choose one of "
+            f"{', '.join(PUBLISHED_NORMAL_CENTROIDS)}, or 'kmeans' to compute them from the training split"
+        )
+    text = (files("atrc_exp") / "resources" / PUBLISHED_NORMAL_CENTROIDS[name]).read_text()
+    cent = np.asarray(json.loads(text)["centroids"], dtype=np.float32)
+    if cent.ndim != 2 or cent.shape[1] != 3:
+        raise ValueError(f"published normal centroids {name!r}: expected K×3, got {cent.shape}")
+    return cent
 
 _VERSION = 1
 

@@ -1,8 +1,9 @@
 """ATRC search (``mode=search context=search``): schedules, the entropy term, the α optimizer.
 
 Per training iteration ``step`` (0-based, of ``max_steps``):
-* τ of the Gumbel-softmax goes linearly from ``mode.tau[0]`` (1.0) to ``mode.tau[1]`` (0.05);
-* the entropy weight w goes linearly from ``mode.entropy_weight[0]`` (−0.02) to ``[1]`` (0.06), and
+* τ of the Gumbel-softmax goes linearly from ``mode.tau[0]`` (1.0) towards ``mode.tau[1]`` (0.05), the
+  original's ``end + (1 − step/max_steps)·(start − end)`` (:func:`linear_schedule`);
+* the entropy weight w follows the same formula from ``mode.entropy_weight[0]`` (−0.02) to ``[1]`` (0.06), and
   ``w · mean_over_pairs(−Σ softmax(α)·log softmax(α))`` is added to the loss;
 * the weights are stepped by SGD and the architecture parameters α by Adam (``mode.arch_lr``,
   5e-4, no weight decay), both on the same batch.
@@ -21,9 +22,11 @@ from ..models.search_block import SearchCPBlock
 
 
 def linear_schedule(start: float, end: float, step: int, max_steps: int) -> float:
-    """``start`` at step 0, ``end`` at step ``max_steps - 1``, linear in between."""
-    frac = min(max(step / max(1, max_steps - 1), 0.0), 1.0)
-    return float(start + (end - start) * frac)
+    """The original's schedule at 0-based ``step``: ``end + (1 − step/max_steps)·(start − end)``:
+    ``start`` at step 0, slightly before ``end`` at the last step ``max_steps − 1`` (``end`` itself
+    only at ``step = max_steps``); the fraction is clamped to [0, 1] outside the run."""
+    frac = min(max(step / max(1, max_steps), 0.0), 1.0)
+    return float(end + (1.0 - frac) * (start - end))
 
 
 def search_blocks(model: nn.Module) -> dict[tuple[str, str], SearchCPBlock]:
@@ -37,7 +40,7 @@ def entropy_term(blocks: Sequence[SearchCPBlock]) -> torch.Tensor:
     """Mean over pairs of the entropy −Σ p·log p of p = softmax(α)."""
     ents = []
     for b in blocks:
-        logp = F.log_softmax(b.arch_param.float(), dim=0)
+        logp = F.log_softmax(b.arch_param, dim=0)  # in α's dtype (float64 in verification mode)
         ents.append(-(logp.exp() * logp).sum())
     return torch.stack(ents).mean()
 

@@ -10,9 +10,9 @@ target / source task (B×K×hw, see :func:`spatial_softmax`); only the label blo
 lets a search block hold all ops in ``op_list.<i>`` and call them alike.
 
 Module names and parameter order follow the original implementation (``query_project``,
-``key_project``, ``value_project``; each a :class:`ConvBNReLU` = ``Sequential(conv, bn[, relu])``),
-so the state-dict keys are the original's:
-``query_project.0.0.weight`` (first conv of the query), ``value_project.1.running_mean``, ...
+``key_project``, ``value_project``; each layer a :class:`ConvBNReLU` with attributes ``conv`` and
+``bn``), so the state-dict keys are the original's: ``query_project.0.conv.weight`` (first conv of
+the query), ``value_project.bn.running_mean``, ...
 
 ``last_affine=False`` makes the value projection's BatchNorm non-affine (used by the search head).
 Conv weights are Xavier-uniform initialised (biases, if any, zero).

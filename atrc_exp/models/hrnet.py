@@ -4,15 +4,12 @@ The module names (and hence the state-dict keys) are those of MMSegmentation and
 ``HighResolutionNet`` (minus its classification head), so OpenMMLab ImageNet pretrain files, MMSeg
 segmentor checkpoints and timm state dicts load without renaming (see :mod:`atrc_exp.models.backbones`).
 
-Differences to timm's implementation, none of which change parameters or keys:
-
-* the high-to-low-resolution fuse path upsamples with a bilinear resize (``align_corners=False``) to the
-  exact size of the target branch instead of ``nn.Upsample(scale_factor=2**k, mode="nearest")``, so any input
-  size works (e.g. 425×560, where the branch sizes are not exact powers of two apart);
-* no classification head: ``forward`` returns the four branch outputs of stage 4 (strides 4, 8, 16, 32).
-
-MMSeg applies ``Upsample(scale_factor)`` *and then* a resize to the exact size; here there is only the
-single resize to the exact size, which is the same map whenever the sizes are exact multiples.
+Branch fusion of a lower-resolution branch j into branch i is MMSeg's (and the original ATRC's):
+1×1 conv, BN, ``Upsample(scale_factor=2**(j-i), bilinear, align_corners=False)``, **then** a bilinear
+resize to branch i's exact size (a no-op when the sizes already agree). Any input size works; at sizes
+that are not multiples of 32 (the NYUD crop 425×560) the two steps differ from one direct resize, so
+both are kept. Unlike timm, there is no classification head: ``forward`` returns the four branch
+outputs of stage 4 (strides 4, 8, 16, 32).
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import ConvBNAct, bn_act
+from .layers import ConvBNAct, bn_act, resize_to
 
 __all__ = [
     "HRNET_ARCHS",
@@ -175,8 +172,9 @@ class HRModule(nn.Module):
             y: Tensor | None = None
             for j, layer in enumerate(row):  # summed in branch order, as MMSeg and timm do
                 z = layer(x[j])  # Identity for j == i
-                if j > i:
-                    z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+                if j > i:  # MMSeg's Upsample(scale_factor), then a resize to the exact size
+                    z = F.interpolate(z, scale_factor=2 ** (j - i), mode="bilinear", align_corners=False)
+                    z = resize_to(z, size)
                 y = z if y is None else y + z
             out.append(self.relu(y))
         return out

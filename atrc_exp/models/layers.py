@@ -28,8 +28,10 @@ class ConvBNAct(nn.Sequential):
         return super().forward(x)
 
 
-class ConvBNReLU(ConvBNAct):
-    """Conv (no bias) → BatchNorm → ReLU; ``relu=False`` gives ConvBN."""
+class ConvBNReLU(nn.Module):
+    """Conv (no bias) → BatchNorm → ReLU; ``relu=False`` gives ConvBN. The original
+    implementation's layer: attributes ``conv`` and ``bn`` (state-dict keys ``conv.weight``,
+    ``bn.weight``, ``bn.running_mean``, ...); batch norm and ReLU run as one op (:func:`bn_act`)."""
 
     def __init__(
         self,
@@ -40,13 +42,16 @@ class ConvBNReLU(ConvBNAct):
         affine: bool = True,
         stride: int = 1,
     ):
-        layers: list[nn.Module] = [
-            nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(c_out, affine=affine),
-        ]
-        if relu:
-            layers.append(nn.ReLU(inplace=True))
-        super().__init__(*layers)
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, affine=affine)
+        self.relu = bool(relu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bn_act(self.bn, self.conv(x), relu=self.relu)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
 
 
 def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -323,16 +328,16 @@ def conv_bn_relu_group(
     must agree on having a ReLU or not. ``branches``: the multi-scale maps ``x`` was concatenated
     from (:func:`concat_features`); where :func:`multiscale_applies`, the convolution runs on them
     (:func:`pointwise_conv_of_concat`)."""
-    relu = [len(m) > 2 for m in layers]
+    relu = [m.relu for m in layers]
     if any(r != relu[0] for r in relu):
         raise ValueError("conv_bn_relu_group: layers mix ConvBNReLU and ConvBN")
-    convs = [m[0] for m in layers]
+    convs = [m.conv for m in layers]
     if multiscale_applies(x, branches, convs):
         weight = convs[0].weight if len(convs) == 1 else torch.cat([c.weight for c in convs])
         y = pointwise_conv_of_concat(branches, weight)
     else:
         y = conv_group(x, convs)
-    return batch_norm_group(y, [m[1] for m in layers], relu[0])
+    return batch_norm_group(y, [m.bn for m in layers], relu[0])
 
 
 def per_task_layers(
@@ -346,18 +351,18 @@ def per_task_layers(
         return {t: layers[t](x) for t in tasks}
     group = [layers[t] for t in tasks]
     y = conv_bn_relu_group(x, group)
-    return dict(zip(tasks, y.split([m[1].num_features for m in group], dim=1)))
+    return dict(zip(tasks, y.split([m.bn.num_features for m in group], dim=1)))
 
 
 def conv_bn_act_blockwise(x: torch.Tensor, layers: Sequence[ConvBNReLU]) -> list[torch.Tensor]:
     """``[layer(part) for layer, part in zip(layers, x.split(c_in, 1))]`` for 1×1 ConvBN[ReLU]
     layers of equal shape, each reading its own channel block of ``x``: one batched matrix
     product (:func:`pointwise_blockwise`), one batch norm, the ReLUs where the layers have them."""
-    relu = [len(m) > 2 for m in layers]
-    sizes = [m[1].num_features for m in layers]
+    relu = [m.relu for m in layers]
+    sizes = [m.bn.num_features for m in layers]
     n_relu = sum(relu)
     y = batch_norm_group(
-        pointwise_blockwise(x, [m[0] for m in layers]), [m[1] for m in layers], n_relu == len(relu)
+        pointwise_blockwise(x, [m.conv for m in layers]), [m.bn for m in layers], n_relu == len(relu)
     )
     if n_relu == len(relu) or n_relu == 0:
         return list(y.split(sizes, dim=1))

@@ -96,7 +96,9 @@ def aux_tasks_of(genotype: Genotype, tasks: Sequence[str]) -> list[str]:
 class ATRCModule(nn.Module):
     """CP blocks per (target, source) with context ≠ none → concat → ``out_proj`` (ConvBN 1×1, BN
     weight and bias zero at init) → concat [features_t, projection] → ``bottleneck`` ConvBNReLU 1×1
-    (2C → C) → Dropout2d. A target without sources: ConvBNReLU 1×1 (C → C) → Dropout2d.
+    (2C → C) → Dropout2d (``bottleneck.<t>`` = ``Sequential(ConvBNReLU, Dropout2d)``, the original's
+    layout). A target without sources: ConvBNReLU 1×1 (C → C) → Dropout2d. In search, the
+    bottleneck is a plain ConvBNReLU without dropout, as in the original.
 
     ``fused`` (default True): the CP blocks are evaluated together by
     :func:`~atrc_exp.models.context_blocks.run_cp_ops` (projections that read the same tensor
@@ -155,19 +157,30 @@ class ATRCModule(nn.Module):
             if n > 0:
                 proj = ConvBNReLU(inter * n, channels, 1, relu=False)
                 if zero_init:
-                    nn.init.zeros_(proj[1].weight)
-                    nn.init.zeros_(proj[1].bias)
+                    nn.init.zeros_(proj.bn.weight)
+                    nn.init.zeros_(proj.bn.bias)
                 self.out_proj[t] = proj
-                self.bottleneck[t] = ConvBNReLU(2 * channels, channels, 1)
+                layer = ConvBNReLU(2 * channels, channels, 1)
             else:
-                self.bottleneck[t] = ConvBNReLU(channels, channels, 1)
-        self.dropout = nn.Dropout2d(dropout)
+                layer = ConvBNReLU(channels, channels, 1)
+            # the original's: Sequential(ConvBNReLU, Dropout2d); the search's, a plain ConvBNReLU
+            self.bottleneck[t] = layer if self.search else nn.Sequential(layer, nn.Dropout2d(dropout))
+
+    def _bottleneck_layer(self, t: str) -> ConvBNReLU:
+        """The ConvBNReLU of target ``t``'s bottleneck (without its dropout)."""
+        b = self.bottleneck[t]
+        return b[0] if isinstance(b, nn.Sequential) else b
+
+    def _dropout(self, t: str, x: torch.Tensor) -> torch.Tensor:
+        """Target ``t``'s bottleneck dropout applied to ``x`` (none in search)."""
+        b = self.bottleneck[t]
+        return b[1](x) if isinstance(b, nn.Sequential) else x
 
     def _finish(self, t: str, feats_t: torch.Tensor, ctx: list[torch.Tensor] | None) -> torch.Tensor:
         if not ctx:
-            return self.dropout(self.bottleneck[t](feats_t))
+            return self.bottleneck[t](feats_t)
         distilled = self.out_proj[t](torch.cat(ctx, dim=1))
-        return self.dropout(self.bottleneck[t](torch.cat([feats_t, distilled], dim=1)))
+        return self.bottleneck[t](torch.cat([feats_t, distilled], dim=1))
 
     def forward(
         self, feats: Mapping[str, torch.Tensor], probs: Mapping[str, torch.Tensor] | None = None
@@ -190,7 +203,7 @@ class ATRCModule(nn.Module):
         label = [i for i, op in enumerate(ops) if op.block.kind == "label"]
         if not label or not _label_attention.kernel_applies(query[label[0]], key[label[0]], value[label[0]]):
             return False
-        return all(len(p) == 2 and is_pointwise(p[0]) and p[0].bias is None for p in self.out_proj.values())
+        return all(not p.relu and is_pointwise(p.conv) and p.conv.bias is None for p in self.out_proj.values())
 
     def _folded_projections(self, ops, query, key, value) -> dict[str, torch.Tensor]:
         """Per target with CP blocks, ``out_proj``'s convolution of the blocks' concatenated outputs
@@ -203,7 +216,7 @@ class ATRCModule(nn.Module):
             n = len(self.cp_blocks[t])
             if n == 0:
                 continue
-            conv = self.out_proj[t][0]
+            conv = self.out_proj[t].conv
             w = conv.weight.view(conv.out_channels, -1)  # C × (n·d)
             pre = None
             label = []
@@ -237,7 +250,7 @@ class ATRCModule(nn.Module):
         """``[self.out_proj[t](torch.cat(ctxs[t], 1)) for t in ts]`` for targets whose ``out_proj``
         layers have equal shapes: one batched product and one batch norm — or, from ``pres`` (the
         convolution already applied, :meth:`_folded_projections`), the batch norms alone."""
-        bns = [self.out_proj[t][1] for t in ts]
+        bns = [self.out_proj[t].bn for t in ts]
         if pres is not None:
             pre = pres[ts[0]] if len(ts) == 1 else torch.cat([pres[t] for t in ts], dim=1)
             return list(batch_norm_group(pre, bns).split([bn.num_features for bn in bns], dim=1))
@@ -262,18 +275,20 @@ class ATRCModule(nn.Module):
         groups: dict[tuple[int, int], list[str]] = {}
         for t in self.tasks:
             if has(t):
-                key = (self.out_proj[t][0].in_channels, self.bottleneck[t][0].in_channels)
+                key = (self.out_proj[t].conv.in_channels, self._bottleneck_layer(t).conv.in_channels)
                 groups.setdefault(key, []).append(t)
         before_dropout: dict[str, torch.Tensor] = {}
         for ts in groups.values():
             distilled = self._distilled(ts, ctxs, pres)
             if len(ts) < 2:
-                before_dropout[ts[0]] = self.bottleneck[ts[0]](torch.cat([feats[ts[0]], distilled[0]], dim=1))
+                before_dropout[ts[0]] = self._bottleneck_layer(ts[0])(
+                    torch.cat([feats[ts[0]], distilled[0]], dim=1)
+                )
                 continue
             x = torch.cat([z for t, d in zip(ts, distilled) for z in (feats[t], d)], dim=1)
-            before_dropout.update(zip(ts, conv_bn_act_blockwise(x, [self.bottleneck[t] for t in ts])))
+            before_dropout.update(zip(ts, conv_bn_act_blockwise(x, [self._bottleneck_layer(t) for t in ts])))
         return {
-            t: self.dropout(before_dropout[t] if t in before_dropout else self.bottleneck[t](feats[t]))
+            t: self._dropout(t, before_dropout[t]) if t in before_dropout else self.bottleneck[t](feats[t])
             for t in self.tasks
         }
 

@@ -5,7 +5,10 @@ source)], with ``none`` as index 0 of ``arch_param`` (α = zeros(len(ops) + 1)),
 *is* the genotype code. The value projection's BN of every op is not affine.
 
 Weights of the ops:
-* frozen (``frozen_choice`` ≥ 0, a persistent buffer: irreversible, saved with the model): one-hot;
+* frozen: one-hot, kept in the buffer ``fixed_weights`` as the original does — registered as
+  ``None`` (so absent from the state dict) and set to the one-hot float vector over [none, ops…]
+  when the pair freezes (irreversible, saved with the model: an original search checkpoint has
+  ``cp_blocks.<t>.<s>.fixed_weights`` exactly for its frozen pairs, and loads both ways);
 * evaluation: one-hot argmax(α);
 * training: if the top-two gap of softmax(α) is ≥ ``freeze_gap`` the choice freezes to its argmax;
   otherwise Gumbel-softmax(α, τ = ``self.tau``, soft).
@@ -52,13 +55,21 @@ class SearchCPBlock(nn.Module):
                 for c in self.codes
             ]
         )
-        self.register_buffer("frozen_choice", torch.tensor(-1, dtype=torch.long))
-        self._frozen = -1  # host copy of frozen_choice (set it through freeze())
+        self.register_buffer("fixed_weights", None)
+        self._frozen = -1  # host copy of argmax(fixed_weights), -1 while not frozen (set it through freeze())
         self._checked_version = -1  # arch_param._version when check_freeze() applied the rule
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the checkpoint decides: a pair frozen there (``fixed_weights`` present) is frozen here,
+        # any other is not
+        key = prefix + "fixed_weights"
+        if key in state_dict:
+            if self.fixed_weights is None:
+                self.fixed_weights = torch.zeros_like(self.arch_param.detach())
+        else:
+            self.fixed_weights = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._frozen = int(self.frozen_choice)
+        self._frozen = -1 if self.fixed_weights is None else int(self.fixed_weights.argmax())
 
     @property
     def is_frozen(self) -> bool:
@@ -71,7 +82,9 @@ class SearchCPBlock(nn.Module):
 
     def freeze(self, code: int) -> None:
         """Freeze the choice to genotype code ``code`` (irreversible in training)."""
-        self.frozen_choice.fill_(int(code))
+        w = torch.zeros_like(self.arch_param.detach())
+        w[int(code)] = 1.0  # no host-to-device copy
+        self.fixed_weights = w
         self._frozen = int(code)
 
     def choice(self) -> int:

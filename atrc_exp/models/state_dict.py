@@ -8,8 +8,16 @@ import torch
 from torch import nn
 
 #: Buffers a checkpoint may lack (the model keeps its own value): BatchNorm counters absent from
-#: pre-0.4.1 files, and the search blocks' freeze state (not part of the original's keys).
-OPTIONAL_BUFFERS = ("num_batches_tracked", "frozen_choice")
+#: pre-0.4.1 files.
+OPTIONAL_BUFFERS = ("num_batches_tracked",)
+#: A search block's frozen choice (:class:`~atrc_exp.models.search_block.SearchCPBlock`): present
+#: exactly for the pairs frozen when the state dict was saved, on either side; the checkpoint decides.
+FREEZE_BUFFER = "fixed_weights"
+
+
+def _freeze_state(key: str, keys) -> bool:
+    """``key`` is the frozen choice of a search block that ``keys`` (a model's state dict) has."""
+    return key.endswith("." + FREEZE_BUFFER) and key[: -len(FREEZE_BUFFER)] + "arch_param" in keys
 
 
 def strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
@@ -42,8 +50,8 @@ def load_strict(
     ``"cannot load {what} into <Model>: ...{hint}"`` listing up to ``limit`` keys of each kind.
     """
     own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not _freeze_state(k, own)]
+    missing = [k for k in own if k not in state and not _freeze_state(k, own)]
     missing_nbt = [k for k in missing if k.endswith(OPTIONAL_BUFFERS)]
     missing = [k for k in missing if not k.endswith(OPTIONAL_BUFFERS)]
     mismatched = [
