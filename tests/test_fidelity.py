@@ -146,7 +146,11 @@ def _lightning_checkpoint(path: Path, sd: dict[str, torch.Tensor]) -> Path:
             "epoch": 3,
             "global_step": 1200,
             "pytorch-lightning_version": "1.1.8",
-            "state_dict": {**sd, "criterion.weight": torch.ones(3), "metrics_dict.semseg.conf": torch.zeros(2)},
+            "state_dict": {
+                **sd,
+                "criterion.weight": torch.ones(3),
+                "metrics_dict.semseg.conf": torch.zeros(2),
+            },
             "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.01}]}],
             "lr_schedulers": [{"last_epoch": 3}],
             "hyper_parameters": {"args": argparse.Namespace(lr=0.01, tasks=["semseg"])},
@@ -184,7 +188,9 @@ def test_original_lightning_checkpoint_through_init_from_original_and_atrc_eval(
     (run / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     out = tmp_path / "eval"
-    assert eval_main([str(ckpt), "--config", str(run), "--out", str(out), "--edge-workers", "0", "--cpu"]) == 0
+    assert (
+        eval_main([str(ckpt), "--config", str(run), "--out", str(out), "--edge-workers", "0", "--cpu"]) == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert math.isfinite(metrics["semseg/mIoU"]) and math.isfinite(metrics["depth/rmse"])
 
