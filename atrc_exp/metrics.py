@@ -289,9 +289,12 @@ def _shutdown_pool(pool) -> None:
 class EdgeMeter(SumMeter):
     """Edge ``odsF`` / ``oisF`` (percent) and the validation edge loss, reducible by summation.
 
-    ``update(logits B×1×H×W, target B×1×H×W)``: the edge loss sums are added at once (as
-    :class:`EdgeLossMeter`); each image's ``sigmoid`` map, quantised to 8 bits, and its target go
-    to :func:`atrc_exp.evaluation.edge.evaluate_edge_image` — in a pool of ``workers`` processes
+    ``update(logits B×1×H×W, target B×1×H×W, image_sizes=None)``: the edge loss sums are added at
+    once (as :class:`EdgeLossMeter`); each image's ``sigmoid`` map, quantised to 8 bits as the
+    original's PNGs (``uint8(255·p)``, truncated), and its target go to
+    :func:`atrc_exp.evaluation.edge.evaluate_edge_image`, cropped there from the centre to the
+    image's ``(h, w)`` in ``image_sizes`` (else to the bounding box of the valid target pixels) —
+    in a pool of ``workers`` processes
     (started on first use, kept for later validations; ``workers=0`` or a daemonic process: in
     this process, synchronously; the pool is started only once images are seen to take
     ≥ :attr:`INLINE_SECONDS_PER_IMAGE` here, so tiny runs never pay for it). Workers are *spawned* (fresh interpreters: safe with CUDA,
@@ -422,17 +425,22 @@ class EdgeMeter(SumMeter):
         return self
 
     @torch.no_grad()
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    def update(self, pred: Tensor, target: Tensor, image_sizes: Sequence | None = None) -> None:
         from .evaluation.edge import evaluate_edge_batch
 
         loss, valid = edge_bce_per_pixel(pred, target, self.edge_pos_weight)
         ls = torch.stack([loss.double().sum(), valid.sum().double()]).cpu()
         self.sums = self.sums.cpu()
         self.sums[:2] += ls
-        prob = (torch.sigmoid(pred.float()) * 255.0).round_().to(torch.uint8).cpu().numpy()
+        # uint8(255·sigmoid), truncated as the original's PNGs (float -> uint8 casts truncate)
+        prob = (torch.sigmoid(pred.float()) * 255.0).to(torch.uint8).cpu().numpy()
         tgt = target.float().cpu().numpy()
         tgt = np.where(tgt == IGNORE_INDEX, IGNORE_INDEX, tgt >= 0.5).astype(np.uint8)
-        items = [(prob[i].reshape(prob.shape[-2:]), tgt[i].reshape(tgt.shape[-2:])) for i in range(len(prob))]
+        items = [
+            (prob[i].reshape(prob.shape[-2:]), tgt[i].reshape(tgt.shape[-2:]))
+            + (() if image_sizes is None else (image_sizes[i],))
+            for i in range(len(prob))
+        ]
         args = (self.max_dist, self.thresholds, self.nms)
         pool = self._get_pool() if self._needs_pool() else None
         if pool is None:
@@ -469,12 +477,33 @@ class EdgeMeter(SumMeter):
         return dict(self._timing, workers=self.workers)
 
 
+def batch_image_sizes(batch: Mapping, shape: Sequence[int]) -> list[tuple[int, int]] | None:
+    """``(h, w)`` of each image of a collated batch of maps of ``shape`` (B×…×H×W), from
+    ``batch["meta"]["size"]`` (what the readers record; collated as ``[heights, widths]``), or
+    ``None`` when the batch does not say, or not for B images, or a size does not fit in H×W (then
+    the edge evaluation crops to the valid target pixels)."""
+    meta = batch.get("meta") if isinstance(batch, Mapping) else None
+    size = meta.get("size") if isinstance(meta, Mapping) else None
+    if size is None:
+        return None
+    try:
+        hs, ws = (torch.as_tensor(v).reshape(-1).tolist() for v in size)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    H, W = int(shape[-2]), int(shape[-1])
+    sizes = [(int(h), int(w)) for h, w in zip(hs, ws)]
+    if not len(hs) == len(ws) == int(shape[0]) or not all(0 < h <= H and 0 < w <= W for h, w in sizes):
+        return None
+    return sizes
+
+
 class MultiTaskMetrics:
     """The metrics of ``tasks`` over a split, reducible across processes.
 
     * ``update(final_outputs, batch)``: raw ``final`` network outputs (``{task: B×C×H×W}`` at
       target resolution) and the batch targets; post-processing (argmax, softmax, clamping,
-      normalisation) is done here.
+      normalisation) is done here. The image sizes in ``batch["meta"]["size"]`` (as the readers
+      record them), when present, say where the edge evaluation crops each padded map (centre).
     * ``state() -> Tensor``: the float64 1-D concatenation of every meter's sums, in the order of
       ``tasks`` (fixed length :attr:`state_size`), on the device of the updates (CPU if none).
     * ``load_state(t)``: replace the sums, e.g. with ``all_reduce(state(), SUM)``.
@@ -545,7 +574,10 @@ class MultiTaskMetrics:
                 raise KeyError(f"batch has no target for task {t!r}")
             pred = final_outputs[t].detach()
             self._device = pred.device
-            meter.update(pred, batch[t].to(pred.device))
+            if isinstance(meter, EdgeMeter):
+                meter.update(pred, batch[t].to(pred.device), batch_image_sizes(batch, pred.shape))
+            else:
+                meter.update(pred, batch[t].to(pred.device))
 
     def flush(self) -> None:
         """Wait for the edge evaluation still in flight (``state`` and ``compute`` call it)."""

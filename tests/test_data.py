@@ -43,15 +43,17 @@ def test_reader_label_shift_and_ignore(tmp_path):
     s = ds[0]
     raw = cv2.imread(str(d / "segmentation" / "a.png"), cv2.IMREAD_UNCHANGED)
     assert s["image"].shape == (3, 16, 20) and s["semseg"].shape == (16, 20)
-    assert s["semseg"][0, 0] == 255 and s["semseg"][0, 1] == 39
-    assert torch.equal(s["semseg"][:12, :16][raw != 0], torch.from_numpy(raw[raw != 0].astype(np.int64) - 1))
-    # padding: labels 255, depth 0 -> 255, normals zero -> 255
-    assert (s["semseg"][12:] == 255).all() and (s["semseg"][:, 16:] == 255).all()
-    assert (
-        s["depth"].shape == (1, 16, 20) and s["depth"][0, 1, 1] == 255 and (s["depth"][0, 12:] == 255).all()
-    )
-    assert (s["normals"][:, 2, 2] == 255).all() and (s["normals"][:, 12:] == 255).all()
-    assert (s["edge"][0, 12:] == 255).all()
+    # 12x16 padded to 16x20 with the image in the centre: rows 2..13, columns 2..17
+    y, x = slice(2, 14), slice(2, 18)
+    assert s["semseg"][2, 2] == 255 and s["semseg"][2, 3] == 39
+    assert torch.equal(s["semseg"][y, x][raw != 0], torch.from_numpy(raw[raw != 0].astype(np.int64) - 1))
+    # padding: labels 255, depth 0 -> 255, normals zero -> 255 (2 rows / columns on every side)
+    border = torch.ones(16, 20, dtype=torch.bool)
+    border[y, x] = False
+    assert (s["semseg"][border] == 255).all() and (s["edge"][0][border] == 255).all()
+    assert s["depth"].shape == (1, 16, 20) and s["depth"][0, 3, 3] == 255
+    assert (s["depth"][0][border] == 255).all() and (s["depth"][0, y, x] != 255).sum() == 12 * 16 - 1
+    assert (s["normals"][:, 4, 4] == 255).all() and (s["normals"][:, border] == 255).all()
 
 
 def test_reader_image_is_uint8_rgb(tmp_path):

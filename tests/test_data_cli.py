@@ -118,3 +118,49 @@ def test_archive_table():
 def test_bench_runs(capsys):
     rates = cli.bench_transforms(n=1)
     assert len(rates) == 2 and all(r > 0 for _, r in rates)
+
+
+def test_check_reports_valid_normals_per_split(both_layouts, tmp_path, capsys):
+    """PASCAL_MT normals are kept only on the listed LabelMap classes: `check` reports the share of
+    valid normals pixels (over the split and per image: min / mean / max, images without any, the
+    lowest images) and fails when no image has any."""
+    import scipy.io as sio
+
+    root = tmp_path / "copy"
+    shutil.copytree(both_layouts / "PASCAL_MT", root / "PASCAL_MT")
+    lm_dir = root / "PASCAL_MT" / "pascal-context" / "trainval"
+    lm = sio.loadmat(str(lm_dir / "2008_000000.mat"))["LabelMap"]
+    assert lm.shape == (32, 40)
+    half = lm.copy()
+    half[:, :20] = 0  # unlabelled: not a listed class -> normals zeroed on half the image
+    sio.savemat(str(lm_dir / "2008_000000.mat"), {"LabelMap": half})
+    sio.savemat(str(lm_dir / "2008_000002.mat"), {"LabelMap": np.full_like(lm, 308)})  # pottedplant: none
+    capsys.readouterr()
+    assert cli.main(["check", str(root)]) == 0
+    out = capsys.readouterr().out
+    train = next(ln for ln in out.splitlines() if "normals valid" in ln)  # train comes first
+    # 3 images of 1280 pixels: 640 + 1280 + 0 valid -> 50.0% of the split; per image 0 / 50 / 100%
+    assert "normals valid on 50.0% of the pixels" in train
+    assert "min 0.0%, mean 50.0%, max 100.0%" in train and "1 of 3 images without any" in train
+    assert "lowest: 2008_000002 0.0%, 2008_000000 50.0%, 2008_000001 100.0%" in train
+    val = [ln for ln in out.splitlines() if "normals valid" in ln][1]
+    assert "normals valid on 100.0% of the pixels" in val and "0 of 2 images without any" in val
+    # no valid normals pixel in a whole split: a problem (a wrong LabelMap, or a wrong class list)
+    for name in ("2008_000000", "2008_000001"):
+        sio.savemat(str(lm_dir / f"{name}.mat"), {"LabelMap": np.zeros_like(lm)})
+    assert cli.main(["check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "PASCAL_MT/train: no valid normals pixel in any image" in out and "LabelMap" in out
+    assert "PASCAL_MT/val" not in out
+
+
+def test_normals_report_line():
+    line = cli.normals_report([("a", 0, 100), ("b", 30, 100), ("c", 100, 100), ("d", 50, 200)], worst=2)
+    assert line == (
+        "normals valid on 36.0% of the pixels; per image min 0.0%, mean 38.8%, max 100.0%; "
+        "1 of 4 images without any; lowest: a 0.0%, d 25.0%"
+    )
+    n = np.zeros((2, 3, 3), np.float32)
+    n[0, 0] = [0, 0, 1]
+    n[1, 2] = [-0.0039, 0, 0]
+    assert cli.normals_valid_pixels(n) == (2, 6)

@@ -13,6 +13,7 @@ from atrc_exp.evaluation.edge import (  # noqa: E402
     evaluate_edge_image,
     save_seism_pngs,
     summarize,
+    to_uint8_prob,
 )
 from atrc_exp.metrics import MultiTaskMetrics  # noqa: E402
 
@@ -191,14 +192,87 @@ def test_worker_processes_give_the_same_state(monkeypatch):
         pooled.close()
 
 
+def test_edge_maps_are_truncated_to_uint8():
+    """``uint8(255·sigmoid)`` truncated, as the original's PNGs: 0.5 → 127 (rounding gave 128)."""
+    p = np.array([0.0, 0.5, 1.0, 0.999, 0.2, 0.75, 1 / 255, 0.0039], np.float32)
+    assert to_uint8_prob(p).tolist() == [0, 127, 255, 254, 51, 191, 1, 0]
+    assert to_uint8_prob(np.float64(0.5)) == 127 and to_uint8_prob(np.array([1.5, -0.2])).tolist() == [255, 0]
+
+
 def test_seism_png_export(tmp_path):
     import cv2
 
+    # a 20×30 image padded to 30×40 with the image in the centre: rows 5..24, columns 5..34
     prob = np.zeros((1, 30, 40), np.float32)
-    prob[0, 5, :] = 0.5
+    prob[0, 5, 5:35] = 0.5  # the image's first row
+    prob[0, 0, :] = 1.0  # in the padding
     tgt = np.full((1, 30, 40), 255, np.uint8)
-    tgt[0, :20, :30] = 0
-    (path,) = save_seism_pngs(prob, ["img_001"], tmp_path, targets=tgt)
+    tgt[0, 5:25, 5:35] = 0
+    for kw in ({"sizes": [(20, 30)]}, {"targets": tgt}):
+        (path,) = save_seism_pngs(prob, ["img_001"], tmp_path, **kw)
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert path.name == "img_001.png" and img.dtype == np.uint8 and img.shape == (20, 30)
+        assert (img[0] == 127).all() and (img[1:] == 0).all()  # 0.5 → 127 (truncated)
+    # sizes win over the target's valid pixels (ignore pixels along the image border)
+    tgt[0, 5:7] = 255
+    (path,) = save_seism_pngs(prob, ["img_001"], tmp_path, targets=tgt, sizes=[(20, 30)])
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    assert path.name == "img_001.png" and img.dtype == np.uint8 and img.shape == (20, 30)
-    assert img[5, 0] == 128 and img[0, 0] == 0
+    assert img.shape == (20, 30) and (img[0] == 127).all()
+
+
+def test_metrics_quantise_by_truncation():
+    """A logit of 0 (sigmoid 0.5) is 127/255 < 0.5 after truncation: nothing is predicted at the
+    threshold 0.5 (rounding to 128 predicted it); a logit of 0.005 (127.82 → 127) neither, while
+    0.01 (128.14 → 128) is."""
+    tgt = torch.zeros(1, 1, 40, 52)
+    tgt[:, :, 10:30, 20] = 1
+    for logit, predicted in ((0.0, False), (0.005, False), (0.01, True)):
+        m = MultiTaskMetrics(["edge"], 2, 0.8, edge_thresholds=[0.5], edge_nms=False)
+        m.update({"edge": torch.where(tgt > 0, logit, -10.0)}, {"edge": tgt})
+        sum_p = m.meters["edge"].sums[2 + 3]  # count_r, sum_r, count_p, sum_p (one threshold)
+        assert (sum_p > 0) == predicted, logit
+
+
+def test_centre_crop_with_the_image_size():
+    """With the image size, maps are cropped from the centre of the padded map — also when the
+    image's own top rows are ignore, where the bounding box of the valid pixels (the fallback
+    without a size) would move the image border, and NMS attenuates edges near the border."""
+    gt = _lines()
+    gt[:3] = 255  # ignore pixels along the top of the image itself
+    gt[5, 20:80] = 1  # an edge 5 rows below the image border, 2 below the ignore rows
+    pred = np.where(gt == 1, 0.6, 0.0).astype(np.float32)
+    ref = evaluate_edge_image(pred, gt, 0.011, thresholds=[0.3], image_size=(H, W))
+    gt_pad = np.full((130, 150), 255, np.uint8)
+    gt_pad[15:115, 25:125] = gt  # (130 - 100) // 2 = 15 rows above, (150 - 100) // 2 = 25 left
+    pred_pad = np.zeros((130, 150), np.float32)
+    pred_pad[15:115, 25:125] = pred
+    pred_pad[120:125, 10:140] = 1.0  # predicted edges in the padding do not count
+    got = evaluate_edge_image(pred_pad, gt_pad, 0.011, thresholds=[0.3], image_size=(H, W))
+    np.testing.assert_array_equal(got.stack(), ref.stack())
+    # all but the 6 end points of the 3 open lines (NMS drops them) found at 0.3
+    assert got.sum_r[0] == (gt == 1).sum() and got.count_r[0] == got.sum_r[0] - 6
+    # the bounding box of the valid pixels starts at row 3: the edge at row 5 is attenuated by NMS
+    bbox = evaluate_edge_image(pred_pad, gt_pad, 0.011, thresholds=[0.3])
+    assert bbox.count_r[0] < got.count_r[0]
+    with pytest.raises(ValueError, match="does not fit"):
+        evaluate_edge_image(pred, gt, 0.011, image_size=(H + 1, W))
+
+
+def test_metrics_crop_with_the_batch_image_sizes():
+    """``batch["meta"]["size"]`` (collated as [heights, widths]) makes the edge evaluation crop the
+    centred window: the same state as the unpadded maps — with ignore rows at the top of the
+    images themselves, where the valid pixels' bounding box (no sizes) gives other counts."""
+    batches = _batches(n=2, h=34, w=46)
+    mk = lambda: MultiTaskMetrics(["edge"], 2, 0.8, edge_thresholds=9)  # noqa: E731
+    plain, padded, no_sizes = mk(), mk(), mk()
+    for o, t in batches:
+        t["edge"][:, :, :7] = 255  # ignore rows inside the images
+        plain.update(o, {**t, "meta": {"size": [torch.tensor([34, 34]), torch.tensor([46, 46])]}})
+        # 34×46 in 40×52: 3 rows above and below, 3 columns left and right; logits there: +5
+        lo = torch.nn.functional.pad(o["edge"], (3, 3, 3, 3), value=5.0)
+        tg = torch.nn.functional.pad(t["edge"], (3, 3, 3, 3), value=255.0)
+        meta = {"name": ["a", "b"], "size": [torch.tensor([34, 34]), torch.tensor([46, 46])]}
+        padded.update({"edge": lo}, {"edge": tg, "meta": meta})
+        no_sizes.update({"edge": lo}, {"edge": tg})
+    torch.testing.assert_close(padded.state(), plain.state(), rtol=0, atol=0)
+    assert not torch.equal(no_sizes.state(), plain.state())

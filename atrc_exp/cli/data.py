@@ -7,6 +7,10 @@
 
 ``DIR`` / ``--dest`` is the folder that holds ``NYUD_MT/`` and ``PASCAL_MT/`` (``paths.data_dir``).
 Problems with the data are reported in one line each and give exit code 1 (no traceback).
+``check`` also reports, per split, how many normals pixels are valid (the share over the split,
+the per-image min / mean / max, images without any, the lowest images): on PASCAL_MT the
+distilled normals are kept only on the original's 170 ``LabelMap`` classes, so this shows at once
+whether that mask is sane.
 """
 
 from __future__ import annotations
@@ -137,6 +141,28 @@ def _check_values(name: str, sample: dict, problems: list[str], where: str) -> N
             problems.append(f"{where}: normals of {name} are not unit vectors (mean norm {n[nz].mean():.3f})")
 
 
+def normals_valid_pixels(normals: np.ndarray) -> tuple[int, int]:
+    """``(valid, total)`` pixels of an H×W×3 normals map as a reader returns it: valid = not the
+    zero vector (PASCAL-Context: on the kept ``LabelMap`` classes; NYUD-v2: where there are normals)."""
+    n = np.asarray(normals)
+    return int(np.any(n != 0, axis=-1).sum()), int(n.shape[0] * n.shape[1])
+
+
+def normals_report(stats: list[tuple[str, int, int]], worst: int = 3) -> str:
+    """One line on the valid normals pixels of a split, from ``(image id, valid, total)`` per image:
+    the share over the split, the per-image min / mean / max, how many images have none, and the
+    ``worst`` images with the smallest share."""
+    frac = np.array([v / t if t else 0.0 for _, v, t in stats])
+    share = sum(v for _, v, _ in stats) / max(1, sum(t for _, _, t in stats))
+    order = np.argsort(frac, kind="stable")[:worst]
+    low = ", ".join(f"{stats[i][0]} {100 * frac[i]:.1f}%" for i in order)
+    return (
+        f"normals valid on {100 * share:.1f}% of the pixels; per image min {100 * frac.min():.1f}%, "
+        f"mean {100 * frac.mean():.1f}%, max {100 * frac.max():.1f}%; {int((frac == 0).sum())} of "
+        f"{len(stats)} images without any; lowest: {low}"
+    )
+
+
 def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[str], list[str]]:
     """Validate ``data_dir/<layout>``: (report lines, problems)."""
     from tqdm import tqdm
@@ -178,6 +204,7 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
             continue
         n_bad = 0
         sizes: dict[tuple, int] = {}
+        normals: list[tuple[str, int, int]] = []  # (image id, valid pixels, pixels)
         for i in tqdm(range(len(ds)), desc=f"{layout}/{split}", unit="img", leave=False, disable=None):
             try:
                 sample = ds.load_raw(i)
@@ -185,6 +212,8 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
                     p = ds.root / "human_parts" / f"{ds.names[i]}.mat"
                     person_parts(_loadmat(p, ds.split_file), p, sample["image"].shape[:2])
                 _check_values(ds.names[i], sample, problems, f"{layout}/{split}")
+                if "normals" in sample:
+                    normals.append((ds.names[i], *normals_valid_pixels(sample["normals"])))
                 hw = sample["image"].shape[:2]
                 sizes[hw] = sizes.get(hw, 0) + 1
             except DataError as e:
@@ -196,6 +225,16 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
             problems.append(f"{layout}/{split}: {len(ds)} images listed in {ds.split_file}, expected {want}")
         common = ", ".join(f"{h}x{w}: {c}" for (h, w), c in sorted(sizes.items(), key=lambda kv: -kv[1])[:3])
         lines.append(f"  {split}: {count}, {n_bad} unreadable or damaged; sizes {common or '-'}")
+        if normals:
+            lines.append(f"    {normals_report(normals)}")
+            if not any(v for _, v, _ in normals):
+                kept = (
+                    " (they are kept only on the LabelMap classes of the original's normals list: "
+                    "do the pascal-context/trainval/*.mat files hold the 459-class LabelMap?)"
+                    if layout == "PASCAL_MT"
+                    else ""
+                )
+                problems.append(f"{layout}/{split}: no valid normals pixel in any image{kept}")
     return lines, problems
 
 
@@ -347,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_synth)
 
-    c = sub.add_parser("check", help="validate a data dir against its layout")
+    c = sub.add_parser("check", help="validate a data dir against its layout (and report the valid normals)")
     c.add_argument("dir", help="the folder holding NYUD_MT/ and/or PASCAL_MT/ (or one of them)")
     c.add_argument("--max-problems", type=int, default=50, help="problems listed (all are counted)")
     c.set_defaults(fn=cmd_check)

@@ -212,12 +212,16 @@ def evaluate(
 
 
 def _export_edges(logits, batch, out_dir) -> None:
+    """The edge maps of a batch as SEISM PNGs: ``uint8(255·sigmoid)`` (truncated), cropped from the
+    centre of the padded prediction to each image's size (``meta["size"]``; without it, to the
+    valid pixels of the edge target)."""
     from ..evaluation.edge import save_seism_pngs
+    from ..metrics import batch_image_sizes
 
     prob = logits.float().sigmoid().cpu().numpy()
     names = batch["meta"]["name"] if "meta" in batch else [f"{i:06d}" for i in range(len(prob))]
     targets = batch["edge"].cpu().numpy() if "edge" in batch else None
-    save_seism_pngs(prob, names, out_dir, targets=targets)
+    save_seism_pngs(prob, names, out_dir, targets=targets, sizes=batch_image_sizes(batch, prob.shape))
 
 
 def format_table(metrics: dict[str, float], title: str) -> str:

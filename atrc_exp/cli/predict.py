@@ -3,17 +3,17 @@
     atrc-predict --run <run_dir | checkpoint_dir | original.ckpt> --images photos/ --out preds/
     atrc-predict --run original.ckpt --config <run_dir or yaml> --images photos/ --out preds/
 
-Each image is normalised like the validation data (ImageNet statistics), padded at the bottom and
-right to a multiple of 32 (with 0 after normalisation, i.e. the mean colour — as validation pads
-to the crop size), run through the network, and every output is cropped back to the original
-size: no resizing, so the predictions are pixel-aligned with the input. Per image ``<stem>`` and
-task, in ``<out>/<stem>/``:
+Each image is normalised like the validation data (ImageNet statistics), padded to a multiple of
+32 with the image in the centre (with 0 after normalisation, i.e. the mean colour — as validation
+pads to the crop size), run through the network, and every output is cropped back from the
+centre to the original size: no resizing, so the predictions are pixel-aligned with the input.
+Per image ``<stem>`` and task, in ``<out>/<stem>/``:
 
 * ``<task>.npy`` — the prediction in target units: ``semseg`` / ``human_parts`` class indices
   (H×W int64), ``depth`` metres (H×W float32, clamped at 0), ``normals`` unit vectors (H×W×3),
   ``sal`` / ``edge`` probabilities (H×W float32);
 * ``<task>.png`` — label maps as 8-bit PNGs (class indices); ``sal`` / ``edge`` as 8-bit
-  probability PNGs (``round(255·p)``, the format SEISM reads for edges);
+  probability PNGs (``uint8(255·p)``, truncated: the edge PNGs the original wrote for SEISM);
 * ``<task>_color.png`` — a coloured rendering (VOC palette, viridis depth, normals as RGB,
   grey-scale saliency and edges);
 * ``sheet.png`` — the image and all renderings side by side, titled.
@@ -57,6 +57,7 @@ def predict_image(model, rgb: np.ndarray, device) -> dict[str, np.ndarray]:
     import torch
 
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ..tasks import crop_center, pad_offsets
     from ..visualize import postprocess
 
     h, w = rgb.shape[:2]
@@ -64,13 +65,14 @@ def predict_image(model, rgb: np.ndarray, device) -> dict[str, np.ndarray]:
         IMAGENET_STD, np.float32
     )
     ph, pw = (-h) % STRIDE, (-w) % STRIDE
-    img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
+    top, left = pad_offsets((h, w), (h + ph, w + pw))  # the image in the centre, as validation
+    img = np.pad(img, ((top, ph - top), (left, pw - left), (0, 0)))
     x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None].to(device)
     with torch.no_grad():
         out = model(x)["final"]
     preds = {}
     for task, logits in out.items():
-        p = postprocess(task, logits[..., :h, :w])[0].cpu().numpy()
+        p = postprocess(task, crop_center(logits, (h, w)))[0].cpu().numpy()
         if task in ("semseg", "human_parts"):
             preds[task] = p.astype(np.int64)
         elif task == "normals":
@@ -92,6 +94,7 @@ def write_predictions(rgb: np.ndarray, preds: dict[str, np.ndarray], out_dir: Pa
     """Write the files listed in the module doc for one image; returns them by name."""
     import cv2
 
+    from ..evaluation.edge import to_uint8_prob
     from ..visualize import colorize
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,7 @@ def write_predictions(rgb: np.ndarray, preds: dict[str, np.ndarray], out_dir: Pa
         if task in ("semseg", "human_parts"):
             png = np.clip(p, 0, 255).astype(np.uint8)
         elif task in ("sal", "edge"):
-            png = np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
+            png = to_uint8_prob(p)
         else:
             png = None
         if png is not None:

@@ -1,7 +1,8 @@
 """The train-transform benchmark of ``atrc-data bench`` / ``make bench-data``: the pipeline of
-:func:`~atrc_exp.data.transforms.build_train_transform` against the pre-change reference pipeline
-(:func:`reference_train_steps`), interleaved in one run, on NYUD- and PASCAL-sized in-memory
-samples (:func:`_fake_sample`)."""
+:func:`~atrc_exp.data.transforms.build_train_transform` against the reference pipeline
+(:func:`reference_train_steps`: the spec step by step as plain code, which the fast pipeline
+equals sample for sample), interleaved in one run, on NYUD- and PASCAL-sized in-memory samples
+(:func:`_fake_sample`)."""
 
 from __future__ import annotations
 
@@ -37,13 +38,23 @@ def _fake_sample(h: int, w: int, tasks: list[str], num_classes: int, rng: np.ran
 def reference_train_steps(
     crop_size, scale_range=(0.5, 2.0), cat_max_ratio: float = 0.75, rng: np.random.Generator | None = None
 ) -> list[tuple[str, object]]:
-    """The train pipeline as it was before the fast transforms (2026-11-24), kept as plain code for
-    ``atrc-data bench`` to measure the speed-up in the same run: a float32 image (what the readers
-    returned then), scale + crop fused with ``np.take`` / ``cv2.warpAffine`` and the ``np.unique``
-    class-ratio check, flip, float photometric distortion, normalise, ``np.pad``, ignore regions,
-    to-tensor. ``[(step name, fn(sample) -> sample)]``; same draws' distribution as the pipeline.
-    Without ``rng``, each random step seeds a numpy generator from torch's RNG on every call, as the
-    pre-change transforms did; with one, all steps draw from it in the pipeline's order."""
+    """The train pipeline of the spec, step by step as plain code (no look-up tables, no fused
+    steps): the statement that :func:`~atrc_exp.data.transforms.build_train_transform` must equal
+    for the same draws (a test checks it, sample for sample), and the baseline ``atrc-data bench``
+    measures the fast pipeline against. ``[(step name, fn(sample) -> sample)]``:
+
+    1. scale + crop: ``s ~ U(scale_range)``; the whole sample resized to ``round(h·s)×round(w·s)``
+       (``cv2.resize``: image linear, every label nearest), depth divided by ``s``; a crop position
+       drawn uniformly and re-drawn up to 10 times until no semseg class covers ``cat_max_ratio``
+       or more of the crop's labelled pixels, else an 11th one taken as it is;
+    2. flip (p 0.5; normals' x negated);
+    3. photometric distortion on the image cast to uint8, each step ``uint8(clip(x·a + b))``
+       (MMSegmentation's ``PhotoMetricDistortion``, one HSV round trip per colour step);
+    4. ImageNet normalisation; 5. padding to the crop size with the image in the centre
+       (``PAD_VALUES``); 6. ignore regions; 7. to tensors.
+
+    Without ``rng``, each random step seeds a numpy generator from torch's RNG on every call; with
+    one, all steps draw from it in the pipeline's order."""
     import cv2
     import torch
 
@@ -52,10 +63,6 @@ def reference_train_steps(
     given = rng
     lo, hi = float(scale_range[0]), float(scale_range[1])
     size = (int(crop_size[0]), int(crop_size[1]))
-
-    def nearest(n_src: int, n_dst: int, start: int, length: int) -> np.ndarray:
-        idx = np.floor(np.arange(start, start + length) * (1.0 / (n_dst / n_src))).astype(np.intp)
-        return np.minimum(idx, n_src - 1)
 
     def ratio_ok(seg: np.ndarray) -> bool:
         labels, cnt = np.unique(seg, return_counts=True)
@@ -67,37 +74,29 @@ def reference_train_steps(
         s = float(rng.uniform(lo, hi))
         h, w = sample["image"].shape[:2]
         sh, sw = max(1, round(h * s)), max(1, round(w * s))
+        scaled = {}
+        for k, arr in sample.items():
+            if k == "meta":
+                continue
+            interp = cv2.INTER_LINEAR if k == "image" else cv2.INTER_NEAREST
+            res = cv2.resize(arr, (sw, sh), interpolation=interp).reshape(sh, sw, *arr.shape[2:])
+            scaled[k] = res.astype(arr.dtype)  # (cv2 gives int32 for int64 maps)
+        if "depth" in scaled:
+            d = scaled["depth"]
+            scaled["depth"] = np.where((d > 0) & (d != IGNORE_INDEX), d / np.float32(s), d).astype(np.float32)
         ch, cw = min(size[0], sh), min(size[1], sw)
 
         def draw() -> tuple[int, int]:
             return int(rng.integers(0, sh - ch + 1)), int(rng.integers(0, sw - cw + 1))
 
         y0, x0 = draw()
-        if cat_max_ratio < 1.0 and "semseg" in sample:
+        if cat_max_ratio < 1.0 and "semseg" in scaled:
             for _ in range(10):
-                rows, cols = nearest(h, sh, y0, ch), nearest(w, sw, x0, cw)
-                if ratio_ok(np.take(np.take(sample["semseg"], rows, 0), cols, 1)):
+                if ratio_ok(scaled["semseg"][y0 : y0 + ch, x0 : x0 + cw]):
                     break
                 y0, x0 = draw()
-        rows, cols = nearest(h, sh, y0, ch), nearest(w, sw, x0, cw)
-        out = dict(sample)
-        for k, arr in sample.items():
-            if k == "image":
-                fx, fy = w / sw, h / sh
-                m = np.array([[fx, 0.0, (x0 + 0.5) * fx - 0.5], [0.0, fy, (y0 + 0.5) * fy - 0.5]])
-                out[k] = cv2.warpAffine(
-                    arr,
-                    m,
-                    (cw, ch),
-                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                    borderMode=cv2.BORDER_REPLICATE,
-                )
-            elif k != "meta":
-                out[k] = np.take(np.take(arr, rows, 0), cols, 1)
-        if "depth" in out:
-            d = out["depth"]
-            out["depth"] = np.where((d > 0) & (d != IGNORE_INDEX), d / np.float32(s), d).astype(np.float32)
-        return out
+        out = {k: v[y0 : y0 + ch, x0 : x0 + cw] for k, v in scaled.items()}
+        return {**sample, **out}
 
     def flip(sample: dict) -> dict:
         rng = given or torch_seeded_rng()
@@ -112,25 +111,32 @@ def reference_train_steps(
 
     def photometric(sample: dict) -> dict:
         rng = given or torch_seeded_rng()
-        img = np.array(sample["image"], dtype=np.float32)
-        if rng.random() < 0.5:
-            img += np.float32(rng.uniform(-32, 32))
+
+        def convert(x: np.ndarray, a: float = 1.0, b: float = 0.0) -> np.ndarray:
+            return np.clip(x.astype(np.float32) * np.float32(a) + np.float32(b), 0, 255).astype(np.uint8)
+
+        def hsv_step(img: np.ndarray, channel: int, fn) -> np.ndarray:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            hsv[..., channel] = fn(hsv[..., channel])
+            return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+        def contrast(img: np.ndarray) -> np.ndarray:
+            return convert(img, a=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else img
+
+        img = np.ascontiguousarray(sample["image"].astype(np.uint8))  # cast to uint8 (a float: truncated)
+        if rng.random() < 0.5:  # brightness
+            img = convert(img, b=rng.uniform(-32, 32))
         contrast_first = rng.random() < 0.5
-        if contrast_first and rng.random() < 0.5:
-            img *= np.float32(rng.uniform(0.5, 1.5))
-        np.clip(img, 0, 255, out=img)
-        sat = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
-        hue = rng.uniform(-9, 9) if rng.random() < 0.5 else None
-        if sat is not None or hue is not None:
-            hsv = cv2.cvtColor(img.astype(np.uint8), cv2.COLOR_RGB2HSV)
-            if sat is not None:
-                hsv[..., 1] = np.clip(hsv[..., 1] * np.float32(sat), 0, 255)
-            if hue is not None:
-                hsv[..., 0] = np.mod(hsv[..., 0] + np.float32(hue), 180)
-            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
-        if not contrast_first and rng.random() < 0.5:
-            img *= np.float32(rng.uniform(0.5, 1.5))
-            np.clip(img, 0, 255, out=img)
+        if contrast_first:
+            img = contrast(img)
+        if rng.random() < 0.5:  # saturation
+            a = rng.uniform(0.5, 1.5)
+            img = hsv_step(img, 1, lambda s: convert(s, a=a))
+        if rng.random() < 0.5:  # hue
+            k = int(rng.integers(-18, 18))
+            img = hsv_step(img, 0, lambda h: (h.astype(np.int64) + k) % 180)
+        if not contrast_first:
+            img = contrast(img)
         return {**sample, "image": img}
 
     mean = np.asarray(IMAGENET_MEAN, np.float32)
@@ -145,12 +151,11 @@ def reference_train_steps(
     def pad(sample: dict) -> dict:
         h, w = sample["image"].shape[:2]
         ph, pw = max(0, size[0] - h), max(0, size[1] - w)
-        if ph == 0 and pw == 0:
-            return sample
+        top, left = ph // 2, pw // 2  # the image in the centre
         out = dict(sample)
         for k, arr in sample.items():
             if k != "meta":
-                p = ((0, ph), (0, pw)) + ((0, 0),) * (arr.ndim - 2)
+                p = ((top, ph - top), (left, pw - left)) + ((0, 0),) * (arr.ndim - 2)
                 out[k] = np.pad(arr, p, constant_values=PAD_VALUES.get(k, 0))
         return out
 
@@ -235,11 +240,8 @@ def _bench_case(case: tuple, n: int, rng: np.random.Generator) -> dict:
 
     label, (h, w), crop, tasks, k = case
     samples = [_fake_sample(h, w, tasks, k, rng) for _ in range(4)]
-    # the reference's own copies (no cache shared between the two), image float32 as read before
-    ref_samples = [
-        {k: (v if k == "meta" else v.astype(np.float32) if k == "image" else v.copy()) for k, v in s.items()}
-        for s in samples
-    ]
+    # the reference's own copies (no cache shared between the two)
+    ref_samples = [{k: (v if k == "meta" else v.copy()) for k, v in s.items()} for s in samples]
     fast = [(type(t).__name__, t) for t in build_train_transform(crop).transforms]
     ref = reference_train_steps(crop)
     totals = {"fast": np.zeros(len(fast)), "ref": np.zeros(len(ref))}
@@ -284,7 +286,7 @@ def format_bench(results: list[dict], n: int) -> str:
     """The table that ``atrc-data bench`` prints."""
     orig = ORIGINAL_SAMPLES_PER_S
     lines = [f"Train transforms, one core (1 cv2/torch thread), in-memory inputs, {n} samples per case;",
-             "'reference' = the pre-change pipeline (float32 image), timed in the same run, interleaved;",
+             "'reference' = the spec step by step as plain code, timed in the same run, interleaved;",
              "ms per step and samples/s: wall clock; 'of CPU time': thread CPU time (shared machines)."]  # fmt: skip
     for r in results:
         fast, ref = r["steps"], r["ref_steps"]

@@ -24,8 +24,9 @@ Targets (the original loader's rules):
   applies the same rule after cropping). Which images contain a person is computed once per
   split and cached in the user's cache (the data folder may be read-only).
 * **edge**: ``thin(|Laplacian(LabelMap)| > 0)`` (float 0/1).
-* **normals**: kept only on pixels whose ``LabelMap`` class also exists in NYUD
-  (:data:`NORMALS_VALID_CONTEXT_CLASSES`), zero elsewhere (→ 255 in ``IgnoreRegions``).
+* **normals**: kept only on pixels whose ``LabelMap`` class is one of the original's 170
+  (:data:`NORMALS_VALID_CONTEXT_CLASSES`, shipped as ``atrc_exp/resources/``
+  ``pascal_context_normals_valid_classes.json``), zero elsewhere (→ 255 in ``IgnoreRegions``).
 * **sal**: ``v / 255 > 0.5`` (int 0/1).
 """
 
@@ -36,6 +37,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from importlib.resources import files
 from pathlib import Path
 
 import cv2
@@ -72,18 +74,21 @@ CONTEXT_CATEGORY_LABELS = (
     0, 2, 23, 25, 31, 34, 45, 59, 65, 72, 98, 397, 113, 207, 258, 284, 308, 347, 368, 416, 427,
 )  # fmt: skip
 
-#: ``LabelMap`` classes whose distilled normals are kept: PASCAL-Context classes whose name is
-#: also an NYUD class, plus ``tvmonitor`` (the original adds it by hand). The original derives the
-#: list from two JSON files (``nyu_classes.json`` ∩ ``context_classes.json``) that are not part of
-#: the dataset archive; this is our reconstruction from the 459-class ids we are sure of (the
-#: PASCAL-Context-59 subset). Override with ``dataset.normals_valid_classes`` where it matters.
-NORMALS_VALID_CONTEXT_CLASSES: dict[str, int] = {
-    "bag": 9, "bed": 18, "bench": 22, "book": 33, "bottle": 34, "box": 37, "cabinet": 46,
-    "ceiling": 68, "chair": 72, "cloth": 80, "computer": 85, "cup": 104, "curtain": 105,
-    "door": 115, "floor": 158, "flower": 159, "food": 162, "keyboard": 220, "light": 232,
-    "mouse": 260, "person": 284, "plate": 295, "pottedplant": 308, "shelves": 349, "sign": 355,
-    "sofa": 368, "table": 397, "tvmonitor": 427, "wall": 440, "window": 454,
-}  # fmt: skip
+#: The package resource that lists the ``LabelMap`` classes whose distilled normals are kept.
+NORMALS_VALID_CLASSES_RESOURCE = "pascal_context_normals_valid_classes.json"
+
+
+def load_normals_valid_classes() -> dict[int, str]:
+    """``{LabelMap id: class name}`` of the 170 PASCAL-Context classes whose distilled normals the
+    original keeps (the classes whose name is also an NYUD class, except ``unknown``, plus
+    ``tvmonitor``), read from the package resource :data:`NORMALS_VALID_CLASSES_RESOURCE`."""
+    res = files("atrc_exp") / "resources" / NORMALS_VALID_CLASSES_RESOURCE
+    return {int(k): str(v) for k, v in json.loads(res.read_text(encoding="utf-8"))["classes"].items()}
+
+
+#: ``{LabelMap id: class name}``: where the distilled normals are kept (see
+#: :func:`load_normals_valid_classes`); ``dataset.normals_valid_classes`` overrides the ids.
+NORMALS_VALID_CONTEXT_CLASSES: dict[int, str] = load_normals_valid_classes()
 
 _TASK_FILES = {
     "human_parts": ("human_parts", ".mat"),
@@ -241,8 +246,8 @@ class PASCALMT(Dataset):
         tasks: subset of :data:`PASCAL_TASKS`.
         transform: applied to the raw sample dict; ``None`` returns raw numpy arrays.
         num_classes: semseg classes (21); other labels than 0..K-1 and 255 are an error.
-        normals_valid_classes: ``LabelMap`` ids whose normals are kept (default
-            :data:`NORMALS_VALID_CONTEXT_CLASSES`).
+        normals_valid_classes: ``LabelMap`` ids whose normals are kept (default: the original's
+            170, :data:`NORMALS_VALID_CONTEXT_CLASSES`).
         cache_dir: where the per-image person lookup is cached (default: the user's cache).
         area_thres: objects of at most this many pixels do not count (the original's 0).
     """
@@ -266,9 +271,7 @@ class PASCALMT(Dataset):
         self.tasks = list(tasks)
         self.transform = transform
         self.num_classes = int(num_classes)
-        valid = (
-            NORMALS_VALID_CONTEXT_CLASSES.values() if normals_valid_classes is None else normals_valid_classes
-        )
+        valid = NORMALS_VALID_CONTEXT_CLASSES if normals_valid_classes is None else normals_valid_classes
         self.normals_valid_classes = np.array(sorted(int(c) for c in valid), dtype=np.int64)
         self.area_thres = int(area_thres)
         self.split_file, self.names = read_split_list(self.root, split)

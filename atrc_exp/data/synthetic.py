@@ -27,7 +27,7 @@ synthetic classes, 0..6, VOC12 for even image indices), Pascal-Part ``human_part
 (``anno`` struct with ``imname`` and ``objects``: ``class``, ``class_ind``, ``mask``, ``parts``
 with ``part_name``/``mask``; the person of every 5th image (index 3, 8, ...) is written without parts, as happens in
 Pascal-Part), ``pascal-context/trainval/*.mat`` (``LabelMap`` in 459-class ids, see
-:data:`PASCAL_CONTEXT_IDS`: the sphere is a "ball", whose normals are not kept), RGB
+:data:`PASCAL_CONTEXT_IDS`: every synthetic class is one of the 170 whose normals are kept), RGB
 ``normals_distill/*.png`` and grey ``sal_distill/*.png`` (20 background, 220 salient).
 """
 
@@ -78,7 +78,7 @@ PASCAL_CONTEXT_IDS: dict[str, tuple[int, str, int]] = {
     "wall": (440, "", 0),
     "floor": (158, "", 0),
     "ceiling": (68, "", 0),
-    "sphere": (10, "pottedplant", 16),  # a "ball": not an NYUD class, normals not kept
+    "sphere": (10, "pottedplant", 16),  # a "ball" (an NYUD class too: normals kept)
     "box": (37, "diningtable", 11),
     "cylinder": (34, "bottle", 5),
     "person": (284, "person", 15),

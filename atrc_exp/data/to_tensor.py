@@ -4,6 +4,10 @@
 straightforward steps; :class:`NormalizePadToTensor` does all four in one pass with the same values
 (what :func:`~atrc_exp.data.transforms.build_train_transform` and ``build_val_transform`` use).
 Samples follow the conventions of :mod:`atrc_exp.data.transforms`.
+
+Padding puts the image in the **centre** of the padded maps, as the original does:
+⌊ΔH/2⌋ rows above, ⌊ΔW/2⌋ columns to the left, the rest below and to the right
+(:func:`atrc_exp.tasks.pad_offsets`; :func:`atrc_exp.tasks.crop_center` undoes it).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..tasks import IGNORE_INDEX
+from ..tasks import IGNORE_INDEX, pad_offsets
 
 Sample = dict
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -68,7 +72,9 @@ class Normalize:
 
 
 class PadToSize:
-    """Pad bottom/right up to ``size`` (H, W) with :data:`PAD_VALUES` (larger inputs are kept)."""
+    """Pad up to ``size`` (H, W) with :data:`PAD_VALUES`, the input in the centre (⌊ΔH/2⌋ rows above,
+    ⌊ΔW/2⌋ columns to the left, the rest below / to the right); nothing is cut along a dimension
+    where the input is larger."""
 
     def __init__(self, size: Sequence[int]):
         self.size = (int(size[0]), int(size[1]))
@@ -78,10 +84,11 @@ class PadToSize:
         ph, pw = max(0, self.size[0] - h), max(0, self.size[1] - w)
         if ph == 0 and pw == 0:
             return sample
+        top, left = pad_offsets((h, w), (h + ph, w + pw))
         out = dict(sample)
         for k in _dense_keys(sample):
             arr = sample[k]
-            pad = ((0, ph), (0, pw)) + ((0, 0),) * (arr.ndim - 2)
+            pad = ((top, ph - top), (left, pw - left)) + ((0, 0),) * (arr.ndim - 2)
             out[k] = np.pad(arr, pad, constant_values=PAD_VALUES.get(k, 0))
         return out
 
@@ -158,18 +165,21 @@ def _adoptable(a: np.ndarray) -> bool:
     return a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative
 
 
-def _fill_border(a: np.ndarray, h: int, w: int, value: float) -> None:
-    """Set everything of ``a`` (…×H×W) outside its top-left ``h×w`` block to ``value``."""
-    a[..., h:, :] = value
-    a[..., :h, w:] = value
+def _fill_border(a: np.ndarray, top: int, left: int, h: int, w: int, value: float) -> None:
+    """Set everything of ``a`` (…×H×W) outside its ``h×w`` block at ``(top, left)`` to ``value``."""
+    a[..., :top, :] = value
+    a[..., top + h :, :] = value
+    a[..., top : top + h, :left] = value
+    a[..., top : top + h, left + w :] = value
 
 
 class NormalizePadToTensor:
     """:class:`Normalize`, :class:`PadToSize`, :class:`IgnoreRegions` (``ignore_regions=True``) and
     :class:`ToTensor` in one pass: every target is written at most once, straight into a
     preallocated tensor of the padded size (CHW float32; int64 class maps), with the same values as
-    the four steps in that order — padding with :data:`PAD_VALUES`, then zero-norm normals and zero
-    depth (padding included) → 255, a human-parts map without a part → all 255.
+    the four steps in that order — padding with :data:`PAD_VALUES` (the input in the centre, as
+    :class:`PadToSize`), then zero-norm normals and zero depth (padding included) → 255, a
+    human-parts map without a part → all 255.
 
     The image may be uint8 (per-channel look-up table) or float; any map may be a (flipped) view.
     A map that needs neither padding nor a change (contiguous, already of the output dtype, no
@@ -190,12 +200,14 @@ class NormalizePadToTensor:
     def __call__(self, sample: Sample) -> dict:
         h, w = sample["image"].shape[:2]
         H, W = max(self.size[0], h), max(self.size[1], w)
+        top, left = pad_offsets((h, w), (H, W))
+        win = (slice(top, top + h), slice(left, left + w))  # where the input goes
         out: dict = {}
         for k, v in sample.items():
             if k == "meta":
                 out[k] = v
             elif k == "image":
-                out[k] = self._image(v, H, W)
+                out[k] = self._image(v, H, W, win)
             elif k in _INT_KEYS:
                 if self.ignore_regions and k == "human_parts" and not _has_parts(v):
                     out[k] = torch.full((H, W), IGNORE_INDEX, dtype=torch.int64)
@@ -204,23 +216,23 @@ class NormalizePadToTensor:
                 else:
                     t = torch.empty((H, W), dtype=torch.int64)
                     a = t.numpy()
-                    _fill_border(a, h, w, PAD_VALUES.get(k, 0))
-                    np.copyto(a[:h, :w], v, casting="unsafe")
+                    _fill_border(a, top, left, h, w, PAD_VALUES.get(k, 0))
+                    np.copyto(a[win], v, casting="unsafe")
                     out[k] = t
             else:
-                out[k] = self._float_map(k, v, H, W)
+                out[k] = self._float_map(k, v, H, W, win)
         return out
 
-    def _image(self, img: np.ndarray, H: int, W: int) -> torch.Tensor:
+    def _image(self, img: np.ndarray, H: int, W: int, win: tuple[slice, slice]) -> torch.Tensor:
         h, w = img.shape[:2]
         nz = self.normalize
         c = img.shape[2] if img.ndim == 3 else 0
         if c != len(nz.mean) or c > 4 or img.dtype not in (np.uint8, np.float32):
-            return self._float_map("image", nz({"image": img})["image"], H, W)
+            return self._float_map("image", nz({"image": img})["image"], H, W, win)
         t = torch.empty((c, H, W), dtype=torch.float32)
         a = t.numpy()
-        _fill_border(a, h, w, PAD_VALUES["image"])
-        body = [a[i, :h, :w] for i in range(c)]
+        _fill_border(a, win[0].start, win[1].start, h, w, PAD_VALUES["image"])
+        body = [a[i][win] for i in range(c)]
         if img.dtype == np.uint8:  # uint8 planes through the per-channel tables, into the tensor
             for i, p in enumerate(cv2.split(img)):
                 r = cv2.LUT(p, nz.channel_luts[i], dst=body[i])
@@ -233,7 +245,7 @@ class NormalizePadToTensor:
                 b *= nz._inv_std[i]
         return t
 
-    def _float_map(self, k: str, v: np.ndarray, H: int, W: int) -> torch.Tensor:
+    def _float_map(self, k: str, v: np.ndarray, H: int, W: int, win: tuple[slice, slice]) -> torch.Tensor:
         h, w = v.shape[:2]
         ignore = self.ignore_regions and k in ("depth", "normals")
         if v.ndim == 2 and (h, w) == (H, W) and v.dtype == np.float32 and _adoptable(v):
@@ -244,8 +256,8 @@ class NormalizePadToTensor:
         chw = v[None] if v.ndim == 2 else v.transpose(2, 0, 1)
         t = torch.empty((chw.shape[0], H, W), dtype=torch.float32)
         a = t.numpy()
-        _fill_border(a, h, w, IGNORE_INDEX if ignore else PAD_VALUES.get(k, 0))
-        body = a[:, :h, :w]
+        _fill_border(a, win[0].start, win[1].start, h, w, IGNORE_INDEX if ignore else PAD_VALUES.get(k, 0))
+        body = a[(slice(None), *win)]
         if v.ndim == 3 and 1 < v.shape[2] <= 4 and v.dtype == np.float32 and v.strides[1] > 0:
             _split_into(v, list(body))  # (cv2's deinterleave: twice as fast as a transposing copy)
         else:

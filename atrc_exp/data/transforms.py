@@ -1,7 +1,8 @@
 """Composable sample transforms for multi-task dense data.
 
 A *sample* is a dict of numpy arrays in HWC layout as a reader returns it:
-``image`` uint8 H×W×3 RGB (float32 in [0, 255] is accepted too, through slower float paths);
+``image`` uint8 H×W×3 RGB (float32 in [0, 255] is accepted too, through slower float paths,
+until :class:`PhotometricDistortion` truncates it to uint8);
 ``semseg``/``human_parts``/``sal`` int64 H×W; ``depth``/``edge`` float32 H×W; ``normals`` float32
 H×W×3; plus ``meta`` (a dict, untouched). Transforms never modify their input arrays in place; an
 output array may be a view of an input one. :class:`ToTensor` (or the fused
@@ -12,11 +13,15 @@ Random transforms take an optional ``rng`` (a ``np.random.Generator``, or anythi
 ``random`` / ``uniform`` / ``integers``); without one they draw from torch's RNG (:class:`TorchDraws`).
 
 Invariants: labels are never interpolated (nearest), depth is divided by the scale factor,
-a horizontal flip negates the x component of normals, only the image is changed photometrically.
+a horizontal flip negates the x component of normals, only the image is changed photometrically
+(on a uint8 image, truncating after every step, as the original), padding puts the image in the
+centre of the crop (:class:`PadToSize`).
 
 Speed: the train pipeline keeps a uint8 image through scale/crop/flip/photometric distortion
-(grey-level look-up tables reproduce the float arithmetic exactly), resamples labels only inside
-the crop window, and writes normalised, padded CHW tensors in one pass (``atrc-data bench``).
+(grey-level look-up tables give exactly the values of the step-by-step uint8 arithmetic),
+resamples labels only inside the crop window, and writes normalised, padded CHW tensors in one
+pass (``atrc-data bench``). :func:`atrc_exp.data.bench.reference_train_steps` states the same
+pipeline step by step as plain code; both give identical samples for the same draws.
 """
 
 from __future__ import annotations
@@ -384,94 +389,113 @@ def _flip_lr(arr: np.ndarray) -> np.ndarray:
     return arr[:, ::-1]
 
 
-class PhotometricDistortion:
-    """Random brightness (±32), contrast (×[0.5, 1.5]), saturation (×[0.5, 1.5]) and hue (±18°),
-    each with probability 0.5, contrast first or last (MMSegmentation's scheme). Image only.
+def _affine_table(a: float, b: float) -> np.ndarray:
+    """The uint8 look-up table of one brightness / contrast step, ``x ↦ uint8(clip(x·a + b, 0, 255))``
+    over the 256 grey levels: float32 arithmetic (``a``, ``b`` rounded to float32), clipped, then
+    truncated to uint8 — the original's ``convert``."""
+    return np.clip(_GREY.astype(np.float32) * np.float32(a) + np.float32(b), 0, 255).astype(np.uint8)
 
-    A uint8 image is changed through per-grey-level look-up tables that apply the very float32
-    arithmetic of the float path (brightness/contrast, the uint8 HSV round trip, saturation/hue), so
-    for the same draws both give identical values; the result is float32 in [0, 255], or uint8
-    when the last change was the HSV round trip (or nothing changed). A float image takes the
-    float path.
+
+def _compose(first: np.ndarray | None, then: np.ndarray) -> np.ndarray:
+    """The uint8 table of ``first`` followed by ``then`` (``first=None``: ``then`` alone)."""
+    return then if first is None else then[first]
+
+
+class PhotometricDistortion:
+    """Random brightness, contrast, saturation and hue on a uint8 image (MMSegmentation's
+    ``PhotoMetricDistortion``, as the original uses it). Image only.
+
+    The image is cast to uint8 first (a float image is truncated, as the original's
+    ``astype(np.uint8)``). Then, each with probability 0.5 and each ending in a uint8 image:
+
+    * brightness: ``x + b``, ``b ~ U(−32, 32)``;
+    * contrast (first, or last: probability 0.5 each): ``x · a``, ``a ~ U(0.5, 1.5)``;
+    * saturation: OpenCV RGB→HSV, the S channel ``· a``, ``a ~ U(0.5, 1.5)``, HSV→RGB;
+    * hue: OpenCV RGB→HSV, ``H ← (H + k) mod 180`` (H in 0…179), ``k`` an integer in [−18, 17],
+      HSV→RGB;
+
+    every affine step computed in float32, clipped to [0, 255] and truncated to uint8 (a pixel
+    250, brightness +20 → 255, then contrast ×0.6 → 153). The output image is always uint8.
+
+    Speed: consecutive brightness / contrast steps are one composed 256-entry table applied with
+    ``cv2.LUT``; the S and H changes are tables on the HSV image (one conversion round trip per
+    step, as the original) — the same values as computing each step on the whole image.
     """
+
+    #: Brightness offset range, contrast / saturation factor range, hue shift: ``k`` in
+    #: ``[-HUE_DELTA, HUE_DELTA - 1]`` (numpy's ``randint(-18, 18)`` of the original).
+    BRIGHTNESS_DELTA = 32
+    CONTRAST_RANGE = (0.5, 1.5)
+    SATURATION_RANGE = (0.5, 1.5)
+    HUE_DELTA = 18
 
     def __init__(self, rng: np.random.Generator | None = None):
         self.rng = rng
 
     def _draw(self, rng: np.random.Generator) -> dict:
-        """The random parameters, drawn in the order of the reference implementation."""
-        p: dict = {"brightness": None, "contrast_first": None, "contrast_last": None}
+        """The random parameters, drawn in the original's order (brightness, the contrast mode,
+        contrast if first, saturation, hue, contrast if last); ``None`` for a step that is skipped."""
+        p: dict = dict.fromkeys(("brightness", "contrast_first", "saturation", "hue", "contrast_last"))
         if rng.random() < 0.5:
-            p["brightness"] = np.float32(rng.uniform(-32, 32))
+            p["brightness"] = float(rng.uniform(-self.BRIGHTNESS_DELTA, self.BRIGHTNESS_DELTA))
         contrast_first = rng.random() < 0.5
         if contrast_first and rng.random() < 0.5:
-            p["contrast_first"] = np.float32(rng.uniform(0.5, 1.5))
-        p["saturation"] = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
-        p["hue"] = rng.uniform(-9, 9) if rng.random() < 0.5 else None  # OpenCV hue in [0, 180): ±18°
+            p["contrast_first"] = float(rng.uniform(*self.CONTRAST_RANGE))
+        if rng.random() < 0.5:
+            p["saturation"] = float(rng.uniform(*self.SATURATION_RANGE))
+        if rng.random() < 0.5:
+            p["hue"] = int(rng.integers(-self.HUE_DELTA, self.HUE_DELTA))
         if not contrast_first and rng.random() < 0.5:
-            p["contrast_last"] = np.float32(rng.uniform(0.5, 1.5))
+            p["contrast_last"] = float(rng.uniform(*self.CONTRAST_RANGE))
         return p
 
     def __call__(self, sample: Sample) -> Sample:
         rng = self.rng or TorchDraws()
         p = self._draw(rng)
         img = sample["image"]
+        if img.dtype != np.uint8:
+            img = img.astype(np.uint8)  # the original's cast: truncation
         out = dict(sample)
-        out["image"] = self._apply_uint8(img, p) if img.dtype == np.uint8 else self._apply_float(img, p)
+        out["image"] = self._apply(img, p)
         return out
 
     @staticmethod
-    def _hsv_tables(p: dict) -> np.ndarray:
-        """256×1×3 uint8 table for the H, S and V channels (V unchanged)."""
-        hue_t, sat_t = _GREY, _GREY
-        if p["saturation"] is not None:  # float32 product, clipped, truncated to uint8 on assignment
-            sat_t = np.clip(_GREY * np.float32(p["saturation"]), 0, 255).astype(np.uint8)
-        if p["hue"] is not None:
-            hue_t = np.mod(_GREY + np.float32(p["hue"]), 180).astype(np.uint8)
-        return np.ascontiguousarray(np.stack([hue_t, sat_t, _GREY], -1).reshape(256, 1, 3))
+    def _hsv_table(channel: int, table: np.ndarray) -> np.ndarray:
+        """256×1×3 uint8 ``cv2.LUT`` table changing one HSV channel by ``table``, the others not."""
+        t = np.stack([_GREY, _GREY, _GREY], -1)
+        t[:, channel] = table
+        return np.ascontiguousarray(t.reshape(256, 1, 3))
 
-    def _apply_uint8(self, img: np.ndarray, p: dict) -> np.ndarray:
-        lut = None  # float32 value of each current grey level, None = identity
+    @classmethod
+    def _apply(cls, img: np.ndarray, p: dict) -> np.ndarray:
+        """``p``'s steps on the uint8 image ``img`` (never changed in place); uint8 result."""
+        lut = None  # the composed table of the brightness / contrast steps not applied yet
         if p["brightness"] is not None:
-            lut = _GREY.astype(np.float32) + p["brightness"]
+            lut = _compose(lut, _affine_table(1.0, p["brightness"]))
         if p["contrast_first"] is not None:
-            lut = (_GREY.astype(np.float32) if lut is None else lut) * p["contrast_first"]
-        if lut is not None:
-            np.clip(lut, 0, 255, out=lut)
-        if p["saturation"] is not None or p["hue"] is not None:
-            u8 = img if lut is None else cv2.LUT(img, lut.astype(np.uint8))  # = float.astype(uint8)
-            hsv = cv2.LUT(cv2.cvtColor(u8, cv2.COLOR_RGB2HSV), self._hsv_tables(p))
-            img, lut = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), None
-        if p["contrast_last"] is not None:  # on top of brightness / contrast when no HSV step ran
-            lut = np.clip((_GREY.astype(np.float32) if lut is None else lut) * p["contrast_last"], 0, 255)
-        return img if lut is None else cv2.LUT(img, lut)
-
-    @staticmethod
-    def _apply_float(image: np.ndarray, p: dict) -> np.ndarray:
-        img = np.array(image, dtype=np.float32)  # our own copy, changed in place
-        if p["brightness"] is not None:
-            img += p["brightness"]
-        if p["contrast_first"] is not None:
-            img *= p["contrast_first"]
-        np.clip(img, 0, 255, out=img)
-        if p["saturation"] is not None or p["hue"] is not None:  # the HSV round trip only when needed
-            hsv = cv2.cvtColor(img.astype(np.uint8), cv2.COLOR_RGB2HSV)
-            if p["saturation"] is not None:
-                hsv[..., 1] = np.clip(hsv[..., 1] * np.float32(p["saturation"]), 0, 255)
-            if p["hue"] is not None:
-                hsv[..., 0] = np.mod(hsv[..., 0] + np.float32(p["hue"]), 180)
-            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
+            lut = _compose(lut, _affine_table(p["contrast_first"], 0.0))
+        hsv_steps = (
+            (1, p["saturation"], lambda a: _affine_table(a, 0.0)),
+            (0, p["hue"], lambda k: ((_GREY.astype(np.int64) + k) % 180).astype(np.uint8)),
+        )
+        for channel, value, table in hsv_steps:
+            if value is None:
+                continue
+            if lut is not None:
+                img, lut = cv2.LUT(img, lut), None
+            hsv = cv2.LUT(cv2.cvtColor(img, cv2.COLOR_RGB2HSV), cls._hsv_table(channel, table(value)))
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if p["contrast_last"] is not None:
-            img *= p["contrast_last"]
-            np.clip(img, 0, 255, out=img)
-        return img
+            lut = _compose(lut, _affine_table(p["contrast_last"], 0.0))
+        return img if lut is None else cv2.LUT(img, lut)
 
 
 def build_train_transform(
     crop_size: Sequence[int], scale_range=(0.5, 2.0), flip=True, photometric=True, cat_max_ratio: float = 0.75
 ):
     """The training pipeline: scale + crop (75% class-ratio rule; fused, :class:`RandomScaleCrop`),
-    flip, photometric, then normalise, pad and ignore regions (fused, :class:`NormalizePadToTensor`)."""
+    flip, photometric (uint8), then normalise, pad (image in the centre) and ignore regions (fused,
+    :class:`NormalizePadToTensor`)."""
     steps: list = [RandomScaleCrop(scale_range, crop_size, cat_max_ratio=cat_max_ratio)]
     if flip:
         steps.append(RandomHorizontalFlip(0.5))
@@ -482,7 +506,8 @@ def build_train_transform(
 
 
 def build_val_transform(crop_size: Sequence[int]):
-    """The validation pipeline: normalise, pad to the crop size, ignore regions (fused)."""
+    """The validation pipeline: normalise, pad to the crop size (image in the centre), ignore
+    regions (fused)."""
     return Compose([NormalizePadToTensor(crop_size)])
 
 

@@ -3,9 +3,12 @@
 Per image (:func:`evaluate_edge_image`), the steps of the BSDS500 ``boundaryBench`` / SEISM
 pipeline that ATRC's MATLAB evaluation ran on the PNGs it wrote:
 
-1. the edge probability is quantised to 8 bits (``round(255·p)``), as the PNG files SEISM reads;
-2. the map is cropped to the bounding box of the valid pixels (the validation padding is label
-   255), so the match tolerance is relative to the *original* image diagonal;
+1. the edge probability is quantised to 8 bits, ``uint8(255·p)`` *truncated* (0.5 → 127), as
+   the PNG files the original wrote for SEISM;
+2. the map is cropped back to the image: from the centre of the padded map to the image size
+   when it is known (validation pads with the image in the centre,
+   :func:`atrc_exp.tasks.crop_center`), else to the bounding box of the valid pixels (the padding
+   is label 255) — so the match tolerance is relative to the *original* image diagonal;
 3. non-maximum suppression (optional, on by default): pyEdgeEval's ``fast_nms`` — Dollár's
    ``edgesNms``: triangle smoothing, orientation from the second derivatives of the smoothed map,
    suppression across the edge direction (r=1, s=5, m=1.01);
@@ -45,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..tasks import crop_center
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +187,24 @@ class EdgeCounts:
 
 
 def to_uint8_prob(prob: np.ndarray) -> np.ndarray:
-    """Probability map in [0, 1] → uint8 0..255 as written to a PNG (``round(255·p)``)."""
-    return np.round(np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    """Probability map in [0, 1] → uint8 0..255 as written to a PNG: ``uint8(255·p)``, truncated
+    as the original's cast (0.5 → 127, 1 → 255), the product in the map's own float precision
+    (float32 maps in float32; other inputs in float64)."""
+    p = np.asarray(prob)
+    if p.dtype not in (np.float32, np.float64):
+        p = p.astype(np.float64)
+    return (np.clip(p, 0, 1) * p.dtype.type(255)).astype(np.uint8)
 
 
-def _crop_to_valid(pred: np.ndarray, target: np.ndarray):
+def _crop_to_image(pred: np.ndarray, target: np.ndarray, image_size=None):
+    """``(pred, target, valid)`` cropped to the image: the centred ``image_size`` window (validation
+    pads with the image in the centre), or without a size the bounding box of the valid target
+    pixels (the same window when the target has ground truth along the image border); ``None``
+    when no pixel is valid."""
+    if image_size is not None:
+        pred, target = crop_center(pred, image_size), crop_center(target, image_size)
+        valid = target != IGNORE_INDEX
+        return (pred, target, valid) if valid.any() else None
     valid = target != IGNORE_INDEX
     rows = np.flatnonzero(valid.any(axis=1))
     cols = np.flatnonzero(valid.any(axis=0))
@@ -203,12 +221,15 @@ def evaluate_edge_image(
     thresholds: int | Sequence[float] = DEFAULT_NUM_THRESHOLDS,
     nms: bool = True,
     thin: bool = True,
+    image_size: tuple[int, int] | None = None,
 ) -> EdgeCounts:
     """BSDS counts per threshold of one image.
 
     ``pred``: H×W edge probability — uint8 (0..255, as a PNG) or float in [0, 1] (quantised to
-    8 bits first). ``target``: H×W ground truth, 1 = edge, 0 = no edge, 255 = ignore (padding).
-    ``max_dist``: tolerance as a fraction of the image diagonal (0.011 NYUD, 0.0075 PASCAL).
+    8 bits first, :func:`to_uint8_prob`). ``target``: H×W ground truth, 1 = edge, 0 = no edge,
+    255 = ignore (padding). ``max_dist``: tolerance as a fraction of the image diagonal (0.011
+    NYUD, 0.0075 PASCAL). ``image_size``: ``(h, w)`` of the image inside the padded maps (cropped
+    from their centre); ``None``: the bounding box of the valid target pixels.
     An image without any valid pixel contributes nothing (``evaluated=False``, all zeros).
     """
     t0 = time.perf_counter()
@@ -225,7 +246,7 @@ def evaluate_edge_image(
     if pred.dtype != np.uint8:
         pred = to_uint8_prob(pred)
     zeros = np.zeros(len(th))
-    cropped = _crop_to_valid(pred, target)
+    cropped = _crop_to_image(pred, target, image_size)
     if cropped is None:
         return EdgeCounts(zeros, zeros.copy(), zeros.copy(), zeros.copy(), time.perf_counter() - t0, False)
     pred, target, valid = cropped
@@ -263,14 +284,18 @@ def _count_thresholds(pee, th, prob, gt, max_dist, thin):
 
 
 def evaluate_edge_batch(
-    items: Sequence[tuple[np.ndarray, np.ndarray]],
+    items: Sequence[tuple],
     max_dist: float,
     thresholds: int | Sequence[float] = DEFAULT_NUM_THRESHOLDS,
     nms: bool = True,
     thin: bool = True,
 ) -> list[EdgeCounts]:
-    """:func:`evaluate_edge_image` over ``(pred, target)`` pairs (the unit of work of a worker)."""
-    return [evaluate_edge_image(p, t, max_dist, thresholds, nms, thin) for p, t in items]
+    """:func:`evaluate_edge_image` over ``(pred, target)`` or ``(pred, target, image_size)``
+    items (the unit of work of a worker)."""
+    return [
+        evaluate_edge_image(it[0], it[1], max_dist, thresholds, nms, thin, it[2] if len(it) > 2 else None)
+        for it in items
+    ]
 
 
 def _worker_init() -> None:
@@ -323,11 +348,13 @@ def summarize(per_threshold: np.ndarray, ois: np.ndarray, thresholds: np.ndarray
 
 
 def save_seism_pngs(
-    probs: Sequence[np.ndarray], names: Sequence[str], out_dir: str | Path, targets=None
+    probs: Sequence[np.ndarray], names: Sequence[str], out_dir: str | Path, targets=None, sizes=None
 ) -> list[Path]:
-    """Write edge probabilities as 8-bit PNGs ``<out_dir>/<name>.png`` (``round(255·p)``), the
-    files SEISM's ``read_one_png`` reads (image id = file stem). With ``targets``, the padding
-    (255 in the target) is cropped away first so every PNG has the original image size."""
+    """Write edge probabilities as 8-bit PNGs ``<out_dir>/<name>.png`` (``uint8(255·p)``,
+    truncated: :func:`to_uint8_prob`), the files SEISM's ``read_one_png`` reads (image id = file
+    stem). With ``sizes`` (``(h, w)`` per image), each map is cropped from the centre of the padded
+    prediction to the image size, so every PNG has the original image size; without, but with
+    ``targets``, to the bounding box of the valid target pixels (255 = padding)."""
     import cv2
 
     out = Path(out_dir)
@@ -337,12 +364,14 @@ def save_seism_pngs(
         prob = np.asarray(prob)
         prob = prob.reshape(prob.shape[-2:])
         u8 = prob if prob.dtype == np.uint8 else to_uint8_prob(prob)
-        if targets is not None:
+        if sizes is not None:
+            u8 = crop_center(u8, sizes[i])
+        elif targets is not None:
             tgt = np.asarray(targets[i]).reshape(prob.shape[-2:])
-            cropped = _crop_to_valid(u8, tgt)
+            cropped = _crop_to_image(u8, tgt)
             if cropped is not None:
                 u8 = cropped[0]
         path = out / f"{name}.png"
-        cv2.imwrite(str(path), u8)
+        cv2.imwrite(str(path), np.ascontiguousarray(u8))
         paths.append(path)
     return paths
