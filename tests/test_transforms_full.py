@@ -193,7 +193,8 @@ def test_fused_scale_crop_equals_scale_then_crop(image_dtype, scale_range):
         b = T.RandomScaleCrop(scale_range, (30, 40), rng=g2)(s)
         assert g1.random() == g2.random()  # the same number of draws
         for k in (*LABELS, "depth", "normals", "edge", "image"):
-            assert b[k].dtype == s[k].dtype, k  # (cv2.resize turns int64 into int32; the fused step not)
+            # (cv2.resize turns int64 into int32; the fused step not); the image is rescaled in float32
+            assert b[k].dtype == (np.float32 if k == "image" else s[k].dtype), k
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"seed {seed} {k}")
 
 
@@ -306,6 +307,19 @@ class _Scripted:
 
 
 YES, NO = 0.1, 0.9  # random() draws below / above p = 0.5
+
+
+def test_rescaled_image_is_float_and_truncated_by_the_photometric_cast():
+    """The original reads images as float32: a 1×2 image (0, 3) doubled linearly is (0, 0.75, 2.25,
+    3) — uint8 resizing would round 0.75 to 1 — and the photometric step's cast truncates it to
+    (0, 0, 2, 3)."""
+    img = np.array([[[0, 0, 0], [3, 3, 3]]], np.uint8)
+    for scale in (T.RandomScale((2.0, 2.0 + 1e-12)), T.RandomScaleCrop((2.0, 2.0 + 1e-12), (2, 4))):
+        scaled = scale({"image": img})["image"]
+        assert scaled.dtype == np.float32
+        np.testing.assert_allclose(scaled[0, :, 0], [0.0, 0.75, 2.25, 3.0], atol=1e-6)
+        out = T.PhotometricDistortion(rng=_Scripted([NO] * 5, []))({"image": scaled})["image"]
+        assert out.dtype == np.uint8 and out[0, :, 0].tolist() == [0, 0, 2, 3]
 
 
 def test_photometric_worked_example_uint8_truncation():

@@ -44,7 +44,8 @@ def reference_train_steps(
     measures the fast pipeline against. ``[(step name, fn(sample) -> sample)]``:
 
     1. scale + crop: ``s ~ U(scale_range)``; the whole sample resized to ``round(h·s)×round(w·s)``
-       (``cv2.resize``: image linear, every label nearest), depth divided by ``s``; a crop position
+       (``cv2.resize``: the image linear, in float32 as the original reads it; every label
+       nearest), depth divided by ``s``; a crop position
        drawn uniformly and re-drawn up to 10 times until no semseg class covers ``cat_max_ratio``
        or more of the crop's labelled pixels, else an 11th one taken as it is;
     2. flip (p 0.5; normals' x negated);
@@ -79,6 +80,9 @@ def reference_train_steps(
             if k == "meta":
                 continue
             interp = cv2.INTER_LINEAR if k == "image" else cv2.INTER_NEAREST
+            if k == "image":  # the original's images are float32 arrays
+                scaled[k] = cv2.resize(arr.astype(np.float32), (sw, sh), interpolation=interp)
+                continue
             res = cv2.resize(arr, (sw, sh), interpolation=interp).reshape(sh, sw, *arr.shape[2:])
             scaled[k] = res.astype(arr.dtype)  # (cv2 gives int32 for int64 maps)
         if "depth" in scaled:

@@ -17,8 +17,9 @@ a horizontal flip negates the x component of normals, only the image is changed 
 (on a uint8 image, truncating after every step, as the original), padding puts the image in the
 centre of the crop (:class:`PadToSize`).
 
-Speed: the train pipeline keeps a uint8 image through scale/crop/flip/photometric distortion
-(grey-level look-up tables give exactly the values of the step-by-step uint8 arithmetic),
+Speed: the train pipeline rescales the image in float32 (as the original, whose images are
+float32 arrays), keeps a uint8 image from the photometric distortion on (grey-level look-up tables
+give exactly the values of the step-by-step uint8 arithmetic),
 resamples labels only inside the crop window, and writes normalised, padded CHW tensors in one
 pass (``atrc-data bench``). :func:`atrc_exp.data.bench.reference_train_steps` states the same
 pipeline step by step as plain code; both give identical samples for the same draws.
@@ -106,8 +107,10 @@ class Compose:
 class RandomScale:
     """Rescale by a factor drawn uniformly from ``scale_range``.
 
-    Image: bilinear; every label: nearest; depth values are divided by the factor (an object seen
-    larger is nearer). The straightforward version of :class:`RandomScaleCrop` (whole maps).
+    Image: bilinear, in float32 (the original reads images as float32 arrays: a uint8 image's
+    rescaled values are not rounded, :class:`PhotometricDistortion` truncates them); every label:
+    nearest; depth values are divided by the factor (an object seen larger is nearer). The
+    straightforward version of :class:`RandomScaleCrop` (whole maps).
     """
 
     def __init__(self, scale_range: Sequence[float] = (0.5, 2.0), rng: np.random.Generator | None = None):
@@ -122,7 +125,7 @@ class RandomScale:
         out = dict(sample)
         for k in _dense_keys(sample):
             interp = cv2.INTER_LINEAR if k == "image" else cv2.INTER_NEAREST
-            arr = sample[k]
+            arr = sample[k] if k != "image" else sample[k].astype(np.float32, copy=False)
             res = cv2.resize(arr, size, interpolation=interp)
             if arr.ndim == 3 and res.ndim == 2:
                 res = res[..., None]
@@ -269,8 +272,10 @@ class RandomScaleCrop:
     the rescaled size ``round(h·s) × round(w·s)``, crop positions uniform in it and re-drawn by the
     class-ratio rule on the rescaled labels. Labels are gathered with the index arrays of
     ``cv2.resize(INTER_NEAREST)`` (never interpolated, bit-identical to resize-then-crop), depth is
-    divided by ``s``; the image is ``cv2.resize(INTER_LINEAR)`` of the whole image, then cropped —
-    the output image is a view into that resized array (uint8 stays uint8).
+    divided by ``s``; the image is ``cv2.resize(INTER_LINEAR)`` of the whole image in float32 (as
+    the original, which reads images as float32: the rescaled values are not rounded to integers;
+    :class:`PhotometricDistortion` truncates them to uint8), then cropped — the output image is a
+    float32 view into that resized array.
     """
 
     def __init__(
@@ -329,7 +334,7 @@ class RandomScaleCrop:
         for k in _dense_keys(sample):
             arr = sample[k]
             if k == "image":
-                res = cv2.resize(arr, (sw, sh), interpolation=cv2.INTER_LINEAR)
+                res = cv2.resize(arr.astype(np.float32, copy=False), (sw, sh), interpolation=cv2.INTER_LINEAR)
                 if arr.ndim == 3 and res.ndim == 2:
                     res = res[..., None]
                 out[k] = res[y0 : y0 + ch, x0 : x0 + cw]
