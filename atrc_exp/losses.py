@@ -172,18 +172,16 @@ def normals_to_centroid_index(normals: Tensor, centroids: Tensor) -> Tensor:
 def argmax_channels(x: Tensor) -> Tensor:
     """``x.argmax(dim=1)`` (the first maximum) of a B×K×... float tensor. On the CPU with K ≤ 255
     it is computed as the channel maximum followed by the first channel equal to it, 2-3× faster
-    than ``argmax`` over the strided channel dimension (9 → 3 ms for 2×40×192×256); same result,
-    NaN included (any NaN falls back to ``argmax``)."""
+    than ``argmax`` over the strided channel dimension (9 → 3 ms for 2×40×192×256); the same
+    result, except that a pixel with a NaN gets index 0 (no host read to check for NaN)."""
     K = x.shape[1]
     if x.device.type != "cpu" or not x.is_floating_point() or not 0 < K <= 255:
         return x.argmax(dim=1)
     m = x.amax(dim=1, keepdim=True)
-    if torch.isnan(m).any():
-        return x.argmax(dim=1)
     # K - k for channel k where x equals the maximum, 0 elsewhere: the max is K - (first such k)
     rank = torch.arange(K, 0, -1, dtype=torch.uint8).view(1, K, *([1] * (x.dim() - 2)))
     first = ((x == m).view(torch.uint8) * rank).amax(dim=1)
-    return K - first.long()
+    return (K - first.long()) % K  # NaN maximum: no channel equals it, first = 0 → index 0
 
 
 # --------------------------------------------------------------------------------------------

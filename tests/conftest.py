@@ -47,6 +47,46 @@ def compose_cfg(overrides: list[str] | None = None):
         return compose(config_name="train", overrides=list(overrides or []))
 
 
+class HostReads:
+    """Counts the tensor reads on the host — each one makes the host wait for a GPU — while
+    active: ``aten._local_scalar_dense`` (``item()``, ``bool()``, ``int()``, ``float()``) and
+    ``aten.equal`` through a dispatch mode, and ``tolist()`` / ``numpy()`` (which read CPU memory
+    without dispatching). ``reads`` lists them by name."""
+
+    OPS = ("aten::_local_scalar_dense", "aten::equal")
+
+    def __init__(self):
+        self.reads: list[str] = []
+
+    def __enter__(self) -> HostReads:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func._schema.name in HostReads.OPS:
+                    outer.reads.append(func._schema.name)
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        self._saved = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy")}
+        for name, real in self._saved.items():
+
+            def counted(t, *a, real=real, name=name, **k):
+                self.reads.append(name)
+                return real(t, *a, **k)
+
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, real in self._saved.items():
+            setattr(torch.Tensor, name, real)
+        self._mode.__exit__(*exc)
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
     """A tiny synthetic dataset (generated once per test session)."""

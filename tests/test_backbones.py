@@ -236,21 +236,40 @@ def test_missing_explicit_file_raises(tmp_path):
 # ------------------------------------------------------------------------------------ pretrained=True
 
 
+def _dead_url_base() -> str:
+    """A local URL nothing listens on (the port was just free): downloads fail at once, offline."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/mirror"
+
+
 @pytest.mark.parametrize("name", ["hrnet18", "hrnet48"])
-def test_pretrained_true_without_cache_file(tmp_path, monkeypatch, name):
-    monkeypatch.setenv("ATRC_WEIGHTS_DIR", str(tmp_path))
-    expected = tmp_path / PRETRAINED_URLS[name].rsplit("/", 1)[-1]
+def test_pretrained_true_without_cache_file_and_network(tmp_path, monkeypatch, name):
+    # the download itself is tested in test_weights_io.py; here: offline, one line naming URL and target
+    from atrc_exp.models.backbones import PretrainedDownloadError
+
+    monkeypatch.setenv("ATRC_WEIGHTS_DIR", str(tmp_path / "weights"))
+    base = _dead_url_base()
+    monkeypatch.setenv("ATRC_WEIGHTS_URL_BASE", base)
+    fname = PRETRAINED_URLS[name].rsplit("/", 1)[-1]
+    expected = tmp_path / "weights" / fname
     assert default_weights_path(name) == expected
-    with pytest.raises(FileNotFoundError) as exc:
+    with pytest.raises(PretrainedDownloadError) as exc:
         build_backbone(name, pretrained=True)
     msg = str(exc.value)
-    assert PRETRAINED_URLS[name] in msg
+    assert "\n" not in msg
+    assert f"{base}/{fname}" in msg
     assert str(expected) in msg
     assert "backbone.pretrained=" in msg
+    assert list(expected.parent.iterdir()) == []  # no partial file left
 
 
 def test_pretrained_true_loads_cache_file(tmp_path, monkeypatch, timm_hr18):
     monkeypatch.setenv("ATRC_WEIGHTS_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("ATRC_WEIGHTS_URL_BASE", _dead_url_base())  # a cached file needs no network
     # ImageNet pretrain layout: bare keys including the classification head
     sd = timm_hr18.state_dict()
     env_file = default_weights_path("hrnet18")
@@ -260,8 +279,8 @@ def test_pretrained_true_loads_cache_file(tmp_path, monkeypatch, timm_hr18):
     m = build_backbone("hrnet18", pretrained=True)
     assert torch.equal(m.stage4[1].fuse_layers[0][3][0].weight, sd["stage4.1.fuse_layers.0.3.0.weight"])
 
-    # an explicit weights_dir (the config's paths.weights_dir) wins over the environment
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "cfg")):
+    # an explicit weights_dir (the config's paths.weights_dir) wins over the environment: not cached there
+    with pytest.raises(ValueError, match=str(tmp_path / "cfg")):
         build_backbone("hrnet18", pretrained=True, weights_dir=str(tmp_path / "cfg"))
 
 

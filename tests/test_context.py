@@ -268,20 +268,23 @@ def test_spatial_softmax_excludes_255_pixels():
 
 
 def test_ignore_mask_once_for_all_aux_maps_gives_the_same_probabilities():
-    """The head computes the ignore mask once (None when the image has no 255 pixel: a plain
-    softmax); the probabilities equal spatial_softmax's own per-map masking."""
+    """The head computes the ignore mask once (all False when the image has no 255 pixel: the
+    plain softmax); the probabilities equal spatial_softmax's own per-map masking."""
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(2, k, 4, 5, generator=g) for k in (3, 7)]
     clean = torch.randn(2, 3, 8, 10, generator=g)
-    assert ignore_mask(clean, (4, 5)) is None
+    assert not ignore_mask(clean, (4, 5)).any()
     dirty = clean.clone()
     dirty[0, 2, 2:6] = 255
     dirty[1] = 255
     mask = ignore_mask(dirty, (4, 5))
     assert mask.shape == (2, 1, 20) and mask[1].all() and mask[0].any() and not mask[0].all()
-    for image, m in ((clean, None), (dirty, mask)):
+    for image, m in ((clean, ignore_mask(clean, (4, 5))), (dirty, mask)):
         for a in logits:
             torch.testing.assert_close(spatial_softmax(a, mask=m), spatial_softmax(a, image), rtol=0, atol=0)
+    torch.testing.assert_close(
+        spatial_softmax(logits[0], clean), logits[0].flatten(2).softmax(2), rtol=0, atol=1e-7
+    )
     torch.testing.assert_close(spatial_softmax(logits[0], mask=None), logits[0].flatten(2).softmax(2))
 
 

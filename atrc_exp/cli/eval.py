@@ -11,7 +11,9 @@ The model is rebuilt from the run's config (``<run>/.hydra/config.yaml``, else
 ``config_resolved.yaml``); ``key=value`` overrides are applied to that config. For weights of the
 original implementation (a Lightning ``.ckpt`` or a plain state-dict file), the config comes from
 ``--config`` or is composed from ``conf/`` with the overrides (Hydra syntax, groups allowed), and
-the weights are imported with ``atrc_exp.load_original_state_dict``.
+the weights are imported with ``atrc_exp.load_original_state_dict`` — weights only: a file that
+needs a full unpickle is refused unless ``--trust-checkpoint`` is given (only for files you trust).
+A file that is not a checkpoint is a one-line error (exit code 2).
 
 Evaluation runs in one process (CUDA when available, unless ``--cpu``), with the same metrics and
 post-processing as the validation in training, so a checkpoint's numbers reproduce the
@@ -32,6 +34,10 @@ from pathlib import Path
 log = logging.getLogger("atrc_exp.eval")
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "pytorch_model.pt")
+TRUST_HELP = (
+    "load original weights with a full unpickle, which can run code from the file: only for files you "
+    "trust (default: weights only; a file that needs more is refused)"
+)
 
 
 class EvalError(Exception):
@@ -96,39 +102,46 @@ def load_run_config(run_dir: Path | None, overrides: list[str], config: str | No
         return compose(config_name="train", overrides=list(overrides))
 
 
-def load_weights(model, ckpt_dir: Path | None, weights_file: Path | None) -> int:
-    """Load our Accelerate checkpoint or original-implementation weights; returns the step (or -1)."""
-    import torch
+def load_weights(model, ckpt_dir: Path | None, weights_file: Path | None, trust: bool = False) -> int:
+    """Load our Accelerate checkpoint or original-implementation weights; returns the step (or -1).
+
+    Original weights load with ``weights_only=True`` unless ``trust`` (``--trust-checkpoint``: a full
+    unpickle, which can run code from the file). Any file that is not a fitting checkpoint is an
+    :class:`EvalError` (one line naming the file and what was expected).
+    """
+    from ..models.state_dict import WeightsError, read_checkpoint
 
     if ckpt_dir is not None:
         f = next((ckpt_dir / n for n in WEIGHT_FILES if (ckpt_dir / n).is_file()), None)
         if f is None:
             raise EvalError(f"{ckpt_dir}: no model weights ({' / '.join(WEIGHT_FILES)})")
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(f))
-        else:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-        sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
-        model.load_state_dict(sd, strict=True)
+        try:
+            sd = read_checkpoint(f, "the model weights of an atrc-train checkpoint")
+            if not isinstance(sd, dict):
+                raise WeightsError(f"{f}: not a state dict (got {type(sd).__name__})")
+            sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+            model.load_state_dict(sd, strict=True)
+        except WeightsError as e:
+            raise EvalError(str(e)) from e
+        except RuntimeError as e:
+            raise EvalError(f"{f}: does not fit the configured model: {' '.join(str(e).split())}") from e
         return int(json.loads((ckpt_dir / "meta.json").read_text()).get("step", -1))
+    from ..models.original import load_original_state_dict
+
     try:
-        from .. import load_original_state_dict
-    except ImportError as e:
-        raise EvalError(
-            "importing original-implementation weights needs atrc_exp.load_original_state_dict, "
-            f"which this installation does not provide ({e})"
-        ) from e
-    try:
-        load_original_state_dict(model, weights_file)
+        load_original_state_dict(model, weights_file, weights_only=not trust)
+    except WeightsError as e:
+        raise EvalError(f"not loadable as original-implementation weights: {e}") from e
     except (ValueError, KeyError, RuntimeError) as e:
         raise EvalError(f"{weights_file}: not loadable as original-implementation weights: {e}") from e
     return -1
 
 
-def build_eval_model(args_target: str, overrides: list[str], config: str | None, cpu: bool = False):
-    """``(model in eval mode, cfg, run_dir, ckpt_dir, weights_file, step, device)``."""
+def build_eval_model(
+    args_target: str, overrides: list[str], config: str | None, cpu: bool = False, trust: bool = False
+):
+    """``(model in eval mode, cfg, run_dir, ckpt_dir, weights_file, step, device)``; ``trust``: load
+    original weights with a full unpickle (see :func:`load_weights`)."""
     import torch
     from omegaconf import open_dict
 
@@ -140,7 +153,7 @@ def build_eval_model(args_target: str, overrides: list[str], config: str | None,
         if "backbone" in cfg and cfg.backbone.get("pretrained") not in (None, False):
             cfg.backbone.pretrained = False  # the checkpoint has all weights: never fetch ImageNet ones
     model = build_model(cfg)
-    step = load_weights(model, ckpt_dir, wfile)
+    step = load_weights(model, ckpt_dir, wfile, trust)
     want_cpu = cpu or bool(cfg.trainer.get("cpu", False))
     device = torch.device("cuda" if torch.cuda.is_available() and not want_cpu else "cpu")
     model.to(device).eval()
@@ -246,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval, or ./eval)")
     p.add_argument("--config", default=None, help="run folder or config YAML (for original weights)")
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when CUDA is present")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument(
         "--edge-workers", type=int, default=None, help="edge odsF worker processes (default: config, 2)"
     )
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, cfg, run_dir, ckpt_dir, wfile, step, device = build_eval_model(
-            args.target, args.overrides, args.config, args.cpu
+            args.target, args.overrides, args.config, args.cpu, args.trust_checkpoint
         )
         export = Path(args.export_edges) if args.export_edges else None
         metrics, timing = evaluate(model, cfg, device, args.split, args.edge_workers, export)

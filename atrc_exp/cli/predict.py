@@ -3,6 +3,8 @@
     atrc-predict --run <run_dir | checkpoint_dir | original.ckpt> --images photos/ --out preds/
     atrc-predict --run original.ckpt --config <run_dir or yaml> --images photos/ --out preds/
 
+Original weights load as ``atrc-eval`` loads them: weights only, unless ``--trust-checkpoint``.
+
 Each image is normalised like the validation data (ImageNet statistics), padded to a multiple of
 32 with the image in the centre (with 0 after normalisation, i.e. the mean colour — as validation
 pads to the crop size), run through the network, and every output is cropped back from the
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .eval import EvalError, build_eval_model
+from .eval import TRUST_HELP, EvalError, build_eval_model
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 STRIDE = 32
@@ -129,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (one sub-folder per image)")
     p.add_argument("--config", default=None, help="run folder or config YAML (for original weights)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is present")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p
 
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = list_images(Path(args.images))
         model, cfg, _, ckpt, wfile, step, device = build_eval_model(
-            args.run, args.overrides, args.config, args.cpu
+            args.run, args.overrides, args.config, args.cpu, args.trust_checkpoint
         )
         out = Path(args.out)
         for f in files:

@@ -1,13 +1,20 @@
-"""Backbone registry, ``build_backbone`` and pretrained-weights resolution / loading.
+"""Backbone registry, ``build_backbone`` and pretrained-weights resolution / download / loading.
 
-Nothing here downloads anything: ``pretrained=True`` looks for the default OpenMMLab pretrain file in the
-local weights cache (see :func:`weights_dir`) and raises a ``FileNotFoundError`` saying what to fetch and
-where to put it when it is missing.
+``pretrained=True`` (HRNets) uses the ImageNet checkpoint the original implementation uses
+(:data:`PRETRAINED_URLS`): it is downloaded once into the weights cache (:func:`weights_dir`, or the
+config's ``paths.weights_dir``) with a progress bar, its SHA-256 checked against the hash prefix in its
+name (``torch.hub``'s convention), and read from there afterwards. ``$ATRC_WEIGHTS_URL_BASE`` redirects
+the download to a mirror (``<base>/<file name>``). Offline, a one-line :class:`PretrainedDownloadError`
+names the URL and where to put the file by hand.
 """
 
 from __future__ import annotations
 
+import http.client
+import logging
 import os
+import re
+import urllib.error
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,25 +23,37 @@ import torch
 from torch import nn
 
 from .hrnet import HRNet, hrnet18, hrnet48
-from .state_dict import WeightsError, format_keys, load_strict, strip_prefixes
+from .state_dict import WeightsError, format_keys, load_strict, read_checkpoint, strip_prefixes
 from .timm_backbone import TimmBackbone
 
 __all__ = [
     "BACKBONES",
     "DROP_PREFIXES",
     "PRETRAINED_URLS",
+    "URL_BASE_ENV",
+    "PretrainedDownloadError",
     "build_backbone",
     "default_weights_path",
+    "download_pretrained",
     "load_backbone_checkpoint",
+    "pretrained_url",
     "register_backbone",
     "weights_dir",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Default ImageNet pretrain files (OpenMMLab "third_party" HRNetV2 releases) of the built-in HRNets.
 PRETRAINED_URLS: dict[str, str] = {
     "hrnet18": "https://download.openmmlab.com/pretrain/third_party/hrnetv2_w18_small-b5a04e21.pth",
     "hrnet48": "https://download.openmmlab.com/pretrain/third_party/hrnetv2_w48-d2186c55.pth",
 }
+
+#: Environment variable redirecting the pretrained downloads to a mirror: ``$ATRC_WEIGHTS_URL_BASE/<file>``.
+URL_BASE_ENV = "ATRC_WEIGHTS_URL_BASE"
+
+#: ``<name>-<hex>.<ext>``: the hex digits are a prefix of the file's SHA-256 (``torch.hub``'s convention).
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{6,64})\.[^.-]+$")
 
 #: Key prefixes dropped when loading a checkpoint into a backbone: timm/HRNet-ImageNet classification parts
 #: and the heads of a full segmentor (MMSeg ``decode_head``/``auxiliary_head``, our ``head``).
@@ -97,22 +116,78 @@ def default_weights_path(name: str, directory: str | os.PathLike | None = None) 
     return base / PRETRAINED_URLS[name].rsplit("/", 1)[-1]
 
 
+class PretrainedDownloadError(WeightsError):
+    """The default pretrained weights could not be downloaded or failed their hash check (one line)."""
+
+
+def pretrained_url(name: str) -> str:
+    """The download URL of backbone ``name``'s default weights (``$ATRC_WEIGHTS_URL_BASE`` applied)."""
+    if name not in PRETRAINED_URLS:
+        raise ValueError(
+            f"backbone {name!r} has no default pretrained weights; known: {sorted(PRETRAINED_URLS)}"
+        )
+    url = PRETRAINED_URLS[name]
+    base = os.environ.get(URL_BASE_ENV, "").strip()
+    return f"{base.rstrip('/')}/{url.rsplit('/', 1)[-1]}" if base else url
+
+
+def download_pretrained(name: str, directory: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """The default weights file of backbone ``name``, downloaded into ``directory`` (default
+    :func:`weights_dir`) unless already there.
+
+    The download goes to a temporary file in the same folder (``torch.hub.download_url_to_file``), whose
+    SHA-256 must start with the hash prefix in the file name; only then is it moved to its final path, so
+    an interrupted, truncated or corrupted download leaves nothing that looks valid.
+
+    Raises:
+        PretrainedDownloadError: no network / server error (naming the URL and where to put the file by
+            hand), a hash mismatch, or a cache folder that cannot be written.
+    """
+    path = default_weights_path(name, directory)
+    if path.is_file():
+        return path
+    url = pretrained_url(name)
+    by_hand = (
+        f"download it by hand and put it at {path} (e.g. `mkdir -p {path.parent} && wget -O {path} {url}`; "
+        f"the folder is paths.weights_dir / $ATRC_WEIGHTS_DIR, a mirror ${URL_BASE_ENV}), "
+        f"or pass backbone.pretrained=/path/to/file"
+    )
+    m = _HASH_IN_NAME.search(path.name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PretrainedDownloadError(
+            f"cannot create the weights folder {path.parent} ({e.strerror or e}): set paths.weights_dir or "
+            f"$ATRC_WEIGHTS_DIR to a writable folder, or pass backbone.pretrained=/path/to/file"
+        ) from None
+    log.info("downloading the pretrained weights of backbone %r: %s -> %s", name, url, path)
+    try:
+        torch.hub.download_url_to_file(
+            url, str(path), hash_prefix=m.group(1) if m else None, progress=progress
+        )
+    except RuntimeError as e:
+        if "invalid hash value" not in str(e):
+            raise
+        raise PretrainedDownloadError(
+            f"the download of {url} is corrupt or not the expected file ({e}); nothing was kept at "
+            f"{path}: try again, or {by_hand}"
+        ) from None
+    except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, HTTPError, timeouts, resets
+        reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
+        raise PretrainedDownloadError(
+            f"cannot download the pretrained weights of backbone {name!r} from {url} "
+            f"({' '.join(str(reason).split())}): {by_hand}"
+        ) from None
+    return path
+
+
 def _resolve_pretrained(
     name: str, pretrained: bool | str | os.PathLike | None, directory: str | os.PathLike | None = None
 ) -> Path | None:
     if pretrained is None or pretrained is False or pretrained == "":
         return None
     if pretrained is True:
-        path = default_weights_path(name, directory)
-        if not path.is_file():
-            url = PRETRAINED_URLS[name]
-            raise FileNotFoundError(
-                f"pretrained weights for backbone {name!r} not found at {path}. Nothing is downloaded "
-                f"automatically: fetch {url} and put it at {path} (e.g. `mkdir -p {path.parent} && "
-                f"wget -O {path} {url}`; the directory can be changed with $ATRC_WEIGHTS_DIR), "
-                f"or pass backbone.pretrained=/path/to/file"
-            )
-        return path
+        return download_pretrained(name, directory)
     if isinstance(pretrained, str | os.PathLike):
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -127,11 +202,11 @@ def _resolve_pretrained(
 
 
 def _read_file(path: Path) -> Any:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(
+        path,
+        "backbone weights: a file saved with torch.save (.pth/.pt/.bin) or .safetensors",
+        trust_hint="; if you trust it, load it yourself and save only its state dict (torch.save or .safetensors)",
+    )
 
 
 def _unwrap(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
@@ -221,7 +296,7 @@ def _build_hrnet(name: str, factory: Callable[..., HRNet]) -> Callable[..., nn.M
     build.__name__ = f"build_{name}"
     build.__doc__ = (
         f"Build {name}; ``pretrained``: False, True (default file in ``weights_dir``, default "
-        f":func:`weights_dir`) or a path."
+        f":func:`weights_dir`, downloaded if missing) or a path."
     )
     return build
 
@@ -250,9 +325,10 @@ def build_backbone(name: str, pretrained: bool | str = False, **kwargs) -> nn.Mo
 
     Args:
         name: ``hrnet18`` (HRNetV2-W18-small), ``hrnet48`` (HRNetV2-W48) or ``timm``.
-        pretrained: ``False`` (random init), ``True`` (default pretrain file from :func:`weights_dir`; HRNets
-            only) or the path of a local weights file.
-        **kwargs: ``weights_dir`` (all backbones): folder searched by ``pretrained=True`` instead of
+        pretrained: ``False`` (random init), ``True`` (the default ImageNet file of the HRNets, downloaded
+            once into :func:`weights_dir`, see :func:`download_pretrained`) or the path of a local weights
+            file.
+        **kwargs: ``weights_dir`` (all backbones): cache folder of ``pretrained=True`` instead of
             :func:`weights_dir` (e.g. the config's ``paths.weights_dir``). For ``timm``: ``model_name``,
             ``out_indices`` and anything else for ``timm.create_model``.
 

@@ -258,15 +258,11 @@ def ignore_mask(
     image: torch.Tensor, size: tuple[int, int], ignore_value: float = IGNORE_VALUE
 ) -> torch.Tensor | None:
     """B×1×(h·w) bool: the pixels of ``image`` (B×3×H×W, nearest-resized to ``size`` = (h, w))
-    equal to ``ignore_value`` in any channel; None when no pixel is — on the CPU outside
-    ``torch.compile`` only (on a GPU the check would synchronise the device; a compiled graph
-    gets no data-dependent branch)."""
+    equal to ``ignore_value`` in any channel (always a mask, never a data-dependent shortcut: no
+    host read, one compiled graph)."""
     h, w = size
     img = image if tuple(image.shape[-2:]) == (h, w) else F.interpolate(image, size=(h, w), mode="nearest")
-    mask = (img == ignore_value).any(dim=1).reshape(img.shape[0], 1, h * w)
-    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(mask.any()):
-        return None
-    return mask
+    return (img == ignore_value).any(dim=1).reshape(img.shape[0], 1, h * w)
 
 
 def spatial_softmax(

@@ -12,9 +12,9 @@ the dropped entries and wrapper prefixes (``module.``, ``_orig_mod.``, ``model.`
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .state_dict import WeightsError, load_strict, strip_prefixes
+from .state_dict import WeightsError, load_strict, read_checkpoint, strip_prefixes
 
-__all__ = ["DROPPED_PREFIXES", "KEY_RENAMES", "load_original_state_dict", "original_to_ours"]
+__all__ = [
+    "CHECKPOINT_SAFE_GLOBALS",
+    "DROPPED_PREFIXES",
+    "KEY_RENAMES",
+    "HyperParameterStandIn",
+    "load_original_state_dict",
+    "original_to_ours",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +54,114 @@ def original_to_ours(key: str) -> str | None:
     return key
 
 
-def _read(path: Path, weights_only: bool | None) -> Any:
-    if weights_only is not None:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints may pickle hyper-parameter objects (e.g. jsonargparse Namespaces)
-        log.warning("%s: not loadable with weights_only=True; loading it as a trusted pickle", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+class HyperParameterStandIn:
+    """Inert stand-in for a class that a Lightning checkpoint of the original references outside its
+    weights (hyper-parameter containers, callback classes used as keys): it keeps the pickled state as
+    attributes and never imports or runs the real class. ``original`` names the class it stands for."""
+
+    original: str = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.update(kwargs)
+        if args:
+            self.__dict__["_args"] = args
+
+    def __setstate__(self, state: Any) -> None:
+        slots = None
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict | type(None)):
+            state, slots = state
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        elif state is not None:
+            self.__dict__["_state"] = state
+        if slots:
+            self.__dict__.update(slots)
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self.original}: {sorted(self.__dict__)}>"
+
+
+def _stand_in(name: str) -> type:
+    """A stand-in class of its own for ``name`` (distinct classes keep dict keys distinct)."""
+    return type(name.rsplit(".", 1)[-1], (HyperParameterStandIn,), {"original": name, "__module__": __name__})
+
+
+def _defaultdict_as_dict(*_: Any) -> dict:
+    """``collections.defaultdict(factory)`` read back as a plain dict (the factory is not kept)."""
+    return {}
+
+
+#: Known-harmless classes that Lightning checkpoints of the original may reference outside the weights,
+#: allowed while loading with ``weights_only=True``. Hyper-parameter containers of packages we do not
+#: import (jsonargparse, Lightning, OmegaConf) map to inert :class:`HyperParameterStandIn` subclasses,
+#: never to the real classes; Lightning's ``AttributeDict`` (a ``dict`` subclass) to ``dict``; a few
+#: builtins OmegaConf metadata refers to, to themselves. Nothing else is allowed: a file referencing
+#: any other global is refused unless the caller opts in to a full unpickle.
+CHECKPOINT_SAFE_GLOBALS: list[Any] = [
+    argparse.Namespace,
+    *[
+        (dict, n)
+        for n in (
+            "builtins.dict",
+            "pytorch_lightning.utilities.parsing.AttributeDict",
+            "lightning.pytorch.utilities.parsing.AttributeDict",
+            "lightning_fabric.utilities.data.AttributeDict",
+            "lightning.fabric.utilities.data.AttributeDict",
+        )
+    ],
+    (list, "builtins.list"),
+    (int, "builtins.int"),
+    (float, "builtins.float"),
+    (str, "builtins.str"),
+    (bool, "builtins.bool"),
+    (_defaultdict_as_dict, "collections.defaultdict"),
+    *[
+        (_stand_in(n), n)
+        for n in (
+            "jsonargparse.Namespace",
+            "jsonargparse.namespace.Namespace",
+            "jsonargparse._namespace.Namespace",
+            # Lightning 1.x keys callback states by the callback's class
+            "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+            "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+            # an OmegaConf config as hyper-parameters (and ``hparams_type``)
+            "omegaconf.dictconfig.DictConfig",
+            "omegaconf.listconfig.ListConfig",
+            "omegaconf.base.ContainerMetadata",
+            "omegaconf.base.Metadata",
+            "omegaconf.nodes.AnyNode",
+            "omegaconf.nodes.StringNode",
+            "omegaconf.nodes.IntegerNode",
+            "omegaconf.nodes.FloatNode",
+            "omegaconf.nodes.BooleanNode",
+            "omegaconf.nodes.PathNode",
+            "omegaconf.nodes.BytesNode",
+            "typing.Any",
+        )
+    ],
+]
+
+_EXPECTED = "a Lightning .ckpt of the original ATRC implementation or a state dict saved with torch.save"
+_TRUST_HINT = (
+    "; if you trust this file, allow a full unpickle: atrc-eval/atrc-predict --trust-checkpoint, "
+    "trainer.init_from_original_trusted=true, or load_original_state_dict(..., weights_only=False)"
+)
+
+
+def _read(path: Path, weights_only: bool) -> Any:
+    return read_checkpoint(
+        path,
+        _EXPECTED,
+        weights_only=weights_only,
+        safe_globals=CHECKPOINT_SAFE_GLOBALS,
+        trust_hint=_TRUST_HINT,
+    )
 
 
 def load_original_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, Any] | str | os.PathLike,
-    weights_only: bool | None = None,
+    weights_only: bool | None = True,
 ) -> dict[str, Any]:
     """Load weights of the original implementation into ``model`` (built by :func:`build_model`).
 
@@ -69,8 +169,11 @@ def load_original_state_dict(
         model: our network.
         state_dict: a Lightning checkpoint dict (its ``state_dict`` entry is used), a bare state dict,
             or the path of either (``.ckpt`` / ``.pth``).
-        weights_only: for a path: passed to ``torch.load``; ``None`` tries ``True`` and falls back to
-            a full (trusted) unpickle for Lightning checkpoints holding hyper-parameter objects.
+        weights_only: for a path: ``True`` (default; ``None`` means the same) loads with
+            ``torch.load(weights_only=True)``, allowing only :data:`CHECKPOINT_SAFE_GLOBALS` (mapped to
+            inert stand-ins): no code from the file runs, and a file that needs anything else is refused
+            with a :class:`WeightsError`. ``False``: a full unpickle, which can run arbitrary code — an
+            explicit opt-in for files you trust (logs a warning).
 
     ``criterion.*`` and ``metrics_dict.*`` entries are dropped. Any missing key (BatchNorm
     ``num_batches_tracked`` buffers aside), unexpected key or shape mismatch raises ``ValueError``
@@ -86,7 +189,7 @@ def load_original_state_dict(
         source = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"original checkpoint not found: {path}")
-        obj = _read(path, weights_only)
+        obj = _read(path, weights_only is not False)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

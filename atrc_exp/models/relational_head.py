@@ -49,7 +49,7 @@ from .layers import (
     per_task_layers,
     pointwise_runs,
 )
-from .search_block import SearchCPBlock, check_freeze
+from .search_block import SearchCPBlock
 
 __all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "set_fused", "uniform_genotype"]
 
@@ -307,10 +307,6 @@ class ATRCModule(nn.Module):
         weights of a row's pairs, then the row's dropout."""
         out = {}
         contexts: dict = {}
-        if self.training:  # the freeze rule of every pair with one device read (no GPU sync per pair)
-            check_freeze(
-                [b for t in self.tasks for b in self.cp_blocks[t].values() if isinstance(b, SearchCPBlock)]
-            )
         for t in self.tasks:
             blocks = list(self.cp_blocks[t].items())
             plan = []  # per pair: (block, weights, active op indices)

@@ -5,20 +5,21 @@ source)], with ``none`` as index 0 of ``arch_param`` (α = zeros(len(ops) + 1)),
 *is* the genotype code. The value projection's BN of every op is not affine.
 
 Weights of the ops:
-* frozen: one-hot, kept in the buffer ``fixed_weights`` as the original does — registered as
-  ``None`` (so absent from the state dict) and set to the one-hot float vector over [none, ops…]
-  when the pair freezes (irreversible, saved with the model: an original search checkpoint has
-  ``cp_blocks.<t>.<s>.fixed_weights`` exactly for its frozen pairs, and loads both ways);
+* frozen: one-hot, saved as the original saves it, in ``fixed_weights``: the one-hot float vector
+  over [none, ops…], present in the state dict exactly for the frozen pairs (irreversible; an
+  original search checkpoint has ``cp_blocks.<t>.<s>.fixed_weights`` exactly for its frozen pairs,
+  and loads both ways);
 * evaluation: one-hot argmax(α);
 * training: if the top-two gap of softmax(α) is ≥ ``freeze_gap`` the choice freezes to its argmax;
   otherwise Gumbel-softmax(α, τ = ``self.tau``, soft).
-Ops whose weight is exactly zero are not computed (no activations kept for them).
 
-Reading a device tensor on the host synchronises a GPU, so the block keeps a host copy of its
-frozen choice (refreshed when a state dict is loaded), and :func:`check_freeze` decides the freeze
-rule for many blocks with one read: the search head calls it once per training forward, after
-which the blocks' :meth:`~SearchCPBlock.op_weights` and :meth:`~SearchCPBlock.active_ops` read
-nothing from the device (a block used on its own checks itself, one read per call).
+The freeze rule decides **on the device** (no host read in a training step: a GPU is never made to
+wait): the block keeps its freeze state in two device buffers (a flag and the one-hot weights) and
+mixes ``where(frozen, one_hot, gumbel_softmax(α))``. The host learns of a freeze only where it may
+read the device — :meth:`SearchCPBlock.sync` (the trainer calls it at log steps), the state dict,
+evaluation — and from then on computes only the chosen op of that pair (no activations kept for
+the others). Before that, a pair frozen on the device still computes all its ops, weighted by the
+one-hot vector: the same output. A frozen pair draws no Gumbel noise once the host knows of it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from torch import nn
 
 from .context_blocks import make_cp_block
 
-__all__ = ["SearchCPBlock", "check_freeze"]
+__all__ = ["FREEZE_KEY", "SearchCPBlock"]
+
+#: The state-dict entry of a frozen pair's choice (the original's buffer name).
+FREEZE_KEY = "fixed_weights"
 
 
 class SearchCPBlock(nn.Module):
@@ -55,64 +59,95 @@ class SearchCPBlock(nn.Module):
                 for c in self.codes
             ]
         )
-        self.register_buffer("fixed_weights", None)
-        self._frozen = -1  # host copy of argmax(fixed_weights), -1 while not frozen (set it through freeze())
-        self._checked_version = -1  # arch_param._version when check_freeze() applied the rule
+        # the freeze state on the device (saved as FREEZE_KEY, see _save_to_state_dict)
+        self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.register_buffer("frozen_weights", torch.zeros(len(self.codes) + 1), persistent=False)
+        self._frozen = -1  # the host's copy of the frozen choice, -1 while not known to be frozen
+
+    # -- state dict: the original's ``fixed_weights``, exactly for the frozen pairs ---------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.sync() >= 0:
+            w = self.frozen_weights
+            destination[prefix + FREEZE_KEY] = w if keep_vars else w.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the checkpoint decides: a pair frozen there (``fixed_weights`` present) is frozen here,
         # any other is not
-        key = prefix + "fixed_weights"
-        if key in state_dict:
-            if self.fixed_weights is None:
-                self.fixed_weights = torch.zeros_like(self.arch_param.detach())
-        else:
-            self.fixed_weights = None
+        w = state_dict.pop(prefix + FREEZE_KEY, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._frozen = -1 if self.fixed_weights is None else int(self.fixed_weights.argmax())
+        with torch.no_grad():
+            if w is None:
+                self.frozen_flag.fill_(False)
+                self.frozen_weights.zero_()
+                self._frozen = -1
+            else:
+                self.frozen_weights.copy_(w)
+                self.frozen_flag.fill_(True)
+                self._frozen = int(w.argmax())
+
+    @property
+    def fixed_weights(self) -> torch.Tensor | None:
+        """The frozen one-hot weights over [none, ops…], or ``None`` (reads the device)."""
+        return self.frozen_weights if self.sync() >= 0 else None
+
+    def sync(self) -> int:
+        """Read the device's freeze state into the host's copy (one host read, none once the host
+        knows the pair is frozen); returns the frozen code or -1."""
+        if self._frozen < 0 and bool(self.frozen_flag):
+            self._frozen = int(self.frozen_weights.argmax())
+        return self._frozen
 
     @property
     def is_frozen(self) -> bool:
-        return self._frozen >= 0
+        """Whether the choice is frozen (reads the device unless the host knows)."""
+        return self.sync() >= 0
 
     @property
     def one_hot(self) -> bool:
-        """The op weights are one-hot (frozen, or evaluation): only the chosen op runs."""
-        return self.is_frozen or not self.training
+        """The op weights are one-hot and known on the host (frozen as far as the host knows, or
+        evaluation): only the chosen op runs."""
+        return self._frozen >= 0 or not self.training
 
     def freeze(self, code: int) -> None:
         """Freeze the choice to genotype code ``code`` (irreversible in training)."""
-        w = torch.zeros_like(self.arch_param.detach())
-        w[int(code)] = 1.0  # no host-to-device copy
-        self.fixed_weights = w
+        with torch.no_grad():
+            self.frozen_weights.zero_()
+            self.frozen_weights[int(code)] = 1.0
+            self.frozen_flag.fill_(True)
         self._frozen = int(code)
 
     def choice(self) -> int:
-        """The current discrete choice (genotype code): the frozen one, else argmax(α)."""
-        return self._frozen if self.is_frozen else int(self.arch_param.argmax())
+        """The current discrete choice (genotype code): the frozen one, else argmax(α) (reads the
+        device)."""
+        code = self.sync()
+        return code if code >= 0 else int(self.arch_param.argmax())
 
-    def _gap_and_argmax(self) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            top2 = F.softmax(self.arch_param.float(), dim=0).topk(2).values
-            return top2[0] - top2[1], self.arch_param.argmax()
+    @torch.no_grad()
+    def apply_freeze_rule(self) -> None:
+        """Freeze on the device where the top-two gap of softmax(α) reaches ``freeze_gap`` (no
+        host read): the flag and the one-hot weights of the argmax are set, irreversibly."""
+        top2 = F.softmax(self.arch_param.float(), dim=0).topk(2).values
+        newly = (top2[0] - top2[1] >= self.freeze_gap) & ~self.frozen_flag
+        idx = torch.arange(self.arch_param.numel(), device=self.arch_param.device)
+        one_hot = (idx == self.arch_param.argmax()).to(self.frozen_weights.dtype)  # (F.one_hot reads)
+        self.frozen_weights.copy_(torch.where(newly, one_hot, self.frozen_weights))
+        self.frozen_flag.logical_or_(newly)
 
     def op_weights(self) -> torch.Tensor:
-        """Weights over [none, ops...] for this forward pass (see the module docstring)."""
-        n = self.arch_param.numel()
-        if not self.is_frozen and self.training:
-            if self._checked_version != self.arch_param._version:  # else check_freeze() did, same α
-                gap, top = self._gap_and_argmax()
-                if float(gap) >= self.freeze_gap:
-                    self.freeze(int(top))
+        """Weights over [none, ops...] for this forward pass (see the module docstring); in training
+        applies the freeze rule first, on the device."""
         if self.one_hot:
-            w = self.arch_param.detach().new_zeros(n)
+            w = self.arch_param.detach().new_zeros(self.arch_param.numel())
             w[self.choice()] = 1.0  # no host-to-device copy
             return w
-        return F.gumbel_softmax(self.arch_param, tau=self.tau, hard=False)
+        self.apply_freeze_rule()
+        gumbel = F.gumbel_softmax(self.arch_param, tau=self.tau, hard=False)
+        return torch.where(self.frozen_flag, self.frozen_weights.to(gumbel.dtype), gumbel)
 
     def active_ops(self) -> list[int]:
-        """Indices into ``op_list`` of the ops this forward pass computes (call after
-        :meth:`op_weights`, which may freeze the choice): all of them while searching, else only
+        """Indices into ``op_list`` of the ops this forward pass computes: all of them while
+        searching (a pair frozen on the device only: weighted by its one-hot vector), else only
         the chosen one (none for ``none``)."""
         if not self.one_hot:
             return list(range(len(self.op_list)))
@@ -143,19 +178,3 @@ class SearchCPBlock(nn.Module):
             for i in active
         ]
         return self.mix(w, active, outputs, target_feats)
-
-
-def check_freeze(blocks: list[SearchCPBlock]) -> None:
-    """Apply the freeze rule (top-two gap of softmax(α) ≥ ``freeze_gap``: freeze to argmax α) to
-    every unfrozen block in training mode with one device-to-host read for all, and mark them
-    checked: until α changes (its ``_version``), :meth:`~SearchCPBlock.op_weights` does not read
-    it again. The same decisions as each block checking itself (the same float32 arithmetic)."""
-    todo = [b for b in blocks if b.training and not b.is_frozen]
-    if not todo:
-        return
-    gaps, tops = zip(*(b._gap_and_argmax() for b in todo))
-    values = torch.cat([torch.stack(gaps), torch.stack(tops).to(gaps[0].dtype)]).tolist()
-    for i, b in enumerate(todo):
-        if values[i] >= b.freeze_gap:
-            b.freeze(int(values[len(todo) + i]))
-        b._checked_version = b.arch_param._version
