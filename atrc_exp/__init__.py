@@ -1,13 +1,22 @@
 """atrc_exp: Hydra-configured experiments for ATRC (ICCV 2021) multi-task dense prediction.
 
 Public API:
+    compose(overrides) -> DictConfig              ``conf/train.yaml`` composed with Hydra overrides
     build_model(cfg) -> nn.Module                 the network of a composed config
     load_original_state_dict(model, state_dict)   import weights trained with the original code
+
+Importing the package registers the ``atrc_*`` OmegaConf resolvers that ``conf/`` uses, so Hydra's
+own compose API works on :data:`atrc_exp.config.CONF_DIR` too (torch is imported only on use).
 """
 
 from __future__ import annotations
 
+from .config import compose
+from .config import register_resolvers as _register_resolvers
+
 __version__ = "0.1.0"
+
+_register_resolvers()
 
 
 def build_model(cfg):
@@ -25,4 +34,4 @@ def load_original_state_dict(model, state_dict, weights_only=None):
     return _load(model, state_dict, weights_only=weights_only)
 
 
-__all__ = ["build_model", "load_original_state_dict", "__version__"]
+__all__ = ["build_model", "compose", "load_original_state_dict", "__version__"]

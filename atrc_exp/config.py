@@ -1,7 +1,12 @@
 """Config helpers: OmegaConf resolvers used by ``conf/``, path resolution and config validation.
 
-``register_resolvers()`` must run before Hydra composes ``conf/train.yaml`` (``atrc_exp.train``
-does it at import; tests that compose configs call it too).
+The ``atrc_*`` resolvers that ``conf/train.yaml`` uses are registered when ``atrc_exp`` is imported
+(:func:`register_resolvers`, idempotent), so Hydra's compose API works after ``import atrc_exp``;
+:func:`compose` composes ``conf/train.yaml`` in one call.
+
+The shipped data folders (``conf/``, ``genotypes/``, ``kernels/``) are found by :func:`resource_dir`:
+inside the installed package (a wheel carries them as ``atrc_exp/<name>/``) or at the top of the
+checkout (editable install, ``make install``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from .tasks import ALL_TASKS
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+#: The data folders shipped with atrc_exp (see :func:`resource_dir`).
+RESOURCE_DIRS: tuple[str, ...] = ("conf", "genotypes", "kernels")
+
+
+def resource_dir(name: str) -> Path:
+    """The folder of the shipped data ``name`` (one of :data:`RESOURCE_DIRS`): the copy inside the
+    installed package (``<site-packages>/atrc_exp/<name>``, from a wheel) when it exists, else the
+    top-level folder of the checkout (``<repo>/<name>``: editable install or source tree)."""
+    if name not in RESOURCE_DIRS:
+        raise ValueError(f"unknown resource folder {name!r}; known: {', '.join(RESOURCE_DIRS)}")
+    inside = _PACKAGE_DIR / name
+    return inside if inside.is_dir() else _PACKAGE_DIR.parent / name
+
+
+#: Hydra's config folder (holds ``train.yaml``).
+CONF_DIR = resource_dir("conf")
 
 #: Contexts that need the relational-context head (built by ``atrc_exp.models.context``).
 RELATIONAL_CONTEXTS = ("global", "local", "tlabel", "slabel", "atrc", "search")
@@ -82,6 +103,31 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
 
 
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/train.yaml`` with Hydra's compose API and ``overrides`` (the command-line
+    syntax of ``atrc-train``, e.g. ``["dataset=nyud", "backbone.pretrained=false"]``).
+
+    The result is what ``atrc-train`` would run, without the ``hydra`` node's run-time values: pass it
+    to :func:`atrc_exp.build_model`. Interpolations (``paths.cache_dir`` …) resolve on access.
+    Usable inside an initialised Hydra app too (it uses its own, temporary, global Hydra state).
+    """
+    from hydra import compose as _compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    outer = GlobalHydra.instance()
+    saved = outer.hydra if outer.is_initialized() else None
+    if saved is not None:
+        outer.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return _compose(config_name="train", overrides=list(overrides or []))
+    finally:
+        if saved is not None:
+            GlobalHydra.instance().initialize(saved)
+
+
 def synthetic_data_dir(cfg: DictConfig) -> Path:
     """Default folder of the synthetic dataset for its generator settings."""
     g = cfg.dataset.generator
@@ -117,8 +163,18 @@ def validate_config(cfg: DictConfig) -> None:
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"tasks.names lists a task twice: {tasks}")
     ctx, mode = cfg.context.name, cfg.mode.name
+    if mode == "pipeline":  # search (context=search, set by the pipeline) then distillation with `context`
+        if ctx != "atrc":
+            raise ConfigError(
+                f"mode=pipeline distils with context=atrc (its search stage uses context=search by "
+                f"itself); got context={ctx}: drop the context override (or pass context=atrc)"
+            )
+        for key in ("search_steps", "distill_steps"):
+            n = cfg.mode.get(key)
+            if n is not None and int(n) < 1:
+                raise ConfigError(f"mode.{key}={n}: use a number of steps >= 1 (or null: trainer.max_steps)")
     if ctx == "search" and mode != "search":
-        raise ConfigError("context=search goes with mode=search (got mode=distill)")
+        raise ConfigError(f"context=search goes with mode=search (got mode={mode})")
     if mode == "search" and ctx != "search":
         raise ConfigError(f"mode=search needs context=search (got context={ctx})")
     if cfg.trainer.mixed_precision not in ("no", "bf16", "fp16"):

@@ -10,7 +10,8 @@ at the top of the repository.
 * :func:`load_genotype` reads a JSON file or a search run directory holding ``atrc_genotype.json``
   and validates it against the configured tasks (:class:`~atrc_exp.config.ConfigError` naming the
   file and the pair otherwise). Relative paths are looked up in the working directory first, then
-  in the repository root, so ``context.genotype=genotypes/nyud_hrnet18.json`` works from anywhere.
+  against the folder that holds the shipped ``genotypes/`` (the installed package, or the top of the
+  checkout), so ``context.genotype=genotypes/nyud_hrnet18.json`` works from anywhere.
 * :func:`save_genotype` writes the original format.
 * :func:`genotype_heatmap` / :func:`genotype_table_rows` render a genotype for W&B (an RGB image
   with target rows, source columns and context names in the cells; table rows).
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import CONF_DIR, ConfigError
+from ..config import ConfigError, resource_dir
 from .context_blocks import CONTEXT_NAMES
 
 __all__ = [
@@ -43,8 +44,9 @@ __all__ = [
 
 #: File name of the genotype in a search run directory.
 GENOTYPE_FILENAME = "atrc_genotype.json"
-#: Repository root (holds ``conf/`` and ``genotypes/``).
-REPO_DIR = CONF_DIR.parent
+#: The folder that holds the shipped ``genotypes/``: the installed package (a wheel), or the repository
+#: root (checkout / editable install).
+REPO_DIR = resource_dir("genotypes").parent
 #: Context names as drawn in the heatmap / table.
 CONTEXT_DISPLAY_NAMES: tuple[str, ...] = ("none", "global", "local", "t-label", "s-label")
 #: Columns of :func:`genotype_table_rows`.
@@ -56,7 +58,8 @@ Genotype = dict[str, dict[str, int]]
 def resolve_genotype_path(path: str | os.PathLike) -> Path:
     """The genotype JSON file of ``path``: a file, or a run directory holding ``atrc_genotype.json``.
 
-    A relative path is tried against the working directory, then against the repository root.
+    A relative path is tried against the working directory, then against :data:`REPO_DIR` (where
+    ``genotypes/`` is shipped: the installed package or the repository root).
     """
     p = Path(path).expanduser()
     candidates = [p] if p.is_absolute() else [p, REPO_DIR / p]

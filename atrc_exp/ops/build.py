@@ -1,5 +1,8 @@
 """JIT builder for the C++/CUDA kernels in ``kernels/`` (stylegan3 ``custom_ops`` style).
 
+The sources are read from :data:`KERNELS_DIR` (``$ATRC_KERNELS_DIR``, else the installed package's
+copy, else the checkout's ``kernels/``; see :func:`atrc_exp.config.resource_dir`).
+
 Extensions (``kind``): ``cpp`` and ``cuda`` (local attention), ``bn_cpp`` (CPU batch norm + ReLU),
 ``ce_cpp`` (CPU bilinear upsampling fused into the cross-entropy), ``label_cpp`` (CPU label-context
 attention), ``ups_cpp`` (CPU resize-and-add of multi-scale maps).
@@ -34,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import resource_dir
+
 __all__ = [
     "ExtensionBuildError",
     "KERNELS_DIR",
@@ -43,7 +48,9 @@ __all__ = [
     "cuda_build_possible",
 ]
 
-KERNELS_DIR = Path(os.environ.get("ATRC_KERNELS_DIR", Path(__file__).resolve().parents[2] / "kernels"))
+#: The kernel sources: ``$ATRC_KERNELS_DIR`` when set, else ``resource_dir("kernels")`` (the copy in
+#: the installed package, or ``kernels/`` at the top of the checkout).
+KERNELS_DIR = Path(os.environ.get("ATRC_KERNELS_DIR") or resource_dir("kernels"))
 
 # one CUDA translation unit per dtype (ninja compiles them in parallel; ptxas of one is ~30 s)
 _CUDA_DTYPES = ("f32", "bf16", "f16", "f64")
