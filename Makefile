@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install atrc_exp with its dev tools
 
 train: $(STAMP) ## the ATRC pipeline on synthetic data: search, distillation, MT baseline (~10 min)
-	$(BIN)/atrc-pipeline $(TRAIN_ARGS)
+	$(BIN)/atrc-train mode=pipeline $(TRAIN_ARGS)
 
 test: $(STAMP) ## the test suite without slow tests (the CI gate)
 	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest -m "not slow and not cuda" $(PYTEST_ARGS)

@@ -1,37 +1,98 @@
-"""``atrc-pipeline``: the ATRC pipeline in one command (what ``make train`` runs).
+"""The ATRC pipeline as one Hydra job: ``atrc-train mode=pipeline`` (``conf/mode/pipeline.yaml``).
 
-1. search   (``mode=search context=search``) → ``atrc_genotype.json``
-2. distill  (``context=atrc context.genotype=<search run dir>``)
-3. baseline (``context=none``, the multi-task FCN baseline) for comparison
+1. search   (``mode=search context=search``, settings from ``mode.search``) → ``<run dir>/search``
+2. distill  (``mode=distill context=atrc context.genotype=<run dir>/search``) → ``<run dir>/distill``
+3. baseline (``mode=distill context=none``, the multi-task FCN; if ``mode.baseline``) → ``<run dir>/baseline``
 
-Prints the found genotype as a T×T table and the final metrics of ATRC next to the baseline's.
-Runs go to ``<paths.log_dir>/pipeline/<stamp>/{search,distill,baseline}``.
+Every other override (dataset, backbone, tasks, trainer, seed, experiment, ...) applies to every
+stage; ``mode.search_steps`` / ``mode.distill_steps`` set each stage's ``trainer.max_steps`` (and
+``val_interval``: one validation, at the end). The job's own ``metrics.json`` is the distillation's.
+Prints the found genotype as a T×T table and ATRC's final metrics next to the baseline's.
 
-    atrc-pipeline                                 # synthetic defaults, ~9 minutes on 2 CPU cores
-    atrc-pipeline --search-steps 2000 --distill-steps 4000 dataset=nyud paths.data_dir=/data
+    atrc-train mode=pipeline                                  # synthetic defaults, ~9 min on 2 CPU cores
+    atrc-train --multirun mode=pipeline seed=0,1,2
+    atrc-train mode=pipeline mode.search_steps=2000 mode.distill_steps=4000 dataset=nyud paths.data_dir=/data
+
+``atrc-pipeline [flags] [overrides]`` (and ``make train``) is ``atrc-train mode=pipeline``; its old
+flags are translated: ``--search-steps N`` → ``mode.search_steps=N``, ``--distill-steps N`` →
+``mode.distill_steps=N``, ``--no-baseline`` → ``mode.baseline=false``, ``--out DIR`` →
+``hydra.run.dir=DIR`` (``hydra.sweep.dir`` with ``--multirun``).
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
-from .config import CONF_DIR, ConfigError, register_resolvers, run_stamp
-from .train import format_metrics_table
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .config import CONF_DIR, ConfigError, rank_suffix, register_resolvers, validate_config
 
 log = logging.getLogger("atrc_exp")
 
+#: The stages of a pipeline job, in order; each is a sub-folder of the job's run dir.
+STAGES = ("search", "distill", "baseline")
+#: The groups a stage sets itself: overrides of these (and of their keys) are not passed to the stages.
+_STAGE_GROUPS = ("mode", "context")
 
-def compose(overrides: list[str]):
-    """Compose ``conf/train.yaml`` with ``overrides`` outside a Hydra app."""
+
+def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with ``overrides``: with the running Hydra app's config
+    loader inside ``atrc-train``, from ``conf/`` otherwise."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register_resolvers()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def shared_overrides(overrides: list[str]) -> list[str]:
+    """``overrides`` without those of ``mode``/``context`` and their keys (the stages set those)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [
+        text
+        for text, o in zip(overrides, parsed, strict=True)
+        if o.key_or_group.split(".", 1)[0] not in _STAGE_GROUPS
+    ]
+
+
+def stage_configs(
+    cfg: DictConfig, overrides: list[str], run_dir: str | Path, config_name: str = "train"
+) -> dict[str, DictConfig]:
+    """The composed config of each stage of the pipeline job ``cfg`` (``mode=pipeline``) whose
+    command-line overrides were ``overrides``, keyed by stage name (:data:`STAGES` order; no
+    ``baseline`` unless ``mode.baseline``). The distillation reads its genotype from
+    ``<run_dir>/search``. Raises :class:`ConfigError` for a config that cannot run."""
+    validate_config(cfg)
+    pm, run_dir = cfg.mode, Path(run_dir)
+    base = shared_overrides(overrides)
+    groups = {"search": ["mode=search", "context=search"], "distill": ["mode=distill", "context=atrc"]}
+    if bool(pm.baseline):
+        groups["baseline"] = ["mode=distill", "context=none"]
+    stages = {}
+    for stage, extra in groups.items():
+        s = compose([*base, *extra], config_name)
+        steps = pm.search_steps if stage == "search" else pm.distill_steps
+        with open_dict(s):
+            if stage == "search":  # the search settings as given under mode.search
+                s.mode = OmegaConf.merge(s.mode, pm.search)
+                s.mode.name = "search"
+            if stage == "distill":
+                s.context.genotype = str(run_dir / "search")
+            if steps is not None:
+                s.trainer.max_steps = int(steps)
+                s.trainer.val_interval = int(steps)
+        validate_config(s)
+        stages[stage] = s
+    return stages
 
 
 def genotype_table(genotype: dict, tasks: list[str]) -> str:
@@ -54,66 +115,116 @@ def comparison_table(atrc: dict[str, float], baseline: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _run(stage: str, overrides: list[str], run_dir: Path) -> dict[str, float]:
+def _is_main_rank() -> bool:
+    return rank_suffix() == ""
+
+
+def _run_stage(stage: str, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """``fit`` one stage in ``run_dir``, its log lines also in ``run_dir/train.log``."""
     from .engine import fit
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
+    handler = logging.FileHandler(run_dir / f"train{rank_suffix()}.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
-        print(f"\n=== {stage}: {run_dir}", flush=True)
-        return fit(compose(overrides), run_dir)
+        log.info("pipeline stage %s: %s", stage, run_dir)
+        if _is_main_rank():
+            print(f"\n=== {stage}: {run_dir}", flush=True)
+        return fit(cfg, run_dir)
     finally:
         logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def run_pipeline(
+    cfg: DictConfig, run_dir: str | Path, overrides: list[str], config_name: str = "train"
+) -> dict[str, float]:
+    """Run the pipeline job ``cfg`` (``mode=pipeline``, composed from ``overrides``) in ``run_dir``:
+    search, distillation, optional baseline, each in ``run_dir/<stage>``. Writes ``run_dir/metrics.json``
+    (the distillation's), prints the genotype and the metrics; returns the distillation's metrics."""
+    from .engine.checkpoint import write_json_atomic
+    from .models.genotype import load_genotype
+
+    run_dir = Path(run_dir)
+    stages = stage_configs(cfg, overrides, run_dir, config_name)
+    given = OmegaConf.select(cfg, "context.genotype", default=None)
+    if given is not None:
+        log.warning(
+            "mode=pipeline distils with the genotype its search finds; context.genotype=%s ignored", given
+        )
+    results = {stage: _run_stage(stage, s, run_dir / stage) for stage, s in stages.items()}
+    atrc, baseline = results["distill"], results.get("baseline")
+    if _is_main_rank():
+        write_json_atomic(
+            run_dir / "metrics.json", json.loads((run_dir / "distill" / "metrics.json").read_text())
+        )
+        tasks = list(cfg.tasks.names)
+        print("\ngenotype found by the search (target rows, source columns):")
+        print(genotype_table(load_genotype(run_dir / "search", tasks), tasks))
+        print()
+        print(comparison_table(atrc, baseline) if baseline else _metrics_table(atrc, "ATRC final metrics"))
+        print(f"\nruns: {run_dir}", flush=True)
+    return atrc
+
+
+def _metrics_table(metrics: dict[str, float], title: str) -> str:
+    from .train import format_metrics_table
+
+    return format_metrics_table(metrics, title)
+
+
+_FLAGS = {"--search-steps": "mode.search_steps", "--distill-steps": "mode.distill_steps", "--out": None}
+
+
+def _quote(value: str) -> str:
+    """``value`` as a quoted string of Hydra's override grammar."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def translate_args(argv: list[str]) -> list[str]:
+    """``atrc-pipeline``'s command line as ``atrc-train``'s: ``mode=pipeline`` first, the old flags
+    as overrides, everything else (overrides, ``--multirun``, ``--cfg job`` ...) unchanged.
+    Raises :class:`ConfigError` for a flag without its value or another ``mode``."""
+    multirun = any(a in ("--multirun", "-m") for a in argv)
+    out, i = ["mode=pipeline"], 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name in _FLAGS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"atrc-pipeline: {name} needs a value, e.g. {name} 100")
+                i += 1
+                value = argv[i]
+            if name == "--out":
+                out.append(f"hydra.{'sweep' if multirun else 'run'}.dir={_quote(value)}")
+            else:
+                out.append(f"{_FLAGS[name]}={value}")
+        elif a == "--no-baseline":
+            out.append("mode.baseline=false")
+        elif name == "mode":
+            if value != "pipeline":
+                raise ConfigError(
+                    f"atrc-pipeline runs mode=pipeline; for mode={value} use atrc-train mode={value}"
+                )
+        else:
+            out.append(a)
+        i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="atrc-pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--search-steps", type=int, default=80)
-    p.add_argument("--distill-steps", type=int, default=100)
-    p.add_argument("--no-baseline", action="store_true", help="skip the multi-task baseline run")
-    p.add_argument("--out", type=Path, default=None, help="folder of the three runs")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage (key=value)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    register_resolvers()
+    """``atrc-pipeline``: ``atrc-train mode=pipeline`` with the old flags translated (module doc)."""
     try:
-        base_cfg = compose(a.overrides)
-        out = a.out or Path(str(base_cfg.paths.log_dir)) / "pipeline" / run_stamp()
-        tasks = list(base_cfg.tasks.names)
-
-        def steps(n: int) -> list[str]:
-            return [f"trainer.max_steps={n}", f"trainer.val_interval={n}"]
-
-        _run(
-            "search", [*a.overrides, "mode=search", "context=search", *steps(a.search_steps)], out / "search"
-        )
-        from .models.genotype import load_genotype
-
-        genotype = load_genotype(out / "search", tasks)
-        atrc = _run(
-            "distill",
-            [*a.overrides, "mode=distill", "context=atrc", f"context.genotype={out / 'search'}",
-             *steps(a.distill_steps)],
-            out / "distill",
-        )  # fmt: skip
-        baseline = None
-        if not a.no_baseline:
-            baseline = _run(
-                "baseline",
-                [*a.overrides, "mode=distill", "context=none", *steps(a.distill_steps)],
-                out / "baseline",
-            )
+        args = translate_args(sys.argv[1:] if argv is None else list(argv))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("\ngenotype found by the search (target rows, source columns):")
-    print(genotype_table(genotype, tasks))
-    print()
-    print(comparison_table(atrc, baseline) if baseline else format_metrics_table(atrc, "ATRC final metrics"))
-    print(f"\nruns: {out}")
+    from . import train
+
+    sys.argv = [sys.argv[0], *args]
+    train.main()
     return 0
 
 

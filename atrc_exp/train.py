@@ -3,6 +3,7 @@
 atrc-train                                   # defaults: synthetic data, HRNet18, multi-task FCN
 atrc-train tasks=semseg                      # single-task baseline
 atrc-train --multirun tasks=semseg,depth     # one run dir per job, each with metrics.json
+atrc-train mode=pipeline                     # ATRC: search, distillation, baseline (atrc_exp.pipeline)
 atrc-train --help                            # config groups and options
 """
 
@@ -65,7 +66,8 @@ def _is_main_rank() -> bool:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Run one job; returns the first validation metric (for Hydra sweepers)."""
+    """Run one job (``mode=pipeline``: :func:`atrc_exp.pipeline.run_pipeline`); returns the first
+    validation metric (for Hydra sweepers)."""
     from .engine import fit
     from .engine.faults import Preempted
     from .hydra_callbacks import FAILED_MARKER
@@ -74,8 +76,14 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = hc.runtime.output_dir
     sweeping = hc.mode == RunMode.MULTIRUN
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    pipeline = cfg.mode.name == "pipeline"
     try:
-        metrics = fit(cfg, run_dir)
+        if pipeline:
+            from .pipeline import run_pipeline
+
+            metrics = run_pipeline(cfg, run_dir, list(hc.overrides.task), hc.job.config_name)
+        else:
+            metrics = fit(cfg, run_dir)
     except Preempted as e:
         log.warning("%s", e)
         print(f"preempted: {e}", file=sys.stderr)
@@ -100,7 +108,7 @@ def main(cfg: DictConfig) -> float | None:
             file=sys.stderr,
         )
         sys.exit(2)
-    if _is_main_rank():
+    if _is_main_rank() and not pipeline:  # the pipeline printed its tables
         print(format_metrics_table(metrics, f"final validation metrics ({cfg.run_name}, {run_dir})"))
     return next(iter(metrics.values()), None)
 

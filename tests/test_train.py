@@ -82,6 +82,12 @@ def test_resume_continues_from_checkpoint(tiny_data_dir, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 6
 
 
+def cli_overrides(data_dir: Path, **extra: object) -> list[str]:
+    """:func:`tiny_overrides` with the configured DataLoader worker count (``trainer.num_workers``,
+    2), as a user runs the CLIs and launchers: their tests must exercise worker start-up."""
+    return [o for o in tiny_overrides(data_dir, **extra) if not o.startswith("trainer.num_workers=")]
+
+
 def _run_cli(args: list[str], cwd: Path, timeout=600, launcher: list[str] | None = None):
     env = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
     cmd = (launcher or [sys.executable, "-m", "atrc_exp.train"]) + args
@@ -98,7 +104,7 @@ def test_multirun_two_jobs_two_run_dirs(tiny_data_dir, tmp_path):
             "tasks=semseg,depth",
             "context=none",
             f"hydra.sweep.dir={sweep}",
-            *tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 2}),
+            *cli_overrides(tiny_data_dir, **{"trainer.max_steps": 2}),
         ],
         cwd=tmp_path,
     )
@@ -140,7 +146,9 @@ def test_two_process_validation_equals_one_process(tiny_data_dir, tmp_path):
         "-m",
         "atrc_exp.train",
     ]
-    _run_cli([f"hydra.run.dir={two_dir}", *over], cwd=tmp_path, launcher=launcher)
+    # the CLI run with DataLoader workers, as users run it (workers do not change the data)
+    cli = [o for o in over if not o.startswith("trainer.num_workers=")]
+    _run_cli([f"hydra.run.dir={two_dir}", *cli], cwd=tmp_path, launcher=launcher)
     two = json.loads((two_dir / "metrics.json").read_text())["metrics"]
     assert set(two) == set(one)
     for k in one:
@@ -168,7 +176,7 @@ def test_wandb_offline_run_has_metrics(tiny_data_dir, tmp_path):
 
 def test_make_train_cli_prints_table(tiny_data_dir, tmp_path):
     out = _run_cli(
-        [f"hydra.run.dir={tmp_path / 'run'}", *tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 1})],
+        [f"hydra.run.dir={tmp_path / 'run'}", *cli_overrides(tiny_data_dir, **{"trainer.max_steps": 1})],
         cwd=REPO,
     )
     for key in ("semseg/mIoU", "depth/rmse", "normals/mean_angle", "edge/loss"):
@@ -202,6 +210,8 @@ def test_wandb_run_is_closed_when_the_job_fails(tiny_data_dir, tmp_path):
 
 
 def test_joblib_multiprocessing_launcher_sweep(tiny_data_dir, tmp_path):
+    """The README's parallel sweep with the default DataLoader workers: jobs run in joblib's loky
+    worker processes, whose default start method (``loky``) cannot start DataLoader workers."""
     sweep = tmp_path / "sweep"
     _run_cli(
         [
@@ -209,7 +219,7 @@ def test_joblib_multiprocessing_launcher_sweep(tiny_data_dir, tmp_path):
             "hydra/launcher=joblib_mp",
             "seed=0,1",
             f"hydra.sweep.dir={sweep}",
-            *tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 1, "tasks": "depth"}),
+            *cli_overrides(tiny_data_dir, **{"trainer.max_steps": 1, "tasks": "depth"}),
         ],
         cwd=tmp_path,
     )
@@ -217,6 +227,35 @@ def test_joblib_multiprocessing_launcher_sweep(tiny_data_dir, tmp_path):
         json.loads(p.read_text())["metrics"]["depth/rmse"] for p in sorted(sweep.glob("*/metrics.json"))
     ]
     assert len(results) == 2 and results[0] != results[1]  # different seeds, different runs
+
+
+def _loader_in_loky_worker(num_workers: int) -> tuple[str | None, list[int]]:
+    """In a joblib loky worker: the process's start method and the batches of a DataLoader."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    from atrc_exp.engine.trainer import worker_start_context
+
+    loader = DataLoader(
+        list(range(4)),
+        batch_size=2,
+        num_workers=num_workers,
+        multiprocessing_context=worker_start_context(num_workers),
+    )
+    return multiprocessing.get_start_method(), [int(x) for batch in loader for x in batch]
+
+
+def test_dataloader_workers_start_inside_joblib_loky_worker():
+    """Normal runs keep multiprocessing's default start method (fork on Linux: no pickling); in a
+    loky worker, whose default is loky's own, the platform's standard method is used instead."""
+    from joblib import Parallel, delayed
+
+    from atrc_exp.engine.trainer import worker_start_context
+
+    assert worker_start_context(0) is None and worker_start_context(2) is None
+    [(method, data)] = Parallel(n_jobs=2, backend="loky")([delayed(_loader_in_loky_worker)(2)])
+    assert method == "loky" and data == [0, 1, 2, 3]
 
 
 def test_slurm_launcher_config_composes():

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import multiprocessing
 import time
 import warnings
 from collections.abc import Iterator
@@ -141,6 +142,23 @@ def _worker_init(_: int) -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+def worker_start_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
+    """The ``multiprocessing_context`` of a DataLoader with ``num_workers`` workers.
+
+    ``None`` (multiprocessing's default start method: ``fork`` on Linux, no pickling of the
+    dataset) unless this process's default was switched to a start method multiprocessing does
+    not know: a job of Hydra's joblib launcher runs in a worker of joblib's ``loky`` backend,
+    which makes ``loky`` the default, and loky can only start its own ``LokyProcess`` objects
+    (``'Process' object has no attribute 'env'`` for DataLoader workers). There the platform's
+    standard default (the first of ``multiprocessing.get_all_start_methods()``) is used."""
+    if num_workers <= 0:
+        return None
+    standard = multiprocessing.get_all_start_methods()
+    if multiprocessing.get_start_method(allow_none=True) in (None, *standard):
+        return None
+    return multiprocessing.get_context(standard[0])
+
+
 @contextlib.contextmanager
 def workers_shut_down(iterator) -> Iterator[None]:
     """Shut the DataLoader workers of ``iterator`` down when the block ends, however it ends.
@@ -178,13 +196,15 @@ def build_train_loader(dataset, cfg: DictConfig, acc: Accelerator, start_step: i
         rank=acc.process_index,
         world_size=acc.num_processes,
     )
+    kwargs = train_loader_kwargs(tc, acc.device)  # num_workers, pin_memory, prefetch_factor, ...
     # one iterator for the whole run, so workers live as long as the run (persistent by design)
     return DataLoader(
         SeededAugmentation(dataset, int(cfg.seed)),
         batch_sampler=sampler,
         generator=torch.Generator(),  # leaves the global RNG stream alone
         worker_init_fn=_worker_init,
-        **train_loader_kwargs(tc, acc.device),  # num_workers, pin_memory, prefetch_factor, ...
+        multiprocessing_context=worker_start_context(kwargs["num_workers"]),
+        **kwargs,
     )
 
 
@@ -207,6 +227,7 @@ def build_val_loader(dataset, cfg: DictConfig, acc: Accelerator) -> DataLoader:
         num_workers=int(cfg.trainer.num_workers),
         pin_memory=acc.device.type == "cuda",
         worker_init_fn=_worker_init,
+        multiprocessing_context=worker_start_context(int(cfg.trainer.num_workers)),
     )
 
 
@@ -301,7 +322,8 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
     if init_from:
         from ..models.original import load_original_state_dict
 
-        report = load_original_state_dict(model, str(init_from))
+        trusted = bool(OmegaConf.select(cfg, "trainer.init_from_original_trusted", default=False))
+        report = load_original_state_dict(model, str(init_from), weights_only=not trusted)
         log.info("initialised from original weights %s (%d tensors)", init_from, report["loaded"])
     model = apply_fast_paths(model, cfg)  # channels_last / torch.compile (trainer.*; off by default)
     channels_last = channels_last_enabled(cfg)
