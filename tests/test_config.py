@@ -22,7 +22,7 @@ def test_spec_groups_and_options_exist():
     assert set(_options("backbone")) >= {"hrnet18", "hrnet48", "timm"}
     assert set(_options("tasks")) >= {"all", "semseg", "depth", "normals", "edge", "sal", "human_parts"}
     assert set(_options("context")) >= {"none", "global", "local", "tlabel", "slabel", "atrc", "search"}
-    assert set(_options("mode")) == {"search", "distill"}
+    assert set(_options("mode")) == {"search", "distill", "pipeline"}
     assert set(_options("logger")) == {"wandb", "none"}
 
 
