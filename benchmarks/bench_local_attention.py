@@ -14,10 +14,15 @@ and the CUDA extension are available; their peak memory is reported too.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import platform
+import shlex
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -102,6 +107,71 @@ def kernel_profile(device: str, dtype: torch.dtype, shape, ks: int, n: int = 5) 
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
+def _display_command(argv: list[str]) -> str:
+    """This script's command line for a report, without ``--markdown``/``--machine`` and their values."""
+    shown = [a for i, a in enumerate(argv) if a not in ("--markdown", "--machine")
+             and (i == 0 or argv[i - 1] not in ("--markdown", "--machine"))]  # fmt: skip
+    return shlex.join(["python", "benchmarks/bench_local_attention.py", *shown])
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def ops_markdown(
+    rows: list[dict],
+    profiles: dict[str, dict[str, float]],
+    machine: str,
+    command: str,
+    ks: int,
+    gpu_gflops: dict[str, float] | None = None,
+) -> list[str]:
+    """``rows`` (and the ``--profile`` kernel times) in ``benchmarks/RESULTS.md``'s format: a
+    heading naming what, the machine and the date, the command, then one table row per size,
+    backend and dtype."""
+    devices = sorted({r["device"] for r in rows})
+    lines = [
+        f"### Local-attention op ({', '.join(devices) or 'no rows'}): {machine}, {datetime.date.today().isoformat()}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"torch {torch.__version__}, k = {ks}. Times are per call (median; on CUDA each sample is 20 calls "
+        "back to back between two synchronisations); the reference is the pure-PyTorch backend on the same "
+        "device; the floor is 3 × 4·B·C·H·W·k² FLOPs at the float32 matmul rate measured in the same run"
+        + (f" ({gpu_gflops['torch.float32'] / 1e3:.1f} TFLOP/s on the GPU)" if gpu_gflops else "")
+        + "; peak MiB: `torch.cuda.max_memory_allocated` of the fwd+bwd calls (CUDA only).",
+        "",
+        "| B×C×H×W | backend | device | dtype | fwd ms | fwd+bwd ms | speed-up vs reference (fwd / f+b) "
+        "| × floor | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x, fmt: str) -> str:
+        return "-" if x is None else fmt % x
+
+    for r in rows:
+        backend = "torch reference" if r["backend"] == "torch" else r["backend"]
+        sp = (
+            f"{r['speedup_fwd_vs_torch']:.1f}× / {r['speedup_fwd_bwd_vs_torch']:.1f}×"
+            if r["speedup_fwd_vs_torch"] is not None
+            else "-"
+        )
+        lines.append(
+            f"| {r['size'].replace('x', '×')} | {backend} | {r['device']} | {r['dtype']} | {r['fwd_s'] * 1e3:.2f} "
+            f"| {r['fwd_bwd_s'] * 1e3:.2f} | {sp} | {f(r['x_floor'], '%.1f')} | {f(r['peak_mem_mib'], '%.0f')} |"
+        )
+    if profiles:
+        lines += ["", "CUDA kernels per fwd+bwd call (`--profile`, torch.profiler, mean of 5 calls):", ""]
+        for key, per in profiles.items():
+            parts = ", ".join(f"{name} {us:.0f} µs" for name, us in per.items())
+            lines.append(f"* {key}: total {sum(per.values()):.0f} µs ({parts})")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["2x33x48x64", "8x33x107x140"], help="BxCxHxW")
@@ -113,6 +183,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--skip-cpu", action="store_true", help="only the CUDA rows (GPU machines)")
     p.add_argument("--profile", action="store_true", help="CUDA: µs per call of each kernel (torch.profiler)")
+    p.add_argument("--markdown", default=None, help="also write the rows as a RESULTS.md table here")
+    p.add_argument("--machine", default=None, help="machine name for --markdown (default: the GPU's / CPU's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,6 +264,12 @@ def main(argv=None):
                 print(f"kernels per fwd+bwd call, {key}: total {sum(profiles[key].values()):.0f} µs")
                 for name, us in profiles[key].items():
                     print(f"  {us:9.1f} µs  {name}")
+    if args.markdown:
+        machine = args.machine or (torch.cuda.get_device_name() if "cuda" in backends else _cpu_name())
+        command = _display_command(sys.argv[1:] if argv is None else argv)
+        text = ops_markdown(rows, profiles, machine=machine, command=command, ks=ks, gpu_gflops=gpu_gflops)
+        Path(args.markdown).write_text("\n".join(text) + "\n")
+        print(f"wrote {args.markdown}")
     if args.out:
         meta = dict(
             torch=torch.__version__,

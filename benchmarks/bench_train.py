@@ -62,7 +62,9 @@ activations kept for the backward instead of recomputed: a faster step, about tw
 
 On CUDA each configuration also reports the GPU kernel time of one step (``torch.profiler``, sum
 of the kernels' durations, and their number): a step much longer than its kernel time is bound by
-the host (Python, dispatch, launches), which bf16 cannot speed up and CUDA graphs can. Every
+the host (Python, dispatch, launches), which bf16 cannot speed up and CUDA graphs can. The host
+time of a step is the wall time until the step function returns, before ``torch.cuda.synchronize()``
+(the step never reads the loss; the search reads one flag from the device per step). Every
 eager configuration reports the ATen ops one step dispatches (views and metadata ops excluded;
 counted by a ``TorchDispatchMode`` in one extra step): the host's work, the same on every device
 for the same code path (the optimizer aside: a loop per parameter on the CPU, ``foreach`` on
@@ -76,7 +78,18 @@ one endless iterator, so ``persistent_workers`` changes nothing there and is not
 ``pin_memory`` is timed on CUDA only (it has no effect on the CPU).
 
 CPU: batch 2 at 192×256 with ``--threads`` (2) torch threads. CUDA (when present): batch 8 at
-425×560 (the paper's NYUD crop). Results go to ``benchmarks/results-<hostname>.json``.
+425×560 (the paper's NYUD crop); ``--size`` sets another. Results go to
+``benchmarks/results-<hostname>.json``, rewritten after every row.
+
+For a short-lived GPU machine (``benchmarks/gpu_checks.sh``): ``--budget`` bounds the whole run
+(the eager rows run first, then the compile rows; a row gets at most what is left, one that cannot
+start is reported as not run), ``--compile-timeout`` bounds each compile row, ``--parallel-compile
+N`` compiles up to N compile rows at once in concurrent processes and then times them one at a time
+with the others idle (:func:`measure_group`), ``--markdown`` writes every planned row (skipped and
+timed-out ones included, with why) as a ``benchmarks/RESULTS.md`` table (:func:`train_markdown`).
+A worker killed at its time limit still gives its timings if it got past them (it prints them
+before the profile and the op count); SIGTERM makes the driver stop its workers and write what it
+has.
 """
 
 from __future__ import annotations
@@ -88,6 +101,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -332,8 +346,13 @@ def run_worker(spec: dict) -> dict:
     next_batch = _loader(spec, device) if spec.get("loader") is not None else (lambda: fixed)
     use_bf16 = bool(spec.get("bf16"))
     cuda = device.type == "cuda"
+    # CUDA graphs (torch.compile mode=reduce-overhead): each step is a new iteration of the graphs
+    mark_step = spec.get("compile_mode") == "reduce-overhead" and cuda
 
-    def step(i: int) -> float:
+    def step(i: int) -> torch.Tensor:
+        """One training step; returns the detached loss without reading it (no synchronisation)."""
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
         batch = next_batch()
         image = prepare_input(batch["image"], cl)
         opt.zero_grad(set_to_none=True)
@@ -351,40 +370,78 @@ def run_worker(spec: dict) -> dict:
         opt.step()
         if search:
             arch_opt.step()
-        return float(loss.detach())
+        return loss.detach()
+
+    gate = spec.get("gate")
+    warmup = int(spec["warmup"])
+    times, host_times, losses = [], [], []
+
+    def timed_step(i: int) -> None:
+        t0 = time.perf_counter()
+        losses.append(step(i))
+        t_host = time.perf_counter()  # the step function returned: the host's part
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        host_times.append(t_host - t0)
 
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     rss0 = _rss_kib()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, losses = [], []
-    for i in range(n_total):
-        t0 = time.perf_counter()
-        losses.append(step(i))
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    for i in range(warmup):
+        timed_step(i)
+    gate_wait = None
+    if gate:  # compiled concurrently with other rows: wait for the GPU to ourselves, warm up again
+        gate_wait = wait_gate(Path(gate))
+        timed_step(warmup)
+        warmup += 1
+    window = [time.time()]
+    for i in range(warmup, warmup + int(spec["steps"])):
+        timed_step(i)
+    window.append(time.time())
+    n_total = warmup + int(spec["steps"])
     if cuda:
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    extra = gpu_kernel_time(step, n_total) if cuda else {}
-    if not spec.get("compile"):  # a compiled step would be traced again under the counting mode
-        extra.update(dispatched_ops(step, n_total + 2))
-    return {
-        **extra,
+    loss_values = [float(x) for x in losses]
+    result = {
         **spec,
-        "step_times_s": times[int(spec["warmup"]) :],
+        "step_times_s": times[warmup:],
+        "host_times_s": host_times[warmup:],
+        "timed_window": window,  # wall-clock start and end of the timed steps
         "first_step_s": times[0],
         "peak_mem_mib": peak_mib,
         "peak_mem_kind": "cuda max_memory_allocated" if cuda else "peak RSS growth",
         "rss_before_mib": rss0 / 1024,
         "maxrss_before_mib": maxrss0 / 1024,
-        "losses": losses,
-        "finite": all(math.isfinite(x) for x in losses),
+        "losses": loss_values,
+        "finite": all(math.isfinite(x) for x in loss_values),
         "params": sum(p.numel() for p in model.parameters()),
     }
+    if gate_wait is not None:
+        result["gate_wait_s"] = gate_wait
+    # the timings so far, in case the extras below fail or run past the row's time limit
+    print(MARK + json.dumps({**result, "extras": "not finished"}), flush=True)
+    extra = gpu_kernel_time(step, n_total) if cuda else {}
+    if not spec.get("compile"):  # a compiled step would be traced again under the counting mode
+        extra.update(dispatched_ops(step, n_total + 2))
+    return {**extra, **result}
+
+
+def wait_gate(gate: Path, poll_s: float = 0.1, max_wait_s: float = 3600) -> float:
+    """Tell the driver this worker is warm (``gate/ready``), wait for ``gate/go``; seconds waited.
+    Exits when the driver is gone (re-parented) or after ``max_wait_s``."""
+    parent = os.getppid()
+    (gate / "ready").write_text(str(os.getpid()))
+    t0 = time.perf_counter()
+    while not (gate / "go").exists():
+        if os.getppid() != parent or time.perf_counter() - t0 > max_wait_s:
+            sys.exit("bench_train worker: the driver is gone or never said go")
+        time.sleep(poll_s)
+    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,25 +458,145 @@ def _spawn(
     return p.returncode, p.stdout, p.stderr
 
 
-def measure(spec: dict, timeout: float, cold_cache: bool = False) -> dict:
-    """One configuration in a fresh process; ``cold_cache``: with an empty inductor cache (its
-    first step is then a whole compilation, not a cache load)."""
-    cache_dir = tempfile.TemporaryDirectory(prefix="inductor-") if cold_cache else contextlib.nullcontext()
-    with cache_dir as cache:
-        try:
-            rc, out, err = _spawn(
-                [sys.executable, __file__, "--worker", json.dumps(spec)],
-                spec.get("threads"),
-                timeout,
-                {"TORCHINDUCTOR_CACHE_DIR": cache} if cache else None,
-            )
-        except subprocess.TimeoutExpired:
-            return {**spec, "error": f"timed out after {timeout:.0f} s"}
+#: worker processes running now (each the leader of its own process group), killed on exit
+_CHILDREN: set[subprocess.Popen] = set()
+
+
+def _start_worker(spec: dict, logdir: Path, env_extra: dict | None = None) -> subprocess.Popen:
+    """A worker process for ``spec`` in its own process group (so that a time limit kills its
+    inductor compile workers too), stdout/stderr into files in ``logdir``."""
+    env = dict(os.environ) | (env_extra or {})
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    env.setdefault("WANDB_MODE", "offline")
+    with open(logdir / "stdout", "w") as out, open(logdir / "stderr", "w") as err:
+        p = subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            cwd=REPO, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL, preexec_fn=os.setpgrp,
+        )  # fmt: skip
+    _CHILDREN.add(p)
+    return p
+
+
+def _kill(p: subprocess.Popen) -> None:
+    """SIGKILL ``p``'s process group (the worker and what it started) and reap it."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, signal.SIGKILL)  # the group outlives its leader while members remain
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(10)
+    _CHILDREN.discard(p)
+
+
+def kill_workers() -> None:
+    for p in list(_CHILDREN):
+        _kill(p)
+
+
+def _collect(spec: dict, p: subprocess.Popen, logdir: Path, timed_out: str | None) -> dict:
+    """The worker's last result line (the timings are printed before the profile and the op
+    count, so a worker stopped during those still gives them), else an error row; ``timed_out``:
+    the text of the time limit it ran into, if it did."""
+    _CHILDREN.discard(p)
+    out = (logdir / "stdout").read_text(errors="replace")
+    err = (logdir / "stderr").read_text(errors="replace")
     for line in reversed(out.splitlines()):
         if line.startswith(MARK):
-            return json.loads(line[len(MARK) :])
-    tail = (err or out).strip().splitlines()[-3:]
-    return {**spec, "error": f"exit {rc}: " + " | ".join(tail)}
+            r = json.loads(line[len(MARK) :])
+            r.pop("gate", None)
+            if r.pop("extras", None):
+                r["extras_error"] = timed_out or f"exit {p.returncode} during the profile / op count"
+                r.setdefault("gpu_kernel_error", r["extras_error"])
+            return r
+    base = {k: v for k, v in spec.items() if k != "gate"}
+    if timed_out:
+        return {**base, "error": timed_out, "timed_out": True}
+    lines = [x.strip() for x in (err or out).strip().splitlines() if x.strip()]
+    return {**base, "error": f"exit {p.returncode}: " + (lines[-1] if lines else "no output")}
+
+
+def measure(spec: dict, timeout: float, cold_cache: bool = False) -> dict:
+    """One configuration in a fresh process, killed (with what it started) after ``timeout``
+    seconds; ``cold_cache``: with an empty inductor cache (its first step is then a whole
+    compilation, not a cache load)."""
+    cache_dir = tempfile.TemporaryDirectory(prefix="inductor-") if cold_cache else contextlib.nullcontext()
+    with cache_dir as cache, tempfile.TemporaryDirectory(prefix="bench-worker-") as logdir:
+        p = _start_worker(spec, Path(logdir), {"TORCHINDUCTOR_CACHE_DIR": cache} if cache else None)
+        timed_out = None
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = f"timeout ({timeout:.0f} s)"
+        _kill(p)  # also what it started and left running
+        return _collect(spec, p, Path(logdir), timed_out)
+
+
+#: a row is not started with less than this many seconds of ``--budget`` left
+MIN_ROW_S = 15.0
+#: seconds a compiled row needs once warm (one more warm-up step, the timed steps, the profile)
+TIMING_RESERVE_S = 20.0
+
+
+def measure_group(specs: list[dict], deadline: float, reserve_s: float = TIMING_RESERVE_S) -> list[dict]:
+    """The rows of ``specs`` compiled concurrently, then timed one at a time: each worker runs
+    its warm-up steps (the compilation), says it is ready and waits; once all are ready, or when
+    only ``reserve_s`` per ready row (and one more) is left before ``deadline``
+    (``time.monotonic()``), the ones still warming up are stopped (a timeout row) and the ready
+    ones are timed in turn, with the others idle (their measurements do not overlap); each gets
+    at least ``reserve_s`` seconds. Each worker compiles with cpu_count / len(specs) inductor
+    compile threads (at least 2) unless ``TORCHINDUCTOR_COMPILE_THREADS`` is set."""
+    n = len(specs)
+    env = {}
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(2, (os.cpu_count() or 2) // n))
+    results: list[dict | None] = [None] * n
+    with tempfile.TemporaryDirectory(prefix="bench-group-") as tmp:
+        dirs = [Path(tmp) / str(i) for i in range(n)]
+        procs = []
+        t0 = time.monotonic()
+        try:
+            for d, spec in zip(dirs, specs, strict=True):
+                d.mkdir()
+                procs.append(_start_worker({**spec, "gate": str(d)}, d, env))
+            ready = [False] * n
+            while True:
+                for i, p in enumerate(procs):
+                    if results[i] is None and not ready[i]:
+                        if (dirs[i] / "ready").exists():
+                            ready[i] = True
+                        elif p.poll() is not None:
+                            _kill(p)
+                            results[i] = _collect(specs[i], p, dirs[i], None)
+                warming = [i for i in range(n) if results[i] is None and not ready[i]]
+                # time for the ready rows and one more: a row still compiling then is stopped
+                if not warming or time.monotonic() + reserve_s * (sum(ready) + 1) >= deadline:
+                    break
+                time.sleep(0.25)
+            waited = time.monotonic() - t0
+            for i in warming:
+                _kill(procs[i])
+                results[i] = _collect(
+                    specs[i],
+                    procs[i],
+                    dirs[i],
+                    f"timeout ({waited:.0f} s, compiled alongside {n - 1} other rows)",
+                )
+            todo = [i for i in range(n) if results[i] is None]
+            for k, i in enumerate(todo):
+                (dirs[i] / "go").write_text("")
+                limit = max(reserve_s, (deadline - time.monotonic()) / (len(todo) - k))
+                timed_out = None
+                try:
+                    procs[i].wait(limit)
+                except subprocess.TimeoutExpired:
+                    timed_out = f"timeout ({limit:.0f} s, after its compilation)"
+                _kill(procs[i])  # also what it started and left running
+                results[i] = _collect(specs[i], procs[i], dirs[i], timed_out)
+        finally:
+            for p in procs:
+                _kill(p)
+    return results  # type: ignore[return-value]
 
 
 def bench_data(n: int, timeout: float) -> list[dict]:
@@ -462,37 +639,51 @@ def _fmt(x, fmt: str) -> str:
 
 def _kernel_cell(r: dict) -> str:
     if "gpu_kernel_s" in r:
-        return f"{r['gpu_kernel_s'] * 1e3:.0f} ({r['gpu_kernels_per_step']:.0f})"
+        return f"{r['gpu_kernel_s'] * 1e3:.1f} ({r['gpu_kernels_per_step']:.0f})"
+    if r["device"] != "cuda":
+        return f"n/a on {r['device']}"
     return r.get("gpu_kernel_error", "-")[:60]
+
+
+def row_status(r: dict) -> str | None:
+    """What a row that has no timings shows instead (``None`` for a measured row): why it was
+    skipped, ``timeout (N s)``, or its error."""
+    if "skipped" in r:
+        return r["skipped"]
+    if "error" in r:
+        return r["error"][:160] if r.get("timed_out") else f"error: {r['error'][:160]}"
+    return None
 
 
 def train_table(rows: list[dict]) -> list[str]:
     """The training-step rows as a Markdown table (ratios from the same run)."""
-    ok = [r for r in rows if "error" not in r and not r["path"].startswith("loader:")]
+    ok = [r for r in rows if row_status(r) is None and not r["path"].startswith("loader:")]
     base = {(r["device"], r["path"]): r["step_s"] for r in ok if r["context"] == "none"}
     fp32 = {(r["device"], r["context"]): r["step_s"] for r in ok if r["path"] == "fp32"}
     mem_kind = {r["device"]: r["peak_mem_kind"] for r in ok}
     lines = [
         "| device | context | path | B×H×W | ms/step (median) | best ms | img/s | × none (same path) "
-        "| speed-up vs fp32 | peak MiB | first step s | ATen ops/step | GPU kernel ms/step (kernels) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speed-up vs fp32 | peak MiB | first step s | ATen ops/step | host ms/step | GPU kernel ms/step (kernels) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["path"].startswith("loader:"):
             continue
         b, h, w = r["size"]
         head = f"| {r['device']} | {r['context']} | {r['path']} | {b}×{h}×{w} "
-        if "error" in r:
-            lines.append(head + f"| error: {r['error'][:160]} | | | | | | | | |")
+        status = row_status(r)
+        if status is not None:
+            lines.append(head + f"| {status} |" + " |" * 9)
             continue
         t = r["step_s"]
         nb = base.get((r["device"], r["path"]))
         f32 = fp32.get((r["device"], r["context"])) if r["path"] != "fp32" else None
+        host = r.get("host_s")
         lines.append(
             head + f"| {t * 1e3:.0f} | {r['best_step_s'] * 1e3:.0f} | {r['images_per_s']:.2f} "
             f"| {_fmt(t / nb if nb else None, '%.2f×')} | {_fmt(f32 / t if f32 else None, '%.2f×')} "
             f"| {r['peak_mem_mib']:.0f} | {r['first_step_s'][0]:.1f} | {_fmt(r.get('aten_ops_per_step'), '%d')} "
-            f"| {_kernel_cell(r)} |"
+            f"| {_fmt(host * 1e3 if host is not None else None, '%.0f')} | {_kernel_cell(r)} |"
         )
     if mem_kind:
         lines.append("")
@@ -500,7 +691,96 @@ def train_table(rows: list[dict]) -> list[str]:
             "peak MiB: " + "; ".join(f"{d}: {k}" for d, k in mem_kind.items()) + ". first step: round 1 "
             "(compile rows: compilation, from an empty inductor cache with --cold-compile; later rounds "
             "hit the cache). ATen ops/step: the ops one step dispatches, views excluded (the host's work; "
-            "not counted for compiled steps)"
+            "not counted for compiled steps). host ms/step: " + HOST_TIME_DEF
+        )
+    return lines
+
+
+#: what "host ms/step" is (the table notes repeat it)
+HOST_TIME_DEF = (
+    "median wall time from a step's start until the step function returns, before "
+    "`torch.cuda.synchronize()` (the host dispatching the step without waiting for the device, except "
+    "where the step itself waits: the search reads one flag from the device per step, and a host that "
+    "gets a full launch queue ahead of the GPU waits for room; on the CPU it is the step time)"
+)
+#: the columns of the Markdown table of ``--markdown`` (one row per context and path)
+MD_COLUMNS = (
+    "context",
+    "path",
+    "B×H×W",
+    "step ms (median)",
+    "images/s",
+    "speed-up vs fp32",
+    "peak MiB",
+    "kernel ms/step (kernels)",
+    "host ms/step (until the step returns, before sync)",
+    "first step s",
+)
+
+
+def train_markdown(rows: list[dict], meta: dict, command: str) -> list[str]:
+    """The training-step rows in ``benchmarks/RESULTS.md``'s format: a heading naming what, the
+    machine and the date, the command, what each column means, and one table row per (context,
+    path) in ``rows``' order, a row without timings saying why (skipped, ``timeout (N s)``,
+    error)."""
+    rows = [r for r in rows if not r["path"].startswith("loader:")]
+    ok = [r for r in rows if row_status(r) is None]
+    fp32 = {(r["device"], r["context"]): r["step_s"] for r in ok if r["path"] == "fp32"}
+    devices = sorted({r["device"] for r in rows})
+    sizes = sorted({"×".join(map(str, r["size"])) for r in rows})
+    lines = [
+        f"### Training step per context and path ({', '.join(devices)}): {meta['machine']}, {meta['date'][:10]}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"torch {meta['torch']}, Python {meta['python']}, {meta['cpu_count']} host cores; HRNet18 (no "
+        f"pretrained weights), NYUD tasks (40 classes), batch×height×width {', '.join(sizes)}, synthetic "
+        "in-memory batch; a step is zero_grad + forward + loss + backward + SGD step (the search: + Adam on "
+        "α, gradient clipping). Every row runs in a fresh process; "
+        + f"timed steps: {meta['steps']}, after {meta['warmup']} warm-up steps (compile rows: one more; "
+        "the first step compiles). bf16: autocast around forward "
+        "and loss; compile: `torch.compile` of backbone and head, default mode; bf16+cudagraphs: the same "
+        'with `mode="reduce-overhead"` (CUDA graphs) and bf16 autocast.'
+        + (
+            f" The compile rows were compiled up to {meta['parallel_compile']} at a time in concurrent "
+            "processes, then timed one at a time with the others idle (after one more warm-up step)."
+            if meta.get("parallel_compile")
+            else ""
+        ),
+        "",
+        "Columns: step ms = median wall time of a step, from its start until `torch.cuda.synchronize()` "
+        "returns after it (on the CPU: until it returns); images/s = batch / step time; speed-up vs fp32 = "
+        "the fp32 step of the same context / this step; peak MiB = "
+        + "; ".join(
+            f"{d}: "
+            + (
+                "`torch.cuda.max_memory_allocated` over all steps (weights included)"
+                if d == "cuda"
+                else "peak RSS growth over the steps"
+            )
+            for d in devices
+        )  # fmt: skip
+        + "; kernel ms/step = sum of the CUDA kernels' durations in one step (`torch.profiler`, mean of "
+        "2 steps), their number in brackets; host ms/step = " + HOST_TIME_DEF + "; first step s = the "
+        "first step's wall time (compile rows: the compilation).",
+        "",
+        "| " + " | ".join(MD_COLUMNS) + " |",
+        "|" + "---|" * len(MD_COLUMNS),
+    ]
+    for r in rows:
+        b, h, w = r["size"]
+        head = f"| {r['context']} | {r['path']} | {b}×{h}×{w} "
+        status = row_status(r)
+        if status is not None:
+            lines.append(head + f"| {status} |" + " |" * (len(MD_COLUMNS) - 4))
+            continue
+        t = r["step_s"]
+        f32 = fp32.get((r["device"], r["context"])) if r["path"] != "fp32" else None
+        host = r.get("host_s")
+        lines.append(
+            head + f"| {t * 1e3:.1f} | {r['images_per_s']:.1f} | {_fmt(f32 / t if f32 else None, '%.2f×')} "
+            f"| {r['peak_mem_mib']:.0f} | {_kernel_cell(r)} | {_fmt(host * 1e3 if host is not None else None, '%.1f')} "
+            f"| {r['first_step_s'][0]:.1f} |"
         )
     return lines
 
@@ -510,7 +790,9 @@ def loader_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     ref = {
-        r["device"]: r["step_s"] for r in rows if r["path"] == "loader:in-memory batch" and "error" not in r
+        r["device"]: r["step_s"]
+        for r in rows
+        if r["path"] == "loader:in-memory batch" and row_status(r) is None
     }
     lines = [
         "| device | context=none fp32 step fed by | ms/step (mean) | img/s | vs in-memory batch |",
@@ -518,8 +800,9 @@ def loader_table(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         label = r["path"].split(":", 1)[1]
-        if "error" in r:
-            lines.append(f"| {r['device']} | {label} | error: {r['error'][:160]} | | |")
+        status = row_status(r)
+        if status is not None:
+            lines.append(f"| {r['device']} | {label} | {status} | | |")
             continue
         base = ref.get(r["device"])
         lines.append(
@@ -566,13 +849,16 @@ def merge(results: list[dict]) -> dict:
     times = [t for r in ok for t in r["step_times_s"]]
     stat = statistics.mean if ok[0]["path"].startswith("loader:") else statistics.median
     t = stat(times)
-    row = {k: v for k, v in ok[0].items() if k not in ("step_times_s", "losses")}
+    row = {k: v for k, v in ok[0].items() if k not in ("step_times_s", "host_times_s", "losses")}
+    hosts = [x for r in ok for x in r.get("host_times_s", [])]
     row.update(
+        host_s=stat(hosts) if hosts else None,
         step_s=t,
         step_stat=stat.__name__,
         best_step_s=min(times),
         images_per_s=ok[0]["size"][0] / t,
         step_times_s=[r["step_times_s"] for r in ok],
+        host_times_s=[r.get("host_times_s") for r in ok],
         first_step_s=[r["first_step_s"] for r in ok],
         peak_mem_mib=max(r["peak_mem_mib"] for r in ok),
         final_loss=ok[0]["losses"][-1],
@@ -584,11 +870,15 @@ def merge(results: list[dict]) -> dict:
     return row
 
 
-def plan_specs(args, dev: str, include: set[str]) -> list[dict]:
+def plan_rows(args, dev: str, include: set[str]) -> list[dict]:
+    """Every (context, path) asked for on ``dev``, in table order: a worker spec each, or a row
+    with ``skipped`` (why it is not timed there: a GPU-only path on the CPU, ``--skip-compile``,
+    no bf16 on the GPU)."""
     import torch
 
     steps = args.steps or (6 if dev == "cpu" else 20)
     threads = args.threads if dev == "cpu" else None
+    size = tuple(getattr(args, "size", None) or SIZES[dev])
     plan = [(c, "fp32") for c in args.contexts if "fp32" in args.paths]
     for n in args.paths:
         if n != "fp32":
@@ -597,23 +887,20 @@ def plan_specs(args, dev: str, include: set[str]) -> list[dict]:
     specs = []
     for context, name in plan:
         extra = PATHS[name]
-        if extra.get("bf16") and dev == "cuda" and not torch.cuda.is_bf16_supported():
-            continue
+        row = dict(device=dev, context=context, path=name, size=size)
         if (name in GPU_ONLY_PATHS and dev != "cuda") or (name in CPU_ONLY_PATHS and dev != "cpu"):
+            specs.append(row | {"skipped": f"skipped on {dev}"})
+            continue
+        if extra.get("compile") and getattr(args, "skip_compile", False):
+            specs.append(
+                row | {"skipped": f"skipped on {dev}" if dev == "cpu" else "skipped (--skip-compile)"}
+            )
+            continue
+        if extra.get("bf16") and dev == "cuda" and not torch.cuda.is_bf16_supported():
+            specs.append(row | {"skipped": "skipped: no bf16 on this GPU"})
             continue
         warmup = args.warmup + (1 if extra.get("compile") else 0)
-        specs.append(
-            dict(
-                device=dev,
-                context=context,
-                path=name,
-                size=SIZES[dev],
-                threads=threads,
-                steps=steps,
-                warmup=warmup,
-            )
-            | extra
-        )
+        specs.append(row | dict(threads=threads, steps=steps, warmup=warmup) | extra)
     if "loader" in include:
         loaders = list(LOADERS)
         if dev == "cuda":  # pin_memory=auto pins on CUDA; time it off too
@@ -621,11 +908,58 @@ def plan_specs(args, dev: str, include: set[str]) -> list[dict]:
         for label, settings in loaders:
             specs.append(
                 dict(
-                    device=dev, context="none", path=f"loader:{label}", size=SIZES[dev], threads=threads,
+                    device=dev, context="none", path=f"loader:{label}", size=size, threads=threads,
                     steps=2 * steps, warmup=args.warmup, loader=settings,
                 )
             )  # fmt: skip
     return specs
+
+
+def plan_specs(args, dev: str, include: set[str]) -> list[dict]:
+    """The worker specs of :func:`plan_rows` (the skipped rows left out)."""
+    return [r for r in plan_rows(args, dev, include) if "skipped" not in r]
+
+
+def display_command(script: str, argv: list[str]) -> str:
+    """``python script argv`` for a report, without the options that only name outputs or label
+    them (``--markdown``, ``--machine``)."""
+    shown, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--markdown", "--machine"):
+            skip = True
+        elif not a.startswith(("--markdown=", "--machine=")):
+            shown.append(a)
+    return shlex.join(["python", script, *shown])
+
+
+def _parse_size(text: str) -> tuple[int, int, int]:
+    try:
+        b, h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size wants BxHxW, e.g. 1x64x96; got {text!r}") from None
+    return b, h, w
+
+
+class _Stopped(BaseException):
+    """SIGTERM (the caller's time limit): stop measuring, write what there is."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stopped
+
+
+def _machine_name(devices: list[str]) -> str:
+    import torch
+
+    if "cuda" in devices and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return f"{platform.machine()} CPU ({os.cpu_count()} cores)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,11 +990,39 @@ def main(argv: list[str] | None = None) -> int:
         help="compile rows' first round with an empty inductor cache (first step = a whole compilation)",
     )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration and round")
+    p.add_argument(
+        "--compile-timeout", type=float, default=None,
+        help="seconds per compile row (its compilation included; default --timeout)",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget", type=float, default=None,
+        help="seconds for all rows: each gets at most what is left; rows that cannot start are reported "
+        "as not run (the eager rows run first, then the compile rows)",
+    )  # fmt: skip
+    p.add_argument(
+        "--parallel-compile", type=int, default=0, metavar="N",
+        help="compile up to N compile rows at once in concurrent processes, then time them one at a time "
+        "with the others idle (0: one row after the other)",
+    )  # fmt: skip
+    p.add_argument("--size", type=_parse_size, default=None, help="BxHxW for every device (default: SIZES)")
+    p.add_argument(
+        "--skip-compile",
+        action="store_true",
+        help="report the compile rows as skipped instead of timing them",
+    )
+    p.add_argument(
+        "--markdown", default=None,
+        help="also write the rows as a RESULTS.md table here (every planned row, skipped ones included)",
+    )  # fmt: skip
+    p.add_argument("--machine", default=None, help="machine name for --markdown (default: the GPU's / CPU's)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results-<hostname>.json)")
     args = p.parse_args(argv)
     if args.worker:
         print(MARK + json.dumps(run_worker(json.loads(args.worker))), flush=True)
-        return 0
+        sys.stderr.flush()
+        os._exit(0)  # no interpreter teardown (inductor's worker pools, CUDA): the driver waits for it
+
+    import signal
 
     import torch
 
@@ -670,49 +1032,113 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--include: unknown {sorted(unknown)}")
     out_path = Path(args.out or REPO / "benchmarks" / f"results-{socket.gethostname()}.json")
-    specs = [s for dev in devices for s in plan_specs(args, dev, include)]
-    results: list[list[dict]] = [[] for _ in specs]
+    planned = [r for dev in devices for r in plan_rows(args, dev, include)]
+    if not args.markdown:
+        planned = [r for r in planned if "skipped" not in r]
+    todo = [i for i, r in enumerate(planned) if "skipped" not in r]
+    eager = [i for i in todo if not planned[i].get("compile")]
+    compiled = [i for i in todo if planned[i].get("compile")]
+    results: dict[int, list[dict]] = {i: [] for i in todo}
     t_start = time.perf_counter()
+    deadline = time.monotonic() + args.budget if args.budget else math.inf
+    compile_timeout = args.compile_timeout or args.timeout
     load = [os.getloadavg()]
-    for rnd in range(args.rounds):
-        for i, spec in enumerate(specs):
-            r = measure(spec, args.timeout, cold_cache=args.cold_compile and rnd == 0 and spec.get("compile"))
-            results[i].append(r)
-            if "error" in r:
-                msg = r["error"]
-            else:
-                msg = (
-                    f"{statistics.median(r['step_times_s']) * 1e3:.0f} ms/step (median), first step "
-                    f"{r['first_step_s']:.1f} s, peak {r['peak_mem_mib']:.0f} MiB"
-                )
-            print(
-                f"[{time.perf_counter() - t_start:6.0f} s] round {rnd + 1} {spec['device']} {spec['context']:>6} "
-                f"{spec['path']:<13} {msg}",
-                flush=True,
-            )
-            load.append(os.getloadavg())
-    rows = [merge(rs) for rs in results]
-    data_rows = bench_data(50, args.timeout) if "data" in include else []
-    ops_rows = bench_ops(args.threads, args.timeout) if "ops" in include else []
-
+    command = display_command("benchmarks/bench_train.py", sys.argv[1:] if argv is None else argv)
     meta = dict(
         date=_dt.datetime.now().isoformat(timespec="seconds"),
         host=socket.gethostname(),
+        machine=args.machine or _machine_name(devices),
+        arch=platform.machine(),
         torch=torch.__version__,
         python=platform.python_version(),
-        machine=platform.machine(),
         cpu_count=os.cpu_count(),
         threads=args.threads,
         rounds=args.rounds,
+        steps=args.steps or (6 if devices == ["cpu"] else 20),
+        warmup=args.warmup,
+        budget_s=args.budget,
+        parallel_compile=args.parallel_compile if compiled else 0,
         cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        sizes={d: SIZES[d] for d in devices},
+        sizes={d: args.size or SIZES[d] for d in devices},
         genotype=GENOTYPE,
-        loadavg_1min=[round(x[0], 2) for x in load],
-        wall_s=time.perf_counter() - t_start,
     )
-    out_path.write_text(
-        json.dumps({"meta": meta, "train": rows, "data": data_rows, "ops": ops_rows}, indent=2)
-    )
+
+    def rows_now(missing: str) -> list[dict]:
+        return [
+            merge(results[i]) if results.get(i) else r if "skipped" in r else {**r, "skipped": missing}
+            for i, r in enumerate(planned)
+        ]
+
+    def write(missing: str, data_rows=(), ops_rows=()) -> list[dict]:
+        """The JSON (and Markdown) of what is measured so far, rewritten after every row."""
+        rows = rows_now(missing)
+        meta.update(loadavg_1min=[round(x[0], 2) for x in load], wall_s=time.perf_counter() - t_start)
+        out_path.write_text(
+            json.dumps(
+                {"meta": meta, "train": rows, "data": list(data_rows), "ops": list(ops_rows)}, indent=2
+            )
+        )
+        if args.markdown:
+            Path(args.markdown).write_text("\n".join(train_markdown(rows, meta, command)) + "\n")
+        return rows
+
+    def report(rnd: int, i: int, r: dict) -> None:
+        results[i].append(r)
+        spec = planned[i]
+        status = row_status(r)
+        msg = status if status is not None else (
+            f"{statistics.median(r['step_times_s']) * 1e3:.0f} ms/step (median), first step "
+            f"{r['first_step_s']:.1f} s, peak {r['peak_mem_mib']:.0f} MiB"
+        )  # fmt: skip
+        print(
+            f"[{time.perf_counter() - t_start:6.0f} s] round {rnd + 1} {spec['device']} {spec['context']:>6} "
+            f"{spec['path']:<13} {msg}",
+            flush=True,
+        )
+        load.append(os.getloadavg())
+        write("not run yet")
+
+    missing = f"not run: the time budget ({args.budget:.0f} s) was spent" if args.budget else "not run"
+    stopped = False
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        for rnd in range(args.rounds):
+            for i in eager:
+                left = deadline - time.monotonic()
+                if left >= MIN_ROW_S:
+                    report(rnd, i, measure(planned[i], min(args.timeout, left)))
+            if args.parallel_compile > 0:
+                for k in range(0, len(compiled), args.parallel_compile):
+                    chunk = compiled[k : k + args.parallel_compile]
+                    now = time.monotonic()
+                    if deadline - now < MIN_ROW_S + TIMING_RESERVE_S:
+                        break
+                    group_deadline = min(deadline, now + compile_timeout + TIMING_RESERVE_S * len(chunk))
+                    for i, r in zip(
+                        chunk, measure_group([planned[i] for i in chunk], group_deadline), strict=True
+                    ):
+                        report(rnd, i, r)
+            else:
+                for i in compiled:
+                    left = deadline - time.monotonic()
+                    if left >= MIN_ROW_S:
+                        cold = args.cold_compile and rnd == 0
+                        report(rnd, i, measure(planned[i], min(compile_timeout, left), cold_cache=cold))
+    except _Stopped:
+        stopped = True
+        missing = "not run: stopped (SIGTERM, the caller's time limit)"
+        print("stopped by SIGTERM: writing what was measured", flush=True)
+    finally:
+        kill_workers()
+        signal.signal(signal.SIGTERM, old_handler)
+    rows = write(missing)
+    if stopped:
+        print("\n".join(train_table(rows)))
+        return 143
+    data_rows = bench_data(50, args.timeout) if "data" in include else []
+    ops_rows = bench_ops(args.threads, args.timeout) if "ops" in include else []
+    if data_rows or ops_rows:
+        write(missing, data_rows, ops_rows)
     lo, hi = min(x[0] for x in load), max(x[0] for x in load)
     print()
     print(

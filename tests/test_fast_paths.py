@@ -163,6 +163,227 @@ def test_bench_counts_the_ops_a_step_dispatches_without_views():
     assert "aten_ops_error" in bench_train.dispatched_ops(lambda i: 1 / 0, 0)
 
 
+def _md_cells(lines: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(header cells, body rows' cells) of the one Markdown table in ``lines``."""
+    table = [ln for ln in lines if ln.startswith("|") and not ln.startswith("|---")]
+    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in table]
+    return cells[0], cells[1:]
+
+
+def test_bench_markdown_table_has_one_row_per_context_and_path():
+    """``train_markdown``: RESULTS.md's format (heading with what, machine and date; the command;
+    the columns defined), one row per (context, path) in order, timings formatted, and rows
+    without timings saying why (timeout, not run, error), none dropped."""
+    bench_train = _bench_train()
+
+    def timed(context, path, step_ms, host_ms, kernel_ms):
+        return dict(
+            device="cuda", context=context, path=path, size=(8, 425, 560), step_s=step_ms / 1e3,
+            host_s=host_ms / 1e3, images_per_s=8e3 / step_ms, peak_mem_mib=9001.4, first_step_s=[1.54],
+            gpu_kernel_s=kernel_ms / 1e3, gpu_kernels_per_step=5696.0, peak_mem_kind="cuda max_memory_allocated",
+        )  # fmt: skip
+
+    size = dict(device="cuda", size=(8, 425, 560))
+    rows = [
+        timed("none", "fp32", 93, 60, 60),
+        timed("atrc", "fp32", 162, 41, 127),
+        timed("atrc", "bf16", 81, 40.04, 104),
+        {**size, "context": "search", "path": "fp32", "error": "timeout (120 s)", "timed_out": True},
+        {**size, "context": "atrc", "path": "compile", "error": "exit 1: RuntimeError: boom"},
+        {**size, "context": "search", "path": "bf16+cudagraphs", "skipped": "not run: the time budget (500 s) was spent"},
+        {**timed("none", "bf16+cudagraphs", 40, 5, 30), "gpu_kernel_error": "timeout (60 s)"},
+    ]  # fmt: skip
+    del rows[-1]["gpu_kernel_s"]
+    meta = dict(
+        machine="NVIDIA H200", date="2026-12-02T10:00:00", torch="2.11.0", python="3.12.3", cpu_count=16,
+        steps=10, warmup=3, parallel_compile=6,
+    )  # fmt: skip
+    lines = bench_train.train_markdown(rows, meta, "python benchmarks/bench_train.py --devices cuda")
+    text = "\n".join(lines)
+    assert lines[0].startswith("### Training step") and lines[0].endswith("NVIDIA H200, 2026-12-02")
+    assert "Command: `python benchmarks/bench_train.py --devices cuda`" in text
+    assert "until the step function returns, before `torch.cuda.synchronize()`" in text  # host time defined
+    assert "`torch.cuda.max_memory_allocated`" in text and "compiled up to 6 at a time" in text
+    header, body = _md_cells(lines)
+    assert header == list(bench_train.MD_COLUMNS)
+    for col in ("step ms", "images/s", "peak MiB", "kernel ms/step", "host ms/step"):
+        assert sum(col in c for c in header) == 1, col
+    assert [(c[0], c[1]) for c in body] == [(r["context"], r["path"]) for r in rows]
+    assert all(len(c) == len(header) for c in body)
+    by = {(c[0], c[1]): c[2:] for c in body}
+    assert by["atrc", "bf16"] == ["8×425×560", "81.0", "98.8", "2.00×", "9001", "104.0 (5696)", "40.0", "1.5"]
+    assert by["none", "fp32"][3] == "-"  # no speed-up of fp32 against itself
+    assert by["search", "fp32"][1:] == ["timeout (120 s)"] + [""] * 6
+    assert by["atrc", "compile"][1] == "error: exit 1: RuntimeError: boom"
+    assert by["search", "bf16+cudagraphs"][1] == "not run: the time budget (500 s) was spent"
+    assert by["none", "bf16+cudagraphs"][5] == "timeout (60 s)"  # timed, its profile cut short
+
+
+def test_bench_plan_rows_reports_what_is_not_timed():
+    """Every (context, path) asked for is planned: the compile rows with ``--skip-compile`` and
+    the GPU-only paths on the CPU are rows saying "skipped on cpu", not dropped; ``--size`` sets
+    the size; eager rows keep the warm-up, compile rows get one more."""
+    import argparse
+
+    bench_train = _bench_train()
+    args = argparse.Namespace(
+        steps=1, threads=2, contexts=["none", "atrc", "search"], warmup=0, size=(1, 64, 96), skip_compile=True,
+        paths=["fp32", "bf16", "compile", "bf16+cudagraphs"], fast_contexts=["none", "atrc", "search"],
+    )  # fmt: skip
+    rows = bench_train.plan_rows(args, "cpu", set())
+    assert [(r["context"], r["path"]) for r in rows] == [
+        (c, p) for p in args.paths for c in args.contexts
+    ]  # fmt: skip
+    assert all(r["size"] == (1, 64, 96) for r in rows)
+    skipped = {(r["context"], r["path"]): r["skipped"] for r in rows if "skipped" in r}
+    assert skipped == {
+        (c, p): "skipped on cpu" for c in args.contexts for p in ("compile", "bf16+cudagraphs")
+    }
+    timed = [r for r in rows if "skipped" not in r]
+    assert all(r["warmup"] == 0 and r["steps"] == 1 for r in timed) and len(timed) == 6
+    assert bench_train.plan_specs(args, "cpu", set()) == timed
+    args.skip_compile = False
+    compiled = [r for r in bench_train.plan_rows(args, "cpu", set()) if r["path"] == "compile"]
+    assert all(r["warmup"] == 1 and "skipped" not in r for r in compiled)
+    assert bench_train.display_command(
+        "benchmarks/bench_train.py", ["--steps", "1", "--markdown", "/tmp/x.md", "--machine", "My GPU", "--out", "o"]
+    ) == "python benchmarks/bench_train.py --steps 1 --out o"  # fmt: skip
+
+
+def _tiny_spec(**extra) -> dict:
+    return (
+        dict(device="cpu", context="none", path="fp32", size=(1, 64, 96), threads=1, steps=1, warmup=1)
+        | extra
+    )
+
+
+def test_bench_worker_past_its_time_limit_is_a_timeout_row():
+    """A worker that does not finish within its limit is killed with its process group and
+    becomes a "timeout (N s)" row (shown so in the table)."""
+    bench_train = _bench_train()
+    r = bench_train.measure(_tiny_spec(), timeout=1)
+    assert r["error"] == "timeout (1 s)" and r["timed_out"] and r["path"] == "fp32"
+    assert bench_train.row_status(r) == "timeout (1 s)" and not bench_train._CHILDREN
+
+
+def test_bench_group_compiles_concurrently_then_times_one_at_a_time():
+    """``measure_group`` (``--parallel-compile``): the workers warm up concurrently, then are timed
+    one after the other (their timed steps do not overlap), each having waited at the gate; with
+    no time left for them, the rows still warming up are stopped and reported as timeouts."""
+    import time
+
+    bench_train = _bench_train()
+    specs = [_tiny_spec(), _tiny_spec(context="atrc")]
+    a, b = bench_train.measure_group(specs, deadline=time.monotonic() + 600, reserve_s=5)
+    assert "error" not in a and "error" not in b, (a, b)
+    assert (a["context"], b["context"]) == ("none", "atrc") and "gate" not in a
+    assert len(a["step_times_s"]) == 1 and a["gate_wait_s"] >= 0 and b["gate_wait_s"] >= 0
+    assert a["timed_window"][1] <= b["timed_window"][0]  # b was timed after a, not during
+    late = bench_train.measure_group(specs, deadline=time.monotonic() + 2, reserve_s=1)
+    assert [r["error"] for r in late] == [late[0]["error"]] * 2 and late[0]["timed_out"]
+    assert late[0]["error"].startswith("timeout (") and "compiled alongside 1 other rows" in late[0]["error"]
+    assert not bench_train._CHILDREN
+
+
+def test_bench_ops_markdown_table():
+    """``bench_local_attention.ops_markdown``: RESULTS.md's format, one row per size, backend and
+    dtype (the reference named so), speed-ups and the kernel profile."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_local_attention as bla
+    finally:
+        sys.path.pop(0)
+    row = dict(
+        size="8x33x107x140", backend="cuda", device="cuda", dtype="bfloat16", fwd_s=3.4e-4, fwd_bwd_s=1.91e-3,
+        speedup_fwd_vs_torch=11.04, speedup_fwd_bwd_vs_torch=9.13, x_floor=25.1, peak_mem_mib=190.2,
+    )  # fmt: skip
+    ref = row | dict(backend="torch", dtype="float32", speedup_fwd_vs_torch=1.0, speedup_fwd_bwd_vs_torch=1.0)
+    profiles = {"8x33x107x140 bfloat16": {"la_backward_kernel": 1500.0, "la_forward_kernel": 340.0}}
+    lines = bla.ops_markdown(
+        [ref, row], profiles, machine="NVIDIA H200", command="python x.py", ks=9,
+        gpu_gflops={"torch.float32": 51000.0},
+    )  # fmt: skip
+    assert (
+        lines[0].startswith("### Local-attention op (cuda): NVIDIA H200, ")
+        and "Command: `python x.py`" in lines
+    )
+    assert "(51.0 TFLOP/s on the GPU)" in lines[4]
+    header, body = _md_cells(lines)
+    assert header[:6] == ["B×C×H×W", "backend", "device", "dtype", "fwd ms", "fwd+bwd ms"] and len(body) == 2
+    assert body[0][1] == "torch reference"
+    assert body[1] == [
+        "8×33×107×140",
+        "cuda",
+        "cuda",
+        "bfloat16",
+        "0.34",
+        "1.91",
+        "11.0× / 9.1×",
+        "25.1",
+        "190",
+    ]
+    assert (
+        lines[-1]
+        == "* 8x33x107x140 bfloat16: total 1840 µs (la_backward_kernel 1500 µs, la_forward_kernel 340 µs)"
+    )
+
+
+def test_gpu_checks_script_is_valid_bash():
+    import subprocess
+
+    res = subprocess.run(
+        ["bash", "-n", str(REPO / "benchmarks" / "gpu_checks.sh")], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_gpu_checks_dry_run_writes_the_results_tables(tmp_path):
+    """``DEVICE=cpu bash benchmarks/gpu_checks.sh``: the GPU run's stages and code paths at a tiny
+    size on the CPU, ending in ``$OUT/RESULTS_gpu.md`` (also printed): the stage summary, the
+    local-attention op table and the training-step table with one row per (context, path), fp32
+    and bf16 timed, the compile rows skipped on the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(out), "PYTHON": sys.executable}
+    res = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=1500,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    md = (out / "RESULTS_gpu.md").read_text()
+    assert md in res.stdout  # printed too
+    lines = md.splitlines()
+    assert lines[0].startswith("## GPU checks, CPU dry run") and "Command: `OUT=$OUT DEVICE=" in md
+    for stage in ("env", "build", "ops", "train"):
+        assert f"| {stage} | ok |" in md, stage
+    train = lines[next(i for i, ln in enumerate(lines) if ln.startswith("### Training step")) :]
+    ops = lines[next(i for i, ln in enumerate(lines) if ln.startswith("### Local-attention op")) :]
+    assert "--size 1x64x96" in train[2] and "--skip-compile" in train[2]  # the command
+    header, body = _md_cells(train)
+    assert header == list(_bench_train().MD_COLUMNS)
+    contexts, paths = ("none", "atrc", "search"), ("fp32", "bf16", "compile", "bf16+cudagraphs")
+    assert sorted((c[0], c[1]) for c in body) == sorted((c, p) for c in contexts for p in paths)
+    for c in body:
+        assert c[2] == "1×64×96"
+        if c[1] in ("compile", "bf16+cudagraphs"):
+            assert c[3:] == ["skipped on cpu"] + [""] * 6, c
+        else:  # step ms, images/s, peak MiB, host ms, first step s are numbers; no kernel time on CPU
+            assert float(c[3]) > 0 and float(c[4]) > 0 and float(c[6]) >= 0 and float(c[8]) > 0, c
+            assert c[7] == "n/a on cpu", c
+    ops_header, ops_body = _md_cells(
+        ops[: next(i for i, ln in enumerate(ops) if ln.startswith("### Training"))]
+    )
+    assert ops_header[:2] == ["B×C×H×W", "backend"] and ops_body
+    assert {(c[1], c[2]) for c in ops_body} >= {("torch reference", "cpu")}
+    assert (out / "results-train-cpu.json").exists() and (out / "gpu_checks.log").exists()
+
+
 def test_fused_context_switch():
     from atrc_exp.models.relational_head import ATRCModule
 
@@ -187,7 +408,7 @@ def test_compile_options_forms():
         "fullgraph": False,
         "dynamic": None,
         "backend": "inductor",
-        "parts": ("backbone", "head"),
+        "parts": ("step",),
         "regional": False,
     }
     cfg = compose_cfg(["trainer.compile.enabled=true", "trainer.compile.mode=max-autotune"])
@@ -198,9 +419,11 @@ def test_compile_options_forms():
     )
     assert compile_options(cfg)["parts"] == ("backbone",) and compile_options(cfg)["regional"] is True
     with pytest.raises(
-        ValueError, match=r"trainer.compile.parts must be .*'backbone', 'head'.*got \['neck'\]"
+        ValueError, match=r"trainer.compile.parts must be .*'step', 'backbone', 'head'.*got \['neck'\]"
     ):
         compile_options(compose_cfg(["trainer.compile.enabled=true", "trainer.compile.parts=[neck]"]))
+    with pytest.raises(ValueError, match=r"\[step\] compiles the whole step"):
+        compile_options(compose_cfg(["trainer.compile.enabled=true", "trainer.compile.parts=[step,head]"]))
     with pytest.raises(ValueError, match="trainer.compile must be a bool or a dict"):
         compile_options(compose_cfg(["~trainer.compile", "+trainer.compile=yes_please"]))
 

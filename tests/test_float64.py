@@ -24,8 +24,9 @@ import torch
 from conftest import compose_cfg
 from torch import nn
 
-from atrc_exp.engine.fast_paths import apply_fast_paths, prepare_input
+from atrc_exp.engine.fast_paths import apply_fast_paths, compile_step
 from atrc_exp.engine.search import entropy_term, search_blocks
+from atrc_exp.engine.step import make_forward_loss
 from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models import build_model
 from atrc_exp.models.relational_head import set_fused
@@ -112,13 +113,16 @@ def _train(overrides: list[str], fast: bool, extra: list[str] = ()) -> dict:
     criterion = MultiTaskLoss(TASKS, 0.8, normal_centroids=centroids)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     batch = _batch()
-    image = prepare_input(batch["image"], "trainer.channels_last=true" in extra)
+    # the trainer's step function: compiled as a whole with trainer.compile (parts [step])
+    forward_loss = compile_step(
+        make_forward_loss(model, criterion, "trainer.channels_last=true" in extra), cfg
+    )
     blocks = list(search_blocks(model).values()) if "context=search" in overrides else []
     losses, head_grad = [], None
     torch.manual_seed(1)  # dropout masks, Gumbel noise
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        loss, _ = criterion(model(image, resize=False), batch)
+        loss, _ = forward_loss(batch["image"], batch)
         if blocks:
             loss = loss + 0.01 * entropy_term(blocks)
         assert loss.dtype == torch.float64
@@ -182,7 +186,7 @@ _COMPILE = ["trainer.compile.enabled=true"]
         ),
         pytest.param(
             "atrc",
-            [*_COMPILE, "trainer.compile.regional=true", "trainer.compile.parts=[backbone]"],
+            [*_COMPILE, "trainer.compile.regional=true", "trainer.compile.parts=[backbone,head]"],
             id="atrc-inductor-regional",
             marks=pytest.mark.slow,
         ),

@@ -19,27 +19,24 @@ the same run. bf16 is not here: it is
     same computation (float rounding aside).
 
 ``trainer.compile`` (``false`` | ``true`` | ``{enabled, mode, fullgraph, dynamic, backend, parts, regional}``)
-    ``torch.compile`` of ``model.backbone`` and ``model.head`` *in place* (``nn.Module.compile``),
-    so parameter names and state-dict keys stay unchanged: checkpoints, resume,
-    ``init_from_original`` and the weight/α split of the search work as without it. ``mode`` is
-    torch.compile's (``default``, ``reduce-overhead``, ``max-autotune``, ...), ``backend`` its
-    backend (``inductor``; ``aot_eager`` to debug a compile problem); ``fullgraph: true`` turns
-    any graph break into an error. ``parts`` (default ``[backbone, head]``) chooses what is
-    compiled: on the CPU the head's own kernels (batch norm, label attention, resize-and-add),
-    which compiled code bypasses, beat inductor's: ``[backbone]`` keeps them (on this CPU as fast
-    as eager, 8% faster than compiling both).
-    ``regional: true`` compiles the backbone's repeated modules one by one instead of the whole
-    backbone as one graph (:func:`compile_regions`: HRNet's high-resolution modules and stage-1
-    bottlenecks; identical modules share one compilation: with an empty inductor cache HRNet18's
-    backbone compiles in 91 s instead of 140 s on 2 CPU cores, the ATRC model in 171 s instead of
-    224 s); the head is compiled whole either way.
-    The local-attention op is a ``torch.library`` custom op
-    (``torch.ops.atrc_exp.local_attention_fwd`` / ``_bwd``) with fake implementations, so it
-    compiles without a graph break (``tests/test_fast_paths.py`` checks the ATRC head with
-    ``fullgraph=True``). The search block (``context=search``) reads α and its frozen choice on
-    the host and therefore breaks the graph: keep ``fullgraph: false`` there. Compilation happens
-    on the first step (minutes with a cold cache, seconds from inductor's cache); switching
-    between train and eval mode and a new input size recompile once each.
+    ``torch.compile``. ``parts: [step]`` (the default) compiles the training step's forward and
+    loss as one function (:func:`compile_step`, used by the trainer); its backward is compiled
+    from the same graph (AOTAutograd). The distillation step of every context has no graph break
+    (``tests/test_train_step.py``); the search step breaks where ``mode.recompute`` checkpoints a
+    target's ops (``torch.utils.checkpoint`` with the side effects of its batch-norm bookkeeping),
+    none with ``mode.recompute=false``. ``parts: [backbone, head]`` (or one of them) compiles those
+    modules *in place* instead (``nn.Module.compile``), so parameter names and state-dict keys stay
+    unchanged either way: checkpoints, resume, ``init_from_original`` and the weight/α split of the
+    search work as without it. ``mode`` is torch.compile's (``default``, ``reduce-overhead`` —
+    CUDA graphs —, ``max-autotune``, ...), ``backend`` its backend (``inductor``; ``aot_eager`` or
+    ``eager`` to debug a compile problem); ``fullgraph: true`` turns any graph break into an
+    error. ``regional: true`` (with module parts) compiles the backbone's repeated modules one by
+    one (:func:`compile_regions`: HRNet's high-resolution modules and stage-1 bottlenecks;
+    identical modules share one compilation). The local-attention op is a ``torch.library``
+    custom op (``torch.ops.atrc_exp.local_attention_fwd`` / ``_bwd``) with fake implementations,
+    so it compiles without a graph break. Compilation happens on the first step (minutes with a
+    cold cache, seconds from inductor's cache); switching between train and eval mode and a new
+    input size recompile once each.
 
 ``trainer.cudnn_benchmark`` (bool)
     ``torch.backends.cudnn.benchmark``: cuDNN times its convolution algorithms for each new input
@@ -70,7 +67,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -101,7 +98,11 @@ def channels_last_enabled(cfg: DictConfig) -> bool:
     return bool(_get(cfg, "trainer.channels_last", False))
 
 
-COMPILE_PARTS = ("backbone", "head")
+#: What ``trainer.compile.parts`` may name: ``step`` (the default: the training step's forward and
+#: loss as one graph, its backward through AOTAutograd — compiled by the trainer, see
+#: :func:`atrc_exp.engine.step.make_forward_loss`), or modules of the model compiled in place.
+COMPILE_PARTS = ("step", "backbone", "head")
+MODULE_PARTS = ("backbone", "head")
 
 
 def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
@@ -124,11 +125,16 @@ def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     mode = c.get("mode")
     parts = c.get("parts")
-    parts = COMPILE_PARTS if parts is None else (parts,) if isinstance(parts, str) else tuple(parts)
+    parts = ("step",) if parts is None else (parts,) if isinstance(parts, str) else tuple(parts)
     unknown = [p for p in parts if p not in COMPILE_PARTS]
     if unknown or not parts:
         raise ConfigError(
             f"trainer.compile.parts must be a non-empty list of {list(COMPILE_PARTS)}, got {list(parts)}"
+        )
+    if "step" in parts and len(parts) > 1:
+        raise ConfigError(
+            f"trainer.compile.parts={list(parts)}: [step] compiles the whole step (the model included); "
+            "name either [step] or modules ([backbone], [head], [backbone, head])"
         )
     return {
         "mode": None if mode in (None, "default") else str(mode),
@@ -150,18 +156,22 @@ def compile_regions(module: nn.Module) -> list[nn.Module]:
 
 def compile_model(
     model: nn.Module,
-    parts: Sequence[str] = COMPILE_PARTS,
+    parts: Sequence[str] = MODULE_PARTS,
     regional: bool = False,
     **compile_kwargs: Any,
 ) -> list[nn.Module]:
-    """``torch.compile`` the ``parts`` of ``model`` in place (``nn.Module.compile``: names and
-    state-dict keys unchanged) and return the modules compiled.
+    """``torch.compile`` the module ``parts`` of ``model`` in place (``nn.Module.compile``: names
+    and state-dict keys unchanged) and return the modules compiled (``step`` is not a module: the
+    trainer compiles its step function, see :func:`compile_step`).
 
     ``regional``: the backbone's :func:`compile_regions` instead of the backbone (dynamo reuses
     one compilation for modules of the same code and shapes). A model without ``backbone`` /
     ``head`` attributes is compiled whole. ``compile_kwargs`` go to ``torch.compile``.
     """
-    if not any(isinstance(getattr(model, n, None), nn.Module) for n in COMPILE_PARTS):
+    parts = [p for p in parts if p != "step"]  # the step is compiled by the trainer
+    if not parts:
+        return []
+    if not any(isinstance(getattr(model, n, None), nn.Module) for n in MODULE_PARTS):
         targets = [model]
     else:
         targets = []
@@ -203,6 +213,16 @@ def apply_fast_paths(model: nn.Module, cfg: DictConfig) -> nn.Module:
     if opts is not None:
         compile_model(model, **opts)
     return model
+
+
+def compile_step(fn: Callable, cfg: DictConfig) -> Callable:
+    """``fn`` (the step's forward and loss) compiled as ``trainer.compile`` asks when its parts are
+    ``[step]`` (the default), else ``fn`` itself."""
+    opts = compile_options(cfg)
+    if opts is None or "step" not in opts["parts"]:
+        return fn
+    kwargs = {k: opts[k] for k in ("mode", "fullgraph", "dynamic", "backend")}
+    return torch.compile(fn, **kwargs)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

@@ -12,15 +12,17 @@ import logging
 import math
 import multiprocessing
 import time
-import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -32,18 +34,22 @@ from ..models import build_model
 from ..models.genotype import GENOTYPE_FILENAME, save_genotype
 from ..visualize import colorize, postprocess
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, truncate_logs, write_json_atomic
-from .fast_paths import apply_fast_paths, channels_last_enabled, prepare_input, train_loader_kwargs
-from .faults import (
-    FaultInjector,
-    NonFiniteError,
-    Preempted,
-    PreemptionGuard,
-    any_nonfinite,
-    nonfinite_grad_params,
-)
+from .fast_paths import apply_fast_paths, channels_last_enabled, compile_step, train_loader_kwargs
+from .faults import NonFiniteError, Preempted, PreemptionGuard
 from .loggers import build_logger
 from .sampling import SeededAugmentation, StepBatchSampler
 from .search import SearchController, split_parameters
+from .step import (
+    NonFiniteMonitor,
+    StepParts,
+    StepResult,
+    describe_nonfinite,
+    forward_backward,
+    make_forward_loss,
+    optimizer_step,
+    step_is_finite,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +214,6 @@ def build_train_loader(dataset, cfg: DictConfig, acc: Accelerator, start_step: i
     )
 
 
-def _describe_nonfinite(step: int, loss_ok: bool, terms: dict, model) -> str:
-    if not loss_ok:
-        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v))]
-        return f"non-finite loss at step {step} (terms: {', '.join(bad) or 'total'})"
-    names = nonfinite_grad_params(model)
-    return f"non-finite gradient at step {step} (parameters: {', '.join(names) or '?'})"
-
-
 def build_val_loader(dataset, cfg: DictConfig, acc: Accelerator) -> DataLoader:
     """Shard ``dataset`` over processes without padding (every sample counted exactly once)."""
     shard = Subset(dataset, list(range(acc.process_index, len(dataset), acc.num_processes)))
@@ -302,7 +300,49 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         reset_accelerate_state()
 
 
-def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, float]:
+def convert_batchnorm(model: nn.Module, acc: Accelerator) -> nn.Module:
+    """BatchNorm → SyncBatchNorm when several processes train on CUDA (statistics over the whole
+    batch, as the original's SyncBN). PyTorch's SyncBatchNorm runs on GPUs only: on CPU processes
+    (gloo) each process normalises over its own share of the batch, as logged."""
+    if acc.num_processes > 1:
+        if acc.device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        log.info(
+            "%d CPU processes: BatchNorm statistics are per process (SyncBatchNorm needs CUDA)",
+            acc.num_processes,
+        )
+    return model
+
+
+@dataclass
+class TrainingRun:
+    """Everything the loop needs, built by :func:`setup`."""
+
+    cfg: DictConfig
+    run_dir: Path
+    acc: Accelerator
+    logger: Any
+    parts: StepParts
+    metrics: MultiTaskMetrics
+    train_loader: DataLoader
+    val_loader: DataLoader
+    tasks: list[str]
+    step: int = 0
+    skipped: int = 0
+    last_ckpt: Path | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.parts.model
+
+    @property
+    def search(self) -> bool:
+        return self.parts.controller is not None
+
+
+def setup(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> TrainingRun:
+    """Data, model (original weights, fast paths), loss, metrics, optimizers and schedule, wrapped
+    by Accelerate; the resume from the newest complete checkpoint; the train loader from that step."""
     tc = cfg.trainer
     is_main = acc.is_main_process
     set_seed(int(cfg.seed))
@@ -315,9 +355,8 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
             f"the train split has {len(train_ds)} samples, fewer than trainer.batch_size={tc.batch_size}"
         )
 
-    model = build_model(cfg)
-    if acc.num_processes > 1 and acc.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    with acc.main_process_first():  # a pretrained backbone is downloaded once
+        model = convert_batchnorm(build_model(cfg), acc)
     init_from = OmegaConf.select(cfg, "trainer.init_from_original", default=None)
     if init_from:
         from ..models.original import load_original_state_dict
@@ -325,8 +364,7 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
         trusted = bool(OmegaConf.select(cfg, "trainer.init_from_original_trusted", default=False))
         report = load_original_state_dict(model, str(init_from), weights_only=not trusted)
         log.info("initialised from original weights %s (%d tensors)", init_from, report["loaded"])
-    model = apply_fast_paths(model, cfg)  # channels_last / torch.compile (trainer.*; off by default)
-    channels_last = channels_last_enabled(cfg)
+    model = apply_fast_paths(model, cfg)  # channels_last / compiled modules (trainer.*; off by default)
     tasks = list(cfg.tasks.names)
     centroids = None
     if "normals" in getattr(model.head, "aux_tasks", ()):
@@ -352,7 +390,8 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
     controller = arch_opt = None
     if search:
         controller = SearchController(model, cfg.mode, max_steps)
-        arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0)
+        # fused: its step count stays a device tensor (the default reads it on the host every step)
+        arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True)
     grad_clip = tc.grad_clip if tc.grad_clip else (cfg.mode.get("grad_clip") if search else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(max_steps, float(tc.poly_power)))
     if search:
@@ -360,8 +399,21 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
     else:
         model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)
-    val_loader = build_val_loader(val_ds, cfg, acc)
-
+    forward_loss = compile_step(make_forward_loss(model, criterion, channels_last_enabled(cfg)), cfg)
+    parts = StepParts(
+        model=model,
+        forward_loss=forward_loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        acc=acc,
+        arch_opt=arch_opt,
+        controller=controller,
+        grad_clip=float(grad_clip) if grad_clip else None,
+        check_grads=acc.scaler is None,  # fp16's GradScaler skips non-finite steps itself
+    )
+    run = TrainingRun(
+        cfg, run_dir, acc, logger, parts, metrics, None, build_val_loader(val_ds, cfg, acc), tasks
+    )
     n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
     log.info(
         "run dir %s | %s on %s, %d process(es), %d parameters | train %d / val %d samples",
@@ -378,162 +430,210 @@ def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, 
         genotype = getattr(acc.unwrap_model(model).head, "genotype", None)
         if genotype is not None and hasattr(logger, "log_genotype"):
             logger.log_genotype(genotype, tasks, step=0)
-
-    step = skipped = 0
     ckpt = resolve_resume(tc.resume, run_dir)
     if ckpt is not None:
         meta = load_checkpoint(acc, ckpt)  # restores every process's RNG states too
-        step, skipped = int(meta["step"]), int(meta.get("skipped_steps", 0))
+        run.step, run.skipped, run.last_ckpt = int(meta["step"]), int(meta.get("skipped_steps", 0)), ckpt
         if is_main:
-            truncate_logs(run_dir, step)
-        log.info("resumed from %s at step %d", ckpt, step)
+            truncate_logs(run_dir, run.step)
+        log.info("resumed from %s at step %d", ckpt, run.step)
     # built after the RNG restore, and drawing from its own generator: the global RNG stream
     # (dropout, Gumbel noise) is the same whether or not the run was resumed
-    train_loader = build_train_loader(train_ds, cfg, acc, start_step=step)
+    run.train_loader = build_train_loader(train_ds, cfg, acc, start_step=run.step)
+    return run
 
-    on_nonfinite = str(OmegaConf.select(cfg, "trainer.on_nonfinite", default="stop"))
-    max_skipped = int(OmegaConf.select(cfg, "trainer.max_skipped_steps", default=100))
-    buffers = list(acc.unwrap_model(model).buffers())
-    check_grads = acc.scaler is None  # fp16's GradScaler skips non-finite steps itself
-    faults = FaultInjector()
-    final_metrics: dict[str, float] = {}
-    last_ckpt: Path | None = ckpt
-    want_images = int(cfg.logger.get("num_images", 0)) if getattr(logger, "wants_images", False) else 0
-    bar = tqdm(
-        total=max_steps, initial=step, disable=not (is_main and tc.progress), desc="train", dynamic_ncols=True
-    )
-    it = iter(train_loader)
-    model.train()
-    t_last, imgs_since = time.perf_counter(), 0
+
+def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, float]:
+    return train(setup(cfg, run_dir, acc, logger))
+
+
+def train(run: TrainingRun) -> dict[str, float]:
+    """The loop, as Accelerate's examples read: a training step that only queues device work, then
+    — on their steps only — logging, validation, checkpointing and the preemption check, the
+    places where the host reads from the device (and where a non-finite step is caught)."""
+    cfg, acc = run.cfg, run.acc
+    tc = cfg.trainer
+    max_steps = int(tc.max_steps)
+    log_every, val_every = int(tc.log_interval), int(tc.val_interval)
+    ckpt_every = int(tc.checkpoint_interval or 0)
+    skip_mode = str(OmegaConf.select(cfg, "trainer.on_nonfinite", default="stop")) == "skip"
+    monitor = NonFiniteMonitor(acc.device)
     guard = PreemptionGuard()
+    meter = _Throughput(int(tc.batch_size))
+    final_metrics: dict[str, float] = {}
+    bar = tqdm(
+        total=max_steps,
+        initial=run.step,
+        disable=not (acc.is_main_process and tc.progress),
+        desc="train",
+        dynamic_ncols=True,
+    )
+    it = iter(run.train_loader)
+    run.model.train()
     with guard, workers_shut_down(it):
-        while step < max_steps:
+        while run.step < max_steps:
             batch = _to_device(next(it), acc.device)
-            faults.poison_batch(step + 1, batch)
-            if on_nonfinite == "skip":  # a skipped step must not leave NaN in BatchNorm statistics
-                saved_buffers = [b.detach().clone() for b in buffers]
-            if search:
-                entropy_w = controller.begin_step(step)
-            # the loss upsamples the outputs itself (fused into the cross-entropies on the CPU)
-            outputs = model(prepare_input(batch["image"], channels_last), resize=False)
-            loss, terms = criterion(outputs, batch)
-            if search:
-                ent = controller.loss_term(entropy_w)
-                terms["loss/entropy_term"] = ent.detach()
-                loss = loss + ent
-            faults.after_forward(step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            if search:
-                arch_opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            faults.poison_grads(step + 1, model)
-            grad_norm = None
-            if grad_clip:
-                grad_norm = acc.clip_grad_norm_(model.parameters(), float(grad_clip))
-            elif check_grads:
-                grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in model.parameters() if p.grad is not None]
-                )
-            loss_ok = bool(torch.isfinite(loss))
-            grad_ok = grad_norm is None or bool(torch.isfinite(grad_norm))
-            if any_nonfinite(acc, not (loss_ok and grad_ok)):
-                what = _describe_nonfinite(step + 1, loss_ok, terms, model)
-                if on_nonfinite != "skip":
-                    raise NonFiniteError(
-                        f"{what}; stopped (last good checkpoint: {last_ckpt or 'none'}). Lower trainer.lr, "
-                        f"set trainer.grad_clip, or pass trainer.on_nonfinite=skip to skip such steps"
-                    )
-                skipped += 1
-                log.warning("%s: step skipped (%d so far)", what, skipped)
-                optimizer.zero_grad(set_to_none=True)
-                if search:
-                    arch_opt.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for b, saved in zip(buffers, saved_buffers, strict=True):
-                        b.copy_(saved)
-                if skipped > max_skipped:
-                    raise NonFiniteError(
-                        f"{what}; {skipped} steps skipped, more than trainer.max_skipped_steps={max_skipped}"
-                    )
+            if skip_mode:
+                result = _step_or_skip(run, batch)
             else:
-                optimizer.step()
-                if search:
-                    arch_opt.step()
-            with warnings.catch_warnings():  # a skipped first step warns "scheduler before optimizer"
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()
-            step += 1
-            imgs_since += int(tc.batch_size)
+                result = train_step(run.parts, batch, run.step, monitor)
+            run.step += 1
+            step = run.step
             bar.update(1)
-            if step % int(tc.log_interval) == 0 or step == max_steps:
-                now = time.perf_counter()
-                ips = imgs_since / max(now - t_last, 1e-9)
-                t_last, imgs_since = now, 0
-                lr = optimizer.param_groups[0]["lr"]
-                loss_v = loss.item()
-                bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-                record = {
-                    "train/loss": loss_v,
-                    "train/lr": lr,
-                    "train/images_per_s": ips,
-                    **{f"train/{k}": v.item() for k, v in terms.items()},
-                }
-                if on_nonfinite == "skip":
-                    record["train/skipped_steps"] = skipped
-                if search:
-                    record.update(
-                        {
-                            "search/tau": controller.tau_at(step - 1),
-                            "search/entropy_weight": entropy_w,
-                            "search/frozen_pairs": controller.num_frozen(),
-                        }
-                    )
-                    logger.log(controller.alpha_log(), step)
-                logger.log(record, step)
-                if is_main:
-                    with open(run_dir / "train_log.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, **record}) + "\n")
-                log.debug("step %d loss %.4f lr %.3e", step, loss_v, lr)
-            if step % int(tc.val_interval) == 0 or step == max_steps:
-                final_metrics, panels = validate(
-                    model, val_loader, metrics, acc, want_images if is_main else 0
-                )
-                if is_main:
-                    result = {"step": step, "metrics": final_metrics}
-                    if on_nonfinite == "skip":
-                        result["skipped_steps"] = skipped
-                    write_json_atomic(run_dir / "metrics.json", result)
-                    with open(run_dir / "metrics_history.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, "metrics": final_metrics}) + "\n")
-                    logger.log({f"val/{k}": v for k, v in final_metrics.items()}, step)
-                    if search:
-                        genotype = acc.unwrap_model(model).head.genotype
-                        save_genotype(genotype, run_dir / GENOTYPE_FILENAME, step)
-                        if hasattr(logger, "log_genotype"):
-                            logger.log_genotype(genotype, tasks, step)
-                    if panels:
-                        logger.log_images(panels, step)
-                log.info(
-                    "step %d validation: %s",
-                    step,
-                    ", ".join(f"{k} {v:.4g}" for k, v in final_metrics.items()),
-                )
-            meta = {"step": step, "skipped_steps": skipped, "data": train_loader.batch_sampler.position(step)}
-            if tc.checkpoint_interval and (step % int(tc.checkpoint_interval) == 0 or step == max_steps):
-                last_ckpt = save_checkpoint(acc, run_dir, step, int(tc.keep_checkpoints), meta)
-            if step < max_steps and guard.requested(acc):
-                if last_ckpt is None or not last_ckpt.name.endswith(f"_{step:08d}"):
-                    last_ckpt = save_checkpoint(acc, run_dir, step, int(tc.keep_checkpoints), meta)
+            meter.add()
+            log_now = step % log_every == 0 or step == max_steps
+            val_now = step % val_every == 0 or step == max_steps
+            ckpt_now = bool(ckpt_every) and (step % ckpt_every == 0 or step == max_steps)
+            if log_now or val_now or ckpt_now:
+                _stop_if_nonfinite(run, monitor)
+            if log_now:
+                _log_step(run, result, bar, meter)
+            if val_now:
+                final_metrics = _validation_step(run)
+            if ckpt_now:
+                _checkpoint_step(run)
+            # one process alone reads a host flag; several agree through an all-reduce (a device
+            # read), which happens only where the loop reads anyway
+            if step < max_steps and (acc.num_processes == 1 or log_now) and guard.requested(acc):
+                _stop_if_nonfinite(run, monitor)
+                if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"_{step:08d}"):
+                    _checkpoint_step(run)
                 bar.close()
                 guard.hand_over()
-                raise Preempted(guard.signum, step, str(last_ckpt))
+                raise Preempted(guard.signum, step, str(run.last_ckpt))
     bar.close()
     if not final_metrics:  # resumed at the end: validate once more
-        final_metrics, _ = validate(model, val_loader, metrics, acc)
-        if is_main:
-            write_json_atomic(run_dir / "metrics.json", {"step": step, "metrics": final_metrics})
+        final_metrics, _ = validate(run.model, run.val_loader, run.metrics, acc)
+        if acc.is_main_process:
+            write_json_atomic(run.run_dir / "metrics.json", {"step": run.step, "metrics": final_metrics})
     acc.wait_for_everyone()
     bad = [k for k, v in final_metrics.items() if not math.isfinite(v)]
     if bad:
         log.warning("non-finite validation metrics: %s", bad)
     return final_metrics
+
+
+class _Throughput:
+    """Images per second since the last log step."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.t_last, self.images = time.perf_counter(), 0
+
+    def add(self) -> None:
+        self.images += self.batch_size
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        ips = self.images / max(now - self.t_last, 1e-9)
+        self.t_last, self.images = now, 0
+        return ips
+
+
+def _stop_if_nonfinite(run: TrainingRun, monitor: NonFiniteMonitor) -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite step since the run started (read
+    from the device here, at a log, validation or checkpoint step — before anything is saved)."""
+    what = monitor.check(run.acc, run.model)
+    if what is not None:
+        raise NonFiniteError(
+            f"{what}; stopped (last good checkpoint: {run.last_ckpt or 'none'}). Lower trainer.lr, "
+            f"set trainer.grad_clip, or pass trainer.on_nonfinite=skip to skip such steps"
+        )
+
+
+def _step_or_skip(run: TrainingRun, batch: dict) -> StepResult:
+    """``trainer.on_nonfinite=skip``: a step whose loss or gradients are not finite on any process
+    is not applied (gradients dropped, BatchNorm statistics restored) and counted; after
+    ``trainer.max_skipped_steps`` the run stops. Reads one flag per step."""
+    parts = run.parts
+    buffers = list(run.acc.unwrap_model(run.model).buffers())
+    saved = [b.detach().clone() for b in buffers]  # a skipped step must not leave NaN in them
+    result = forward_backward(parts, batch, run.step)
+    finite = step_is_finite(run.acc, result)
+    if not finite:
+        run.skipped += 1
+        what = describe_nonfinite(run.step + 1, result.loss.detach(), result.terms, run.model)
+        log.warning("%s: step skipped (%d so far)", what, run.skipped)
+        with torch.no_grad():
+            for b, s in zip(buffers, saved, strict=True):
+                b.copy_(s)
+        max_skipped = int(OmegaConf.select(run.cfg, "trainer.max_skipped_steps", default=100))
+        if run.skipped > max_skipped:
+            raise NonFiniteError(
+                f"{what}; {run.skipped} steps skipped, more than trainer.max_skipped_steps={max_skipped}"
+            )
+    optimizer_step(parts, apply=finite)
+    return result
+
+
+def _log_step(run: TrainingRun, result: StepResult, bar, meter: _Throughput) -> None:
+    """Losses, learning rate, throughput (and the search's τ, entropy weight, frozen pairs and α)
+    to the progress bar, the logger and ``train_log.jsonl``."""
+    step, parts = run.step, run.parts
+    ips = meter.rate()
+    lr = parts.optimizer.param_groups[0]["lr"]
+    loss_v = result.loss.item()
+    bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+    record = {
+        "train/loss": loss_v,
+        "train/lr": lr,
+        "train/images_per_s": ips,
+        **{f"train/{k}": v.item() for k, v in result.terms.items()},
+    }
+    if str(OmegaConf.select(run.cfg, "trainer.on_nonfinite", default="stop")) == "skip":
+        record["train/skipped_steps"] = run.skipped
+    if run.search:
+        controller = parts.controller
+        record.update(
+            {
+                "search/tau": controller.tau_at(step - 1),
+                "search/entropy_weight": result.entropy_weight,
+                "search/frozen_pairs": controller.num_frozen(),  # the host learns of new freezes
+            }
+        )
+        run.logger.log(controller.alpha_log(), step)
+    run.logger.log(record, step)
+    if run.acc.is_main_process:
+        with open(run.run_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+    log.debug("step %d loss %.4f lr %.3e", step, loss_v, lr)
+
+
+def _validation_step(run: TrainingRun) -> dict[str, float]:
+    """Validate; on the main process write ``metrics.json`` (+ history), log, and in search write
+    the genotype."""
+    acc, step = run.acc, run.step
+    is_main = acc.is_main_process
+    want_images = (
+        int(run.cfg.logger.get("num_images", 0)) if getattr(run.logger, "wants_images", False) else 0
+    )
+    metrics, panels = validate(run.model, run.val_loader, run.metrics, acc, want_images if is_main else 0)
+    if is_main:
+        result = {"step": step, "metrics": metrics}
+        if str(OmegaConf.select(run.cfg, "trainer.on_nonfinite", default="stop")) == "skip":
+            result["skipped_steps"] = run.skipped
+        write_json_atomic(run.run_dir / "metrics.json", result)
+        with open(run.run_dir / "metrics_history.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+        run.logger.log({f"val/{k}": v for k, v in metrics.items()}, step)
+        if run.search:
+            genotype = acc.unwrap_model(run.model).head.genotype
+            save_genotype(genotype, run.run_dir / GENOTYPE_FILENAME, step)
+            if hasattr(run.logger, "log_genotype"):
+                run.logger.log_genotype(genotype, run.tasks, step)
+        if panels:
+            run.logger.log_images(panels, step)
+    log.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def _checkpoint_step(run: TrainingRun) -> None:
+    """Save a resumable checkpoint of this step (the newest ``trainer.keep_checkpoints`` kept)."""
+    meta = {
+        "step": run.step,
+        "skipped_steps": run.skipped,
+        "data": run.train_loader.batch_sampler.position(run.step),
+    }
+    run.last_ckpt = save_checkpoint(
+        run.acc, run.run_dir, run.step, int(run.cfg.trainer.keep_checkpoints), meta
+    )

@@ -51,7 +51,9 @@ class SearchCPBlock(nn.Module):
         self.codes = [1, 2, 3] if same_task else [1, 2, 3, 4]
         self.out_channels = out_channels
         self.freeze_gap = float(freeze_gap)
-        self.tau = 1.0
+        # τ of the Gumbel-softmax, a device scalar: a compiled step reads it as data (a Python float
+        # changing every step would recompile the graph)
+        self.register_buffer("tau_tensor", torch.ones(()), persistent=False)
         self.arch_param = nn.Parameter(torch.zeros(len(self.codes) + 1))
         self.op_list = nn.ModuleList(
             [
@@ -63,6 +65,16 @@ class SearchCPBlock(nn.Module):
         self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool), persistent=False)
         self.register_buffer("frozen_weights", torch.zeros(len(self.codes) + 1), persistent=False)
         self._frozen = -1  # the host's copy of the frozen choice, -1 while not known to be frozen
+
+    @property
+    def tau(self) -> float:
+        """τ of the Gumbel-softmax (reads the device)."""
+        return float(self.tau_tensor)
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        with torch.no_grad():
+            self.tau_tensor.fill_(float(value))  # no host read, no recompilation
 
     # -- state dict: the original's ``fixed_weights``, exactly for the frozen pairs ---------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -142,7 +154,7 @@ class SearchCPBlock(nn.Module):
             w[self.choice()] = 1.0  # no host-to-device copy
             return w
         self.apply_freeze_rule()
-        gumbel = F.gumbel_softmax(self.arch_param, tau=self.tau, hard=False)
+        gumbel = F.gumbel_softmax(self.arch_param, tau=self.tau_tensor, hard=False)
         return torch.where(self.frozen_flag, self.frozen_weights.to(gumbel.dtype), gumbel)
 
     def active_ops(self) -> list[int]:
