@@ -87,6 +87,39 @@ class HostReads:
         self._mode.__exit__(*exc)
 
 
+#: A genotype with every context type (0 none, 1 global, 2 local, 3 t-label, 4 s-label) on the
+#: NYUD tasks, each at least three times.
+ALL_CONTEXTS = {
+    "semseg": {"semseg": 1, "depth": 2, "normals": 3, "edge": 4},
+    "depth": {"semseg": 2, "depth": 3, "normals": 4, "edge": 1},
+    "normals": {"semseg": 3, "depth": 4, "normals": 1, "edge": 2},
+    "edge": {"semseg": 4, "depth": 1, "normals": 2, "edge": 0},
+}
+
+
+@pytest.fixture(scope="session")
+def all_contexts_genotype(tmp_path_factory) -> Path:
+    """:data:`ALL_CONTEXTS` as a genotype file in the original format."""
+    import json
+
+    path = tmp_path_factory.mktemp("genotype") / "all_contexts.json"
+    path.write_text(json.dumps({"data": ALL_CONTEXTS, "step": 0}))
+    return path
+
+
+def randomise_head(module: torch.nn.Module, seed: int = 1) -> None:
+    """Non-trivial affine BN parameters (``out_proj`` starts at zero, which would make every CP
+    block's gradient zero and let a broken context head pass) and larger logits weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in module.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            if isinstance(m, torch.nn.Conv2d) and "logits" in name:
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
     """A tiny synthetic dataset (generated once per test session)."""

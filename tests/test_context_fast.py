@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg
+from conftest import compose_cfg, randomise_head
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -43,17 +43,7 @@ AUX = {"semseg": 5, "depth": 6, "normals": 7, "edge": 2}
 pytestmark = pytest.mark.usefixtures("one_thread", "torch_local_attention")
 
 
-def _randomise(module: nn.Module, seed: int = 1) -> None:
-    """Non-trivial affine BN parameters (``out_proj`` starts at zero, which would make every CP
-    block's gradient zero) and larger logits weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, m in module.named_modules():
-            if isinstance(m, nn.BatchNorm2d) and m.affine:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            if isinstance(m, nn.Conv2d) and "logits" in name:
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+_randomise = randomise_head
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = 1e-5) -> None:

@@ -21,8 +21,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_cfg
-from torch import nn
+from conftest import compose_cfg, randomise_head
 
 from atrc_exp.engine.fast_paths import apply_fast_paths, compile_step
 from atrc_exp.engine.search import entropy_term, search_blocks
@@ -32,22 +31,13 @@ from atrc_exp.models import build_model
 from atrc_exp.models.relational_head import set_fused
 
 TASKS = ["semseg", "depth", "normals", "edge"]
-#: every context type at least three times (0 none, 1 global, 2 local, 3 t-label, 4 s-label)
-ALL_CONTEXTS = {
-    "semseg": {"semseg": 1, "depth": 2, "normals": 3, "edge": 4},
-    "depth": {"semseg": 2, "depth": 3, "normals": 4, "edge": 1},
-    "normals": {"semseg": 3, "depth": 4, "normals": 1, "edge": 2},
-    "edge": {"semseg": 4, "depth": 1, "normals": 2, "edge": 0},
-}
 B, H, W, STEPS = 2, 48, 64, 3
 CPU_KERNELS = ("batch_norm", "upsample_cross_entropy", "label_attention", "upsample_add")
 
 
 @pytest.fixture(scope="module")
-def genotype_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("genotype") / "all_contexts.json"
-    path.write_text(json.dumps({"data": ALL_CONTEXTS, "step": 0}))
-    return path
+def genotype_file(all_contexts_genotype):
+    return all_contexts_genotype
 
 
 def _overrides(context: str, genotype_file) -> list[str]:
@@ -70,17 +60,6 @@ def _restore_backends():
     _backends("auto")
 
 
-def _randomise(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, nn.BatchNorm2d) and m.affine:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            if isinstance(m, nn.Conv2d) and "logits" in name:
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
-
-
 def _batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     normals = torch.randn(B, 3, H, W, generator=g, dtype=torch.float64)
@@ -101,7 +80,7 @@ def _train(overrides: list[str], fast: bool, extra: list[str] = ()) -> dict:
     cfg = compose_cfg(overrides + list(extra))
     torch.manual_seed(0)
     model = build_model(cfg)
-    _randomise(model)
+    randomise_head(model)
     model = apply_fast_paths(model.double(), cfg).train()
     set_fused(model, fused=fast, recompute=fast, fold=fast)
     _backends("auto" if fast else "torch")

@@ -70,7 +70,9 @@ def test_tiny_search_writes_genotype_that_distill_consumes(tiny_data_dir, tmp_pa
     assert len(alphas) == 16 and any(a.abs().max() > 0 for a in alphas)
     lines = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
     # 3 steps: τ at step 2 is 0.05 + (1 − 2/3)·0.95
-    assert lines[0]["search/tau"] == pytest.approx(1.0) and lines[-1]["search/tau"] == pytest.approx(0.05 + 0.95 / 3)
+    assert lines[0]["search/tau"] == pytest.approx(1.0) and lines[-1]["search/tau"] == pytest.approx(
+        0.05 + 0.95 / 3
+    )
     assert "train/loss/entropy_term" in lines[0]
     # distillation from the search run dir
     dist = tmp_path / "distill"

@@ -23,12 +23,6 @@ from atrc_exp.engine import fit
 from atrc_exp.engine import trainer as trainer_mod
 from atrc_exp.engine.faults import NonFiniteError
 
-GENOTYPE = {  # every context type (0 none, 1 global, 2 local, 3 t-label, 4 s-label)
-    "semseg": {"semseg": 1, "depth": 2, "normals": 3, "edge": 4},
-    "depth": {"semseg": 2, "depth": 3, "normals": 4, "edge": 1},
-    "normals": {"semseg": 3, "depth": 4, "normals": 1, "edge": 2},
-    "edge": {"semseg": 4, "depth": 1, "normals": 2, "edge": 0},
-}
 #: PyTorch's ops, the path a GPU runs (the CPU-only kernels check their inputs on the host)
 GPU_PATH = {
     f"ops.{op}.backend": "torch"
@@ -37,10 +31,8 @@ GPU_PATH = {
 
 
 @pytest.fixture(scope="module")
-def genotype_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("genotype") / "all_contexts.json"
-    path.write_text(json.dumps({"data": GENOTYPE, "step": 0}))
-    return path
+def genotype_file(all_contexts_genotype) -> Path:
+    return all_contexts_genotype
 
 
 def _context(name: str, genotype_file: Path) -> dict:
