@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .tasks import ALL_TASKS
+from .tasks import ALL_TASKS, PUBLISHED_NORMAL_CENTROIDS
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 #: The data folders shipped with atrc_exp (see :func:`resource_dir`).
@@ -184,8 +184,8 @@ def validate_config(cfg: DictConfig) -> None:
     if int(cfg.trainer.val_interval) < 1:
         raise ConfigError("trainer.val_interval must be >= 1 (steps between validations)")
     centroids = cfg.dataset.get("normal_centroids", None)
-    if centroids not in (None, "kmeans", "nyud", "pascal_context"):
+    if centroids not in (None, "kmeans", *PUBLISHED_NORMAL_CENTROIDS):
         raise ConfigError(
             f"dataset.normal_centroids={centroids!r}: use kmeans (computed from the training split) "
-            "or a published set of the original, nyud or pascal_context"
+            f"or a published set of the original: {', '.join(PUBLISHED_NORMAL_CENTROIDS)}"
         )

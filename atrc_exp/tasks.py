@@ -42,6 +42,12 @@ LOSS_WEIGHTS: dict[str, float] = {
 HUMAN_PARTS_CLASSES = 7
 #: Auxiliary classification targets for regression tasks.
 NUM_NORMAL_CENTROIDS = 40
+#: The normal centroids the original implementation ships, by set name (``dataset.normal_centroids``;
+#: a JSON file each in ``atrc_exp/resources/``: ``{"centroids": [[x, y, z], ...]}``, class k = row k).
+PUBLISHED_NORMAL_CENTROIDS: dict[str, str] = {
+    "nyud": "nyud_normal_centroids.json",
+    "pascal_context": "pascal_context_normal_centroids.json",
+}
 NUM_DEPTH_BINS = 40
 
 

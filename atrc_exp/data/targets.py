@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..losses import depth_to_bins
-from ..tasks import IGNORE_INDEX, NUM_DEPTH_BINS, NUM_NORMAL_CENTROIDS
+from ..tasks import IGNORE_INDEX, NUM_DEPTH_BINS, NUM_NORMAL_CENTROIDS, PUBLISHED_NORMAL_CENTROIDS
 
 __all__ = [
     "cached_normal_centroids",
@@ -35,13 +35,6 @@ __all__ = [
     "PUBLISHED_NORMAL_CENTROIDS",
     "sample_normals",
 ]
-
-#: The normal centroids the original implementation ships, by set name (a JSON file each in
-#: ``atrc_exp/resources/``: ``{"centroids": [[x, y, z], ...]}``, class k = row k).
-PUBLISHED_NORMAL_CENTROIDS: dict[str, str] = {
-    "nyud": "nyud_normal_centroids.json",
-    "pascal_context": "pascal_context_normal_centroids.json",
-}
 
 
 def published_normal_centroids(name: str) -> np.ndarray:
@@ -59,6 +52,7 @@ def published_normal_centroids(name: str) -> np.ndarray:
     if cent.ndim != 2 or cent.shape[1] != 3:
         raise ValueError(f"published normal centroids {name!r}: expected K×3, got {cent.shape}")
     return cent
+
 
 _VERSION = 1
 

@@ -203,7 +203,9 @@ class ATRCModule(nn.Module):
         label = [i for i, op in enumerate(ops) if op.block.kind == "label"]
         if not label or not _label_attention.kernel_applies(query[label[0]], key[label[0]], value[label[0]]):
             return False
-        return all(not p.relu and is_pointwise(p.conv) and p.conv.bias is None for p in self.out_proj.values())
+        return all(
+            not p.relu and is_pointwise(p.conv) and p.conv.bias is None for p in self.out_proj.values()
+        )
 
     def _folded_projections(self, ops, query, key, value) -> dict[str, torch.Tensor]:
         """Per target with CP blocks, ``out_proj``'s convolution of the blocks' concatenated outputs
