@@ -64,7 +64,7 @@ On CUDA each configuration also reports the GPU kernel time of one step (``torch
 of the kernels' durations, and their number): a step much longer than its kernel time is bound by
 the host (Python, dispatch, launches), which bf16 cannot speed up and CUDA graphs can. The host
 time of a step is the wall time until the step function returns, before ``torch.cuda.synchronize()``
-(the step never reads the loss; the search reads one flag from the device per step). Every
+(the step reads nothing from the device, as the trainer's ``train_step``). Every
 eager configuration reports the ATen ops one step dispatches (views and metadata ops excluded;
 counted by a ``TorchDispatchMode`` in one extra step): the host's work, the same on every device
 for the same code path (the optimizer aside: a loop per parameter on the CPU, ``foreach`` on
@@ -338,7 +338,9 @@ def run_worker(spec: dict) -> dict:
     controller = arch_opt = None
     if search:
         controller = SearchController(model, cfg.mode, n_total)
-        arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0)
+        arch_opt = torch.optim.Adam(
+            arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True
+        )  # as the trainer
     grad_clip = float(cfg.mode.grad_clip) if search else None
     b, h, w = spec["size"]
     cl = channels_last_enabled(cfg)
@@ -700,8 +702,8 @@ def train_table(rows: list[dict]) -> list[str]:
 HOST_TIME_DEF = (
     "median wall time from a step's start until the step function returns, before "
     "`torch.cuda.synchronize()` (the host dispatching the step without waiting for the device, except "
-    "where the step itself waits: the search reads one flag from the device per step, and a host that "
-    "gets a full launch queue ahead of the GPU waits for room; on the CPU it is the step time)"
+    "where a host that gets a full launch queue ahead of the GPU waits for room; the step itself reads "
+    "nothing from the device; on the CPU it is the step time)"
 )
 #: the columns of the Markdown table of ``--markdown`` (one row per context and path)
 MD_COLUMNS = (
