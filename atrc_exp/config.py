@@ -103,8 +103,8 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
 
 
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``conf/train.yaml`` with Hydra's compose API and ``overrides`` (the command-line
+def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` (``train``) with Hydra's compose API and ``overrides`` (the command-line
     syntax of ``atrc-train``, e.g. ``["dataset=nyud", "backbone.pretrained=false"]``).
 
     The result is what ``atrc-train`` would run, without the ``hydra`` node's run-time values: pass it
@@ -122,7 +122,7 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
         outer.clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return _compose(config_name="train", overrides=list(overrides or []))
+            return _compose(config_name=config_name, overrides=list(overrides or []))
     finally:
         if saved is not None:
             GlobalHydra.instance().initialize(saved)

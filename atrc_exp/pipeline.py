@@ -28,7 +28,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import CONF_DIR, ConfigError, rank_suffix, register_resolvers, validate_config
+from .config import ConfigError, rank_suffix, register_resolvers, validate_config
+from .config import compose as compose_conf
 
 log = logging.getLogger("atrc_exp")
 
@@ -42,14 +43,12 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with ``overrides``: with the running Hydra app's config
     loader inside ``atrc-train``, from ``conf/`` otherwise."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    register_resolvers()
     if GlobalHydra.instance().is_initialized():
+        register_resolvers()
         return hydra_compose(config_name=config_name, overrides=list(overrides))
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    return compose_conf(overrides, config_name)
 
 
 def shared_overrides(overrides: list[str]) -> list[str]:

@@ -77,7 +77,7 @@ def load_run_config(run_dir: Path | None, overrides: list[str], config: str | No
     """The run's config with ``key=value`` overrides; composed from ``conf/`` when there is no run."""
     from omegaconf import OmegaConf
 
-    from ..config import CONF_DIR, register_resolvers
+    from ..config import compose, register_resolvers
 
     register_resolvers()
     src = Path(config).expanduser() if config else run_dir
@@ -96,10 +96,7 @@ def load_run_config(run_dir: Path | None, overrides: list[str], config: str | No
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
         return cfg
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose(overrides)
 
 
 def load_weights(model, ckpt_dir: Path | None, weights_file: Path | None, trust: bool = False) -> int:

@@ -145,14 +145,19 @@ def step_is_finite(acc: Accelerator, result: StepResult) -> bool:
     return not any_nonfinite(acc, not bool(ok))
 
 
-def describe_nonfinite(step: int, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], model) -> str:
+def _nonfinite_message(step: int, loss_bad: bool, bad_terms: list[str], model: nn.Module) -> str:
     """``non-finite loss at step N (terms: ...)`` or ``non-finite gradient at step N (parameters:
-    ...)`` (reads the device)."""
-    if not bool(torch.isfinite(loss)):
-        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
-        return f"non-finite loss at step {step} (terms: {', '.join(bad) or 'total'})"
+    ...)`` (the parameters whose gradients are not finite now)."""
+    if loss_bad:
+        return f"non-finite loss at step {step} (terms: {', '.join(bad_terms) or 'total'})"
     names = nonfinite_grad_params(model)
     return f"non-finite gradient at step {step} (parameters: {', '.join(names) or '?'})"
+
+
+def describe_nonfinite(step: int, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], model) -> str:
+    """The non-finite step ``step`` described from its loss and terms (reads the device)."""
+    bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
+    return _nonfinite_message(step, not bool(torch.isfinite(loss)), bad, model)
 
 
 class NonFiniteMonitor:
@@ -196,8 +201,5 @@ class NonFiniteMonitor:
         first = min(bad)
         if int(self.first_step) != first:
             return f"non-finite values on another process at step {first}"
-        if bool(self.loss_bad):
-            names = [n for n, b in zip(self.names, self.terms_bad.tolist()) if b]
-            return f"non-finite loss at step {first} (terms: {', '.join(names) or 'total'})"
-        params = nonfinite_grad_params(model)
-        return f"non-finite gradient at step {first} (parameters: {', '.join(params) or '?'})"
+        names = [n for n, b in zip(self.names, self.terms_bad.tolist()) if b]
+        return _nonfinite_message(first, bool(self.loss_bad), names, model)

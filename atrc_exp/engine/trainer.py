@@ -339,6 +339,11 @@ class TrainingRun:
     def search(self) -> bool:
         return self.parts.controller is not None
 
+    @property
+    def skip_mode(self) -> bool:
+        """``trainer.on_nonfinite=skip``: non-finite steps are dropped, not fatal."""
+        return str(OmegaConf.select(self.cfg, "trainer.on_nonfinite", default="stop")) == "skip"
+
 
 def setup(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> TrainingRun:
     """Data, model (original weights, fast paths), loss, metrics, optimizers and schedule, wrapped
@@ -456,7 +461,8 @@ def train(run: TrainingRun) -> dict[str, float]:
     max_steps = int(tc.max_steps)
     log_every, val_every = int(tc.log_interval), int(tc.val_interval)
     ckpt_every = int(tc.checkpoint_interval or 0)
-    skip_mode = str(OmegaConf.select(cfg, "trainer.on_nonfinite", default="stop")) == "skip"
+    # skip mode restores the BatchNorm statistics of a dropped step: the buffers, listed once
+    buffers = list(acc.unwrap_model(run.model).buffers()) if run.skip_mode else []
     monitor = NonFiniteMonitor(acc.device)
     guard = PreemptionGuard()
     meter = _Throughput(int(tc.batch_size))
@@ -473,8 +479,8 @@ def train(run: TrainingRun) -> dict[str, float]:
     with guard, workers_shut_down(it):
         while run.step < max_steps:
             batch = _to_device(next(it), acc.device)
-            if skip_mode:
-                result = _step_or_skip(run, batch)
+            if run.skip_mode:
+                result = _step_or_skip(run, batch, buffers)
             else:
                 result = train_step(run.parts, batch, run.step, monitor)
             run.step += 1
@@ -541,12 +547,11 @@ def _stop_if_nonfinite(run: TrainingRun, monitor: NonFiniteMonitor) -> None:
         )
 
 
-def _step_or_skip(run: TrainingRun, batch: dict) -> StepResult:
+def _step_or_skip(run: TrainingRun, batch: dict, buffers: list[torch.Tensor]) -> StepResult:
     """``trainer.on_nonfinite=skip``: a step whose loss or gradients are not finite on any process
     is not applied (gradients dropped, BatchNorm statistics restored) and counted; after
-    ``trainer.max_skipped_steps`` the run stops. Reads one flag per step."""
+    ``trainer.max_skipped_steps`` the run stops. Reads one flag per step. ``buffers``: the model's."""
     parts = run.parts
-    buffers = list(run.acc.unwrap_model(run.model).buffers())
     saved = [b.detach().clone() for b in buffers]  # a skipped step must not leave NaN in them
     result = forward_backward(parts, batch, run.step)
     finite = step_is_finite(run.acc, result)
@@ -580,7 +585,7 @@ def _log_step(run: TrainingRun, result: StepResult, bar, meter: _Throughput) -> 
         "train/images_per_s": ips,
         **{f"train/{k}": v.item() for k, v in result.terms.items()},
     }
-    if str(OmegaConf.select(run.cfg, "trainer.on_nonfinite", default="stop")) == "skip":
+    if run.skip_mode:
         record["train/skipped_steps"] = run.skipped
     if run.search:
         controller = parts.controller
@@ -610,7 +615,7 @@ def _validation_step(run: TrainingRun) -> dict[str, float]:
     metrics, panels = validate(run.model, run.val_loader, run.metrics, acc, want_images if is_main else 0)
     if is_main:
         result = {"step": step, "metrics": metrics}
-        if str(OmegaConf.select(run.cfg, "trainer.on_nonfinite", default="stop")) == "skip":
+        if run.skip_mode:
             result["skipped_steps"] = run.skipped
         write_json_atomic(run.run_dir / "metrics.json", result)
         with open(run.run_dir / "metrics_history.jsonl", "a") as f:

@@ -29,11 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context_blocks import make_cp_block
+from .state_dict import FREEZE_BUFFER
 
-__all__ = ["FREEZE_KEY", "SearchCPBlock"]
-
-#: The state-dict entry of a frozen pair's choice (the original's buffer name).
-FREEZE_KEY = "fixed_weights"
+__all__ = ["SearchCPBlock"]
 
 
 class SearchCPBlock(nn.Module):
@@ -61,7 +59,7 @@ class SearchCPBlock(nn.Module):
                 for c in self.codes
             ]
         )
-        # the freeze state on the device (saved as FREEZE_KEY, see _save_to_state_dict)
+        # the freeze state on the device (saved as FREEZE_BUFFER, see _save_to_state_dict)
         self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool), persistent=False)
         self.register_buffer("frozen_weights", torch.zeros(len(self.codes) + 1), persistent=False)
         self._frozen = -1  # the host's copy of the frozen choice, -1 while not known to be frozen
@@ -81,12 +79,12 @@ class SearchCPBlock(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.sync() >= 0:
             w = self.frozen_weights
-            destination[prefix + FREEZE_KEY] = w if keep_vars else w.detach()
+            destination[prefix + FREEZE_BUFFER] = w if keep_vars else w.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the checkpoint decides: a pair frozen there (``fixed_weights`` present) is frozen here,
         # any other is not
-        w = state_dict.pop(prefix + FREEZE_KEY, None)
+        w = state_dict.pop(prefix + FREEZE_BUFFER, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         with torch.no_grad():
             if w is None:
