@@ -38,9 +38,6 @@ def resource_dir(name: str) -> Path:
 #: Hydra's config folder (holds ``train.yaml``).
 CONF_DIR = resource_dir("conf")
 
-#: Contexts that need the relational-context head (built by ``atrc_exp.models.context``).
-RELATIONAL_CONTEXTS = ("global", "local", "tlabel", "slabel", "atrc", "search")
-
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""

@@ -1,9 +1,7 @@
 """Training losses of ATRC (ICCV 2021) for every dense task, final and auxiliary.
 
 Conventions (see :mod:`atrc_exp.tasks`): targets carry the ignore value 255; network outputs
-are logits/raw maps at the target resolution — or, for :class:`MultiTaskLoss` and
-:func:`cross_entropy_loss`, at a lower one (the head's maps before the model's final bilinear
-upsampling), resized to the target inside the loss. Every loss
+are logits/raw maps at the target resolution. Every loss
 
 * keeps the dtype of its input: float32 and float64 stay (a whole training step can run in
   float64 to check equivalence), float16/bfloat16 are computed in float32; autocast is disabled
@@ -51,7 +49,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import upsample_cross_entropy as upsample_ce
 from .tasks import ALL_TASKS, IGNORE_INDEX, LOSS_WEIGHTS, NUM_DEPTH_BINS
 
 __all__ = [
@@ -105,18 +102,6 @@ def l2_normalize_channels(x: Tensor, eps: float = 1e-12) -> Tensor:
     return x / (x * x).sum(dim=1, keepdim=True).clamp_min(eps * eps).sqrt()
 
 
-def _at_target_size(pred: Tensor, target: Tensor) -> Tensor:
-    """``pred`` bilinearly resized to the target's spatial size (the network's own final
-    upsampling, :func:`atrc_exp.models.layers.resize_prediction`) when it is a B×C×h×w map of
-    another size; else unchanged."""
-    size = tuple(target.shape[-2:])
-    if pred.dim() != 4 or tuple(pred.shape[-2:]) == size or pred.shape[0] != target.shape[0]:
-        return pred
-    from .models.layers import resize_prediction
-
-    return resize_prediction(pred, size)
-
-
 def _check_spatial(pred: Tensor, target: Tensor, name: str) -> None:
     if pred.dim() != 4 or pred.shape[0] != target.shape[0] or pred.shape[-2:] != target.shape[-2:]:
         raise ValueError(
@@ -161,27 +146,10 @@ def normals_to_centroid_index(normals: Tensor, centroids: Tensor) -> Tensor:
         n = normals.detach().float()
         invalid = (n == IGNORE_INDEX).any(dim=1)
         c = F.normalize(centroids.detach().to(device=n.device, dtype=torch.float32), p=2, dim=1)
-        idx = upsample_ce.nearest_centroid_index(n, c)  # the CPU kernel, or None
-        if idx is None:
-            n = l2_normalize_channels(n)
-            sim = torch.matmul(c, n.reshape(n.shape[0], 3, -1)).view(n.shape[0], -1, *n.shape[2:])
-            idx = argmax_channels(sim)
+        n = l2_normalize_channels(n)
+        sim = torch.matmul(c, n.reshape(n.shape[0], 3, -1)).view(n.shape[0], -1, *n.shape[2:])
+        idx = sim.argmax(dim=1)
     return torch.where(invalid, torch.full_like(idx, IGNORE_INDEX), idx)
-
-
-def argmax_channels(x: Tensor) -> Tensor:
-    """``x.argmax(dim=1)`` (the first maximum) of a B×K×... float tensor. On the CPU with K ≤ 255
-    it is computed as the channel maximum followed by the first channel equal to it, 2-3× faster
-    than ``argmax`` over the strided channel dimension (9 → 3 ms for 2×40×192×256); the same
-    result, except that a pixel with a NaN gets index 0 (no host read to check for NaN)."""
-    K = x.shape[1]
-    if x.device.type != "cpu" or not x.is_floating_point() or not 0 < K <= 255:
-        return x.argmax(dim=1)
-    m = x.amax(dim=1, keepdim=True)
-    # K - k for channel k where x equals the maximum, 0 elsewhere: the max is K - (first such k)
-    rank = torch.arange(K, 0, -1, dtype=torch.uint8).view(1, K, *([1] * (x.dim() - 2)))
-    first = ((x == m).view(torch.uint8) * rank).amax(dim=1)
-    return (K - first.long()) % K  # NaN maximum: no channel equals it, first = 0 → index 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,65 +161,15 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = N
     The original's reduction: ``Σ_valid w[y_i]·l_i / #valid`` (not PyTorch's weighted mean, which
     divides by ``Σ_valid w[y_i]``); returns a graph-connected 0 when there is no valid pixel.
     ``target`` may be B×H×W or B×1×H×W, integer or float (0/1 edge maps).
-
-    ``logits`` may be at a lower resolution than ``target`` (a network's output before its final
-    upsampling): they are then resized bilinearly (``align_corners=False``, as
-    :func:`atrc_exp.models.layers.resize_prediction`) to the target first — on float32/float64
-    CPU tensors inside the fused kernel of :mod:`atrc_exp.ops.upsample_cross_entropy`, which
-    never writes the full-resolution logits (same numbers up to float rounding).
     """
     target = _as_index_target(target)
     logits = _compute_dtype(logits)
     if weight is not None:
         weight = weight.to(device=logits.device, dtype=logits.dtype)
-    size = tuple(target.shape[-2:])
-    low_res = logits.dim() == 4 and tuple(logits.shape[-2:]) != size and logits.shape[0] == target.shape[0]
-    fused = low_res and logits.shape[1] > 1 and upsample_ce.kernel_applies(logits)
-    if low_res and not fused:
-        logits = _at_target_size(logits, target)
-    if fused:  # the ignore test and the class weights inside the kernel
-        total, den = upsample_ce.upsample_cross_entropy_ignore(logits, target, weight, IGNORE_INDEX)
-        if weight is not None:  # the kernel's denominator is the sum of the weights
-            den = (target != IGNORE_INDEX).sum().to(total.dtype)
-        return _safe_ratio(total, den)
     _check_spatial(logits, target, "cross_entropy_loss")
     valid = target != IGNORE_INDEX
-    c = logits.shape[1]
-    safe_target = target.masked_fill(~valid, 0)
-    # each pixel's weight in the mean: w[y] on valid pixels, 0 on ignored ones
-    w_pix = None if weight is None else weight[safe_target].mul(valid)
-    if c > 1 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
-        # channels-last logits (resize_prediction): as (pixels × classes) rows, a view; the
-        # log-softmax then runs over contiguous memory (about 2× faster on the CPU), same sum
-        rows = logits.permute(0, 2, 3, 1).reshape(-1, c)
-        w_row = valid.to(rows.dtype) if w_pix is None else w_pix
-        total = _RowsCrossEntropy.apply(rows, safe_target.reshape(-1), w_row.reshape(-1))
-    else:
-        total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
     return _safe_ratio(total, valid.sum().to(total.dtype))
-
-
-class _RowsCrossEntropy(torch.autograd.Function):
-    """``Σ_i w_i · −log softmax(x_i)[y_i]`` over the rows of ``x`` (N×C; ``y`` N int64 in
-    range, ``w`` N: 0 for ignored rows, else the class weight). The same sum as
-    ``F.cross_entropy(reduction="sum")``; its backward writes ``g·w_i·(softmax(x_i) −
-    onehot(y_i))`` in one pass over the saved log-probabilities, where ``F.cross_entropy``
-    zero-fills an N×C gradient, scatters into it and runs the log-softmax backward (about
-    a third of the loss's time on the CPU for 40 classes at full resolution)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, w: Tensor) -> Tensor:  # noqa: D102
-        logp = torch.log_softmax(x, dim=1)
-        ctx.save_for_backward(logp, y, w)
-        return -(logp.gather(1, y.unsqueeze(1)).squeeze(1) * w).sum()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: D102
-        logp, y, w = ctx.saved_tensors
-        s = (w * grad).unsqueeze(1)
-        dx = torch.exp(logp).mul_(s)
-        dx.scatter_add_(1, y.unsqueeze(1), -s)
-        return dx, None, None
 
 
 def balanced_cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -342,12 +260,6 @@ class MultiTaskLoss(nn.Module):
     ``Σ LOSS_WEIGHTS[t]·(final_t + aux_t)``; ``terms`` maps ``"loss/<task>"`` and
     ``"loss/aux_<task>"`` to the detached, *unweighted* terms.
 
-    Outputs may also be the network's maps *before* its final upsampling
-    (``model(image, resize=False)``, what the trainer does): each is then resized bilinearly to
-    its target's size inside the loss — the class-logit losses without ever writing the
-    full-resolution logits on the CPU (:func:`cross_entropy_loss`). Same numbers as resizing
-    first, up to float rounding.
-
     ``normal_centroids`` (K×3) is needed only when an aux normals output is given; it is kept as
     a (persistent) buffer so it moves with ``.to(device)`` and is saved in the state dict.
     """
@@ -375,8 +287,6 @@ class MultiTaskLoss(nn.Module):
     # -- per-task terms ----------------------------------------------------------------------
     def final_loss(self, task: str, pred: Tensor, target: Tensor) -> Tensor:
         """Unweighted final loss of ``task``."""
-        if task in ("normals", "depth", "edge"):  # the class-logit losses resize by themselves
-            pred = _at_target_size(pred, target)
         if task in ("semseg", "human_parts"):
             return cross_entropy_loss(pred, target)
         if task == "sal":

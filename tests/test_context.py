@@ -238,7 +238,7 @@ def test_local_block_zero_padded_window_softmax():
 @pytest.mark.parametrize("context_type", ["tlabel", "slabel"])
 def test_label_block_attends_over_class_context(context_type):
     torch.manual_seed(0)
-    blk = LabelContextBlock(8, 4, context_type=context_type).eval()
+    blk = make_cp_block(context_type, 8, 4).eval()
     ft, fs = torch.randn(2, 8, 5, 6), torch.randn(2, 8, 5, 6)
     pt, ps = spatial_softmax(torch.randn(2, 3, 5, 6)), spatial_softmax(torch.randn(2, 7, 5, 6))
     p = pt if context_type == "tlabel" else ps

@@ -1,5 +1,6 @@
-"""The batched ("fused") evaluation of the ATRC head and the memory-lean search give the numbers of
-the block-by-block path: outputs, gradients and batch-norm running statistics, train and eval."""
+"""The ATRC head's batched evaluation and the memory-lean search give the numbers of the method
+written block by block (``tests/reference_head.py``): outputs, gradients and batch-norm running
+statistics, train and eval."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compose_cfg, randomise_head
+from reference_head import reference_atrc_module, reference_head, reference_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -17,10 +19,11 @@ from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models.layers import (
     ConvBNReLU,
     batch_norm_group,
+    constant_vector,
     conv_bn_relu_group,
     frozen_bn_stats,
 )
-from atrc_exp.models.relational_head import RelationalContextHead, set_fused, uniform_genotype
+from atrc_exp.models.relational_head import RelationalContextHead, uniform_genotype
 
 NYUD = ["semseg", "depth", "normals", "edge"]
 NYUD18 = {
@@ -55,13 +58,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = 1e-5) -> N
     assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} at scale {scale:.3g}"
 
 
-def _step(module: nn.Module, fused: bool, inputs: tuple, seed: int = 7):
-    """Forward (seeded: dropout, Gumbel noise), a loss on every output, backward."""
-    set_fused(module, fused)
+def _step(module: nn.Module, batched: bool, inputs: tuple, seed: int = 7):
+    """Forward (the module's, or ``reference_head`` block by block; seeded: dropout, Gumbel
+    noise), a loss on every output, backward."""
     module.zero_grad(set_to_none=True)
     inputs = tuple(x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs)
     torch.manual_seed(seed)
-    out = module(*inputs)
+    out = module(*inputs) if batched else reference_head(module, *inputs)
     flat = {f"{k}/{t}": v for k, d in out.items() for t, v in d.items()}
     if torch.is_grad_enabled():
         g = torch.Generator().manual_seed(3)
@@ -124,12 +127,8 @@ def _bns(affine=(True, False, True), sizes=(3, 4, 5)):
     return bns
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])  # the CPU kernel; PyTorch's (as on a GPU)
 @pytest.mark.parametrize("train", [True, False])
-def test_batch_norm_group_equals_modules(train, backend, monkeypatch):
-    from atrc_exp.ops import batch_norm as bnop
-
-    monkeypatch.setattr(bnop._switch, "name", backend)
+def test_batch_norm_group_equals_modules(train):
     plain = _bns()
     grouped = copy.deepcopy(plain)
     for b in plain + grouped:
@@ -153,9 +152,9 @@ def test_batch_norm_group_equals_modules(train, backend, monkeypatch):
     if train:  # the running statistics did move
         assert not torch.allclose(plain[0].running_mean, _bns()[0].running_mean)
     # the non-affine module's weight and bias stand-ins are shared constants, left as they were
-    ones, zeros = bnop.constant_vector(1.0, 4, x), bnop.constant_vector(0.0, 4, x)
+    ones, zeros = constant_vector(1.0, 4, x), constant_vector(0.0, 4, x)
     assert torch.equal(ones, torch.ones(4)) and torch.equal(zeros, torch.zeros(4))
-    assert ones is bnop.constant_vector(1.0, 4, x) and not ones.requires_grad
+    assert ones is constant_vector(1.0, 4, x) and not ones.requires_grad
 
 
 def test_batch_norm_group_frozen_stats_and_fallbacks():
@@ -223,14 +222,14 @@ def test_conv_bn_relu_group_equals_layers_and_gradients_split():
     ids=["nyud18", "mixed", "global", "local", "tlabel", "slabel"],
 )
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_fused_head_equals_block_by_block(genotype, train):
+def test_head_equals_block_by_block(genotype, train):
     g = uniform_genotype(NYUD, genotype) if isinstance(genotype, str) else genotype
     head = _head(g)
     _compare(head, _head_inputs(), train=train)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_fused_head_batches_equal_aux_logits(train):
+def test_head_batches_equal_aux_logits(train):
     """Aux logits of equal width (NYUD: semseg, depth and normals all 40) run as one batched
     product on the grouped aux features: same outputs, gradients and buffers, fewer convs."""
     aux_eq = {"semseg": 5, "depth": 5, "normals": 5, "edge": 2}
@@ -241,7 +240,6 @@ def test_fused_head_batches_equal_aux_logits(train):
     import atrc_exp.models.relational_head as rh
 
     x, image = _head_inputs()
-    set_fused(head, True)
     counts = []
     for blockwise in (rh.pointwise_runs, lambda y, convs: [c(p) for c, p in zip(convs, y.split(32, 1))]):
         with pytest.MonkeyPatch.context() as mp, _CountConvs() as c, torch.no_grad():
@@ -251,7 +249,7 @@ def test_fused_head_batches_equal_aux_logits(train):
     assert counts[0] == counts[1] - 3  # the 3 equal aux logits convs are one matrix product
 
 
-def test_fused_head_channels_last_and_no_grad():
+def test_head_channels_last_and_no_grad():
     head = _head(MIXED).to(memory_format=torch.channels_last)
     x, image = _head_inputs()
     # mkldnn picks other kernels for NHWC: a little more rounding
@@ -271,34 +269,28 @@ class _CountConvs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_fused_head_batches_the_projections():
+def test_head_batches_the_projections():
     """NYUD HRNet18 genotype: the 16 blocks' first query layers run as 4 convolutions (one per
     target), the 4 aux heads as one, label contexts shared by several blocks once."""
     head = _head(NYUD18).train()
     x, image = _head_inputs()
     counts = {}
-    for fused in (False, True):
-        set_fused(head, fused)
+    for batched in (False, True):
         with _CountConvs() as c, torch.no_grad():
-            head(x, image=image)
-        counts[fused] = c.n
-    # plain: 4 bottlenecks + 4×2 aux + per block 5 convs (3 for the global one: 5) + 4×(out_proj,
-    # bottleneck) + 4 final = 4 + 8 + 16·5 + 8 + 4
+            head(x, image=image) if batched else reference_head(head, x, image)
+        counts[batched] = c.n
+    # block by block: 4 bottlenecks + 4×2 aux + per block 5 convs + 4×(out_proj, bottleneck) +
+    # 4 final = 4 + 8 + 16·5 + 8 + 4
     assert counts[False] == 104
-    # fused: 1 (the 4 task bottlenecks) + (1 + 4) aux + 4 query groups + the global block's keys and values (2: kept apart so
-    # the keys stay contiguous) + one key/value conv per distinct label context (8 for 15 label
-    # blocks) + 4 final; the second query and key layers, the 4 out_proj and the 4 ATRC
-    # bottlenecks are batched matrix products, not convolutions — with the out_proj fold (where
-    # the label-attention kernel runs) the global block's output goes through its block of
-    # edge's out_proj as one more convolution, the label blocks' are folded into their values
-    from atrc_exp.ops import label_attention as laop
-
-    folded = laop._extension() is not None
-    assert counts[True] == 1 + 5 + 4 + 2 + 8 + 4 + int(folded)
+    # batched: 1 (the 4 task bottlenecks) + (1 + 4) aux + 4 query groups + one key/value
+    # convolution per distinct key input (the global block's source features, 8 label contexts
+    # for 15 label blocks) + 4 final; the second query and key layers, the 4 out_proj and the 4
+    # ATRC bottlenecks are batched matrix products, not convolutions
+    assert counts[True] == 1 + 5 + 4 + 1 + 8 + 4
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_fused_fcn_head_equals_task_by_task(train):
+def test_fcn_head_equals_task_by_task(train):
     """The baseline head: its task bottlenecks (3×3 ConvBNReLU, all reading x) as one convolution."""
     from atrc_exp.models.heads import MultiTaskFCNHead
 
@@ -320,14 +312,6 @@ def test_fused_fcn_head_equals_task_by_task(train):
     assert c.n == 1 + 4  # one bottleneck conv, four final logits
 
 
-def test_state_dict_keys_unchanged_by_the_switch():
-    head = _head(NYUD18)
-    keys = list(head.state_dict())
-    set_fused(head, False)
-    assert list(head.state_dict()) == keys
-    assert "atrc_module.cp_blocks.semseg.depth.query_project.0.conv.weight" in keys
-
-
 # -- the search head ---------------------------------------------------------------------------------
 
 
@@ -342,18 +326,18 @@ def _search_head(seed: int = 0) -> RelationalContextHead:
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_fused_lean_search_equals_block_by_block(train):
+def test_lean_search_equals_block_by_block(train):
     head = _search_head()
-    set_fused(head, True, recompute=True)
+    head.atrc_module.recompute = True
     _compare(head, _head_inputs(), train=train)
     if train:
         blocks = head.atrc_module.cp_blocks
         assert blocks["depth"]["semseg"].choice() == 2 and blocks["edge"]["normals"].choice() == 0
 
 
-def test_fused_search_without_recompute_equals_block_by_block():
+def test_search_without_recompute_equals_block_by_block():
     head = _search_head()
-    set_fused(head, True, recompute=False)
+    head.atrc_module.recompute = False
     _compare(head, _head_inputs())
 
 
@@ -378,21 +362,26 @@ def test_lean_search_keeps_far_fewer_activations():
     feats = {t: torch.randn(2, 8, 9, 10, generator=g, requires_grad=True) for t in NYUD}
     probs = {t: torch.softmax(torch.randn(2, AUX[t], 90, generator=g), -1).requires_grad_() for t in NYUD}
     sizes = {}
-    for mode in ("plain", "fused", "lean"):
-        set_fused(head, mode != "plain", recompute=mode == "lean")
+    for mode in ("plain", "batched", "lean"):
+        mod.recompute = mode == "lean"
         torch.manual_seed(0)
-        sizes[mode], out = _saved_bytes(lambda: mod(feats, probs))
+        run = (
+            (lambda: reference_atrc_module(mod, feats, probs))
+            if mode == "plain"
+            else (lambda: mod(feats, probs))
+        )
+        sizes[mode], out = _saved_bytes(run)
         sum(v.sum() for v in out.values()).backward()  # the recomputation runs without error
-    # fused keeps the concatenated weights of its grouped convolutions as well: a few percent at this
-    # tiny size (9×10 maps), nothing at real ones (benchmarks/bench_context.py measures those)
-    assert sizes["fused"] <= sizes["plain"] * 1.15
+    # batched keeps the concatenated weights of its grouped convolutions as well: a few percent at
+    # this tiny size (9×10 maps), nothing at real ones
+    assert sizes["batched"] <= sizes["plain"] * 1.15
     assert sizes["lean"] < 0.5 * sizes["plain"], sizes
 
 
 # -- the whole network and loss ----------------------------------------------------------------------
 
 
-def test_full_model_training_step_fused_equals_plain():
+def test_full_model_training_step_equals_block_by_block():
     torch.manual_seed(0)
     cfg = compose_cfg(["dataset=nyud", "context=atrc", "context.genotype=genotypes/nyud_hrnet18.json"])
     model = atrc_exp.build_model(cfg)
@@ -408,11 +397,10 @@ def test_full_model_training_step_fused_equals_plain():
         "edge": (torch.rand(B, 1, H, W, generator=g) > 0.8).float(),
     }
     results = []
-    for fused in (False, True):
+    for batched in (False, True):
         m = copy.deepcopy(model).train()
-        set_fused(m, fused)
         torch.manual_seed(1)
-        loss, _ = criterion(m(image), targets)
+        loss, _ = criterion(m(image) if batched else reference_model(m, image), targets)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
     (lp, gp), (lf, gf) = results
@@ -420,38 +408,3 @@ def test_full_model_training_step_fused_equals_plain():
     assert gp["head.atrc_module.cp_blocks.edge.normals.query_project.0.conv.weight"].abs().sum() > 0
     for n in gp:
         _close(gp[n], gf[n], f"grad {n}", rtol=1e-4)
-
-
-@pytest.mark.parametrize("genotype", [NYUD18, MIXED, "tlabel"], ids=["nyud18", "mixed", "tlabel"])
-def test_out_proj_folded_into_the_label_attention(genotype, monkeypatch):
-    """``ATRCModule.fold``: ``out_proj`` applied block by block, folded into the label blocks'
-    values and summed in place by the label-attention kernel — the same outputs, gradients and
-    running statistics as concatenating the blocks' outputs first; and the fold did run."""
-    from atrc_exp.ops import label_attention as laop
-
-    if laop._extension() is None:  # pragma: no cover - the gate machine has g++
-        pytest.skip("no label-attention kernel")
-    g = uniform_genotype(NYUD, genotype) if isinstance(genotype, str) else genotype
-    head = _head(g).train()
-    unfolded = copy.deepcopy(head)
-    set_fused(unfolded, True, fold=False)
-    adds = [0]
-    real = laop.label_attention_add
-
-    def counting(*a):
-        adds[0] += 1
-        return real(*a)
-
-    monkeypatch.setattr(laop, "label_attention_add", counting)
-    out_f, grad_f, buf_f = _step(head, True, _head_inputs())
-    n_fold = adds[0]
-    out_u, grad_u, buf_u = _step(unfolded, True, _head_inputs())
-    assert n_fold > 0 and adds[0] == n_fold  # only the folded path adds into a projection
-    for k in out_u:
-        _close(out_f[k], out_u[k], f"output {k}")
-    assert grad_f.keys() == grad_u.keys()
-    for k in grad_u:
-        _close(grad_f[k], grad_u[k], f"grad {k}", 1e-4)
-    for k in buf_u:
-        if buf_u[k].is_floating_point():
-            _close(buf_f[k], buf_u[k], f"buffer {k}")

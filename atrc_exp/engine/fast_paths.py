@@ -1,17 +1,14 @@
-"""Switchable fast training paths: batched context head, channels_last, ``torch.compile``, cuDNN
-autotuning, loader settings.
+"""Switchable fast training paths: channels_last, ``torch.compile``, cuDNN autotuning, loader
+settings; and ``mode.recompute`` (the memory-lean search).
 
-Every switch lives in ``conf/trainer/default.yaml`` under ``# fast paths``; all but
-``fused_context`` (exact, on) are off by default, so a run's numbers do not change unless asked
-for. ``make bench`` (``benchmarks/bench_train.py``) times each against the plain float32 step in
-the same run. bf16 is not here: it is
+Every switch lives in ``conf/trainer/default.yaml`` under ``# fast paths``, off by default, so a
+run's numbers do not change unless asked for. ``make bench`` (``benchmarks/bench_train.py``) times
+them against the plain float32 step in the same run. bf16 is not here: it is
 ``trainer.mixed_precision=bf16`` (Accelerate's autocast).
 
-``trainer.fused_context`` (bool, default true)
-    The batched evaluation of the context head and the FCN head's task bottlenecks
-    (:func:`atrc_exp.models.relational_head.set_fused`); false evaluates block by block, as the
-    original implementation. Same numbers either way (float rounding aside). ``mode.recompute``
-    (search only, default true) sets :attr:`~atrc_exp.models.relational_head.ATRCModule.recompute`.
+``mode.recompute`` (search only, default true)
+    Sets :attr:`~atrc_exp.models.relational_head.ATRCModule.recompute`: each target's candidate
+    ops run under activation checkpointing (about half the step memory, a slower step).
 
 ``trainer.channels_last`` (bool)
     Weights and activations in NHWC (``torch.channels_last``). :func:`apply_fast_paths` converts
@@ -45,16 +42,6 @@ the same run. bf16 is not here: it is
     between runs, so bit-exact GPU reruns need it off (the default). Set for the process by
     :func:`apply_fast_paths`, from the config, on every call.
 
-``trainer.keep_freed_memory`` (bool, default true)
-    glibc's ``malloc`` gives large freed blocks (above its mmap threshold, 128 KiB rising to at
-    most 32 MiB) and the free top of its heap back to the operating system, so every training
-    step page-faults its activations back in as fresh zero-filled pages (8-24 thousand minor
-    faults and 20-50 ms of system time per ATRC step on the development CPU). On, the
-    process keeps freed memory for reuse (``mallopt``: allocations up to 32 MiB from the heap, no
-    trimming): no page faults after the first steps; the resident memory stays at the peak, which
-    a training step reaches every step anyway. Process-wide and not undone by ``false``; Linux
-    with glibc only (elsewhere a no-op). No numerical effect.
-
 ``trainer.pin_memory`` (``auto`` | bool), ``trainer.persistent_workers`` (bool), ``trainer.prefetch_factor`` (int)
     Train DataLoader settings, see :func:`train_loader_kwargs`. ``auto`` pins host memory only
     when training on CUDA; the worker settings apply only with ``trainer.num_workers > 0``. The
@@ -65,8 +52,6 @@ the same run. bf16 is not here: it is
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,7 +67,6 @@ __all__ = [
     "compile_model",
     "compile_options",
     "compile_regions",
-    "keep_freed_memory",
     "prepare_input",
     "train_loader_kwargs",
 ]
@@ -187,26 +171,21 @@ def compile_model(
 def apply_fast_paths(model: nn.Module, cfg: DictConfig) -> nn.Module:
     """Apply the model-side fast paths of ``cfg.trainer`` to ``model`` and return it.
 
-    * ``fused_context``: :func:`~atrc_exp.models.relational_head.set_fused` (on by default);
+    * ``mode.recompute``: :attr:`~atrc_exp.models.relational_head.ATRCModule.recompute` (search);
     * ``channels_last``: ``model.to(memory_format=torch.channels_last)`` (4-D weights become NHWC);
     * ``compile``: :func:`compile_model` (``model.backbone`` and ``model.head``, or the parts and
       regions ``trainer.compile`` names, compiled in place);
-    * ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark`` (process-wide, set either way);
-    * ``keep_freed_memory``: :func:`keep_freed_memory` (process-wide).
+    * ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark`` (process-wide, set either way).
 
     Call it after the weights are loaded and before ``Accelerator.prepare`` / DDP wrapping. With
     everything off the model is returned untouched.
     """
-    from ..models.relational_head import set_fused
+    from ..models.relational_head import ATRCModule
 
-    set_fused(
-        model,
-        bool(_get(cfg, "trainer.fused_context", True)),
-        recompute=bool(_get(cfg, "mode.recompute", True)),
-    )
+    for m in model.modules():
+        if isinstance(m, ATRCModule):
+            m.recompute = bool(_get(cfg, "mode.recompute", True))
     torch.backends.cudnn.benchmark = bool(_get(cfg, "trainer.cudnn_benchmark", False))
-    if bool(_get(cfg, "trainer.keep_freed_memory", True)):
-        keep_freed_memory()
     if channels_last_enabled(cfg):
         model = model.to(memory_format=torch.channels_last)
     opts = compile_options(cfg)
@@ -223,24 +202,6 @@ def compile_step(fn: Callable, cfg: DictConfig) -> Callable:
         return fn
     kwargs = {k: opts[k] for k in ("mode", "fullgraph", "dynamic", "backend")}
     return torch.compile(fn, **kwargs)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's ``malloc`` keep freed memory for reuse instead of returning it to the OS:
-    allocations up to 32 MiB (glibc's maximum) from the heap, heap trimming only above 1 GiB of
-    free memory at its top. Returns whether it was applied (False off Linux/glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-        )
-    except (OSError, AttributeError):
-        return False
 
 
 def prepare_input(image: torch.Tensor, channels_last: bool) -> torch.Tensor:

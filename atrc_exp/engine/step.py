@@ -45,7 +45,7 @@ def make_forward_loss(model: nn.Module, criterion: nn.Module, channels_last: boo
     ``torch.compile`` makes one graph of it (:func:`~atrc_exp.engine.fast_paths.compile_step`)."""
 
     def forward_loss(image: torch.Tensor, batch: Mapping[str, torch.Tensor]):
-        outputs = model(prepare_input(image, channels_last), resize=False)
+        outputs = model(prepare_input(image, channels_last))
         return criterion(outputs, batch)
 
     return forward_loss

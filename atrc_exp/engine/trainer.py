@@ -101,44 +101,6 @@ def check_backend(backend: str, device: torch.device) -> None:
     set_backend(backend)
 
 
-#: the fused CPU kernels with an ``ops.<name>.backend`` switch: name -> extension kind
-CPU_KERNEL_OPS = {
-    "batch_norm": "bn_cpp",
-    "upsample_cross_entropy": "ce_cpp",
-    "label_attention": "label_cpp",
-    "upsample_add": "ups_cpp",
-}
-
-
-def check_cpu_kernel_backend(op: str, backend: str) -> None:
-    """Select the backend (auto | cpp | torch) of the fused CPU kernel ``op`` (a key of
-    :data:`CPU_KERNEL_OPS`); a forced ``cpp`` one must build here and now."""
-    import importlib
-
-    from ..ops import build
-
-    module = importlib.import_module(f"atrc_exp.ops.{op}")
-    if backend == "cpp":
-        try:
-            build.get_extension(CPU_KERNEL_OPS[op])
-        except build.ExtensionBuildError as e:
-            raise ConfigError(
-                f"ops.{op}.backend=cpp is forced but its kernel is unavailable ({e}); install a "
-                f"C++ compiler (g++) or use ops.{op}.backend=auto"
-            ) from e
-    try:
-        module.set_backend(backend)
-    except ValueError as e:  # the switch's own check of the name
-        raise ConfigError(f"ops.{op}.backend={backend}: {e}") from e
-
-
-def check_cpu_kernel_backends(cfg: DictConfig) -> None:
-    """:func:`check_cpu_kernel_backend` for every op of :data:`CPU_KERNEL_OPS` from ``cfg.ops``
-    (``auto`` where unset)."""
-    for op in CPU_KERNEL_OPS:
-        check_cpu_kernel_backend(op, str(OmegaConf.select(cfg, f"ops.{op}.backend", default="auto")))
-
-
 def _worker_init(_: int) -> None:
     """DataLoader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints first."""
     import signal
@@ -285,7 +247,6 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         backend = OmegaConf.select(cfg, "ops.local_attention.backend", default=None)
         if backend:
             check_backend(str(backend), acc.device)
-        check_cpu_kernel_backends(cfg)
         if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
         logger = build_logger(cfg, run_dir, acc.is_main_process)

@@ -1,84 +1,120 @@
-"""ATRC's context-propagation (CP) blocks: global, local, t-label and s-label context.
+"""ATRC's context types: the context-propagation (CP) blocks and :data:`CONTEXTS`, their one table.
+
+A context type is one row of :data:`CONTEXTS` (:class:`ContextSpec`: genotype code, config name,
+CP block class, which auxiliary prediction it reads, how genotype plots draw it), its block class
+below and its ``conf/context/<name>.yaml``. Everything else — genotype codes and validation, the
+search's candidate ops, which tasks get an auxiliary head, the names in logs and heatmaps, the
+config's list of contexts — is read from the table.
 
 Every block maps ``(features_t, features_s)`` (both B×C×h×w, C = the head's bottleneck width) to
-B×d×h×w with d = C // 2 (``out_channels``). All four share one call signature,
+B×d×h×w with d = ``out_channels`` (C // 2 in ATRC), in three steps that are the method:
 
-    block(target_feats, source_feats, target_prob=None, source_prob=None) -> B×d×h×w
+* ``source = block.key_input(features_s, prob)``: what the key and value projections read — the
+  source features, or for a label context the class summaries ``P·F_sᵀ`` (B×C×K×1) of the source
+  under the spatially normalised auxiliary prediction ``prob`` (B×K×hw, :func:`spatial_softmax`);
+* ``query_project(features_t)``, ``key_project(source)``, ``value_project(source)``;
+* ``block.attend(query, key, value)``.
 
-where ``target_prob`` / ``source_prob`` are the spatially normalised auxiliary predictions of the
-target / source task (B×K×hw, see :func:`spatial_softmax`); only the label blocks read them. This
-lets a search block hold all ops in ``op_list.<i>`` and call them alike.
+``block(target_feats, source_feats, target_prob=None, source_prob=None)`` runs the three for one
+pair. The ATRC head evaluates many blocks at once with :func:`evaluate_cp_blocks`, which runs the
+same three steps but batches the projections that read the same tensor (one convolution and one
+batch norm each: the same numbers up to float rounding, running statistics updated once).
 
 Module names and parameter order follow the original implementation (``query_project``,
 ``key_project``, ``value_project``; each layer a :class:`ConvBNReLU` with attributes ``conv`` and
-``bn``), so the state-dict keys are the original's: ``query_project.0.conv.weight`` (first conv of
-the query), ``value_project.bn.running_mean``, ...
-
-``last_affine=False`` makes the value projection's BatchNorm non-affine (used by the search head).
-Conv weights are Xavier-uniform initialised (biases, if any, zero).
+``bn``), so the state-dict keys are the original's: ``query_project.0.conv.weight``,
+``value_project.bn.running_mean``, ... ``last_affine=False`` makes the value projection's
+BatchNorm non-affine (the search head). Conv weights are Xavier-uniform initialised.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.batch_norm import softplus
+from ..config import ConfigError
 from .layers import ConvBNReLU, conv_bn_act_blockwise, conv_bn_relu_group
 
 __all__ = [
-    "CONTEXT_CODES",
+    "CONTEXTS",
     "CONTEXT_NAMES",
     "CPOp",
+    "ContextSpec",
     "GlobalContextBlock",
     "LabelContextBlock",
     "LocalContextBlock",
-    "SLabelContextBlock",
-    "TLabelContextBlock",
-    "label_contexts",
-    "make_cp_block",
-    "project_cp_ops",
-    "run_cp_ops",
+    "context_spec",
+    "evaluate_cp_blocks",
     "ignore_mask",
+    "key_inputs",
+    "make_cp_block",
     "spatial_softmax",
 ]
-
-#: Genotype encoding: index → context name (0 = no connection).
-CONTEXT_NAMES: tuple[str, ...] = ("none", "global", "local", "tlabel", "slabel")
-#: Context name → genotype code.
-CONTEXT_CODES: dict[str, int] = {n: i for i, n in enumerate(CONTEXT_NAMES)}
 
 IGNORE_VALUE = 255
 
 
-def _init_cp_block(block: nn.Module) -> None:
-    for m in block.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 class _CPBlock(nn.Module):
-    """Shared plumbing; subclasses build ``query_project``, ``key_project``, ``value_project``."""
+    """A CP block: subclasses build ``query_project``, ``key_project``, ``value_project`` and
+    define :meth:`attend` (and :meth:`key_input` when the keys read something other than the
+    source features). ``reads_aux``: whose auxiliary prediction the block reads (``None``,
+    ``"target"`` or ``"source"``), from its row of :data:`CONTEXTS`."""
 
-    #: which auxiliary prediction the block needs: None, "target" or "source"
-    needs_prob: str | None = None
-    #: "global", "local" or "label": how :func:`run_cp_ops` evaluates the block
-    kind: str = ""
-
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        last_affine: bool = True,
+        *,
+        reads_aux: str | None = None,
+        kernel_size: int = 9,
+    ):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.last_affine = last_affine
+        self.reads_aux = reads_aux
 
-    def _value(self, c_in: int) -> ConvBNReLU:
-        return ConvBNReLU(c_in, self.out_channels, 1, relu=True, affine=self.last_affine)
+    def _two_layers(self, relu_second: bool = True) -> nn.Sequential:
+        d = self.out_channels
+        return nn.Sequential(ConvBNReLU(self.in_channels, d, 1), ConvBNReLU(d, d, 1, relu=relu_second))
+
+    def _value(self) -> ConvBNReLU:
+        return ConvBNReLU(self.in_channels, self.out_channels, 1, affine=self.last_affine)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def key_input(self, source_feats: torch.Tensor, prob: torch.Tensor | None = None) -> torch.Tensor:
+        """What the key and value projections read: the source features (B×C×h×w)."""
+        return source_feats
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        target_feats: torch.Tensor,
+        source_feats: torch.Tensor,
+        target_prob: torch.Tensor | None = None,
+        source_prob: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        prob = {"target": target_prob, "source": source_prob}.get(self.reads_aux)
+        if self.reads_aux is not None and prob is None:
+            raise ValueError(f"{type(self).__name__} needs the {self.reads_aux} task's auxiliary prediction")
+        source = self.key_input(source_feats, prob)
+        return self.attend(
+            self.query_project(target_feats), self.key_project(source), self.value_project(source)
+        )
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, last_affine={self.last_affine}"
@@ -92,25 +128,12 @@ class GlobalContextBlock(_CPBlock):
     S = V·Kᵀ (B×d×d), Z = Σ_N K (B×d), out = S·Q / max(Zᵀ·Q, 1e-12).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True):
-        super().__init__(in_channels, out_channels, last_affine)
-        d = out_channels
-        self.query_project = nn.Sequential(
-            ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1, relu=False), nn.Softplus()
-        )
-        self.key_project = nn.Sequential(
-            ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1, relu=False), nn.Softplus()
-        )
-        self.value_project = self._value(in_channels)
-        _init_cp_block(self)
-
-    kind = "global"
-
-    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
-        key = self.key_project(source_feats)
-        value = self.value_project(source_feats)
-        query = self.query_project(target_feats)
-        return self.attend(query, key, value)
+    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, **kwargs):
+        super().__init__(in_channels, out_channels, last_affine, **kwargs)
+        self.query_project = nn.Sequential(*self._two_layers(relu_second=False), nn.Softplus())
+        self.key_project = nn.Sequential(*self._two_layers(relu_second=False), nn.Softplus())
+        self.value_project = self._value()
+        self._init_weights()
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Projected query (B×d×H×W), key and value (B×d×h×w) → B×d×H×W."""
@@ -131,32 +154,23 @@ class LocalContextBlock(_CPBlock):
     query = [ConvBNReLU, ConvBNReLU] 1×1 (target); key = the same (source); value = ConvBNReLU 1×1
     (source). Scores are ⟨q, k⟩/√d; window positions outside the image are zero keys and values
     that score 0 and stay in the softmax (the original's border semantics; see
-    :func:`atrc_exp.ops.local_attention`).
+    :func:`atrc_exp.ops.local_attention`, ATRC's custom op).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, kernel_size: int = 9):
-        super().__init__(in_channels, out_channels, last_affine)
-        d = out_channels
-        self.kernel_size = int(kernel_size)
-        self.query_project = nn.Sequential(ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1))
-        self.key_project = nn.Sequential(ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1))
-        self.value_project = self._value(in_channels)
-        _init_cp_block(self)
-
-    kind = "local"
-
-    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
-        query = self.query_project(target_feats)
-        key = self.key_project(source_feats)
-        value = self.value_project(source_feats)
-        return self.attend(query, key, value)
+    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, **kwargs):
+        super().__init__(in_channels, out_channels, last_affine, **kwargs)
+        self.kernel_size = int(kwargs.get("kernel_size", 9))
+        self.query_project = self._two_layers()
+        self.key_project = self._two_layers()
+        self.value_project = self._value()
+        self._init_weights()
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Projected query, key and value (B×d×H×W) → B×d×H×W."""
         from ..ops import local_attention
 
         if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
-            # the CPU kernels are float32/float64 only (CPU autocast hands us bf16)
+            # the CPU kernel is float32/float64 only (CPU autocast hands us bf16)
             query, key, value = query.float(), key.float(), value.float()
         return local_attention(query.contiguous(), key.contiguous(), value.contiguous(), self.kernel_size)
 
@@ -164,99 +178,99 @@ class LocalContextBlock(_CPBlock):
 class LabelContextBlock(_CPBlock):
     """Label context (OCR-style): attention over K class-conditional summaries of the source.
 
-    P (B×K×N): spatial softmax of the auxiliary logits of the target (``context_type="tlabel"``)
-    or the source (``"slabel"``). Context = P·F_sᵀ laid out as B×C×K×1; key = [ConvBNReLU,
+    P (B×K×N): spatial softmax of the auxiliary logits of the target (t-label) or the source
+    (s-label), ``reads_aux``. Context = P·F_sᵀ laid out as B×C×K×1; key = [ConvBNReLU,
     ConvBNReLU] 1×1 and value = ConvBNReLU 1×1 on the context; query = [ConvBNReLU, ConvBNReLU]
     1×1 on the target; out = softmax_K(QᵀK/√d)·V.
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int, last_affine: bool = True, context_type: str = "tlabel"
-    ):
-        super().__init__(in_channels, out_channels, last_affine)
-        if context_type not in ("tlabel", "slabel"):
-            raise ValueError(f"context_type must be 'tlabel' or 'slabel', got {context_type!r}")
-        self.context_type = context_type
-        self.needs_prob = "target" if context_type == "tlabel" else "source"
-        d = out_channels
-        self.query_project = nn.Sequential(ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1))
-        self.key_project = nn.Sequential(ConvBNReLU(in_channels, d, 1), ConvBNReLU(d, d, 1))
-        self.value_project = self._value(in_channels)
-        _init_cp_block(self)
+    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, **kwargs):
+        super().__init__(in_channels, out_channels, last_affine, **kwargs)
+        if self.reads_aux not in ("target", "source"):
+            raise ValueError(
+                f"a label context reads the 'target' or 'source' aux map, got {self.reads_aux!r}"
+            )
+        self.query_project = self._two_layers()
+        self.key_project = self._two_layers()
+        self.value_project = self._value()
+        self._init_weights()
 
-    kind = "label"
-
-    @staticmethod
-    def gather_context(feats: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """``probs`` B×K×N (spatially normalised), ``feats`` B×C×h×w → context B×C×K×1."""
-        B, C = feats.shape[:2]
-        if probs.dim() == 4:
-            probs = probs.flatten(2)
-        f = feats.reshape(B, C, -1).transpose(1, 2)  # B×N×C
-        return torch.matmul(probs, f).transpose(1, 2).unsqueeze(3)  # B×C×K×1
-
-    def select_prob(self, target_prob, source_prob) -> torch.Tensor:
-        probs = target_prob if self.context_type == "tlabel" else source_prob
-        if probs is None:
-            who = "target" if self.context_type == "tlabel" else "source"
-            raise ValueError(f"{self.context_type} context needs the {who} task's auxiliary prediction")
-        return probs
-
-    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
-        probs = self.select_prob(target_prob, source_prob)
-        context = self.gather_context(source_feats, probs)
-        key = self.key_project(context)
-        value = self.value_project(context)
-        query = self.query_project(target_feats)
-        return self.attend(query, key, value)
+    def key_input(self, source_feats: torch.Tensor, prob: torch.Tensor | None = None) -> torch.Tensor:
+        """``prob`` B×K×N (spatially normalised), ``source_feats`` B×C×h×w → context B×C×K×1."""
+        B, C = source_feats.shape[:2]
+        f = source_feats.reshape(B, C, -1).transpose(1, 2)  # B×N×C
+        return torch.matmul(prob.flatten(2), f).transpose(1, 2).unsqueeze(3)  # B×C×K×1
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Projected query (B×d×H×W), key and value of the context (B×d×K×1) → B×d×H×W:
-        softmax_K(QᵀK/√d)·V per pixel (:func:`atrc_exp.ops.label_attention.label_attention`: a
-        C++ kernel on float32/float64 CPU tensors, else PyTorch's batched products)."""
-        from ..ops.label_attention import label_attention
-
-        return label_attention(query, key, value)
-
-
-class TLabelContextBlock(LabelContextBlock):
-    """Label context from the target task's auxiliary prediction."""
-
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True):
-        super().__init__(in_channels, out_channels, last_affine, context_type="tlabel")
+        softmax over the K classes of ⟨q, k⟩/√d, per pixel, then the weighted sum of the values."""
+        B, d, H, W = query.shape
+        q = query.reshape(B, d, H * W).transpose(1, 2)  # B×N×d
+        scores = torch.matmul(q, key.reshape(B, d, -1)) * d**-0.5  # B×N×K
+        weights = F.softmax(scores, dim=-1)
+        out = torch.matmul(value.reshape(B, d, -1), weights.transpose(1, 2))  # B×d×N
+        return out.view(B, d, H, W)
 
 
-class SLabelContextBlock(LabelContextBlock):
-    """Label context from the source task's auxiliary prediction."""
+@dataclass(frozen=True)
+class ContextSpec:
+    """One context type (a row of :data:`CONTEXTS`).
 
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True):
-        super().__init__(in_channels, out_channels, last_affine, context_type="slabel")
+    ``code``: its genotype code (the index in :data:`CONTEXTS`; 0 is "no connection");
+    ``name``: the config / log name (``context=<name>`` trains a head with it on every pair);
+    ``block``: the CP block class (``None`` for ``none``); ``reads_aux``: whose auxiliary
+    prediction it reads (``None``, ``"target"``, ``"source"``; those tasks get an auxiliary head);
+    ``on_diagonal``: offered by the search for a task's own pair (t = s) — s-label is not, there
+    it equals t-label; ``display``, ``colour``: its label and RGB cell colour in genotype plots.
+    """
+
+    code: int
+    name: str
+    block: type[_CPBlock] | None
+    reads_aux: str | None = None
+    on_diagonal: bool = True
+    display: str = ""
+    colour: tuple[int, int, int] = (0, 0, 0)
 
 
-_BLOCKS: dict[int, type[_CPBlock]] = {
-    1: GlobalContextBlock,
-    2: LocalContextBlock,
-    3: TLabelContextBlock,
-    4: SLabelContextBlock,
-}
+#: The context types, in genotype-code order (the original's codes). Add a context type here.
+CONTEXTS: tuple[ContextSpec, ...] = (
+    ContextSpec(0, "none", None, display="none", colour=(200, 200, 200)),
+    ContextSpec(1, "global", GlobalContextBlock, display="global", colour=(66, 133, 244)),
+    ContextSpec(2, "local", LocalContextBlock, display="local", colour=(52, 168, 83)),
+    ContextSpec(3, "tlabel", LabelContextBlock, "target", display="t-label", colour=(251, 140, 0)),
+    ContextSpec(4, "slabel", LabelContextBlock, "source", False, display="s-label", colour=(156, 39, 176)),
+)
+assert all(spec.code == i for i, spec in enumerate(CONTEXTS)), "CONTEXTS must be in code order"
+#: Context names by genotype code.
+CONTEXT_NAMES: tuple[str, ...] = tuple(spec.name for spec in CONTEXTS)
+
+
+def context_spec(context: int | str) -> ContextSpec:
+    """The row of :data:`CONTEXTS` for a genotype code or a context name; a
+    :class:`~atrc_exp.config.ConfigError` listing the known ones otherwise."""
+    for spec in CONTEXTS:
+        if context == spec.code or context == spec.name:
+            return spec
+    known = ", ".join(f"{s.code} {s.name}" for s in CONTEXTS)
+    raise ConfigError(f"unknown context {context!r}; the context types are: {known}")
 
 
 def make_cp_block(
     context: int | str, in_channels: int, out_channels: int, last_affine: bool = True, kernel_size: int = 9
-) -> nn.Module:
-    """Build the CP block of genotype code (1–4) or context name (``global``, ``local``, ``tlabel``,
-    ``slabel``)."""
-    code = CONTEXT_CODES.get(context) if isinstance(context, str) else context
-    if code not in _BLOCKS:
-        raise ValueError(f"no CP block for context {context!r}; choose 1-4 or {CONTEXT_NAMES[1:]}")
-    if code == 2:
-        return LocalContextBlock(in_channels, out_channels, last_affine, kernel_size=kernel_size)
-    return _BLOCKS[code](in_channels, out_channels, last_affine)
+) -> _CPBlock:
+    """The CP block of a context type (genotype code or name, see :data:`CONTEXTS`)."""
+    spec = context_spec(context)
+    if spec.block is None:
+        raise ValueError(f"context {spec.name!r} has no CP block (it is no connection)")
+    return spec.block(
+        in_channels, out_channels, last_affine, reads_aux=spec.reads_aux, kernel_size=kernel_size
+    )
 
 
 def ignore_mask(
     image: torch.Tensor, size: tuple[int, int], ignore_value: float = IGNORE_VALUE
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """B×1×(h·w) bool: the pixels of ``image`` (B×3×H×W, nearest-resized to ``size`` = (h, w))
     equal to ``ignore_value`` in any channel (always a mask, never a data-dependent shortcut: no
     host read, one compiled graph)."""
@@ -289,138 +303,104 @@ def spatial_softmax(
     return F.softmax(x, dim=2).masked_fill(empty, 0.0)
 
 
-# -- batched evaluation of many CP blocks ------------------------------------------------------------
+# -- many CP blocks at once --------------------------------------------------------------------------
 
 
 class CPOp(NamedTuple):
-    """One CP block to evaluate for ``target`` ← ``source`` (see :func:`run_cp_ops`)."""
+    """One CP block to evaluate for ``target`` ← ``source`` (see :func:`evaluate_cp_blocks`)."""
 
     target: str
     source: str
     block: _CPBlock
 
 
-def _project_rest(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
-    """The layers of a projection after its first one (ConvBN[ReLU], Softplus), functionally."""
-    for m in layers:
-        if isinstance(m, ConvBNReLU):
-            x = conv_bn_relu_group(x, [m])
-        elif isinstance(m, nn.Softplus):
-            x = softplus(x, m.beta, m.threshold)  # PyTorch's on the GPU, a vectorised kernel on the CPU
-        else:
-            x = m(x)
-    return x
+def _input_id(op: CPOp) -> tuple[str, str | None]:
+    """Which tensor the keys and values of ``op`` read: (source, task whose aux map it reads)."""
+    aux = {"target": op.target, "source": op.source}.get(op.block.reads_aux)
+    return op.source, aux
 
 
-def _prob_task(op: CPOp) -> str:
-    return op.target if op.block.context_type == "tlabel" else op.source
-
-
-def label_contexts(
-    ops: Sequence[CPOp], feats: Mapping[str, torch.Tensor], probs: Mapping[str, torch.Tensor], cache=None
-) -> dict[tuple[str, str], torch.Tensor]:
-    """The label contexts P_x·F_sᵀ (B×C×K×1) the label blocks of ``ops`` read, each computed once:
-    a t-label block (t, s) reads (t, s), an s-label block reads (s, s)."""
+def key_inputs(
+    ops: Sequence[CPOp],
+    feats: Mapping[str, torch.Tensor],
+    probs: Mapping[str, torch.Tensor],
+    cache: dict | None = None,
+) -> dict[tuple[str, str | None], torch.Tensor]:
+    """What the keys and values of ``ops`` read, each computed once (into ``cache``): the source
+    features, or a label context P_x·F_sᵀ per (source s, aux task x)."""
     cache = {} if cache is None else cache
     for op in ops:
-        if op.block.kind != "label":
-            continue
-        x = _prob_task(op)
-        if (x, op.source) not in cache:
-            p = probs.get(x)
-            if p is None:
-                op.block.select_prob(None, None)  # raises the block's error
-            cache[(x, op.source)] = LabelContextBlock.gather_context(feats[op.source], p)
+        key = _input_id(op)
+        if key not in cache:
+            s, x = key
+            if x is not None and x not in probs:
+                raise ValueError(f"{op.target}<-{op.source}: the context needs the {x} task's aux prediction")
+            cache[key] = op.block.key_input(feats[s], None if x is None else probs[x])
     return cache
 
 
-def _group(ops: Sequence[CPOp], key) -> dict:
-    """Indices of ``ops`` by ``key(op)`` (None: left out); within a group the global blocks last
-    (their second query/key layer has no ReLU, the others' do: one in-place ReLU for the rest)."""
+def _grouped(ops: Sequence[CPOp], key) -> dict:
+    """Indices of ``ops`` by ``key(op)``; within a group the blocks whose second projection layer
+    has a ReLU first (the global blocks' has none): one ReLU for the run of them."""
     groups: dict = {}
     for i, op in enumerate(ops):
-        k = key(op)
-        if k is not None:
-            groups.setdefault(k, []).append(i)
-    return {k: sorted(idx, key=lambda i: ops[i].block.kind == "global") for k, idx in groups.items()}
+        groups.setdefault(key(op), []).append(i)
+    return {
+        k: sorted(idx, key=lambda i: isinstance(ops[i].block, GlobalContextBlock))
+        for k, idx in groups.items()
+    }
 
 
-def run_cp_ops(
+def _two_stage(x: torch.Tensor, projections: Sequence[nn.Sequential]) -> list[torch.Tensor]:
+    """``[p(x) for p in projections]`` for projections [ConvBN(ReLU), ConvBN(ReLU), rest...] that
+    all read ``x``: the first layers as one convolution and batch norm, the second layers as one
+    batched product on their own channel blocks, the rest (a Softplus) per projection."""
+    first = conv_bn_relu_group(x, [p[0] for p in projections])
+    second = conv_bn_act_blockwise(first, [p[1] for p in projections])
+    out = []
+    for p, y in zip(projections, second):
+        for layer in p[2:]:
+            y = layer(y)
+        out.append(y)
+    return out
+
+
+def evaluate_cp_blocks(
     ops: Sequence[CPOp],
     feats: Mapping[str, torch.Tensor],
     probs: Mapping[str, torch.Tensor] | None = None,
-    contexts: Mapping[tuple[str, str], torch.Tensor] | None = None,
+    inputs: dict | None = None,
 ) -> list[torch.Tensor]:
-    """Outputs of many CP blocks, ``[op.block(feats[op.target], feats[op.source], ...) for op in ops]``:
-    :func:`project_cp_ops`, then every block's ``attend``."""
-    query, key, value = project_cp_ops(ops, feats, probs, contexts)
-    return [op.block.attend(query[i], key[i], value[i]) for i, op in enumerate(ops)]
+    """``[op.block(feats[op.target], feats[op.source], probs...) for op in ops]`` with the
+    projections that read the same tensor batched:
 
+    * the query projections of all blocks of one target (:func:`_two_stage`);
+    * the key and value projections of all blocks that read the same key input (the source's
+      features, or one label context): first key layers and values as one convolution and batch
+      norm, then the second key layers (:func:`_two_stage`'s second step);
 
-def project_cp_ops(
-    ops: Sequence[CPOp],
-    feats: Mapping[str, torch.Tensor],
-    probs: Mapping[str, torch.Tensor] | None = None,
-    contexts: Mapping[tuple[str, str], torch.Tensor] | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """The projected ``(queries, keys, values)`` of many CP blocks (one list entry per op: what each
-    block's ``attend`` takes), with the projections that read the same tensor batched into one 1×1
-    convolution and one batch norm (:func:`~atrc_exp.models.layers.conv_bn_relu_group`):
-
-    * the first query layer of every block with the same target;
-    * the first key layer and the value projection of every global / local block with the same
-      source;
-    * the first key layer and the value projection of every label block that reads the same label
-      context (contexts are computed once per (probability task, source), see
-      :func:`label_contexts`; pass ``contexts`` to reuse them).
-
-    The remaining layers run per block. Same numbers as the blocks' own projections (float
-    rounding aside), running statistics updated once per layer.
+    then every block's ``attend``. ``inputs``: a cache of :func:`key_inputs` (the search computes
+    the label contexts once for all its rows). Same numbers as block by block up to float
+    rounding, running statistics updated once per layer.
     """
+    inputs = key_inputs(ops, feats, probs or {}, {} if inputs is None else inputs)
     n = len(ops)
     query: list = [None] * n
     key: list = [None] * n
     value: list = [None] * n
-    d = [op.block.out_channels for op in ops]
-
-    def first_and_second(x, idx, first, second):
-        """One conv + BN (+ ReLU) for the layers ``first(op)`` of the ops ``idx`` (all reading
-        ``x``), then their second layers ``second(op)`` block-wise as one batched product."""
-        y = conv_bn_relu_group(x, [first(ops[i]) for i in idx])
-        return conv_bn_act_blockwise(y, [second(ops[i]) for i in idx])
-
-    # queries: per target, the first layers as one conv, the second ones as one batched product
-    for t, idx in _group(ops, lambda op: op.target).items():
-        parts = first_and_second(
-            feats[t], idx, lambda op: op.block.query_project[0], lambda op: op.block.query_project[1]
+    for t, idx in _grouped(ops, lambda op: op.target).items():
+        for i, q in zip(idx, _two_stage(feats[t], [ops[i].block.query_project for i in idx])):
+            query[i] = q
+    for input_id, idx in _grouped(ops, _input_id).items():
+        blocks = [ops[i].block for i in idx]
+        d = [b.out_channels for b in blocks]
+        kv = conv_bn_relu_group(
+            inputs[input_id], [b.key_project[0] for b in blocks] + [b.value_project for b in blocks]
         )
-        for i, part in zip(idx, parts):
-            query[i] = _project_rest(part, ops[i].block.query_project[2:])
-
-    def keys_and_values(x, idx, together):
-        """First key layers and values of the ops ``idx``, then the second key layers.
-        ``together``: first key layers and values as one conv (small inputs: the label contexts);
-        else two, so that the keys are contiguous for the batched second layers (no copy kept)."""
-        dk = sum(d[i] for i in idx)
-        keys1 = [ops[i].block.key_project[0] for i in idx]
-        vals = [ops[i].block.value_project for i in idx]
-        if together:
-            y = conv_bn_relu_group(x, keys1 + vals)
-            k, v = y[:, :dk], y[:, dk:]
-        else:
-            k, v = conv_bn_relu_group(x, keys1), conv_bn_relu_group(x, vals)
-        keys = conv_bn_act_blockwise(k, [ops[i].block.key_project[1] for i in idx])
-        for i, kp, vp in zip(idx, keys, v.split([d[i] for i in idx], dim=1)):
-            key[i] = _project_rest(kp, ops[i].block.key_project[2:])
-            value[i] = vp
-
-    # on the source features (global, local): per source
-    for s, idx in _group(ops, lambda op: op.source if op.block.kind in ("global", "local") else None).items():
-        keys_and_values(feats[s], idx, together=False)
-    # on the label contexts: per context
-    if any(op.block.kind == "label" for op in ops):
-        contexts = label_contexts(ops, feats, probs or {}, dict(contexts or {}))
-        by_context = _group(ops, lambda op: (_prob_task(op), op.source) if op.block.kind == "label" else None)
-        for ck, idx in by_context.items():
-            keys_and_values(contexts[ck], idx, together=True)
-    return query, key, value
+        k1, v = kv.split([sum(d), sum(d)], dim=1)
+        keys = conv_bn_act_blockwise(k1, [b.key_project[1] for b in blocks])
+        for i, b, k, vi in zip(idx, blocks, keys, v.split(d, dim=1)):
+            for layer in b.key_project[2:]:
+                k = layer(k)
+            key[i], value[i] = k, vi
+    return [op.block.attend(q, k, v) for op, q, k, v in zip(ops, query, key, value)]

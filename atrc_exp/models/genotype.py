@@ -4,7 +4,8 @@ File format (the original's, users have these files)::
 
     {"data": {target: {source: code}}, "step": N}
 
-codes: 0 none, 1 global, 2 local, 3 t-label, 4 s-label. Published genotypes are in ``genotypes/``
+codes: those of :data:`~atrc_exp.models.context_blocks.CONTEXTS` (0 none, 1 global, 2 local,
+3 t-label, 4 s-label). Published genotypes are in ``genotypes/``
 at the top of the repository.
 
 * :func:`load_genotype` reads a JSON file or a search run directory holding ``atrc_genotype.json``
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, resource_dir
-from .context_blocks import CONTEXT_NAMES
+from .context_blocks import CONTEXTS
 
 __all__ = [
     "CONTEXT_DISPLAY_NAMES",
@@ -47,8 +48,8 @@ GENOTYPE_FILENAME = "atrc_genotype.json"
 #: The folder that holds the shipped ``genotypes/``: the installed package (a wheel), or the repository
 #: root (checkout / editable install).
 REPO_DIR = resource_dir("genotypes").parent
-#: Context names as drawn in the heatmap / table.
-CONTEXT_DISPLAY_NAMES: tuple[str, ...] = ("none", "global", "local", "t-label", "s-label")
+#: Context names as drawn in the heatmap / table, by genotype code.
+CONTEXT_DISPLAY_NAMES: tuple[str, ...] = tuple(c.display for c in CONTEXTS)
 #: Columns of :func:`genotype_table_rows`.
 GENOTYPE_TABLE_COLUMNS: tuple[str, ...] = ("target", "source", "context", "code")
 
@@ -79,7 +80,7 @@ def resolve_genotype_path(path: str | os.PathLike) -> Path:
 
 def validate_genotype(data: object, tasks: Sequence[str], source: str = "<genotype>") -> Genotype:
     """Check that ``data`` ({target: {source: code}}) covers exactly ``tasks`` × ``tasks`` with codes
-    0–4; return it as plain ints in ``tasks`` order. Errors name ``source`` (the file) and the pair."""
+    of :data:`~atrc_exp.models.context_blocks.CONTEXTS`; return it as plain ints in ``tasks`` order. Errors name ``source`` (the file) and the pair."""
     tasks = list(tasks)
     known = ", ".join(tasks)
     if not isinstance(data, Mapping):
@@ -116,10 +117,16 @@ def validate_genotype(data: object, tasks: Sequence[str], source: str = "<genoty
             if s not in data[t]:
                 raise ConfigError(f"{source}: missing pair (target={t!r}, source={s!r})")
             v = data[t][s]
-            if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v or not 0 <= v <= 4:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or int(v) != v
+                or not 0 <= v < len(CONTEXTS)
+            ):
+                codes = ", ".join(f"{c.code} {c.display}" for c in CONTEXTS)
                 raise ConfigError(
                     f"{source}: pair (target={t!r}, source={s!r}) has context {v!r}; it must be an "
-                    "integer 0-4 (0 none, 1 global, 2 local, 3 t-label, 4 s-label)"
+                    f"integer 0-{len(CONTEXTS) - 1} ({codes})"
                 )
             out[t][s] = int(v)
     return out
@@ -163,8 +170,8 @@ def genotype_table_rows(
     ]
 
 
-# cell colours (RGB) per context code: none grey, global blue, local green, t-label orange, s-label purple
-_COLOURS = ((200, 200, 200), (66, 133, 244), (52, 168, 83), (251, 140, 0), (156, 39, 176))
+# cell colours (RGB) per context code
+_COLOURS = tuple(c.colour for c in CONTEXTS)
 
 
 def genotype_heatmap(
@@ -210,6 +217,3 @@ def genotype_heatmap(
             text_colour = (0, 0, 0) if code in (0,) else (255, 255, 255)
             put_centered(name, x0, y0, cw, ch, text_colour)
     return img
-
-
-assert len(CONTEXT_NAMES) == len(CONTEXT_DISPLAY_NAMES) == len(_COLOURS)

@@ -16,9 +16,9 @@ class MultiTaskFCNHead(nn.Module):
     """Per task: ``bottleneck`` ConvBNReLU 3×3 (C_in → C_in//4), then ``final_logits`` 1×1 conv with
     bias to the task's output channels (init normal(0, 0.01), bias 0).
 
-    ``forward(x: B×C_in×h×w, image=None, branches=None) -> {"final": {task: B×C_t×h×w}}`` (at
-    feature resolution; ``image`` and ``branches`` are accepted for a uniform head interface and
-    unused).
+    ``forward(x: B×C_in×h×w, image=None) -> {"final": {task: B×C_t×h×w}}`` (at feature
+    resolution; ``image`` is accepted for a uniform head interface and unused). The task
+    bottlenecks, which all read ``x``, run as one convolution (:func:`~.layers.per_task_layers`).
     """
 
     def __init__(self, c_in: int, out_channels: dict[str, int]):
@@ -31,11 +31,9 @@ class MultiTaskFCNHead(nn.Module):
         for m in self.final_logits.values():
             nn.init.normal_(m.weight, mean=0.0, std=0.01)
             nn.init.zeros_(m.bias)
-        #: the task bottlenecks as one convolution (:func:`~.layers.per_task_layers`); False: one by one
-        self.fused = True
 
     def forward(
-        self, x: torch.Tensor, image: torch.Tensor | None = None, branches: list[torch.Tensor] | None = None
+        self, x: torch.Tensor, image: torch.Tensor | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
-        feats = per_task_layers(self.bottleneck, self.tasks, x, self.fused)
+        feats = per_task_layers(self.bottleneck, self.tasks, x)
         return {"final": {t: self.final_logits[t](feats[t]) for t in self.tasks}}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import ConvBNAct, bn_act, resize_to
+from .layers import resize_to
 
 __all__ = [
     "HRNET_ARCHS",
@@ -59,8 +59,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = bn_act(self.bn1, self.conv1(x), relu=True)
-        out = bn_act(self.bn2, self.conv2(out))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
 
@@ -82,9 +82,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = bn_act(self.bn1, self.conv1(x), relu=True)
-        out = bn_act(self.bn2, self.conv2(out), relu=True)
-        out = bn_act(self.bn3, self.conv3(out))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
 
@@ -97,7 +97,7 @@ def _make_layer(
     downsample = None
     out_ch = planes * block.expansion
     if stride != 1 or inplanes != out_ch:
-        downsample = ConvBNAct(
+        downsample = nn.Sequential(
             nn.Conv2d(inplanes, out_ch, kernel_size=1, stride=stride, bias=False),
             _bn(out_ch),
         )
@@ -142,17 +142,17 @@ class HRModule(nn.Module):
             for j in range(n):
                 if j > i:
                     # 1×1 conv + BN; the bilinear resize to branch i's size happens in forward.
-                    row.append(ConvBNAct(nn.Conv2d(ch[j], ch[i], kernel_size=1, bias=False), _bn(ch[i])))
+                    row.append(nn.Sequential(nn.Conv2d(ch[j], ch[i], kernel_size=1, bias=False), _bn(ch[i])))
                 elif j == i:
                     row.append(nn.Identity())
                 else:
                     convs = []
                     for k in range(i - j):
                         if k == i - j - 1:
-                            convs.append(ConvBNAct(_conv3x3(ch[j], ch[i], stride=2), _bn(ch[i])))
+                            convs.append(nn.Sequential(_conv3x3(ch[j], ch[i], stride=2), _bn(ch[i])))
                         else:
                             convs.append(
-                                ConvBNAct(
+                                nn.Sequential(
                                     _conv3x3(ch[j], ch[j], stride=2), _bn(ch[j]), nn.ReLU(inplace=False)
                                 )
                             )
@@ -263,7 +263,7 @@ class HRNet(nn.Module):
         for i in range(len(cur)):
             if i < len(pre):
                 if cur[i] != pre[i]:
-                    layers.append(ConvBNAct(_conv3x3(pre[i], cur[i]), _bn(cur[i]), nn.ReLU(inplace=True)))
+                    layers.append(nn.Sequential(_conv3x3(pre[i], cur[i]), _bn(cur[i]), nn.ReLU(inplace=True)))
                 else:
                     layers.append(nn.Identity())
             else:
@@ -272,7 +272,7 @@ class HRNet(nn.Module):
                     in_ch = pre[-1]
                     out_ch = cur[i] if j == i - len(pre) else in_ch
                     convs.append(
-                        ConvBNAct(_conv3x3(in_ch, out_ch, stride=2), _bn(out_ch), nn.ReLU(inplace=True))
+                        nn.Sequential(_conv3x3(in_ch, out_ch, stride=2), _bn(out_ch), nn.ReLU(inplace=True))
                     )
                 layers.append(nn.Sequential(*convs))
         return layers
@@ -317,8 +317,8 @@ class HRNet(nn.Module):
         return [*self.layer1, *self.stage2, *self.stage3, *self.stage4]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = bn_act(self.bn1, self.conv1(x), relu=True)
-        x = bn_act(self.bn2, self.conv2(x), relu=True)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
         x = self.layer1(x)
         ys = [x]
         for k in (1, 2, 3):

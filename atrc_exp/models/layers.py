@@ -9,29 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import upsample_add as _upsample_add
-from ..ops.batch_norm import batch_norm_act, batch_norm_act_batch_stats, constant_vector
-
-
-class ConvBNAct(nn.Sequential):
-    """``Sequential(conv, bn[, ReLU])`` (keys ``0``, ``1``, ``2``) whose batch norm and ReLU run as
-    one op (:func:`bn_act`: the fused CPU kernel in training, else the modules' own computation).
-    Any other content runs as a plain ``nn.Sequential``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = len(self)
-        if 2 <= n <= 3 and isinstance(self[1], nn.modules.batchnorm._BatchNorm):
-            if n == 2 or (
-                isinstance(self[2], nn.ReLU) and not (self[2]._forward_hooks or self[2]._forward_pre_hooks)
-            ):
-                return bn_act(self[1], self[0](x), relu=n == 3)
-        return super().forward(x)
-
 
 class ConvBNReLU(nn.Module):
     """Conv (no bias) → BatchNorm → ReLU; ``relu=False`` gives ConvBN. The original
     implementation's layer: attributes ``conv`` and ``bn`` (state-dict keys ``conv.weight``,
-    ``bn.weight``, ``bn.running_mean``, ...); batch norm and ReLU run as one op (:func:`bn_act`)."""
+    ``bn.weight``, ``bn.running_mean``, ...). The batch norm honours :func:`frozen_bn_stats` (the
+    search's recomputation), see :func:`bn_act`."""
 
     def __init__(
         self,
@@ -59,17 +42,6 @@ def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def resize_prediction(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """:func:`resize_to` for a network output. A map with more than 4 channels (class logits) is
-    resized in channels-last layout and returned in it: on the CPU that is 4-6× faster forward
-    and backward than NCHW for these large upsamplings, and the cross-entropy reads it as
-    (pixels × classes) rows without a copy (:func:`atrc_exp.losses.cross_entropy_loss`). Same
-    values (float rounding aside); ``.contiguous()`` gives NCHW back where a caller needs it."""
-    if x.dim() == 4 and x.shape[1] > 4 and tuple(x.shape[-2:]) != tuple(size):
-        x = x.contiguous(memory_format=torch.channels_last)
-    return resize_to(x, size)
 
 
 def concat_features(features: list[torch.Tensor]) -> torch.Tensor:
@@ -142,8 +114,8 @@ def _bn_compatible(bns: Sequence[nn.Module]) -> bool:
 def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module], relu: bool = False) -> torch.Tensor:
     """Batch norm of ``x`` whose channels are those of ``bns`` concatenated (in order), then a ReLU
     if ``relu``: the same as ``torch.cat([bn(part) for bn, part in zip(bns, x.split(...))], 1)``,
-    running statistics updated in each module's buffers. Plain ``nn.BatchNorm2d`` modules run
-    through :func:`~atrc_exp.ops.batch_norm_act` (BN + ReLU as one op, a fused kernel on the CPU)."""
+    running statistics updated in each module's buffers (once, or not at all under
+    :func:`frozen_bn_stats`)."""
     if len(bns) == 1 and not _plain_bn(bns[0]):
         y = _bn_module(x, bns[0])
         return F.relu(y, inplace=True) if relu else y
@@ -176,26 +148,14 @@ def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module], relu: bool = Fal
             bias = torch.cat([b.bias if b.affine else constant_vector(0.0, b.num_features, x) for b in bns])
         else:
             weight = bias = None
-        if update:  # the kernel's batch statistics into every module's buffers, a few ops in all
-            got = batch_norm_act_batch_stats(x, weight, bias, b0.eps, relu)
-            if got is not None:
-                y, bmean, bvar = got
-                with torch.no_grad():
-                    for stat, buffers in (
-                        (bmean, [b.running_mean for b in bns]),
-                        (bvar, [b.running_var for b in bns]),
-                    ):
-                        torch._foreach_mul_(buffers, 1.0 - factor)
-                        torch._foreach_add_(
-                            buffers, [s.to(buffers[0].dtype) for s in stat.split(sizes)], alpha=factor
-                        )
-                return y
         if tracked:
             mean = torch.cat([b.running_mean for b in bns])
             var = torch.cat([b.running_var for b in bns])
         else:
             mean = var = None
-    y = batch_norm_act(x, mean, var, weight, bias, use_batch_stats, factor, b0.eps, relu)
+    y = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, b0.eps)
+    if relu:
+        y = F.relu(y, inplace=True)
     if update and len(bns) > 1:  # back into every module's buffers: one multi-tensor copy each
         with torch.no_grad():
             torch._foreach_copy_([b.running_mean for b in bns], list(mean.split(sizes)))
@@ -206,6 +166,23 @@ def batch_norm_group(x: torch.Tensor, bns: Sequence[nn.Module], relu: bool = Fal
 def bn_act(bn: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """``relu(bn(x))`` (``bn(x)`` without ``relu``) as :func:`batch_norm_group` of one module."""
     return batch_norm_group(x, [bn], relu)
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant_vector(value: float, n: int, like: torch.Tensor) -> torch.Tensor:
+    """A length-``n`` vector of ``value`` with ``like``'s dtype and device, made once and shared
+    (read it, never write it): the weight or bias of a non-affine batch norm grouped with affine
+    ones, without an allocation per call; a fresh one while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return like.new_full((n,), value)
+    key = (value, n, like.dtype, like.device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):  # usable with autograd even if first made in inference
+            t = _CONSTANTS[key] = like.new_full((n,), value)
+    return t
 
 
 def _geometry(conv: nn.Conv2d) -> tuple:
@@ -289,66 +266,21 @@ def pointwise_runs(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.Te
     return out
 
 
-def pointwise_conv_of_concat(branches: Sequence[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
-    """``F.conv2d(concat_features(branches), weight)`` for a 1×1 ``weight`` (C_out × ΣCᵢ × 1 × 1,
-    no bias), computed at the branches' own resolutions: ``conv(b₀, W₀) + Σᵢ resize(conv(bᵢ, Wᵢ))``
-    with Wᵢ the columns of ``weight`` that read branch i. Bilinear resizing mixes pixels and a 1×1
-    convolution mixes channels, so they commute: same numbers up to float rounding, with HRNet18's
-    branches (18, 36, 72, 144 channels at 1, 1/2, 1/4, 1/8 resolution) 8× fewer multiply-adds.
-    The first branch's product and the resize-and-add are
-    :func:`~atrc_exp.ops.upsample_add.conv1x1_upsample_add` (one C++ kernel on the CPU)."""
-    ws = weight.split([b.shape[1] for b in branches], dim=1)
-    rest = [F.conv2d(b, w) for b, w in zip(branches[1:], ws[1:])]
-    return _upsample_add.conv1x1_upsample_add(branches[0], ws[0], rest)
-
-
-def multiscale_applies(
-    x: torch.Tensor, branches: Sequence[torch.Tensor] | None, convs: Sequence[nn.Conv2d]
-) -> bool:
-    """Whether ``conv_group(x, convs)`` may run as :func:`pointwise_conv_of_concat` of ``branches``:
-    ``x`` is ``concat_features(branches)`` by shape (channels add up, the first branch has ``x``'s
-    size), the convolutions are 1×1 without bias, and the resize-and-add kernel applies and is
-    built (a float32/float64 CPU tensor; with PyTorch's resize the convolution of ``x`` is faster)."""
-    if branches is None or len(branches) < 2 or x.dim() != 4:
-        return False
-    if any(b.dim() != 4 or b.shape[0] != x.shape[0] for b in branches):
-        return False
-    if sum(b.shape[1] for b in branches) != x.shape[1] or branches[0].shape[-2:] != x.shape[-2:]:
-        return False
-    if not all(is_pointwise(c) and c.bias is None and c.padding_mode == "zeros" for c in convs):
-        return False
-    return _upsample_add.kernel_available(x, [])
-
-
-def conv_bn_relu_group(
-    x: torch.Tensor, layers: Sequence[ConvBNReLU], branches: Sequence[torch.Tensor] | None = None
-) -> torch.Tensor:
+def conv_bn_relu_group(x: torch.Tensor, layers: Sequence[ConvBNReLU]) -> torch.Tensor:
     """``torch.cat([layer(x) for layer in layers], 1)`` for :class:`ConvBNReLU` layers reading the
     same ``x``, as one convolution and one batch norm (see :func:`batch_norm_group`). The layers
-    must agree on having a ReLU or not. ``branches``: the multi-scale maps ``x`` was concatenated
-    from (:func:`concat_features`); where :func:`multiscale_applies`, the convolution runs on them
-    (:func:`pointwise_conv_of_concat`)."""
+    must agree on having a ReLU or not."""
     relu = [m.relu for m in layers]
     if any(r != relu[0] for r in relu):
         raise ValueError("conv_bn_relu_group: layers mix ConvBNReLU and ConvBN")
-    convs = [m.conv for m in layers]
-    if multiscale_applies(x, branches, convs):
-        weight = convs[0].weight if len(convs) == 1 else torch.cat([c.weight for c in convs])
-        y = pointwise_conv_of_concat(branches, weight)
-    else:
-        y = conv_group(x, convs)
+    y = conv_group(x, [m.conv for m in layers])
     return batch_norm_group(y, [m.bn for m in layers], relu[0])
 
 
-def per_task_layers(
-    layers: nn.ModuleDict, tasks: Sequence[str], x: torch.Tensor, fused: bool = True
-) -> dict[str, torch.Tensor]:
+def per_task_layers(layers: nn.ModuleDict, tasks: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{t: layers[t](x)}`` for :class:`ConvBNReLU` layers that all read ``x`` (the task
-    bottlenecks of a head, the aux heads); with ``fused``, one convolution and one batch norm
-    (:func:`conv_bn_relu_group`): same numbers, float rounding aside, running statistics updated in
-    each layer's own buffers."""
-    if not fused or len(tasks) < 2:
-        return {t: layers[t](x) for t in tasks}
+    bottlenecks of a head), as one convolution and one batch norm (:func:`conv_bn_relu_group`):
+    running statistics updated in each layer's own buffers."""
     group = [layers[t] for t in tasks]
     y = conv_bn_relu_group(x, group)
     return dict(zip(tasks, y.split([m.bn.num_features for m in group], dim=1)))

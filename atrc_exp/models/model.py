@@ -6,22 +6,27 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..config import RELATIONAL_CONTEXTS, ConfigError
+from ..config import ConfigError
 from ..tasks import task_info
 from .backbones import build_backbone
+from .context_blocks import CONTEXTS
 from .genotype import load_genotype
 from .heads import MultiTaskFCNHead
-from .layers import concat_features, resize_prediction
+from .layers import concat_features, resize_to
 from .relational_head import RelationalContextHead, uniform_genotype
+
+#: ``context=<name>`` of a context type with a CP block: that context on every pair
+CONTEXT_TYPES: tuple[str, ...] = tuple(c.name for c in CONTEXTS if c.block is not None)
+#: every ``context=`` value: the FCN baseline, one context type everywhere, a genotype, the search
+HEAD_CONTEXTS: tuple[str, ...] = ("none", *CONTEXT_TYPES, "atrc", "search")
 
 
 class MultiTaskModel(nn.Module):
     """``model(image: B×3×H×W) -> {"final": {task: B×C×H×W}, "aux": {...}}`` at input resolution.
 
-    ``aux`` is present only when the head makes auxiliary predictions. ``resize=False`` returns
-    the head's maps before the final bilinear upsampling (at the resolution of the first backbone
-    branch, e.g. H/4×W/4 for HRNet): :class:`atrc_exp.losses.MultiTaskLoss` upsamples them itself,
-    fused into the cross-entropies on the CPU (the training loop does this).
+    ``aux`` is present only when the head makes auxiliary predictions. The head's maps (at the
+    resolution of the first backbone branch, H/4×W/4 for HRNet) are upsampled bilinearly to the
+    input size.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, tasks: list[str]):
@@ -30,15 +35,10 @@ class MultiTaskModel(nn.Module):
         self.head = head
         self.tasks = list(tasks)
 
-    def forward(self, image: torch.Tensor, resize: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-        branches = self.backbone(image)
-        out = self.head(concat_features(branches), image=image, branches=branches)
-        if not resize:
-            return out
+    def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        out = self.head(concat_features(self.backbone(image)), image=image)
         size = tuple(image.shape[-2:])
-        return {
-            kind: {t: resize_prediction(v, size) for t, v in preds.items()} for kind, preds in out.items()
-        }
+        return {kind: {t: resize_to(v, size) for t, v in preds.items()} for kind, preds in out.items()}
 
 
 def build_model(cfg: DictConfig) -> MultiTaskModel:
@@ -55,32 +55,29 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     out_ch = {t: task_info(t, num_classes).final_channels for t in tasks}
     aux_ch = {t: task_info(t, num_classes).aux_channels for t in tasks}
     ctx = cfg.context.name
-    if ctx == "none":
-        head = MultiTaskFCNHead(c_in, out_ch)
-    elif ctx in RELATIONAL_CONTEXTS:
-        if ctx == "atrc":
-            path = cfg.context.get("genotype")
-            if path in (None, "", "null"):
-                raise ConfigError(
-                    "context=atrc needs a genotype: pass context.genotype=<genotype.json> or a search "
-                    "run directory holding atrc_genotype.json (published ones are in genotypes/)"
-                )
-            genotype = load_genotype(path, tasks)
-        elif ctx == "search":
-            genotype = None  # every pair mixes all candidate contexts
-        else:
-            genotype = uniform_genotype(tasks, ctx)
-        head = RelationalContextHead(
-            c_in,
-            tasks,
-            genotype,
-            out_ch,
-            aux_ch,
-            dropout=float(cfg.context.get("dropout", 0.05)),
-            kernel_size=int(cfg.context.get("kernel_size", 9)),
-        )
+    if ctx == "none":  # the FCN baseline
+        return MultiTaskModel(backbone, MultiTaskFCNHead(c_in, out_ch), tasks)
+    if ctx == "atrc":
+        path = cfg.context.get("genotype")
+        if path in (None, "", "null"):
+            raise ConfigError(
+                "context=atrc needs a genotype: pass context.genotype=<genotype.json> or a search "
+                "run directory holding atrc_genotype.json (published ones are in genotypes/)"
+            )
+        genotype = load_genotype(path, tasks)
+    elif ctx == "search":
+        genotype = None  # every pair mixes all candidate contexts
+    elif ctx in CONTEXT_TYPES:
+        genotype = uniform_genotype(tasks, ctx)  # one context type on every pair
     else:
-        raise ConfigError(
-            f"unknown context {ctx!r}: choose none, global, local, tlabel, slabel, atrc, search"
-        )
+        raise ConfigError(f"unknown context {ctx!r}: choose one of {', '.join(HEAD_CONTEXTS)}")
+    head = RelationalContextHead(
+        c_in,
+        tasks,
+        genotype,
+        out_ch,
+        aux_ch,
+        dropout=float(cfg.context.get("dropout", 0.05)),
+        kernel_size=int(cfg.context.get("kernel_size", 9)),
+    )
     return MultiTaskModel(backbone, head, tasks)

@@ -1,8 +1,10 @@
 """The ATRC search block: a convex combination of CP blocks for one (target, source) pair.
 
-Ops (``op_list``) in genotype-code order: [global, local, t-label, s-label (only when target ≠
-source)], with ``none`` as index 0 of ``arch_param`` (α = zeros(len(ops) + 1)), so the argmax of α
-*is* the genotype code. The value projection's BN of every op is not affine.
+Ops (``op_list``) in genotype-code order: every context type of
+:data:`~atrc_exp.models.context_blocks.CONTEXTS` with a CP block — [global, local, t-label,
+s-label] — except, for a task's own pair, those not offered on the diagonal (s-label), with
+``none`` as index 0 of ``arch_param`` (α = zeros(len(ops) + 1)), so the argmax of α *is* the
+genotype code. The value projection's BN of every op is not affine.
 
 Weights of the ops:
 * frozen: one-hot, saved as the original saves it, in ``fixed_weights``: the one-hot float vector
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context_blocks import make_cp_block
+from .context_blocks import CONTEXTS, make_cp_block
 from .state_dict import FREEZE_BUFFER
 
 __all__ = ["SearchCPBlock"]
@@ -46,7 +48,7 @@ class SearchCPBlock(nn.Module):
         freeze_gap: float = 0.3,
     ):
         super().__init__()
-        self.codes = [1, 2, 3] if same_task else [1, 2, 3, 4]
+        self.codes = [c.code for c in CONTEXTS if c.block is not None and (c.on_diagonal or not same_task)]
         self.out_channels = out_channels
         self.freeze_gap = float(freeze_gap)
         # τ of the Gumbel-softmax, a device scalar: a compiled step reads it as data (a Python float

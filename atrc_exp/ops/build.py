@@ -3,9 +3,7 @@
 The sources are read from :data:`KERNELS_DIR` (``$ATRC_KERNELS_DIR``, else the installed package's
 copy, else the checkout's ``kernels/``; see :func:`atrc_exp.config.resource_dir`).
 
-Extensions (``kind``): ``cpp`` and ``cuda`` (local attention), ``bn_cpp`` (CPU batch norm + ReLU),
-``ce_cpp`` (CPU bilinear upsampling fused into the cross-entropy), ``label_cpp`` (CPU label-context
-attention), ``ups_cpp`` (CPU resize-and-add of multi-scale maps).
+Extensions (``kind``): ``cpp`` and ``cuda``, the local-attention op's C++/OpenMP and CUDA kernels.
 
 * Sources are compiled with :func:`torch.utils.cpp_extension.load` on first use.
 * The build directory is keyed by a hash of the source files, the compile flags, the torch,
@@ -57,40 +55,18 @@ _CUDA_DTYPES = ("f32", "bf16", "f16", "f64")
 _SOURCES = {
     "cpp": ["local_attention_cpu.cpp"],
     "cuda": ["local_attention_cuda.cpp"] + [f"local_attention_cuda_{d}.cu" for d in _CUDA_DTYPES],
-    "bn_cpp": ["batch_norm_cpu.cpp"],
-    "ce_cpp": ["upsample_cross_entropy_cpu.cpp"],
-    "label_cpp": ["label_attention_cpu.cpp"],
-    "ups_cpp": ["upsample_add_cpu.cpp"],
 }
 # included files: part of the build key too
 _HEADERS = {
     "cpp": ["local_attention_dispatch.h", "cpu_vector.h"],
     "cuda": ["local_attention_dispatch.h", "local_attention_cuda.h", "local_attention_cuda.cuh"],
-    "bn_cpp": ["scalar_math.h"],
-    "ce_cpp": ["bilinear_axis.h", "scalar_math.h"],
-    "label_cpp": ["cpu_vector.h"],
-    "ups_cpp": ["bilinear_axis.h", "cpu_vector.h"],
 }
 #: the op each extension implements (module and build-directory names, messages)
 _OP_NAMES = {
     "cpp": "local_attention",
     "cuda": "local_attention",
-    "bn_cpp": "batch_norm",
-    "ce_cpp": "upsample_cross_entropy",
-    "label_cpp": "label_attention",
-    "ups_cpp": "upsample_add",
 }
 _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
-# batch norm: the backward recomputes the forward's x*a + b for the ReLU mask; no contraction
-# into FMAs, so both evaluate it identically
-_BN_CFLAGS = [
-    "-O3",
-    "-fopenmp",
-    "-march=native",
-    "-ffp-contract=off",
-    "-fno-trapping-math",
-    "-fno-math-errno",
-]
 _LDFLAGS = ["-fopenmp"]
 _CUDA_FLAGS = [
     "-O3",
@@ -162,20 +138,12 @@ def _source_paths(kind: str) -> list[Path]:
     return [KERNELS_DIR / s for s in _SOURCES[kind]]
 
 
-def _cflags(kind: str) -> list[str]:
-    if kind == "bn_cpp":
-        return list(_BN_CFLAGS)
-    if kind in ("ce_cpp", "label_cpp"):  # no FP traps, no errno: lets GCC vectorise exp, max, sqrt
-        return [*_CFLAGS, "-fno-trapping-math", "-fno-math-errno"]
-    return list(_CFLAGS)
-
-
 def _build_key(kind: str) -> str:
     h = hashlib.sha256()
     for p in _source_paths(kind) + [KERNELS_DIR / f for f in _HEADERS[kind]]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
-    h.update(repr((_cflags(kind), _LDFLAGS, _CUDA_FLAGS)).encode())
+    h.update(repr((_CFLAGS, _LDFLAGS, _CUDA_FLAGS)).encode())
     h.update(torch.__version__.encode())
     h.update(f"{sys.version_info[:2]}|{platform.machine()}|{platform.system()}".encode())
     h.update(_cpu_identity().encode())
@@ -217,7 +185,7 @@ def _build(kind: str, verbose: bool = False):
         name=name,
         sources=[str(p) for p in sources],
         build_directory=str(build_dir),
-        extra_cflags=_cflags(kind) if kind != "cuda" else ["-O3"],
+        extra_cflags=list(_CFLAGS) if kind != "cuda" else ["-O3"],
         extra_ldflags=list(_LDFLAGS) if kind != "cuda" else [],
         verbose=verbose,
     )
@@ -231,8 +199,7 @@ def _build(kind: str, verbose: bool = False):
 
 
 def get_extension(kind: str, verbose: bool = False):
-    """The built module for ``kind`` (``"cpp"``, ``"cuda"``, ``"bn_cpp"``, ``"ce_cpp"``,
-    ``"label_cpp"`` or ``"ups_cpp"``); raises
+    """The built module for ``kind`` (``"cpp"`` or ``"cuda"``); raises
     :class:`ExtensionBuildError` (and remembers the failure) when it cannot be built."""
     with _lock:
         got = _cache.get(kind)
