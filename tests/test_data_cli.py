@@ -1,4 +1,4 @@
-"""`atrc-data`: synth, check (a damaged copy), fetch from a local file:// archive, bench."""
+"""`atrc-data`: synth, check (a damaged copy), fetch from a local file:// archive."""
 
 from __future__ import annotations
 
@@ -110,14 +110,31 @@ def test_fetch_bad_checksum_or_source_leaves_nothing(both_layouts, tmp_path, cap
 
 
 def test_archive_table():
+    """The fetch archives come from the layout table: one per layout, unpacking to its folder."""
+    from atrc_exp.data.layouts import LAYOUTS
+
     assert set(cli.ARCHIVES) == {"nyud", "pascal_context"}
+    assert sorted(info["folder"] for info in cli.ARCHIVES.values()) == sorted(LAYOUTS)
     for info in cli.ARCHIVES.values():
-        assert info["url"].startswith("https://") and info["folder"] in ("NYUD_MT", "PASCAL_MT")
+        assert info["url"].startswith("https://") and info["file"] == f"{info['folder']}.tgz"
 
 
-def test_bench_runs(capsys):
-    rates = cli.bench_transforms(n=1)
-    assert len(rates) == 2 and all(r > 0 for _, r in rates)
+def test_synth_layout_names(capsys):
+    """`synth --layout` takes a layout, a dataset name or an unambiguous prefix; else exit code 2."""
+    parse = cli.build_parser().parse_args
+    for name, layout in [("NYUD_MT", "NYUD_MT"), ("nyud", "NYUD_MT"), ("pascal", "PASCAL_MT"),
+                         ("pascal_context", "PASCAL_MT"), ("synthetic_pascal", "PASCAL_MT")]:  # fmt: skip
+        assert parse(["synth", "--layout", name]).layout == layout, name
+    with pytest.raises(SystemExit) as e:
+        parse(["synth", "--layout", "KITTI"])
+    assert e.value.code == 2 and "NYUD_MT, PASCAL_MT" in capsys.readouterr().err
+
+
+def test_bench_is_not_a_subcommand(capsys):
+    """The transform benchmark is benchmarks/bench_data.py, not part of the installed CLI."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench"])
+    assert e.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
 
 
 def test_check_reports_valid_normals_per_split(both_layouts, tmp_path, capsys):

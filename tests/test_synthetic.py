@@ -1,7 +1,8 @@
-"""The procedural renderer and the synthetic NYUD_MT writer (tiny sizes, a few seconds)."""
+"""The procedural renderer and the synthetic NYUD_MT / PASCAL_MT writers (tiny sizes, a few seconds)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 from pathlib import Path
@@ -10,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from atrc_exp.data import synthetic
+from atrc_exp.data.layouts import LAYOUTS
 from atrc_exp.data.synthetic import (
     HUMAN_PART_NAMES,
     SEMSEG_CLASSES,
@@ -164,6 +165,11 @@ def _read_layout(ds: Path, name: str) -> dict[str, np.ndarray]:
     }
 
 
+def _patch_writer(monkeypatch, layout: str, fn) -> None:
+    """Make ``fn`` the synthetic writer of ``layout`` (its row in the layout table) for one test."""
+    monkeypatch.setitem(LAYOUTS, layout, dataclasses.replace(LAYOUTS[layout], write_synthetic=fn))
+
+
 def test_write_nyud_layout(tmp_path):
     ds = write_nyud_layout(tmp_path, n_train=3, n_val=2, height=H, width=W, seed=5, progress=False)
     assert ds == tmp_path / "NYUD_MT"
@@ -172,6 +178,7 @@ def test_write_nyud_layout(tmp_path):
     assert train == ["00000", "00001", "00002"] and val == ["00003", "00004"]
     manifest = json.loads((ds / "synthetic.json").read_text())
     assert manifest == {
+        "layout": "NYUD_MT",
         "generator": "atrc_exp.synthetic",
         "version": 1,
         "n_train": 3,
@@ -218,7 +225,7 @@ def test_ensure_idempotent_and_mismatch(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("regenerated an existing dataset")
 
-    monkeypatch.setattr(synthetic, "_write", boom)
+    _patch_writer(monkeypatch, "NYUD_MT", boom)
     assert ensure_synthetic_dataset(tmp_path, **kw) == tmp_path  # no work the second time
     with pytest.raises(ValueError, match=r"n_train.*on disk 2, wanted 5.*data_dir"):
         ensure_synthetic_dataset(tmp_path, **{**kw, "n_train": 5})
@@ -239,7 +246,7 @@ def test_ensure_failure_leaves_nothing(tmp_path, monkeypatch):
         (dest / "images").mkdir(parents=True)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(synthetic, "_write", fail)
+    _patch_writer(monkeypatch, "NYUD_MT", fail)
     with pytest.raises(RuntimeError):
         ensure_synthetic_dataset(tmp_path, n_train=1, n_val=1, height=H, width=W, seed=0, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".synthetic.lock"]
@@ -331,9 +338,9 @@ def test_ensure_pascal_layout_beside_nyud(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("regenerated an existing dataset")
 
-    monkeypatch.setattr(synthetic, "_write_pascal", boom)
+    _patch_writer(monkeypatch, "PASCAL_MT", boom)
     ensure_synthetic_dataset(tmp_path, layout="PASCAL_MT", **kw)
     with pytest.raises(ValueError, match="n_val"):
         ensure_synthetic_dataset(tmp_path, layout="PASCAL_MT", **{**kw, "n_val": 3})
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(ValueError, match="unknown dataset layout 'KITTI'; known layouts: NYUD_MT, PASCAL_MT"):
         ensure_synthetic_dataset(tmp_path, layout="KITTI", **kw)

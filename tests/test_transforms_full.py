@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from atrc_exp.data import to_tensor as TT
 from atrc_exp.data import transforms as T
@@ -505,14 +506,14 @@ def test_flip_uint8_image_and_inputs_untouched():
 @pytest.mark.parametrize("image_dtype", [np.uint8, np.float32])
 def test_train_pipeline_matches_the_reference_pipeline(image_dtype):
     """Same draws → the fast pipeline gives exactly the samples of the spec written out step by
-    step (``reference_train_steps``, kept in ``atrc-data bench``): every target and the image, bit
+    step (``reference_train_steps`` of ``tests/reference_pipeline.py``): every target and the image, bit
     for bit, for a uint8 image and a float one (truncated to uint8 by the photometric step). The
     input sample is never modified."""
-    from atrc_exp.data.bench import _fake_sample, reference_train_steps
+    from reference_pipeline import fake_sample, reference_train_steps
 
     rng = np.random.default_rng(0)
     crop = (60, 80)
-    s = _fake_sample(72, 96, ["semseg", "human_parts", "sal", "depth", "normals", "edge"], 5, rng)
+    s = fake_sample(72, 96, ["semseg", "human_parts", "sal", "depth", "normals", "edge"], 5, rng)
     s["image"] = _smooth_uint8_image(72, 96).astype(image_dtype)
     if image_dtype == np.float32:
         s["image"] += rng.uniform(0, 1, s["image"].shape).astype(np.float32)
@@ -547,11 +548,20 @@ def test_train_pipeline_matches_the_reference_pipeline(image_dtype):
         np.testing.assert_array_equal(s[k], v, err_msg=k)
 
 
-def test_bench_table_and_its_text():
-    from atrc_exp.data import bench as cli
+def _bench_data():
+    """``benchmarks/bench_data.py`` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
 
-    res = cli.bench_table(n=1)
-    assert [r["label"] for r in res] == [c[0] for c in cli.BENCH_CASES]
+    spec = importlib.util.spec_from_file_location("bench_data", REPO / "benchmarks" / "bench_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_table_and_its_text():
+    bench = _bench_data()
+    res = bench.bench_table(n=1)
+    assert [r["label"] for r in res] == [c[0] for c in bench.BENCH_CASES]
     for r in res:
         assert [n for n, _ in r["steps"]] == [
             type(t).__name__ for t in T.build_train_transform((8, 8)).transforms
@@ -559,10 +569,27 @@ def test_bench_table_and_its_text():
         assert len(r["ref_steps"]) == 7 and all(ms > 0 for _, ms in r["steps"] + r["ref_steps"])
         assert r["rate"] == pytest.approx(1e3 / sum(ms for _, ms in r["steps"]))
         assert r["speedup"] == pytest.approx(r["rate"] / r["ref_rate"])
-    text = cli.format_bench(res, 1)
+    text = bench.format_bench(res, 1)
     for needle in ("NormalizePadToTensor", "scale+crop", "samples/s", "speed-up vs the reference", "57/s"):
         assert needle in text, needle
     assert text.count("speed-up vs the reference") == 2
+
+
+def test_bench_data_runs_as_a_script():
+    """``python benchmarks/bench_data.py --n 1`` from another folder: it finds the reference
+    pipeline in tests/ by itself and prints the table for both cases."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_data.py"), "--n", "1"],
+        cwd=REPO.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("speed-up vs the reference") == 2 and "NYUD" in r.stdout and "PASCAL" in r.stdout
 
 
 class _CountingGenerator:

@@ -1,11 +1,12 @@
-"""``atrc-data``: generate, check, fetch and benchmark datasets.
+"""``atrc-data``: generate, check and fetch datasets.
 
     atrc-data synth [--layout NYUD_MT|PASCAL_MT] [--out DIR] [--n-train N] [--n-val N] ...
     atrc-data check DIR [--max-problems N]
     atrc-data fetch --dataset nyud|pascal_context --dest DIR [--url URL] [--sha256 HEX]
-    atrc-data bench [--n N]
 
 ``DIR`` / ``--dest`` is the folder that holds ``NYUD_MT/`` and ``PASCAL_MT/`` (``paths.data_dir``).
+The layouts, their archives and what ``check`` expects of them are the rows of
+:data:`atrc_exp.data.layouts.LAYOUTS`.
 Problems with the data are reported in one line each and give exit code 1 (no traceback).
 ``check`` also reports, per split, how many normals pixels are valid (the share over the split,
 the per-image min / mean / max, images without any, the lowest images): on PASCAL_MT the
@@ -28,35 +29,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.bench import (  # noqa: F401  (the benchmark lives with the data; re-exported)
-    ORIGINAL_SAMPLES_PER_S,
-    _fake_sample,
-    bench_table,
-    bench_transforms,
-    format_bench,
-    reference_train_steps,
-)
-from ..data.nyud import NYUD_SPLIT_SIZES, DataError
+from ..config import ConfigError
+from ..data.layouts import LAYOUTS, layout_for_name
+from ..data.nyud import DataError
 
-#: The original archives (ASTMT / MTI-Net / ATRC use these layouts). Sizes and checksums that we do
-#: not know for sure are ``None``: `fetch` then prints the sha256 it computed instead of checking it.
+#: ``fetch --dataset`` name -> the original archive (ASTMT / MTI-Net / ATRC use these layouts), from
+#: the layout table. Sizes and checksums that we do not know for sure are ``None``: `fetch` then
+#: prints the sha256 it computed instead of checking it.
 ARCHIVES: dict[str, dict] = {
-    "nyud": {
-        "url": "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/NYUD_MT.tgz",
-        "file": "NYUD_MT.tgz",
-        "folder": "NYUD_MT",
-        "size": None,  # unknown (not published)
-        "sha256": None,  # unknown (not published)
-    },
-    "pascal_context": {
-        "url": "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz",
-        "file": "PASCAL_MT.tgz",
-        "folder": "PASCAL_MT",
-        "size": None,  # unknown (not published)
-        "sha256": None,  # unknown (not published)
-    },
+    spec.archive.dataset: {
+        "url": spec.archive.url,
+        "file": spec.archive.file,
+        "folder": name,
+        "size": spec.archive.size,
+        "sha256": spec.archive.sha256,
+    }
+    for name, spec in LAYOUTS.items()
 }
-PASCAL_SPLIT_SIZES = {"train": 4998, "val": 5105}
 
 
 class CLIError(Exception):
@@ -69,12 +58,10 @@ class CLIError(Exception):
 
 
 def _layout_arg(s: str) -> str:
-    m = {"nyud": "NYUD_MT", "nyud_mt": "NYUD_MT", "pascal": "PASCAL_MT", "pascal_mt": "PASCAL_MT",
-         "pascal_context": "PASCAL_MT"}  # fmt: skip
-    v = m.get(s.lower(), s)
-    if v not in ("NYUD_MT", "PASCAL_MT"):
-        raise argparse.ArgumentTypeError(f"unknown layout {s!r}: use NYUD_MT or PASCAL_MT")
-    return v
+    try:
+        return layout_for_name(s)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -92,10 +79,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from e
     print(f"{a.layout} ({a.n_train} train / {a.n_val} val, {a.height}x{a.width}) in {Path(root) / a.layout}")
-    print(
-        f"use it with: atrc-train paths.data_dir={root}"
-        + (" dataset=synthetic_pascal" if a.layout == "PASCAL_MT" else "")
-    )
+    print(f"use it with: atrc-train paths.data_dir={root} dataset={LAYOUTS[a.layout].synthetic_dataset}")
     return 0
 
 
@@ -106,9 +90,9 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 def _find_layouts(path: Path) -> tuple[Path, list[str]]:
     """(data_dir, layouts present) for a data dir or a layout folder itself."""
-    if path.name in ("NYUD_MT", "PASCAL_MT") and path.is_dir():
+    if path.name in LAYOUTS and path.is_dir():
         return path.parent, [path.name]
-    found = [lay for lay in ("NYUD_MT", "PASCAL_MT") if (path / lay).is_dir()]
+    found = [lay for lay in LAYOUTS if (path / lay).is_dir()]
     return path, found
 
 
@@ -167,22 +151,12 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
     """Validate ``data_dir/<layout>``: (report lines, problems)."""
     from tqdm import tqdm
 
-    from ..data.nyud import NYUD_TASK_FILES, NYUDMT
-    from ..data.pascal import PASCALMT, _loadmat, person_parts
-
+    spec = LAYOUTS[layout]
     folder = data_dir / layout
     mf = _manifest(folder)
     lines, problems = [], []
-    if layout == "NYUD_MT":
-        split_dir, tasks, classes, expected = (
-            folder / "gt_sets",
-            list(NYUD_TASK_FILES),
-            40,
-            dict(NYUD_SPLIT_SIZES),
-        )
-    else:
-        split_dir = folder / "ImageSets" / "Context"
-        tasks, classes, expected = ["semseg", "sal", "normals", "edge"], 21, dict(PASCAL_SPLIT_SIZES)
+    split_dir = folder / spec.split_dir
+    tasks, classes, expected = list(spec.check_tasks), spec.semseg_classes, dict(spec.split_sizes)
     if mf is not None:
         classes = len(mf.get("semseg_classes", [])) or classes
         expected = {"train": mf.get("n_train"), "val": mf.get("n_val")}
@@ -195,10 +169,7 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
             problems.append(f"{layout}: split list {split_dir / (s + '.txt')} is missing")
     for split in splits:
         try:
-            if layout == "NYUD_MT":
-                ds = NYUDMT(data_dir, split, tasks, num_classes=classes)
-            else:
-                ds = PASCALMT(data_dir, split, tasks, num_classes=classes)
+            ds = spec.reader(data_dir, split, tasks, num_classes=classes)
         except DataError as e:
             problems.append(str(e))
             continue
@@ -208,9 +179,8 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
         for i in tqdm(range(len(ds)), desc=f"{layout}/{split}", unit="img", leave=False, disable=None):
             try:
                 sample = ds.load_raw(i)
-                if layout == "PASCAL_MT":
-                    p = ds.root / "human_parts" / f"{ds.names[i]}.mat"
-                    person_parts(_loadmat(p, ds.split_file), p, sample["image"].shape[:2])
+                if spec.check_image is not None:
+                    spec.check_image(ds, i, sample)
                 _check_values(ds.names[i], sample, problems, f"{layout}/{split}")
                 if "normals" in sample:
                     normals.append((ds.names[i], *normals_valid_pixels(sample["normals"])))
@@ -228,29 +198,22 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
         if normals:
             lines.append(f"    {normals_report(normals)}")
             if not any(v for _, v, _ in normals):
-                kept = (
-                    " (they are kept only on the LabelMap classes of the original's normals list: "
-                    "do the pascal-context/trainval/*.mat files hold the 459-class LabelMap?)"
-                    if layout == "PASCAL_MT"
-                    else ""
-                )
-                problems.append(f"{layout}/{split}: no valid normals pixel in any image{kept}")
+                note = f" ({spec.normals_note})" if spec.normals_note else ""
+                problems.append(f"{layout}/{split}: no valid normals pixel in any image{note}")
     return lines, problems
 
 
 def cmd_check(a: argparse.Namespace) -> int:
     path = Path(a.dir).expanduser()
+    folders = " and/or ".join(f"{lay}/" for lay in LAYOUTS)
+    fetch = f"`atrc-data fetch --dataset {'|'.join(ARCHIVES)} --dest {path}`"
     if not path.is_dir():
-        raise CLIError(
-            f"{path} does not exist: pass the folder that holds NYUD_MT/ and/or PASCAL_MT/ "
-            f"(get them with `atrc-data fetch --dataset nyud|pascal_context --dest {path}`)"
-        )
+        raise CLIError(f"{path} does not exist: pass the folder that holds {folders} (get them with {fetch})")
     data_dir, layouts = _find_layouts(path)
     if not layouts:
         raise CLIError(
-            f"{path} holds neither NYUD_MT/ nor PASCAL_MT/: expected the published layouts there "
-            f"(get them with `atrc-data fetch --dataset nyud|pascal_context --dest {path}`, or generate "
-            f"one with `atrc-data synth --out {path}`)"
+            f"{path} holds none of {', '.join(f'{lay}/' for lay in LAYOUTS)}: expected the published "
+            f"layouts there (get them with {fetch}, or generate one with `atrc-data synth --out {path}`)"
         )
     all_problems = []
     for layout in layouts:
@@ -359,16 +322,6 @@ def cmd_fetch(a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# bench
-# ----------------------------------------------------------------------------------------------
-
-
-def cmd_bench(a: argparse.Namespace) -> int:
-    print(format_bench(bench_table(a.n), a.n))
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,7 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("synth", help="generate the synthetic dataset in a published layout")
-    s.add_argument("--layout", type=_layout_arg, default="NYUD_MT", help="NYUD_MT (default) or PASCAL_MT")
+    s.add_argument(
+        "--layout",
+        type=_layout_arg,
+        default="NYUD_MT",
+        help=f"one of {', '.join(LAYOUTS)} (default NYUD_MT), or the dataset name of one ({', '.join(ARCHIVES)})",
+    )
     s.add_argument("--out", type=Path, default=None, help="data dir (default: the synthetic cache folder)")
     s.add_argument("--n-train", type=int, default=240)
     s.add_argument("--n-val", type=int, default=48)
@@ -387,22 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_synth)
 
     c = sub.add_parser("check", help="validate a data dir against its layout (and report the valid normals)")
-    c.add_argument("dir", help="the folder holding NYUD_MT/ and/or PASCAL_MT/ (or one of them)")
+    c.add_argument(
+        "dir", help=f"the folder holding {' and/or '.join(f'{k}/' for k in LAYOUTS)} (or one of them)"
+    )
     c.add_argument("--max-problems", type=int, default=50, help="problems listed (all are counted)")
     c.set_defaults(fn=cmd_check)
 
     f = sub.add_parser("fetch", help="download and unpack an original archive")
     f.add_argument("--dataset", choices=sorted(ARCHIVES), default="nyud")
-    f.add_argument("--dest", default=".", help="the data dir (NYUD_MT/ or PASCAL_MT/ goes inside)")
+    f.add_argument("--dest", default=".", help="the data dir (the layout folder goes inside)")
     f.add_argument("--url", default=None, help="another source (a mirror, or file:///path/archive.tgz)")
     f.add_argument("--sha256", default=None, help="expected sha256 of the archive")
     f.add_argument("--keep-archive", action="store_true")
     f.add_argument("--force", action="store_true", help="replace an existing folder")
     f.set_defaults(fn=cmd_fetch)
-
-    b = sub.add_parser("bench", help="train-transform samples/s per worker (NYUD- and PASCAL-sized)")
-    b.add_argument("--n", type=int, default=100, help="samples per case (and pipeline)")
-    b.set_defaults(fn=cmd_bench)
     return p
 
 

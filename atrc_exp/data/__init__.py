@@ -2,7 +2,9 @@
 
 ``prepare_data(cfg)`` makes sure the data exists (generating the synthetic dataset on first use),
 ``build_datasets(cfg, data_dir)`` returns the train and validation datasets and
-``normal_centroids(cfg, data_dir)`` the 40 normal centroids of the aux normals target.
+``normal_centroids(cfg, data_dir)`` the 40 normal centroids of the aux normals target. The
+dataset layouts (reader class and everything else layout-specific) are the rows of
+:data:`~atrc_exp.data.layouts.LAYOUTS`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,23 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..config import ConfigError, resolve_data_dir
+from ..config import resolve_data_dir
+from .layouts import LAYOUTS, Layout, get_layout
 from .nyud import NYUDMT, DataError
 from .pascal import PASCALMT
 from .transforms import build_train_transform, build_val_transform
 
-__all__ = ["NYUDMT", "PASCALMT", "DataError", "build_datasets", "normal_centroids", "prepare_data"]
-
-LAYOUTS = ("NYUD_MT", "PASCAL_MT")
+__all__ = [
+    "LAYOUTS",
+    "NYUDMT",
+    "PASCALMT",
+    "DataError",
+    "Layout",
+    "build_datasets",
+    "get_layout",
+    "normal_centroids",
+    "prepare_data",
+]
 
 
 def is_synthetic(ds_cfg: DictConfig) -> bool:
@@ -30,8 +41,10 @@ def is_synthetic(ds_cfg: DictConfig) -> bool:
 def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
     """Return the data folder for ``cfg``, generating the synthetic dataset there if needed.
 
-    Call it on the main process first (the generator is also safe under concurrency).
+    Call it on the main process first (the generator is also safe under concurrency). An unknown
+    ``dataset.layout`` is a ``ConfigError`` that lists the known ones.
     """
+    get_layout(str(cfg.dataset.layout), where=f"dataset={cfg.dataset.name}: ")
     data_dir = resolve_data_dir(cfg)
     if is_synthetic(cfg.dataset):
         from .synthetic import ensure_synthetic_dataset
@@ -51,21 +64,17 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
 
 
 def _make(cfg: DictConfig, data_dir: Path, split: str, tasks: list[str], transform):
+    """The reader of ``cfg.dataset.layout`` for one split (``ConfigError`` for an unknown layout)."""
     ds = cfg.dataset
-    if ds.layout == "NYUD_MT":
-        return NYUDMT(data_dir, split, tasks, transform=transform, num_classes=int(ds.num_semseg_classes))
-    if ds.layout == "PASCAL_MT":
-        valid = ds.get("normals_valid_classes", None)
-        return PASCALMT(
-            data_dir,
-            split,
-            tasks,
-            transform=transform,
-            num_classes=int(ds.num_semseg_classes),
-            normals_valid_classes=None if valid is None else [int(c) for c in valid],
-            cache_dir=Path(str(cfg.paths.cache_dir)),
-        )
-    raise ConfigError(f"dataset={ds.name}: unknown layout {ds.layout!r}; known layouts: {', '.join(LAYOUTS)}")
+    spec = get_layout(str(ds.layout), where=f"dataset={ds.name}: ")
+    return spec.reader(
+        data_dir,
+        split,
+        tasks,
+        transform=transform,
+        num_classes=int(ds.num_semseg_classes),
+        **spec.reader_kwargs(cfg),
+    )
 
 
 def build_datasets(cfg: DictConfig, data_dir: Path | None = None):

@@ -10,6 +10,7 @@
     gt_sets/{train,val}.txt    one name per line
 
 The embedded synthetic dataset is written in this layout too, so both go through this reader.
+Its row in :data:`atrc_exp.data.layouts.LAYOUTS` holds the rest (published sizes, archive, ...).
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..tasks import IGNORE_INDEX
-
-#: Split sizes of the published datasets (``atrc-data check`` compares against them).
-NYUD_SPLIT_SIZES = {"train": 795, "val": 654}
 
 #: Folder and file extension of every NYUD task.
 NYUD_TASK_FILES = {

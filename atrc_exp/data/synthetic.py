@@ -55,15 +55,16 @@ from .synthetic_scene import (
 
 __all__ = [
     "HUMAN_PART_NAMES",
-    "LAYOUTS",
     "PASCAL_CONTEXT_IDS",
-    "write_pascal_layout",
     "SEMSEG_CLASSES",
     "ensure_synthetic_dataset",
     "intrinsics",
     "render_scene",
     "scene_seed",
+    "write_nyud_files",
     "write_nyud_layout",
+    "write_pascal_files",
+    "write_pascal_layout",
 ]
 
 GENERATOR = "atrc_exp.synthetic"
@@ -71,7 +72,6 @@ GENERATOR = "atrc_exp.synthetic"
 VERSION = 1
 MANIFEST = "synthetic.json"
 _PARAMS = ("n_train", "n_val", "height", "width", "seed")
-LAYOUTS = ("NYUD_MT", "PASCAL_MT")
 
 #: Synthetic class -> (PASCAL-Context 459-class LabelMap id, Pascal-Part object class, class_ind).
 PASCAL_CONTEXT_IDS: dict[str, tuple[int, str, int]] = {
@@ -215,10 +215,9 @@ def scene_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _manifest(n_train: int, n_val: int, height: int, width: int, seed: int, layout: str = "NYUD_MT") -> dict:
-    extra = {} if layout == "NYUD_MT" else {"layout": layout}
+def _manifest(n_train: int, n_val: int, height: int, width: int, seed: int, layout: str) -> dict:
     return {
-        **extra,
+        "layout": layout,
         "generator": GENERATOR,
         "version": VERSION,
         "n_train": n_train,
@@ -230,7 +229,9 @@ def _manifest(n_train: int, n_val: int, height: int, width: int, seed: int, layo
     }
 
 
-def _write(dest: Path, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool) -> None:
+def write_nyud_files(
+    dest: Path, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool
+) -> None:
     """Write the NYUD_MT files into ``dest`` itself; the manifest goes last."""
     for sub in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
         (dest / sub).mkdir(parents=True, exist_ok=True)
@@ -247,7 +248,7 @@ def _write(dest: Path, n_train: int, n_val: int, height: int, width: int, seed: 
         np.save(dest / "edge" / f"{name}.npy", s["edge"].astype(np.float32))
     (dest / "gt_sets" / "train.txt").write_text("".join(f"{n}\n" for n in names[:n_train]))
     (dest / "gt_sets" / "val.txt").write_text("".join(f"{n}\n" for n in names[n_train:]))
-    manifest = _manifest(n_train, n_val, height, width, seed)
+    manifest = _manifest(n_train, n_val, height, width, seed, "NYUD_MT")
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -281,7 +282,7 @@ def _pascal_anno(name: str, s: dict, drop_parts: bool) -> dict:
     return {"imname": name, "objects": _struct_array(objects, ("class", "class_ind", "mask", "parts"))}
 
 
-def _write_pascal(
+def write_pascal_files(
     dest: Path, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool
 ) -> None:
     """Write the PASCAL_MT files into ``dest`` itself; the manifest goes last."""
@@ -333,7 +334,7 @@ def write_nyud_layout(
     """
     _check_args(n_train, n_val, height, width)
     dest = Path(root) / "NYUD_MT"
-    _write(dest, n_train, n_val, height, width, seed, progress)
+    write_nyud_files(dest, n_train, n_val, height, width, seed, progress)
     return dest
 
 
@@ -346,11 +347,11 @@ def write_pascal_layout(
     """
     _check_args(n_train, n_val, height, width)
     dest = Path(root) / "PASCAL_MT"
-    _write_pascal(dest, n_train, n_val, height, width, seed, progress)
+    write_pascal_files(dest, n_train, n_val, height, width, seed, progress)
     return dest
 
 
-def _existing_ok(root: Path, wanted: dict, layout: str = "NYUD_MT") -> bool:
+def _existing_ok(root: Path, wanted: dict, layout: str) -> bool:
     """True if ``root/<layout>`` holds exactly the wanted dataset, False if absent; else ValueError."""
     ds = root / layout
     if not ds.exists():
@@ -386,17 +387,19 @@ def ensure_synthetic_dataset(
     progress: bool = True,
     layout: str = "NYUD_MT",
 ) -> Path:
-    """Make sure ``root/<layout>`` (``NYUD_MT`` or ``PASCAL_MT``) holds the synthetic dataset with
-    these parameters; return ``root``.
+    """Make sure ``root/<layout>`` (a key of :data:`atrc_exp.data.layouts.LAYOUTS`, written by its
+    ``write_synthetic``) holds the synthetic dataset with these parameters; return ``root``.
 
-    Does nothing when the manifest matches; raises ``ValueError`` when it differs or when
-    ``root/NYUD_MT`` is not synthetic. Generation holds ``root/.synthetic.lock``, writes into
-    ``root/.NYUD_MT.tmp-<pid>`` and renames it into place, so concurrent callers (several ranks or
-    jobs sharing ``root``) end up with one complete dataset and readers never see a partial one.
+    Does nothing when the manifest matches; raises ``ValueError`` when it differs, when
+    ``root/<layout>`` is not synthetic or the layout is unknown (a ``ConfigError``). Generation
+    holds ``root/.synthetic.lock``, writes into ``root/.<layout>.tmp-<pid>`` and renames it into
+    place, so concurrent callers (several ranks or jobs sharing ``root``) end up with one complete
+    dataset and readers never see a partial one.
     """
+    from .layouts import get_layout
+
     _check_args(n_train, n_val, height, width)
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    writer = get_layout(layout).write_synthetic
     root = Path(root)
     wanted = _manifest(n_train, n_val, height, width, seed, layout)
     if _existing_ok(root, wanted, layout):
@@ -408,7 +411,6 @@ def ensure_synthetic_dataset(
         for stale in root.glob(f".{layout}.tmp-*"):  # left by a crashed generator (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".{layout}.tmp-{os.getpid()}"
-        writer = _write if layout == "NYUD_MT" else _write_pascal
         try:
             writer(tmp, n_train, n_val, height, width, seed, progress)
             os.replace(tmp, root / layout)

@@ -21,8 +21,9 @@ Speed: the train pipeline rescales the image in float32 (as the original, whose 
 float32 arrays), keeps a uint8 image from the photometric distortion on (grey-level look-up tables
 give exactly the values of the step-by-step uint8 arithmetic),
 resamples labels only inside the crop window, and writes normalised, padded CHW tensors in one
-pass (``atrc-data bench``). :func:`atrc_exp.data.bench.reference_train_steps` states the same
-pipeline step by step as plain code; both give identical samples for the same draws.
+pass (``python benchmarks/bench_data.py``). ``reference_train_steps`` in
+``tests/reference_pipeline.py`` states the same pipeline step by step as plain code; both give
+identical samples for the same draws.
 """
 
 from __future__ import annotations
