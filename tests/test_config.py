@@ -10,7 +10,7 @@ from conftest import CONF_DIR, compose_cfg
 
 from atrc_exp.config import ConfigError, resolve_data_dir, validate_config
 
-GROUPS = ["dataset", "backbone", "tasks", "context", "mode", "logger", "experiment"]
+GROUPS = ["dataset", "backbone", "tasks", "context", "mode", "trainer", "logger", "experiment"]
 
 
 def _options(group: str) -> list[str]:
@@ -24,6 +24,7 @@ def test_spec_groups_and_options_exist():
     assert set(_options("context")) >= {"none", "global", "local", "tlabel", "slabel", "atrc", "search"}
     assert set(_options("mode")) == {"search", "distill", "pipeline"}
     assert set(_options("logger")) == {"wandb", "none"}
+    assert set(_options("trainer")) >= {"default", "paper"}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
@@ -66,6 +67,8 @@ def test_experiment_preset_overrides_groups():
     cfg = compose_cfg(["experiment=nyud_hrnet48_mt"])
     assert cfg.dataset.name == "nyud" and cfg.backbone.name == "hrnet48"
     assert cfg.trainer.max_steps == 40000 and cfg.trainer.batch_size == 8
+    # the preset takes its whole trainer from trainer=paper
+    assert cfg.trainer == compose_cfg(["dataset=nyud", "trainer=paper"]).trainer
 
 
 @pytest.mark.parametrize(
