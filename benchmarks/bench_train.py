@@ -1,95 +1,47 @@
-"""Benchmark one training step (forward + loss + backward + SGD step) per context and fast path.
+"""Benchmark one training step per context and fast path: step time, peak memory, ATen ops/step.
 
     python benchmarks/bench_train.py                       # CPU table (+ CUDA rows on a GPU)
-    python benchmarks/bench_train.py --include data,ops    # + `atrc-data bench` and bench-ops (`make bench`)
-    python benchmarks/bench_train.py --contexts none atrc --paths fp32 channels_last --steps 4
+    python benchmarks/bench_train.py --contexts none atrc --paths fp32 bf16 --steps 4
 
-Models are built the way training builds them: the Hydra config is composed from ``conf/``
-(``dataset=nyud``: semseg/depth/normals/edge with 40 classes; ``backbone=hrnet18`` without
-pretrained weights; ``context=...``; ``context=search`` with ``mode=search``), then
-``atrc_exp.models.build_model``, ``atrc_exp.engine.fast_paths.apply_fast_paths`` and
-``atrc_exp.losses.MultiTaskLoss`` (random unit-vector normal centroids, 40×3). Batches are
-synthetic random tensors (no dataset needed), built once. ``context=atrc`` uses the published
-NYUD genotype (``genotypes/nyud_hrnet18.json``); ``context=search`` runs the search step (τ
-schedule, entropy term, Adam on α, gradient clipping at ``mode.grad_clip``), before any pair freezes.
+Models are built as training builds them: the Hydra config composed from ``conf/``
+(``dataset=nyud``: semseg/depth/normals/edge, 40 classes; ``backbone=hrnet18`` without pretrained
+weights; ``context=...``, ``context=atrc`` with the published genotype ``genotypes/nyud_hrnet18.json``,
+``context=search`` with ``mode=search``), then ``build_model``, ``apply_fast_paths`` and
+``MultiTaskLoss`` (random unit-vector normal centroids). The batch is synthetic and built once.
 
-A step is ``zero_grad → forward → loss → backward → SGD step`` (as in ``atrc_exp.engine.trainer``).
-Warm-up steps are excluded; the median of the timed steps is reported. Every configuration runs
-in a fresh subprocess. Peak memory: on CPU, the growth of the process's peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its RSS right before the first step, i.e.
-gradients + optimizer state + activations + allocator caches (weights and the batch excluded); on
-CUDA, ``torch.cuda.max_memory_allocated`` over all steps (weights included).
+A step is ``zero_grad → forward → loss → backward → SGD step``; the search adds its τ schedule, the
+entropy term, gradient clipping at ``mode.grad_clip`` and Adam on α (fused, as the trainer). The
+model returns its maps before the final upsampling when its ``forward`` takes ``resize`` (the loss
+resizes them, as in the trainer). Warm-up steps are excluded; the median of the timed steps is
+reported. Every (context, path) runs in a fresh process (``--rounds`` interleaved passes, steps
+pooled). Fast paths:
 
-Fast paths, each timed against the plain float32 step of the same context in the same run:
+* ``fp32``: the plain step; ``bf16``: ``torch.autocast(device, bfloat16)`` around forward + loss
+  (what ``trainer.mixed_precision=bf16`` does); ``channels_last``: ``trainer.channels_last=true``;
+* ``compile``: ``trainer.compile.enabled=true`` with the trainer's default ``parts: [step]`` (forward
+  and loss as one graph, :func:`atrc_exp.engine.fast_paths.compile_step`); its first step is the
+  compilation (``--cold-compile``: from an empty inductor cache in round 1);
+* ``bf16+cudagraphs`` (CUDA only): bf16 and ``trainer.compile.mode=reduce-overhead``;
+* ``no_recompute`` (``context=search`` only): ``mode.recompute=false``, the candidate ops'
+  activations kept for the backward instead of recomputed (faster, about twice the memory).
 
-* ``bf16``: ``torch.autocast(device, dtype=torch.bfloat16)`` around forward + loss
-  (what ``trainer.mixed_precision=bf16`` does through Accelerate);
-* ``channels_last``: ``trainer.channels_last=true`` (model and input batch in NHWC);
-* ``compile``: ``trainer.compile.enabled=true`` (``torch.compile`` of backbone and head); the
-  first step (compilation) is reported apart (``--cold-compile``: in round 1 with an empty
-  inductor cache, so it is a whole compilation rather than a cache load);
-* ``cl+compile``: both;
-* ``compile_backbone``: ``trainer.compile.parts=[backbone]`` (the head stays eager, with its CPU
-  kernels);
-* ``compile_regional``: ``trainer.compile.regional=true`` (HRNet's modules compiled one by one,
-  identical ones once: a shorter first step);
-* ``cudnn_benchmark``, ``bf16+cudnn_benchmark``: ``trainer.cudnn_benchmark=true`` (cuDNN
-  autotuning; meant for the GPU, a no-op on the CPU);
-* ``bf16+compile``, ``bf16+cudagraphs``: bf16 autocast with ``torch.compile`` (mode ``default`` /
-  ``reduce-overhead``, i.e. CUDA graphs; meant for the GPU); ``bf16+compile_regional``,
-  ``bf16+cudagraphs_regional``: the same with the regional compile.
+Columns: ``× none``: this step over the ``context=none`` step of the same path and device (the
+context's cost); ``speed-up vs fp32``: the fp32 step of the same context over this one; peak memory:
+on the CPU the growth of the peak RSS over the RSS before the first step (gradients, optimizer state,
+activations; weights and batch excluded), on CUDA ``torch.cuda.max_memory_allocated`` (weights
+included); ATen ops/step (eager rows): the ops one more step dispatches, views excluded
+(:func:`dispatched_ops`: the host's work, the same on any device up to the optimizer); on CUDA also
+the host time (until the step function returns) and the kernel time of a step (``torch.profiler``).
 
-And the exact speed-ups that are on by default, each switched off, against the same fp32 step:
-
-* ``no_fused_bn``: ``ops.batch_norm.backend=torch`` (PyTorch's batch norm, ReLU and softplus
-  instead of the CPU kernels of ``atrc_exp.ops.batch_norm``);
-* ``no_fused_ce``: ``ops.upsample_cross_entropy.backend=torch`` (the class logits upsampled to
-  full resolution before the cross-entropy instead of inside the CPU kernel of
-  ``atrc_exp.ops.upsample_cross_entropy``);
-* ``no_fused_label``: ``ops.label_attention.backend=torch`` (PyTorch's batched products and
-  softmax for the label-context attention instead of the CPU kernel of
-  ``atrc_exp.ops.label_attention``);
-* ``no_fused_aux``: ``ops.upsample_add.backend=torch`` (the aux heads' first 1×1 convolution on the
-  concatenated features instead of at the backbone branches' resolutions with the CPU
-  resize-and-add kernel of ``atrc_exp.ops.upsample_add``);
-* ``no_keep_freed``: ``trainer.keep_freed_memory=false`` (glibc's default of returning freed
-  memory to the OS, page-faulting it back every step);
-* ``no_cpu_kernels``: the four above ``ops.*.backend=torch`` at once: PyTorch's ops throughout,
-  the code path a GPU runs.
-
-And for ``context=search`` only: ``no_recompute``, ``mode.recompute=false`` (the candidate ops'
-activations kept for the backward instead of recomputed: a faster step, about twice the memory).
-
-On CUDA each configuration also reports the GPU kernel time of one step (``torch.profiler``, sum
-of the kernels' durations, and their number): a step much longer than its kernel time is bound by
-the host (Python, dispatch, launches), which bf16 cannot speed up and CUDA graphs can. The host
-time of a step is the wall time until the step function returns, before ``torch.cuda.synchronize()``
-(the step reads nothing from the device, as the trainer's ``train_step``). Every
-eager configuration reports the ATen ops one step dispatches (views and metadata ops excluded;
-counted by a ``TorchDispatchMode`` in one extra step): the host's work, the same on every device
-for the same code path (the optimizer aside: a loop per parameter on the CPU, ``foreach`` on
-CUDA).
-
-``--include loader`` adds DataLoader rows: the context=none float32 step fed by the trainer's own
-train loader (``atrc_exp.engine.trainer.build_train_loader``) over the synthetic dataset (train
-transforms at the benchmark crop) per worker setting, against the same step on the in-memory
-batch; the mean step time is reported there (stalls waiting for data count). The train loader is
-one endless iterator, so ``persistent_workers`` changes nothing there and is not timed;
-``pin_memory`` is timed on CUDA only (it has no effect on the CPU).
-
-CPU: batch 2 at 192×256 with ``--threads`` (2) torch threads. CUDA (when present): batch 8 at
-425×560 (the paper's NYUD crop); ``--size`` sets another. Results go to
-``benchmarks/results-<hostname>.json``, rewritten after every row.
+CPU: batch 2 at 192×256 with ``--threads`` (2) torch threads; CUDA: batch 8 at 425×560 (the paper's
+NYUD crop); ``--size`` sets another. JSON: ``benchmarks/results-<hostname>.json`` (``--out``),
+rewritten after every row; ``--markdown`` writes the table in ``benchmarks/RESULTS.md``'s format.
 
 For a short-lived GPU machine (``benchmarks/gpu_checks.sh``): ``--budget`` bounds the whole run
-(the eager rows run first, then the compile rows; a row gets at most what is left, one that cannot
-start is reported as not run), ``--compile-timeout`` bounds each compile row, ``--parallel-compile
-N`` compiles up to N compile rows at once in concurrent processes and then times them one at a time
-with the others idle (:func:`measure_group`), ``--markdown`` writes every planned row (skipped and
-timed-out ones included, with why) as a ``benchmarks/RESULTS.md`` table (:func:`train_markdown`).
-A worker killed at its time limit still gives its timings if it got past them (it prints them
-before the profile and the op count); SIGTERM makes the driver stop its workers and write what it
-has.
+(eager rows first, then the compile rows; a row that cannot start is reported as not run),
+``--compile-timeout`` bounds each compile row, ``--parallel-compile N`` compiles up to N compile rows
+at once and then times them one at a time (:func:`measure_group`). A worker killed at its time limit
+still gives its timings if it got past them; SIGTERM makes the driver stop and write what it has.
 """
 
 from __future__ import annotations
@@ -97,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import inspect
 import json
 import math
 import os
@@ -113,65 +66,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MARK = "BENCH_RESULT "
 CONTEXTS = ("none", "global", "local", "tlabel", "atrc", "search")
+DEFAULT_CONTEXTS = ("none", "atrc", "search")
 PATHS = {
     "fp32": {},
     "bf16": {"bf16": True},
     "channels_last": {"channels_last": True},
     "compile": {"compile": True},
-    "cl+compile": {"channels_last": True, "compile": True},
-    # trainer.compile.parts=[backbone]: the head stays eager with its CPU kernels
-    "compile_backbone": {"compile": True, "compile_parts": ["backbone"]},
-    # trainer.compile.regional=true: HRNet's modules one by one (identical ones compiled once)
-    "compile_regional": {"compile": True, "compile_regional": True},
-    "cudnn_benchmark": {"cudnn_benchmark": True},
-    "bf16+cudnn_benchmark": {"bf16": True, "cudnn_benchmark": True},
-    "bf16+compile": {"bf16": True, "compile": True},
     # torch.compile mode=reduce-overhead: CUDA graphs (for launch-bound steps on a GPU)
     "bf16+cudagraphs": {"bf16": True, "compile": True, "compile_mode": "reduce-overhead"},
-    # the same two with the regional compile (the whole ATRC model's first compile takes minutes)
-    "bf16+compile_regional": {"bf16": True, "compile": True, "compile_regional": True},
-    "bf16+cudagraphs_regional": {
-        "bf16": True,
-        "compile": True,
-        "compile_mode": "reduce-overhead",
-        "compile_regional": True,
-    },
-    # the always-on exact speed-ups, each switched off (their "speed-up vs fp32" is below 1)
-    "no_fused_bn": {"torch_bn": True},
-    "no_fused_ce": {"torch_ce": True},
-    "no_fused_label": {"torch_label": True},
-    "no_fused_aux": {"torch_aux": True},
-    "no_keep_freed": {"keep_freed_memory": False},
-    # all four CPU kernels off: PyTorch's ops, the code path a GPU runs (its ATen ops/step are the
-    # GPU step's, up to the optimizer, which is one loop per parameter on the CPU, foreach on CUDA)
-    "no_cpu_kernels": {"torch_bn": True, "torch_ce": True, "torch_label": True, "torch_aux": True},
-    # the search without activation recomputation (mode.recompute=false): faster, about twice the
-    # memory; timed for context=search only
     "no_recompute": {"no_recompute": True},
 }
 #: timed for context=search only (whatever --fast-contexts says)
 SEARCH_ONLY_PATHS = ("no_recompute",)
-#: timed on CUDA only (no-ops on the CPU, or minutes of compilation for a CPU row nobody needs)
-GPU_ONLY_PATHS = (
-    "cudnn_benchmark",
-    "bf16+cudnn_benchmark",
-    "bf16+compile",
-    "bf16+cudagraphs",
-    "bf16+compile_regional",
-    "bf16+cudagraphs_regional",
-)
-#: timed on the CPU only (the fused kernels are CPU kernels)
-CPU_ONLY_PATHS = ("no_fused_bn", "no_fused_ce", "no_fused_label", "no_fused_aux", "no_cpu_kernels")
-#: DataLoader variants of ``--include loader``: (label, settings); None = the in-memory batch.
-LOADERS = (
-    ("in-memory batch", None),
-    ("workers=0", {"num_workers": 0}),
-    ("workers=1", {"num_workers": 1}),
-    ("workers=2 (trainer default)", {"num_workers": 2}),
-    ("workers=2 prefetch_factor=4", {"num_workers": 2, "prefetch_factor": 4}),
-)
+#: timed on CUDA only
+GPU_ONLY_PATHS = ("bf16+cudagraphs",)
 SIZES = {"cpu": (2, 192, 256), "cuda": (8, 425, 560)}
 GENOTYPE = "genotypes/nyud_hrnet18.json"
+#: a row is not started with less than this many seconds of ``--budget`` left
+MIN_ROW_S = 15.0
+#: seconds a compiled row needs once warm (one more warm-up step, the timed steps, the profile)
+TIMING_RESERVE_S = 20.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,31 +129,27 @@ def _rss_kib() -> int:
 
 
 def compose(context: str, spec: dict):
+    """The training config of ``context`` with the fast-path switches of ``spec`` (a PATHS value)."""
     from hydra import compose as hy_compose
     from hydra import initialize_config_dir
 
     from atrc_exp.config import CONF_DIR, register_resolvers
 
+    def on(key: str) -> str:
+        return "true" if spec.get(key) else "false"
+
     register_resolvers()
     ov = ["dataset=nyud", "backbone=hrnet18", "backbone.pretrained=false", f"context={context}"]
     if context == "search":
-        ov.append("mode=search")
-        if spec.get("no_recompute"):
-            ov.append("mode.recompute=false")
+        ov += ["mode=search", f"mode.recompute={'false' if spec.get('no_recompute') else 'true'}"]
     if context == "atrc":
         ov.append(f"context.genotype={REPO / GENOTYPE}")
-    ov.append(f"trainer.channels_last={'true' if spec.get('channels_last') else 'false'}")
-    ov.append(f"trainer.compile.enabled={'true' if spec.get('compile') else 'false'}")
-    ov.append(f"trainer.compile.mode={spec.get('compile_mode', 'default')}")
-    ov.append(f"trainer.compile.parts=[{','.join(spec.get('compile_parts', ['backbone', 'head']))}]")
-    ov.append(f"trainer.compile.regional={'true' if spec.get('compile_regional') else 'false'}")
-    ov.append(f"trainer.cudnn_benchmark={'true' if spec.get('cudnn_benchmark') else 'false'}")
-    ov.append(f"trainer.mixed_precision={'bf16' if spec.get('bf16') else 'no'}")
-    ov.append(f"ops.batch_norm.backend={'torch' if spec.get('torch_bn') else 'auto'}")
-    ov.append(f"ops.upsample_cross_entropy.backend={'torch' if spec.get('torch_ce') else 'auto'}")
-    ov.append(f"ops.label_attention.backend={'torch' if spec.get('torch_label') else 'auto'}")
-    ov.append(f"ops.upsample_add.backend={'torch' if spec.get('torch_aux') else 'auto'}")
-    ov.append(f"trainer.keep_freed_memory={'false' if spec.get('keep_freed_memory') is False else 'true'}")
+    ov += [
+        f"trainer.channels_last={on('channels_last')}",
+        f"trainer.compile.enabled={on('compile')}",
+        f"trainer.compile.mode={spec.get('compile_mode', 'default')}",
+        f"trainer.mixed_precision={'bf16' if spec.get('bf16') else 'no'}",
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hy_compose(config_name="train", overrides=ov)
 
@@ -258,29 +168,6 @@ def synthetic_batch(batch: int, h: int, w: int, classes: int, device, seed: int 
         "edge": (torch.rand(batch, 1, h, w, generator=g) > 0.95).float(),
     }
     return {k: v.to(device) for k, v in out.items()}
-
-
-def _loader(spec: dict, device):
-    """Batches from the trainer's own train loader (``build_train_loader``: endless step-indexed
-    sampler, seeded augmentation) over the synthetic dataset at the benchmark crop."""
-    from types import SimpleNamespace
-
-    from hydra import compose as hy_compose
-    from hydra import initialize_config_dir
-
-    from atrc_exp.config import CONF_DIR
-    from atrc_exp.data import build_datasets, prepare_data
-    from atrc_exp.engine.trainer import _to_device, build_train_loader
-
-    b, h, w = spec["size"]
-    ov = [f"dataset.crop_size=[{h},{w}]", f"trainer.batch_size={b}"]
-    ov += [f"trainer.{k}={str(v).lower()}" for k, v in spec["loader"].items()]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        dcfg = hy_compose(config_name="train", overrides=ov)
-    train_ds, _ = build_datasets(dcfg, prepare_data(dcfg, progress=False))
-    acc = SimpleNamespace(process_index=0, num_processes=1, device=device)
-    it = iter(build_train_loader(train_ds, dcfg, acc))
-    return lambda: _to_device(next(it), device)
 
 
 def gpu_kernel_time(step, i0: int, n: int = 2) -> dict:
@@ -302,68 +189,69 @@ def gpu_kernel_time(step, i0: int, n: int = 2) -> dict:
 
 
 def run_worker(spec: dict) -> dict:
+    """Build the model of ``spec``, run its warm-up and timed steps; the row (timings in seconds)."""
     import resource
 
     import torch
 
-    threads = int(spec.get("threads") or 0)
-    if threads:
-        torch.set_num_threads(threads)
-    from atrc_exp.engine.fast_paths import apply_fast_paths, channels_last_enabled, prepare_input
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    from atrc_exp.engine.fast_paths import (
+        apply_fast_paths,
+        channels_last_enabled,
+        compile_step,
+        prepare_input,
+    )
     from atrc_exp.engine.search import SearchController, split_parameters
-    from atrc_exp.engine.trainer import check_cpu_kernel_backends
     from atrc_exp.losses import MultiTaskLoss
     from atrc_exp.models import build_model
 
     device = torch.device(spec["device"])
-    context = spec["context"]
-    cfg = compose(context, spec)
-    check_cpu_kernel_backends(cfg)
+    cuda = device.type == "cuda"
+    cfg = compose(spec["context"], spec)
     torch.manual_seed(0)
-    model = build_model(cfg)
-    model = apply_fast_paths(model.to(device), cfg)
+    model = apply_fast_paths(build_model(cfg).to(device), cfg)
     model.train()
-    tasks = list(cfg.tasks.names)
     g = torch.Generator().manual_seed(1)
     centroids = torch.randn(40, 3, generator=g)
     centroids = centroids / centroids.norm(dim=1, keepdim=True)
-    criterion = MultiTaskLoss(tasks, float(cfg.dataset.edge_pos_weight), normal_centroids=centroids).to(
-        device
-    )
-    tc = cfg.trainer
+    criterion = MultiTaskLoss(
+        list(cfg.tasks.names), float(cfg.dataset.edge_pos_weight), normal_centroids=centroids
+    ).to(device)
     weights, arch = split_parameters(model)
+    tc = cfg.trainer
     opt = torch.optim.SGD(weights, lr=0.01, momentum=float(tc.momentum), weight_decay=float(tc.weight_decay))
     search = cfg.mode.name == "search"
-    n_total = int(spec["warmup"]) + int(spec["steps"])
+    warmup, n_steps = int(spec["warmup"]), int(spec["steps"])
     controller = arch_opt = None
     if search:
-        controller = SearchController(model, cfg.mode, n_total)
-        arch_opt = torch.optim.Adam(
-            arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True
-        )  # as the trainer
+        controller = SearchController(model, cfg.mode, warmup + n_steps)
+        arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True)
     grad_clip = float(cfg.mode.grad_clip) if search else None
-    b, h, w = spec["size"]
     cl = channels_last_enabled(cfg)
-    fixed = synthetic_batch(b, h, w, int(cfg.dataset.num_semseg_classes), device)
-    next_batch = _loader(spec, device) if spec.get("loader") is not None else (lambda: fixed)
+    batch = synthetic_batch(*spec["size"], int(cfg.dataset.num_semseg_classes), device)
     use_bf16 = bool(spec.get("bf16"))
-    cuda = device.type == "cuda"
-    # CUDA graphs (torch.compile mode=reduce-overhead): each step is a new iteration of the graphs
-    mark_step = spec.get("compile_mode") == "reduce-overhead" and cuda
+    # CUDA graphs: each step is a new iteration of the graphs, whose outputs the next one overwrites
+    cudagraphs = spec.get("compile_mode") == "reduce-overhead" and cuda
+    # the maps before their final upsampling (the loss resizes them), where the model offers it
+    kwargs = {"resize": False} if "resize" in inspect.signature(model.forward).parameters else {}
+
+    def forward_loss(image: torch.Tensor, batch: dict) -> torch.Tensor:
+        return criterion(model(image, **kwargs), batch)[0]
+
+    forward_loss = compile_step(forward_loss, cfg)  # as the trainer: compiled with parts=[step]
 
     def step(i: int) -> torch.Tensor:
         """One training step; returns the detached loss without reading it (no synchronisation)."""
-        if mark_step:
+        if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        batch = next_batch()
         image = prepare_input(batch["image"], cl)
         opt.zero_grad(set_to_none=True)
         if search:
             arch_opt.zero_grad(set_to_none=True)
             ent_w = controller.begin_step(i)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(image, resize=False)  # as the trainer: the loss upsamples
-            loss, _ = criterion(out, batch)
+            loss = forward_loss(image, batch)
             if search:
                 loss = loss + controller.loss_term(ent_w)
         loss.backward()
@@ -372,10 +260,8 @@ def run_worker(spec: dict) -> dict:
         opt.step()
         if search:
             arch_opt.step()
-        return loss.detach()
+        return loss.detach().clone() if cudagraphs else loss.detach()
 
-    gate = spec.get("gate")
-    warmup = int(spec["warmup"])
     times, host_times, losses = [], [], []
 
     def timed_step(i: int) -> None:
@@ -391,19 +277,17 @@ def run_worker(spec: dict) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     rss0 = _rss_kib()
-    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i in range(warmup):
         timed_step(i)
     gate_wait = None
-    if gate:  # compiled concurrently with other rows: wait for the GPU to ourselves, warm up again
-        gate_wait = wait_gate(Path(gate))
+    if spec.get("gate"):  # compiled alongside other rows: wait for the machine, warm up again
+        gate_wait = wait_gate(Path(spec["gate"]))
         timed_step(warmup)
         warmup += 1
     window = [time.time()]
-    for i in range(warmup, warmup + int(spec["steps"])):
+    for i in range(warmup, warmup + n_steps):
         timed_step(i)
     window.append(time.time())
-    n_total = warmup + int(spec["steps"])
     if cuda:
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -417,8 +301,6 @@ def run_worker(spec: dict) -> dict:
         "first_step_s": times[0],
         "peak_mem_mib": peak_mib,
         "peak_mem_kind": "cuda max_memory_allocated" if cuda else "peak RSS growth",
-        "rss_before_mib": rss0 / 1024,
-        "maxrss_before_mib": maxrss0 / 1024,
         "losses": loss_values,
         "finite": all(math.isfinite(x) for x in loss_values),
         "params": sum(p.numel() for p in model.parameters()),
@@ -427,9 +309,10 @@ def run_worker(spec: dict) -> dict:
         result["gate_wait_s"] = gate_wait
     # the timings so far, in case the extras below fail or run past the row's time limit
     print(MARK + json.dumps({**result, "extras": "not finished"}), flush=True)
-    extra = gpu_kernel_time(step, n_total) if cuda else {}
+    n_done = warmup + n_steps
+    extra = gpu_kernel_time(step, n_done) if cuda else {}
     if not spec.get("compile"):  # a compiled step would be traced again under the counting mode
-        extra.update(dispatched_ops(step, n_total + 2))
+        extra.update(dispatched_ops(step, n_done + 2))
     return {**extra, **result}
 
 
@@ -447,19 +330,8 @@ def wait_gate(gate: Path, poll_s: float = 0.1, max_wait_s: float = 3600) -> floa
 
 
 # ----------------------------------------------------------------------------------------------
-# driver
+# driver: workers in their own process groups, with time limits
 # ----------------------------------------------------------------------------------------------
-def _spawn(
-    args: list[str], threads: int | None, timeout: float, env_extra: dict | None = None
-) -> tuple[int, str, str]:
-    env = dict(os.environ) | (env_extra or {})
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault("WANDB_MODE", "offline")
-    p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout, p.stderr
-
-
 #: worker processes running now (each the leader of its own process group), killed on exit
 _CHILDREN: set[subprocess.Popen] = set()
 
@@ -534,20 +406,14 @@ def measure(spec: dict, timeout: float, cold_cache: bool = False) -> dict:
         return _collect(spec, p, Path(logdir), timed_out)
 
 
-#: a row is not started with less than this many seconds of ``--budget`` left
-MIN_ROW_S = 15.0
-#: seconds a compiled row needs once warm (one more warm-up step, the timed steps, the profile)
-TIMING_RESERVE_S = 20.0
-
-
 def measure_group(specs: list[dict], deadline: float, reserve_s: float = TIMING_RESERVE_S) -> list[dict]:
     """The rows of ``specs`` compiled concurrently, then timed one at a time: each worker runs
     its warm-up steps (the compilation), says it is ready and waits; once all are ready, or when
     only ``reserve_s`` per ready row (and one more) is left before ``deadline``
     (``time.monotonic()``), the ones still warming up are stopped (a timeout row) and the ready
-    ones are timed in turn, with the others idle (their measurements do not overlap); each gets
-    at least ``reserve_s`` seconds. Each worker compiles with cpu_count / len(specs) inductor
-    compile threads (at least 2) unless ``TORCHINDUCTOR_COMPILE_THREADS`` is set."""
+    ones are timed in turn, with the others idle; each gets at least ``reserve_s`` seconds. Each
+    worker compiles with cpu_count / len(specs) inductor compile threads (at least 2) unless
+    ``TORCHINDUCTOR_COMPILE_THREADS`` is set."""
     n = len(specs)
     env = {}
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
@@ -601,38 +467,80 @@ def measure_group(specs: list[dict], deadline: float, reserve_s: float = TIMING_
     return results  # type: ignore[return-value]
 
 
-def bench_data(n: int, timeout: float) -> list[dict]:
-    """``atrc-data bench`` (train transforms, one core per worker) in a fresh process."""
-    code = (
-        "import json; from atrc_exp.data.bench import bench_transforms, ORIGINAL_SAMPLES_PER_S as o; "
-        f"print({MARK!r} + json.dumps({{'rows': bench_transforms({n}), 'original': o}}))"
+# ----------------------------------------------------------------------------------------------
+# rows and the table
+# ----------------------------------------------------------------------------------------------
+def plan_rows(args, dev: str) -> list[dict]:
+    """Every (context, path) asked for on ``dev``, in table order: a worker spec each, or a row
+    with ``skipped`` (why it is not timed there: a GPU-only path on the CPU, ``--skip-compile``,
+    no bf16 on the GPU)."""
+    import torch
+
+    steps = args.steps or (6 if dev == "cpu" else 20)
+    threads = args.threads if dev == "cpu" else None
+    size = tuple(getattr(args, "size", None) or SIZES[dev])
+    plan = [(c, "fp32") for c in args.contexts if "fp32" in args.paths]
+    for n in args.paths:
+        if n != "fp32":
+            on = ("search",) if n in SEARCH_ONLY_PATHS else args.fast_contexts
+            plan += [(c, n) for c in args.contexts if c in on]
+    rows = []
+    for context, name in plan:
+        extra = PATHS[name]
+        row = dict(device=dev, context=context, path=name, size=size)
+        if name in GPU_ONLY_PATHS and dev != "cuda":
+            rows.append(row | {"skipped": f"skipped on {dev}"})
+        elif extra.get("compile") and getattr(args, "skip_compile", False):
+            rows.append(
+                row | {"skipped": f"skipped on {dev}" if dev == "cpu" else "skipped (--skip-compile)"}
+            )
+        elif extra.get("bf16") and dev == "cuda" and not torch.cuda.is_bf16_supported():
+            rows.append(row | {"skipped": "skipped: no bf16 on this GPU"})
+        else:
+            warmup = args.warmup + (1 if extra.get("compile") else 0)
+            rows.append(row | dict(threads=threads, steps=steps, warmup=warmup) | extra)
+    return rows
+
+
+def plan_specs(args, dev: str) -> list[dict]:
+    """The worker specs of :func:`plan_rows` (the skipped rows left out)."""
+    return [r for r in plan_rows(args, dev) if "skipped" not in r]
+
+
+def merge(results: list[dict]) -> dict:
+    """One row from the rounds of a configuration: all timed steps pooled (medians)."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[-1]
+    times = [t for r in ok for t in r["step_times_s"]]
+    hosts = [x for r in ok for x in r.get("host_times_s", [])]
+    t = statistics.median(times)
+    row = {k: v for k, v in ok[0].items() if k not in ("step_times_s", "host_times_s", "losses")}
+    row.update(
+        step_s=t,
+        host_s=statistics.median(hosts) if hosts else None,
+        best_step_s=min(times),
+        images_per_s=ok[0]["size"][0] / t,
+        step_times_s=[r["step_times_s"] for r in ok],
+        first_step_s=[r["first_step_s"] for r in ok],
+        peak_mem_mib=max(r["peak_mem_mib"] for r in ok),
+        final_loss=ok[0]["losses"][-1],
+        finite=all(r["finite"] for r in ok),
+        rounds=len(ok),
     )
-    try:
-        rc, out, err = _spawn([sys.executable, "-c", code], 1, timeout)
-    except subprocess.TimeoutExpired:
-        return [{"error": "timed out"}]
-    for line in out.splitlines():
-        if line.startswith(MARK):
-            d = json.loads(line[len(MARK) :])
-            return [
-                {"input": lab, "samples_per_s": r, "vs_original": r / d["original"]} for lab, r in d["rows"]
-            ]
-    return [{"error": f"exit {rc}: " + " | ".join((err or out).strip().splitlines()[-3:])}]
+    if len(ok) < len(results):
+        row["failed_rounds"] = [r["error"] for r in results if "error" in r]
+    return row
 
 
-def bench_ops(threads: int, timeout: float) -> list[dict]:
-    """``benchmarks/bench_local_attention.py`` (what ``make bench-ops`` runs); its JSON rows."""
-    out_json = REPO / "benchmarks" / f"results-ops-{socket.gethostname()}.json"
-    script = str(REPO / "benchmarks" / "bench_local_attention.py")
-    try:
-        rc, out, err = _spawn(
-            [sys.executable, script, "--threads", str(threads), "--out", str(out_json)], threads, timeout
-        )
-    except subprocess.TimeoutExpired:
-        return [{"error": "timed out"}]
-    if rc != 0 or not out_json.exists():
-        return [{"error": f"exit {rc}: " + " | ".join((err or out).strip().splitlines()[-3:])}]
-    return json.loads(out_json.read_text())["rows"]
+def row_status(r: dict) -> str | None:
+    """What a row without timings shows instead (``None`` for a measured row): why it was
+    skipped, ``timeout (N s)``, or its error."""
+    if "skipped" in r:
+        return r["skipped"]
+    if "error" in r:
+        return r["error"][:160] if r.get("timed_out") else f"error: {r['error'][:160]}"
+    return None
 
 
 def _fmt(x, fmt: str) -> str:
@@ -647,90 +555,74 @@ def _kernel_cell(r: dict) -> str:
     return r.get("gpu_kernel_error", "-")[:60]
 
 
-def row_status(r: dict) -> str | None:
-    """What a row that has no timings shows instead (``None`` for a measured row): why it was
-    skipped, ``timeout (N s)``, or its error."""
-    if "skipped" in r:
-        return r["skipped"]
-    if "error" in r:
-        return r["error"][:160] if r.get("timed_out") else f"error: {r['error'][:160]}"
-    return None
+#: the columns of the table (one row per device, context and path)
+MD_COLUMNS = (
+    "context",
+    "path",
+    "device",
+    "B×H×W",
+    "step ms (median)",
+    "best ms",
+    "images/s",
+    "× none",
+    "speed-up vs fp32",
+    "peak MiB",
+    "ATen ops/step",
+    "host ms/step",
+    "kernel ms/step (kernels)",
+    "first step s",
+)
+#: what "host ms/step" is (the Markdown notes repeat it)
+HOST_TIME_DEF = (
+    "median wall time from a step's start until the step function returns, before "
+    "`torch.cuda.synchronize()` (the host dispatching the step; the step itself reads nothing from "
+    "the device; on the CPU it is the step time)"
+)
 
 
-def train_table(rows: list[dict]) -> list[str]:
-    """The training-step rows as a Markdown table (ratios from the same run)."""
-    ok = [r for r in rows if row_status(r) is None and not r["path"].startswith("loader:")]
-    base = {(r["device"], r["path"]): r["step_s"] for r in ok if r["context"] == "none"}
+def table(rows: list[dict]) -> list[str]:
+    """The rows as a Markdown table (:data:`MD_COLUMNS`; ratios from the same run), a row without
+    timings saying why (skipped, ``timeout (N s)``, error)."""
+    ok = [r for r in rows if row_status(r) is None]
+    none = {(r["device"], r["path"]): r["step_s"] for r in ok if r["context"] == "none"}
     fp32 = {(r["device"], r["context"]): r["step_s"] for r in ok if r["path"] == "fp32"}
-    mem_kind = {r["device"]: r["peak_mem_kind"] for r in ok}
-    lines = [
-        "| device | context | path | B×H×W | ms/step (median) | best ms | img/s | × none (same path) "
-        "| speed-up vs fp32 | peak MiB | first step s | ATen ops/step | host ms/step | GPU kernel ms/step (kernels) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
     for r in rows:
-        if r["path"].startswith("loader:"):
-            continue
-        b, h, w = r["size"]
-        head = f"| {r['device']} | {r['context']} | {r['path']} | {b}×{h}×{w} "
+        head = f"| {r['context']} | {r['path']} | {r['device']} | {'×'.join(map(str, r['size']))} "
         status = row_status(r)
         if status is not None:
-            lines.append(head + f"| {status} |" + " |" * 9)
+            lines.append(head + f"| {status} |" + " |" * (len(MD_COLUMNS) - 5))
             continue
         t = r["step_s"]
-        nb = base.get((r["device"], r["path"]))
+        nb = none.get((r["device"], r["path"]))
         f32 = fp32.get((r["device"], r["context"])) if r["path"] != "fp32" else None
         host = r.get("host_s")
         lines.append(
-            head + f"| {t * 1e3:.0f} | {r['best_step_s'] * 1e3:.0f} | {r['images_per_s']:.2f} "
+            head + f"| {t * 1e3:.1f} | {r['best_step_s'] * 1e3:.1f} | {r['images_per_s']:.2f} "
             f"| {_fmt(t / nb if nb else None, '%.2f×')} | {_fmt(f32 / t if f32 else None, '%.2f×')} "
-            f"| {r['peak_mem_mib']:.0f} | {r['first_step_s'][0]:.1f} | {_fmt(r.get('aten_ops_per_step'), '%d')} "
-            f"| {_fmt(host * 1e3 if host is not None else None, '%.0f')} | {_kernel_cell(r)} |"
-        )
-    if mem_kind:
-        lines.append("")
-        lines.append(
-            "peak MiB: " + "; ".join(f"{d}: {k}" for d, k in mem_kind.items()) + ". first step: round 1 "
-            "(compile rows: compilation, from an empty inductor cache with --cold-compile; later rounds "
-            "hit the cache). ATen ops/step: the ops one step dispatches, views excluded (the host's work; "
-            "not counted for compiled steps). host ms/step: " + HOST_TIME_DEF
+            f"| {r['peak_mem_mib']:.0f} | {_fmt(r.get('aten_ops_per_step'), '%d')} "
+            f"| {_fmt(host * 1e3 if host is not None else None, '%.1f')} | {_kernel_cell(r)} "
+            f"| {r['first_step_s'][0]:.1f} |"
         )
     return lines
 
 
-#: what "host ms/step" is (the table notes repeat it)
-HOST_TIME_DEF = (
-    "median wall time from a step's start until the step function returns, before "
-    "`torch.cuda.synchronize()` (the host dispatching the step without waiting for the device, except "
-    "where a host that gets a full launch queue ahead of the GPU waits for room; the step itself reads "
-    "nothing from the device; on the CPU it is the step time)"
-)
-#: the columns of the Markdown table of ``--markdown`` (one row per context and path)
-MD_COLUMNS = (
-    "context",
-    "path",
-    "B×H×W",
-    "step ms (median)",
-    "images/s",
-    "speed-up vs fp32",
-    "peak MiB",
-    "kernel ms/step (kernels)",
-    "host ms/step (until the step returns, before sync)",
-    "first step s",
-)
-
-
 def train_markdown(rows: list[dict], meta: dict, command: str) -> list[str]:
-    """The training-step rows in ``benchmarks/RESULTS.md``'s format: a heading naming what, the
-    machine and the date, the command, what each column means, and one table row per (context,
-    path) in ``rows``' order, a row without timings saying why (skipped, ``timeout (N s)``,
-    error)."""
-    rows = [r for r in rows if not r["path"].startswith("loader:")]
-    ok = [r for r in rows if row_status(r) is None]
-    fp32 = {(r["device"], r["context"]): r["step_s"] for r in ok if r["path"] == "fp32"}
+    """The rows in ``benchmarks/RESULTS.md``'s format: a heading naming what, the machine and the
+    date, the command, what each column means, then :func:`table`."""
     devices = sorted({r["device"] for r in rows})
     sizes = sorted({"×".join(map(str, r["size"])) for r in rows})
-    lines = [
+    mem = {
+        "cuda": "`torch.cuda.max_memory_allocated` over all steps (weights included)",
+        "cpu": "peak RSS growth over the steps (weights and batch excluded)",
+    }
+    parallel = (
+        f" The compile rows were compiled up to {meta['parallel_compile']} at a time in concurrent "
+        "processes, then timed one at a time with the others idle (after one more warm-up step)."
+        if meta.get("parallel_compile")
+        else ""
+    )
+    return [
         f"### Training step per context and path ({', '.join(devices)}): {meta['machine']}, {meta['date'][:10]}",
         "",
         f"Command: `{command}`",
@@ -738,190 +630,28 @@ def train_markdown(rows: list[dict], meta: dict, command: str) -> list[str]:
         f"torch {meta['torch']}, Python {meta['python']}, {meta['cpu_count']} host cores; HRNet18 (no "
         f"pretrained weights), NYUD tasks (40 classes), batch×height×width {', '.join(sizes)}, synthetic "
         "in-memory batch; a step is zero_grad + forward + loss + backward + SGD step (the search: + Adam on "
-        "α, gradient clipping). Every row runs in a fresh process; "
-        + f"timed steps: {meta['steps']}, after {meta['warmup']} warm-up steps (compile rows: one more; "
-        "the first step compiles). bf16: autocast around forward "
-        "and loss; compile: `torch.compile` of backbone and head, default mode; bf16+cudagraphs: the same "
-        'with `mode="reduce-overhead"` (CUDA graphs) and bf16 autocast.'
-        + (
-            f" The compile rows were compiled up to {meta['parallel_compile']} at a time in concurrent "
-            "processes, then timed one at a time with the others idle (after one more warm-up step)."
-            if meta.get("parallel_compile")
-            else ""
-        ),
+        f"α, gradient clipping). Every row runs in a fresh process; timed steps: {meta['steps']}, after "
+        f"{meta['warmup']} warm-up steps (compile rows: one more; their first step compiles). bf16: "
+        "autocast around forward and loss; compile: `torch.compile` of forward + loss as one graph "
+        "(`trainer.compile.parts=[step]`), default mode; bf16+cudagraphs: the same with "
+        '`mode="reduce-overhead"` (CUDA graphs) and bf16 autocast.' + parallel,
         "",
-        "Columns: step ms = median wall time of a step, from its start until `torch.cuda.synchronize()` "
-        "returns after it (on the CPU: until it returns); images/s = batch / step time; speed-up vs fp32 = "
-        "the fp32 step of the same context / this step; peak MiB = "
-        + "; ".join(
-            f"{d}: "
-            + (
-                "`torch.cuda.max_memory_allocated` over all steps (weights included)"
-                if d == "cuda"
-                else "peak RSS growth over the steps"
-            )
-            for d in devices
-        )  # fmt: skip
-        + "; kernel ms/step = sum of the CUDA kernels' durations in one step (`torch.profiler`, mean of "
-        "2 steps), their number in brackets; host ms/step = " + HOST_TIME_DEF + "; first step s = the "
-        "first step's wall time (compile rows: the compilation).",
+        "Columns: step ms = median wall time of a step (on CUDA until `torch.cuda.synchronize()` "
+        "returns after it); images/s = batch / step time; × none = this step / the `context=none` step "
+        "of the same path; speed-up vs fp32 = the fp32 step of the same context / this step; peak MiB = "
+        + "; ".join(f"{d}: {mem.get(d, '?')}" for d in devices)
+        + "; ATen ops/step = the ops one step dispatches, views excluded (eager rows only); host "
+        "ms/step = " + HOST_TIME_DEF + "; kernel ms/step = sum of the CUDA kernels' durations in one "
+        "step (`torch.profiler`, mean of 2 steps), their number in brackets; first step s = the first "
+        "step's wall time (compile rows: the compilation).",
         "",
-        "| " + " | ".join(MD_COLUMNS) + " |",
-        "|" + "---|" * len(MD_COLUMNS),
+        *table(rows),
     ]
-    for r in rows:
-        b, h, w = r["size"]
-        head = f"| {r['context']} | {r['path']} | {b}×{h}×{w} "
-        status = row_status(r)
-        if status is not None:
-            lines.append(head + f"| {status} |" + " |" * (len(MD_COLUMNS) - 4))
-            continue
-        t = r["step_s"]
-        f32 = fp32.get((r["device"], r["context"])) if r["path"] != "fp32" else None
-        host = r.get("host_s")
-        lines.append(
-            head + f"| {t * 1e3:.1f} | {r['images_per_s']:.1f} | {_fmt(f32 / t if f32 else None, '%.2f×')} "
-            f"| {r['peak_mem_mib']:.0f} | {_kernel_cell(r)} | {_fmt(host * 1e3 if host is not None else None, '%.1f')} "
-            f"| {r['first_step_s'][0]:.1f} |"
-        )
-    return lines
 
 
-def loader_table(rows: list[dict]) -> list[str]:
-    rows = [r for r in rows if r["path"].startswith("loader:")]
-    if not rows:
-        return []
-    ref = {
-        r["device"]: r["step_s"]
-        for r in rows
-        if r["path"] == "loader:in-memory batch" and row_status(r) is None
-    }
-    lines = [
-        "| device | context=none fp32 step fed by | ms/step (mean) | img/s | vs in-memory batch |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        label = r["path"].split(":", 1)[1]
-        status = row_status(r)
-        if status is not None:
-            lines.append(f"| {r['device']} | {label} | {status} | | |")
-            continue
-        base = ref.get(r["device"])
-        lines.append(
-            f"| {r['device']} | {label} | {r['step_s'] * 1e3:.0f} | {r['images_per_s']:.2f} "
-            f"| {_fmt(base / r['step_s'] if base else None, '%.2f×')} |"
-        )
-    return lines
-
-
-def data_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| train transforms (`atrc-data bench`, one core) | samples/s | vs original 57/s |",
-        "|---|---|---|",
-    ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| error: {r['error'][:120]} | | |")
-        else:
-            lines.append(f"| {r['input']} | {r['samples_per_s']:.1f} | {r['vs_original']:.2f}× |")
-    return lines
-
-
-def ops_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| local attention (`bench-ops`) B×C×H×W | backend | dtype | fwd ms | fwd+bwd ms | × reference (f+b) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| error: {r['error'][:120]} | | | | | |")
-        else:
-            lines.append(
-                f"| {r['size']} | {r['backend']} {r['device']} | {r['dtype']} | {r['fwd_s'] * 1e3:.2f} | {r['fwd_bwd_s'] * 1e3:.2f} "
-                f"| {_fmt(r.get('speedup_fwd_bwd_vs_torch'), '%.1f×')} |"
-            )
-    return lines
-
-
-def merge(results: list[dict]) -> dict:
-    """One row from the rounds of a configuration: all timed steps pooled."""
-    ok = [r for r in results if "error" not in r]
-    if not ok:
-        return results[-1]
-    times = [t for r in ok for t in r["step_times_s"]]
-    stat = statistics.mean if ok[0]["path"].startswith("loader:") else statistics.median
-    t = stat(times)
-    row = {k: v for k, v in ok[0].items() if k not in ("step_times_s", "host_times_s", "losses")}
-    hosts = [x for r in ok for x in r.get("host_times_s", [])]
-    row.update(
-        host_s=stat(hosts) if hosts else None,
-        step_s=t,
-        step_stat=stat.__name__,
-        best_step_s=min(times),
-        images_per_s=ok[0]["size"][0] / t,
-        step_times_s=[r["step_times_s"] for r in ok],
-        host_times_s=[r.get("host_times_s") for r in ok],
-        first_step_s=[r["first_step_s"] for r in ok],
-        peak_mem_mib=max(r["peak_mem_mib"] for r in ok),
-        final_loss=ok[0]["losses"][-1],
-        finite=all(r["finite"] for r in ok),
-        rounds=len(ok),
-    )
-    if len(ok) < len(results):
-        row["failed_rounds"] = [r["error"] for r in results if "error" in r]
-    return row
-
-
-def plan_rows(args, dev: str, include: set[str]) -> list[dict]:
-    """Every (context, path) asked for on ``dev``, in table order: a worker spec each, or a row
-    with ``skipped`` (why it is not timed there: a GPU-only path on the CPU, ``--skip-compile``,
-    no bf16 on the GPU)."""
-    import torch
-
-    steps = args.steps or (6 if dev == "cpu" else 20)
-    threads = args.threads if dev == "cpu" else None
-    size = tuple(getattr(args, "size", None) or SIZES[dev])
-    plan = [(c, "fp32") for c in args.contexts if "fp32" in args.paths]
-    for n in args.paths:
-        if n != "fp32":
-            on = ("search",) if n in SEARCH_ONLY_PATHS else args.fast_contexts
-            plan += [(c, n) for c in args.contexts if c in on]
-    specs = []
-    for context, name in plan:
-        extra = PATHS[name]
-        row = dict(device=dev, context=context, path=name, size=size)
-        if (name in GPU_ONLY_PATHS and dev != "cuda") or (name in CPU_ONLY_PATHS and dev != "cpu"):
-            specs.append(row | {"skipped": f"skipped on {dev}"})
-            continue
-        if extra.get("compile") and getattr(args, "skip_compile", False):
-            specs.append(
-                row | {"skipped": f"skipped on {dev}" if dev == "cpu" else "skipped (--skip-compile)"}
-            )
-            continue
-        if extra.get("bf16") and dev == "cuda" and not torch.cuda.is_bf16_supported():
-            specs.append(row | {"skipped": "skipped: no bf16 on this GPU"})
-            continue
-        warmup = args.warmup + (1 if extra.get("compile") else 0)
-        specs.append(row | dict(threads=threads, steps=steps, warmup=warmup) | extra)
-    if "loader" in include:
-        loaders = list(LOADERS)
-        if dev == "cuda":  # pin_memory=auto pins on CUDA; time it off too
-            loaders.append(("workers=2 pin_memory=false", {"num_workers": 2, "pin_memory": False}))
-        for label, settings in loaders:
-            specs.append(
-                dict(
-                    device=dev, context="none", path=f"loader:{label}", size=size, threads=threads,
-                    steps=2 * steps, warmup=args.warmup, loader=settings,
-                )
-            )  # fmt: skip
-    return specs
-
-
-def plan_specs(args, dev: str, include: set[str]) -> list[dict]:
-    """The worker specs of :func:`plan_rows` (the skipped rows left out)."""
-    return [r for r in plan_rows(args, dev, include) if "skipped" not in r]
-
-
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
 def display_command(script: str, argv: list[str]) -> str:
     """``python script argv`` for a report, without the options that only name outputs or label
     them (``--markdown``, ``--machine``)."""
@@ -964,61 +694,42 @@ def _machine_name(devices: list[str]) -> str:
     return f"{platform.machine()} CPU ({os.cpu_count()} cores)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--contexts", nargs="+", default=list(CONTEXTS), choices=CONTEXTS)
-    p.add_argument(
-        "--paths", nargs="+", default=list(PATHS), choices=list(PATHS), help="fast paths (fp32 = plain)"
-    )
-    p.add_argument(
+    add = p.add_argument
+    add("--worker", default=None, help=argparse.SUPPRESS)
+    add("--contexts", nargs="+", default=list(DEFAULT_CONTEXTS), choices=CONTEXTS)
+    add("--paths", nargs="+", default=list(PATHS), choices=list(PATHS), help="fast paths (fp32 = plain)")
+    add(
         "--fast-contexts", nargs="+", default=["none", "atrc"], choices=CONTEXTS,
-        help="contexts on which the non-fp32 paths are timed",
+        help="contexts on which the paths other than fp32 and no_recompute are timed",
     )  # fmt: skip
-    p.add_argument(
-        "--devices", nargs="+", default=None, choices=["cpu", "cuda"], help="default: cpu, + cuda if present"
-    )
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 6 CPU, 20 CUDA)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile: +1)")
-    p.add_argument(
-        "--rounds", type=int, default=2,
-        help="passes over all configurations (interleaved, so machine noise spreads evenly); steps pooled",
-    )  # fmt: skip
-    p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
-    p.add_argument("--include", default="", help="comma list of: loader, data, ops (`make bench`: all three)")
-    p.add_argument(
-        "--cold-compile",
-        action="store_true",
-        help="compile rows' first round with an empty inductor cache (first step = a whole compilation)",
-    )
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration and round")
-    p.add_argument(
-        "--compile-timeout", type=float, default=None,
-        help="seconds per compile row (its compilation included; default --timeout)",
-    )  # fmt: skip
-    p.add_argument(
+    add("--devices", nargs="+", default=None, choices=["cpu", "cuda"], help="default: cpu, + cuda if present")
+    add("--steps", type=int, default=None, help="timed steps per round (default: 6 CPU, 20 CUDA)")
+    add("--warmup", type=int, default=2, help="untimed steps first (compile: +1)")
+    add("--rounds", type=int, default=2, help="interleaved passes over all rows (steps pooled)")
+    add("--threads", type=int, default=2, help="torch threads on the CPU")
+    add("--size", type=_parse_size, default=None, help="BxHxW for every device (default: SIZES)")
+    add("--skip-compile", action="store_true", help="report the compile rows as skipped")
+    add("--cold-compile", action="store_true", help="compile rows' round 1 with an empty inductor cache")
+    add("--timeout", type=float, default=1800, help="seconds per row and round")
+    add("--compile-timeout", type=float, default=None, help="seconds per compile row (default --timeout)")
+    add(
         "--budget", type=float, default=None,
-        help="seconds for all rows: each gets at most what is left; rows that cannot start are reported "
-        "as not run (the eager rows run first, then the compile rows)",
+        help="seconds for all rows (eager rows first); rows that cannot start are reported as not run",
     )  # fmt: skip
-    p.add_argument(
+    add(
         "--parallel-compile", type=int, default=0, metavar="N",
-        help="compile up to N compile rows at once in concurrent processes, then time them one at a time "
-        "with the others idle (0: one row after the other)",
+        help="compile up to N compile rows at once, then time them one at a time (0: one after the other)",
     )  # fmt: skip
-    p.add_argument("--size", type=_parse_size, default=None, help="BxHxW for every device (default: SIZES)")
-    p.add_argument(
-        "--skip-compile",
-        action="store_true",
-        help="report the compile rows as skipped instead of timing them",
-    )
-    p.add_argument(
-        "--markdown", default=None,
-        help="also write the rows as a RESULTS.md table here (every planned row, skipped ones included)",
-    )  # fmt: skip
-    p.add_argument("--machine", default=None, help="machine name for --markdown (default: the GPU's / CPU's)")
-    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results-<hostname>.json)")
-    args = p.parse_args(argv)
+    add("--markdown", default=None, help="also write the table in RESULTS.md's format here")
+    add("--machine", default=None, help="machine name for --markdown (default: the GPU's / CPU's)")
+    add("--out", default=None, help="JSON file (default benchmarks/results-<hostname>.json)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.worker:
         print(MARK + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         sys.stderr.flush()
@@ -1029,12 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    include = {s.strip() for s in args.include.split(",") if s.strip()}
-    unknown = include - {"loader", "data", "ops"}
-    if unknown:
-        p.error(f"--include: unknown {sorted(unknown)}")
     out_path = Path(args.out or REPO / "benchmarks" / f"results-{socket.gethostname()}.json")
-    planned = [r for dev in devices for r in plan_rows(args, dev, include)]
+    planned = [r for dev in devices for r in plan_rows(args, dev)]
     if not args.markdown:
         planned = [r for r in planned if "skipped" not in r]
     todo = [i for i, r in enumerate(planned) if "skipped" not in r]
@@ -1044,13 +751,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     deadline = time.monotonic() + args.budget if args.budget else math.inf
     compile_timeout = args.compile_timeout or args.timeout
-    load = [os.getloadavg()]
+    load = [os.getloadavg()[0]]
     command = display_command("benchmarks/bench_train.py", sys.argv[1:] if argv is None else argv)
     meta = dict(
         date=_dt.datetime.now().isoformat(timespec="seconds"),
         host=socket.gethostname(),
         machine=args.machine or _machine_name(devices),
-        arch=platform.machine(),
         torch=torch.__version__,
         python=platform.python_version(),
         cpu_count=os.cpu_count(),
@@ -1060,105 +766,79 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         budget_s=args.budget,
         parallel_compile=args.parallel_compile if compiled else 0,
-        cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         sizes={d: args.size or SIZES[d] for d in devices},
         genotype=GENOTYPE,
     )
+    missing = f"not run: the time budget ({args.budget:.0f} s) was spent" if args.budget else "not run"
 
-    def rows_now(missing: str) -> list[dict]:
-        return [
+    def write() -> list[dict]:
+        """The JSON (and Markdown) of what is measured so far, rewritten after every row."""
+        rows = [
             merge(results[i]) if results.get(i) else r if "skipped" in r else {**r, "skipped": missing}
             for i, r in enumerate(planned)
         ]
-
-    def write(missing: str, data_rows=(), ops_rows=()) -> list[dict]:
-        """The JSON (and Markdown) of what is measured so far, rewritten after every row."""
-        rows = rows_now(missing)
-        meta.update(loadavg_1min=[round(x[0], 2) for x in load], wall_s=time.perf_counter() - t_start)
-        out_path.write_text(
-            json.dumps(
-                {"meta": meta, "train": rows, "data": list(data_rows), "ops": list(ops_rows)}, indent=2
-            )
-        )
+        meta.update(loadavg_1min=[round(x, 2) for x in load], wall_s=time.perf_counter() - t_start)
+        out_path.write_text(json.dumps({"meta": meta, "train": rows}, indent=2))
         if args.markdown:
             Path(args.markdown).write_text("\n".join(train_markdown(rows, meta, command)) + "\n")
         return rows
 
     def report(rnd: int, i: int, r: dict) -> None:
         results[i].append(r)
-        spec = planned[i]
-        status = row_status(r)
-        msg = status if status is not None else (
+        s = planned[i]
+        msg = row_status(r) or (
             f"{statistics.median(r['step_times_s']) * 1e3:.0f} ms/step (median), first step "
             f"{r['first_step_s']:.1f} s, peak {r['peak_mem_mib']:.0f} MiB"
-        )  # fmt: skip
+        )
         print(
-            f"[{time.perf_counter() - t_start:6.0f} s] round {rnd + 1} {spec['device']} {spec['context']:>6} "
-            f"{spec['path']:<13} {msg}",
+            f"[{time.perf_counter() - t_start:6.0f} s] round {rnd + 1} {s['device']} {s['context']:>6} "
+            f"{s['path']:<15} {msg}",
             flush=True,
         )
-        load.append(os.getloadavg())
-        write("not run yet")
+        load.append(os.getloadavg()[0])
+        write()
 
-    missing = f"not run: the time budget ({args.budget:.0f} s) was spent" if args.budget else "not run"
-    stopped = False
+    def run_one(rnd: int, i: int, limit: float) -> None:
+        left = deadline - time.monotonic()
+        if left >= MIN_ROW_S:
+            cold = args.cold_compile and rnd == 0 and bool(planned[i].get("compile"))
+            report(rnd, i, measure(planned[i], min(limit, left), cold_cache=cold))
+
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         for rnd in range(args.rounds):
             for i in eager:
-                left = deadline - time.monotonic()
-                if left >= MIN_ROW_S:
-                    report(rnd, i, measure(planned[i], min(args.timeout, left)))
-            if args.parallel_compile > 0:
-                for k in range(0, len(compiled), args.parallel_compile):
-                    chunk = compiled[k : k + args.parallel_compile]
-                    now = time.monotonic()
-                    if deadline - now < MIN_ROW_S + TIMING_RESERVE_S:
-                        break
-                    group_deadline = min(deadline, now + compile_timeout + TIMING_RESERVE_S * len(chunk))
-                    for i, r in zip(
-                        chunk, measure_group([planned[i] for i in chunk], group_deadline), strict=True
-                    ):
-                        report(rnd, i, r)
-            else:
+                run_one(rnd, i, args.timeout)
+            if args.parallel_compile <= 0:
                 for i in compiled:
-                    left = deadline - time.monotonic()
-                    if left >= MIN_ROW_S:
-                        cold = args.cold_compile and rnd == 0
-                        report(rnd, i, measure(planned[i], min(compile_timeout, left), cold_cache=cold))
+                    run_one(rnd, i, compile_timeout)
+                continue
+            for k in range(0, len(compiled), args.parallel_compile):
+                chunk = compiled[k : k + args.parallel_compile]
+                now = time.monotonic()
+                if deadline - now < MIN_ROW_S + TIMING_RESERVE_S:
+                    break
+                group_deadline = min(deadline, now + compile_timeout + TIMING_RESERVE_S * len(chunk))
+                for i, r in zip(
+                    chunk, measure_group([planned[i] for i in chunk], group_deadline), strict=True
+                ):
+                    report(rnd, i, r)
     except _Stopped:
-        stopped = True
         missing = "not run: stopped (SIGTERM, the caller's time limit)"
         print("stopped by SIGTERM: writing what was measured", flush=True)
+        print("\n".join(table(write())))
+        return 143
     finally:
         kill_workers()
         signal.signal(signal.SIGTERM, old_handler)
-    rows = write(missing)
-    if stopped:
-        print("\n".join(train_table(rows)))
-        return 143
-    data_rows = bench_data(50, args.timeout) if "data" in include else []
-    ops_rows = bench_ops(args.threads, args.timeout) if "ops" in include else []
-    if data_rows or ops_rows:
-        write(missing, data_rows, ops_rows)
-    lo, hi = min(x[0] for x in load), max(x[0] for x in load)
-    print()
+    rows = write()
     print(
-        f"Training step (zero_grad + forward + loss + backward + SGD step), HRNet18, NYUD tasks (40 classes); "
-        f"{meta['host']}, torch {meta['torch']}, {os.cpu_count()} CPUs, {args.threads} torch threads, "
-        f"{args.rounds} round(s), 1-min load average {lo:.1f}-{hi:.1f}"
+        f"\nTraining step (zero_grad + forward + loss + backward + SGD step), HRNet18, NYUD tasks (40 "
+        f"classes); {meta['machine']}, torch {meta['torch']}, {args.threads} torch threads on the CPU, "
+        f"{args.rounds} round(s), 1-min load average {min(load):.1f}-{max(load):.1f}"
     )
-    tables = [
-        train_table(rows),
-        loader_table(rows),
-        data_table(data_rows) if data_rows else [],
-        ops_table(ops_rows) if ops_rows else [],
-    ]
-    for tab in tables:
-        if tab:
-            print("\n".join(tab))
-            print()
-    print(f"wrote {out_path}")
+    print("\n".join(table(rows)))
+    print(f"\npeak MiB: cpu = peak RSS growth, cuda = max_memory_allocated. wrote {out_path}")
     return 0
 
 

@@ -13,8 +13,9 @@
 #   ops    bench_local_attention.py's GPU rows: fwd and fwd+bwd per call at the ATRC sizes, fp32 and
 #          bf16, vs the PyTorch reference on the same GPU, the FLOP floor, peak memory, kernel profile
 #   train  bench_train.py at paper size (batch 8 at 425x560): contexts none / atrc / search x paths
-#          fp32, bf16, compile (torch.compile, default mode), bf16+cudagraphs (mode=reduce-overhead,
-#          bf16 autocast): step ms, images/s, peak MiB (max_memory_allocated), kernel ms/step
+#          fp32, bf16, compile (torch.compile of forward + loss, trainer.compile.parts=[step], default
+#          mode), bf16+cudagraphs (mode=reduce-overhead, bf16 autocast): step ms, images/s, x none,
+#          peak MiB (max_memory_allocated), ATen ops/step (eager rows), kernel ms/step
 #          (torch.profiler), host ms/step (until the step function returns, before synchronising).
 #          The eager rows run first (quick); then the compile rows are compiled concurrently
 #          (PARALLEL_COMPILE processes; a first compilation of the ATRC step took > 200 s on the
@@ -26,8 +27,8 @@
 #   smoke_train  a 40-step bf16 ATRC training run through Accelerate (needs pyEdgeEval for odsF)
 #
 # Knobs (all optional): TOTAL_S (560; 1200 with DEVICE=cpu), STAGES, TRAIN_CONTEXTS ("none atrc
-# search"), TRAIN_PATHS ("fp32 bf16 compile bf16+cudagraphs"; any of bench_train.py's paths, e.g.
-# bf16+compile_regional), STEPS (10), WARMUP (3), PARALLEL_COMPILE (6; 0 = one compile row after
+# search"), TRAIN_PATHS ("fp32 bf16 compile bf16+cudagraphs"; any of bench_train.py's paths:
+# + channels_last, no_recompute (search only)), STEPS (10), WARMUP (3), PARALLEL_COMPILE (6; 0 = one compile row after
 # the other), COMPILE_TIMEOUT_S (per compile row, 480), ROW_TIMEOUT_S (per eager row, 150), PYTHON
 # (python3), DEVICE (cuda | cpu; DRY_RUN=1 = cpu). Stages after a failed one still run; each has its
 # own time limit, cut to what is left of TOTAL_S.

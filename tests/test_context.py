@@ -17,7 +17,6 @@ from atrc_exp.config import ConfigError
 from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models.context_blocks import (
     GlobalContextBlock,
-    LabelContextBlock,
     LocalContextBlock,
     ignore_mask,
     make_cp_block,

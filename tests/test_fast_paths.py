@@ -45,9 +45,8 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone().contiguous() for k, p in model.named_parameters()}
 
 
-def _train(overrides: list[str], bf16: bool = False, steps: int = STEPS, resize: bool = False) -> dict:
-    """Losses of ``steps`` SGD steps, the parameters before and after the first step, the model.
-    As the trainer, the loss gets the outputs before the final upsampling (``resize=False``)."""
+def _train(overrides: list[str], bf16: bool = False, steps: int = STEPS) -> dict:
+    """Losses of ``steps`` SGD steps, the parameters before and after the first step, the model."""
     cfg = compose_cfg(ATRC + overrides)
     torch.manual_seed(0)
     model = apply_fast_paths(build_model(cfg), cfg).train()
@@ -63,7 +62,7 @@ def _train(overrides: list[str], bf16: bool = False, steps: int = STEPS, resize:
     for i in range(steps):
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = criterion(model(image, resize=resize), batch)
+            loss, _ = criterion(model(image), batch)
         loss.backward()
         opt.step()
         out["losses"].append(loss.detach())
@@ -132,22 +131,25 @@ def test_bench_plans_gpu_only_paths_on_cuda_only():
         steps=1, threads=2, contexts=["none", "atrc", "search"], paths=list(bench_train.PATHS),
         fast_contexts=["none", "atrc"], warmup=1,
     )  # fmt: skip
-    specs = bench_train.plan_specs(args, "cpu", set())
+    specs = bench_train.plan_specs(args, "cpu")
     cpu = {s["path"] for s in specs}
     assert cpu == set(bench_train.PATHS) - set(bench_train.GPU_ONLY_PATHS)
-    assert "fp32" in cpu and "compile" in cpu and "no_fused_bn" in cpu
+    assert "fp32" in cpu and "compile" in cpu and "channels_last" in cpu
     # search: fp32 and the search-only paths, the other paths on the fast contexts only
     assert {s["path"] for s in specs if s["context"] == "search"} == {"fp32", *bench_train.SEARCH_ONLY_PATHS}
     assert {s["context"] for s in specs if s["path"] == "no_recompute"} == {"search"}
     assert bench_train.compose("search", bench_train.PATHS["no_recompute"]).mode.recompute is False
     assert bench_train.compose("search", bench_train.PATHS["fp32"]).mode.recompute is True
-    # every path's overrides compose into what it names (GPU rows included: they run nowhere here)
+    # every path's overrides compose into what it names (GPU rows included: they run nowhere here);
+    # compile rows compile the step as the trainer does (trainer.compile.parts=[step])
     for name, spec in bench_train.PATHS.items():
-        opts = compile_options(bench_train.compose("atrc", spec))
+        cfg = bench_train.compose("atrc", spec)
+        opts = compile_options(cfg)
         assert (opts is not None) == bool(spec.get("compile")), name
+        assert cfg.trainer.mixed_precision == ("bf16" if "bf16" in name else "no"), name
+        assert channels_last_enabled(cfg) == (name == "channels_last"), name
         if opts is not None:
-            assert opts["regional"] == bool(spec.get("compile_regional")), name
-            assert opts["parts"] == tuple(spec.get("compile_parts", ("backbone", "head"))), name
+            assert opts["parts"] == ("step",) and not opts["regional"], name
             assert opts["mode"] == ("reduce-overhead" if "cudagraphs" in name else None), name
 
 
@@ -179,13 +181,14 @@ def test_bench_markdown_table_has_one_row_per_context_and_path():
     def timed(context, path, step_ms, host_ms, kernel_ms):
         return dict(
             device="cuda", context=context, path=path, size=(8, 425, 560), step_s=step_ms / 1e3,
-            host_s=host_ms / 1e3, images_per_s=8e3 / step_ms, peak_mem_mib=9001.4, first_step_s=[1.54],
-            gpu_kernel_s=kernel_ms / 1e3, gpu_kernels_per_step=5696.0, peak_mem_kind="cuda max_memory_allocated",
+            best_step_s=step_ms / 1e3 - 0.002, host_s=host_ms / 1e3, images_per_s=8e3 / step_ms,
+            peak_mem_mib=9001.4, first_step_s=[1.54], gpu_kernel_s=kernel_ms / 1e3,
+            gpu_kernels_per_step=5696.0, peak_mem_kind="cuda max_memory_allocated",
         )  # fmt: skip
 
     size = dict(device="cuda", size=(8, 425, 560))
     rows = [
-        timed("none", "fp32", 93, 60, 60),
+        timed("none", "fp32", 93, 60, 60) | {"aten_ops_per_step": 3893},
         timed("atrc", "fp32", 162, 41, 127),
         timed("atrc", "bf16", 81, 40.04, 104),
         {**size, "context": "search", "path": "fp32", "error": "timeout (120 s)", "timed_out": True},
@@ -206,17 +209,22 @@ def test_bench_markdown_table_has_one_row_per_context_and_path():
     assert "`torch.cuda.max_memory_allocated`" in text and "compiled up to 6 at a time" in text
     header, body = _md_cells(lines)
     assert header == list(bench_train.MD_COLUMNS)
-    for col in ("step ms", "images/s", "peak MiB", "kernel ms/step", "host ms/step"):
+    cols = ("step ms", "images/s", "× none", "peak MiB", "ATen ops/step", "kernel ms/step", "host ms/step")
+    for col in cols:
         assert sum(col in c for c in header) == 1, col
     assert [(c[0], c[1]) for c in body] == [(r["context"], r["path"]) for r in rows]
     assert all(len(c) == len(header) for c in body)
-    by = {(c[0], c[1]): c[2:] for c in body}
-    assert by["atrc", "bf16"] == ["8×425×560", "81.0", "98.8", "2.00×", "9001", "104.0 (5696)", "40.0", "1.5"]
-    assert by["none", "fp32"][3] == "-"  # no speed-up of fp32 against itself
-    assert by["search", "fp32"][1:] == ["timeout (120 s)"] + [""] * 6
-    assert by["atrc", "compile"][1] == "error: exit 1: RuntimeError: boom"
-    assert by["search", "bf16+cudagraphs"][1] == "not run: the time budget (500 s) was spent"
-    assert by["none", "bf16+cudagraphs"][5] == "timeout (60 s)"  # timed, its profile cut short
+    by = {(c[0], c[1]): dict(zip(header[2:], c[2:], strict=True)) for c in body}
+    assert list(by["atrc", "bf16"].values()) == [
+        "cuda", "8×425×560", "81.0", "79.0", "98.77", "-", "2.00×", "9001", "-", "40.0", "104.0 (5696)", "1.5"
+    ]  # fmt: skip
+    assert by["atrc", "fp32"]["× none"] == "1.74×"  # 162 / 93: the context's cost, same path
+    assert by["none", "fp32"]["speed-up vs fp32"] == "-"  # no speed-up of fp32 against itself
+    assert by["none", "fp32"]["ATen ops/step"] == "3893"
+    assert list(by["search", "fp32"].values())[2:] == ["timeout (120 s)"] + [""] * 9
+    assert by["atrc", "compile"]["step ms (median)"] == "error: exit 1: RuntimeError: boom"
+    assert by["search", "bf16+cudagraphs"]["step ms (median)"] == "not run: the time budget (500 s) was spent"
+    assert by["none", "bf16+cudagraphs"]["kernel ms/step (kernels)"] == "timeout (60 s)"  # profile cut short
 
 
 def test_bench_plan_rows_reports_what_is_not_timed():
@@ -230,7 +238,7 @@ def test_bench_plan_rows_reports_what_is_not_timed():
         steps=1, threads=2, contexts=["none", "atrc", "search"], warmup=0, size=(1, 64, 96), skip_compile=True,
         paths=["fp32", "bf16", "compile", "bf16+cudagraphs"], fast_contexts=["none", "atrc", "search"],
     )  # fmt: skip
-    rows = bench_train.plan_rows(args, "cpu", set())
+    rows = bench_train.plan_rows(args, "cpu")
     assert [(r["context"], r["path"]) for r in rows] == [
         (c, p) for p in args.paths for c in args.contexts
     ]  # fmt: skip
@@ -241,9 +249,9 @@ def test_bench_plan_rows_reports_what_is_not_timed():
     }
     timed = [r for r in rows if "skipped" not in r]
     assert all(r["warmup"] == 0 and r["steps"] == 1 for r in timed) and len(timed) == 6
-    assert bench_train.plan_specs(args, "cpu", set()) == timed
+    assert bench_train.plan_specs(args, "cpu") == timed
     args.skip_compile = False
-    compiled = [r for r in bench_train.plan_rows(args, "cpu", set()) if r["path"] == "compile"]
+    compiled = [r for r in bench_train.plan_rows(args, "cpu") if r["path"] == "compile"]
     assert all(r["warmup"] == 1 and "skipped" not in r for r in compiled)
     assert bench_train.display_command(
         "benchmarks/bench_train.py", ["--steps", "1", "--markdown", "/tmp/x.md", "--machine", "My GPU", "--out", "o"]
@@ -370,12 +378,16 @@ def test_gpu_checks_dry_run_writes_the_results_tables(tmp_path):
     contexts, paths = ("none", "atrc", "search"), ("fp32", "bf16", "compile", "bf16+cudagraphs")
     assert sorted((c[0], c[1]) for c in body) == sorted((c, p) for c in contexts for p in paths)
     for c in body:
-        assert c[2] == "1×64×96"
+        cell = dict(zip(header, c, strict=True))
+        assert cell["device"] == "cpu" and cell["B×H×W"] == "1×64×96"
         if c[1] in ("compile", "bf16+cudagraphs"):
-            assert c[3:] == ["skipped on cpu"] + [""] * 6, c
-        else:  # step ms, images/s, peak MiB, host ms, first step s are numbers; no kernel time on CPU
-            assert float(c[3]) > 0 and float(c[4]) > 0 and float(c[6]) >= 0 and float(c[8]) > 0, c
-            assert c[7] == "n/a on cpu", c
+            assert c[4:] == ["skipped on cpu"] + [""] * 9, c
+            continue
+        # step ms, images/s, peak MiB, ATen ops, host ms, first step s are numbers; no kernel time on CPU
+        for col in ("step ms (median)", "images/s", "ATen ops/step", "host ms/step", "first step s"):
+            assert float(cell[col]) > 0, (col, c)
+        assert float(cell["peak MiB"]) >= 0 and cell["kernel ms/step (kernels)"] == "n/a on cpu", c
+        assert cell["× none"] == "1.00×" if c[0] == "none" else float(cell["× none"].rstrip("×")) > 0, c
     ops_header, ops_body = _md_cells(
         ops[: next(i for i, ln in enumerate(ops) if ln.startswith("### Training"))]
     )
@@ -384,16 +396,9 @@ def test_gpu_checks_dry_run_writes_the_results_tables(tmp_path):
     assert (out / "results-train-cpu.json").exists() and (out / "gpu_checks.log").exists()
 
 
-def test_fused_context_switch():
+def test_recompute_switch():
     from atrc_exp.models.relational_head import ATRCModule
 
-    over = ["backbone.pretrained=false", "context=atrc", "context.genotype=genotypes/nyud_hrnet18.json"]
-    for value in (True, False):
-        cfg = compose_cfg([*over, f"trainer.fused_context={str(value).lower()}"])
-        model = apply_fast_paths(build_model(cfg), cfg)
-        flags = [m.fused for m in model.modules() if hasattr(m, "fused")]
-        assert len(flags) == 2 and all(f is value for f in flags)  # the head and its ATRC module
-        assert any(isinstance(m, ATRCModule) for m in model.modules())
     for value in (True, False):
         cfg = compose_cfg(
             ["backbone.pretrained=false", "mode=search", "context=search", f"mode.recompute={value}"]
@@ -432,8 +437,7 @@ def test_regional_compile_compiles_each_hrnet_module_once_per_structure():
     """``regional``: HRNet18's 2 stage-1 blocks and 6 high-resolution modules are compiled in place
     one by one, the backbone itself and the head not (``parts=[backbone]``); modules of the same
     code and shapes share a compilation (5 graphs for 8 modules: the bottleneck with and without
-    its downsample, one per stage 2/3/4), and the outputs are the eager ones (up to the rounding
-    of the fused batch-norm kernel, which compiled code bypasses)."""
+    its downsample, one per stage 2/3/4), and the outputs are the eager ones (up to rounding)."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
@@ -444,14 +448,14 @@ def test_regional_compile_compiles_each_hrnet_module_once_per_structure():
     torch.manual_seed(0)
     model = build_model(cfg).train()
     x = torch.randn(B, 3, H, W)
-    ref = model(x, resize=False)
+    ref = model(x)
     regions = compile_regions(model.backbone)
     assert [type(m) for m in regions] == [Bottleneck] * 2 + [HRModule] * 6
     torch._dynamo.reset()
     counter = CompileCounter()
     try:
         compiled = compile_model(model, parts=("backbone",), regional=True, backend=counter)
-        out = model(x, resize=False)
+        out = model(x)
         sum(v.sum() for o in out.values() for v in o.values()).backward()
     finally:
         torch._dynamo.reset()
@@ -463,43 +467,6 @@ def test_regional_compile_compiles_each_hrnet_module_once_per_structure():
             torch.testing.assert_close(out[kind][task], ref[kind][task], rtol=1e-4, atol=1e-5)
     # a module without compile_regions (the head, a timm backbone) is compiled whole
     assert compile_regions(model.head) == [model.head]
-
-
-def test_keep_freed_memory_stops_the_page_faults_of_a_step():
-    """When glibc returns freed blocks to the OS, a step's large activations come back as fresh
-    pages (page faults); with ``keep_freed_memory`` they are reused. Checked in fresh processes (it
-    is process-wide) that both start from glibc's static settings — mmap for every block of 128 KiB
-    or more, trimming above 128 KiB: with the defaults alone glibc's dynamic mmap threshold makes
-    the count vary from 2 to 27 thousand per 3 steps of this net, from run to run —
-    ``keep_freed_memory`` overrides them."""
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "import resource, sys, torch\n"
-        "from atrc_exp.engine.fast_paths import keep_freed_memory\n"
-        "if sys.argv[1] == '1': assert keep_freed_memory()\n"
-        "torch.manual_seed(0)\n"
-        "layers = [torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU()]\n"
-        "net = torch.nn.Sequential(*(layers * 4))\n"
-        "x = torch.randn(2, 32, 96, 128)\n"
-        "def step(): net(x).square().mean().backward()\n"
-        "step(); step()\n"
-        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(3): step()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n"
-    )
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    faults = {}
-    for on in ("0", "1"):
-        res = subprocess.run(
-            [sys.executable, "-c", code, on], capture_output=True, text=True, timeout=120, env=env
-        )
-        assert res.returncode == 0, res.stderr
-        faults[on] = int(res.stdout.split()[-1])
-    # measured 115 thousand without, 0-1.5 thousand with
-    assert faults["0"] > 20_000 and faults["1"] < faults["0"] / 10, faults
 
 
 def test_bf16_autocast_runs_and_stays_finite(plain):

@@ -2,10 +2,10 @@
 fast path is on or off.
 
 Three SGD steps (momentum, weight decay, as in training) of HRNet18 with a context head, in
-float64 end to end — model ``.double()``, every loss, every custom op (the CPU kernels, the local
-attention). Each fast-path setting is compared with the plain path (block by block as the
-original, PyTorch's ops only): losses to 1e-10 and every weight after the three steps to 1e-9 of
-its scale. Float32 would hide real differences in rounding: on a 48×64 input HRNet's train-mode
+float64 end to end — model ``.double()``, every loss, the local-attention op. Each setting — the
+model's own batched head with the local-attention kernel, channels_last, ``torch.compile`` — is
+compared with the method written block by block (``tests/reference_head.py``, the local attention
+in PyTorch): losses to 1e-10 and every weight after the three steps to 1e-9 of its scale. Float32 would hide real differences in rounding: on a 48×64 input HRNet's train-mode
 batch norm over a few values per channel amplifies a 1e-7 change into percents within three steps;
 in float64 rounding stays near 1e-13.
 
@@ -22,17 +22,16 @@ import json
 import pytest
 import torch
 from conftest import compose_cfg, randomise_head
+from reference_head import reference_model
 
 from atrc_exp.engine.fast_paths import apply_fast_paths, compile_step
 from atrc_exp.engine.search import entropy_term, search_blocks
 from atrc_exp.engine.step import make_forward_loss
 from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models import build_model
-from atrc_exp.models.relational_head import set_fused
 
 TASKS = ["semseg", "depth", "normals", "edge"]
 B, H, W, STEPS = 2, 48, 64, 3
-CPU_KERNELS = ("batch_norm", "upsample_cross_entropy", "label_attention", "upsample_add")
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +47,7 @@ def _overrides(context: str, genotype_file) -> list[str]:
 
 
 def _backends(name: str) -> None:
-    """Every CPU kernel and the local attention on ``name``'s backend (``auto`` or ``torch``)."""
-    for op in CPU_KERNELS:
-        importlib.import_module(f"atrc_exp.ops.{op}").set_backend(name)
+    """The local attention on ``name``'s backend (``auto``: the C++ kernel, or ``torch``)."""
     importlib.import_module("atrc_exp.ops.local_attention").set_backend(name)
 
 
@@ -75,14 +72,17 @@ def _batch() -> dict[str, torch.Tensor]:
 
 
 def _train(overrides: list[str], fast: bool, extra: list[str] = ()) -> dict:
-    """Three float64 SGD steps; ``fast``: the batched head and the CPU kernels (the defaults),
-    else block by block with PyTorch's ops. ``extra``: further trainer overrides (fast paths)."""
+    """Three float64 SGD steps; ``fast``: the model's own forward (batched head, recomputation in
+    the search, the local-attention kernel), else block by block (``reference_model``) with
+    PyTorch's ops. ``extra``: further trainer overrides (fast paths)."""
     cfg = compose_cfg(overrides + list(extra))
     torch.manual_seed(0)
     model = build_model(cfg)
     randomise_head(model)
     model = apply_fast_paths(model.double(), cfg).train()
-    set_fused(model, fused=fast, recompute=fast, fold=fast)
+    for m in model.modules():
+        if hasattr(m, "recompute"):
+            m.recompute = fast
     _backends("auto" if fast else "torch")
     centroids = torch.tensor(
         json.loads(
@@ -93,9 +93,12 @@ def _train(overrides: list[str], fast: bool, extra: list[str] = ()) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     batch = _batch()
     # the trainer's step function: compiled as a whole with trainer.compile (parts [step])
-    forward_loss = compile_step(
-        make_forward_loss(model, criterion, "trainer.channels_last=true" in extra), cfg
-    )
+    if fast:
+        forward_loss = compile_step(
+            make_forward_loss(model, criterion, "trainer.channels_last=true" in extra), cfg
+        )
+    else:
+        forward_loss = lambda image, batch: criterion(reference_model(model, image), batch)  # noqa: E731
     blocks = list(search_blocks(model).values()) if "context=search" in overrides else []
     losses, head_grad = [], None
     torch.manual_seed(1)  # dropout masks, Gumbel noise
@@ -155,8 +158,8 @@ _COMPILE = ["trainer.compile.enabled=true"]
 @pytest.mark.parametrize(
     ("context", "extra"),
     [
-        pytest.param("atrc", [], id="atrc-fused+kernels"),
-        pytest.param("search", [], id="search-fused+kernels+recompute"),
+        pytest.param("atrc", [], id="atrc-batched+kernel"),
+        pytest.param("search", [], id="search-batched+kernel+recompute"),
         pytest.param("atrc", ["trainer.channels_last=true"], id="atrc-channels_last"),
         pytest.param("search", ["trainer.channels_last=true"], id="search-channels_last"),
         pytest.param("atrc", [*_COMPILE, "trainer.compile.backend=aot_eager"], id="atrc-traced"),

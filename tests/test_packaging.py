@@ -174,16 +174,11 @@ def test_installed_wheel_trains_and_composes_outside_checkout(built, tiny_data_d
     assert not any(Path(p).resolve() == REPO.resolve() for p in got["path"] if p)
 
     run_dir = tmp_path / "run"
-    ops_torch = [
-        f"ops.{op}.backend=torch"
-        for op in ("batch_norm", "upsample_cross_entropy", "label_attention", "upsample_add")
-    ]
     cmd = [
         str(venv / "bin" / "atrc-train"),
         *tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 2, "trainer.cpu": "true"}),
         "context=local",
         "ops.local_attention.backend=cpp",  # the C++ kernel or an error: no silent fallback
-        *ops_torch,
         f"hydra.run.dir={run_dir}",
     ]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1200)

@@ -23,12 +23,6 @@ from atrc_exp.engine import fit
 from atrc_exp.engine import trainer as trainer_mod
 from atrc_exp.engine.faults import NonFiniteError
 
-#: PyTorch's ops, the path a GPU runs (the CPU-only kernels check their inputs on the host)
-GPU_PATH = {
-    f"ops.{op}.backend": "torch"
-    for op in ("batch_norm", "upsample_cross_entropy", "label_attention", "upsample_add")
-}
-
 
 @pytest.fixture(scope="module")
 def genotype_file(all_contexts_genotype) -> Path:
@@ -60,7 +54,6 @@ def test_ten_steps_read_nothing_from_the_device_between_log_steps(
     monkeypatch.setattr(trainer_mod, "train_step", counted)
     over = {
         **_context(context, genotype_file),
-        **GPU_PATH,
         "trainer.max_steps": 10,
         "trainer.log_interval": 5,
         "trainer.val_interval": 10,
@@ -140,14 +133,12 @@ def _compiled_step_runs(overrides: dict, tiny_data_dir) -> None:
 
 @pytest.mark.parametrize("context", ["none", "atrc"])
 def test_the_distillation_step_compiles_without_a_graph_break(context, genotype_file, tiny_data_dir):
-    over = {**GPU_PATH, **({"context": "none"} if context == "none" else _context("atrc", genotype_file))}
+    over = {"context": "none"} if context == "none" else _context("atrc", genotype_file)
     _compiled_step_runs(over, tiny_data_dir)
 
 
 def test_the_search_step_without_recomputation_compiles_without_a_graph_break(tiny_data_dir):
-    _compiled_step_runs(
-        {**GPU_PATH, "context": "search", "mode": "search", "mode.recompute": "false"}, tiny_data_dir
-    )
+    _compiled_step_runs({"context": "search", "mode": "search", "mode.recompute": "false"}, tiny_data_dir)
 
 
 @pytest.mark.slow
@@ -161,7 +152,7 @@ def test_the_search_step_breaks_only_at_the_recomputed_rows(tiny_data_dir):
     from atrc_exp.losses import MultiTaskLoss
     from atrc_exp.models import build_model
 
-    cfg = compose_cfg(tiny_overrides(tiny_data_dir, context="search", mode="search", **GPU_PATH))
+    cfg = compose_cfg(tiny_overrides(tiny_data_dir, context="search", mode="search"))
     model = build_model(cfg).train()
     criterion = MultiTaskLoss(
         list(cfg.tasks.names), 0.8, torch.nn.functional.normalize(torch.randn(40, 3), dim=1)
