@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint format clean bench bench-data bench-ops bench-bn bench-ce bench-label bench-ups
+.PHONY: help install train test test-full lint format clean bench bench-data bench-ops
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,27 +34,14 @@ test: $(STAMP) ## the test suite without slow tests (the CI gate)
 test-full: $(STAMP) ## every test, slow and CUDA ones included (CUDA skips without a GPU)
 	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP) ## training step per context and fast path, + bench-data and bench-ops (JSON in benchmarks/); then ATRC vs baseline step and search vs distill memory
-	$(BIN)/python benchmarks/bench_train.py --include loader,data,ops $(BENCH_ARGS)
-	$(BIN)/python benchmarks/bench_context.py --threads 2 --json benchmarks/results-context-$$(hostname).json
+bench: $(STAMP) ## training step per context (none, atrc, search) and fast path: ms/step, × none, peak memory, ATen ops/step (JSON in benchmarks/)
+	$(BIN)/python benchmarks/bench_train.py $(BENCH_ARGS)
 
-bench-data: $(STAMP) ## train-transform samples/s on NYUD- and PASCAL-sized inputs (vs the original's 57/s)
-	$(BIN)/atrc-data bench
+bench-data: $(STAMP) ## train-transform samples/s on NYUD- and PASCAL-sized inputs (vs the reference pipeline and the original's 57/s)
+	$(BIN)/python benchmarks/bench_data.py
 
 bench-ops: $(STAMP) ## local-attention backends: time, memory, FLOP floor (JSON in benchmarks/)
 	$(BIN)/python benchmarks/bench_local_attention.py --threads 2 --out benchmarks/results-ops-$$(hostname).json
-
-bench-bn: $(STAMP) ## fused CPU batch norm + ReLU (and the softplus kernel) against PyTorch's, per HRNet/ATRC shape
-	$(BIN)/python benchmarks/bench_batch_norm.py --threads 2
-
-bench-ce: $(STAMP) ## CPU loss kernels (upsampling fused into the cross-entropy, normals target) vs PyTorch
-	$(BIN)/python benchmarks/bench_upsample_cross_entropy.py --threads 2
-
-bench-label: $(STAMP) ## CPU label-context attention kernel vs PyTorch's batched products
-	$(BIN)/python benchmarks/bench_label_attention.py --threads 2
-
-bench-ups: $(STAMP) ## aux heads' 1x1 conv at the backbone branches' resolutions (resize-and-add kernel) vs on the concatenation
-	$(BIN)/python benchmarks/bench_upsample_add.py --threads 2
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check atrc_exp tests benchmarks

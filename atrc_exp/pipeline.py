@@ -96,12 +96,12 @@ def stage_configs(
 
 def genotype_table(genotype: dict, tasks: list[str]) -> str:
     """The genotype as text: target rows, source columns, context names in the cells."""
-    from .models.genotype import CONTEXT_DISPLAY_NAMES
+    from .models.context_blocks import context_spec
 
     w = max(len(t) for t in tasks + ["target \\ source"]) + 2
     lines = ["target \\ source".ljust(w) + "".join(s.ljust(w) for s in tasks)]
     for t in tasks:
-        lines.append(t.ljust(w) + "".join(CONTEXT_DISPLAY_NAMES[genotype[t][s]].ljust(w) for s in tasks))
+        lines.append(t.ljust(w) + "".join(context_spec(genotype[t][s]).display.ljust(w) for s in tasks))
     return "\n".join(lines)
 
 

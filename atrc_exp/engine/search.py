@@ -87,11 +87,11 @@ class SearchController:
 
     def alpha_log(self) -> dict[str, float]:
         """softmax(α) of every pair as ``alpha/<target>/<source>/<op>`` (one chart per target)."""
-        from ..models.genotype import CONTEXT_DISPLAY_NAMES
+        from ..models.context_blocks import context_spec
 
         out = {}
         for (t, s), b in self.blocks.items():
             p = F.softmax(b.arch_param.detach().float(), dim=0)
             for i, v in enumerate(p.tolist()):
-                out[f"alpha/{t}/{s}/{CONTEXT_DISPLAY_NAMES[([0] + b.codes)[i]]}"] = v
+                out[f"alpha/{t}/{s}/{context_spec(([0] + b.codes)[i]).display}"] = v
         return out

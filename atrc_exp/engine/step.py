@@ -40,9 +40,9 @@ ForwardLoss = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.T
 
 
 def make_forward_loss(model: nn.Module, criterion: nn.Module, channels_last: bool = False) -> ForwardLoss:
-    """``(image, batch) -> (loss, terms)``: the model's maps before their final upsampling (the loss
-    resizes them to the targets itself) and the multi-task loss — one function, so that
-    ``torch.compile`` makes one graph of it (:func:`~atrc_exp.engine.fast_paths.compile_step`)."""
+    """``(image, batch) -> (loss, terms)``: the model's outputs and the multi-task loss — one
+    function, so that ``torch.compile`` makes one graph of it
+    (:func:`~atrc_exp.engine.fast_paths.compile_step`)."""
 
     def forward_loss(image: torch.Tensor, batch: Mapping[str, torch.Tensor]):
         outputs = model(prepare_input(image, channels_last))

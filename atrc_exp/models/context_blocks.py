@@ -42,7 +42,6 @@ from .layers import ConvBNReLU, conv_bn_act_blockwise, conv_bn_relu_group
 
 __all__ = [
     "CONTEXTS",
-    "CONTEXT_NAMES",
     "CPOp",
     "ContextSpec",
     "GlobalContextBlock",
@@ -233,23 +232,23 @@ class ContextSpec:
     colour: tuple[int, int, int] = (0, 0, 0)
 
 
-#: The context types, in genotype-code order (the original's codes). Add a context type here.
-CONTEXTS: tuple[ContextSpec, ...] = (
+#: The context types, in genotype-code order (the original's codes). Add a context type here
+#: (appended: its code is its index). Read at call time everywhere, never copied.
+CONTEXTS: list[ContextSpec] = [
     ContextSpec(0, "none", None, display="none", colour=(200, 200, 200)),
     ContextSpec(1, "global", GlobalContextBlock, display="global", colour=(66, 133, 244)),
     ContextSpec(2, "local", LocalContextBlock, display="local", colour=(52, 168, 83)),
     ContextSpec(3, "tlabel", LabelContextBlock, "target", display="t-label", colour=(251, 140, 0)),
     ContextSpec(4, "slabel", LabelContextBlock, "source", False, display="s-label", colour=(156, 39, 176)),
-)
-assert all(spec.code == i for i, spec in enumerate(CONTEXTS)), "CONTEXTS must be in code order"
-#: Context names by genotype code.
-CONTEXT_NAMES: tuple[str, ...] = tuple(spec.name for spec in CONTEXTS)
+]
 
 
 def context_spec(context: int | str) -> ContextSpec:
     """The row of :data:`CONTEXTS` for a genotype code or a context name; a
     :class:`~atrc_exp.config.ConfigError` listing the known ones otherwise."""
-    for spec in CONTEXTS:
+    for code, spec in enumerate(CONTEXTS):
+        if spec.code != code:
+            raise RuntimeError(f"CONTEXTS[{code}] has code {spec.code}: rows must be in code order")
         if context == spec.code or context == spec.name:
             return spec
     known = ", ".join(f"{s.code} {s.name}" for s in CONTEXTS)
@@ -340,15 +339,12 @@ def key_inputs(
 
 
 def _grouped(ops: Sequence[CPOp], key) -> dict:
-    """Indices of ``ops`` by ``key(op)``; within a group the blocks whose second projection layer
-    has a ReLU first (the global blocks' has none): one ReLU for the run of them."""
+    """Indices of ``ops`` by ``key(op)``; within a group the blocks whose second projection layers
+    have a ReLU first (the global blocks' have none): one ReLU for the run of them."""
     groups: dict = {}
     for i, op in enumerate(ops):
         groups.setdefault(key(op), []).append(i)
-    return {
-        k: sorted(idx, key=lambda i: isinstance(ops[i].block, GlobalContextBlock))
-        for k, idx in groups.items()
-    }
+    return {k: sorted(idx, key=lambda i: not ops[i].block.key_project[1].relu) for k, idx in groups.items()}
 
 
 def _two_stage(x: torch.Tensor, projections: Sequence[nn.Sequential]) -> list[torch.Tensor]:

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, resource_dir
-from .context_blocks import CONTEXTS
+from .context_blocks import CONTEXTS, context_spec
 
 __all__ = [
-    "CONTEXT_DISPLAY_NAMES",
     "GENOTYPE_FILENAME",
     "GENOTYPE_TABLE_COLUMNS",
     "REPO_DIR",
@@ -48,8 +47,6 @@ GENOTYPE_FILENAME = "atrc_genotype.json"
 #: The folder that holds the shipped ``genotypes/``: the installed package (a wheel), or the repository
 #: root (checkout / editable install).
 REPO_DIR = resource_dir("genotypes").parent
-#: Context names as drawn in the heatmap / table, by genotype code.
-CONTEXT_DISPLAY_NAMES: tuple[str, ...] = tuple(c.display for c in CONTEXTS)
 #: Columns of :func:`genotype_table_rows`.
 GENOTYPE_TABLE_COLUMNS: tuple[str, ...] = ("target", "source", "context", "code")
 
@@ -166,12 +163,8 @@ def genotype_table_rows(
     e.g. ``wandb.Table(columns=list(GENOTYPE_TABLE_COLUMNS), data=genotype_table_rows(g, tasks))``."""
     tasks = list(tasks) if tasks is not None else list(genotype)
     return [
-        [t, s, CONTEXT_DISPLAY_NAMES[int(genotype[t][s])], int(genotype[t][s])] for t in tasks for s in tasks
+        [t, s, context_spec(int(genotype[t][s])).display, int(genotype[t][s])] for t in tasks for s in tasks
     ]
-
-
-# cell colours (RGB) per context code
-_COLOURS = tuple(c.colour for c in CONTEXTS)
 
 
 def genotype_heatmap(
@@ -210,10 +203,11 @@ def genotype_heatmap(
         for j, s in enumerate(tasks):
             code = int(genotype[t][s])
             x0 = label_w + j * cw
-            colour = _COLOURS[code] if 0 <= code < len(_COLOURS) else (0, 0, 0)
+            known = 0 <= code < len(CONTEXTS)
+            colour = CONTEXTS[code].colour if known else (0, 0, 0)
             cv2.rectangle(img, (x0, y0), (x0 + cw, y0 + ch), colour, thickness=-1)
             cv2.rectangle(img, (x0, y0), (x0 + cw, y0 + ch), (255, 255, 255), thickness=1)
-            name = CONTEXT_DISPLAY_NAMES[code] if 0 <= code < len(CONTEXT_DISPLAY_NAMES) else str(code)
+            name = CONTEXTS[code].display if known else str(code)
             text_colour = (0, 0, 0) if code in (0,) else (255, 255, 255)
             put_centered(name, x0, y0, cw, ch, text_colour)
     return img

@@ -15,11 +15,6 @@ from .heads import MultiTaskFCNHead
 from .layers import concat_features, resize_to
 from .relational_head import RelationalContextHead, uniform_genotype
 
-#: ``context=<name>`` of a context type with a CP block: that context on every pair
-CONTEXT_TYPES: tuple[str, ...] = tuple(c.name for c in CONTEXTS if c.block is not None)
-#: every ``context=`` value: the FCN baseline, one context type everywhere, a genotype, the search
-HEAD_CONTEXTS: tuple[str, ...] = ("none", *CONTEXT_TYPES, "atrc", "search")
-
 
 class MultiTaskModel(nn.Module):
     """``model(image: B×3×H×W) -> {"final": {task: B×C×H×W}, "aux": {...}}`` at input resolution.
@@ -67,10 +62,13 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
         genotype = load_genotype(path, tasks)
     elif ctx == "search":
         genotype = None  # every pair mixes all candidate contexts
-    elif ctx in CONTEXT_TYPES:
-        genotype = uniform_genotype(tasks, ctx)  # one context type on every pair
-    else:
-        raise ConfigError(f"unknown context {ctx!r}: choose one of {', '.join(HEAD_CONTEXTS)}")
+    else:  # a context type of CONTEXTS (with a CP block) on every pair
+        types = [c.name for c in CONTEXTS if c.block is not None]
+        if ctx not in types:
+            raise ConfigError(
+                f"unknown context {ctx!r}: choose one of {', '.join(['none', *types, 'atrc', 'search'])}"
+            )
+        genotype = uniform_genotype(tasks, ctx)
     head = RelationalContextHead(
         c_in,
         tasks,

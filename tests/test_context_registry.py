@@ -1,0 +1,119 @@
+"""Context types are one table (``context_blocks.CONTEXTS``): every row is wired to its block class
+and config file, and a new row (one class, one row) reaches the genotype files, the heads, the
+search's candidates, the aux heads and the plots without touching anything else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, compose_cfg
+from reference_head import reference_head
+from torch import nn
+
+import atrc_exp
+from atrc_exp.config import ConfigError
+from atrc_exp.models import context_blocks as cb
+from atrc_exp.models.genotype import genotype_heatmap, genotype_table_rows, load_genotype
+from atrc_exp.models.layers import ConvBNReLU
+from atrc_exp.models.relational_head import RelationalContextHead, aux_tasks_of, uniform_genotype
+from atrc_exp.models.search_block import SearchCPBlock
+
+NYUD = ["semseg", "depth", "normals", "edge"]
+OUT = {"semseg": 5, "depth": 1, "normals": 3, "edge": 1}
+AUX = {"semseg": 5, "depth": 6, "normals": 7, "edge": 2}
+
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_local_attention")
+
+
+def test_the_table_holds_the_original_codes():
+    """The original's genotype codes: 0 none, 1 global, 2 local, 3 t-label, 4 s-label."""
+    assert [(c.code, c.name, c.display) for c in cb.CONTEXTS] == [
+        (0, "none", "none"),
+        (1, "global", "global"),
+        (2, "local", "local"),
+        (3, "tlabel", "t-label"),
+        (4, "slabel", "s-label"),
+    ]
+    assert [c.reads_aux for c in cb.CONTEXTS] == [None, None, None, "target", "source"]
+    # the search offers s-label only off the diagonal (there it is t-label), as the original
+    assert SearchCPBlock(True, 8, 4).codes == [1, 2, 3]
+    assert SearchCPBlock(False, 8, 4).codes == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("spec", [c for c in cb.CONTEXTS if c.block is not None], ids=lambda c: c.name)
+def test_every_row_has_its_config_and_builds_its_block(spec):
+    conf = REPO / "conf" / "context" / f"{spec.name}.yaml"
+    assert conf.is_file(), f"conf/context/{spec.name}.yaml is missing"
+    model = atrc_exp.build_model(compose_cfg(["backbone.pretrained=false", f"context={spec.name}"]))
+    blocks = [b for row in model.head.atrc_module.cp_blocks.values() for b in row.values()]
+    assert blocks and all(type(b) is spec.block and b.reads_aux == spec.reads_aux for b in blocks)
+
+
+def test_an_unknown_context_lists_the_table():
+    with pytest.raises(ConfigError, match="0 none, 1 global, 2 local, 3 tlabel, 4 slabel"):
+        cb.context_spec("ring")
+    with pytest.raises(ConfigError, match="none, global, local, tlabel, slabel, atrc, search"):
+        atrc_exp.build_model(compose_cfg(["backbone.pretrained=false", "context=none", "context.name=ring"]))
+
+
+class _PooledContextBlock(cb._CPBlock):
+    """A toy context type: the source's mean value, gated per pixel by ⟨q, mean key⟩."""
+
+    def __init__(self, in_channels, out_channels, last_affine=True, **kwargs):
+        super().__init__(in_channels, out_channels, last_affine, **kwargs)
+        self.query_project = self._two_layers()
+        self.key_project = self._two_layers()
+        self.value_project = self._value()
+        self._init_weights()
+
+    def attend(self, query, key, value):
+        gate = torch.sigmoid((query * key.mean((2, 3), keepdim=True)).sum(1, keepdim=True))
+        return gate * value.mean((2, 3), keepdim=True)
+
+
+@pytest.fixture
+def pooled_context():
+    """One more row, as a user adding a context type writes it (removed afterwards)."""
+    spec = cb.ContextSpec(
+        5, "pooled", _PooledContextBlock, reads_aux="source", display="pooled", colour=(9, 9, 9)
+    )
+    cb.CONTEXTS.append(spec)
+    try:
+        yield spec
+    finally:
+        cb.CONTEXTS.remove(spec)
+
+
+def test_a_new_row_reaches_every_part(pooled_context, tmp_path):
+    # genotype files: code 5 is valid, shown by its display name
+    data = {t: {s: 5 if (t, s) == ("semseg", "depth") else 1 for s in NYUD} for t in NYUD}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"data": data, "step": 0}))
+    g = load_genotype(path, NYUD)
+    assert g["semseg"]["depth"] == 5
+    assert ["semseg", "depth", "pooled", 5] in genotype_table_rows(g, NYUD)
+    assert genotype_heatmap(g, NYUD).shape[-1] == 3
+    # aux heads: the row's reads_aux (the source, depth)
+    assert aux_tasks_of(g, NYUD) == ["depth"]
+    # the head builds the block and its batched forward equals the block-by-block method
+    torch.manual_seed(0)
+    head = RelationalContextHead(32, NYUD, uniform_genotype(NYUD, "pooled"), OUT, AUX, kernel_size=3).train()
+    assert isinstance(head.atrc_module.cp_blocks["edge"]["normals"], _PooledContextBlock)
+    for m in head.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    x = torch.randn(2, 32, 6, 7)
+    torch.manual_seed(1)
+    got = head(x)
+    torch.manual_seed(1)
+    ref = reference_head(head, x)
+    for t in NYUD:
+        torch.testing.assert_close(got["final"][t], ref["final"][t], rtol=1e-4, atol=1e-5)
+    # the search offers it (and mixes it) wherever its row says
+    blk = SearchCPBlock(False, 8, 4)
+    assert blk.codes == [1, 2, 3, 4, 5] and blk.arch_param.numel() == 6
+    assert isinstance(blk.op_list[4], _PooledContextBlock)
+    # its layers are ConvBNReLU, so the batched evaluation groups them like the others'
+    assert isinstance(blk.op_list[4].key_project[0], ConvBNReLU)
