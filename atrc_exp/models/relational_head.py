@@ -5,8 +5,9 @@ original's state-dict keys under ``head.``:
 
 * ``bottleneck.<t>``: ConvBNReLU 3×3 C_in → C per task;
 * ``aux_conv.<t>`` (ConvBNReLU 1×1 C_in → C_in) and ``aux_logits.<t>`` (1×1 conv with bias) on the
-  *detached* backbone features, only for tasks whose auxiliary prediction a label block reads
-  (t if some context(t, ·) is t-label, s if some context(·, s) is s-label; every task in search);
+  *detached* backbone features, only for tasks whose auxiliary prediction a context reads
+  (:func:`aux_tasks_of`: t for a t-label pair (t, ·), s for an s-label pair (·, s); every task
+  in search);
 * ``atrc_module``: :class:`ATRCModule` (``cp_blocks.<t>.<s>``, ``out_proj.<t>``, ``bottleneck.<t>``);
 * ``final_logits.<t>``: 1×1 conv with bias to the task's output channels.
 
