@@ -94,7 +94,9 @@ class _CPBlock(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def key_input(self, source_feats: torch.Tensor, prob: torch.Tensor | None = None) -> torch.Tensor:
-        """What the key and value projections read: the source features (B×C×h×w)."""
+        """What the key and value projections read: the source features (B×C×h×w). A function of
+        its inputs only (no parameters): the head computes it once per (source, aux task) and
+        shares it between the blocks that read it."""
         return source_feats
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
