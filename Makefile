@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install atrc_exp with its dev tools
 
-train: $(STAMP) ## the ATRC pipeline on synthetic data: search, distillation, MT baseline (~10 min)
+train: $(STAMP) ## the ATRC pipeline on synthetic data: search, distillation, MT baseline (about 7 min on 2 cores)
 	$(BIN)/atrc-train mode=pipeline $(TRAIN_ARGS)
 
 test: $(STAMP) ## the test suite without slow tests (the CI gate)
