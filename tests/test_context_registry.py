@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, compose_cfg
+from conftest import REPO, compose_cfg, randomise_head
 from reference_head import reference_head
-from torch import nn
 
 import atrc_exp
 from atrc_exp.config import ConfigError
@@ -101,9 +100,7 @@ def test_a_new_row_reaches_every_part(pooled_context, tmp_path):
     torch.manual_seed(0)
     head = RelationalContextHead(32, NYUD, uniform_genotype(NYUD, "pooled"), OUT, AUX, kernel_size=3).train()
     assert isinstance(head.atrc_module.cp_blocks["edge"]["normals"], _PooledContextBlock)
-    for m in head.modules():
-        if isinstance(m, nn.BatchNorm2d) and m.affine:
-            nn.init.uniform_(m.weight, 0.5, 1.5)
+    randomise_head(head)
     x = torch.randn(2, 32, 6, 7)
     torch.manual_seed(1)
     got = head(x)

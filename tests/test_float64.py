@@ -80,9 +80,6 @@ def _train(overrides: list[str], fast: bool, extra: list[str] = ()) -> dict:
     model = build_model(cfg)
     randomise_head(model)
     model = apply_fast_paths(model.double(), cfg).train()
-    for m in model.modules():
-        if hasattr(m, "recompute"):
-            m.recompute = fast
     _backends("auto" if fast else "torch")
     centroids = torch.tensor(
         json.loads(

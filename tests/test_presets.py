@@ -14,6 +14,7 @@ from conftest import compose_cfg, tiny_overrides
 from omegaconf import OmegaConf
 
 from atrc_exp.config import CONF_DIR, validate_config
+from atrc_exp.engine.trainer import grad_clip_of
 from atrc_exp.tasks import task_info
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -55,13 +56,6 @@ GENOTYPES = {
 }
 
 
-def _effective_grad_clip(cfg) -> float | None:
-    """The clipping the trainer applies (atrc_exp/engine/trainer.py: ``trainer.grad_clip``, else the
-    search's ``mode.grad_clip``)."""
-    clip = cfg.trainer.grad_clip or (cfg.mode.get("grad_clip") if cfg.mode.name == "search" else None)
-    return float(clip) if clip else None
-
-
 @functools.cache
 def _synthetic(name: str) -> str:
     """The synthetic dataset with the layout (and so the tasks) of the preset's dataset."""
@@ -79,7 +73,7 @@ def test_preset_composes_to_the_paper_settings(name):
     cfg = compose_cfg([f"experiment={name}"])
     assert {k: cfg.trainer[k] for k in PAPER} == PAPER
     assert cfg.trainer.lr == lr
-    assert _effective_grad_clip(cfg) == grad_clip
+    assert grad_clip_of(cfg) == grad_clip
     assert (cfg.dataset.name, cfg.backbone.name, cfg.context.name, cfg.mode.name) == (
         dataset,
         backbone,
@@ -184,6 +178,6 @@ def test_preset_trains_one_step(name, tiny_both_layouts, tmp_path, monkeypatch):
     assert metrics and all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
     assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 1
     assert seen["lr"] == pytest.approx(float(cfg.dataset.default_lr))
-    assert seen["grad_clip"] == _effective_grad_clip(cfg)
+    assert seen["grad_clip"] == grad_clip_of(cfg)
     if name in EXPECTED:
         assert seen["grad_clip"] == EXPECTED[name][-1]

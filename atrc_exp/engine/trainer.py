@@ -261,6 +261,13 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         reset_accelerate_state()
 
 
+def grad_clip_of(cfg: DictConfig) -> float | None:
+    """The gradient-norm clipping a run applies: ``trainer.grad_clip``, else the search's
+    ``mode.grad_clip``; ``None``: no clipping."""
+    clip = cfg.trainer.grad_clip or (cfg.mode.get("grad_clip") if cfg.mode.name == "search" else None)
+    return float(clip) if clip else None
+
+
 def convert_batchnorm(model: nn.Module, acc: Accelerator) -> nn.Module:
     """BatchNorm → SyncBatchNorm when several processes train on CUDA (statistics over the whole
     batch, as the original's SyncBN). PyTorch's SyncBatchNorm runs on GPUs only: on CPU processes
@@ -358,7 +365,6 @@ def setup(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> TrainingR
         controller = SearchController(model, cfg.mode, max_steps)
         # fused: its step count stays a device tensor (the default reads it on the host every step)
         arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True)
-    grad_clip = tc.grad_clip if tc.grad_clip else (cfg.mode.get("grad_clip") if search else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(max_steps, float(tc.poly_power)))
     if search:
         model, optimizer, arch_opt = acc.prepare(model, optimizer, arch_opt)
@@ -374,7 +380,7 @@ def setup(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> TrainingR
         acc=acc,
         arch_opt=arch_opt,
         controller=controller,
-        grad_clip=float(grad_clip) if grad_clip else None,
+        grad_clip=grad_clip_of(cfg),
         check_grads=acc.scaler is None,  # fp16's GradScaler skips non-finite steps itself
     )
     run = TrainingRun(

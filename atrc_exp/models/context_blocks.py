@@ -43,6 +43,7 @@ from .layers import ConvBNReLU, conv_bn_act_blockwise, conv_bn_relu_group
 __all__ = [
     "CONTEXTS",
     "CPOp",
+    "aux_of_pair",
     "ContextSpec",
     "GlobalContextBlock",
     "LabelContextBlock",
@@ -56,6 +57,12 @@ __all__ = [
 ]
 
 IGNORE_VALUE = 255
+
+
+def aux_of_pair(reads_aux: str | None, target, source):
+    """Of a pair's ``target`` and ``source`` (task names, or their aux predictions), the one whose
+    auxiliary prediction a context with ``reads_aux`` (``None``, ``"target"``, ``"source"``) reads."""
+    return {"target": target, "source": source}.get(reads_aux)
 
 
 class _CPBlock(nn.Module):
@@ -109,7 +116,7 @@ class _CPBlock(nn.Module):
         target_prob: torch.Tensor | None = None,
         source_prob: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        prob = {"target": target_prob, "source": source_prob}.get(self.reads_aux)
+        prob = aux_of_pair(self.reads_aux, target_prob, source_prob)
         if self.reads_aux is not None and prob is None:
             raise ValueError(f"{type(self).__name__} needs the {self.reads_aux} task's auxiliary prediction")
         source = self.key_input(source_feats, prob)
@@ -317,8 +324,7 @@ class CPOp(NamedTuple):
 
 def _input_id(op: CPOp) -> tuple[str, str | None]:
     """Which tensor the keys and values of ``op`` read: (source, task whose aux map it reads)."""
-    aux = {"target": op.target, "source": op.source}.get(op.block.reads_aux)
-    return op.source, aux
+    return op.source, aux_of_pair(op.block.reads_aux, op.target, op.source)
 
 
 def key_inputs(

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .context_blocks import (
     CPOp,
+    aux_of_pair,
     context_spec,
     evaluate_cp_blocks,
     ignore_mask,
@@ -62,9 +63,9 @@ def aux_tasks_of(genotype: Genotype, tasks: Sequence[str]) -> list[str]:
     need = set()
     for t in tasks:
         for s in tasks:
-            reads = context_spec(int(genotype[t][s])).reads_aux
-            if reads is not None:
-                need.add(t if reads == "target" else s)
+            task = aux_of_pair(context_spec(int(genotype[t][s])).reads_aux, t, s)
+            if task is not None:
+                need.add(task)
     return [t for t in tasks if t in need]
 
 

@@ -9,22 +9,12 @@ from collections.abc import Callable
 
 class BackendSwitch:
     """Which implementation ``op`` uses (one of ``choices``; ``auto`` by default), set from the
-    Hydra config or in code, plus warnings that are issued once per key. ``kind`` and ``fallback``:
-    the defaults of :meth:`extension` (the op's C++ extension, what runs without it)."""
+    Hydra config or in code, plus warnings that are issued once per key."""
 
-    def __init__(
-        self,
-        op: str,
-        choices: tuple[str, ...],
-        default: str = "auto",
-        kind: str | None = None,
-        fallback: str = "using PyTorch's ops",
-    ):
+    def __init__(self, op: str, choices: tuple[str, ...], default: str = "auto"):
         self.op = op
         self.choices = choices
         self.name = default
-        self.kind = kind
-        self.fallback = fallback
         self._warned: set[str] = set()
         self._lock = threading.Lock()
 
@@ -55,27 +45,6 @@ class BackendSwitch:
                 return
             self._warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
-
-    def extension(self, kind: str | None = None, fallback: str | None = None):
-        """The built extension ``kind`` (default: the switch's; see :mod:`atrc_exp.ops.build`), or
-        None when it cannot be built under ``auto`` (warned once: ``fallback`` names what runs
-        instead); under ``cpp`` the :class:`~atrc_exp.ops.build.ExtensionBuildError` propagates."""
-        from . import build
-
-        kind = kind or self.kind
-        fallback = fallback or self.fallback
-        try:
-            return build.get_extension(kind)
-        except build.ExtensionBuildError as e:
-            if self.name == "cpp":
-                raise
-            self.warn_once(
-                "build",
-                f"{self.op}: the C++ kernel is unavailable ({e}); {fallback} (slower on the CPU; set "
-                f"ops.{self.op}.backend=torch to silence this)",
-                stacklevel=4,  # the op's caller (warn_once, extension, the op, its caller)
-            )
-            return None
 
     def reset_warnings(self) -> None:
         """Forget which warnings were issued (tests)."""
