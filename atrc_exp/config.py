@@ -18,8 +18,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .tasks import ALL_TASKS, PUBLISHED_NORMAL_CENTROIDS
-
 _PACKAGE_DIR = Path(__file__).resolve().parent
 #: The data folders shipped with atrc_exp (see :func:`resource_dir`).
 RESOURCE_DIRS: tuple[str, ...] = ("conf", "genotypes", "kernels")
@@ -95,9 +93,55 @@ def register_resolvers() -> None:
         "atrc_stamp": run_stamp,
         "atrc_rank_suffix": rank_suffix,
         "atrc_cache_dir": lambda: str(cache_dir()),
+        "atrc_folder_tasks": lambda root: list(_folder_specs(root)),
+        "atrc_folder_task_specs": _folder_specs,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
+
+
+def _folder_specs(root) -> dict:
+    """The task specs of a folder dataset (``<root>/atrc_dataset.yaml``)."""
+    from .data.folder import load_task_specs
+
+    if root in (None, "", "???"):
+        raise ConfigError("dataset=folder needs the dataset folder: pass dataset.root=<dir>")
+    return load_task_specs(Path(str(root)).expanduser())
+
+
+def user_error(e: BaseException) -> BaseException:
+    """``e``, or the error a config interpolation raised inside it (a folder dataset's resolver,
+    a missing ``dataset.root``): what the user should read."""
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    while isinstance(e, InterpolationResolutionError) and e.__cause__ is not None:
+        e = e.__cause__
+    if isinstance(e, MissingMandatoryValue):
+        key = getattr(e, "full_key", "") or ""
+        return ConfigError(f"{key or 'a key'} has no value: pass {key or 'it'}=<value> on the command line")
+    return e
+
+
+def config_tasks(cfg: DictConfig, names=None) -> list:
+    """The :class:`~atrc_exp.task_kinds.Task` objects of ``tasks.names`` (or ``names``), from
+    ``dataset.task_specs``; a :class:`ConfigError` naming the problem otherwise."""
+    from .task_kinds import TaskSpecError, make_tasks
+
+    names = list(cfg.tasks.names if names is None else names)
+    specs = cfg.dataset.get("task_specs")
+    if specs is None:
+        raise ConfigError(f"dataset={cfg.dataset.name} has no task_specs: say what each task is (its kind)")
+    specs = OmegaConf.to_container(specs, resolve=True)
+    for t in names:
+        if t not in specs:
+            raise ConfigError(
+                f"task {t!r} is not in dataset={cfg.dataset.name} (its tasks: {', '.join(specs)}); "
+                f"choose tasks=all or some of those"
+            )
+    try:
+        return make_tasks(specs, names)
+    except TaskSpecError as e:
+        raise ConfigError(f"dataset={cfg.dataset.name}: {e}") from None
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
@@ -133,7 +177,10 @@ def synthetic_data_dir(cfg: DictConfig) -> Path:
 
 
 def resolve_data_dir(cfg: DictConfig) -> Path:
-    """The folder that holds ``NYUD_MT/`` / ``PASCAL_MT/`` for this config."""
+    """The folder that holds ``NYUD_MT/`` / ``PASCAL_MT/`` for this config (a dataset with its
+    own ``root``, the folder dataset: that folder)."""
+    if "root" in cfg.dataset.keys() and cfg.dataset.root not in (None, ""):
+        return Path(str(cfg.dataset.root)).expanduser()
     if cfg.paths.data_dir not in (None, "", "null"):
         return Path(str(cfg.paths.data_dir)).expanduser()
     if cfg.dataset.name == "synthetic":
@@ -146,19 +193,14 @@ def resolve_data_dir(cfg: DictConfig) -> Path:
 
 def validate_config(cfg: DictConfig) -> None:
     """Check cross-group consistency; raise :class:`ConfigError` naming the fix."""
+    if "root" in cfg.dataset.keys() and OmegaConf.is_missing(cfg.dataset, "root"):
+        raise ConfigError(f"dataset={cfg.dataset.name} needs its folder: pass dataset.root=<dir>")
     tasks = list(cfg.tasks.names)
     if not tasks:
         raise ConfigError("tasks.names is empty: choose tasks=all or one task, e.g. tasks=semseg")
-    for t in tasks:
-        if t not in ALL_TASKS:
-            raise ConfigError(f"unknown task {t!r}; known: {', '.join(ALL_TASKS)}")
-        if t not in cfg.dataset.tasks:
-            raise ConfigError(
-                f"task {t!r} is not in dataset={cfg.dataset.name} (its tasks: "
-                f"{', '.join(cfg.dataset.tasks)}); choose tasks=all or one of those"
-            )
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"tasks.names lists a task twice: {tasks}")
+    config_tasks(cfg)  # every task known to the dataset, every spec valid
     ctx, mode = cfg.context.name, cfg.mode.name
     if mode == "pipeline":  # search (context=search, set by the pipeline) then distillation with `context`
         if ctx != "atrc":
@@ -180,9 +222,3 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.batch_size must be >= 1")
     if int(cfg.trainer.val_interval) < 1:
         raise ConfigError("trainer.val_interval must be >= 1 (steps between validations)")
-    centroids = cfg.dataset.get("normal_centroids", None)
-    if centroids not in (None, "kmeans", *PUBLISHED_NORMAL_CENTROIDS):
-        raise ConfigError(
-            f"dataset.normal_centroids={centroids!r}: use kmeans (computed from the training split) "
-            f"or a published set of the original: {', '.join(PUBLISHED_NORMAL_CENTROIDS)}"
-        )

@@ -12,6 +12,9 @@ are logits/raw maps at the target resolution. Every loss
   the autograd graph, so ``backward`` works and gives zero gradients) when a batch holds no valid
   pixel, instead of the ``NaN`` of PyTorch's ``reduction="mean"``.
 
+Each task kind's row (:data:`atrc_exp.task_kinds.TASK_KINDS`) names its losses; by kind
+(segmentation: semseg, parts; saliency: sal; the others by their name):
+
 Final losses (``outputs["final"][task]``):
 
 ==============  ===========================================================================
@@ -37,7 +40,8 @@ edge            2-class CE with class weights ``(1-w, w)`` over the 0/1 edge tar
                 ``Σ w_i·l_i / #valid``
 ==============  ===========================================================================
 
-The total loss is ``Σ_task LOSS_WEIGHTS[task] · (final_task + aux_task)``.
+The total loss is ``Σ_task weight_task · (final_task + aux_task)`` (the kind's default weight unless
+the task spec sets ``weight``: semseg 1, human_parts 2, sal 5, normals 10, depth 1, edge 50).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tasks import ALL_TASKS, IGNORE_INDEX, LOSS_WEIGHTS, NUM_DEPTH_BINS
+from .tasks import IGNORE_INDEX, NUM_DEPTH_BINS
 
 __all__ = [
     "depth_to_bins",
@@ -254,76 +258,35 @@ def weighted_edge_cross_entropy_loss(logits: Tensor, target: Tensor, pos_weight:
 class MultiTaskLoss(nn.Module):
     """Weighted sum of the final and auxiliary losses of ``tasks``.
 
-    ``forward(outputs, batch) -> (total, terms)`` with ``outputs = {"final": {task: B×C×H×W},
-    "aux": {task: B×C×H×W}}`` (``"aux"`` optional / partial; only tasks in ``self.tasks`` are
-    used), ``batch`` holding the targets under the task names. ``total`` is
-    ``Σ LOSS_WEIGHTS[t]·(final_t + aux_t)``; ``terms`` maps ``"loss/<task>"`` and
-    ``"loss/aux_<task>"`` to the detached, *unweighted* terms.
+    ``tasks``: :class:`~atrc_exp.task_kinds.Task` objects (their kind's losses, weight and options:
+    ``edge_pos_weight``, the depth ``range``, the normals ``centroids`` as a K×3 array). The normals
+    centroids become buffers (they move with ``.to(device)``).
 
-    ``normal_centroids`` (K×3) is needed only when an aux normals output is given; it is kept as
-    a (persistent) buffer so it moves with ``.to(device)`` and is saved in the state dict.
+    ``forward(outputs, batch) -> (total, terms)`` with ``outputs = {"final": {task: B×C×H×W},
+    "aux": {task: B×C×H×W}}`` (``"aux"`` optional / partial; only the tasks of ``self.tasks`` are
+    used), ``batch`` holding the targets under the task names. ``total`` is
+    ``Σ weight_t·(final_t + aux_t)``; ``terms`` maps ``"loss/<task>"`` and ``"loss/aux_<task>"``
+    to the detached, *unweighted* terms. A task without any valid pixel in the batch (images without
+    its label) adds a graph-connected 0.
     """
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        edge_pos_weight: float,
-        normal_centroids: Tensor | None = None,
-    ):
+    def __init__(self, tasks: Sequence):
         super().__init__()
-        unknown = [t for t in tasks if t not in ALL_TASKS]
-        if unknown:
-            raise ValueError(f"unknown tasks {unknown}; known tasks: {', '.join(ALL_TASKS)}")
-        if not 0.0 < edge_pos_weight < 1.0:
-            raise ValueError(f"edge_pos_weight must be in (0, 1), got {edge_pos_weight}")
         self.tasks = tuple(tasks)
-        self.edge_pos_weight = float(edge_pos_weight)
-        if normal_centroids is not None:
-            normal_centroids = torch.as_tensor(normal_centroids, dtype=torch.float32)
-            if normal_centroids.dim() != 2 or normal_centroids.shape[1] != 3:
-                raise ValueError(f"normal_centroids must be K×3, got {tuple(normal_centroids.shape)}")
-        self.register_buffer("normal_centroids", normal_centroids)
+        if not self.tasks:
+            raise ValueError("MultiTaskLoss has no task")
+        self._const: dict[str, str] = {}
+        for t in self.tasks:
+            const = t.kind.aux_constant(t)
+            if const is not None:
+                self._const[t.name] = f"aux_constant_{t.name}"
+                self.register_buffer(self._const[t.name], const.float())
 
-    # -- per-task terms ----------------------------------------------------------------------
-    def final_loss(self, task: str, pred: Tensor, target: Tensor) -> Tensor:
-        """Unweighted final loss of ``task``."""
-        if task in ("semseg", "human_parts"):
-            return cross_entropy_loss(pred, target)
-        if task == "sal":
-            return balanced_cross_entropy_loss(pred, target)
-        if task == "normals":
-            return normals_l1_loss(pred, target)
-        if task == "depth":
-            return depth_l1_loss(pred, target)
-        if task == "edge":
-            return edge_bce_loss(pred, target, self.edge_pos_weight)
-        raise ValueError(f"unknown task {task!r}")
+    def aux_constant(self, task) -> Tensor | None:
+        """The buffer of ``task``'s aux constant (normals centroids), or None."""
+        name = self._const.get(task.name)
+        return None if name is None else getattr(self, name)
 
-    def aux_loss(self, task: str, pred: Tensor, target: Tensor) -> Tensor:
-        """Unweighted auxiliary loss of ``task``."""
-        if task in ("semseg", "human_parts"):
-            return cross_entropy_loss(pred, target)
-        if task == "sal":
-            return balanced_cross_entropy_loss(pred, target)
-        if task == "normals":
-            if self.normal_centroids is None:
-                raise ValueError(
-                    "an aux normals output needs normal centroids: pass normal_centroids (K×3) "
-                    "to MultiTaskLoss"
-                )
-            if pred.shape[1] != self.normal_centroids.shape[0]:
-                raise ValueError(
-                    f"aux normals has {pred.shape[1]} channels but there are "
-                    f"{self.normal_centroids.shape[0]} centroids"
-                )
-            return cross_entropy_loss(pred, normals_to_centroid_index(target, self.normal_centroids))
-        if task == "depth":
-            return cross_entropy_loss(pred, depth_to_bins(target, num_bins=pred.shape[1]))
-        if task == "edge":
-            return weighted_edge_cross_entropy_loss(pred, target, self.edge_pos_weight)
-        raise ValueError(f"unknown task {task!r}")
-
-    # -- total ---------------------------------------------------------------------------------
     def forward(
         self, outputs: Mapping[str, Mapping[str, Tensor]], batch: Mapping[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -334,19 +297,18 @@ class MultiTaskLoss(nn.Module):
         device_type = next(iter(final.values())).device.type if final else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
             for task in self.tasks:
-                if task not in final:
-                    raise KeyError(f"model outputs have no final prediction for task {task!r}")
-                if task not in batch:
-                    raise KeyError(f"batch has no target for task {task!r}")
-                target = batch[task]
-                task_loss = self.final_loss(task, final[task], target)
-                terms[f"loss/{task}"] = task_loss.detach()
-                if task in aux:
-                    aux_l = self.aux_loss(task, aux[task], target)
-                    terms[f"loss/aux_{task}"] = aux_l.detach()
+                name = task.name
+                if name not in final:
+                    raise KeyError(f"model outputs have no final prediction for task {name!r}")
+                if name not in batch:
+                    raise KeyError(f"batch has no target for task {name!r}")
+                target = batch[name]
+                task_loss = task.kind.final_loss(final[name], target, task, None)
+                terms[f"loss/{name}"] = task_loss.detach()
+                if name in aux:
+                    aux_l = task.kind.aux_loss(aux[name], target, task, self.aux_constant(task))
+                    terms[f"loss/aux_{name}"] = aux_l.detach()
                     task_loss = task_loss + aux_l
-                weighted = LOSS_WEIGHTS[task] * task_loss
+                weighted = task.weight * task_loss
                 total = weighted if total is None else total + weighted
-        if total is None:
-            raise ValueError("MultiTaskLoss has no task")
         return total, terms

@@ -6,21 +6,25 @@ state of a split that was evaluated by several processes is obtained with a sing
 :meth:`MultiTaskMetrics.load_state`; the metric values are then derived from the sums by
 :meth:`MultiTaskMetrics.compute` (identical on every rank).
 
-Definitions follow the original ATRC evaluation code:
+Definitions follow the original ATRC evaluation code; one meter per task kind
+(:data:`atrc_exp.task_kinds.TASK_KINDS`), keys ``<task>/<metric>``:
 
 =============  ================================================================================
-semseg, parts  argmax; confusion matrix over valid pixels; IoU_c = TP/(TP+FP+FN) (0 when the
-               denominator is 0); ``mIoU`` = mean over **all** classes × 100
-depth          prediction clamped at ≥ 0; RMSE over all valid pixels of the split (metres)
-normals        angle between the normalised prediction and target (degrees); mean, RMSE and
-               % of pixels below 11.25°, 22.5°, 30°
-sal            softmax channel 1; per threshold 0.05 … 0.95: TP / predicted / actual positives;
-               F_β (β² = 0.3); ``maxF`` = max over thresholds × 100
+segmentation   argmax; confusion matrix over valid pixels; IoU_c = TP/(TP+FP+FN) (0 when the
+               denominator is 0); ``mIoU`` = mean over **all** classes × 100 (and ``IoU_<class>``
+               for tasks whose classes are named)
+depth          prediction clamped at ≥ 0; RMSE over all valid pixels of the split (metres); abs rel
+normals        angle between the normalised prediction and target (degrees); mean, median, RMSE
+               and % of pixels below 11.25°, 22.5°, 30°
+saliency       softmax channel 1; per threshold 0.05 … 0.95: TP / predicted / actual positives;
+               F_β (β² = 0.3); ``maxF`` = max over thresholds × 100; ``mIoU`` at 0.5
 edge           ``odsF`` / ``oisF`` as BSDS/SEISM compute them (8-bit sigmoid map, NMS, per
                threshold thinning and ``correspondPixels`` with tolerance maxDist × diagonal;
-               :mod:`atrc_exp.evaluation.edge`), counts summed per threshold; plus ``edge/loss``,
+               :mod:`atrc_exp.evaluation.edge`), counts summed per threshold; plus ``<task>/loss``,
                the validation edge loss (weighted BCE of :mod:`atrc_exp.losses`), pixel mean
 =============  ================================================================================
+
+Only labelled pixels count (255 = no label): an image without a task's label adds nothing to it.
 
 The per-image edge matching is slow (BSDS' assignment problem at 99 thresholds, seconds per
 image); it runs in a pool of worker processes (``edge_eval_workers``) while the model keeps
@@ -48,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .losses import _as_index_target, _check_spatial, edge_bce_per_pixel
-from .tasks import ALL_TASKS, HUMAN_PARTS_CLASSES, IGNORE_INDEX
+from .tasks import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +117,10 @@ class SegmentationMeter(SumMeter):
     still part of the mean (as in ATRC; torchmetrics instead drops such classes).
     """
 
-    def __init__(self, task: str, num_classes: int):
+    def __init__(self, task: str, num_classes: int, class_names: Sequence[str] | None = None):
         self.task = task
         self.num_classes = int(num_classes)
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.size = self.num_classes**2
         super().__init__()
 
@@ -145,17 +150,28 @@ class SegmentationMeter(SumMeter):
         return torch.where(den > 0, tp / den.clamp_min(1), torch.zeros_like(tp))
 
     def compute(self) -> dict[str, float]:
-        return {f"{self.task}/mIoU": 100.0 * self.iou_per_class().mean().item()}
+        if self.sums.sum() == 0:  # no labelled pixel in the split
+            return {f"{self.task}/mIoU": math.nan}
+        iou = self.iou_per_class()
+        out = {f"{self.task}/mIoU": 100.0 * iou.mean().item()}
+        if self.class_names is not None:  # named classes: their IoU too
+            out.update({f"{self.task}/IoU_{n}": 100.0 * v for n, v in zip(self.class_names, iou.tolist())})
+        return out
 
 
 class DepthMeter(SumMeter):
-    """Depth RMSE (metres) over all valid pixels of the split.
+    """Depth RMSE (metres) and mean absolute relative error over all valid pixels of the split.
 
     Prediction clamped at min 0; valid = target != 255 and target > 0 (and finite).
-    Sums: ``[Σ squared error, #valid]``; ``compute() -> {"depth/rmse": sqrt(Σ/n)}`` (NaN if n=0).
+    Sums: ``[Σ squared error, #valid, Σ |error| / target]``; ``compute() -> {"<task>/rmse":
+    sqrt(Σ/n), "<task>/abs_rel": Σ/n}`` (NaN if n=0).
     """
 
-    size = 2
+    size = 3
+
+    def __init__(self, task: str = "depth"):
+        self.task = task
+        super().__init__()
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -163,12 +179,13 @@ class DepthMeter(SumMeter):
         pred = pred.float().clamp_min(0)
         target = target.float()
         valid = (target != IGNORE_INDEX) & (target > 0) & torch.isfinite(target)
-        err = pred.expand_as(target)[valid].double() - target[valid].double()
-        self._add(torch.stack([err.square().sum(), valid.sum().double()]))
+        gt = target[valid].double()
+        err = pred.expand_as(target)[valid].double() - gt
+        self._add(torch.stack([err.square().sum(), valid.sum().double(), (err.abs() / gt).sum()]))
 
     def compute(self) -> dict[str, float]:
-        se, n = self.sums.tolist()
-        return {"depth/rmse": math.sqrt(_div(se, n))}
+        se, n, rel = self.sums.tolist()
+        return {f"{self.task}/rmse": math.sqrt(_div(se, n)), f"{self.task}/abs_rel": _div(rel, n)}
 
 
 class NormalsMeter(SumMeter):
@@ -176,13 +193,20 @@ class NormalsMeter(SumMeter):
 
     Prediction and target are L2-normalised; per pixel ``θ = rad2deg(2·atan2(‖p−g‖, ‖p+g‖))``
     (a numerically stable arccos(p·g)); valid = no target channel equals 255.
-    Sums: ``[Σθ, Σθ², #θ<11.25, #θ<22.5, #θ<30, #valid]``. ``compute()`` gives
-    ``normals/mean_angle``, ``normals/rmse_angle`` and ``normals/within_{11.25,22.5,30}`` (% of
-    pixels). The median angle of the original evaluation needs all pixels and is not kept.
+    Sums: ``[Σθ, Σθ², #θ<11.25, #θ<22.5, #θ<30, #valid]`` and a histogram of θ in
+    :attr:`BIN_DEGREES` bins (for the median). ``compute()`` gives ``<task>/mean_angle``,
+    ``<task>/median_angle`` (to within half a bin: the histogram's median, linearly interpolated),
+    ``<task>/rmse_angle`` and ``<task>/within_{11.25,22.5,30}`` (% of pixels).
     """
 
     THRESHOLDS = (11.25, 22.5, 30.0)
-    size = 6
+    BIN_DEGREES = 0.05
+    BINS = int(round(180 / BIN_DEGREES))
+    size = 6 + BINS
+
+    def __init__(self, task: str = "normals"):
+        self.task = task
+        super().__init__()
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -195,16 +219,32 @@ class NormalsMeter(SumMeter):
         ang = torch.rad2deg(2 * torch.atan2((p - g).norm(dim=1), (p + g).norm(dim=1)))
         within = [(ang < t).sum().double() for t in self.THRESHOLDS]
         n = torch.tensor(float(ang.numel()), dtype=torch.float64, device=ang.device)
-        self._add(torch.stack([ang.sum(), ang.square().sum(), *within, n]))
+        bins = (ang / self.BIN_DEGREES).long().clamp(0, self.BINS - 1)
+        hist = torch.bincount(bins, minlength=self.BINS).double()
+        self._add(torch.cat([torch.stack([ang.sum(), ang.square().sum(), *within, n]), hist]))
+
+    def median(self) -> float:
+        """The median angle from the histogram (linear within the bin that holds it)."""
+        hist = self.sums[6:].detach().cpu().double()
+        n = float(hist.sum())
+        if n == 0:
+            return math.nan
+        cum = hist.cumsum(0)
+        i = int(torch.searchsorted(cum, torch.tensor(n / 2, dtype=torch.float64)))
+        before = float(cum[i - 1]) if i > 0 else 0.0
+        frac = (n / 2 - before) / max(float(hist[i]), 1.0)
+        return (i + frac) * self.BIN_DEGREES
 
     def compute(self) -> dict[str, float]:
-        s, s2, w1, w2, w3, n = self.sums.tolist()
+        s, s2, w1, w2, w3, n = self.sums[:6].tolist()
+        t = self.task
         return {
-            "normals/mean_angle": _div(s, n),
-            "normals/rmse_angle": math.sqrt(_div(s2, n)),
-            "normals/within_11.25": 100.0 * _div(w1, n),
-            "normals/within_22.5": 100.0 * _div(w2, n),
-            "normals/within_30": 100.0 * _div(w3, n),
+            f"{t}/mean_angle": _div(s, n),
+            f"{t}/median_angle": self.median(),
+            f"{t}/rmse_angle": math.sqrt(_div(s2, n)),
+            f"{t}/within_11.25": 100.0 * _div(w1, n),
+            f"{t}/within_22.5": 100.0 * _div(w2, n),
+            f"{t}/within_30": 100.0 * _div(w3, n),
         }
 
 
@@ -215,13 +255,18 @@ class SaliencyMeter(SumMeter):
     predicted positive when ``prob >= t`` (as ATRC's ``SaliencyMeter``). Over the valid pixels
     (target != 255) the sums ``[TP_t ×19, PP_t ×19, AP]`` are accumulated;
     ``P = TP/(PP+1e-8)``, ``R = TP/(AP+1e-8)``, ``F = (1+β²)PR/(β²P+R+1e-8)`` with β² = 0.3;
-    ``compute() -> {"sal/maxF": 100 · max_t F_t}``.
+    ``compute() -> {"<task>/maxF": 100 · max_t F_t, "<task>/mIoU": ...}``, the mIoU (mean of the
+    salient and the background IoU) at threshold 0.5; one more sum, ``#valid``, gives the latter.
     """
 
     THRESHOLDS = tuple(i / 20 for i in range(1, 20))
     BETA_SQUARED = 0.3
     EPS = 1e-8
-    size = 2 * len(THRESHOLDS) + 1
+    size = 2 * len(THRESHOLDS) + 2
+
+    def __init__(self, task: str = "sal"):
+        self.task = task
+        super().__init__()
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -242,7 +287,7 @@ class SaliencyMeter(SumMeter):
         pp = cnt_all.flip(0).cumsum(0).flip(0)[1:]
         tp = cnt_pos.flip(0).cumsum(0).flip(0)[1:]
         ap = pos.sum().double().reshape(1)
-        self._add(torch.cat([tp, pp, ap]))
+        self._add(torch.cat([tp, pp, ap, valid.sum().double().reshape(1)]))
 
     def f_measure(self) -> Tensor:
         """F_β per threshold (float64, 19 values)."""
@@ -255,7 +300,17 @@ class SaliencyMeter(SumMeter):
         return (1 + b2) * precision * recall / (b2 * precision + recall + self.EPS)
 
     def compute(self) -> dict[str, float]:
-        return {"sal/maxF": 100.0 * self.f_measure().max().item()}
+        nt = len(self.THRESHOLDS)
+        s = self.sums.detach().cpu().tolist()
+        n = s[2 * nt + 1]
+        if n == 0:
+            return {f"{self.task}/maxF": math.nan, f"{self.task}/mIoU": math.nan}
+        i = self.THRESHOLDS.index(0.5)
+        tp, pp, ap = s[i], s[nt + i], s[2 * nt]
+        iou_fg = _div(tp, pp + ap - tp)
+        iou_bg = _div(n - pp - ap + tp, n - tp)
+        miou = 100.0 * (iou_fg + iou_bg) / 2 if not math.isnan(iou_fg + iou_bg) else math.nan
+        return {f"{self.task}/maxF": 100.0 * self.f_measure().max().item(), f"{self.task}/mIoU": miou}
 
 
 class EdgeLossMeter(SumMeter):
@@ -268,8 +323,9 @@ class EdgeLossMeter(SumMeter):
 
     size = 2
 
-    def __init__(self, edge_pos_weight: float):
+    def __init__(self, edge_pos_weight: float, task: str = "edge"):
         self.edge_pos_weight = float(edge_pos_weight)
+        self.task = task
         super().__init__()
 
     @torch.no_grad()
@@ -279,7 +335,7 @@ class EdgeLossMeter(SumMeter):
 
     def compute(self) -> dict[str, float]:
         s, n = self.sums.tolist()
-        return {"edge/loss": _div(s, n)}
+        return {f"{self.task}/loss": _div(s, n)}
 
 
 def _shutdown_pool(pool) -> None:
@@ -318,11 +374,13 @@ class EdgeMeter(SumMeter):
         nms: bool = True,
         max_pending: int | None = None,
         start_method: str | None = None,
+        task: str = "edge",
     ):
         from .evaluation.edge import edge_thresholds, require_pyedgeeval
 
         require_pyedgeeval()  # a clear error now rather than in a worker later
         self.edge_pos_weight = float(edge_pos_weight)
+        self.task = task
         self.max_dist = float(max_dist)
         if not 0 < self.max_dist < 1:
             raise ValueError(f"edge max_dist is a fraction of the image diagonal, got {max_dist}")
@@ -461,13 +519,14 @@ class EdgeMeter(SumMeter):
         self.flush()
         t = len(self.thresholds)
         s = self.sums.detach().cpu().numpy()
-        out = {"edge/loss": _div(s[0], s[1])}
+        k = self.task
+        out = {f"{k}/loss": _div(s[0], s[1])}
         n_images = s[2 + 4 * t + 4]
         if n_images > 0:
             res = summarize(s[2 : 2 + 4 * t].reshape(4, t), s[2 + 4 * t : 2 + 4 * t + 4], self.thresholds)
-            out["edge/odsF"], out["edge/oisF"] = res["odsF"], res["oisF"]
+            out[f"{k}/odsF"], out[f"{k}/oisF"] = res["odsF"], res["oisF"]
         else:
-            out["edge/odsF"] = out["edge/oisF"] = math.nan
+            out[f"{k}/odsF"] = out[f"{k}/oisF"] = math.nan
         return out
 
     def timing(self) -> dict[str, float]:
@@ -500,73 +559,41 @@ def batch_image_sizes(batch: Mapping, shape: Sequence[int]) -> list[tuple[int, i
 class MultiTaskMetrics:
     """The metrics of ``tasks`` over a split, reducible across processes.
 
+    ``tasks``: :class:`~atrc_exp.task_kinds.Task` objects; each task's kind makes its meter
+    (``settings``: the evaluation settings that are not a task's own, :class:`~atrc_exp.task_kinds.MeterSettings`).
+
     * ``update(final_outputs, batch)``: raw ``final`` network outputs (``{task: B×C×H×W}`` at
       target resolution) and the batch targets; post-processing (argmax, softmax, clamping,
-      normalisation) is done here. The image sizes in ``batch["meta"]["size"]`` (as the readers
-      record them), when present, say where the edge evaluation crops each padded map (centre).
+      normalisation) is done by the meters. The image sizes in ``batch["meta"]["size"]`` (as the
+      readers record them), when present, say where the edge evaluation crops each padded map.
     * ``state() -> Tensor``: the float64 1-D concatenation of every meter's sums, in the order of
-      ``tasks`` (fixed length :attr:`state_size`), on the device of the updates (CPU if none).
+      ``tasks``, then the number of images with a label of each task (fixed length
+      :attr:`state_size`), on the device of the updates (CPU if none).
     * ``load_state(t)``: replace the sums, e.g. with ``all_reduce(state(), SUM)``.
-    * ``compute() -> dict[str, float]``: keys ``semseg/mIoU``, ``human_parts/mIoU``,
-      ``depth/rmse``, ``normals/{mean_angle,rmse_angle,within_11.25,within_22.5,within_30}``,
-      ``sal/maxF``, ``edge/loss``, ``edge/odsF``, ``edge/oisF`` for the tasks present.
+    * ``compute() -> dict[str, float]``: ``<task>/<metric>`` of every task (its kind's metrics,
+      e.g. ``semseg/mIoU``, ``depth/rmse``, ``normals/mean_angle``, ``sal/maxF``, ``edge/odsF``).
+      Only labelled pixels count: an image without a task's label adds nothing to its metrics;
+      :meth:`labelled_images` says how many images had one.
     * ``reset()``: zero all sums; ``close()``: stop the edge-evaluation workers.
-
-    Edge options: ``edge_max_dist`` (match tolerance, fraction of the image diagonal: 0.011 NYUD,
-    0.0075 PASCAL-Context), ``edge_eval_workers`` (worker processes for the per-image matching;
-    0 = synchronously in this process), ``edge_thresholds`` (a count, default 99 = 0.01 … 0.99,
-    or explicit values), ``edge_nms`` (non-maximum suppression before thresholding, default on),
-    ``edge_odsf=False`` for the loss alone (no pyEdgeEval needed).
     """
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        num_semseg_classes: int,
-        edge_pos_weight: float,
-        *,
-        edge_max_dist: float = 0.011,
-        edge_eval_workers: int = 0,
-        edge_thresholds: int | Sequence[float] = 99,
-        edge_nms: bool = True,
-        edge_odsf: bool = True,
-    ):
-        unknown = [t for t in tasks if t not in ALL_TASKS]
-        if unknown:
-            raise ValueError(f"unknown tasks {unknown}; known tasks: {', '.join(ALL_TASKS)}")
-        self.tasks = tuple(tasks)
-        self.meters: dict[str, SumMeter] = {}
-        for t in self.tasks:
-            if t == "semseg":
-                self.meters[t] = SegmentationMeter("semseg", num_semseg_classes)
-            elif t == "human_parts":
-                self.meters[t] = SegmentationMeter("human_parts", HUMAN_PARTS_CLASSES)
-            elif t == "depth":
-                self.meters[t] = DepthMeter()
-            elif t == "normals":
-                self.meters[t] = NormalsMeter()
-            elif t == "sal":
-                self.meters[t] = SaliencyMeter()
-            elif t == "edge":
-                self.meters[t] = (
-                    EdgeMeter(
-                        edge_pos_weight,
-                        max_dist=edge_max_dist,
-                        thresholds=edge_thresholds,
-                        workers=edge_eval_workers,
-                        nms=edge_nms,
-                    )
-                    if edge_odsf
-                    else EdgeLossMeter(edge_pos_weight)
-                )
+    def __init__(self, tasks: Sequence, settings=None):
+        from .task_kinds import MeterSettings
+
+        settings = settings or MeterSettings()
+        self.task_objects = tuple(tasks)
+        self.tasks = tuple(t.name for t in tasks)
+        self.meters: dict[str, SumMeter] = {t.name: t.kind.meter(t, settings) for t in tasks}
+        self.labelled = torch.zeros(len(self.tasks), dtype=torch.float64)
         self._device = torch.device("cpu")
 
     @property
     def state_size(self) -> int:
-        return sum(m.size for m in self.meters.values())
+        return sum(m.size for m in self.meters.values()) + len(self.tasks)
 
     @torch.no_grad()
     def update(self, final_outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> None:
+        counts = []
         for t, meter in self.meters.items():
             if t not in final_outputs:
                 raise KeyError(f"outputs have no final prediction for task {t!r}")
@@ -574,10 +601,20 @@ class MultiTaskMetrics:
                 raise KeyError(f"batch has no target for task {t!r}")
             pred = final_outputs[t].detach()
             self._device = pred.device
+            target = batch[t].to(pred.device)
             if isinstance(meter, EdgeMeter):
-                meter.update(pred, batch[t].to(pred.device), batch_image_sizes(batch, pred.shape))
+                meter.update(pred, target, batch_image_sizes(batch, pred.shape))
             else:
-                meter.update(pred, batch[t].to(pred.device))
+                meter.update(pred, target)
+            counts.append((target != IGNORE_INDEX).reshape(target.shape[0], -1).any(1).sum())
+        if counts:
+            if self.labelled.device != self._device:
+                self.labelled = self.labelled.to(self._device)
+            self.labelled += torch.stack(counts).double()
+
+    def labelled_images(self) -> dict[str, int]:
+        """Images (of the updates, or of the loaded state) with a label of each task."""
+        return {t: int(n) for t, n in zip(self.tasks, self.labelled.tolist())}
 
     def flush(self) -> None:
         """Wait for the edge evaluation still in flight (``state`` and ``compute`` call it)."""
@@ -586,9 +623,8 @@ class MultiTaskMetrics:
 
     def state(self) -> Tensor:
         self.flush()
-        if not self.meters:
-            return torch.zeros(0, dtype=torch.float64, device=self._device)
-        return torch.cat([m.sums.to(self._device) for m in self.meters.values()])
+        parts = [m.sums.to(self._device) for m in self.meters.values()]
+        return torch.cat([*parts, self.labelled.to(self._device)])
 
     def load_state(self, t: Tensor) -> None:
         if t.dim() != 1 or t.numel() != self.state_size:
@@ -600,18 +636,21 @@ class MultiTaskMetrics:
         for m in self.meters.values():
             m.sums = t[offset : offset + m.size].clone()
             offset += m.size
+        self.labelled = t[offset:].clone()
 
     def compute(self) -> dict[str, float]:
         self.flush()
         out: dict[str, float] = {}
         for m in self.meters.values():
             out.update(m.compute())
-        edge = self.meters.get("edge")
-        if isinstance(edge, EdgeMeter):
-            tm = edge.timing()
+        for name, m in self.meters.items():
+            if not isinstance(m, EdgeMeter):
+                continue
+            tm = m.timing()
             if tm["images"]:
                 log.info(
-                    "edge odsF evaluation: %d images here, %.3f s/image (%s), %.1f s waited for results",
+                    "%s odsF evaluation: %d images here, %.3f s/image (%s), %.1f s waited for results",
+                    name,
                     tm["images"],
                     tm["work_seconds"] / tm["images"],
                     f"{tm['workers']} worker processes" if tm["workers"] else "in this process",
@@ -620,15 +659,19 @@ class MultiTaskMetrics:
         return out
 
     def timings(self) -> dict[str, float]:
-        """Edge-evaluation timing of this process (see :meth:`EdgeMeter.timing`); empty without edge."""
-        edge = self.meters.get("edge")
-        return (
-            {f"edge/{k}": float(v) for k, v in edge.timing().items()} if isinstance(edge, EdgeMeter) else {}
-        )
+        """Edge-evaluation timing of this process (see :meth:`EdgeMeter.timing`), ``<task>/<key>``
+        for each edge task; empty without one."""
+        return {
+            f"{name}/{k}": float(v)
+            for name, m in self.meters.items()
+            if isinstance(m, EdgeMeter)
+            for k, v in m.timing().items()
+        }
 
     def reset(self) -> None:
         for m in self.meters.values():
             m.reset()
+        self.labelled = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.labelled.device)
 
     def close(self) -> None:
         """Stop worker processes (idempotent; also done when the object is garbage-collected)."""

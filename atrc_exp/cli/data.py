@@ -1,6 +1,6 @@
 """``atrc-data``: generate, check and fetch datasets.
 
-    atrc-data synth [--layout NYUD_MT|PASCAL_MT] [--out DIR] [--n-train N] [--n-val N] ...
+    atrc-data synth [--layout NYUD_MT|PASCAL_MT|folder] [--out DIR] [--n-train N] [--n-val N] ...
     atrc-data check DIR [--max-problems N]
     atrc-data fetch --dataset nyud|pascal_context --dest DIR [--url URL] [--sha256 HEX]
 
@@ -8,6 +8,9 @@
 The layouts, their archives and what ``check`` expects of them are the rows of
 :data:`atrc_exp.data.layouts.LAYOUTS`.
 Problems with the data are reported in one line each and give exit code 1 (no traceback).
+A folder dataset (``DIR/atrc_dataset.yaml``, :mod:`atrc_exp.data.folder`) is checked against its
+YAML: the report on stdout, one ``problem: ...`` line per problem on stderr, exit code 2 when there
+are any; ``synth --layout folder --out DIR`` writes the synthetic dataset in that format into ``DIR``.
 ``check`` also reports, per split, how many normals pixels are valid (the share over the split,
 the per-image min / mean / max, images without any, the lowest images): on PASCAL_MT the
 distilled normals are kept only on the original's 170 ``LabelMap`` classes, so this shows at once
@@ -32,6 +35,12 @@ import numpy as np
 from ..config import ConfigError
 from ..data.layouts import LAYOUTS, layout_for_name
 from ..data.nyud import DataError
+from ..label_io import DataError as LabelDataError
+
+#: ``--layout`` of a folder dataset (``atrc_dataset.yaml``; not a published layout).
+FOLDER = "folder"
+#: Exit code of ``check`` when a folder dataset has problems.
+FOLDER_PROBLEMS_EXIT = 2
 
 #: ``fetch --dataset`` name -> the original archive (ASTMT / MTI-Net / ATRC use these layouts), from
 #: the layout table. Sizes and checksums that we do not know for sure are ``None``: `fetch` then
@@ -58,16 +67,40 @@ class CLIError(Exception):
 
 
 def _layout_arg(s: str) -> str:
+    if s.lower() == FOLDER:
+        return FOLDER
     try:
         return layout_for_name(s)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def synth_folder(a: argparse.Namespace) -> int:
+    """``synth --layout folder``: the synthetic dataset as a folder dataset in ``--out`` itself."""
+    from ..config import cache_dir
+    from ..data.synthetic_folder import ensure_folder_dataset
+
+    out = a.out
+    if out is None:
+        out = cache_dir() / "synthetic" / f"folder_v1_n{a.n_train}-{a.n_val}_{a.height}x{a.width}_s{a.seed}"
+    try:
+        root = ensure_folder_dataset(
+            Path(out), n_train=a.n_train, n_val=a.n_val, height=a.height, width=a.width, seed=a.seed,
+            progress=not a.quiet,
+        )  # fmt: skip
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    print(f"folder dataset ({a.n_train} train / {a.n_val} val, {a.height}x{a.width} and others) in {root}")
+    print(f"use it with: atrc-train dataset=folder dataset.root={root}")
+    return 0
+
+
 def cmd_synth(a: argparse.Namespace) -> int:
     from ..config import cache_dir
     from ..data.synthetic import ensure_synthetic_dataset
 
+    if a.layout == FOLDER:
+        return synth_folder(a)
     out = a.out
     if out is None:  # the folder dataset=synthetic uses for these settings (config.synthetic_data_dir)
         out = cache_dir() / "synthetic" / f"v1_n{a.n_train}-{a.n_val}_{a.height}x{a.width}_s{a.seed}"
@@ -90,9 +123,9 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 def _find_layouts(path: Path) -> tuple[Path, list[str]]:
     """(data_dir, layouts present) for a data dir or a layout folder itself."""
-    if path.name in LAYOUTS and path.is_dir():
+    if path.name in LAYOUTS and path.name != FOLDER and path.is_dir():
         return path.parent, [path.name]
-    found = [lay for lay in LAYOUTS if (path / lay).is_dir()]
+    found = [lay for lay in LAYOUTS if lay != FOLDER and (path / lay).is_dir()]
     return path, found
 
 
@@ -203,17 +236,46 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
     return lines, problems
 
 
+def check_folder_dataset(path: Path, max_problems: int) -> int:
+    """``check`` of a folder dataset: the report on stdout, ``problem: ...`` lines on stderr; 2 if any."""
+    from ..data.folder import check_folder
+
+    lines, problems = check_folder(path)
+    print("\n".join(lines))
+    if not problems:
+        print("ok")
+        return 0
+    print(f"{len(problems)} problem(s)")
+    for p in problems[:max_problems]:
+        print(f"problem: {p}", file=sys.stderr)
+    if len(problems) > max_problems:
+        print(f"problem: ... and {len(problems) - max_problems} more (--max-problems)", file=sys.stderr)
+    return FOLDER_PROBLEMS_EXIT
+
+
+def _is_folder_dataset(path: Path) -> bool:
+    """A folder dataset, or something meant to be one (no published layout, a folder dataset's folders)."""
+    from ..data.folder import SPEC_FILE
+
+    if (path / SPEC_FILE).is_file():
+        return True
+    return not _find_layouts(path)[1] and any((path / d).is_dir() for d in ("images", "labels", "splits"))
+
+
 def cmd_check(a: argparse.Namespace) -> int:
     path = Path(a.dir).expanduser()
-    folders = " and/or ".join(f"{lay}/" for lay in LAYOUTS)
+    if path.is_dir() and _is_folder_dataset(path):
+        return check_folder_dataset(path, a.max_problems)
+    folders = " and/or ".join(f"{lay}/" for lay in LAYOUTS if lay != FOLDER)
     fetch = f"`atrc-data fetch --dataset {'|'.join(ARCHIVES)} --dest {path}`"
     if not path.is_dir():
         raise CLIError(f"{path} does not exist: pass the folder that holds {folders} (get them with {fetch})")
     data_dir, layouts = _find_layouts(path)
     if not layouts:
         raise CLIError(
-            f"{path} holds none of {', '.join(f'{lay}/' for lay in LAYOUTS)}: expected the published "
-            f"layouts there (get them with {fetch}, or generate one with `atrc-data synth --out {path}`)"
+            f"{path} holds none of {', '.join(f'{lay}/' for lay in LAYOUTS if lay != FOLDER)}: expected the "
+            f"published layouts there (get them with {fetch}, or generate one with `atrc-data synth --out "
+            f"{path}`), or a folder dataset (atrc_dataset.yaml, images/, labels/, splits/)"
         )
     all_problems = []
     for layout in layouts:
@@ -333,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout",
         type=_layout_arg,
         default="NYUD_MT",
-        help=f"one of {', '.join(LAYOUTS)} (default NYUD_MT), or the dataset name of one ({', '.join(ARCHIVES)})",
+        help=f"one of {', '.join(k for k in LAYOUTS if k != FOLDER)} (default NYUD_MT), or the dataset name of one ({', '.join(ARCHIVES)}), "
+        f"or {FOLDER} (a folder dataset, written into --out itself)",
     )
     s.add_argument("--out", type=Path, default=None, help="data dir (default: the synthetic cache folder)")
     s.add_argument("--n-train", type=int, default=240)
@@ -346,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate a data dir against its layout (and report the valid normals)")
     c.add_argument(
-        "dir", help=f"the folder holding {' and/or '.join(f'{k}/' for k in LAYOUTS)} (or one of them)"
+        "dir",
+        help=f"the folder holding {' and/or '.join(f'{k}/' for k in LAYOUTS if k != FOLDER)} (or one of them), "
+        "or a folder dataset (holding atrc_dataset.yaml)",
     )
     c.add_argument("--max-problems", type=int, default=50, help="problems listed (all are counted)")
     c.set_defaults(fn=cmd_check)
@@ -366,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except (CLIError, DataError) as e:
+    except (CLIError, DataError, LabelDataError) as e:
         print(f"atrc-data {args.cmd}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -170,28 +170,18 @@ def evaluate(
     from omegaconf import OmegaConf, open_dict
     from torch.utils.data import DataLoader
 
+    from ..config import config_tasks
     from ..data import build_datasets, prepare_data
-    from ..metrics import MultiTaskMetrics
+    from ..engine.trainer import build_metrics
 
     if split:
         with open_dict(cfg):
             cfg.dataset.val_split = split
     data_dir = prepare_data(cfg, progress=False)
     _, val_ds = build_datasets(cfg, data_dir)
-    tasks = list(cfg.tasks.names)
-    workers = (
-        edge_workers
-        if edge_workers is not None
-        else OmegaConf.select(cfg, "trainer.edge_eval_workers", default=2)
-    )
-    metrics = MultiTaskMetrics(
-        tasks,
-        int(cfg.dataset.num_semseg_classes),
-        float(cfg.dataset.edge_pos_weight),
-        edge_max_dist=float(OmegaConf.select(cfg, "dataset.edge_max_dist", default=0.011)),
-        edge_eval_workers=int(workers),
-        edge_thresholds=OmegaConf.select(cfg, "trainer.edge_eval_thresholds", default=99),
-    )
+    tasks = config_tasks(cfg)
+    metrics = build_metrics(cfg, tasks, edge_workers)
+    edge_tasks = [t.name for t in tasks if t.kind.name == "edge"]
     loader = DataLoader(
         val_ds,
         batch_size=max(1, int(OmegaConf.select(cfg, "trainer.val_batch_size", default=1))),
@@ -210,18 +200,20 @@ def evaluate(
                     out = model(batch["image"])
                 metrics.update(out["final"], batch)
                 n += batch["image"].shape[0]
-                if export_edges is not None and "edge" in out["final"]:
-                    _export_edges(out["final"]["edge"], batch, export_edges)
+                for name in edge_tasks if export_edges is not None else ():
+                    folder = export_edges if len(edge_tasks) == 1 else Path(export_edges) / name
+                    _export_edges(out["final"][name], batch, folder, name)
         t_model = time.perf_counter() - t0
         results = metrics.compute()
         timing = {"images": n, "seconds_total": time.perf_counter() - t0, "seconds_model_loop": t_model}
         timing.update(metrics.timings())
+        timing["labelled_images"] = metrics.labelled_images()
     finally:
         metrics.close()
     return results, timing
 
 
-def _export_edges(logits, batch, out_dir) -> None:
+def _export_edges(logits, batch, out_dir, task: str) -> None:
     """The edge maps of a batch as SEISM PNGs: ``uint8(255·sigmoid)`` (truncated), cropped from the
     centre of the padded prediction to each image's size (``meta["size"]``; without it, to the
     valid pixels of the edge target)."""
@@ -230,7 +222,7 @@ def _export_edges(logits, batch, out_dir) -> None:
 
     prob = logits.float().sigmoid().cpu().numpy()
     names = batch["meta"]["name"] if "meta" in batch else [f"{i:06d}" for i in range(len(prob))]
-    targets = batch["edge"].cpu().numpy() if "edge" in batch else None
+    targets = batch[task].cpu().numpy() if task in batch else None
     save_seism_pngs(prob, names, out_dir, targets=targets, sizes=batch_image_sizes(batch, prob.shape))
 
 
@@ -283,22 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ((run_dir / "eval") if run_dir is not None else Path("eval"))
     out.mkdir(parents=True, exist_ok=True)
     split = args.split or str(cfg.dataset.val_split)
+    labelled = timing.pop("labelled_images", {})
     write_json_atomic(
         out / "metrics.json",
         {
             "step": step,
             "metrics": metrics,
+            "labelled_images": labelled,
             "split": split,
             "checkpoint": str(ckpt_dir or wfile),
             "edge_eval": timing,
         },
     )
     print(format_table(metrics, f"{split} metrics ({ckpt_dir or wfile}, step {step}, {device})"))
-    if timing.get("edge/images"):
+    for key in [k for k in timing if k.endswith("/images") and timing[k]]:
+        t = key[: -len("/images")]
         print(
-            f"edge odsF evaluation: {timing['edge/images']:.0f} images, "
-            f"{timing['edge/work_seconds'] / timing['edge/images']:.2f} s/image, "
-            f"{timing['edge/workers']:.0f} workers; whole evaluation {timing['seconds_total']:.1f} s"
+            f"{t} odsF evaluation: {timing[key]:.0f} images, "
+            f"{timing[f'{t}/work_seconds'] / timing[key]:.2f} s/image, "
+            f"{timing[f'{t}/workers']:.0f} workers; whole evaluation {timing['seconds_total']:.1f} s"
         )
     print(f"written: {out / 'metrics.json'}")
     if export:

@@ -11,14 +11,14 @@ pads to the crop size), run through the network, and every output is cropped bac
 centre to the original size: no resizing, so the predictions are pixel-aligned with the input.
 Per image ``<stem>`` and task, in ``<out>/<stem>/``:
 
-* ``<task>.npy`` — the prediction in target units: ``semseg`` / ``human_parts`` class indices
-  (H×W int64), ``depth`` metres (H×W float32, clamped at 0), ``normals`` unit vectors (H×W×3),
-  ``sal`` / ``edge`` probabilities (H×W float32);
-* ``<task>.png`` — label maps as 8-bit PNGs (class indices); ``sal`` / ``edge`` as 8-bit
+* ``<task>.npy`` — the prediction in target units, by the task's kind: segmentation class indices
+  (H×W int64), depth metres (H×W float32, clamped at 0), normals unit vectors (H×W×3), saliency
+  and edge probabilities (H×W float32);
+* ``<task>.png`` — segmentation maps as 8-bit PNGs (class indices); saliency and edges as 8-bit
   probability PNGs (``uint8(255·p)``, truncated: the edge PNGs the original wrote for SEISM);
 * ``<task>_color.png`` — a coloured rendering (VOC palette, viridis depth, normals as RGB,
-  grey-scale saliency and edges);
-* ``sheet.png`` — the image and all renderings side by side, titled.
+  grey-scale saliency and edges); a segmentation task whose classes have names gets a legend;
+* ``sheet.png`` — the image and all renderings side by side, titled with the task names.
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def predict_image(model, rgb: np.ndarray, device) -> dict[str, np.ndarray]:
-    """Predictions of one H×W×3 uint8 RGB image, per task, cropped to H×W (see module doc)."""
+def predict_image(model, rgb: np.ndarray, device, tasks) -> dict[str, np.ndarray]:
+    """Predictions of one H×W×3 uint8 RGB image for ``tasks`` (:class:`~atrc_exp.task_kinds.Task`
+    objects), cropped to H×W (see module doc): H×W maps, or H×W×C for multi-channel ones."""
     import torch
 
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from ..tasks import crop_center, pad_offsets
-    from ..visualize import postprocess
 
     h, w = rgb.shape[:2]
     img = (rgb.astype(np.float32) - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(
@@ -73,14 +73,14 @@ def predict_image(model, rgb: np.ndarray, device) -> dict[str, np.ndarray]:
     with torch.no_grad():
         out = model(x)["final"]
     preds = {}
-    for task, logits in out.items():
-        p = postprocess(task, crop_center(logits, (h, w)))[0].cpu().numpy()
-        if task in ("semseg", "human_parts"):
-            preds[task] = p.astype(np.int64)
-        elif task == "normals":
-            preds[task] = p.transpose(1, 2, 0).astype(np.float32)
+    for task in tasks:
+        p = task.kind.postprocess(crop_center(out[task.name], (h, w)))[0].cpu().numpy()
+        if task.kind.integer_labels and p.ndim == 2:  # class indices
+            preds[task.name] = p.astype(np.int64)
+        elif p.ndim == 3 and p.shape[0] > 1:  # C×H×W maps
+            preds[task.name] = p.transpose(1, 2, 0).astype(np.float32)
         else:
-            preds[task] = p.reshape(h, w).astype(np.float32)
+            preds[task.name] = p.reshape(h, w).astype(np.float32)
     return preds
 
 
@@ -92,32 +92,33 @@ def _title(img: np.ndarray, text: str) -> np.ndarray:
     return np.concatenate([bar, img], 0)
 
 
-def write_predictions(rgb: np.ndarray, preds: dict[str, np.ndarray], out_dir: Path) -> dict[str, Path]:
+def write_predictions(rgb: np.ndarray, preds: dict[str, np.ndarray], out_dir: Path, tasks) -> dict[str, Path]:
     """Write the files listed in the module doc for one image; returns them by name."""
     import cv2
 
-    from ..evaluation.edge import to_uint8_prob
-    from ..visualize import colorize
+    from ..visualize import legend
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     panels = [_title(rgb, "image")]
-    for task, p in preds.items():
-        np.save(out_dir / f"{task}.npy", p)
-        written[f"{task}.npy"] = out_dir / f"{task}.npy"
-        if task in ("semseg", "human_parts"):
-            png = np.clip(p, 0, 255).astype(np.uint8)
-        elif task in ("sal", "edge"):
-            png = to_uint8_prob(p)
-        else:
-            png = None
+    for task in tasks:
+        name, kind, p = task.name, task.kind, preds[task.name]
+        np.save(out_dir / f"{name}.npy", p)
+        written[f"{name}.npy"] = out_dir / f"{name}.npy"
+        png = kind.prediction_png(p)
         if png is not None:
-            cv2.imwrite(str(out_dir / f"{task}.png"), png)
-            written[f"{task}.png"] = out_dir / f"{task}.png"
-        color = colorize(task, p.transpose(2, 0, 1) if task == "normals" else p)
-        cv2.imwrite(str(out_dir / f"{task}_color.png"), cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
-        written[f"{task}_color.png"] = out_dir / f"{task}_color.png"
-        panels.append(_title(color, task))
+            cv2.imwrite(str(out_dir / f"{name}.png"), png)
+            written[f"{name}.png"] = out_dir / f"{name}.png"
+        color = kind.colorize(p.transpose(2, 0, 1) if p.ndim == 3 else p)
+        if isinstance(task.options.get("classes"), (list, tuple)):  # named classes: a legend beside
+            leg = legend(task.class_names, color.shape[0])
+            color = np.pad(color, ((0, leg.shape[0] - color.shape[0]), (0, 0), (0, 0)), constant_values=255)
+            color = np.concatenate([color, leg], 1)
+        cv2.imwrite(str(out_dir / f"{name}_color.png"), cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
+        written[f"{name}_color.png"] = out_dir / f"{name}_color.png"
+        panels.append(_title(color, name))
+    height = max(p.shape[0] for p in panels)
+    panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in panels]
     sheet = np.concatenate(panels, 1)
     cv2.imwrite(str(out_dir / "sheet.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     written["sheet.png"] = out_dir / "sheet.png"
@@ -144,11 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg, _, ckpt, wfile, step, device = build_eval_model(
             args.run, args.overrides, args.config, args.cpu, args.trust_checkpoint
         )
+        from ..config import config_tasks
+
+        tasks = config_tasks(cfg)
         out = Path(args.out)
         for f in files:
             rgb = read_rgb(f)
-            preds = predict_image(model, rgb, device)
-            write_predictions(rgb, preds, out / f.stem)
+            preds = predict_image(model, rgb, device, tasks)
+            write_predictions(rgb, preds, out / f.stem, tasks)
             print(f"{f.name}: {rgb.shape[1]}x{rgb.shape[0]} -> {out / f.stem}")
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)

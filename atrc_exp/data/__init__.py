@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ..config import resolve_data_dir
+from ..config import config_tasks, resolve_data_dir
+from ..task_kinds import Task
 from .layouts import LAYOUTS, Layout, get_layout
 from .nyud import NYUDMT, DataError
 from .pascal import PASCALMT
@@ -28,8 +30,10 @@ __all__ = [
     "Layout",
     "build_datasets",
     "get_layout",
+    "depth_range",
     "normal_centroids",
     "prepare_data",
+    "resolve_task_constants",
 ]
 
 
@@ -63,69 +67,120 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
     return data_dir
 
 
-def _make(cfg: DictConfig, data_dir: Path, split: str, tasks: list[str], transform):
+def _make(cfg: DictConfig, data_dir: Path, split: str, tasks: list, transform):
     """The reader of ``cfg.dataset.layout`` for one split (``ConfigError`` for an unknown layout)."""
     ds = cfg.dataset
     spec = get_layout(str(ds.layout), where=f"dataset={ds.name}: ")
-    return spec.reader(
-        data_dir,
-        split,
-        tasks,
-        transform=transform,
-        num_classes=int(ds.num_semseg_classes),
-        **spec.reader_kwargs(cfg),
-    )
+    return spec.reader(data_dir, split, tasks, transform=transform, **spec.reader_kwargs(cfg))
 
 
 def build_datasets(cfg: DictConfig, data_dir: Path | None = None):
-    """Train and validation datasets for the configured dataset and tasks."""
+    """Train and validation datasets for the configured dataset and tasks (their kinds say what
+    the transforms do with each label). Validation pads to the crop size, or to what the layout
+    says (the folder dataset: the split's largest image, rounded up to a multiple of 32)."""
     data_dir = data_dir or resolve_data_dir(cfg)
     ds = cfg.dataset
-    tasks = list(cfg.tasks.names)
+    tasks = config_tasks(cfg)
     crop = list(ds.crop_size)
     aug = ds.augment
     train_tf = build_train_transform(
-        crop, aug.scale_range, aug.flip, aug.photometric, cat_max_ratio=float(aug.get("cat_max_ratio", 0.75))
+        crop,
+        aug.scale_range,
+        aug.flip,
+        aug.photometric,
+        cat_max_ratio=float(aug.cat_max_ratio),
+        ratio_task=aug.get("cat_max_ratio_task"),
+        tasks=tasks,
     )
-    val_tf = build_val_transform(crop)
-    return (
-        _make(cfg, data_dir, ds.train_split, tasks, train_tf),
-        _make(cfg, data_dir, ds.val_split, tasks, val_tf),
-    )
+    val = _make(cfg, data_dir, ds.val_split, tasks, None)
+    val.transform = build_val_transform(get_layout(str(ds.layout)).val_size(val, crop), tasks=tasks)
+    return _make(cfg, data_dir, ds.train_split, tasks, train_tf), val
 
 
-def normal_centroids(cfg: DictConfig, data_dir: Path | None = None, *, max_images: int = 500) -> torch.Tensor:
-    """The 40 normal centroids (40×3 float32 unit vectors) of the aux normals target, as
-    ``dataset.normal_centroids`` says: the name of a published set (``nyud``, ``pascal_context``:
-    the original's, shipped with the package), or ``kmeans``: k-means over normals sampled from up
-    to ``max_images`` images (evenly spaced) of the training split, cached in
-    ``paths.cache_dir/normal_centroids/``. Raises :class:`DataError` when the dataset has no
-    normals or names an unknown set."""
+def resolve_task_constants(cfg: DictConfig, tasks: list[Task], data_dir: Path | None = None) -> list[Task]:
+    """``tasks`` with the constants their aux losses need taken from the data where the spec leaves
+    them open: a normals task's ``centroids`` (a published set's, or k-means of the training labels,
+    :func:`normal_centroids`) and a depth task's ``range`` (the training labels' 1st–99th
+    percentile, :func:`depth_range`)."""
+    out = []
+    for t in tasks:
+        if "centroids" in t.kind.options and isinstance(t.options.get("centroids"), str):
+            t = t.with_options(centroids=normal_centroids(cfg, data_dir, task=t).numpy())
+        if "range" in t.kind.options and t.options.get("range") is None:
+            t = t.with_options(range=depth_range(cfg, t, data_dir))
+        out.append(t)
+    return out
+
+
+def _train_sample_indices(n: int, max_images: int) -> list[int]:
+    return sorted({int(i) for i in torch.linspace(0, n - 1, min(n, max_images)).round().tolist()})
+
+
+def _cache_key(cfg: DictConfig, reader, task: Task, n: int) -> dict:
+    sf = reader.split_file.stat()
+    return {
+        "name": f"{cfg.dataset.name}_{cfg.dataset.layout}_{task.name}",
+        "root": str(reader.root.resolve()),
+        "split": cfg.dataset.train_split,
+        "split_list": f"{sf.st_size}:{sf.st_mtime_ns}",
+        "images": n,
+        "normals_valid": [int(c) for c in getattr(reader, "normals_valid_classes", [])],
+    }
+
+
+def normal_centroids(
+    cfg: DictConfig, data_dir: Path | None = None, *, max_images: int = 500, task: Task | None = None
+) -> torch.Tensor:
+    """The 40 normal centroids (40×3 float32 unit vectors) of a normals task's aux target (default:
+    the dataset's first normals task), as its ``centroids`` option says: the name of a published
+    set (``nyud``, ``pascal_context``: the original's, shipped with the package), a list of rows,
+    or ``kmeans``: k-means over normals sampled from up to ``max_images`` images (evenly spaced)
+    of the training split, cached in ``paths.cache_dir/normal_centroids/``. Raises
+    :class:`DataError` when the dataset has no normals or names an unknown set."""
     from .targets import cached_normal_centroids, published_normal_centroids
 
     ds = cfg.dataset
-    if "normals" not in ds.tasks:
-        raise DataError(f"dataset={ds.name} has no normals, so no normal centroids")
-    choice = str(ds.get("normal_centroids", None) or "kmeans")
+    if task is None:
+        normals = [t for t in config_tasks(cfg, list(ds.task_specs)) if "centroids" in t.kind.options]
+        if not normals:
+            raise DataError(f"dataset={ds.name} has no normals task, so no normal centroids")
+        task = normals[0]
+    choice = task.options.get("centroids") or "kmeans"
+    if not isinstance(choice, str):
+        return torch.as_tensor(np.asarray(choice, np.float32))
     if choice != "kmeans":
         try:
             return torch.from_numpy(published_normal_centroids(choice))
         except ValueError as e:
-            raise DataError(f"dataset.normal_centroids: {e}") from None
+            raise DataError(f"task {task.name!r}, centroids: {e}") from None
     data_dir = Path(data_dir or resolve_data_dir(cfg))
-    reader = _make(cfg, data_dir, ds.train_split, ["normals"], None)
-    n = len(reader)
-    idx = sorted({int(i) for i in torch.linspace(0, n - 1, min(n, max_images)).round().tolist()})
-    sf = reader.split_file.stat()
-    key = {
-        "name": f"{ds.name}_{ds.layout}",
-        "root": str(reader.root.resolve()),
-        "split": ds.train_split,
-        "split_list": f"{sf.st_size}:{sf.st_mtime_ns}",
-        "images": len(idx),
-        "normals_valid": [int(c) for c in getattr(reader, "normals_valid_classes", [])],
-    }
+    reader = _make(cfg, data_dir, ds.train_split, [task], None)
+    idx = _train_sample_indices(len(reader), max_images)
+    key = _cache_key(cfg, reader, task, len(idx))
     cent = cached_normal_centroids(
-        Path(str(cfg.paths.cache_dir)), key, lambda: (reader.load_raw(i)["normals"] for i in idx), seed=0
+        Path(str(cfg.paths.cache_dir)), key, lambda: (reader.load_raw(i)[task.name] for i in idx), seed=0
     )
     return torch.from_numpy(cent)
+
+
+def depth_range(
+    cfg: DictConfig, task: Task, data_dir: Path | None = None, *, max_images: int = 500
+) -> list[float]:
+    """``[min, max]`` (metres) of a depth task's aux bins from its training labels: the 1st and
+    99th percentile of the labelled depths of up to ``max_images`` images (evenly spaced)."""
+    data_dir = Path(data_dir or resolve_data_dir(cfg))
+    reader = _make(cfg, data_dir, cfg.dataset.train_split, [task], None)
+    values = []
+    for i in _train_sample_indices(len(reader), max_images):
+        d = np.asarray(reader.load_raw(i)[task.name], np.float32)
+        values.append(d[(d > 0) & np.isfinite(d)])
+    v = np.concatenate(values) if values else np.zeros(0, np.float32)
+    if v.size == 0:
+        raise DataError(
+            f"task {task.name!r}: no labelled depth in the training split, so no range for its aux bins; "
+            f"give it as `range: [min, max]` (metres)"
+        )
+    lo, hi = (float(x) for x in np.percentile(v, [1, 99]))
+    if not hi > lo:
+        hi = lo * 1.5 + 1e-3
+    return [lo, hi]

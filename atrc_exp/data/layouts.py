@@ -7,8 +7,9 @@ extra keyword arguments from the config, what ``atrc-data check`` / ``fetch`` / 
 package branches on a layout name.
 
 Adding a layout: its reader class (``reader(data_dir, split, tasks, transform=None,
-num_classes=K, **reader_kwargs(cfg))``, reading ``data_dir/<name>/``, with ``root``,
-``split_file``, ``names`` and ``load_raw(i)``), one row here, a synthetic writer
+**reader_kwargs(cfg))`` with ``tasks`` :class:`~atrc_exp.task_kinds.Task` objects, reading
+``data_dir/<name>/``, with ``root``, ``split_file``, ``names`` and ``load_raw(i)``), one row here,
+a synthetic writer
 (``write(dest, n_train, n_val, height, width, seed, progress)``) and ``conf/dataset/<name>.yaml``
 files with ``layout: <name>``.
 """
@@ -49,7 +50,7 @@ class Archive:
 class Layout:
     """One dataset layout; the key in :data:`LAYOUTS` is its folder name under ``paths.data_dir``."""
 
-    #: ``reader(data_dir, split, tasks, transform=None, num_classes=K, **reader_kwargs(cfg))``.
+    #: ``reader(data_dir, split, tasks, transform=None, **reader_kwargs(cfg))``.
     reader: type
     #: The reader's layout-specific keyword arguments from the composed config.
     reader_kwargs: Callable[[DictConfig], dict[str, Any]]
@@ -70,15 +71,24 @@ class Layout:
     check_image: Callable[[Any, int, dict], None] | None = None
     #: Appended to ``check``'s "no valid normals pixel" problem (what to look at).
     normals_note: str = ""
+    #: ``val_size(val_reader, crop_size) -> (H, W)``: the size validation samples are padded to.
+    val_size: Callable[[Any, Any], tuple[int, int]] = lambda reader, crop: (int(crop[0]), int(crop[1]))
 
 
-def _no_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    return {}
+def _semseg_classes(cfg: DictConfig) -> dict[str, Any]:
+    """The published layouts' ``semseg`` class count, from the dataset's task spec."""
+    spec = cfg.dataset.task_specs.get("semseg")
+    return (
+        {}
+        if spec is None
+        else {"num_classes": len(spec.classes) if not isinstance(spec.classes, int) else int(spec.classes)}
+    )
 
 
 def _pascal_kwargs(cfg: DictConfig) -> dict[str, Any]:
     valid = cfg.dataset.get("normals_valid_classes", None)
     return {
+        **_semseg_classes(cfg),
         "normals_valid_classes": None if valid is None else [int(c) for c in valid],
         "cache_dir": Path(str(cfg.paths.cache_dir)),
     }
@@ -97,7 +107,7 @@ _MTL = "https://data.vision.ee.ethz.ch/kmaninis/share/MTL"
 LAYOUTS: dict[str, Layout] = {
     "NYUD_MT": Layout(
         reader=NYUDMT,
-        reader_kwargs=_no_kwargs,
+        reader_kwargs=_semseg_classes,
         split_dir="gt_sets",
         check_tasks=tuple(NYUD_TASK_FILES),
         semseg_classes=40,

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..label_io import DataError, read_label_png  # noqa: F401  (DataError: re-exported)
 from ..tasks import IGNORE_INDEX
 
 #: Folder and file extension of every NYUD task.
@@ -33,10 +34,6 @@ NYUD_TASK_FILES = {
 }
 
 
-class DataError(RuntimeError):
-    """Missing or malformed data; the message names the file and what to do."""
-
-
 def read_image(path: Path, split_file: Path | str = "") -> np.ndarray:
     """An RGB image as uint8 H×W×3 (OpenCV decode, BGR → RGB); the transforms keep it uint8 as long
     as they can (see :mod:`atrc_exp.data.transforms`)."""
@@ -45,25 +42,6 @@ def read_image(path: Path, split_file: Path | str = "") -> np.ndarray:
         where = f" (listed in {split_file})" if split_file else ""
         raise DataError(f"unreadable image {path}{where}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def read_label_png(path: Path, split_file: Path | str = "") -> np.ndarray:
-    """A label PNG as uint8/uint16 H×W: palette PNGs give their indices (as PIL reads them in the
-    original loaders), grey PNGs their values; an RGB PNG takes its first channel."""
-    from PIL import Image, UnidentifiedImageError
-
-    where = f" (listed in {split_file})" if split_file else ""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"unreadable label {path}{where}: {e}") from e
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    return arr
 
 
 def require_layout_dir(data_dir: str | Path, layout: str, dataset: str) -> Path:
@@ -99,7 +77,8 @@ class NYUDMT(Dataset):
     Args:
         data_dir: the folder that holds ``NYUD_MT/``.
         split: ``train`` or ``val`` (a file ``gt_sets/<split>.txt``).
-        tasks: the tasks to load (subset of :data:`NYUD_TASK_FILES`).
+        tasks: the tasks to load (:class:`~atrc_exp.task_kinds.Task` objects or names, a subset of
+            :data:`NYUD_TASK_FILES`).
         transform: applied to the raw sample dict; ``None`` returns raw numpy arrays.
         num_classes: number of semseg classes; labels above it are an error.
     """
@@ -108,11 +87,12 @@ class NYUDMT(Dataset):
         self,
         data_dir: str | Path,
         split: str,
-        tasks: Sequence[str],
+        tasks: Sequence,
         transform: Callable | None = None,
         num_classes: int = 40,
     ):
         self.root = require_layout_dir(data_dir, "NYUD_MT", "nyud")
+        tasks = [getattr(t, "name", t) for t in tasks]
         unknown = [t for t in tasks if t not in NYUD_TASK_FILES]
         if unknown:
             raise DataError(f"NYUD-v2 has no task(s) {unknown}; it has {list(NYUD_TASK_FILES)}")
@@ -142,6 +122,28 @@ class NYUDMT(Dataset):
             arr[bad] = 0.0
         return arr
 
+    def _semseg(self, p: Path) -> np.ndarray:
+        """Labels 1..K -> 0..K-1; 0 (unlabelled) and 255 -> ignore."""
+        raw = read_label_png(p, self.split_file)
+        bad = (raw > self.num_classes) & (raw != IGNORE_INDEX)
+        if bad.any():
+            raise DataError(
+                f"{p}: label {int(raw[bad].max())} > {self.num_classes} classes (listed in {self.split_file})"
+            )
+        lab = raw.astype(np.int64) - 1
+        lab[(raw == 0) | (raw == IGNORE_INDEX)] = IGNORE_INDEX
+        return lab
+
+    def _normals(self, p: Path) -> np.ndarray:
+        arr = self._load_npy(p)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise DataError(f"{p}: normals must be H×W×3, got {arr.shape} (listed in {self.split_file})")
+        return arr
+
+    def _map(self, p: Path) -> np.ndarray:
+        arr = self._load_npy(p)
+        return arr[..., 0] if arr.ndim == 3 else arr
+
     def load_raw(self, index: int) -> dict:
         """The untransformed sample: numpy arrays in HWC layout plus ``meta``."""
         name = self.names[index]
@@ -149,31 +151,11 @@ class NYUDMT(Dataset):
         image = read_image(img_path, self.split_file)
         h, w = image.shape[:2]
         sample = {"image": image}
+        read = {"semseg": self._semseg, "normals": self._normals, "depth": self._map, "edge": self._map}
         for task in self.tasks:
             folder, ext = NYUD_TASK_FILES[task]
             p = self._path(folder, name, ext)
-            if task == "semseg":
-                # labels 1..K -> 0..K-1; 0 (unlabelled) and 255 -> ignore
-                raw = read_label_png(p, self.split_file)
-                bad = (raw > self.num_classes) & (raw != IGNORE_INDEX)
-                if bad.any():
-                    raise DataError(
-                        f"{p}: label {int(raw[bad].max())} > {self.num_classes} classes "
-                        f"(listed in {self.split_file})"
-                    )
-                lab = raw.astype(np.int64) - 1
-                lab[(raw == 0) | (raw == IGNORE_INDEX)] = IGNORE_INDEX
-                arr = lab
-            elif task == "normals":
-                arr = self._load_npy(p)
-                if arr.ndim != 3 or arr.shape[2] != 3:
-                    raise DataError(
-                        f"{p}: normals must be H×W×3, got {arr.shape} (listed in {self.split_file})"
-                    )
-            else:
-                arr = self._load_npy(p)
-                if arr.ndim == 3:
-                    arr = arr[..., 0]
+            arr = read[task](p)
             if arr.shape[:2] != (h, w):
                 raise DataError(
                     f"{p}: size {arr.shape[:2]} differs from its image {img_path} ({h}, {w}) "

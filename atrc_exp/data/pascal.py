@@ -237,6 +237,25 @@ def read_split_list(root: Path, split: str) -> tuple[Path, list[str]]:
     return split_file, names
 
 
+class _ImageContext:
+    """One image being read: its name, size and ``LabelMap`` (loaded once, for edges and normals)."""
+
+    def __init__(self, reader: PASCALMT, index: int, name: str, img_path: Path, hw: tuple[int, int]):
+        self.reader, self.index, self.name, self.img_path, self.hw = reader, index, name, img_path, hw
+        self._label_map: np.ndarray | None = None
+
+    def label_map(self) -> np.ndarray:
+        if self._label_map is None:
+            r = self.reader
+            p = r.root / "pascal-context" / "trainval" / f"{self.name}.mat"
+            mat = _loadmat(p, r.split_file)
+            if "LabelMap" not in mat:
+                raise DataError(f"{p}: no LabelMap variable (listed in {r.split_file})")
+            self._label_map = np.asarray(mat["LabelMap"])
+            r._check_size(self._label_map, p, self.img_path, self.hw)
+        return self._label_map
+
+
 class PASCALMT(Dataset):
     """One split of PASCAL_MT. Items are transformed samples (see :mod:`atrc_exp.data.transforms`).
 
@@ -256,7 +275,7 @@ class PASCALMT(Dataset):
         self,
         data_dir: str | Path,
         split: str,
-        tasks: Sequence[str],
+        tasks: Sequence,
         transform: Callable | None = None,
         num_classes: int = 21,
         normals_valid_classes: Sequence[int] | None = None,
@@ -264,6 +283,7 @@ class PASCALMT(Dataset):
         area_thres: int = 0,
     ):
         self.root = require_layout_dir(data_dir, "PASCAL_MT", "pascal_context")
+        tasks = [getattr(t, "name", t) for t in tasks]
         unknown = [t for t in tasks if t not in PASCAL_TASKS]
         if unknown:
             raise DataError(f"PASCAL-Context has no task(s) {unknown}; it has {list(PASCAL_TASKS)}")
@@ -353,6 +373,45 @@ class PASCALMT(Dataset):
                 f"(listed in {self.split_file})"
             )
 
+    def _semseg(self, c: _ImageContext) -> np.ndarray:
+        p = self.semseg_path(c.name)
+        raw = read_label_png(p, self.split_file)
+        bad = (raw >= self.num_classes) & (raw != IGNORE_INDEX)
+        if bad.any():
+            raise DataError(
+                f"{p}: label {int(raw[bad].max())} outside 0..{self.num_classes - 1} and 255 "
+                f"(listed in {self.split_file})"
+            )
+        arr = raw.astype(np.int64)
+        self._check_size(arr, p, c.img_path, c.hw)
+        return arr
+
+    def _human_parts(self, c: _ImageContext) -> np.ndarray:
+        arr = None
+        if self.has_person is not None and self.has_person[c.index]:
+            p = self.root / "human_parts" / f"{c.name}.mat"
+            arr = person_parts(_loadmat(p, self.split_file), p, c.hw)
+        if arr is None or not (arr > 0).any():
+            arr = np.full(c.hw, IGNORE_INDEX, np.int64)
+        return arr
+
+    def _edge(self, c: _ImageContext) -> np.ndarray:
+        return edges_from_labelmap(c.label_map())
+
+    def _normals(self, c: _ImageContext) -> np.ndarray:
+        p = self._path("normals_distill", c.name, ".png")
+        raw = read_image(p, self.split_file)  # RGB, as PIL reads it in the original
+        self._check_size(raw, p, c.img_path, c.hw)
+        arr = (2.0 * raw.astype(np.float32) / 255.0 - 1.0).astype(np.float32)
+        arr[~np.isin(c.label_map(), self.normals_valid_classes)] = 0.0
+        return arr
+
+    def _sal(self, c: _ImageContext) -> np.ndarray:
+        p = self._path("sal_distill", c.name, ".png")
+        raw = read_label_png(p, self.split_file)
+        self._check_size(raw, p, c.img_path, c.hw)
+        return (raw.astype(np.float32) / 255.0 > 0.5).astype(np.int64)
+
     def load_raw(self, index: int) -> dict:
         """The untransformed sample: numpy arrays in HWC layout plus ``meta``."""
         name = self.names[index]
@@ -360,56 +419,16 @@ class PASCALMT(Dataset):
         image = read_image(img_path, self.split_file)
         hw = image.shape[:2]
         sample: dict = {"image": image}
-        label_map = None
-
-        def get_label_map() -> np.ndarray:
-            nonlocal label_map
-            if label_map is None:
-                p = self.root / "pascal-context" / "trainval" / f"{name}.mat"
-                mat = _loadmat(p, self.split_file)
-                if "LabelMap" not in mat:
-                    raise DataError(f"{p}: no LabelMap variable (listed in {self.split_file})")
-                label_map = np.asarray(mat["LabelMap"])
-                self._check_size(label_map, p, img_path, hw)
-            return label_map
-
+        ctx = _ImageContext(self, index, name, img_path, hw)
+        read = {
+            "semseg": self._semseg,
+            "human_parts": self._human_parts,
+            "edge": self._edge,
+            "normals": self._normals,
+            "sal": self._sal,
+        }
         for task in self.tasks:
-            if task == "semseg":
-                p = self.semseg_path(name)
-                raw = read_label_png(p, self.split_file)
-                bad = (raw >= self.num_classes) & (raw != IGNORE_INDEX)
-                if bad.any():
-                    raise DataError(
-                        f"{p}: label {int(raw[bad].max())} outside 0..{self.num_classes - 1} and 255 "
-                        f"(listed in {self.split_file})"
-                    )
-                arr = raw.astype(np.int64)
-                self._check_size(arr, p, img_path, hw)
-            elif task == "human_parts":
-                arr = None
-                if self.has_person is not None and self.has_person[index]:
-                    p = self.root / "human_parts" / f"{name}.mat"
-                    mat = _loadmat(p, self.split_file)
-                    arr = person_parts(mat, p, hw)
-                if arr is None or not (arr > 0).any():
-                    arr = np.full(hw, IGNORE_INDEX, np.int64)
-            elif task == "edge":
-                arr = edges_from_labelmap(get_label_map())
-            elif task == "normals":
-                p = self._path("normals_distill", name, ".png")
-                raw = read_image(p, self.split_file)  # RGB, as PIL reads it in the original
-                self._check_size(raw, p, img_path, hw)
-                arr = (2.0 * raw.astype(np.float32) / 255.0 - 1.0).astype(np.float32)
-                valid = np.isin(get_label_map(), self.normals_valid_classes)
-                arr[~valid] = 0.0
-            elif task == "sal":
-                p = self._path("sal_distill", name, ".png")
-                raw = read_label_png(p, self.split_file)
-                self._check_size(raw, p, img_path, hw)
-                arr = (raw.astype(np.float32) / 255.0 > 0.5).astype(np.int64)
-            else:  # pragma: no cover - guarded in __init__
-                raise AssertionError(task)
-            sample[task] = arr
+            sample[task] = read[task](ctx)
         sample["meta"] = {"name": name, "size": tuple(hw)}
         return sample
 

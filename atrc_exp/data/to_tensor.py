@@ -12,35 +12,54 @@ Padding puts the image in the **centre** of the padded maps, as the original doe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import cv2
 import numpy as np
 import torch
 
+from ..task_kinds import Task, tasks_by_name
 from ..tasks import IGNORE_INDEX, pad_offsets
 
 Sample = dict
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
-#: Fill value of each key when padding.
-PAD_VALUES = {
-    "image": 0.0,
-    "semseg": IGNORE_INDEX,
-    "human_parts": IGNORE_INDEX,
-    "sal": IGNORE_INDEX,
-    "edge": IGNORE_INDEX,
-    "normals": 0.0,  # zero norm -> ignore in IgnoreRegions
-    "depth": 0.0,  # 0 -> ignore in IgnoreRegions
-}
-#: Class maps: int64 tensors (every other dense key becomes float32).
-_INT_KEYS = ("semseg", "human_parts", "sal")
 _GREY = np.arange(256, dtype=np.uint8)  # the 256 grey levels, input of the look-up tables
 
 
 def _dense_keys(sample: Sample) -> list[str]:
     return [k for k in sample if k != "meta"]
+
+
+class LabelRules:
+    """What the transforms do with each key of a sample, from its task's kind
+    (:data:`~atrc_exp.task_kinds.TASK_KINDS`): ``tasks`` are the tasks of the samples (``None``: the
+    paper's named tasks). Keys that are not tasks (the image) are float maps padded with 0."""
+
+    def __init__(self, tasks: Mapping[str, Task] | Iterable[Task] | None = None):
+        self.tasks = tasks_by_name(tasks)
+
+    def pad_value(self, key: str) -> float:
+        t = self.tasks.get(key)
+        return 0.0 if t is None else t.kind.pad_value
+
+    def is_int(self, key: str) -> bool:
+        t = self.tasks.get(key)
+        return t is not None and t.kind.integer_labels
+
+    def zero_is_ignore(self, key: str) -> bool:
+        t = self.tasks.get(key)
+        return t is not None and t.kind.zero_is_ignore
+
+    def needs_foreground(self, key: str) -> bool:
+        """A map without any class > 0 is all ignore (``ignore_without_foreground``: human parts)."""
+        t = self.tasks.get(key)
+        return t is not None and bool(t.options.get("ignore_without_foreground", False))
+
+    def keys_where(self, flag: str, sample: Sample) -> list[str]:
+        """The keys of ``sample`` whose task's kind has ``flag`` set (e.g. ``flip_negates_x``)."""
+        return [k for k in sample if k in self.tasks and getattr(self.tasks[k].kind, flag)]
 
 
 class Normalize:
@@ -72,12 +91,13 @@ class Normalize:
 
 
 class PadToSize:
-    """Pad up to ``size`` (H, W) with :data:`PAD_VALUES`, the input in the centre (⌊ΔH/2⌋ rows above,
+    """Pad up to ``size`` (H, W) with each kind's pad value, the input in the centre (⌊ΔH/2⌋ rows above,
     ⌊ΔW/2⌋ columns to the left, the rest below / to the right); nothing is cut along a dimension
     where the input is larger."""
 
-    def __init__(self, size: Sequence[int]):
+    def __init__(self, size: Sequence[int], tasks=None):
         self.size = (int(size[0]), int(size[1]))
+        self.rules = LabelRules(tasks)
 
     def __call__(self, sample: Sample) -> Sample:
         h, w = sample["image"].shape[:2]
@@ -89,35 +109,31 @@ class PadToSize:
         for k in _dense_keys(sample):
             arr = sample[k]
             pad = ((top, ph - top), (left, pw - left)) + ((0, 0),) * (arr.ndim - 2)
-            out[k] = np.pad(arr, pad, constant_values=PAD_VALUES.get(k, 0))
+            out[k] = np.pad(arr, pad, constant_values=self.rules.pad_value(k))
         return out
 
 
 class IgnoreRegions:
-    """Mark invalid targets with 255: normals of zero norm (all channels), depth 0, and the whole
-    human-parts map when it shows no part (no person in the image or in the crop, or a person
-    without part annotations — the original's ``AddIgnoreRegions``; padding, already 255, does not
-    count as a part)."""
+    """Mark invalid targets with 255: maps of kinds where 0 means no label (normals of zero norm,
+    all channels; depth 0), and the whole map of a task with ``ignore_without_foreground`` when it
+    shows no class > 0 (human parts: no person in the image or in the crop, or a person without
+    part annotations — the original's ``AddIgnoreRegions``; padding, already 255, does not count)."""
+
+    def __init__(self, tasks=None):
+        self.rules = LabelRules(tasks)
 
     def __call__(self, sample: Sample) -> Sample:
         out = dict(sample)
-        if "human_parts" in sample:
-            hp = sample["human_parts"]
-            if not _has_parts(hp):
-                out["human_parts"] = np.full(hp.shape, IGNORE_INDEX, hp.dtype)
-        if "normals" in sample:
-            n = sample["normals"].astype(np.float32, copy=False)
-            zero = (n[..., 0] == 0) & (n[..., 1] == 0) & (n[..., 2] == 0)  # (faster than any(-1))
-            if zero.any():
-                n = n.copy()
-                n[zero] = IGNORE_INDEX
-            out["normals"] = n
-        if "depth" in sample:
-            d = sample["depth"].astype(np.float32, copy=False)
-            zero = d == 0
-            if zero.any():
-                d = np.where(zero, np.float32(IGNORE_INDEX), d)
-            out["depth"] = d
+        for k in _dense_keys(sample):
+            if self.rules.needs_foreground(k) and not _has_parts(sample[k]):
+                out[k] = np.full(sample[k].shape, IGNORE_INDEX, sample[k].dtype)
+            elif self.rules.zero_is_ignore(k):
+                v = sample[k].astype(np.float32, copy=False)
+                zero = (v == 0).all(axis=-1) if v.ndim == 3 else v == 0
+                if zero.any():
+                    v = v.copy()
+                    v[zero] = IGNORE_INDEX
+                out[k] = v
         return out
 
 
@@ -147,12 +163,15 @@ def _zero_vectors(planes: np.ndarray) -> np.ndarray | None:
 class ToTensor:
     """HWC numpy → the batch tensors of :mod:`atrc_exp.tasks` (CHW, int64 class maps)."""
 
+    def __init__(self, tasks=None):
+        self.rules = LabelRules(tasks)
+
     def __call__(self, sample: Sample) -> dict:
         out: dict = {}
         for k, v in sample.items():
             if k == "meta":
                 out[k] = v
-            elif k in _INT_KEYS:
+            elif self.rules.is_int(k):
                 out[k] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64))
             else:
                 arr = v if v.ndim == 3 else v[..., None]
@@ -177,7 +196,7 @@ class NormalizePadToTensor:
     """:class:`Normalize`, :class:`PadToSize`, :class:`IgnoreRegions` (``ignore_regions=True``) and
     :class:`ToTensor` in one pass: every target is written at most once, straight into a
     preallocated tensor of the padded size (CHW float32; int64 class maps), with the same values as
-    the four steps in that order — padding with :data:`PAD_VALUES` (the input in the centre, as
+    the four steps in that order — padding with each kind's pad value (the input in the centre, as
     :class:`PadToSize`), then zero-norm normals and zero depth (padding included) → 255, a
     human-parts map without a part → all 255.
 
@@ -192,10 +211,12 @@ class NormalizePadToTensor:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         ignore_regions: bool = True,
+        tasks=None,
     ):
         self.size = (int(size[0]), int(size[1]))
         self.normalize = Normalize(mean, std)
         self.ignore_regions = ignore_regions
+        self.rules = LabelRules(tasks)
 
     def __call__(self, sample: Sample) -> dict:
         h, w = sample["image"].shape[:2]
@@ -208,15 +229,15 @@ class NormalizePadToTensor:
                 out[k] = v
             elif k == "image":
                 out[k] = self._image(v, H, W, win)
-            elif k in _INT_KEYS:
-                if self.ignore_regions and k == "human_parts" and not _has_parts(v):
+            elif self.rules.is_int(k):
+                if self.ignore_regions and self.rules.needs_foreground(k) and not _has_parts(v):
                     out[k] = torch.full((H, W), IGNORE_INDEX, dtype=torch.int64)
                 elif (h, w) == (H, W) and v.dtype == np.int64 and _adoptable(v):
                     out[k] = torch.from_numpy(v)
                 else:
                     t = torch.empty((H, W), dtype=torch.int64)
                     a = t.numpy()
-                    _fill_border(a, top, left, h, w, PAD_VALUES.get(k, 0))
+                    _fill_border(a, top, left, h, w, self.rules.pad_value(k))
                     np.copyto(a[win], v, casting="unsafe")
                     out[k] = t
             else:
@@ -231,7 +252,7 @@ class NormalizePadToTensor:
             return self._float_map("image", nz({"image": img})["image"], H, W, win)
         t = torch.empty((c, H, W), dtype=torch.float32)
         a = t.numpy()
-        _fill_border(a, win[0].start, win[1].start, h, w, PAD_VALUES["image"])
+        _fill_border(a, win[0].start, win[1].start, h, w, 0.0)
         body = [a[i][win] for i in range(c)]
         if img.dtype == np.uint8:  # uint8 planes through the per-channel tables, into the tensor
             for i, p in enumerate(cv2.split(img)):
@@ -247,7 +268,7 @@ class NormalizePadToTensor:
 
     def _float_map(self, k: str, v: np.ndarray, H: int, W: int, win: tuple[slice, slice]) -> torch.Tensor:
         h, w = v.shape[:2]
-        ignore = self.ignore_regions and k in ("depth", "normals")
+        ignore = self.ignore_regions and self.rules.zero_is_ignore(k)
         if v.ndim == 2 and (h, w) == (H, W) and v.dtype == np.float32 and _adoptable(v):
             zero = _zero_vectors(v[None]) if ignore else None
             if zero is not None:
@@ -256,7 +277,7 @@ class NormalizePadToTensor:
         chw = v[None] if v.ndim == 2 else v.transpose(2, 0, 1)
         t = torch.empty((chw.shape[0], H, W), dtype=torch.float32)
         a = t.numpy()
-        _fill_border(a, win[0].start, win[1].start, h, w, IGNORE_INDEX if ignore else PAD_VALUES.get(k, 0))
+        _fill_border(a, win[0].start, win[1].start, h, w, IGNORE_INDEX if ignore else self.rules.pad_value(k))
         body = a[(slice(None), *win)]
         if v.ndim == 3 and 1 < v.shape[2] <= 4 and v.dtype == np.float32 and v.strides[1] > 0:
             _split_into(v, list(body))  # (cv2's deinterleave: twice as fast as a transposing copy)

@@ -38,11 +38,10 @@ import torch
 from ..tasks import IGNORE_INDEX
 from .to_tensor import (  # noqa: F401  (re-exported: all pipeline steps in one namespace)
     _GREY,
-    _INT_KEYS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    PAD_VALUES,
     IgnoreRegions,
+    LabelRules,
     Normalize,
     NormalizePadToTensor,
     PadToSize,
@@ -51,8 +50,6 @@ from .to_tensor import (  # noqa: F401  (re-exported: all pipeline steps in one 
 )
 
 Sample = dict
-
-_LABEL_KEYS = ("semseg", "human_parts", "sal", "edge", "depth", "normals")
 
 
 def torch_seeded_rng() -> np.random.Generator:
@@ -114,9 +111,12 @@ class RandomScale:
     straightforward version of :class:`RandomScaleCrop` (whole maps).
     """
 
-    def __init__(self, scale_range: Sequence[float] = (0.5, 2.0), rng: np.random.Generator | None = None):
+    def __init__(
+        self, scale_range: Sequence[float] = (0.5, 2.0), rng: np.random.Generator | None = None, tasks=None
+    ):
         self.lo, self.hi = float(scale_range[0]), float(scale_range[1])
         self.rng = rng
+        self.rules = LabelRules(tasks)
 
     def __call__(self, sample: Sample) -> Sample:
         rng = self.rng or TorchDraws()
@@ -131,10 +131,10 @@ class RandomScale:
             if arr.ndim == 3 and res.ndim == 2:
                 res = res[..., None]
             out[k] = res
-        if "depth" in out:
-            d = out["depth"]
+        for k in self.rules.keys_where("scale_divides_values", out):
+            d = out[k]
             valid = (d > 0) & (d != IGNORE_INDEX)
-            out["depth"] = np.where(valid, d / s, d).astype(np.float32)
+            out[k] = np.where(valid, d / s, d).astype(np.float32)
         return out
 
 
@@ -161,10 +161,11 @@ def class_ratio_ok(seg: np.ndarray, cat_max_ratio: float, ignore_index: int = IG
 class RandomCrop:
     """Crop to ``size`` (H, W) at a random position (no-op along dims already smaller).
 
-    With ``cat_max_ratio < 1`` and a ``semseg`` map in the sample, the position is re-drawn up to
-    10 times until no class covers ``cat_max_ratio`` or more of the crop's labelled pixels (ignore
-    excluded, at least two classes); after 10 failures one more draw is taken as it is — the rule of
-    MMSegmentation's ``RandomCrop`` that the original uses. Samples without ``semseg`` crop once.
+    With ``cat_max_ratio < 1`` and the class map ``ratio_task`` in the sample, the position is
+    re-drawn up to 10 times until no class covers ``cat_max_ratio`` or more of the crop's labelled
+    pixels (ignore excluded, at least two classes); after 10 failures one more draw is taken as it
+    is — the rule of MMSegmentation's ``RandomCrop`` that the original uses (on ``semseg``).
+    Samples without that map crop once.
     """
 
     def __init__(
@@ -174,7 +175,9 @@ class RandomCrop:
         cat_max_ratio: float = 1.0,
         ignore_index: int = IGNORE_INDEX,
         max_tries: int = 10,
+        ratio_task: str | None = None,
     ):
+        self.ratio_task = ratio_task
         self.size = (int(size[0]), int(size[1]))
         self.rng = rng
         self.cat_max_ratio = float(cat_max_ratio)
@@ -190,10 +193,10 @@ class RandomCrop:
             return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
 
         y0, x0 = draw()
-        if self.cat_max_ratio < 1.0 and "semseg" in sample:
+        if self.cat_max_ratio < 1.0 and self.ratio_task in sample:
             for _ in range(self.max_tries):
                 if class_ratio_ok(
-                    sample["semseg"][y0 : y0 + ch, x0 : x0 + cw], self.cat_max_ratio, self.ignore_index
+                    sample[self.ratio_task][y0 : y0 + ch, x0 : x0 + cw], self.cat_max_ratio, self.ignore_index
                 ):
                     break
                 y0, x0 = draw()
@@ -287,7 +290,11 @@ class RandomScaleCrop:
         ignore_index: int = IGNORE_INDEX,
         max_tries: int = 10,
         rng: np.random.Generator | None = None,
+        ratio_task: str | None = None,
+        tasks=None,
     ):
+        self.ratio_task = ratio_task
+        self.rules = LabelRules(tasks)
         self.lo, self.hi = float(scale_range[0]), float(scale_range[1])
         self.size = (int(crop_size[0]), int(crop_size[1]))
         self.cat_max_ratio = float(cat_max_ratio)
@@ -313,8 +320,8 @@ class RandomScaleCrop:
 
         y0, x0 = draw()
         rows, cols, nmap = window(y0, x0)
-        seg_crop = None  # the accepted semseg crop, reused below
-        if self.cat_max_ratio < 1.0 and "semseg" in sample:
+        seg_crop = None  # the accepted crop of the ratio task's class map, reused below
+        if self.cat_max_ratio < 1.0 and self.ratio_task in sample:
             # MMSeg's rule: up to max_tries checked positions, then one more taken as it is
             # (a position drawn again gets the same verdict: no need to look twice)
             pos = None
@@ -324,7 +331,8 @@ class RandomScaleCrop:
                 if (y0, x0) != pos:
                     if pos is not None:
                         rows, cols, nmap = window(y0, x0)
-                    seg_crop, pos, ok = _gather(sample["semseg"], rows, cols, nmap, whole), (y0, x0), None
+                    seg = _gather(sample[self.ratio_task], rows, cols, nmap, whole)
+                    seg_crop, pos, ok = seg, (y0, x0), None
                 if i == self.max_tries:
                     break
                 if ok is None:
@@ -339,12 +347,12 @@ class RandomScaleCrop:
                 if arr.ndim == 3 and res.ndim == 2:
                     res = res[..., None]
                 out[k] = res[y0 : y0 + ch, x0 : x0 + cw]
-            elif k == "semseg" and seg_crop is not None:
+            elif k == self.ratio_task and seg_crop is not None:
                 out[k] = seg_crop
             else:
                 out[k] = _gather(arr, rows, cols, nmap, whole)
-        if "depth" in out:
-            out["depth"] = _divide_valid_depth(out["depth"], s)
+        for k in self.rules.keys_where("scale_divides_values", out):
+            out[k] = _divide_valid_depth(out[k], s)
         return out
 
 
@@ -367,23 +375,25 @@ class RandomHorizontalFlip:
     where they are copied anyway (:class:`NormalizePadToTensor`, :class:`ToTensor`).
     """
 
-    def __init__(self, p: float = 0.5, rng: np.random.Generator | None = None):
+    def __init__(self, p: float = 0.5, rng: np.random.Generator | None = None, tasks=None):
         self.p = p
         self.rng = rng
+        self.rules = LabelRules(tasks)
 
     def __call__(self, sample: Sample) -> Sample:
         rng = self.rng or TorchDraws()
         if rng.random() >= self.p:
             return sample
         out = dict(sample)
+        negate = self.rules.keys_where("flip_negates_x", sample)
         for k in _dense_keys(sample):
-            out[k] = _flip_lr(sample[k]) if k in ("image", "normals") else sample[k][:, ::-1]
-        if "normals" in out:
-            n = out["normals"]
-            if np.may_share_memory(n, sample["normals"]):  # (a view)
+            out[k] = _flip_lr(sample[k]) if k == "image" or k in negate else sample[k][:, ::-1]
+        for k in negate:
+            n = out[k]
+            if np.may_share_memory(n, sample[k]):  # (a view)
                 n = n.copy()
             n[..., 0] *= -1
-            out["normals"] = n
+            out[k] = n
         return out
 
 
@@ -497,24 +507,35 @@ class PhotometricDistortion:
 
 
 def build_train_transform(
-    crop_size: Sequence[int], scale_range=(0.5, 2.0), flip=True, photometric=True, cat_max_ratio: float = 0.75
+    crop_size: Sequence[int],
+    scale_range=(0.5, 2.0),
+    flip=True,
+    photometric=True,
+    cat_max_ratio: float = 0.75,
+    ratio_task: str | None = None,
+    tasks=None,
 ):
-    """The training pipeline: scale + crop (75% class-ratio rule; fused, :class:`RandomScaleCrop`),
-    flip, photometric (uint8), then normalise, pad (image in the centre) and ignore regions (fused,
-    :class:`NormalizePadToTensor`)."""
-    steps: list = [RandomScaleCrop(scale_range, crop_size, cat_max_ratio=cat_max_ratio)]
+    """The training pipeline: scale + crop (the class-ratio rule on ``ratio_task``; fused,
+    :class:`RandomScaleCrop`), flip, photometric (uint8), then normalise, pad (image in the centre)
+    and ignore regions (fused, :class:`NormalizePadToTensor`). ``tasks``: the samples' tasks (their
+    kinds say what each step does to a label; ``None``: the paper's named tasks)."""
+    steps: list = [
+        RandomScaleCrop(
+            scale_range, crop_size, cat_max_ratio=cat_max_ratio, ratio_task=ratio_task, tasks=tasks
+        )
+    ]
     if flip:
-        steps.append(RandomHorizontalFlip(0.5))
+        steps.append(RandomHorizontalFlip(0.5, tasks=tasks))
     if photometric:
         steps.append(PhotometricDistortion())
-    steps.append(NormalizePadToTensor(crop_size))
+    steps.append(NormalizePadToTensor(crop_size, tasks=tasks))
     return Compose(steps)
 
 
-def build_val_transform(crop_size: Sequence[int]):
-    """The validation pipeline: normalise, pad to the crop size (image in the centre), ignore
+def build_val_transform(crop_size: Sequence[int], tasks=None):
+    """The validation pipeline: normalise, pad to ``crop_size`` (image in the centre), ignore
     regions (fused)."""
-    return Compose([NormalizePadToTensor(crop_size)])
+    return Compose([NormalizePadToTensor(crop_size, tasks=tasks)])
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:

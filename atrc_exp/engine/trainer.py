@@ -26,13 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, validate_config
-from ..data import build_datasets, normal_centroids, prepare_data
+from ..config import ConfigError, config_tasks, validate_config
+from ..data import build_datasets, prepare_data, resolve_task_constants
 from ..losses import MultiTaskLoss
 from ..metrics import MultiTaskMetrics
 from ..models import build_model
 from ..models.genotype import GENOTYPE_FILENAME, save_genotype
-from ..visualize import colorize, postprocess
+from ..task_kinds import MeterSettings
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, truncate_logs, write_json_atomic
 from .fast_paths import apply_fast_paths, channels_last_enabled, compile_step, train_loader_kwargs
 from .faults import NonFiniteError, Preempted, PreemptionGuard
@@ -205,7 +205,7 @@ def validate(model, loader, metrics: MultiTaskMetrics, acc: Accelerator, panel_i
             out = net(batch["image"])
         metrics.update(out["final"], batch)
         if panel_images and not panels:
-            panels = make_panels(batch, out["final"], panel_images)
+            panels = make_panels(batch, out["final"], panel_images, metrics.task_objects)
     state = metrics.state().to(acc.device)
     if acc.num_processes > 1:
         state = acc.reduce(state, reduction="sum")
@@ -214,8 +214,9 @@ def validate(model, loader, metrics: MultiTaskMetrics, acc: Accelerator, panel_i
     return metrics.compute(), panels
 
 
-def make_panels(batch: dict, final: dict, n: int):
-    """Per task, rows of [image | ground truth | prediction] for the first ``n`` images."""
+def make_panels(batch: dict, final: dict, n: int, tasks):
+    """Per task (``tasks``: their :class:`~atrc_exp.task_kinds.Task` objects, the kind colours
+    them), rows of [image | ground truth | prediction] for the first ``n`` images."""
     import numpy as np
 
     from ..data.transforms import denormalize
@@ -223,15 +224,29 @@ def make_panels(batch: dict, final: dict, n: int):
     panels = {}
     n = min(n, batch["image"].shape[0])
     imgs = [denormalize(batch["image"][i]).byte().permute(1, 2, 0).cpu().numpy() for i in range(n)]
-    for task, logits in final.items():
-        pred = postprocess(task, logits).float().cpu().numpy()
-        gt = batch[task].float().cpu().numpy()
-        rows = [
-            np.concatenate([imgs[i], colorize(task, gt[i], True), colorize(task, pred[i])], 1)
-            for i in range(n)
-        ]
-        panels[task] = np.concatenate(rows, 0)
+    for task in tasks:
+        kind = task.kind
+        pred = kind.postprocess(final[task.name]).float().cpu().numpy()
+        gt = batch[task.name].float().cpu().numpy()
+        rows = [np.concatenate([imgs[i], kind.colorize(gt[i]), kind.colorize(pred[i])], 1) for i in range(n)]
+        panels[task.name] = np.concatenate(rows, 0)
     return panels
+
+
+def metrics_record(step: int, metrics: dict[str, float], meters: MultiTaskMetrics) -> dict:
+    """What ``metrics.json`` holds: the step, the metrics and how many validation images had a
+    label of each task (``labelled_images``)."""
+    return {"step": step, "metrics": metrics, "labelled_images": meters.labelled_images()}
+
+
+def build_metrics(cfg: DictConfig, tasks, edge_workers: int | None = None) -> MultiTaskMetrics:
+    """The validation metrics of ``tasks`` with the evaluation settings of ``cfg`` (training and
+    ``atrc-eval`` alike)."""
+    settings = MeterSettings(
+        edge_eval_workers=int(cfg.trainer.edge_eval_workers if edge_workers is None else edge_workers),
+        edge_thresholds=cfg.trainer.edge_eval_thresholds,
+    )
+    return MultiTaskMetrics(tasks, settings)
 
 
 def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
@@ -339,21 +354,14 @@ def setup(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> TrainingR
         log.info("initialised from original weights %s (%d tensors)", init_from, report["loaded"])
     model = apply_fast_paths(model, cfg)  # channels_last / compiled modules (trainer.*; off by default)
     tasks = list(cfg.tasks.names)
-    centroids = None
-    if "normals" in getattr(model.head, "aux_tasks", ()):
-        with acc.main_process_first():
-            centroids = normal_centroids(cfg, data_dir)
-    criterion = MultiTaskLoss(
-        tasks, edge_pos_weight=float(cfg.dataset.edge_pos_weight), normal_centroids=centroids
-    ).to(acc.device)
-    metrics = MultiTaskMetrics(
-        tasks,
-        int(cfg.dataset.num_semseg_classes),
-        float(cfg.dataset.edge_pos_weight),
-        edge_max_dist=float(OmegaConf.select(cfg, "dataset.edge_max_dist", default=0.011)),
-        edge_eval_workers=int(OmegaConf.select(cfg, "trainer.edge_eval_workers", default=2)),
-        edge_thresholds=OmegaConf.select(cfg, "trainer.edge_eval_thresholds", default=99),
-    )
+    task_objects = config_tasks(cfg)
+    aux = set(getattr(model.head, "aux_tasks", ()))
+    with acc.main_process_first():  # aux constants the spec leaves to the data (cached on disk)
+        resolved = resolve_task_constants(cfg, [t for t in task_objects if t.name in aux], data_dir)
+    resolved_by_name = {t.name: t for t in resolved}
+    task_objects = [resolved_by_name.get(t.name, t) for t in task_objects]
+    criterion = MultiTaskLoss(task_objects).to(acc.device)
+    metrics = build_metrics(cfg, task_objects)
     max_steps = int(tc.max_steps)
     search = cfg.mode.name == "search"
     weights, arch = split_parameters(model)
@@ -478,7 +486,9 @@ def train(run: TrainingRun) -> dict[str, float]:
     if not final_metrics:  # resumed at the end: validate once more
         final_metrics, _ = validate(run.model, run.val_loader, run.metrics, acc)
         if acc.is_main_process:
-            write_json_atomic(run.run_dir / "metrics.json", {"step": run.step, "metrics": final_metrics})
+            write_json_atomic(
+                run.run_dir / "metrics.json", metrics_record(run.step, final_metrics, run.metrics)
+            )
     acc.wait_for_everyone()
     bad = [k for k, v in final_metrics.items() if not math.isfinite(v)]
     if bad:
@@ -581,7 +591,7 @@ def _validation_step(run: TrainingRun) -> dict[str, float]:
     )
     metrics, panels = validate(run.model, run.val_loader, run.metrics, acc, want_images if is_main else 0)
     if is_main:
-        result = {"step": step, "metrics": metrics}
+        result = metrics_record(step, metrics, run.metrics)
         if run.skip_mode:
             result["skipped_steps"] = run.skipped
         write_json_atomic(run.run_dir / "metrics.json", result)

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from ..tasks import crop_center
+from ..visualize import to_uint8_prob
 
 log = logging.getLogger(__name__)
 
@@ -184,16 +185,6 @@ class EdgeCounts:
         f = 2 * p * r / (p + r + ((p + r) == 0))
         i = int(np.argmax(f))
         return np.array([self.count_r[i], self.sum_r[i], self.count_p[i], self.sum_p[i]])
-
-
-def to_uint8_prob(prob: np.ndarray) -> np.ndarray:
-    """Probability map in [0, 1] → uint8 0..255 as written to a PNG: ``uint8(255·p)``, truncated
-    as the original's cast (0.5 → 127, 1 → 255), the product in the map's own float precision
-    (float32 maps in float32; other inputs in float64)."""
-    p = np.asarray(prob)
-    if p.dtype not in (np.float32, np.float64):
-        p = p.astype(np.float64)
-    return (np.clip(p, 0, 1) * p.dtype.type(255)).astype(np.uint8)
 
 
 def _crop_to_image(pred: np.ndarray, target: np.ndarray, image_size=None):

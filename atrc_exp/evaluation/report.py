@@ -29,19 +29,37 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..tasks import ALL_TASKS, task_info
+from ..task_kinds import PAPER_TASK_SPECS, TaskSpecError, make_task
 
 log = logging.getLogger(__name__)
 
-#: The metric each task is judged by (in tables and Δm).
-MAIN_METRIC: dict[str, str] = {
-    "semseg": "semseg/mIoU",
-    "depth": "depth/rmse",
-    "normals": "normals/mean_angle",
-    "edge": "edge/odsF",
-    "sal": "sal/maxF",
-    "human_parts": "human_parts/mIoU",
-}
+#: Task specs of the tasks met so far (each run's config says its tasks' kinds, :func:`load_run`
+#: adds them); the paper's named tasks to begin with.
+TASK_SPECS: dict[str, dict] = {k: dict(v) for k, v in PAPER_TASK_SPECS.items()}
+
+
+def task_of(name: str):
+    """The :class:`~atrc_exp.task_kinds.Task` named ``name`` (from :data:`TASK_SPECS`)."""
+    if name not in TASK_SPECS:
+        raise KeyError(f"task {name!r}: no run config seen names its kind")
+    return make_task(name, TASK_SPECS[name])
+
+
+class _MainMetric(Mapping):
+    """``MAIN_METRIC[task]``: the key of the metric a task is judged by (its kind's main metric)."""
+
+    def __getitem__(self, task: str) -> str:
+        return task_of(task).main_metric
+
+    def __iter__(self):
+        return iter(TASK_SPECS)
+
+    def __len__(self) -> int:
+        return len(TASK_SPECS)
+
+
+#: The metric each task is judged by (in tables and Δm), e.g. ``MAIN_METRIC["semseg"] == "semseg/mIoU"``.
+MAIN_METRIC: Mapping[str, str] = _MainMetric()
 
 #: Overrides that do not make a different configuration.
 _IGNORED_OVERRIDES = (
@@ -82,7 +100,8 @@ __all__ = [
 
 
 def lower_is_better(task: str) -> bool:
-    return task_info(task, 1).lower_is_better
+    """Whether a lower main metric is better for ``task`` (its kind says: rmse, angles)."""
+    return not task_of(task).kind.metrics[0][1]
 
 
 def delta_m(metrics: Mapping[str, float], baselines: Mapping[str, float], tasks: Sequence[str]) -> float:
@@ -175,6 +194,27 @@ def _select(cfg, key: str, default=None):
     return default if v is None else v
 
 
+def _register_specs(cfg, run_dir: Path) -> None:
+    """Add the run's task specs to :data:`TASK_SPECS` (``config_resolved.yaml`` holds them
+    resolved; a folder dataset's ``.hydra/config.yaml`` only names its folder)."""
+    specs = None
+    resolved = run_dir / "config_resolved.yaml"
+    if resolved.is_file():
+        specs = _select(OmegaConf.load(resolved), "dataset.task_specs")
+    if specs is None:
+        specs = _select(cfg, "dataset.task_specs")
+    if specs is None:
+        return
+    for name, spec in (
+        OmegaConf.to_container(specs, resolve=True).items() if not isinstance(specs, dict) else specs.items()
+    ):
+        try:
+            make_task(name, spec)
+        except (TaskSpecError, TypeError):
+            continue
+        TASK_SPECS[str(name)] = dict(spec)
+
+
 def load_run(run_dir: str | Path) -> Run:
     """Read one run's ``metrics.json``, config (dataset, backbone, tasks, context, mode, seed) and
     Hydra overrides (``.hydra/overrides.yaml`` when present)."""
@@ -184,10 +224,13 @@ def load_run(run_dir: str | Path) -> Run:
     if cfg_path is None:
         raise FileNotFoundError(f"{run_dir}: no .hydra/config.yaml or config_resolved.yaml")
     cfg = OmegaConf.load(cfg_path)
+    _register_specs(cfg, run_dir)
     tasks = _select(cfg, "tasks.names") or _select(cfg, "dataset.tasks") or []
     tasks = tuple(str(t) for t in tasks)
     if not tasks:  # fall back on the metric names
-        tasks = tuple(t for t in ALL_TASKS if any(k.startswith(f"{t}/") for k in data["metrics"]))
+        tasks = tuple(
+            dict.fromkeys(k.split("/", 1)[0] for k in data["metrics"] if k.split("/", 1)[0] in TASK_SPECS)
+        )
     overrides: tuple[str, ...] = ()
     ov = run_dir / ".hydra" / "overrides.yaml"
     if ov.is_file():
@@ -305,8 +348,7 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 
 def _columns(rows: Sequence[Row]) -> list[str]:
-    tasks = {t for r in rows for t in r.tasks}
-    return [t for t in ALL_TASKS if t in tasks]
+    return list(dict.fromkeys(t for r in rows for t in r.tasks))
 
 
 def sign_convention_note(rows: Sequence[Row]) -> str:

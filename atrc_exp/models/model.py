@@ -6,8 +6,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..config import ConfigError
-from ..tasks import task_info
+from ..config import ConfigError, config_tasks
 from .backbones import build_backbone
 from .context_blocks import CONTEXTS
 from .genotype import load_genotype
@@ -46,9 +45,8 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     weights_dir = cfg.paths.get("weights_dir") if "paths" in cfg else None
     backbone = build_backbone(bb.name, pretrained=bb.pretrained, weights_dir=weights_dir, **extra)
     c_in = sum(backbone.out_channels)
-    num_classes = int(cfg.dataset.num_semseg_classes)
-    out_ch = {t: task_info(t, num_classes).final_channels for t in tasks}
-    aux_ch = {t: task_info(t, num_classes).aux_channels for t in tasks}
+    out_ch = {t.name: t.final_channels for t in config_tasks(cfg)}
+    aux_ch = {t.name: t.aux_channels for t in config_tasks(cfg)}
     ctx = cfg.context.name
     if ctx == "none":  # the FCN baseline
         return MultiTaskModel(backbone, MultiTaskFCNHead(c_in, out_ch), tasks)

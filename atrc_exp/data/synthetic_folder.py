@@ -1,0 +1,163 @@
+"""The embedded synthetic dataset written as a folder dataset (:mod:`atrc_exp.data.folder`).
+
+Tasks (``atrc_dataset.yaml``): ``semseg`` (segmentation, the 7 synthetic classes, PNG),
+``depth`` (``.npy`` metres), ``normals`` (``.npy`` unit vectors), ``edge`` (PNG 0/255) and
+``person`` (saliency: the person class, PNG 0/255). Image ``i`` (train first, then val; id
+``f"{i:05d}"``) is scene :func:`~atrc_exp.data.synthetic.scene_seed` ``(seed, i)``; it is written
+as ``.jpg`` for even ``i``, ``.png`` for odd ``i``; every 3rd (``i % 3 == 2``) at another size
+(:func:`image_size`); some images have no label of some tasks (:data:`MISSING`, no file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+from tqdm import tqdm
+
+from .folder import SPEC_FILE
+from .synthetic import MANIFEST, SEMSEG_CLASSES, _manifest, render_scene, scene_seed
+
+__all__ = [
+    "MISSING",
+    "SPECS",
+    "ensure_folder_dataset",
+    "has_label",
+    "image_id",
+    "image_size",
+    "write_folder_files",
+]
+
+#: The tasks of the synthetic folder dataset (the YAML's ``tasks``).
+SPECS: dict[str, dict] = {
+    "semseg": {"kind": "segmentation", "classes": list(SEMSEG_CLASSES)},
+    "depth": {"kind": "depth"},
+    "normals": {"kind": "normals"},
+    "edge": {"kind": "edge"},
+    "person": {"kind": "saliency"},
+}
+#: Task -> (m, r): image ``i`` has no label of the task when ``i % m == r``.
+MISSING: dict[str, tuple[int, int]] = {"depth": (4, 1), "person": (4, 3)}
+LAYOUT = "folder"
+
+
+def image_id(index: int) -> str:
+    """The id of image ``index`` (train first, then val)."""
+    return f"{index:05d}"
+
+
+def image_size(index: int, height: int, width: int) -> tuple[int, int]:
+    """(h, w) of image ``index``: every 3rd (``index % 3 == 2``) is ``(height + 8, width - 16)``
+    (``width + 16`` when ``width < 32``), the others ``(height, width)``."""
+    if index % 3 != 2:
+        return height, width
+    return height + 8, width - 16 if width >= 32 else width + 16
+
+
+def has_label(task: str, index: int) -> bool:
+    """Whether image ``index`` has a label file of ``task``."""
+    m, r = MISSING.get(task, (0, 0))
+    return not m or index % m != r
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(arr).save(path)
+
+
+def write_folder_files(
+    dest: Path, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool
+) -> None:
+    """Write the synthetic folder dataset into ``dest`` itself (the module doc says what); the
+    manifest (``synthetic.json``) goes last. Deterministic for a seed."""
+    import yaml
+    from PIL import Image
+
+    dest = Path(dest)
+    for sub in ("images", "splits", *(f"labels/{t}" for t in SPECS)):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    person = SEMSEG_CLASSES.index("person")
+    n = n_train + n_val
+    for i in tqdm(range(n), desc="synthetic folder", unit="img", disable=not progress):
+        name, (h, w) = image_id(i), image_size(i, height, width)
+        s = render_scene(scene_seed(seed, i), h, w)
+        if i % 2 == 0:
+            Image.fromarray(s["image"]).save(dest / "images" / f"{name}.jpg", quality=95)
+        else:
+            _save_png(s["image"], dest / "images" / f"{name}.png")
+        lab = dest / "labels"
+        if has_label("semseg", i):
+            _save_png(s["semseg"].astype(np.uint8), lab / "semseg" / f"{name}.png")
+        if has_label("depth", i):
+            np.save(lab / "depth" / f"{name}.npy", s["depth"].astype(np.float32))
+        if has_label("normals", i):
+            np.save(lab / "normals" / f"{name}.npy", s["normals"].astype(np.float32))
+        if has_label("edge", i):
+            _save_png((s["edge"] > 0).astype(np.uint8) * np.uint8(255), lab / "edge" / f"{name}.png")
+        if has_label("person", i):
+            _save_png(
+                (s["semseg"] == person).astype(np.uint8) * np.uint8(255), lab / "person" / f"{name}.png"
+            )
+    ids = [image_id(i) for i in range(n)]
+    (dest / "splits" / "train.txt").write_text("".join(f"{x}\n" for x in ids[:n_train]))
+    (dest / "splits" / "val.txt").write_text("".join(f"{x}\n" for x in ids[n_train:]))
+    head = "# the embedded synthetic dataset (atrc-data synth --layout folder)\n"
+    (dest / SPEC_FILE).write_text(
+        head + yaml.safe_dump({"tasks": SPECS}, sort_keys=False, default_flow_style=None)
+    )
+    manifest = _manifest(n_train, n_val, height, width, seed, LAYOUT)
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def ensure_folder_dataset(
+    dest: str | Path, *, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool = True
+) -> Path:
+    """Make sure ``dest`` holds the synthetic folder dataset with these parameters; return ``dest``.
+
+    Does nothing when its manifest matches; ``ValueError`` when ``dest`` holds anything else.
+    Writes into a temporary sibling folder and renames it into place (under a file lock), so
+    readers never see a partial dataset.
+    """
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"a folder dataset needs n_train, n_val >= 1, got {n_train}, {n_val}")
+    if height < 2 or width < 2:
+        raise ValueError(f"image size must be at least 2×2, got {height}×{width}")
+    dest = Path(dest).expanduser()
+    wanted = _manifest(n_train, n_val, height, width, seed, LAYOUT)
+
+    def done() -> bool:
+        if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+            return False
+        try:
+            have = json.loads((dest / MANIFEST).read_text())
+        except (OSError, ValueError):
+            have = None
+        if have == wanted:
+            return True
+        what = "another synthetic dataset" if have else "other files"
+        raise ValueError(
+            f"{dest} already holds {what}: choose another --out, or delete {dest} to write it there"
+        )
+
+    if done():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest.parent / f".{dest.name}.lock")):
+        if done():
+            return dest
+        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_folder_files(tmp, n_train, n_val, height, width, seed, progress)
+            if dest.is_dir():
+                dest.rmdir()  # empty (done() checked)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest
