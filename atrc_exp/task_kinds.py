@@ -428,13 +428,9 @@ def _option_problems(name: str, kind: TaskKind, spec: Mapping) -> list[str]:
         out.append(f"task {name!r}: range must be [min, max] in metres with 0 < min < max, got {r!r}")
     cent = spec.get("centroids")
     if cent is not None and not (
-        cent == "kmeans"
-        or cent in PUBLISHED_NORMAL_CENTROIDS
-        or (
-            isinstance(cent, list)
-            and len(cent) >= 2
-            and all(isinstance(v, list) and len(v) == 3 for v in cent)
-        )
+        cent in ("kmeans", *PUBLISHED_NORMAL_CENTROIDS)
+        if isinstance(cent, str)
+        else np.asarray(cent).ndim == 2 and np.asarray(cent).shape[1] == 3 and len(cent) >= 2
     ):
         out.append(
             f"task {name!r}: centroids must be kmeans, a published set ({', '.join(PUBLISHED_NORMAL_CENTROIDS)}) "

@@ -196,6 +196,7 @@ def run_worker(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    from atrc_exp.config import config_tasks
     from atrc_exp.engine.fast_paths import (
         apply_fast_paths,
         channels_last_enabled,
@@ -215,9 +216,11 @@ def run_worker(spec: dict) -> dict:
     g = torch.Generator().manual_seed(1)
     centroids = torch.randn(40, 3, generator=g)
     centroids = centroids / centroids.norm(dim=1, keepdim=True)
-    criterion = MultiTaskLoss(
-        list(cfg.tasks.names), float(cfg.dataset.edge_pos_weight), normal_centroids=centroids
-    ).to(device)
+    tasks = [
+        t.with_options(centroids=centroids.numpy()) if "centroids" in t.kind.options else t
+        for t in config_tasks(cfg)
+    ]
+    criterion = MultiTaskLoss(tasks).to(device)
     weights, arch = split_parameters(model)
     tc = cfg.trainer
     opt = torch.optim.SGD(weights, lr=0.01, momentum=float(tc.momentum), weight_decay=float(tc.weight_decay))
@@ -229,7 +232,7 @@ def run_worker(spec: dict) -> dict:
         arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True)
     grad_clip = float(cfg.mode.grad_clip) if search else None
     cl = channels_last_enabled(cfg)
-    batch = synthetic_batch(*spec["size"], int(cfg.dataset.num_semseg_classes), device)
+    batch = synthetic_batch(*spec["size"], tasks[0].num_classes, device)
     use_bf16 = bool(spec.get("bf16"))
     # CUDA graphs: each step is a new iteration of the graphs, whose outputs the next one overwrites
     cudagraphs = spec.get("compile_mode") == "reduce-overhead" and cuda

@@ -37,6 +37,7 @@ def fingerprint(context: str) -> dict[str, float]:
     from atrc_exp.config import compose
     from atrc_exp.losses import MultiTaskLoss
     from atrc_exp.models import build_model
+    from atrc_exp.task_kinds import paper_tasks
 
     torch.set_num_threads(1)
     over = ["dataset=nyud", "backbone.pretrained=false", f"context={context}"]
@@ -67,9 +68,14 @@ def fingerprint(context: str) -> dict[str, float]:
         "edge": (torch.rand(b, 1, h, w, generator=g, dtype=torch.float64) > 0.9).double(),
     }
     centroids = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
-    criterion = MultiTaskLoss(
-        list(cfg.tasks.names), 0.8, normal_centroids=centroids / centroids.norm(dim=1, keepdim=True)
+    centroids = (centroids / centroids.norm(dim=1, keepdim=True)).numpy()
+    tasks = paper_tasks(
+        list(cfg.tasks.names),
+        edge={"edge_pos_weight": 0.8},
+        semseg={"classes": 40},
+        normals={"centroids": centroids},
     )
+    criterion = MultiTaskLoss(tasks)
     torch.manual_seed(1)
     loss, terms = criterion(model(batch["image"]), batch)
     loss.backward()

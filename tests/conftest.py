@@ -155,3 +155,30 @@ def torch_local_attention():
 def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     (tmp_path / "wandb").mkdir()
+
+
+def paper_loss(tasks, edge_pos_weight: float = 0.8, normal_centroids=None, num_classes: int = 40):
+    """``MultiTaskLoss`` of the paper's named tasks ``tasks`` with a dataset's numbers (edge
+    ``pos_weight``, normals aux centroids K×3, semseg classes)."""
+    from atrc_exp.losses import MultiTaskLoss
+    from atrc_exp.task_kinds import paper_tasks
+
+    opts = {"edge": {"edge_pos_weight": edge_pos_weight}, "semseg": {"classes": num_classes}}
+    if normal_centroids is not None:
+        opts["normals"] = {"centroids": torch.as_tensor(normal_centroids).float().numpy()}
+    return MultiTaskLoss(paper_tasks(tasks, **opts))
+
+
+def paper_metrics(
+    tasks, num_semseg_classes: int = 40, edge_pos_weight: float = 0.8, edge_max_dist=0.011, **settings
+):
+    """``MultiTaskMetrics`` of the paper's named tasks ``tasks`` (``settings``: ``edge_thresholds``,
+    ``edge_eval_workers``, ``edge_nms``, ``edge_odsf``)."""
+    from atrc_exp.metrics import MultiTaskMetrics
+    from atrc_exp.task_kinds import MeterSettings, paper_tasks
+
+    opts = {
+        "edge": {"edge_pos_weight": edge_pos_weight, "edge_max_dist": edge_max_dist},
+        "semseg": {"classes": num_semseg_classes},
+    }
+    return MultiTaskMetrics(paper_tasks(tasks, **opts), MeterSettings(**settings))

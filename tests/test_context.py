@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, compose_cfg
+from conftest import REPO, compose_cfg, paper_loss
 
 import atrc_exp
 from atrc_exp.config import ConfigError
-from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models.context_blocks import (
     GlobalContextBlock,
     LocalContextBlock,
@@ -457,7 +456,7 @@ def test_tiny_training_steps(context):
         "normals": F.normalize(torch.randn(B, 3, H, W), dim=1),
         "edge": (torch.rand(B, 1, H, W) > 0.8).float(),
     }
-    crit = MultiTaskLoss(NYUD, edge_pos_weight=0.8, normal_centroids=F.normalize(torch.randn(40, 3), dim=1))
+    crit = paper_loss(NYUD, edge_pos_weight=0.8, normal_centroids=F.normalize(torch.randn(40, 3), dim=1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(B, 3, H, W)
     x[1, :, :5] = 255  # an ignore band (label context excludes it)

@@ -9,13 +9,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg, randomise_head
+from conftest import compose_cfg, paper_loss, randomise_head
 from reference_head import reference_atrc_module, reference_head, reference_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import atrc_exp
-from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models.layers import (
     ConvBNReLU,
     batch_norm_group,
@@ -386,7 +385,7 @@ def test_full_model_training_step_equals_block_by_block():
     cfg = compose_cfg(["dataset=nyud", "context=atrc", "context.genotype=genotypes/nyud_hrnet18.json"])
     model = atrc_exp.build_model(cfg)
     _randomise(model.head)
-    criterion = MultiTaskLoss(NYUD, 0.8, F.normalize(torch.randn(40, 3), dim=1))
+    criterion = paper_loss(NYUD, 0.8, F.normalize(torch.randn(40, 3), dim=1))
     g = torch.Generator().manual_seed(0)
     B, H, W = 2, 64, 80
     image = torch.randn(B, 3, H, W, generator=g)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import paper_metrics
 
 pytest.importorskip("pyEdgeEval", reason="edge odsF needs pyEdgeEval")
 
@@ -15,7 +16,6 @@ from atrc_exp.evaluation.edge import (  # noqa: E402
     summarize,
     to_uint8_prob,
 )
-from atrc_exp.metrics import MultiTaskMetrics  # noqa: E402
 
 # 100×100: diagonal 141.4 px, so maxDist 0.011 → 1.56 px and 0.0075 → 1.06 px of tolerance
 H = W = 100
@@ -153,7 +153,7 @@ def _batches(n=4, seed=0, h=40, w=52):
 
 def test_edge_state_reduces_by_summation():
     batches = _batches()
-    mk = lambda: MultiTaskMetrics(["edge"], 2, 0.8, edge_thresholds=19)  # noqa: E731
+    mk = lambda: paper_metrics(["edge"], 2, 0.8, edge_thresholds=19)  # noqa: E731
     whole, a, b = mk(), mk(), mk()
     for i, (o, t) in enumerate(batches):
         whole.update(o, t)
@@ -174,8 +174,8 @@ def test_worker_processes_give_the_same_state(monkeypatch):
     # start the pool after the first image however fast it was (tiny maps are matched in ms)
     monkeypatch.setattr(EdgeMeter, "INLINE_SECONDS_PER_IMAGE", 0.0)
     batches = _batches(n=3)
-    inline = MultiTaskMetrics(["edge"], 2, 0.8, edge_thresholds=9)
-    pooled = MultiTaskMetrics(["edge"], 2, 0.8, edge_thresholds=9, edge_eval_workers=2)
+    inline = paper_metrics(["edge"], 2, 0.8, edge_thresholds=9)
+    pooled = paper_metrics(["edge"], 2, 0.8, edge_thresholds=9, edge_eval_workers=2)
     try:
         for o, t in batches:
             inline.update(o, t)
@@ -227,7 +227,7 @@ def test_metrics_quantise_by_truncation():
     tgt = torch.zeros(1, 1, 40, 52)
     tgt[:, :, 10:30, 20] = 1
     for logit, predicted in ((0.0, False), (0.005, False), (0.01, True)):
-        m = MultiTaskMetrics(["edge"], 2, 0.8, edge_thresholds=[0.5], edge_nms=False)
+        m = paper_metrics(["edge"], 2, 0.8, edge_thresholds=[0.5], edge_nms=False)
         m.update({"edge": torch.where(tgt > 0, logit, -10.0)}, {"edge": tgt})
         sum_p = m.meters["edge"].sums[2 + 3]  # count_r, sum_r, count_p, sum_p (one threshold)
         assert (sum_p > 0) == predicted, logit
@@ -263,7 +263,7 @@ def test_metrics_crop_with_the_batch_image_sizes():
     centred window: the same state as the unpadded maps — with ignore rows at the top of the
     images themselves, where the valid pixels' bounding box (no sizes) gives other counts."""
     batches = _batches(n=2, h=34, w=46)
-    mk = lambda: MultiTaskMetrics(["edge"], 2, 0.8, edge_thresholds=9)  # noqa: E731
+    mk = lambda: paper_metrics(["edge"], 2, 0.8, edge_thresholds=9)  # noqa: E731
     plain, padded, no_sizes = mk(), mk(), mk()
     for o, t in batches:
         t["edge"][:, :, :7] = 255  # ignore rows inside the images

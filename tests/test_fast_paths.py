@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO, compose_cfg, tiny_overrides
+from conftest import REPO, compose_cfg, paper_loss, tiny_overrides
 
 from atrc_exp.engine.fast_paths import (
     apply_fast_paths,
@@ -19,7 +19,6 @@ from atrc_exp.engine.fast_paths import (
     prepare_input,
     train_loader_kwargs,
 )
-from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models import build_model
 
 GENOTYPE = str(REPO / "genotypes" / "nyud_hrnet18.json")
@@ -51,9 +50,7 @@ def _train(overrides: list[str], bf16: bool = False, steps: int = STEPS) -> dict
     torch.manual_seed(0)
     model = apply_fast_paths(build_model(cfg), cfg).train()
     cent = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
-    criterion = MultiTaskLoss(
-        list(cfg.tasks.names), 0.8, normal_centroids=cent / cent.norm(dim=1, keepdim=True)
-    )
+    criterion = paper_loss(list(cfg.tasks.names), 0.8, normal_centroids=cent / cent.norm(dim=1, keepdim=True))
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     batch = _batch()
     image = prepare_input(batch["image"], channels_last_enabled(cfg))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, compose_cfg, tiny_overrides
+from conftest import REPO, compose_cfg, paper_loss, tiny_overrides
 from torch import nn
 
 import atrc_exp
@@ -131,8 +131,7 @@ def _tiny_mt_overrides(data_dir: Path, **extra) -> list[str]:
         data_dir,
         **{
             "context": "none",
-            "dataset.num_semseg_classes": 40,
-            "dataset.semseg_class_names": "null",
+            "dataset.task_specs.semseg.classes": 40,
             "trainer.cpu": "true",
             **extra,
         },
@@ -210,7 +209,7 @@ def _labels(values) -> torch.Tensor:
 
 
 def _loss(edge_pos_weight: float = 0.8, centroids=None) -> MultiTaskLoss:
-    return MultiTaskLoss(
+    return paper_loss(
         ["semseg", "depth", "normals", "edge", "sal", "human_parts"], edge_pos_weight, centroids
     )
 

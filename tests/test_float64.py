@@ -21,13 +21,12 @@ import json
 
 import pytest
 import torch
-from conftest import compose_cfg, randomise_head
+from conftest import compose_cfg, paper_loss, randomise_head
 from reference_head import reference_model
 
 from atrc_exp.engine.fast_paths import apply_fast_paths, compile_step
 from atrc_exp.engine.search import entropy_term, search_blocks
 from atrc_exp.engine.step import make_forward_loss
-from atrc_exp.losses import MultiTaskLoss
 from atrc_exp.models import build_model
 
 TASKS = ["semseg", "depth", "normals", "edge"]
@@ -86,7 +85,7 @@ def _train(overrides: list[str], fast: bool, extra: list[str] = ()) -> dict:
             (importlib.resources.files("atrc_exp") / "resources" / "nyud_normal_centroids.json").read_text()
         )["centroids"]
     )
-    criterion = MultiTaskLoss(TASKS, 0.8, normal_centroids=centroids)
+    criterion = paper_loss(TASKS, 0.8, normal_centroids=centroids)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     batch = _batch()
     # the trainer's step function: compiled as a whole with trainer.compile (parts [step])

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import paper_loss
 
 from atrc_exp.losses import (
-    MultiTaskLoss,
     balanced_cross_entropy_loss,
     cross_entropy_loss,
     depth_l1_loss,
@@ -19,7 +19,9 @@ from atrc_exp.losses import (
     normals_to_centroid_index,
     weighted_edge_cross_entropy_loss,
 )
-from atrc_exp.tasks import LOSS_WEIGHTS
+
+#: the paper's task weights (SPEC: semseg 1, human_parts 2, sal 5, normals 10, depth 1, edge 50)
+LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0, "depth": 1.0, "edge": 50.0}
 
 IGN = 255
 
@@ -151,7 +153,7 @@ def test_normals_to_centroid_index_equals_nearest_by_cosine():
 
 def test_aux_depth_and_normals_losses_use_the_class_targets():
     centroids = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    loss = MultiTaskLoss(["depth", "normals"], edge_pos_weight=0.8, normal_centroids=centroids)
+    loss = paper_loss(["depth", "normals"], edge_pos_weight=0.8, normal_centroids=centroids)
     torch.manual_seed(0)
     aux_d = torch.randn(1, 40, 1, 3)
     aux_n = torch.randn(1, 3, 1, 3)
@@ -173,7 +175,7 @@ def test_aux_depth_and_normals_losses_use_the_class_targets():
 
 def test_weighted_total_and_term_keys():
     w = 0.8
-    loss = MultiTaskLoss(["normals", "edge"], edge_pos_weight=w)
+    loss = paper_loss(["normals", "edge"], edge_pos_weight=w)
     pred_n = _img([[3.0, 0.0, 4.0]])
     tgt_n = _img([[0.0, 0.0, 1.0]])  # L1 = 0.8
     edge_logit = torch.tensor([0.0]).reshape(1, 1, 1, 1)
@@ -213,7 +215,7 @@ def test_no_valid_pixel_gives_zero_and_finite_grad():
         "edge": torch.full((b, 1, h, w), float(IGN)),
     }
     centroids = torch.nn.functional.normalize(torch.randn(40, 3), dim=1)
-    loss = MultiTaskLoss(list(batch), edge_pos_weight=0.95, normal_centroids=centroids)
+    loss = paper_loss(list(batch), edge_pos_weight=0.95, normal_centroids=centroids)
     total, terms = loss(outputs, batch)
     assert total.item() == 0.0
     assert len(terms) == 12 and all(v.item() == 0.0 for v in terms.values())
@@ -234,7 +236,7 @@ def test_sal_all_one_class_is_finite():
 
 
 def test_aux_normals_without_centroids_raises():
-    loss = MultiTaskLoss(["normals"], edge_pos_weight=0.8)
+    loss = paper_loss(["normals"], edge_pos_weight=0.8)
     outputs = {"final": {"normals": torch.randn(1, 3, 2, 2)}, "aux": {"normals": torch.randn(1, 40, 2, 2)}}
     batch = {"normals": torch.nn.functional.normalize(torch.randn(1, 3, 2, 2), dim=1)}
     with pytest.raises(ValueError, match="centroids"):
@@ -254,7 +256,7 @@ def test_loss_under_autocast_matches_float32():
         "edge": (torch.rand(b, 1, h, w, generator=g) > 0.8).float(),
     }
     centroids = torch.nn.functional.normalize(torch.randn(40, 3, generator=g), dim=1)
-    loss = MultiTaskLoss(list(batch), edge_pos_weight=0.8, normal_centroids=centroids)
+    loss = paper_loss(list(batch), edge_pos_weight=0.8, normal_centroids=centroids)
     ref, _ = loss(outputs, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, _ = loss(outputs, batch)

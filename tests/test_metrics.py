@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import paper_metrics
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from atrc_exp.metrics import MultiTaskMetrics
-from atrc_exp.tasks import HUMAN_PARTS_CLASSES
+HUMAN_PARTS_CLASSES = 7  # 6 parts + background
 
 IGN = 255
 
@@ -32,7 +32,7 @@ def test_miou_matches_torchmetrics_when_every_class_appears():
     # present in the target the two agree.
     k = 5
     g = torch.Generator().manual_seed(0)
-    ours = MultiTaskMetrics(["semseg"], num_semseg_classes=k, edge_pos_weight=0.8)
+    ours = paper_metrics(["semseg"], num_semseg_classes=k, edge_pos_weight=0.8)
     ref = MulticlassJaccardIndex(num_classes=k, ignore_index=IGN, average="macro")
     for _ in range(3):
         logits, target = _seg_batch(g, k)
@@ -44,7 +44,7 @@ def test_miou_matches_torchmetrics_when_every_class_appears():
 def test_human_parts_miou_matches_torchmetrics():
     k = HUMAN_PARTS_CLASSES
     g = torch.Generator().manual_seed(1)
-    ours = MultiTaskMetrics(["human_parts"], num_semseg_classes=3, edge_pos_weight=0.8)
+    ours = paper_metrics(["human_parts"], num_semseg_classes=3, edge_pos_weight=0.8)
     ref = MulticlassJaccardIndex(num_classes=k, ignore_index=IGN, average="macro")
     for _ in range(2):
         logits, target = _seg_batch(g, k, h=8, w=8)
@@ -60,14 +60,14 @@ def test_miou_absent_class_counts_as_zero():
     pred_labels = torch.tensor([0, 1, 1, 1, 2])
     logits = torch.nn.functional.one_hot(pred_labels, 3).float().t().reshape(1, 3, 1, 5)
     target = torch.tensor([0, 0, 1, 1, IGN]).reshape(1, 1, 5)
-    m = MultiTaskMetrics(["semseg"], num_semseg_classes=3, edge_pos_weight=0.8)
+    m = paper_metrics(["semseg"], num_semseg_classes=3, edge_pos_weight=0.8)
     m.update({"semseg": logits}, {"semseg": target})
     assert m.compute()["semseg/mIoU"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 0) / 3, rel=1e-9)
 
 
 def test_depth_rmse_matches_torchmetrics_over_batches():
     g = torch.Generator().manual_seed(2)
-    ours = MultiTaskMetrics(["depth"], num_semseg_classes=2, edge_pos_weight=0.8)
+    ours = paper_metrics(["depth"], num_semseg_classes=2, edge_pos_weight=0.8)
     ref = MeanSquaredError(squared=False)
     for i in range(3):
         pred = torch.randn(2, 1, 5, 6, generator=g) * 3 + 2  # some negative → clamped to 0
@@ -82,7 +82,7 @@ def test_depth_rmse_matches_torchmetrics_over_batches():
 
 def test_normals_angles_match_numpy_arccos():
     g = torch.Generator().manual_seed(3)
-    ours = MultiTaskMetrics(["normals"], num_semseg_classes=2, edge_pos_weight=0.8)
+    ours = paper_metrics(["normals"], num_semseg_classes=2, edge_pos_weight=0.8)
     all_ang = []
     for _ in range(2):
         pred = torch.randn(2, 3, 4, 5, generator=g)
@@ -116,7 +116,7 @@ def test_sal_maxf_hand_made():
     #   >= 0.90   : 0
     p = torch.tensor(probs, dtype=torch.float64)
     logits = torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))]).float().reshape(1, 2, 1, 5)
-    m = MultiTaskMetrics(["sal"], num_semseg_classes=2, edge_pos_weight=0.8)
+    m = paper_metrics(["sal"], num_semseg_classes=2, edge_pos_weight=0.8)
     m.update({"sal": logits}, {"sal": torch.tensor(target).reshape(1, 1, 5)})
     assert m.compute()["sal/maxF"] == pytest.approx(100 * 26 / 29, rel=1e-6)
 
@@ -125,7 +125,7 @@ def test_edge_loss_is_pixel_weighted_over_split():
     w = 0.95
     sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
     batches = [([0.5, -1.0, 2.0], [1.0, 0.0, IGN]), ([1.0, -2.0, 0.0, 3.0], [0.0, 0.0, 1.0, 1.0])]
-    m = MultiTaskMetrics(["edge"], num_semseg_classes=2, edge_pos_weight=w)
+    m = paper_metrics(["edge"], num_semseg_classes=2, edge_pos_weight=w)
     per_px = []
     for x, y in batches:
         m.update(
@@ -168,9 +168,9 @@ def test_state_round_trip_sum_of_halves_equals_whole():
     tasks = ["semseg", "depth", "normals", "edge", "sal", "human_parts"]
     g = torch.Generator().manual_seed(4)
     batches = [_random_batch(g, k) for _ in range(4)]
-    whole = MultiTaskMetrics(tasks, k, 0.8)
-    half_a = MultiTaskMetrics(tasks, k, 0.8)
-    half_b = MultiTaskMetrics(tasks, k, 0.8)
+    whole = paper_metrics(tasks, k, 0.8)
+    half_a = paper_metrics(tasks, k, 0.8)
+    half_b = paper_metrics(tasks, k, 0.8)
     for i, (out, batch) in enumerate(batches):
         whole.update(out, batch)
         (half_a if i % 2 == 0 else half_b).update(out, batch)
@@ -178,7 +178,7 @@ def test_state_round_trip_sum_of_halves_equals_whole():
     sa, sb = half_a.state(), half_b.state()
     assert sa.dtype == torch.float64 and sa.dim() == 1 and sa.numel() == whole.state_size
     assert not torch.equal(sa, sb)
-    reduced = MultiTaskMetrics(tasks, k, 0.8)
+    reduced = paper_metrics(tasks, k, 0.8)
     reduced.load_state(sa + sb)  # what all_reduce(SUM) produces
     torch.testing.assert_close(reduced.state(), whole.state(), rtol=1e-12, atol=1e-9)
     got, ref = reduced.compute(), whole.compute()

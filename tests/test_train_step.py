@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HostReads, compose_cfg, tiny_overrides
+from conftest import HostReads, compose_cfg, paper_loss, tiny_overrides
 
 from atrc_exp.engine import fit
 from atrc_exp.engine import trainer as trainer_mod
@@ -94,7 +94,6 @@ def _compiled_step_runs(overrides: dict, tiny_data_dir) -> None:
 
     from atrc_exp.engine.fast_paths import apply_fast_paths, compile_step
     from atrc_exp.engine.step import make_forward_loss
-    from atrc_exp.losses import MultiTaskLoss
     from atrc_exp.models import build_model
 
     cfg = compose_cfg(
@@ -111,7 +110,7 @@ def _compiled_step_runs(overrides: dict, tiny_data_dir) -> None:
     torch.manual_seed(0)
     model = apply_fast_paths(build_model(cfg), cfg).train()  # as the trainer (mode.recompute, ...)
     cent = torch.nn.functional.normalize(torch.randn(40, 3), dim=1)
-    criterion = MultiTaskLoss(list(cfg.tasks.names), 0.8, cent)
+    criterion = paper_loss(list(cfg.tasks.names), 0.8, cent)
     g = torch.Generator().manual_seed(0)
     B, H, W = 2, 48, 64
     batch = {
@@ -149,12 +148,11 @@ def test_the_search_step_breaks_only_at_the_recomputed_rows(tiny_data_dir):
     import torch._dynamo
 
     from atrc_exp.engine.step import make_forward_loss
-    from atrc_exp.losses import MultiTaskLoss
     from atrc_exp.models import build_model
 
     cfg = compose_cfg(tiny_overrides(tiny_data_dir, context="search", mode="search"))
     model = build_model(cfg).train()
-    criterion = MultiTaskLoss(
+    criterion = paper_loss(
         list(cfg.tasks.names), 0.8, torch.nn.functional.normalize(torch.randn(40, 3), dim=1)
     )
     B, H, W = 1, 48, 64

@@ -395,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout",
         type=_layout_arg,
         default="NYUD_MT",
-        help=f"one of {', '.join(k for k in LAYOUTS if k != FOLDER)} (default NYUD_MT), or the dataset name of one ({', '.join(ARCHIVES)}), "
-        f"or {FOLDER} (a folder dataset, written into --out itself)",
+        help=f"one of {', '.join(k for k in LAYOUTS if k != FOLDER)} (default NYUD_MT), or the dataset name "
+        f"of one ({', '.join(ARCHIVES)}), or {FOLDER} (a folder dataset, written into --out itself)",
     )
     s.add_argument("--out", type=Path, default=None, help="data dir (default: the synthetic cache folder)")
     s.add_argument("--n-train", type=int, default=240)
@@ -410,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a data dir against its layout (and report the valid normals)")
     c.add_argument(
         "dir",
-        help=f"the folder holding {' and/or '.join(f'{k}/' for k in LAYOUTS if k != FOLDER)} (or one of them), "
-        "or a folder dataset (holding atrc_dataset.yaml)",
+        help=f"the folder holding {' and/or '.join(f'{k}/' for k in LAYOUTS if k != FOLDER)} (or one of "
+        "them), or a folder dataset (holding atrc_dataset.yaml)",
     )
     c.add_argument("--max-problems", type=int, default=50, help="problems listed (all are counted)")
     c.set_defaults(fn=cmd_check)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -48,8 +49,10 @@ LAYOUT_HINT = (
     f"a folder dataset holds {SPEC_FILE} (tasks: {{<name>: {{kind: <kind>, ...}}}}), images/<id>.jpg|.png, "
     f"labels/<task>/<id>.png|.npy and splits/train.txt, splits/val.txt (ids, one per line)"
 )
-#: Normals labels must have this length within this tolerance where labelled.
+#: Normals labels must have length 1 within this tolerance where labelled (``.npy``) ...
 UNIT_TOLERANCE = 1e-2
+#: ... and within this one in an 8-bit PNG (plus its quantisation: 2/255 per channel if truncated).
+UNIT_TOLERANCE_PNG = UNIT_TOLERANCE + float(np.sqrt(3)) * 2 / 255
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +189,16 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
+    def __getstate__(self) -> dict:
+        """Picklable (spawned DataLoader workers): each task as its name, kind name, weight and options."""
+        state = dict(self.__dict__)
+        state["tasks"] = [(t.name, t.kind.name, t.weight, dict(t.options)) for t in self.tasks]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        tasks = [Task(n, TASK_KINDS[k], w, MappingProxyType(o)) for n, k, w, o in state["tasks"]]
+        self.__dict__.update({**state, "tasks": tasks})
+
     def image_path(self, index: int) -> Path:
         """``images/<id>.jpg|.png``; DataError naming the id, the split file and the folder otherwise."""
         name = self.names[index]
@@ -261,14 +274,16 @@ class FolderDataset(Dataset):
 def _value_problems(task: Task, path: Path, lab: np.ndarray) -> list[str]:
     """Value ranges the readers do not enforce (the readers raise for the others)."""
     if task.kind is TASK_KINDS["normals"]:
+        tol = UNIT_TOLERANCE_PNG if path.suffix == ".png" else UNIT_TOLERANCE
         norm = np.linalg.norm(lab.astype(np.float64), axis=-1)
         labelled = np.any(lab != 0, axis=-1)
-        bad = labelled & (np.abs(norm - 1) > UNIT_TOLERANCE)
+        bad = labelled & (np.abs(norm - 1) > tol)
         if bad.any():
+            none = "(0, 0, 0)" if path.suffix == ".png" else "NaN"
             return [
                 f"{path}: {int(bad.sum())} of {int(labelled.sum())} labelled pixels are not unit vectors "
-                f"(length {norm[bad].min():.3g}..{norm[bad].max():.3g}; want 1 ± {UNIT_TOLERANCE:g}, "
-                f"NaN for no label)"
+                f"(length {norm[bad].min():.3g}..{norm[bad].max():.3g}; want 1 ± {tol:.2g}, "
+                f"{none} for no label)"
             ]
     if task.kind is TASK_KINDS["depth"] and path.suffix == ".npy":
         try:
@@ -296,6 +311,110 @@ def _capped(items: list[str], max_list: int, more: str) -> list[str]:
     return [*items[:max_list], more.format(n=len(items) - max_list)]
 
 
+def _check_ids(splits: dict[str, FolderDataset], max_list: int) -> list[str]:
+    """An id listed twice in a split, or in two splits."""
+    first: dict[str, FolderDataset] = {}
+    out = []
+    for ds in splits.values():
+        seen: set[str] = set()
+        for name in ds.names:
+            if name in seen:
+                out.append(f"{ds.split_file}: id {name!r} is listed twice")
+            elif name in first:
+                out.append(f"{ds.split_file}: id {name!r} is also in {first[name].split_file}")
+            seen.add(name)
+            first.setdefault(name, ds)
+    where = next(iter(splits.values())).split_file.parent if splits else "splits"
+    return _capped(out, max_list, f"{where}: and {{n}} more ids listed twice or in two splits")
+
+
+def _check_split(ds: FolderDataset, counts: dict[str, int], max_list: int) -> tuple[str, list[str]]:
+    """(report line, problems) of the images and labels of one split; ``counts[task]`` += the
+    images with a label file of the task."""
+    from tqdm import tqdm
+
+    sizes: list[tuple[int, int]] = []
+    missing, bad = [], []
+    one_line = " ".join
+    for i in tqdm(range(len(ds)), desc=f"check {ds.split}", unit="img", leave=False, disable=None):
+        name, hw = ds.names[i], None
+        found = _find(ds.root / "images", name, IMAGE_EXTS)
+        if not found:
+            missing.append(
+                f"{ds.split_file}: id {name!r} has no image ({ds.root / 'images'}/{name}.jpg or .png)"
+            )
+        elif len(found) > 1:
+            bad.append(f"{found[0]}: id {name!r} has {len(found)} images ({', '.join(map(str, found))})")
+        else:
+            try:
+                hw = _image_size(found[0])
+                read_rgb(found[0])  # decodes: a truncated file fails here
+                sizes.append(hw)
+            except DataError as e:
+                bad.append(one_line(str(e).split()))
+                hw = None
+        for t in ds.tasks:
+            try:
+                p = ds.label_path(i, t.name)
+                if p is None:
+                    continue
+                counts[t.name] += 1
+                lab = t.kind.read_label(p, t)
+            except DataError as e:
+                bad.append(one_line(str(e).split()))
+                continue
+            if hw is not None and lab.shape[:2] != hw:
+                size = f"{lab.shape[0]}x{lab.shape[1]}"
+                bad.append(f"{p}: size {size} differs from its image {found[0]} ({hw[0]}x{hw[1]})")
+            else:
+                bad += _value_problems(t, p, lab)
+    problems = _capped(missing, max_list, f"{ds.split_file}: and {{n}} more ids without an image")
+    problems += _capped(bad, max_list, f"{ds.split_file}: and {{n}} more damaged or unreadable files")
+    if sizes:
+        hs, ws = [h for h, _ in sizes], [w for _, w in sizes]
+        rng = f"height {min(hs)}..{max(hs)}, width {min(ws)}..{max(ws)} ({len(set(sizes))} sizes)"
+    else:
+        rng = "no readable image"
+    return f"  {ds.split}: {len(ds)} images, {rng}", problems
+
+
+def _check_label_folders(
+    root: Path, specs: dict, tasks: list[Task], splits: dict[str, FolderDataset] | None, max_list: int
+) -> list[str]:
+    """Label folders and files that no task or no split id uses (``splits`` None: not all split
+    files could be read, so label ids are not compared with them)."""
+    label_dir = root / "labels"
+    out = [
+        f"{label_dir / t.name}: missing, so no image has a label of task {t.name!r}"
+        for t in tasks
+        if not (label_dir / t.name).is_dir()
+    ]
+    if not label_dir.is_dir():
+        return out
+    listed = {n for ds in (splits or {}).values() for n in ds.names}
+    split_files = ", ".join(str(ds.split_file) for ds in (splits or {}).values())
+    for d in sorted(label_dir.iterdir()):
+        if not d.is_dir():
+            out.append(f"{d}: not in a task folder (labels/<task>/<id>.png|.npy)")
+            continue
+        if d.name not in specs:
+            tasks_listed = ", ".join(specs) or "none"
+            out.append(
+                f"{d}: a label folder of task {d.name!r}, which {SPEC_FILE} does not list "
+                f"(its tasks: {tasks_listed})"
+            )
+            continue
+        stray, orphan = [], []
+        for f in sorted(p for p in d.rglob("*") if p.is_file()):
+            if f.suffix not in LABEL_EXTS:
+                stray.append(f"{f}: not a label file (.png or .npy)")
+            elif splits is not None and f.relative_to(d).with_suffix("").as_posix() not in listed:
+                orphan.append(f"{f}: its id is in no split ({split_files})")
+        out += _capped(stray, max_list, f"{d}: and {{n}} more files that are not .png or .npy")
+        out += _capped(orphan, max_list, f"{d}: and {{n}} more label files whose id is in no split")
+    return out
+
+
 def check_folder(root: str | Path, max_list: int = 20) -> tuple[list[str], list[str]]:
     """Validate a folder dataset: ``(report lines, problems)``, each problem one line naming its file.
 
@@ -303,141 +422,56 @@ def check_folder(root: str | Path, max_list: int = 20) -> tuple[list[str], list[
     classes, ...: :func:`~atrc_exp.task_kinds.spec_problems`); missing or empty
     ``splits/train.txt``/``val.txt``; an id listed twice or in two splits; a split id without an
     image (or with two); unreadable files; a label whose size differs from its image's; values out
-    of range (class index >= classes and not 255, normals not of unit length within 1e-2 where
-    labelled, depth negative or infinite); a label folder of a task the YAML does not list, a task
-    without a label folder, a label file whose id is in no split or with another extension.
-    Lists of one kind stop after ``max_list`` lines plus one "and N more". The report: per split
-    the image count and size range, and per task how many images of each split carry a label.
+    of range (class index >= classes and not 255, normals not of unit length where labelled: 1e-2,
+    in a PNG plus its 8-bit rounding; depth negative or infinite); a label folder of a task the YAML
+    does not list, a task without a label folder, a label file whose id is in no split or with
+    another extension. Lists of one kind stop after ``max_list`` lines plus one "and N more".
+    The report: per split the image count and size range, and per task how many images of each
+    split carry a label.
     """
-    from tqdm import tqdm
-
     root = Path(root).expanduser()
     if not root.is_dir():
         return [], [f"{root}: no such folder; {LAYOUT_HINT}"]
     lines = [f"folder dataset {root}"]
     specs, problems = _read_specs(root)
     specs = specs or {}
-    tasks: list[Task] = []
-    for name, spec in specs.items():
-        if not spec_problems(name, spec):
-            tasks.append(make_task(name, spec))
+    tasks = [make_task(n, s) for n, s in specs.items() if not spec_problems(n, s)]  # the usable ones
     if tasks:
-        desc = ", ".join(
+        desc = [
             f"{t.name} ({t.kind.name}"
-            + (f", {t.num_classes} classes)" if "classes" in t.kind.options else ")")
+            + (f", {t.num_classes} classes" if "classes" in t.kind.options else "")
+            + ")"
             for t in tasks
-        )
-        lines.append(f"  tasks: {desc}")
+        ]
+        lines.append(f"  tasks: {', '.join(desc)}")
 
-    # splits
-    split_dir = root / "splits"
     split_names = [*REQUIRED_SPLITS]
-    if split_dir.is_dir():
-        split_names += sorted(p.stem for p in split_dir.glob("*.txt") if p.stem not in REQUIRED_SPLITS)
+    if (root / "splits").is_dir():
+        split_names += sorted(
+            p.stem for p in (root / "splits").glob("*.txt") if p.stem not in REQUIRED_SPLITS
+        )
     splits: dict[str, FolderDataset] = {}
     for s in split_names:
         try:
             splits[s] = FolderDataset(root, s, tasks)
         except DataError as e:
             problems.append(str(e))
-    first_seen: dict[str, str] = {}
-    dup = []
+    problems += _check_ids(splits, max_list)
+    counts = {s: dict.fromkeys((t.name for t in tasks), 0) for s in splits}
     for s, ds in splits.items():
-        seen = set()
-        for name in ds.names:
-            if name in seen:
-                dup.append(f"{ds.split_file}: id {name!r} is listed twice")
-            elif name in first_seen:
-                dup.append(f"{ds.split_file}: id {name!r} is also in {splits[first_seen[name]].split_file}")
-            seen.add(name)
-            first_seen.setdefault(name, s)
-    problems += _capped(dup, max_list, f"{split_dir}: and {{n}} more ids listed twice")
-
-    # images and labels
-    counts: dict[str, dict[str, int]] = {t.name: {} for t in tasks}
-    for s, ds in splits.items():
-        sizes: list[tuple[int, int]] = []
-        missing, bad = [], []
-        for i in tqdm(range(len(ds)), desc=f"check {s}", unit="img", leave=False, disable=None):
-            hw = None
-            found = _find(root / "images", ds.names[i], IMAGE_EXTS)
-            if not found:
-                missing.append(
-                    f"{ds.split_file}: id {ds.names[i]!r} has no image ({root / 'images'}/{ds.names[i]}.jpg or .png)"
-                )
-            elif len(found) > 1:
-                bad.append(
-                    f"{found[0]}: id {ds.names[i]!r} has {len(found)} images ({', '.join(map(str, found))})"
-                )
-            else:
-                try:
-                    hw = _image_size(found[0])
-                    read_rgb(found[0])
-                    sizes.append(hw)
-                except DataError as e:
-                    bad.append(" ".join(str(e).split()))
-                    hw = None
-            for t in tasks:
-                try:
-                    p = ds.label_path(i, t.name)
-                except DataError as e:
-                    bad.append(str(e))
-                    continue
-                if p is None:
-                    continue
-                counts[t.name][s] = counts[t.name].get(s, 0) + 1
-                try:
-                    lab = t.kind.read_label(p, t)
-                except DataError as e:
-                    bad.append(" ".join(str(e).split()))
-                    continue
-                if hw is not None and lab.shape[:2] != hw:
-                    bad.append(
-                        f"{p}: size {lab.shape[0]}x{lab.shape[1]} differs from its image {found[0]} ({hw[0]}x{hw[1]})"
-                    )
-                    continue
-                bad += _value_problems(t, p, lab)
-        problems += _capped(missing, max_list, f"{ds.split_file}: and {{n}} more ids without an image")
-        problems += _capped(bad, max_list, f"{ds.split_file}: and {{n}} more damaged or unreadable files")
-        if sizes:
-            hs, ws = [h for h, _ in sizes], [w for _, w in sizes]
-            rng = f"height {min(hs)}..{max(hs)}, width {min(ws)}..{max(ws)} ({len(set(sizes))} sizes)"
-        else:
-            rng = "no readable image"
-        lines.append(f"  {s}: {len(ds)} images, {rng}")
-
-    # label folders
-    label_dir = root / "labels"
-    listed = set(first_seen)
-    all_splits = len(splits) == len(split_names)  # else "in no split" would list the unread split's ids
-    if label_dir.is_dir():
-        for d in sorted(p for p in label_dir.iterdir() if p.is_dir()):
-            if d.name not in specs:
-                problems.append(
-                    f"{d}: a label folder of task {d.name!r}, which {SPEC_FILE} does not list "
-                    f"(its tasks: {', '.join(specs) or 'none'})"
-                )
-                continue
-            stray, orphan = [], []
-            for f in sorted(p for p in d.rglob("*") if p.is_file()):
-                if f.suffix not in LABEL_EXTS:
-                    stray.append(f"{f}: not a label file (.png or .npy)")
-                elif all_splits and f.relative_to(d).with_suffix("").as_posix() not in listed:
-                    orphan.append(
-                        f"{f}: its id is in no split ({', '.join(str(ds.split_file) for ds in splits.values())})"
-                    )
-            problems += _capped(stray, max_list, f"{d}: and {{n}} more files that are not .png or .npy")
-            problems += _capped(orphan, max_list, f"{d}: and {{n}} more label files whose id is in no split")
-    for t in tasks:
-        if not (label_dir / t.name).is_dir():
-            problems.append(f"{label_dir / t.name}: missing, so no image has a label of task {t.name!r}")
+        line, split_problems = _check_split(ds, counts[s], max_list)
+        lines.append(line)
+        problems += split_problems
+    problems += _check_label_folders(
+        root, specs, tasks, splits if len(splits) == len(split_names) else None, max_list
+    )
 
     if tasks and splits:
         rows = [["task", "kind", *splits]]
-        for t in tasks:
-            rows.append(
-                [t.name, t.kind.name, *(f"{counts[t.name].get(s, 0)}/{len(ds)}" for s, ds in splits.items())]
-            )
+        rows += [
+            [t.name, t.kind.name, *(f"{counts[s][t.name]}/{len(ds)}" for s, ds in splits.items())]
+            for t in tasks
+        ]
         lines.append("  images with a label:")
         lines += _table(rows, indent="    ")
     return lines, problems
