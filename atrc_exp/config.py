@@ -131,7 +131,8 @@ def config_tasks(cfg: DictConfig, names=None) -> list:
     specs = cfg.dataset.get("task_specs")
     if specs is None:
         raise ConfigError(f"dataset={cfg.dataset.name} has no task_specs: say what each task is (its kind)")
-    specs = OmegaConf.to_container(specs, resolve=True)
+    if isinstance(specs, DictConfig):
+        specs = OmegaConf.to_container(specs, resolve=True)
     for t in names:
         if t not in specs:
             raise ConfigError(

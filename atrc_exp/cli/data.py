@@ -54,6 +54,7 @@ ARCHIVES: dict[str, dict] = {
         "sha256": spec.archive.sha256,
     }
     for name, spec in LAYOUTS.items()
+    if spec.archive is not None
 }
 
 

@@ -26,7 +26,9 @@ from omegaconf import DictConfig
 from ..config import ConfigError
 from .nyud import NYUD_TASK_FILES, NYUDMT
 from .pascal import PASCALMT, _loadmat, person_parts
+from .folder import FolderDataset
 from .synthetic import write_nyud_files, write_pascal_files
+from .synthetic_folder import write_folder_files
 
 __all__ = ["LAYOUTS", "Archive", "Layout", "get_layout", "layout_for_name"]
 
@@ -61,7 +63,7 @@ class Layout:
     #: Semseg classes and split sizes of the published dataset (``atrc-data check``).
     semseg_classes: int
     split_sizes: Mapping[str, int]
-    archive: Archive
+    archive: Archive | None
     #: Writes the synthetic dataset: ``write(dest, n_train, n_val, height, width, seed, progress)``.
     write_synthetic: Callable[..., None]
     #: The conf/dataset/ name of the synthetic dataset in this layout.
@@ -132,6 +134,20 @@ LAYOUTS: dict[str, Layout] = {
             "do the pascal-context/trainval/*.mat files hold the 459-class LabelMap?"
         ),
     ),
+    # your own data (README "Train on your own data"): dataset.root is the folder itself, its
+    # atrc_dataset.yaml names the tasks; `atrc-data check <dir>` validates it (data/folder.py)
+    "folder": Layout(
+        reader=FolderDataset,
+        reader_kwargs=lambda cfg: {},
+        split_dir="splits",
+        check_tasks=(),
+        semseg_classes=0,
+        split_sizes={},
+        archive=None,
+        write_synthetic=write_folder_files,
+        synthetic_dataset="folder",
+        val_size=lambda reader, crop: reader.padded_size(32),
+    ),
 }
 
 
@@ -151,7 +167,9 @@ def layout_for_name(s: str) -> str:
     """The layout meant by ``s``: a layout name (any case), a fetch dataset name (``nyud``,
     ``pascal_context``), a synthetic dataset name (``synthetic_pascal``) or a prefix of those names
     that only one layout has (``pascal``). :class:`~atrc_exp.config.ConfigError` otherwise."""
-    names = {k: {k.lower(), v.archive.dataset, v.synthetic_dataset} for k, v in LAYOUTS.items()}
+    names = {
+        k: {k.lower(), v.synthetic_dataset} | ({v.archive.dataset} if v.archive else set()) for k, v in LAYOUTS.items()
+    }
     t = s.lower()
     exact = [k for k, ns in names.items() if t in ns]
     found = exact or [k for k, ns in names.items() if any(n.startswith(t) for n in ns)]
