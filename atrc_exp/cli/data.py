@@ -36,6 +36,7 @@ from ..config import ConfigError
 from ..data.layouts import LAYOUTS, layout_for_name
 from ..data.nyud import DataError
 from ..label_io import DataError as LabelDataError
+from ..task_kinds import tasks_by_name
 
 #: ``--layout`` of a folder dataset (``atrc_dataset.yaml``; not a published layout).
 FOLDER = "folder"
@@ -141,22 +142,24 @@ def _manifest(folder: Path) -> dict | None:
 
 
 def _check_values(name: str, sample: dict, problems: list[str], where: str) -> None:
-    """Label ranges beyond what the readers enforce."""
-    if "edge" in sample:
-        e = sample["edge"]
-        if not np.isin(e, (0.0, 1.0)).all():
-            problems.append(f"{where}: edge values other than 0/1 ({np.unique(e)[:5]}...) in {name}")
-    if "depth" in sample:
-        d = sample["depth"]
-        if (d < 0).any() or (d > 100).any():
+    """Label ranges beyond what the readers enforce, by each label's kind (the published layouts'
+    tasks are the paper's named tasks)."""
+    kinds = {k: t.kind.name for k, t in tasks_by_name(None).items() if k in sample}
+    for key, kind in kinds.items():
+        v = sample[key]
+        if kind == "edge" and not np.isin(v, (0.0, 1.0)).all():
+            problems.append(f"{where}: {key} values other than 0/1 ({np.unique(v)[:5]}...) in {name}")
+        if kind == "depth" and ((v < 0).any() or (v > 100).any()):
             problems.append(
-                f"{where}: depth outside 0..100 m in {name} (min {d.min():.3g}, max {d.max():.3g})"
+                f"{where}: {key} outside 0..100 m in {name} (min {v.min():.3g}, max {v.max():.3g})"
             )
-    if "normals" in sample:
-        n = np.linalg.norm(sample["normals"], axis=-1)
-        nz = n > 0
-        if nz.any() and (np.abs(n[nz] - 1) > 0.1).mean() > 0.01:
-            problems.append(f"{where}: normals of {name} are not unit vectors (mean norm {n[nz].mean():.3f})")
+        if kind == "normals":
+            n = np.linalg.norm(v, axis=-1)
+            nz = n > 0
+            if nz.any() and (np.abs(n[nz] - 1) > 0.1).mean() > 0.01:
+                problems.append(
+                    f"{where}: {key} of {name} are not unit vectors (mean norm {n[nz].mean():.3f})"
+                )
 
 
 def normals_valid_pixels(normals: np.ndarray) -> tuple[int, int]:
@@ -203,7 +206,7 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
             problems.append(f"{layout}: split list {split_dir / (s + '.txt')} is missing")
     for split in splits:
         try:
-            ds = spec.reader(data_dir, split, tasks, num_classes=classes)
+            ds = spec.reader(data_dir, split, tasks, num_classes=classes)  # (tasks: the layout's names)
         except DataError as e:
             problems.append(str(e))
             continue
@@ -216,8 +219,10 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
                 if spec.check_image is not None:
                     spec.check_image(ds, i, sample)
                 _check_values(ds.names[i], sample, problems, f"{layout}/{split}")
-                if "normals" in sample:
-                    normals.append((ds.names[i], *normals_valid_pixels(sample["normals"])))
+                for key in [
+                    k for k, t in tasks_by_name(None).items() if k in sample and t.kind.name == "normals"
+                ]:
+                    normals.append((ds.names[i], *normals_valid_pixels(sample[key])))
                 hw = sample["image"].shape[:2]
                 sizes[hw] = sizes.get(hw, 0) + 1
             except DataError as e:

@@ -24,9 +24,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..config import ConfigError
+from .folder import FolderDataset
 from .nyud import NYUD_TASK_FILES, NYUDMT
 from .pascal import PASCALMT, _loadmat, person_parts
-from .folder import FolderDataset
 from .synthetic import write_nyud_files, write_pascal_files
 from .synthetic_folder import write_folder_files
 
@@ -168,7 +168,8 @@ def layout_for_name(s: str) -> str:
     ``pascal_context``), a synthetic dataset name (``synthetic_pascal``) or a prefix of those names
     that only one layout has (``pascal``). :class:`~atrc_exp.config.ConfigError` otherwise."""
     names = {
-        k: {k.lower(), v.synthetic_dataset} | ({v.archive.dataset} if v.archive else set()) for k, v in LAYOUTS.items()
+        k: {k.lower(), v.synthetic_dataset} | ({v.archive.dataset} if v.archive else set())
+        for k, v in LAYOUTS.items()
     }
     t = s.lower()
     exact = [k for k, ns in names.items() if t in ns]
