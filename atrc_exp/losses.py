@@ -275,6 +275,7 @@ class MultiTaskLoss(nn.Module):
         self.tasks = tuple(tasks)
         if not self.tasks:
             raise ValueError("MultiTaskLoss has no task")
+        self.by_name = {t.name: t for t in self.tasks}
         self._const: dict[str, str] = {}
         for t in self.tasks:
             const = t.kind.aux_constant(t)
@@ -286,6 +287,16 @@ class MultiTaskLoss(nn.Module):
         """The buffer of ``task``'s aux constant (normals centroids), or None."""
         name = self._const.get(task.name)
         return None if name is None else getattr(self, name)
+
+    def final_loss(self, name: str, pred: Tensor, target: Tensor) -> Tensor:
+        """Unweighted final loss of the task ``name``."""
+        task = self.by_name[name]
+        return task.kind.final_loss(pred, target, task, None)
+
+    def aux_loss(self, name: str, pred: Tensor, target: Tensor) -> Tensor:
+        """Unweighted auxiliary loss of the task ``name``."""
+        task = self.by_name[name]
+        return task.kind.aux_loss(pred, target, task, self.aux_constant(task))
 
     def forward(
         self, outputs: Mapping[str, Mapping[str, Tensor]], batch: Mapping[str, Tensor]
@@ -303,10 +314,10 @@ class MultiTaskLoss(nn.Module):
                 if name not in batch:
                     raise KeyError(f"batch has no target for task {name!r}")
                 target = batch[name]
-                task_loss = task.kind.final_loss(final[name], target, task, None)
+                task_loss = self.final_loss(name, final[name], target)
                 terms[f"loss/{name}"] = task_loss.detach()
                 if name in aux:
-                    aux_l = task.kind.aux_loss(aux[name], target, task, self.aux_constant(task))
+                    aux_l = self.aux_loss(name, aux[name], target)
                     terms[f"loss/aux_{name}"] = aux_l.detach()
                     task_loss = task_loss + aux_l
                 weighted = task.weight * task_loss

@@ -89,6 +89,12 @@ class Task:
         return [str(x) for x in c]
 
     @property
+    def named_classes(self) -> list[str] | None:
+        """The class names when ``classes`` lists them (None for a count)."""
+        c = self.options.get("classes")
+        return [str(x) for x in c] if isinstance(c, (list, tuple)) else None
+
+    @property
     def final_channels(self) -> int:
         return self.kind.final_channels(self)
 
@@ -241,7 +247,7 @@ TASK_KINDS: dict[str, TaskKind] = {
         aux_channels=_classes,
         final_loss=lambda p, t, task, c: losses.cross_entropy_loss(p, t),
         aux_loss=lambda p, t, task, c: losses.cross_entropy_loss(p, t),
-        meter=lambda task, s: metrics.SegmentationMeter(task.name, task.num_classes, task.class_names),
+        meter=lambda task, s: metrics.SegmentationMeter(task.name, task.num_classes, task.named_classes),
         metrics=(("mIoU", True),),
         read_label=lambda path, task: label_io.read_class_map(path, task.num_classes),
         integer_labels=True,

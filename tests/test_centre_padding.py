@@ -8,6 +8,7 @@ import torch
 
 from atrc_exp.data import transforms as T
 from atrc_exp.tasks import crop_center, pad_offsets
+from atrc_exp.task_kinds import paper_tasks
 
 X = 255  # label padding / ignore
 
@@ -128,7 +129,7 @@ def test_predict_pads_in_the_centre_and_crops_back_from_it():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (20, 37, 3), dtype=np.uint8)
     net = _EchoNet()
-    preds = predict_image(net, rgb, torch.device("cpu"))
+    preds = predict_image(net, rgb, torch.device("cpu"), paper_tasks(["edge", "semseg"], semseg={"classes": 2}))
     # 20×37 → 32×64 (multiples of 32): 6 rows above, 13 columns to the left
     assert net.seen.shape == (1, 3, 32, 64)
     inside = torch.zeros(32, 64, dtype=torch.bool)
@@ -149,7 +150,7 @@ def test_predict_writes_truncated_probability_pngs(tmp_path):
 
     rgb = np.zeros((2, 3, 3), np.uint8)
     p = np.array([[0.5, 1.0, 0.0], [0.999, 0.2, 0.75]], np.float32)
-    write_predictions(rgb, {"edge": p, "sal": p}, tmp_path)
+    write_predictions(rgb, {"edge": p, "sal": p}, tmp_path, paper_tasks(["edge", "sal"]))
     for task in ("edge", "sal"):
         png = cv2.imread(str(tmp_path / f"{task}.png"), cv2.IMREAD_UNCHANGED)
         # 127.5 → 127, 255, 0, 254.745 → 254, 51, 191.25 → 191 (truncated, not rounded)

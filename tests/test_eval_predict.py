@@ -96,7 +96,9 @@ def test_atrc_predict_odd_sized_images(run_dir, tmp_path):
         for task in ("semseg", "depth", "normals", "edge"):
             assert cv2.imread(str(d / f"{task}_color.png")).shape == (h, w, 3)
         sheet = cv2.imread(str(d / "sheet.png"))
-        assert sheet.shape[1] == 5 * w and sheet.shape[0] > h  # image + 4 tasks, titled
+        legend = cv2.imread(str(d / "semseg_legend.png"))  # the synthetic classes have names
+        assert legend.shape[0] >= 7 * 10
+        assert sheet.shape[1] == 5 * w + legend.shape[1] and sheet.shape[0] > h  # image + 4 tasks + legend
 
 
 def test_module_entry_points_run():

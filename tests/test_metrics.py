@@ -186,7 +186,9 @@ def test_state_round_trip_sum_of_halves_equals_whole():
         "semseg/mIoU",
         "human_parts/mIoU",
         "depth/rmse",
+        "depth/abs_rel",
         "normals/mean_angle",
+        "normals/median_angle",
         "normals/rmse_angle",
         "normals/within_11.25",
         "normals/within_22.5",
@@ -195,7 +197,9 @@ def test_state_round_trip_sum_of_halves_equals_whole():
         "edge/odsF",
         "edge/oisF",
         "sal/maxF",
+        "sal/mIoU",
     }
+    assert reduced.labelled_images() == whole.labelled_images()
     for key in ref:
         assert got[key] == pytest.approx(ref[key], rel=1e-9), key
     # The halves alone give different values (the reduction matters).

@@ -49,8 +49,17 @@ CONFIGS: dict[str, list[str]] = {
     "nyud18_local": ["dataset=nyud", "context=local"],
     "nyud18_tlabel": ["dataset=nyud", "context=tlabel"],
     "nyud18_slabel": ["dataset=nyud", "context=slabel"],
-    "pascal18_atrc": ["dataset=pascal_context", "context=atrc", f"context.genotype={_G / 'pascal_hrnet18.json'}"],
-    "nyud48_atrc": ["dataset=nyud", "backbone=hrnet48", "context=atrc", f"context.genotype={_G / 'nyud_hrnet48.json'}"],
+    "pascal18_atrc": [
+        "dataset=pascal_context",
+        "context=atrc",
+        f"context.genotype={_G / 'pascal_hrnet18.json'}",
+    ],
+    "nyud48_atrc": [
+        "dataset=nyud",
+        "backbone=hrnet48",
+        "context=atrc",
+        f"context.genotype={_G / 'nyud_hrnet48.json'}",
+    ],
     "nyud18_search_argmax": ["dataset=nyud", "context=search", "mode=search"],
 }
 #: the task weights the oracles' loss terms are multiplied by (README of the oracles)
@@ -93,15 +102,10 @@ def preset_lr(cfg) -> float:
 
 
 def make_criterion(cfg, centroids: torch.Tensor):
-    """The trainer's multi-task loss of ``cfg``; the aux normals classes from ``centroids``."""
-    from atrc_exp import config
+    """The trainer's multi-task loss of ``cfg``'s tasks, the aux normals classes from ``centroids``."""
+    from atrc_exp.config import config_tasks
     from atrc_exp.losses import MultiTaskLoss
 
-    config_tasks = getattr(config, "config_tasks", None)
-    if config_tasks is None:  # the loss of named tasks (before the task kinds)
-        return MultiTaskLoss(
-            list(cfg.tasks.names), float(cfg.dataset.edge_pos_weight), normal_centroids=centroids
-        )
     tasks = [
         t.with_options(centroids=centroids.numpy()) if "centroids" in t.kind.options else t
         for t in config_tasks(cfg)
@@ -127,10 +131,13 @@ def our_metric_values(i: dict[str, torch.Tensor]) -> dict[str, float]:
         m.update(pred, target)
         return m.compute()[key]
 
+    def miou(logits):
+        return meter(SegmentationMeter("semseg", 40), logits, i["lab"], "semseg/mIoU") / 100
+
     depth_t = i["depth_t"].masked_fill(i["depth_t"] == 0, 255)  # the losses' ignore value
     return {
-        "semseg_miou": meter(SegmentationMeter("semseg", 40), i["logits"], i["lab"], "semseg/mIoU") / 100,
-        "semseg_miou_corr": meter(SegmentationMeter("semseg", 40), i["logits2"], i["lab"], "semseg/mIoU") / 100,
+        "semseg_miou": miou(i["logits"]),
+        "semseg_miou_corr": miou(i["logits2"]),
         "depth_rmse": meter(DepthMeter(), i["depth_p"], i["depth_t"], "depth/rmse"),
         "normals_mean_angle_deg": meter(NormalsMeter(), i["n_p"], i["n_t"], "normals/mean_angle"),
         "sal_maxf": meter(SaliencyMeter(), i["s_p"], i["s_t"], "sal/maxF") / 100,
@@ -200,7 +207,8 @@ def check_terms(terms: dict[str, torch.Tensor], expected: dict[str, float]) -> N
     assert len(terms) == len(expected)
     for key, ref in expected.items():
         task, part = key.rsplit("_", 1)
-        ours = ORIGINAL_WEIGHTS[task] * float(terms[f"loss/{task}" if part == "final" else f"loss/aux_{task}"])
+        term = terms[f"loss/{task}" if part == "final" else f"loss/aux_{task}"]
+        ours = ORIGINAL_WEIGHTS[task] * float(term)
         assert ours == pytest.approx(ref, rel=TERMS_REL, abs=0), key
 
 
@@ -286,9 +294,8 @@ def test_search_step_is_the_originals(monkeypatch):
     for b in blocks.values():
         b.tau = o["tau"]
     # the oracle's Gumbel-softmax without noise: softmax(logits / τ)
-    monkeypatch.setattr(
-        torch.nn.functional, "gumbel_softmax", lambda logits, tau=1.0, hard=False, **_: (logits / tau).softmax(-1)
-    )
+    no_noise = lambda logits, tau=1.0, hard=False, **_: (logits / tau).softmax(-1)  # noqa: E731
+    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", no_noise)
     task_loss, terms = make_criterion(cfg, o["centroids"])(model(o["x"]), o["targets"])
     monkeypatch.undo()
     entropy = entropy_term(list(blocks.values()))
@@ -304,7 +311,8 @@ def test_search_step_is_the_originals(monkeypatch):
     params = dict(model.named_parameters())
     for key, ref in o["wgrad"].items():  # 0.0 for an op of a pair frozen to `none`
         grad = params[key].grad
-        assert (0.0 if grad is None else grad.norm().item()) == pytest.approx(ref, rel=SEARCH_GRAD_REL, abs=0), key
+        norm = 0.0 if grad is None else grad.norm().item()
+        assert norm == pytest.approx(ref, rel=SEARCH_GRAD_REL, abs=0), key
 
 
 # ------------------------------------------------------------- 4. backbones at odd input sizes
@@ -341,7 +349,7 @@ def test_validation_samples_are_the_originals(dataset, original_fixture_data):
     assert len(ds) == len(o["samples"])
     for i, expected in enumerate(o["samples"]):
         sample = ds[i]
-        assert sorted(expected) == sorted(["image", *o["tasks"]])
+        assert {"image", *o["tasks"]} <= set(sample)
         for key, spec in expected.items():
             y = sample[key].double()
             assert y.numel() == torch.Size(spec["shape"]).numel(), (i, key)

@@ -17,7 +17,8 @@ Per image ``<stem>`` and task, in ``<out>/<stem>/``:
 * ``<task>.png`` — segmentation maps as 8-bit PNGs (class indices); saliency and edges as 8-bit
   probability PNGs (``uint8(255·p)``, truncated: the edge PNGs the original wrote for SEISM);
 * ``<task>_color.png`` — a coloured rendering (VOC palette, viridis depth, normals as RGB,
-  grey-scale saliency and edges); a segmentation task whose classes have names gets a legend;
+  grey-scale saliency and edges), pixel-aligned with the image; a segmentation task whose classes
+  have names also gets ``<task>_legend.png`` (colour → class name), shown beside it in the sheet;
 * ``sheet.png`` — the image and all renderings side by side, titled with the task names.
 """
 
@@ -110,12 +111,14 @@ def write_predictions(rgb: np.ndarray, preds: dict[str, np.ndarray], out_dir: Pa
             cv2.imwrite(str(out_dir / f"{name}.png"), png)
             written[f"{name}.png"] = out_dir / f"{name}.png"
         color = kind.colorize(p.transpose(2, 0, 1) if p.ndim == 3 else p)
-        if isinstance(task.options.get("classes"), (list, tuple)):  # named classes: a legend beside
-            leg = legend(task.class_names, color.shape[0])
-            color = np.pad(color, ((0, leg.shape[0] - color.shape[0]), (0, 0), (0, 0)), constant_values=255)
-            color = np.concatenate([color, leg], 1)
         cv2.imwrite(str(out_dir / f"{name}_color.png"), cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
         written[f"{name}_color.png"] = out_dir / f"{name}_color.png"
+        if task.named_classes:  # named classes: a legend beside
+            leg = legend(task.named_classes, color.shape[0])
+            cv2.imwrite(str(out_dir / f"{name}_legend.png"), cv2.cvtColor(leg, cv2.COLOR_RGB2BGR))
+            written[f"{name}_legend.png"] = out_dir / f"{name}_legend.png"
+            color = np.pad(color, ((0, leg.shape[0] - color.shape[0]), (0, 0), (0, 0)), constant_values=255)
+            color = np.concatenate([color, leg], 1)
         panels.append(_title(color, name))
     height = max(p.shape[0] for p in panels)
     panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in panels]
