@@ -114,8 +114,8 @@ def user_error(e: BaseException) -> BaseException:
     a missing ``dataset.root``): what the user should read."""
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-    while isinstance(e, InterpolationResolutionError) and e.__cause__ is not None:
-        e = e.__cause__
+    while isinstance(e, InterpolationResolutionError) and (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
     if isinstance(e, MissingMandatoryValue):
         key = getattr(e, "full_key", "") or ""
         return ConfigError(f"{key or 'a key'} has no value: pass {key or 'it'}=<value> on the command line")

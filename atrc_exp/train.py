@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import CONF_DIR, ConfigError, register_resolvers
+from .config import CONF_DIR, ConfigError, register_resolvers, user_error
 
 register_resolvers()
 log = logging.getLogger("atrc_exp")
@@ -88,7 +88,8 @@ def main(cfg: DictConfig) -> float | None:
         log.warning("%s", e)
         print(f"preempted: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except Exception as e:
+    except Exception as raised:
+        e = user_error(raised)  # a config interpolation's own error (a folder dataset's YAML)
         known = isinstance(e, user_errors())
         if sweeping and bool(cfg.get("continue_on_failure", True)):
             # record it and let the sweep go on; the end-of-sweep callback reports and exits non-zero
@@ -99,7 +100,7 @@ def main(cfg: DictConfig) -> float | None:
                 print(f"error: {one_line(e)} (job {hc.job.num}, run dir {run_dir})", file=sys.stderr)
             return None
         if full_error or not (known or sweeping):
-            raise
+            raise raised
         if not known:  # a bug, in a sweep that must stop here: the traceback goes to the job's log
             log.exception("job failed")
         log.error("%s: %s", type(e).__name__, one_line(e))

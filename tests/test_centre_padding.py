@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from atrc_exp.data import transforms as T
-from atrc_exp.tasks import crop_center, pad_offsets
 from atrc_exp.task_kinds import paper_tasks
+from atrc_exp.tasks import crop_center, pad_offsets
 
 X = 255  # label padding / ignore
 
@@ -129,7 +129,9 @@ def test_predict_pads_in_the_centre_and_crops_back_from_it():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (20, 37, 3), dtype=np.uint8)
     net = _EchoNet()
-    preds = predict_image(net, rgb, torch.device("cpu"), paper_tasks(["edge", "semseg"], semseg={"classes": 2}))
+    preds = predict_image(
+        net, rgb, torch.device("cpu"), paper_tasks(["edge", "semseg"], semseg={"classes": 2})
+    )
     # 20×37 → 32×64 (multiples of 32): 6 rows above, 13 columns to the left
     assert net.seen.shape == (1, 3, 32, 64)
     inside = torch.zeros(32, 64, dtype=torch.bool)

@@ -73,9 +73,9 @@ TERMS_REL = 4e-15
 #: the first step's total loss (README 1e-15; measured 3.0e-16)
 LOSS0_REL = 1e-15
 #: per case: (relative error of the losses of steps 1 and 2, of the eval outputs after the steps).
-#: README: 1e-15 / 1e-11. Measured vs the original: MT 3.1e-15 / 6.0e-13; NYUD ATRC 1.2e-13 /
-#: 2.7e-10; PASCAL ATRC 4.3e-13 / 1.2e-10. A one-ulp change of our own input (x·(1 + 2⁻⁵²)) moves
-#: ours by 3.5e-15 / 4.9e-13 (MT), 4.0e-14 / 8.7e-11 (NYUD ATRC), 4.0e-13 / 9.2e-11 (PASCAL ATRC):
+#: README: 1e-15 / 1e-11. Measured vs the original: MT 3.1e-15 / 7.4e-13; NYUD ATRC 1.2e-13 /
+#: 2.7e-10; PASCAL ATRC 4.3e-13 / 7.2e-11. A one-ulp change of our own input (x·(1 + 2⁻⁵²)) moves
+#: ours by 3.5e-15 / 4.7e-13 (MT), 4.0e-14 / 8.0e-11 (NYUD ATRC), 4.0e-13 / 7.8e-11 (PASCAL ATRC):
 #: what remains is rounding, amplified by train-mode batch norm over the tiny deepest branches.
 TRAIN_TOL = {"nyud18_mt": (1e-14, 1e-11), "nyud18_atrc": (2e-12, 1e-9), "pascal18_atrc": (2e-12, 1e-9)}
 #: the search step: losses (measured 2e-16; terms 1.5e-15), gradients (README 1e-9; measured 8.7e-13)

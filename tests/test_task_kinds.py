@@ -96,7 +96,9 @@ def test_partial_labels_leave_the_other_tasks_whole():
     seg_t = torch.tensor([[[0, 1]], [[255, 255]]])
     dep_p = torch.ones(2, 1, 1, 2, dtype=torch.float64)
     dep_t = torch.tensor([[[[2.0, 2.0]]], [[[3.0, 3.0]]]], dtype=torch.float64)
-    _, terms = MultiTaskLoss([seg, dep])({"final": {"seg": logits, "dep": dep_p}}, {"seg": seg_t, "dep": dep_t})
+    _, terms = MultiTaskLoss([seg, dep])(
+        {"final": {"seg": logits, "dep": dep_p}}, {"seg": seg_t, "dep": dep_t}
+    )
     assert terms["loss/seg"].item() == pytest.approx(LOG2)
     assert terms["loss/dep"].item() == pytest.approx(1.5)  # (1 + 1 + 2 + 2) / 4
 
