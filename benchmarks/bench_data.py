@@ -61,7 +61,7 @@ def _bench_case(case: tuple, n: int, rng: np.random.Generator) -> dict:
     samples = [fake_sample(h, w, tasks, k, rng) for _ in range(4)]
     # the reference's own copies (no cache shared between the two)
     ref_samples = [{k: (v if k == "meta" else v.copy()) for k, v in s.items()} for s in samples]
-    fast = [(type(t).__name__, t) for t in build_train_transform(crop).transforms]
+    fast = [(type(t).__name__, t) for t in build_train_transform(crop, ratio_task="semseg").transforms]
     ref = reference_train_steps(crop)
     totals = {"fast": np.zeros(len(fast)), "ref": np.zeros(len(ref))}
     cpu = {"fast": 0.0, "ref": 0.0}

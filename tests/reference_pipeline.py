@@ -14,7 +14,18 @@ import cv2
 import numpy as np
 import torch
 
-from atrc_exp.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PAD_VALUES, torch_seeded_rng
+from atrc_exp.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, torch_seeded_rng
+
+#: padding of each key (SPEC: image 0, labels 255, depth 0; normals 0 = no label)
+PAD_VALUES = {
+    "image": 0.0,
+    "semseg": 255,
+    "human_parts": 255,
+    "sal": 255,
+    "edge": 255,
+    "normals": 0.0,
+    "depth": 0.0,
+}
 
 
 def fake_sample(h: int, w: int, tasks: list[str], num_classes: int, rng: np.random.Generator) -> dict:

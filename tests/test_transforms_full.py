@@ -127,21 +127,24 @@ def test_crop_redraws_until_no_class_dominates():
     s = {"image": np.zeros((h, w, 3), np.float32), "semseg": seg}
     torch.manual_seed(0)
     ok = sum(
-        T.class_ratio_ok(T.RandomCrop((20, 40), cat_max_ratio=0.75)(s)["semseg"], 0.75) for _ in range(50)
+        T.class_ratio_ok(T.RandomCrop((20, 40), cat_max_ratio=0.75, ratio_task="semseg")(s)["semseg"], 0.75)
+        for _ in range(50)
     )
     plain = sum(T.class_ratio_ok(T.RandomCrop((20, 40))(s)["semseg"], 0.75) for _ in range(50))
     assert ok >= 48 and plain < 35
     # impossible (one class): 10 re-draws then the 11th position is used
     rng = _CountingRng()
-    out = T.RandomCrop((20, 20), rng=rng, cat_max_ratio=0.75)({**s, "semseg": np.zeros((h, w), np.int64)})
+    out = T.RandomCrop((20, 20), rng=rng, cat_max_ratio=0.75, ratio_task="semseg")(
+        {**s, "semseg": np.zeros((h, w), np.int64)}
+    )
     assert rng.draws == 2 * 11 and out["semseg"].shape == (20, 20)
     # accepted at once: a single draw
     rng = _CountingRng()
-    T.RandomCrop((h, w), rng=rng, cat_max_ratio=0.75)(s)
+    T.RandomCrop((h, w), rng=rng, cat_max_ratio=0.75, ratio_task="semseg")(s)
     assert rng.draws == 2
     # without semseg: one draw
     rng = _CountingRng()
-    T.RandomCrop((20, 20), rng=rng, cat_max_ratio=0.75)(
+    T.RandomCrop((20, 20), rng=rng, cat_max_ratio=0.75, ratio_task="semseg")(
         {"image": s["image"], "depth": seg.astype(np.float32)}
     )
     assert rng.draws == 2
@@ -152,7 +155,7 @@ def test_crop_keeps_targets_aligned():
     s["semseg"] = np.arange(30 * 40).reshape(30, 40) % 5
     s["depth"] = np.arange(30 * 40, dtype=np.float32).reshape(30, 40) + 1
     torch.manual_seed(1)
-    out = T.RandomCrop((10, 12), cat_max_ratio=0.75)(s)
+    out = T.RandomCrop((10, 12), cat_max_ratio=0.75, ratio_task="semseg")(s)
     v = int(out["depth"][0, 0]) - 1
     y, x = divmod(v, 40)
     np.testing.assert_array_equal(out["semseg"], s["semseg"][y : y + 10, x : x + 12])
@@ -161,7 +164,7 @@ def test_crop_keeps_targets_aligned():
 
 def test_train_pipeline_output():
     s = _sample(30, 40)
-    tf = T.build_train_transform((24, 32))
+    tf = T.build_train_transform((24, 32), ratio_task="semseg")
     torch.manual_seed(0)
     for _ in range(5):
         out = tf(s)
@@ -189,9 +192,12 @@ def test_fused_scale_crop_equals_scale_then_crop(image_dtype, scale_range):
     for seed in range(40):
         g1, g2 = np.random.default_rng(seed), np.random.default_rng(seed)
         a = T.Compose(
-            [T.RandomScale(scale_range, rng=g1), T.RandomCrop((30, 40), rng=g1, cat_max_ratio=0.75)]
+            [
+                T.RandomScale(scale_range, rng=g1),
+                T.RandomCrop((30, 40), rng=g1, cat_max_ratio=0.75, ratio_task="semseg"),
+            ]
         )(s)
-        b = T.RandomScaleCrop(scale_range, (30, 40), rng=g2)(s)
+        b = T.RandomScaleCrop(scale_range, (30, 40), rng=g2, ratio_task="semseg")(s)
         assert g1.random() == g2.random()  # the same number of draws
         for k in (*LABELS, "depth", "normals", "edge", "image"):
             # (cv2.resize turns int64 into int32; the fused step not); the image is rescaled in float32
@@ -526,7 +532,7 @@ def test_train_pipeline_matches_the_reference_pipeline(image_dtype):
         g1, g2 = np.random.default_rng(seed), np.random.default_rng(seed)
         fast = T.Compose(
             [
-                T.RandomScaleCrop((0.5, 2), crop, rng=g1),
+                T.RandomScaleCrop((0.5, 2), crop, rng=g1, ratio_task="semseg"),
                 T.RandomHorizontalFlip(0.5, rng=g1),
                 T.PhotometricDistortion(rng=g1),
                 T.NormalizePadToTensor(crop),
@@ -564,7 +570,7 @@ def test_bench_table_and_its_text():
     assert [r["label"] for r in res] == [c[0] for c in bench.BENCH_CASES]
     for r in res:
         assert [n for n, _ in r["steps"]] == [
-            type(t).__name__ for t in T.build_train_transform((8, 8)).transforms
+            type(t).__name__ for t in T.build_train_transform((8, 8), ratio_task="semseg").transforms
         ]
         assert len(r["ref_steps"]) == 7 and all(ms > 0 for _, ms in r["steps"] + r["ref_steps"])
         assert r["rate"] == pytest.approx(1e3 / sum(ms for _, ms in r["steps"]))
@@ -611,16 +617,24 @@ def test_fused_scale_crop_redraw_rule():
     """Up to 10 checked positions, then an 11th taken as it is; one draw when accepted at once."""
     s = _sample(40, 50)
     rng = _CountingGenerator()
-    out = T.RandomScaleCrop((1.2, 1.5), (20, 20), rng=rng)({**s, "semseg": np.zeros((40, 50), np.int64)})
+    out = T.RandomScaleCrop((1.2, 1.5), (20, 20), rng=rng, ratio_task="semseg")(
+        {**s, "semseg": np.zeros((40, 50), np.int64)}
+    )
     assert rng.draws == {"uniform": 1, "integers": 2 * 11} and out["semseg"].shape == (20, 20)
     rng = _CountingGenerator()  # the crop is the whole rescaled map: the same position 11 times
-    out = T.RandomScaleCrop((0.5, 0.5), (20, 25), rng=rng)({**s, "semseg": np.zeros((40, 50), np.int64)})
+    out = T.RandomScaleCrop((0.5, 0.5), (20, 25), rng=rng, ratio_task="semseg")(
+        {**s, "semseg": np.zeros((40, 50), np.int64)}
+    )
     assert rng.draws == {"uniform": 1, "integers": 2 * 11} and out["semseg"].shape == (20, 25)
     rng = _CountingGenerator()
-    T.RandomScaleCrop((1.2, 1.5), (20, 20), rng=rng)(s)  # 5 random classes: accepted at once
+    T.RandomScaleCrop((1.2, 1.5), (20, 20), rng=rng, ratio_task="semseg")(
+        s
+    )  # 5 random classes: accepted at once
     assert rng.draws == {"uniform": 1, "integers": 2}
     rng = _CountingGenerator()
-    T.RandomScaleCrop((1.2, 1.5), (20, 20), rng=rng, cat_max_ratio=1.0)({**s, "semseg": s["semseg"] * 0})
+    T.RandomScaleCrop((1.2, 1.5), (20, 20), rng=rng, cat_max_ratio=1.0, ratio_task="semseg")(
+        {**s, "semseg": s["semseg"] * 0}
+    )
     assert rng.draws == {"uniform": 1, "integers": 2}
 
 
@@ -666,7 +680,7 @@ def test_torch_draws_follow_the_torch_seed():
     assert -32 <= min(u) < -28 and 28 < max(u) < 32 and abs(np.mean(u)) < 2
     # transforms without an rng draw from torch: the same seed, the same augmentation
     s = _sample(30, 40)
-    tf = T.build_train_transform((24, 32))
+    tf = T.build_train_transform((24, 32), ratio_task="semseg")
     outs = []
     for _ in range(2):
         torch.manual_seed(11)
