@@ -15,9 +15,10 @@ Weights come from the oracles' own ``oracle_weights.fill`` (imported by path). N
 computed by the code under test. The loss constants are ours as they are (no float64 default dtype
 here): ours are computed in the input's dtype, so they must match the oracles' exact ones as such.
 
-Tolerances are the README's "reached today" column except where measured otherwise (see
-``TRAIN_TOL``): after a float64 training step the train-mode batch norm over tiny branches
-amplifies rounding chaotically, so there the floor is set by rounding, not by the method.
+Tolerances are the README's "reached today" column or tighter, except two whose floor is rounding,
+not the method (measured, see the constants): ``COMPACT_REL`` (the original's own float32 rounding;
+ours is compared in float64) and ``TRAIN_TOL`` (after a float64 training step, train-mode batch norm
+over the tiny deepest branches amplifies rounding chaotically).
 """
 
 from __future__ import annotations
@@ -65,9 +66,13 @@ CONFIGS: dict[str, list[str]] = {
 #: the task weights the oracles' loss terms are multiplied by (README of the oracles)
 ORIGINAL_WEIGHTS = {"semseg": 1, "human_parts": 2, "sal": 5, "normals": 10, "depth": 1, "edge": 50}
 
-#: float32 eval outputs: relative L2 error of the sampled values, and |Δ sum|, |Δ Σ|y|| ≤ tol·Σ|y|
-#: (README: "0 (MT) to 2e-6 rel."; measured 0 for MT, at most 1.5e-6 (local context), sums 5.8e-7)
-COMPACT_REL = 2e-6
+#: eval outputs of the original's float32 run, ours in float64 (no rounding of ours): relative L2
+#: error of the sampled values, and |Δ sum|, |Δ Σ|y|| ≤ tol·Σ|y|. README: 2e-6, which holds only
+#: where our float32 kernels round as the oracle's machine did (ours in float32 with 2 threads here:
+#: MT bit-exact, ≤ 1.5e-6; with 1 thread: up to 3.6e-6). The original's own float32 rounding,
+#: measured with ours in float64: up to 7.1e-6 (PASCAL ATRC, where our own float32 output differs
+#: from our float64 one by 6.7e-6), 1.9e-6 for the others; sums 1.6e-6.
+COMPACT_REL = 1e-5
 #: the step-0 loss terms (× task weight): sums over ~25k pixels in another order (measured 1.7e-15)
 TERMS_REL = 4e-15
 #: the first step's total loss (README 1e-15; measured 3.0e-16)
@@ -234,13 +239,13 @@ def test_eval_outputs_and_parameter_count_are_the_originals(name):
     assert list(x.shape) == expected["x_shape"]
     assert x.double().sum().item() == pytest.approx(expected["x_sum"], rel=1e-12)
     with torch.no_grad():
-        out = model.eval()(x)
+        out = model.double().eval()(x.double())
     assert sorted(f"{p}/{t}" for p in out for t in out[p]) == sorted(expected["out"])
     errors = sampled_errors(out, expected["out"])
     assert max(errors.values()) <= COMPACT_REL, errors
     for key, spec in expected["out"].items():
         part, task = key.split("/")
-        y = out[part][task].double()
+        y = out[part][task]
         assert abs(y.sum().item() - spec["sum"]) <= COMPACT_REL * spec["abs_sum"], key
         assert y.abs().sum().item() == pytest.approx(spec["abs_sum"], rel=COMPACT_REL), key
 
