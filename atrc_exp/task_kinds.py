@@ -81,14 +81,6 @@ class Task:
         return int(c) if isinstance(c, (int, np.integer)) else len(c)
 
     @property
-    def class_names(self) -> list[str]:
-        """The class names (``classes`` as a list), else ``"0" .. "K-1"``."""
-        c = self.options.get("classes")
-        if isinstance(c, (int, np.integer)) or c is None:
-            return [str(i) for i in range(self.num_classes)]
-        return [str(x) for x in c]
-
-    @property
     def named_classes(self) -> list[str] | None:
         """The class names when ``classes`` lists them (None for a count)."""
         c = self.options.get("classes")
@@ -134,8 +126,6 @@ class TaskKind:
     name: str
     #: Options a task spec may set, with their default (``classes`` etc.).
     options: Mapping[str, Any]
-    #: Options a spec must set.
-    required: tuple[str, ...]
     weight: float
     final_channels: Callable[[Task], int]
     aux_channels: Callable[[Task], int]
@@ -149,13 +139,7 @@ class TaskKind:
     #: ``read_label(path, task) -> raw label``: the folder format's ``labels/<task>/<id>.png|.npy``.
     read_label: Callable[[Path, Task], np.ndarray]
     integer_labels: bool
-    label_channels: int
     pad_value: float
-    zero_is_ignore: bool
-    #: Random scaling divides the values by the scale factor (depth: a larger object is nearer).
-    scale_divides_values: bool
-    #: A horizontal flip negates channel 0 (normals' x).
-    flip_negates_x: bool
     #: Network output (B×C×H×W) → prediction in label units (B×H×W classes or B×C×H×W maps).
     postprocess: Callable[[Tensor], Tensor]
     #: A prediction or target (H×W or C×H×W numpy) → RGB uint8 (ignore pixels black).
@@ -164,6 +148,16 @@ class TaskKind:
     prediction_png: Callable[[np.ndarray], np.ndarray | None]
     #: The aux loss's constant tensor (normals: the K×3 centroids), or None.
     aux_constant: Callable[[Task], Tensor | None] = lambda task: None
+    #: Options a spec must set.
+    required: tuple[str, ...] = ()
+    #: Channels of a label (normals: 3).
+    label_channels: int = 1
+    #: A label of 0 (all channels) means no label: it becomes 255 after padding (depth, normals).
+    zero_is_ignore: bool = False
+    #: Random scaling divides the values by the scale factor (depth: a larger object is nearer).
+    scale_divides_values: bool = False
+    #: A horizontal flip negates channel 0 (normals' x).
+    flip_negates_x: bool = False
 
     def __repr__(self) -> str:
         return f"TaskKind({self.name!r})"
@@ -251,11 +245,7 @@ TASK_KINDS: dict[str, TaskKind] = {
         metrics=(("mIoU", True),),
         read_label=lambda path, task: label_io.read_class_map(path, task.num_classes),
         integer_labels=True,
-        label_channels=1,
         pad_value=IGNORE_INDEX,
-        zero_is_ignore=False,
-        scale_divides_values=False,
-        flip_negates_x=False,
         postprocess=visualize.argmax_classes,
         colorize=visualize.colorize_classes,
         prediction_png=_class_png,
@@ -263,7 +253,6 @@ TASK_KINDS: dict[str, TaskKind] = {
     "depth": TaskKind(
         name="depth",
         options={"range": None},
-        required=(),
         weight=1.0,
         final_channels=lambda task: 1,
         aux_channels=lambda task: NUM_DEPTH_BINS,
@@ -273,11 +262,9 @@ TASK_KINDS: dict[str, TaskKind] = {
         metrics=(("rmse", False), ("abs_rel", False)),
         read_label=lambda path, task: label_io.read_depth(path),
         integer_labels=False,
-        label_channels=1,
         pad_value=0.0,
         zero_is_ignore=True,
         scale_divides_values=True,
-        flip_negates_x=False,
         postprocess=lambda x: x.float().clamp(min=0),
         colorize=visualize.colorize_depth,
         prediction_png=lambda p: None,
@@ -285,7 +272,6 @@ TASK_KINDS: dict[str, TaskKind] = {
     "normals": TaskKind(
         name="normals",
         options={"centroids": "kmeans"},
-        required=(),
         weight=10.0,
         final_channels=lambda task: 3,
         aux_channels=_normals_aux_channels,
@@ -305,7 +291,6 @@ TASK_KINDS: dict[str, TaskKind] = {
         label_channels=3,
         pad_value=0.0,
         zero_is_ignore=True,
-        scale_divides_values=False,
         flip_negates_x=True,
         postprocess=visualize.unit_vectors,
         colorize=visualize.colorize_normals,
@@ -315,7 +300,6 @@ TASK_KINDS: dict[str, TaskKind] = {
     "edge": TaskKind(
         name="edge",
         options={"edge_pos_weight": 0.95, "edge_max_dist": 0.0075},
-        required=(),
         weight=50.0,
         final_channels=lambda task: 1,
         aux_channels=lambda task: 2,
@@ -325,11 +309,7 @@ TASK_KINDS: dict[str, TaskKind] = {
         metrics=(("odsF", True), ("oisF", True), ("loss", False)),
         read_label=lambda path, task: label_io.read_edge(path),
         integer_labels=False,
-        label_channels=1,
         pad_value=IGNORE_INDEX,
-        zero_is_ignore=False,
-        scale_divides_values=False,
-        flip_negates_x=False,
         postprocess=lambda x: x.float().sigmoid(),
         colorize=visualize.colorize_probability,
         prediction_png=lambda p: visualize.to_uint8_prob(p),
@@ -337,7 +317,6 @@ TASK_KINDS: dict[str, TaskKind] = {
     "saliency": TaskKind(
         name="saliency",
         options={},
-        required=(),
         weight=5.0,
         final_channels=lambda task: 2,
         aux_channels=lambda task: 2,
@@ -347,11 +326,7 @@ TASK_KINDS: dict[str, TaskKind] = {
         metrics=(("maxF", True), ("mIoU", True)),
         read_label=lambda path, task: label_io.read_saliency(path),
         integer_labels=True,
-        label_channels=1,
         pad_value=IGNORE_INDEX,
-        zero_is_ignore=False,
-        scale_divides_values=False,
-        flip_negates_x=False,
         postprocess=lambda x: x.float().softmax(1)[:, 1:2],
         colorize=visualize.colorize_probability,
         prediction_png=lambda p: visualize.to_uint8_prob(p),

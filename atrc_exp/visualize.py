@@ -72,11 +72,16 @@ def colorize_normals(value: np.ndarray) -> np.ndarray:
     return out
 
 
-def colorize_depth(value: np.ndarray) -> np.ndarray:
-    """Depth (H×W or 1×H×W, metres) → viridis scaled to the map's maximum; 255 (no label) black."""
+def _labelled_plane(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(float32 plane with 0 where there is no label, mask of the no-label pixels)``."""
     v0 = _plane(value)
     invalid = v0 == IGNORE_INDEX
-    v = np.where(invalid, 0, v0).astype(np.float32)
+    return np.where(invalid, 0, v0).astype(np.float32), invalid
+
+
+def colorize_depth(value: np.ndarray) -> np.ndarray:
+    """Depth (H×W or 1×H×W, metres) → viridis scaled to the map's maximum; 255 (no label) black."""
+    v, invalid = _labelled_plane(value)
     vmax = max(float(v.max()), 1e-6)
     gray = (255 * v / vmax).astype(np.uint8)
     out = cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
@@ -86,9 +91,7 @@ def colorize_depth(value: np.ndarray) -> np.ndarray:
 
 def colorize_probability(value: np.ndarray) -> np.ndarray:
     """Probabilities or 0/1 labels (H×W or 1×H×W) → grey levels; 255 (no label) black."""
-    v0 = _plane(value)
-    invalid = v0 == IGNORE_INDEX
-    v = np.where(invalid, 0, v0).astype(np.float32)
+    v, invalid = _labelled_plane(value)
     gray = (255 * np.clip(v, 0, 1)).astype(np.uint8)
     out = np.repeat(gray[..., None], 3, axis=-1)
     out[invalid] = 0

@@ -21,6 +21,30 @@ register_resolvers()
 REPO = Path(__file__).resolve().parents[1]
 
 
+_G = REPO / "genotypes"
+#: our overrides of each of the original's nine configurations (state_dict_keys.json, the oracles' cases)
+ORIGINAL_CONFIGS: dict[str, list[str]] = {
+    "nyud18_mt": ["dataset=nyud", "context=none"],
+    "nyud18_atrc": ["dataset=nyud", "context=atrc", f"context.genotype={_G / 'nyud_hrnet18.json'}"],
+    "nyud18_global": ["dataset=nyud", "context=global"],
+    "nyud18_local": ["dataset=nyud", "context=local"],
+    "nyud18_tlabel": ["dataset=nyud", "context=tlabel"],
+    "nyud18_slabel": ["dataset=nyud", "context=slabel"],
+    "pascal18_atrc": [
+        "dataset=pascal_context",
+        "context=atrc",
+        f"context.genotype={_G / 'pascal_hrnet18.json'}",
+    ],
+    "nyud48_atrc": [
+        "dataset=nyud",
+        "backbone=hrnet48",
+        "context=atrc",
+        f"context.genotype={_G / 'nyud_hrnet48.json'}",
+    ],
+    "nyud18_search_argmax": ["dataset=nyud", "context=search", "mode=search"],
+}
+
+
 def tiny_overrides(data_dir: Path, **extra: object) -> list[str]:
     """Overrides for a seconds-long run on a tiny synthetic dataset in ``data_dir``."""
     base = {

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ORIGINAL_CONFIGS as CONFIGS
 from conftest import REPO, compose_cfg, paper_loss, tiny_overrides
 from torch import nn
 
@@ -27,29 +28,6 @@ SHARED = REPO.parent / "shared" / "original"
 if not (SHARED / "state_dict_keys.json").is_file():  # pragma: no cover - a checkout without shared/
     pytest.skip(f"the original's facts are not at {SHARED}", allow_module_level=True)
 ORIGINAL = json.loads((SHARED / "state_dict_keys.json").read_text())["configurations"]
-
-_G = REPO / "genotypes"
-#: our config of each configuration of the file
-CONFIGS: dict[str, list[str]] = {
-    "nyud18_mt": ["dataset=nyud", "context=none"],
-    "nyud18_atrc": ["dataset=nyud", "context=atrc", f"context.genotype={_G / 'nyud_hrnet18.json'}"],
-    "nyud18_global": ["dataset=nyud", "context=global"],
-    "nyud18_local": ["dataset=nyud", "context=local"],
-    "nyud18_tlabel": ["dataset=nyud", "context=tlabel"],
-    "nyud18_slabel": ["dataset=nyud", "context=slabel"],
-    "pascal18_atrc": [
-        "dataset=pascal_context",
-        "context=atrc",
-        f"context.genotype={_G / 'pascal_hrnet18.json'}",
-    ],
-    "nyud48_atrc": [
-        "dataset=nyud",
-        "backbone=hrnet48",
-        "context=atrc",
-        f"context.genotype={_G / 'nyud_hrnet48.json'}",
-    ],
-    "nyud18_search_argmax": ["dataset=nyud", "context=search", "mode=search"],
-}
 
 
 def _model(name: str) -> nn.Module:

@@ -245,7 +245,7 @@ def test_hand_made_dataset_read_back_exactly(tmp_path):
 
     tasks = {t.name: t for t in folder_tasks(root)}
     assert tasks["focus"].weight == 2.0 and tasks["contour"].options["edge_pos_weight"] == 0.9
-    assert tasks["region"].class_names == ["dark", "mid", "bright"]
+    assert tasks["region"].named_classes == ["dark", "mid", "bright"]
     assert list(tasks["shade"].options["range"]) == [0.5, 10.0]
     ds = FolderDataset(root, "train", list(tasks.values()))
     assert ds.names == ["a", "b"]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ORIGINAL_CONFIGS as CONFIGS
 from conftest import REPO, compose_cfg
 from torch import nn
 
@@ -41,28 +42,6 @@ ORACLES = REPO.parent / "shared" / "original" / "oracles"
 if not (ORACLES / "README.md").is_file():  # pragma: no cover - a checkout without shared/
     pytest.skip(f"the original's oracle outputs are not at {ORACLES}", allow_module_level=True)
 
-_G = REPO / "genotypes"
-#: our config of each of the oracles' configurations (as tests/test_fidelity.py)
-CONFIGS: dict[str, list[str]] = {
-    "nyud18_mt": ["dataset=nyud", "context=none"],
-    "nyud18_atrc": ["dataset=nyud", "context=atrc", f"context.genotype={_G / 'nyud_hrnet18.json'}"],
-    "nyud18_global": ["dataset=nyud", "context=global"],
-    "nyud18_local": ["dataset=nyud", "context=local"],
-    "nyud18_tlabel": ["dataset=nyud", "context=tlabel"],
-    "nyud18_slabel": ["dataset=nyud", "context=slabel"],
-    "pascal18_atrc": [
-        "dataset=pascal_context",
-        "context=atrc",
-        f"context.genotype={_G / 'pascal_hrnet18.json'}",
-    ],
-    "nyud48_atrc": [
-        "dataset=nyud",
-        "backbone=hrnet48",
-        "context=atrc",
-        f"context.genotype={_G / 'nyud_hrnet48.json'}",
-    ],
-    "nyud18_search_argmax": ["dataset=nyud", "context=search", "mode=search"],
-}
 #: the task weights the oracles' loss terms are multiplied by (README of the oracles)
 ORIGINAL_WEIGHTS = {"semseg": 1, "human_parts": 2, "sal": 5, "normals": 10, "depth": 1, "edge": 50}
 

@@ -205,9 +205,9 @@ def _register_specs(cfg, run_dir: Path) -> None:
         specs = _select(cfg, "dataset.task_specs")
     if specs is None:
         return
-    for name, spec in (
-        OmegaConf.to_container(specs, resolve=True).items() if not isinstance(specs, dict) else specs.items()
-    ):
+    if not isinstance(specs, dict):
+        specs = OmegaConf.to_container(specs, resolve=True)
+    for name, spec in specs.items():
         try:
             make_task(name, spec)
         except (TaskSpecError, TypeError):

@@ -45,8 +45,9 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     weights_dir = cfg.paths.get("weights_dir") if "paths" in cfg else None
     backbone = build_backbone(bb.name, pretrained=bb.pretrained, weights_dir=weights_dir, **extra)
     c_in = sum(backbone.out_channels)
-    out_ch = {t.name: t.final_channels for t in config_tasks(cfg)}
-    aux_ch = {t.name: t.aux_channels for t in config_tasks(cfg)}
+    task_objects = config_tasks(cfg)
+    out_ch = {t.name: t.final_channels for t in task_objects}
+    aux_ch = {t.name: t.aux_channels for t in task_objects}
     ctx = cfg.context.name
     if ctx == "none":  # the FCN baseline
         return MultiTaskModel(backbone, MultiTaskFCNHead(c_in, out_ch), tasks)
