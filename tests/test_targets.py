@@ -84,3 +84,21 @@ def test_depth_bin_edges_match_depth_to_bins():
     mids = torch.tensor(np.sqrt(edges[:-1] * edges[1:]), dtype=torch.float32).view(1, 1, 40, 1)
     assert depth_to_bins(mids, num_bins=40).flatten().tolist() == list(range(40))
     assert TG.depth_to_bins is depth_to_bins
+
+
+def test_depth_label_range_by_hand_and_cached_once(tmp_path):
+    # 1..101 m with unlabelled pixels (0, NaN): 1st percentile 2 m, 99th 100 m (linear interpolation)
+    maps = [np.array([[0.0, np.nan, *range(1, 52)]]), np.arange(52, 102, dtype=np.float64)[None]]
+    np.testing.assert_array_equal(TG.depth_label_range(maps), [2.0, 100.0])
+    assert TG.depth_label_range([np.zeros((2, 2))]).size == 0
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return TG.depth_label_range(maps)
+
+    key = {"name": "x", "root": "/r"}
+    a = TG.cached_array(tmp_path, "depth_ranges", key, (2,), compute)
+    b = TG.cached_array(tmp_path, "depth_ranges", key, (2,), compute)
+    assert calls == [1] and np.array_equal(a, b) and list(a) == [2.0, 100.0]
+    assert len(list((tmp_path / "depth_ranges").glob("x_*.npy"))) == 1

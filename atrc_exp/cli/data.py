@@ -36,7 +36,7 @@ from ..config import ConfigError
 from ..data.layouts import LAYOUTS, layout_for_name
 from ..data.nyud import DataError
 from ..label_io import DataError as LabelDataError
-from ..task_kinds import tasks_by_name
+from ..task_kinds import paper_tasks
 
 #: ``--layout`` of a folder dataset (``atrc_dataset.yaml``; not a published layout).
 FOLDER = "folder"
@@ -57,6 +57,10 @@ ARCHIVES: dict[str, dict] = {
     for name, spec in LAYOUTS.items()
     if spec.archive is not None
 }
+
+
+#: The kind of each task of the published layouts (the paper's named tasks).
+PAPER_KINDS: dict[str, str] = {t.name: t.kind.name for t in paper_tasks()}
 
 
 class CLIError(Exception):
@@ -144,7 +148,7 @@ def _manifest(folder: Path) -> dict | None:
 def _check_values(name: str, sample: dict, problems: list[str], where: str) -> None:
     """Label ranges beyond what the readers enforce, by each label's kind (the published layouts'
     tasks are the paper's named tasks)."""
-    kinds = {k: t.kind.name for k, t in tasks_by_name(None).items() if k in sample}
+    kinds = {k: kind for k, kind in PAPER_KINDS.items() if k in sample}
     for key, kind in kinds.items():
         v = sample[key]
         if kind == "edge" and not np.isin(v, (0.0, 1.0)).all():
@@ -219,9 +223,7 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
                 if spec.check_image is not None:
                     spec.check_image(ds, i, sample)
                 _check_values(ds.names[i], sample, problems, f"{layout}/{split}")
-                for key in [
-                    k for k, t in tasks_by_name(None).items() if k in sample and t.kind.name == "normals"
-                ]:
+                for key in [k for k, kind in PAPER_KINDS.items() if k in sample and kind == "normals"]:
                     normals.append((ds.names[i], *normals_valid_pixels(sample[key])))
                 hw = sample["image"].shape[:2]
                 sizes[hw] = sizes.get(hw, 0) + 1

@@ -167,20 +167,24 @@ def depth_range(
     cfg: DictConfig, task: Task, data_dir: Path | None = None, *, max_images: int = 500
 ) -> list[float]:
     """``[min, max]`` (metres) of a depth task's aux bins from its training labels: the 1st and
-    99th percentile of the labelled depths of up to ``max_images`` images (evenly spaced)."""
+    99th percentile of the labelled depths of up to ``max_images`` images (evenly spaced), cached in
+    ``paths.cache_dir/depth_ranges/`` as the normal centroids are."""
+    from .targets import cached_array, depth_label_range
+
     data_dir = Path(data_dir or resolve_data_dir(cfg))
     reader = _make(cfg, data_dir, cfg.dataset.train_split, [task], None)
-    values = []
-    for i in _train_sample_indices(len(reader), max_images):
-        d = np.asarray(reader.load_raw(i)[task.name], np.float32)
-        values.append(d[(d > 0) & np.isfinite(d)])
-    v = np.concatenate(values) if values else np.zeros(0, np.float32)
-    if v.size == 0:
-        raise DataError(
-            f"task {task.name!r}: no labelled depth in the training split, so no range for its aux bins; "
-            f"give it as `range: [min, max]` (metres)"
-        )
-    lo, hi = (float(x) for x in np.percentile(v, [1, 99]))
-    if not hi > lo:
-        hi = lo * 1.5 + 1e-3
-    return [lo, hi]
+    idx = _train_sample_indices(len(reader), max_images)
+    key = _cache_key(cfg, reader, task, len(idx))
+
+    def compute() -> np.ndarray:
+        rng = depth_label_range(reader.load_raw(i)[task.name] for i in idx)
+        if rng.size == 0:
+            raise DataError(
+                f"task {task.name!r}: no labelled depth in the training split, so no range for its aux "
+                f"bins; give it as `range: [min, max]` (metres)"
+            )
+        return rng
+
+    return [
+        float(x) for x in cached_array(Path(str(cfg.paths.cache_dir)), "depth_ranges", key, (2,), compute)
+    ]

@@ -119,6 +119,35 @@ def centroid_cache_key(**params) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def cached_array(
+    cache_root: str | Path,
+    folder: str,
+    key_params: dict,
+    shape: tuple[int, ...],
+    compute: Callable[[], np.ndarray],
+) -> np.ndarray:
+    """A float32 array of ``shape`` derived from a dataset, from
+    ``cache_root/<folder>/<name>_<key>.npy`` (key: :func:`centroid_cache_key` of ``key_params``),
+    computed by ``compute()`` and written atomically on the first call; a damaged or non-finite
+    file is recomputed, a read-only cache only costs the recomputation."""
+    key = centroid_cache_key(**key_params)
+    tag = str(key_params.get("name", "dataset")).replace("/", "_")
+    path = Path(cache_root) / folder / f"{tag}_{key}.npy"
+    if path.is_file():
+        try:
+            arr = np.load(path)
+            if arr.shape == tuple(shape) and np.isfinite(arr).all():
+                return arr.astype(np.float32)
+        except (OSError, ValueError):
+            pass  # damaged: recompute
+    arr = np.asarray(compute(), np.float32)
+    try:
+        _atomic_save_npy(path, arr)
+    except OSError:
+        pass  # read-only cache: recompute next time
+    return arr
+
+
 def cached_normal_centroids(
     cache_root: str | Path,
     key_params: dict,
@@ -129,19 +158,23 @@ def cached_normal_centroids(
 ) -> np.ndarray:
     """Centroids from ``cache_root/normal_centroids/<name>_<key>.npy``, computed (from the maps
     ``load_maps()`` yields) and written atomically on the first call."""
-    key = centroid_cache_key(k=k, per_image=per_image, seed=seed, **key_params)
-    tag = str(key_params.get("name", "dataset")).replace("/", "_")
-    path = Path(cache_root) / "normal_centroids" / f"{tag}_{key}.npy"
-    if path.is_file():
-        try:
-            cent = np.load(path)
-            if cent.shape == (k, 3) and np.isfinite(cent).all():
-                return cent.astype(np.float32)
-        except (OSError, ValueError):
-            pass  # damaged: recompute
-    cent = compute_normal_centroids(sample_normals(load_maps(), per_image, seed), k, seed)
-    try:
-        _atomic_save_npy(path, cent)
-    except OSError:
-        pass  # read-only cache: recompute next time
-    return cent
+    return cached_array(
+        cache_root,
+        "normal_centroids",
+        {"k": k, "per_image": per_image, "seed": seed, **key_params},
+        (k, 3),
+        lambda: compute_normal_centroids(sample_normals(load_maps(), per_image, seed), k, seed),
+    )
+
+
+def depth_label_range(maps: Iterable[np.ndarray]) -> np.ndarray:
+    """``[min, max]`` (metres, float32) of the aux depth bins from depth labels: the 1st and 99th
+    percentile of their labelled values (> 0, finite); an empty array when none is labelled."""
+    values = [d[(d > 0) & np.isfinite(d)] for d in (np.asarray(m, np.float32) for m in maps)]
+    v = np.concatenate(values) if values else np.zeros(0, np.float32)
+    if v.size == 0:
+        return np.zeros(0, np.float32)
+    lo, hi = (float(x) for x in np.percentile(v, [1, 99]))
+    if not hi > lo:
+        hi = lo * 1.5 + 1e-3
+    return np.asarray([lo, hi], np.float32)
