@@ -106,9 +106,21 @@ class Task:
     def __repr__(self) -> str:
         return f"Task({self.name!r}, {self.kind.name}, weight={self.weight:g}, {dict(self.options)})"
 
+    def __reduce__(self):
+        """Pickled as name, kind (by its row name), weight and options (spawned DataLoader workers)."""
+        return (_task, (self.name, self.kind, self.weight, dict(self.options)))
+
     def with_options(self, **options: Any) -> Task:
         """The same task with ``options`` replaced (e.g. data-derived aux constants)."""
         return Task(self.name, self.kind, self.weight, MappingProxyType({**self.options, **options}))
+
+
+def _kind(name: str) -> TaskKind:
+    return TASK_KINDS[name]
+
+
+def _task(name: str, kind: TaskKind, weight: float, options: dict) -> Task:
+    return Task(name, kind, weight, MappingProxyType(options))
 
 
 LossFn = Callable[[Tensor, Tensor, Task, "Tensor | None"], Tensor]
@@ -161,6 +173,10 @@ class TaskKind:
 
     def __repr__(self) -> str:
         return f"TaskKind({self.name!r})"
+
+    def __reduce__(self):
+        """Pickled as a reference to its row of :data:`TASK_KINDS` (its functions are not picklable)."""
+        return (_kind, (self.name,))
 
     def missing_label(self, h: int, w: int) -> np.ndarray:
         """The raw label of an image without one: nothing valid."""

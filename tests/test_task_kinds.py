@@ -149,3 +149,18 @@ def test_the_checker_sees_a_branch(tmp_path: Path):
     assert _BRANCH.search('    if "depth" in sample:')
     assert _BRANCH.search('if t in ("semseg", "human_parts"):')
     assert _KIND.search('if task.kind.name == "edge":') and not _KIND.search('if task == "edge":')
+
+
+def test_tasks_and_the_transforms_holding_them_pickle():
+    """Spawned DataLoader workers get the dataset (its transforms hold the tasks) by pickle: a kind
+    travels as a reference to its row, a task as its name, kind, weight and options."""
+    import pickle
+
+    from atrc_exp.data.transforms import build_train_transform
+
+    tasks = make_tasks({"seg": {"kind": "segmentation", "classes": ["a", "b"]}, "n": {"kind": "normals"}})
+    back = pickle.loads(pickle.dumps(tasks))
+    assert [repr(t) for t in back] == [repr(t) for t in tasks]
+    assert back[1].kind is TASK_KINDS["normals"]
+    tf = pickle.loads(pickle.dumps(build_train_transform((8, 8), tasks=tasks)))
+    assert tf.transforms[-1].rules.tasks["n"].kind is TASK_KINDS["normals"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -188,16 +187,6 @@ class FolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.names)
-
-    def __getstate__(self) -> dict:
-        """Picklable (spawned DataLoader workers): each task as its name, kind name, weight and options."""
-        state = dict(self.__dict__)
-        state["tasks"] = [(t.name, t.kind.name, t.weight, dict(t.options)) for t in self.tasks]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        tasks = [Task(n, TASK_KINDS[k], w, MappingProxyType(o)) for n, k, w, o in state["tasks"]]
-        self.__dict__.update({**state, "tasks": tasks})
 
     def image_path(self, index: int) -> Path:
         """``images/<id>.jpg|.png``; DataError naming the id, the split file and the folder otherwise."""
