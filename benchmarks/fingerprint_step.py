@@ -10,7 +10,7 @@ name), NYUD's four tasks, batch 2 at 64×96, float64, the BN scales randomised (
 at zero otherwise), the local attention on its PyTorch backend, fixed seeds for the weights, the
 batch, dropout and Gumbel noise. Prints the loss, every loss term and the summed absolute gradient
 of a few parameters across the network (backbone, aux head, a CP block, ``out_proj``, final
-logits, α) as JSON. Needs only what every version has: ``atrc_exp.config.compose``,
+logits, α) and of every batch norm's running statistics after the step, as JSON. Needs only what every version has: ``atrc_exp.config.compose``,
 ``atrc_exp.models.build_model`` and ``atrc_exp.losses.MultiTaskLoss``.
 """
 
@@ -79,10 +79,13 @@ def fingerprint(context: str) -> dict[str, float]:
     torch.manual_seed(1)
     loss, terms = criterion(model(batch["image"]), batch)
     loss.backward()
-    out = {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}
+    out = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
     for name, p in model.named_parameters():
         if p.grad is not None and any(k in name for k in PROBES):
             out[f"grad:{name}"] = float(p.grad.abs().sum())
+    for name, b in model.named_buffers():  # batch-norm running statistics after the step
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            out[f"buffer:{name}"] = float(b.double().abs().sum())
     return out
 
 

@@ -16,9 +16,8 @@ B×d×h×w with d = ``out_channels`` (C // 2 in ATRC), in three steps that are t
 * ``block.attend(query, key, value)``.
 
 ``block(target_feats, source_feats, target_prob=None, source_prob=None)`` runs the three for one
-pair. The ATRC head evaluates many blocks at once with :func:`evaluate_cp_blocks`, which runs the
-same three steps but batches the projections that read the same tensor (one convolution and one
-batch norm each: the same numbers up to float rounding, running statistics updated once).
+pair; the ATRC head calls it for every (target, source) pair. A new context type is any block
+with that forward (an ``nn.Module``; subclassing :class:`_CPBlock` is a convenience).
 
 Module names and parameter order follow the original implementation (``query_project``,
 ``key_project``, ``value_project``; each layer a :class:`ConvBNReLU` with attributes ``conv`` and
@@ -29,29 +28,24 @@ BatchNorm non-affine (the search head). Conv weights are Xavier-uniform initiali
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from .layers import ConvBNReLU, conv_bn_act_blockwise, conv_bn_relu_group
+from .layers import ConvBNReLU
 
 __all__ = [
     "CONTEXTS",
-    "CPOp",
     "aux_of_pair",
     "ContextSpec",
     "GlobalContextBlock",
     "LabelContextBlock",
     "LocalContextBlock",
     "context_spec",
-    "evaluate_cp_blocks",
     "ignore_mask",
-    "key_inputs",
     "make_cp_block",
     "spatial_softmax",
 ]
@@ -101,9 +95,7 @@ class _CPBlock(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def key_input(self, source_feats: torch.Tensor, prob: torch.Tensor | None = None) -> torch.Tensor:
-        """What the key and value projections read: the source features (B×C×h×w). A function of
-        its inputs only (no parameters): the head computes it once per (source, aux task) and
-        shares it between the blocks that read it."""
+        """What the key and value projections read: the source features (B×C×h×w)."""
         return source_feats
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -309,102 +301,3 @@ def spatial_softmax(
     empty = mask.all(dim=2, keepdim=True)  # B×1×1
     x = x.masked_fill(mask, float("-inf")).masked_fill(empty, 0.0)
     return F.softmax(x, dim=2).masked_fill(empty, 0.0)
-
-
-# -- many CP blocks at once --------------------------------------------------------------------------
-
-
-class CPOp(NamedTuple):
-    """One CP block to evaluate for ``target`` ← ``source`` (see :func:`evaluate_cp_blocks`)."""
-
-    target: str
-    source: str
-    block: _CPBlock
-
-
-def _input_id(op: CPOp) -> tuple[str, str | None]:
-    """Which tensor the keys and values of ``op`` read: (source, task whose aux map it reads)."""
-    return op.source, aux_of_pair(op.block.reads_aux, op.target, op.source)
-
-
-def key_inputs(
-    ops: Sequence[CPOp],
-    feats: Mapping[str, torch.Tensor],
-    probs: Mapping[str, torch.Tensor],
-    cache: dict | None = None,
-) -> dict[tuple[str, str | None], torch.Tensor]:
-    """What the keys and values of ``ops`` read, each computed once (into ``cache``): the source
-    features, or a label context P_x·F_sᵀ per (source s, aux task x)."""
-    cache = {} if cache is None else cache
-    for op in ops:
-        key = _input_id(op)
-        if key not in cache:
-            s, x = key
-            if x is not None and x not in probs:
-                raise ValueError(f"{op.target}<-{op.source}: the context needs the {x} task's aux prediction")
-            cache[key] = op.block.key_input(feats[s], None if x is None else probs[x])
-    return cache
-
-
-def _grouped(ops: Sequence[CPOp], key) -> dict:
-    """Indices of ``ops`` by ``key(op)``; within a group the blocks whose second projection layers
-    have a ReLU first (the global blocks' have none): one ReLU for the run of them."""
-    groups: dict = {}
-    for i, op in enumerate(ops):
-        groups.setdefault(key(op), []).append(i)
-    return {k: sorted(idx, key=lambda i: not ops[i].block.key_project[1].relu) for k, idx in groups.items()}
-
-
-def _two_stage(x: torch.Tensor, projections: Sequence[nn.Sequential]) -> list[torch.Tensor]:
-    """``[p(x) for p in projections]`` for projections [ConvBN(ReLU), ConvBN(ReLU), rest...] that
-    all read ``x``: the first layers as one convolution and batch norm, the second layers as one
-    batched product on their own channel blocks, the rest (a Softplus) per projection."""
-    first = conv_bn_relu_group(x, [p[0] for p in projections])
-    second = conv_bn_act_blockwise(first, [p[1] for p in projections])
-    out = []
-    for p, y in zip(projections, second):
-        for layer in p[2:]:
-            y = layer(y)
-        out.append(y)
-    return out
-
-
-def evaluate_cp_blocks(
-    ops: Sequence[CPOp],
-    feats: Mapping[str, torch.Tensor],
-    probs: Mapping[str, torch.Tensor] | None = None,
-    inputs: dict | None = None,
-) -> list[torch.Tensor]:
-    """``[op.block(feats[op.target], feats[op.source], probs...) for op in ops]`` with the
-    projections that read the same tensor batched:
-
-    * the query projections of all blocks of one target (:func:`_two_stage`);
-    * the key and value projections of all blocks that read the same key input (the source's
-      features, or one label context): first key layers and values as one convolution and batch
-      norm, then the second key layers (:func:`_two_stage`'s second step);
-
-    then every block's ``attend``. ``inputs``: a cache of :func:`key_inputs` (the search computes
-    the label contexts once for all its rows). Same numbers as block by block up to float
-    rounding, running statistics updated once per layer.
-    """
-    inputs = key_inputs(ops, feats, probs or {}, {} if inputs is None else inputs)
-    n = len(ops)
-    query: list = [None] * n
-    key: list = [None] * n
-    value: list = [None] * n
-    for t, idx in _grouped(ops, lambda op: op.target).items():
-        for i, q in zip(idx, _two_stage(feats[t], [ops[i].block.query_project for i in idx])):
-            query[i] = q
-    for input_id, idx in _grouped(ops, _input_id).items():
-        blocks = [ops[i].block for i in idx]
-        d = [b.out_channels for b in blocks]
-        kv = conv_bn_relu_group(
-            inputs[input_id], [b.key_project[0] for b in blocks] + [b.value_project for b in blocks]
-        )
-        k1, v = kv.split([sum(d), sum(d)], dim=1)
-        keys = conv_bn_act_blockwise(k1, [b.key_project[1] for b in blocks])
-        for i, b, k, vi in zip(idx, blocks, keys, v.split(d, dim=1)):
-            for layer in b.key_project[2:]:
-                k = layer(k)
-            key[i], value[i] = k, vi
-    return [op.block.attend(q, k, v) for op, q, k, v in zip(ops, query, key, value)]

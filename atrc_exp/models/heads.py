@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ConvBNReLU, per_task_layers
+from .layers import ConvBNReLU
 
 
 class MultiTaskFCNHead(nn.Module):
@@ -17,8 +17,7 @@ class MultiTaskFCNHead(nn.Module):
     bias to the task's output channels (init normal(0, 0.01), bias 0).
 
     ``forward(x: B×C_in×h×w, image=None) -> {"final": {task: B×C_t×h×w}}`` (at feature
-    resolution; ``image`` is accepted for a uniform head interface and unused). The task
-    bottlenecks, which all read ``x``, run as one convolution (:func:`~.layers.per_task_layers`).
+    resolution; ``image`` is accepted for a uniform head interface and unused).
     """
 
     def __init__(self, c_in: int, out_channels: dict[str, int]):
@@ -35,5 +34,4 @@ class MultiTaskFCNHead(nn.Module):
     def forward(
         self, x: torch.Tensor, image: torch.Tensor | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
-        feats = per_task_layers(self.bottleneck, self.tasks, x)
-        return {"final": {t: self.final_logits[t](feats[t]) for t in self.tasks}}
+        return {"final": {t: self.final_logits[t](self.bottleneck[t](x)) for t in self.tasks}}

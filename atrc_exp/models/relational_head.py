@@ -18,30 +18,15 @@ input) marks pixels equal to 255 that the label context ignores.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .context_blocks import (
-    CPOp,
-    aux_of_pair,
-    context_spec,
-    evaluate_cp_blocks,
-    ignore_mask,
-    key_inputs,
-    make_cp_block,
-    spatial_softmax,
-)
-from .layers import (
-    ConvBNReLU,
-    conv_bn_act_blockwise,
-    conv_bn_relu_group,
-    frozen_bn_stats,
-    per_task_layers,
-    pointwise_runs,
-)
+from .context_blocks import aux_of_pair, context_spec, ignore_mask, make_cp_block, spatial_softmax
+from .layers import ConvBNReLU, running_stats_kept
 from .search_block import SearchCPBlock
 
 __all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "uniform_genotype"]
@@ -77,10 +62,6 @@ class ATRCModule(nn.Module):
     without sources: ConvBNReLU 1×1 (C → C) → Dropout2d. In search every pair is a
     :class:`SearchCPBlock` (a mixture of all candidate contexts) and the bottleneck is a plain
     ConvBNReLU without dropout, as in the original.
-
-    The CP blocks are evaluated together (:func:`evaluate_cp_blocks`: projections that read the
-    same tensor batched), and the ``out_proj`` and bottleneck layers of targets with equal shapes
-    as one batched product each; the same numbers as block by block, up to float rounding.
 
     ``recompute`` (default True, search only, ``mode.recompute``): while training, the CP blocks of
     each target run under activation checkpointing — their activations are recomputed in the
@@ -132,81 +113,44 @@ class ATRCModule(nn.Module):
         self, feats: Mapping[str, torch.Tensor], probs: Mapping[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
         """``feats``: {task: B×C×H×W}; ``probs``: {task: B×K×HW} spatially normalised aux
-        predictions (the tasks whose maps the label contexts read) → {task: B×C×H×W}."""
+        predictions (the tasks whose maps the label contexts read) → {task: B×C×H×W}: per target
+        t, ``bottleneck(cat[F_t, out_proj(cat[CP_ts(F_t, F_s) for every source s])])``."""
         probs = probs or {}
-        contexts = self._search_contexts(feats, probs) if self.search else self._contexts(feats, probs)
-        return self._distil(feats, contexts)
-
-    def _contexts(self, feats, probs) -> dict[str, list[torch.Tensor]]:
-        """{t: [CP block output (B×d×H×W) of every source of t with a context]}."""
-        ops = [CPOp(t, s, blk) for t in self.tasks for s, blk in self.cp_blocks[t].items()]
-        ys = iter(evaluate_cp_blocks(ops, feats, probs))
-        return {t: [next(ys) for _ in self.cp_blocks[t]] for t in self.tasks}
-
-    def _search_contexts(self, feats, probs) -> dict[str, list[torch.Tensor]]:
-        """{t: [mixture of every source of t]}: row by row (target by target), each pair's op
-        weights drawn before its row runs; a row under activation checkpointing (``recompute``)."""
         out = {}
-        inputs: dict = {}  # the label contexts, shared by the rows (outside any checkpoint: small)
         for t in self.tasks:
-            plan = []  # per pair: (block, weights, active op indices)
-            ops = []
-            for s, blk in self.cp_blocks[t].items():
-                plan.append((blk, blk.op_weights(), blk.active_ops()))
-                ops += [CPOp(t, s, blk.op_list[i]) for i in plan[-1][2]]
-            key_inputs(ops, feats, probs, inputs)
-
-            def row(*_, ops=ops, plan=plan, t=t):
-                ys = iter(evaluate_cp_blocks(ops, feats, probs, inputs))
-                return tuple(
-                    blk.mix(w, active, [next(ys) for _ in active], feats[t]) for blk, w, active in plan
-                )
-
-            if ops and self.recompute and self.training and torch.is_grad_enabled():
-                calls = [0]
-
-                def row_once(*args, row=row, calls=calls):
-                    calls[0] += 1
-                    if calls[0] == 1:
-                        return row(*args)
-                    with frozen_bn_stats():  # the recomputation in the backward
-                        return row(*args)
-
-                out[t] = list(checkpoint(row_once, feats[t], use_reentrant=False, preserve_rng_state=False))
+            contexts = self.contexts(t, feats, probs)
+            if contexts:
+                out[t] = self.bottleneck[t](torch.cat([feats[t], self.out_proj[t](torch.cat(contexts, 1))], 1))
             else:
-                out[t] = list(row())
+                out[t] = self.bottleneck[t](feats[t])
         return out
 
-    def _distil(self, feats, contexts: Mapping[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Per target: ``bottleneck(cat[feats_t, out_proj(cat(contexts_t))])`` (``bottleneck(feats_t)``
-        without contexts). Targets whose layers have equal shapes share one batched product per
-        layer (:func:`conv_bn_act_blockwise`); the dropouts run per target in task order."""
-        groups: dict[tuple[int, int], list[str]] = {}
-        for t in self.tasks:
-            if contexts[t]:
-                layers = (self.out_proj[t], self._bottleneck_layer(t))
-                groups.setdefault(tuple(m.conv.in_channels for m in layers), []).append(t)
-        distilled: dict[str, torch.Tensor] = {}
-        for ts in groups.values():
-            projected = conv_bn_act_blockwise(
-                torch.cat([c for t in ts for c in contexts[t]], dim=1), [self.out_proj[t] for t in ts]
+    def contexts(
+        self, t: str, feats: Mapping[str, torch.Tensor], probs: Mapping[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Target ``t``'s row: the CP block output (B×d×H×W) of every source with a context. In
+        search each pair's op weights are drawn before the row runs, and while training with
+        ``recompute`` the row runs under activation checkpointing."""
+        row = self.cp_blocks[t]
+        if not self.search:
+            return [blk(feats[t], feats[s], probs.get(t), probs.get(s)) for s, blk in row.items()]
+        weights = [blk.op_weights() for blk in row.values()]
+
+        def mixtures(*_):
+            return [
+                blk(feats[t], feats[s], probs.get(t), probs.get(s), weights=w)
+                for (s, blk), w in zip(row.items(), weights)
+            ]
+
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(
+                mixtures,
+                feats[t],
+                use_reentrant=False,
+                preserve_rng_state=False,
+                context_fn=lambda: (contextlib.nullcontext(), running_stats_kept(row)),
             )
-            x = torch.cat([z for t, p in zip(ts, projected) for z in (feats[t], p)], dim=1)
-            distilled.update(zip(ts, conv_bn_act_blockwise(x, [self._bottleneck_layer(t) for t in ts])))
-        return {
-            t: self._dropout(t, distilled[t]) if t in distilled else self.bottleneck[t](feats[t])
-            for t in self.tasks
-        }
-
-    def _bottleneck_layer(self, t: str) -> ConvBNReLU:
-        """The ConvBNReLU of target ``t``'s bottleneck (without its dropout)."""
-        b = self.bottleneck[t]
-        return b[0] if isinstance(b, nn.Sequential) else b
-
-    def _dropout(self, t: str, x: torch.Tensor) -> torch.Tensor:
-        """Target ``t``'s bottleneck dropout applied to ``x`` (none in search)."""
-        b = self.bottleneck[t]
-        return b[1](x) if isinstance(b, nn.Sequential) else x
+        return mixtures()
 
 
 class RelationalContextHead(nn.Module):
@@ -281,18 +225,14 @@ class RelationalContextHead(nn.Module):
     ) -> dict[str, dict[str, torch.Tensor]]:
         """``x``: B×C_in×h×w concatenated backbone features; ``image``: the network input (its pixels
         equal to 255 are left out of the label contexts) → ``{"final": {t: B×C_t×h×w}, "aux": {t: B×K_t×h×w}}`` (``aux`` with aux heads)."""
-        feats = per_task_layers(self.bottleneck, self.tasks, x)
+        feats = {t: self.bottleneck[t](x) for t in self.tasks}
         aux: dict[str, torch.Tensor] = {}
         probs: dict[str, torch.Tensor] = {}
-        if self.aux_tasks:
-            # the aux heads read detached features: one convolution for all, their logits batched
-            hidden = conv_bn_relu_group(x.detach(), [self.aux_conv[t] for t in self.aux_tasks])
-            logits = pointwise_runs(hidden, [self.aux_logits[t] for t in self.aux_tasks])
-            # the pixels the label contexts ignore: once for every aux map (all of one size)
-            mask = None if image is None else ignore_mask(image, tuple(logits[0].shape[-2:]))
-            for t, a in zip(self.aux_tasks, logits):
-                aux[t] = a
-                probs[t] = spatial_softmax(a, mask=mask)
+        # the pixels the label contexts ignore, once for every aux map (all of x's size)
+        mask = ignore_mask(image, tuple(x.shape[-2:])) if image is not None and self.aux_tasks else None
+        for t in self.aux_tasks:  # the aux heads read detached features
+            aux[t] = self.aux_logits[t](self.aux_conv[t](x.detach()))
+            probs[t] = spatial_softmax(aux[t], mask=mask)
         out = self.atrc_module(feats, probs)
         result = {"final": {t: self.final_logits[t](out[t]) for t in self.tasks}}
         if aux:

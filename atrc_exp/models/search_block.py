@@ -182,11 +182,18 @@ class SearchCPBlock(nn.Module):
             out = like.new_zeros(b, self.out_channels, h, wd)
         return out
 
-    def forward(self, target_feats, source_feats, target_prob=None, source_prob=None):
-        w = self.op_weights()
+    def forward(
+        self,
+        target_feats: torch.Tensor,
+        source_feats: torch.Tensor,
+        target_prob: torch.Tensor | None = None,
+        source_prob: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Σ over the candidate ops of their weight × their CP block's output. ``weights``: this
+        pass's :meth:`op_weights` when drawn beforehand (the head draws a row's weights before the
+        row runs, so that its recomputation in the backward draws nothing)."""
+        w = self.op_weights() if weights is None else weights
         active = self.active_ops()
-        outputs = [
-            self.op_list[i](target_feats, source_feats, target_prob=target_prob, source_prob=source_prob)
-            for i in active
-        ]
+        outputs = [self.op_list[i](target_feats, source_feats, target_prob, source_prob) for i in active]
         return self.mix(w, active, outputs, target_feats)
