@@ -154,8 +154,8 @@ _COMPILE = ["trainer.compile.enabled=true"]
 @pytest.mark.parametrize(
     ("context", "extra"),
     [
-        pytest.param("atrc", [], id="atrc-batched+kernel"),
-        pytest.param("search", [], id="search-batched+kernel+recompute"),
+        pytest.param("atrc", [], id="atrc-kernel"),
+        pytest.param("search", [], id="search-kernel+recompute"),
         pytest.param("atrc", ["trainer.channels_last=true"], id="atrc-channels_last"),
         pytest.param("search", ["trainer.channels_last=true"], id="search-channels_last"),
         pytest.param("atrc", [*_COMPILE, "trainer.compile.backend=aot_eager"], id="atrc-traced"),

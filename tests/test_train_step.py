@@ -143,8 +143,8 @@ def test_the_search_step_without_recomputation_compiles_without_a_graph_break(ti
 @pytest.mark.slow
 def test_the_search_step_breaks_only_at_the_recomputed_rows(tiny_data_dir):
     """With ``mode.recompute`` (activation checkpointing of each target's ops) the graph breaks
-    there: the checkpoint's function mutates state outside it (its call counter and the batch
-    norms' frozen statistics), which dynamo does not trace into a checkpoint."""
+    there: the checkpoint's function counts its calls (the recomputation keeps the batch norms'
+    running statistics), a side effect dynamo does not trace into a checkpoint."""
     import torch._dynamo
 
     from atrc_exp.engine.step import make_forward_loss

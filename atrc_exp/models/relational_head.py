@@ -143,13 +143,14 @@ class ATRCModule(nn.Module):
             ]
 
         if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(
-                mixtures,
-                feats[t],
-                use_reentrant=False,
-                preserve_rng_state=False,
-                context_fn=lambda: (contextlib.nullcontext(), running_stats_kept(row)),
-            )
+            calls = []
+
+            def recomputable(*_):  # the first call is the forward, a second the backward's recomputation
+                calls.append(1)
+                with running_stats_kept(row) if len(calls) > 1 else contextlib.nullcontext():
+                    return mixtures()
+
+            return checkpoint(recomputable, feats[t], use_reentrant=False, preserve_rng_state=False)
         return mixtures()
 
 
