@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .layers import ConvBNReLU, conv_bn_act_blockwise, conv_bn_relu_group
 
 __all__ = [
