@@ -5,18 +5,43 @@ Public API:
     build_model(cfg) -> nn.Module                 the network of a composed config
     load_original_state_dict(model, state_dict)   import weights trained with the original code
 
-Importing the package registers the ``atrc_*`` OmegaConf resolvers that ``conf/`` uses, so Hydra's
-own compose API works on :data:`atrc_exp.config.CONF_DIR` too (torch is imported only on use).
+Importing the package registers the ``atrc_*`` OmegaConf resolvers that ``conf/`` uses
+(:func:`register_resolvers`), so Hydra's own compose API works on :data:`atrc_exp.config.CONF_DIR`
+too (torch is imported only on use).
 """
 
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from .config import compose
-from .config import register_resolvers as _register_resolvers
 
 __version__ = "0.1.0"
 
-_register_resolvers()
+
+def _folder_task_specs(root) -> dict:
+    """The task specs of a folder dataset (``dataset.root``; see :func:`atrc_exp.data.folder.load_task_specs`)."""
+    from .data.folder import load_task_specs
+
+    return load_task_specs(root)
+
+
+def register_resolvers() -> None:
+    """Register the ``atrc_*`` OmegaConf resolvers of ``conf/`` (idempotent; importing the package does it)."""
+    from .config import cache_dir, rank_suffix, run_stamp
+
+    for name, fn in {
+        "atrc_stamp": run_stamp,
+        "atrc_rank_suffix": rank_suffix,
+        "atrc_cache_dir": lambda: str(cache_dir()),
+        "atrc_folder_tasks": lambda root: list(_folder_task_specs(root)),
+        "atrc_folder_task_specs": _folder_task_specs,
+    }.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)
+
+
+register_resolvers()
 
 
 def build_model(cfg):
@@ -34,4 +59,4 @@ def load_original_state_dict(model, state_dict, weights_only=None):
     return _load(model, state_dict, weights_only=weights_only)
 
 
-__all__ = ["build_model", "compose", "load_original_state_dict", "__version__"]
+__all__ = ["build_model", "compose", "load_original_state_dict", "register_resolvers", "__version__"]

@@ -1,7 +1,8 @@
-"""Config helpers: OmegaConf resolvers used by ``conf/``, path resolution and config validation.
+"""Config helpers: the functions behind ``conf/``'s resolvers, composition, path resolution and
+config validation.
 
 The ``atrc_*`` resolvers that ``conf/train.yaml`` uses are registered when ``atrc_exp`` is imported
-(:func:`register_resolvers`, idempotent), so Hydra's compose API works after ``import atrc_exp``;
+(:func:`atrc_exp.register_resolvers`), so Hydra's compose API works after ``import atrc_exp``;
 :func:`compose` composes ``conf/train.yaml`` in one call.
 
 The shipped data folders (``conf/``, ``genotypes/``, ``kernels/``) are found by :func:`resource_dir`:
@@ -17,6 +18,8 @@ import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 #: The data folders shipped with atrc_exp (see :func:`resource_dir`).
@@ -35,10 +38,6 @@ def resource_dir(name: str) -> Path:
 
 #: Hydra's config folder (holds ``train.yaml``).
 CONF_DIR = resource_dir("conf")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
 
 
 def cache_dir() -> Path:
@@ -81,32 +80,14 @@ def run_stamp() -> str:
     return when.strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def is_main_rank() -> bool:
+    """True on rank 0 of a multi-process launch (``$RANK``), and without a launcher."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def rank_suffix() -> str:
     """``""`` on rank 0, ``"_rank<N>"`` elsewhere (per-rank log files)."""
-    rank = int(os.environ.get("RANK", "0"))
-    return "" if rank == 0 else f"_rank{rank}"
-
-
-def register_resolvers() -> None:
-    """Register the ``atrc_*`` OmegaConf resolvers (idempotent)."""
-    for name, fn in {
-        "atrc_stamp": run_stamp,
-        "atrc_rank_suffix": rank_suffix,
-        "atrc_cache_dir": lambda: str(cache_dir()),
-        "atrc_folder_tasks": lambda root: list(_folder_specs(root)),
-        "atrc_folder_task_specs": _folder_specs,
-    }.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn, use_cache=True)
-
-
-def _folder_specs(root) -> dict:
-    """The task specs of a folder dataset (``<root>/atrc_dataset.yaml``)."""
-    from .data.folder import load_task_specs
-
-    if root in (None, "", "???"):
-        raise ConfigError("dataset=folder needs the dataset folder: pass dataset.root=<dir>")
-    return load_task_specs(Path(str(root)).expanduser())
+    return "" if is_main_rank() else f"_rank{int(os.environ['RANK'])}"
 
 
 def user_error(e: BaseException) -> BaseException:
@@ -151,20 +132,25 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
 
     The result is what ``atrc-train`` would run, without the ``hydra`` node's run-time values: pass it
     to :func:`atrc_exp.build_model`. Interpolations (``paths.cache_dir`` …) resolve on access.
-    Usable inside an initialised Hydra app too (it uses its own, temporary, global Hydra state).
+    Inside a running Hydra job (``atrc-train``: the pipeline's stages) it composes with that job's
+    config loader (its config folder and search path); elsewhere from ``conf/`` with a temporary
+    global Hydra state, so it works inside an initialised Hydra too (a notebook's) and leaves it as it was.
     """
     from hydra import compose as _compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
-    register_resolvers()
+    overrides = list(overrides or [])
     outer = GlobalHydra.instance()
+    if outer.is_initialized() and HydraConfig.initialized():
+        return _compose(config_name=config_name, overrides=overrides)
     saved = outer.hydra if outer.is_initialized() else None
     if saved is not None:
         outer.clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return _compose(config_name=config_name, overrides=list(overrides or []))
+            return _compose(config_name=config_name, overrides=overrides)
     finally:
         if saved is not None:
             GlobalHydra.instance().initialize(saved)

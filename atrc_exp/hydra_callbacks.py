@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from .config import is_main_rank
 
 FAILED_MARKER = "FAILED.json"
 
@@ -47,7 +48,7 @@ class RunGuards(Callback):
         check_writable(OmegaConf.select(config, "hydra.sweep.dir"), "sweep directory")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if int(os.environ.get("RANK", "0")) != 0:
+        if not is_main_rank():
             return
         sweep = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
         failed = sorted(sweep.glob(f"*/{FAILED_MARKER}"), key=lambda p: p.parent.name)

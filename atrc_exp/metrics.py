@@ -577,10 +577,7 @@ class MultiTaskMetrics:
     * ``reset()``: zero all sums; ``close()``: stop the edge-evaluation workers.
     """
 
-    def __init__(self, tasks: Sequence, settings=None):
-        from .task_kinds import MeterSettings
-
-        settings = settings or MeterSettings()
+    def __init__(self, tasks: Sequence, settings):
         self.task_objects = tuple(tasks)
         self.tasks = tuple(t.name for t in tasks)
         self.meters: dict[str, SumMeter] = {t.name: t.kind.meter(t, settings) for t in tasks}
@@ -678,3 +675,11 @@ class MultiTaskMetrics:
         for m in self.meters.values():
             if hasattr(m, "close"):
                 m.close()
+
+
+def format_metrics_table(metrics: Mapping[str, float], title: str = "final validation metrics") -> str:
+    """A plain-text two-column table of ``metrics`` under ``title``."""
+    width = max([len(k) for k in metrics] + [6])
+    lines = [title, "-" * (width + 14)]
+    lines += [f"{k:<{width}}  {v:>12.4f}" for k, v in metrics.items()]
+    return "\n".join(lines)

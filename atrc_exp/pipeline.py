@@ -13,23 +13,19 @@ Prints the found genotype as a T×T table and ATRC's final metrics next to the b
     atrc-train --multirun mode=pipeline seed=0,1,2
     atrc-train mode=pipeline mode.search_steps=2000 mode.distill_steps=4000 dataset=nyud paths.data_dir=/data
 
-``atrc-pipeline [flags] [overrides]`` (and ``make train``) is ``atrc-train mode=pipeline``; its old
-flags are translated: ``--search-steps N`` → ``mode.search_steps=N``, ``--distill-steps N`` →
-``mode.distill_steps=N``, ``--no-baseline`` → ``mode.baseline=false``, ``--out DIR`` →
-``hydra.run.dir=DIR`` (``hydra.sweep.dir`` with ``--multirun``).
+``atrc-pipeline [flags] [overrides]`` (and ``make train``) is ``atrc-train mode=pipeline``
+(:func:`atrc_exp.train.pipeline_main`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import ConfigError, rank_suffix, register_resolvers, validate_config
-from .config import compose as compose_conf
+from .config import compose, is_main_rank, rank_suffix, validate_config
 
 log = logging.getLogger("atrc_exp")
 
@@ -37,18 +33,6 @@ log = logging.getLogger("atrc_exp")
 STAGES = ("search", "distill", "baseline")
 #: The groups a stage sets itself: overrides of these (and of their keys) are not passed to the stages.
 _STAGE_GROUPS = ("mode", "context")
-
-
-def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with ``overrides``: with the running Hydra app's config
-    loader inside ``atrc-train``, from ``conf/`` otherwise."""
-    from hydra import compose as hydra_compose
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        register_resolvers()
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
-    return compose_conf(overrides, config_name)
 
 
 def shared_overrides(overrides: list[str]) -> list[str]:
@@ -114,10 +98,6 @@ def comparison_table(atrc: dict[str, float], baseline: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _is_main_rank() -> bool:
-    return rank_suffix() == ""
-
-
 def _run_stage(stage: str, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """``fit`` one stage in ``run_dir``, its log lines also in ``run_dir/train.log``."""
     from .engine import fit
@@ -128,7 +108,7 @@ def _run_stage(stage: str, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     logging.getLogger().addHandler(handler)
     try:
         log.info("pipeline stage %s: %s", stage, run_dir)
-        if _is_main_rank():
+        if is_main_rank():
             print(f"\n=== {stage}: {run_dir}", flush=True)
         return fit(cfg, run_dir)
     finally:
@@ -143,6 +123,7 @@ def run_pipeline(
     search, distillation, optional baseline, each in ``run_dir/<stage>``. Writes ``run_dir/metrics.json``
     (the distillation's), prints the genotype and the metrics; returns the distillation's metrics."""
     from .engine.checkpoint import write_json_atomic
+    from .metrics import format_metrics_table
     from .models.genotype import load_genotype
 
     run_dir = Path(run_dir)
@@ -154,7 +135,7 @@ def run_pipeline(
         )
     results = {stage: _run_stage(stage, s, run_dir / stage) for stage, s in stages.items()}
     atrc, baseline = results["distill"], results.get("baseline")
-    if _is_main_rank():
+    if is_main_rank():
         write_json_atomic(
             run_dir / "metrics.json", json.loads((run_dir / "distill" / "metrics.json").read_text())
         )
@@ -162,70 +143,8 @@ def run_pipeline(
         print("\ngenotype found by the search (target rows, source columns):")
         print(genotype_table(load_genotype(run_dir / "search", tasks), tasks))
         print()
-        print(comparison_table(atrc, baseline) if baseline else _metrics_table(atrc, "ATRC final metrics"))
+        print(
+            comparison_table(atrc, baseline) if baseline else format_metrics_table(atrc, "ATRC final metrics")
+        )
         print(f"\nruns: {run_dir}", flush=True)
     return atrc
-
-
-def _metrics_table(metrics: dict[str, float], title: str) -> str:
-    from .train import format_metrics_table
-
-    return format_metrics_table(metrics, title)
-
-
-_FLAGS = {"--search-steps": "mode.search_steps", "--distill-steps": "mode.distill_steps", "--out": None}
-
-
-def _quote(value: str) -> str:
-    """``value`` as a quoted string of Hydra's override grammar."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def translate_args(argv: list[str]) -> list[str]:
-    """``atrc-pipeline``'s command line as ``atrc-train``'s: ``mode=pipeline`` first, the old flags
-    as overrides, everything else (overrides, ``--multirun``, ``--cfg job`` ...) unchanged.
-    Raises :class:`ConfigError` for a flag without its value or another ``mode``."""
-    multirun = any(a in ("--multirun", "-m") for a in argv)
-    out, i = ["mode=pipeline"], 0
-    while i < len(argv):
-        a = argv[i]
-        name, eq, value = a.partition("=")
-        if name in _FLAGS:
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"atrc-pipeline: {name} needs a value, e.g. {name} 100")
-                i += 1
-                value = argv[i]
-            if name == "--out":
-                out.append(f"hydra.{'sweep' if multirun else 'run'}.dir={_quote(value)}")
-            else:
-                out.append(f"{_FLAGS[name]}={value}")
-        elif a == "--no-baseline":
-            out.append("mode.baseline=false")
-        elif name == "mode":
-            if value != "pipeline":
-                raise ConfigError(
-                    f"atrc-pipeline runs mode=pipeline; for mode={value} use atrc-train mode={value}"
-                )
-        else:
-            out.append(a)
-        i += 1
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``atrc-pipeline``: ``atrc-train mode=pipeline`` with the old flags translated (module doc)."""
-    try:
-        args = translate_args(sys.argv[1:] if argv is None else list(argv))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from . import train
-
-    sys.argv = [sys.argv[0], *args]
-    train.main()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,16 @@
-"""``atrc-train``: the one Hydra entry point (also ``python -m atrc_exp.train``).
+"""``atrc-train``: the one Hydra entry point (also ``python -m atrc_exp.train``), and its alias
+``atrc-pipeline`` (:func:`pipeline_main`).
 
 atrc-train                                   # defaults: synthetic data, HRNet18, multi-task FCN
 atrc-train tasks=semseg                      # single-task baseline
 atrc-train --multirun tasks=semseg,depth     # one run dir per job, each with metrics.json
 atrc-train mode=pipeline                     # ATRC: search, distillation, baseline (atrc_exp.pipeline)
 atrc-train --help                            # config groups and options
+
+``atrc-pipeline [flags] [overrides]`` is ``atrc-train mode=pipeline``; its old flags are translated
+(:func:`translate_args`): ``--search-steps N`` → ``mode.search_steps=N``, ``--distill-steps N`` →
+``mode.distill_steps=N``, ``--no-baseline`` → ``mode.baseline=false``, ``--out DIR`` →
+``hydra.run.dir=DIR`` (``hydra.sweep.dir`` with ``--multirun``).
 """
 
 from __future__ import annotations
@@ -20,9 +26,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import CONF_DIR, ConfigError, register_resolvers, user_error
+from .config import CONF_DIR, ConfigError, is_main_rank, user_error
 
-register_resolvers()
 log = logging.getLogger("atrc_exp")
 
 #: Errors caused by the user's input: one line with a hint, no traceback (HYDRA_FULL_ERROR=1 shows it).
@@ -52,18 +57,6 @@ def one_line(e: BaseException) -> str:
     return " ".join(msg.split("\n")).strip()
 
 
-def format_metrics_table(metrics: dict[str, float], title: str = "final validation metrics") -> str:
-    """A plain-text two-column table of ``metrics``."""
-    width = max([len(k) for k in metrics] + [6])
-    lines = [title, "-" * (width + 14)]
-    lines += [f"{k:<{width}}  {v:>12.4f}" for k, v in metrics.items()]
-    return "\n".join(lines)
-
-
-def _is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run one job (``mode=pipeline``: :func:`atrc_exp.pipeline.run_pipeline`); returns the first
@@ -71,6 +64,7 @@ def main(cfg: DictConfig) -> float | None:
     from .engine import fit
     from .engine.faults import Preempted
     from .hydra_callbacks import FAILED_MARKER
+    from .metrics import format_metrics_table
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
@@ -94,7 +88,7 @@ def main(cfg: DictConfig) -> float | None:
         if sweeping and bool(cfg.get("continue_on_failure", True)):
             # record it and let the sweep go on; the end-of-sweep callback reports and exits non-zero
             log.error("job failed: %s", one_line(e), exc_info=not known)
-            if _is_main_rank():
+            if is_main_rank():
                 marker = {"error": f"{type(e).__name__}: {one_line(e)}", "overrides": list(hc.overrides.task)}
                 (Path(run_dir) / FAILED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
                 print(f"error: {one_line(e)} (job {hc.job.num}, run dir {run_dir})", file=sys.stderr)
@@ -109,9 +103,61 @@ def main(cfg: DictConfig) -> float | None:
             file=sys.stderr,
         )
         sys.exit(2)
-    if _is_main_rank() and not pipeline:  # the pipeline printed its tables
+    if is_main_rank() and not pipeline:  # the pipeline printed its tables
         print(format_metrics_table(metrics, f"final validation metrics ({cfg.run_name}, {run_dir})"))
     return next(iter(metrics.values()), None)
+
+
+_FLAGS = {"--search-steps": "mode.search_steps", "--distill-steps": "mode.distill_steps", "--out": None}
+
+
+def _quote(value: str) -> str:
+    """``value`` as a quoted string of Hydra's override grammar."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def translate_args(argv: list[str]) -> list[str]:
+    """``atrc-pipeline``'s command line as ``atrc-train``'s: ``mode=pipeline`` first, the old flags
+    as overrides, everything else (overrides, ``--multirun``, ``--cfg job`` ...) unchanged.
+    Raises :class:`ConfigError` for a flag without its value or another ``mode``."""
+    multirun = any(a in ("--multirun", "-m") for a in argv)
+    out, i = ["mode=pipeline"], 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name in _FLAGS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"atrc-pipeline: {name} needs a value, e.g. {name} 100")
+                i += 1
+                value = argv[i]
+            if name == "--out":
+                out.append(f"hydra.{'sweep' if multirun else 'run'}.dir={_quote(value)}")
+            else:
+                out.append(f"{_FLAGS[name]}={value}")
+        elif a == "--no-baseline":
+            out.append("mode.baseline=false")
+        elif name == "mode":
+            if value != "pipeline":
+                raise ConfigError(
+                    f"atrc-pipeline runs mode=pipeline; for mode={value} use atrc-train mode={value}"
+                )
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def pipeline_main(argv: list[str] | None = None) -> int:
+    """``atrc-pipeline``: ``atrc-train mode=pipeline`` with the old flags translated (module doc)."""
+    try:
+        args = translate_args(sys.argv[1:] if argv is None else list(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.argv = [sys.argv[0], *args]
+    main()
+    return 0
 
 
 if __name__ == "__main__":

@@ -133,12 +133,11 @@ def compose(context: str, spec: dict):
     from hydra import compose as hy_compose
     from hydra import initialize_config_dir
 
-    from atrc_exp.config import CONF_DIR, register_resolvers
+    from atrc_exp.config import CONF_DIR
 
     def on(key: str) -> str:
         return "true" if spec.get(key) else "false"
 
-    register_resolvers()
     ov = ["dataset=nyud", "backbone=hrnet18", "backbone.pretrained=false", f"context={context}"]
     if context == "search":
         ov += ["mode=search", f"mode.recompute={'false' if spec.get('no_recompute') else 'true'}"]

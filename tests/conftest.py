@@ -14,10 +14,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from atrc_exp.config import CONF_DIR, register_resolvers  # noqa: E402
+from atrc_exp.config import CONF_DIR  # noqa: E402  (importing atrc_exp registers its resolvers)
 
 torch.set_num_threads(2)
-register_resolvers()
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -147,7 +146,7 @@ def randomise_head(module: torch.nn.Module, seed: int = 1) -> None:
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
     """A tiny synthetic dataset (generated once per test session)."""
-    from atrc_exp.data.synthetic import ensure_synthetic_dataset
+    from atrc_exp.data.layouts import ensure_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     ensure_synthetic_dataset(root, n_train=8, n_val=4, height=48, width=64, seed=0, progress=False)

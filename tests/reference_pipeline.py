@@ -3,7 +3,9 @@ fused steps), and reader-like random samples to feed it.
 
 :func:`reference_train_steps` is the test oracle of
 :func:`atrc_exp.data.transforms.build_train_transform` (``test_transforms_full.py`` checks that both
-give the same samples for the same draws) and the baseline of ``benchmarks/bench_data.py``. It lives
+give the same samples for the same draws, and that its steps give what the fused ones give:
+``scale+crop`` = ``RandomScaleCrop``; ``normalise``, ``pad``, ``ignore regions``, ``to tensor`` =
+``NormalizePadToTensor``) and the baseline of ``benchmarks/bench_data.py``. It lives
 with the tests, not in the package: nothing at run time needs it, and its job is to state the spec.
 ``benchmarks/bench_data.py`` imports it from here (it puts this folder on ``sys.path``).
 """
@@ -14,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from atrc_exp.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, torch_seeded_rng
+from atrc_exp.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 #: padding of each key (SPEC: image 0, labels 255, depth 0; normals 0 = no label)
 PAD_VALUES = {
@@ -26,6 +28,12 @@ PAD_VALUES = {
     "normals": 0.0,
     "depth": 0.0,
 }
+
+
+def torch_seeded_rng() -> np.random.Generator:
+    """A numpy generator seeded from torch's RNG (what a step without ``rng`` draws from: it follows
+    ``torch.manual_seed`` and DataLoader workers' per-worker seeds)."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
 
 def fake_sample(h: int, w: int, tasks: list[str], num_classes: int, rng: np.random.Generator) -> dict:

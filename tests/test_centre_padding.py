@@ -58,17 +58,18 @@ DEPTH_5x6 = [
 ]
 
 
-def test_pad_to_size_puts_the_image_in_the_centre():
-    out = T.PadToSize((5, 6))(_small())
+def test_padding_puts_the_image_in_the_centre():
+    """Padding alone (mean 0, std 1, no ignore regions: raw values and each kind's pad value)."""
+    out = T.NormalizePadToTensor((5, 6), mean=(0, 0, 0), std=(1, 1, 1), ignore_regions=False)(_small())
     assert out["semseg"].tolist() == SEMSEG_5x6 and out["semseg"].tolist() != SEMSEG_5x6_BOTTOM_RIGHT
-    assert out["image"][..., 0].tolist() == IMAGE_R_5x6 and out["image"].dtype == np.uint8
-    assert out["depth"].tolist() == DEPTH_5x6
+    assert out["image"][0].tolist() == IMAGE_R_5x6
+    assert out["depth"][0].tolist() == DEPTH_5x6
     edge = np.full((5, 6), X, np.float32)
     edge[1:3, 1:4] = [[0, 1, 0], [1, 0, 1]]
-    np.testing.assert_array_equal(out["edge"], edge)
+    np.testing.assert_array_equal(out["edge"][0].numpy(), edge)
     normals = np.zeros((5, 6, 3), np.float32)
     normals[1:3, 1:4] = [0.0, 0.6, 0.8]
-    np.testing.assert_array_equal(out["normals"], normals)
+    np.testing.assert_array_equal(out["normals"].permute(1, 2, 0).numpy(), normals)
     assert out["meta"] == {"name": "small"}
 
 
@@ -94,10 +95,10 @@ def test_fused_normalize_pad_to_tensor_centres_too():
 def test_nothing_is_cut_along_a_larger_dimension():
     s = _small()
     s = {k: (v if k == "meta" else np.concatenate([v, v, v, v[:1]], 0)) for k, v in s.items()}  # 7×3
-    for out in (T.PadToSize((5, 6))(s)["semseg"], T.NormalizePadToTensor((5, 6))(s)["semseg"].numpy()):
-        assert out.shape == (7, 6)  # 7 rows kept, 3 columns padded: 1 left, 2 right
-        np.testing.assert_array_equal(out[:, 1:4], s["semseg"])
-        assert (out[:, [0, 4, 5]] == X).all()
+    out = T.NormalizePadToTensor((5, 6))(s)["semseg"].numpy()
+    assert out.shape == (7, 6)  # 7 rows kept, 3 columns padded: 1 left, 2 right
+    np.testing.assert_array_equal(out[:, 1:4], s["semseg"])
+    assert (out[:, [0, 4, 5]] == X).all()
 
 
 def test_pad_offsets_and_crop_center_by_hand():

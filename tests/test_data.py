@@ -94,7 +94,7 @@ def _sample(h=20, w=30):
 
 def test_scale_keeps_labels_and_divides_depth():
     s = _sample()
-    out = T.RandomScale((2.0, 2.0))(s)
+    out = T.RandomScaleCrop((2.0, 2.0), (40, 60))(s)  # the whole rescaled map
     assert out["image"].shape[:2] == (40, 60)
     assert set(np.unique(out["semseg"])) <= set(np.unique(s["semseg"]))  # never interpolated
     np.testing.assert_allclose(out["depth"][::2, ::2].mean(), s["depth"].mean() / 2, rtol=0.05)

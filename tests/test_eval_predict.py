@@ -21,7 +21,7 @@ from atrc_exp.engine import fit
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A 2-step multi-task run (semseg, depth, normals, edge) with its final checkpoint."""
-    from atrc_exp.data.synthetic import ensure_synthetic_dataset
+    from atrc_exp.data.layouts import ensure_synthetic_dataset
 
     data = tmp_path_factory.mktemp("synthetic_eval")
     ensure_synthetic_dataset(data, n_train=8, n_val=4, height=48, width=64, seed=0, progress=False)

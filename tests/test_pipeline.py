@@ -14,7 +14,8 @@ from test_train import _run_cli, cli_overrides
 
 from atrc_exp.config import ConfigError, validate_config
 from atrc_exp.models.genotype import load_genotype
-from atrc_exp.pipeline import shared_overrides, stage_configs, translate_args
+from atrc_exp.pipeline import shared_overrides, stage_configs
+from atrc_exp.train import translate_args
 
 
 def test_pipeline_mode_defaults_and_search_settings_from_the_search_mode():
@@ -90,7 +91,8 @@ def test_atrc_pipeline_translates_its_flags():
 
 def test_atrc_pipeline_alias_reaches_hydra(tmp_path):
     """``atrc-pipeline`` (``make train``) is ``atrc-train mode=pipeline``: its flags become config keys."""
-    cmd = [sys.executable, "-m", "atrc_exp.pipeline", "--search-steps", "5", "--no-baseline"]
+    entry = "import sys; from atrc_exp.train import pipeline_main; sys.exit(pipeline_main())"
+    cmd = [sys.executable, "-c", entry, "--search-steps", "5", "--no-baseline"]
     cmd += ["--out", str(tmp_path / "run x"), "seed=4", "--cfg", "all"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]

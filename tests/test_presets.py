@@ -153,7 +153,7 @@ def test_preset_builds_and_runs_a_forward(name):
 @pytest.fixture(scope="module")
 def tiny_both_layouts(tmp_path_factory) -> Path:
     """A tiny synthetic dataset in the NYUD_MT and PASCAL_MT layouts side by side."""
-    from atrc_exp.data.synthetic import ensure_synthetic_dataset
+    from atrc_exp.data.layouts import ensure_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic_both")
     for layout in ("NYUD_MT", "PASCAL_MT"):

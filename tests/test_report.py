@@ -41,7 +41,7 @@ JOBS = [
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """A Hydra-multirun-like folder: <sweep>/<job>/{metrics.json, .hydra/config.yaml, .hydra/overrides.yaml}."""
-    from atrc_exp.data.synthetic import ensure_synthetic_dataset
+    from atrc_exp.data.layouts import ensure_synthetic_dataset
 
     data = tmp_path_factory.mktemp("synthetic_report")
     ensure_synthetic_dataset(data, n_train=8, n_val=4, height=48, width=64, seed=0, progress=False)

@@ -84,10 +84,10 @@ def test_tiny_search_writes_genotype_that_distill_consumes(tiny_data_dir, tmp_pa
 
 
 def test_pipeline_search_distill_baseline(tiny_data_dir, tmp_path, capsys):
-    from atrc_exp.pipeline import main
+    from atrc_exp.train import pipeline_main
 
     over = tiny_overrides(tiny_data_dir)
-    rc = main(["--search-steps", "2", "--distill-steps", "1", "--out", str(tmp_path), *over])
+    rc = pipeline_main(["--search-steps", "2", "--distill-steps", "1", "--out", str(tmp_path), *over])
     assert rc == 0
     out = capsys.readouterr().out
     assert "genotype found by the search" in out and "MT baseline" in out and "semseg/mIoU" in out

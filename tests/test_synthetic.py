@@ -11,11 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from atrc_exp.data.layouts import LAYOUTS
+from atrc_exp.data.layouts import LAYOUTS, ensure_synthetic_dataset
 from atrc_exp.data.synthetic import (
     HUMAN_PART_NAMES,
     SEMSEG_CLASSES,
-    ensure_synthetic_dataset,
     intrinsics,
     render_scene,
     scene_seed,

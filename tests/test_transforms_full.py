@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
+from reference_pipeline import fake_sample, reference_train_steps
 
 from atrc_exp.data import to_tensor as TT
 from atrc_exp.data import transforms as T
@@ -29,10 +30,23 @@ def _sample(h=30, w=40, seed=1):
     }
 
 
+def _reference(crop_size, scale_range=(0.5, 2.0), rng=None) -> dict:
+    """The steps of the spec's train pipeline, one by one (``tests/reference_pipeline.py``), by name."""
+    return dict(reference_train_steps(crop_size, scale_range, rng=rng))
+
+
+def _four_steps(size, ignore_regions=True):
+    """Normalise, pad, (ignore regions,) to tensor: the spec's steps that NormalizePadToTensor fuses."""
+    steps = _reference(size)
+    names = ["normalise", "pad", *(["ignore regions"] if ignore_regions else []), "to tensor"]
+    return T.Compose([steps[n] for n in names])
+
+
 @pytest.mark.parametrize("scale", [0.55, 0.8, 1.37, 1.9])
 def test_labels_never_interpolated_and_depth_divided(scale):
     s = _sample()
-    out = T.RandomScale((scale, scale))(s)
+    out = T.RandomScaleCrop((scale, scale), (100, 100))(s)  # the crop holds the whole rescaled map
+    assert out["image"].shape[:2] == (round(30 * scale), round(40 * scale))
     for k in (*LABELS, "edge"):
         assert set(np.unique(out[k])) <= set(np.unique(s[k])), k
     # nearest + divide: every depth value is an input value over the scale
@@ -70,33 +84,34 @@ def test_photometric_touches_only_the_image():
 
 def test_pad_values_per_target():
     s = _sample(10, 12)
-    out = T.IgnoreRegions()(T.PadToSize((16, 20))(T.Normalize()(s)))
+    out = T.NormalizePadToTensor((16, 20))(s)
     # 10x12 in 16x20: 3 rows above and below, 4 columns left and right
-    inner = np.zeros((16, 20), bool)
+    inner = torch.zeros((16, 20), dtype=torch.bool)
     inner[3:13, 4:16] = True
-    assert out["image"].shape == (16, 20, 3) and (out["image"][~inner] == 0).all()
-    for k in (*LABELS, "edge"):
+    assert out["image"].shape == (3, 16, 20) and (out["image"][:, ~inner] == 0).all()
+    for k in LABELS:
         assert (out[k][~inner] == 255).all(), k
-    assert (out["depth"][~inner] == 255).all() and (out["normals"][~inner] == 255).all()
-    np.testing.assert_array_equal(out["semseg"][3:13, 4:16], s["semseg"])
-    padded = T.PadToSize((16, 20))(s)
-    assert (padded["depth"][~inner] == 0).all() and (padded["normals"][~inner] == 0).all()
+    for k in ("edge", "depth", "normals"):  # padded 255, 0, 0; zero depth and normals are ignore
+        assert (out[k][:, ~inner] == 255).all(), k
+    np.testing.assert_array_equal(out["semseg"][3:13, 4:16].numpy(), s["semseg"])
+    padded = T.NormalizePadToTensor((16, 20), ignore_regions=False)(s)
+    assert (padded["depth"][:, ~inner] == 0).all() and (padded["normals"][:, ~inner] == 0).all()
 
 
 def test_ignore_regions():
     s = _sample(8, 8)
     s["normals"][1, 2] = 0
     s["depth"][3, 4] = 0
-    out = T.IgnoreRegions()(s)
-    assert (out["normals"][1, 2] == 255).all() and (out["normals"][0, 0] != 255).all()
-    assert out["depth"][3, 4] == 255 and (out["depth"] != 255).sum() == 63
-    np.testing.assert_array_equal(out["human_parts"], s["human_parts"])  # has parts: unchanged
+    out = T.NormalizePadToTensor((8, 8))(s)
+    assert (out["normals"][:, 1, 2] == 255).all() and (out["normals"][:, 0, 0] != 255).all()
+    assert out["depth"][0, 3, 4] == 255 and (out["depth"] != 255).sum() == 63
+    np.testing.assert_array_equal(out["human_parts"].numpy(), s["human_parts"])  # has parts: unchanged
     # no part in view (background only, or background + padding) -> the whole map is ignore
     for hp in (
         np.zeros((8, 8), np.int64),
         np.where(np.arange(8)[None] < 4, 0, 255) * np.ones((8, 1), np.int64),
     ):
-        out = T.IgnoreRegions()({**s, "human_parts": hp})
+        out = T.NormalizePadToTensor((8, 8))({**s, "human_parts": hp})
         assert (out["human_parts"] == 255).all()
 
 
@@ -111,43 +126,16 @@ def test_class_ratio_rule():
     assert T.class_ratio_ok(seg, 0.75)
 
 
-class _CountingRng:
-    def __init__(self):
-        self.rng, self.draws = np.random.default_rng(0), 0
-
-    def integers(self, lo, hi):
-        self.draws += 1
-        return self.rng.integers(lo, hi)
-
-
 def test_crop_redraws_until_no_class_dominates():
     h, w = 60, 80
     seg = np.zeros((h, w), np.int64)
     seg[:, 30:] = 1  # a 20x40 crop is acceptable for 19 of its 41 x positions
     s = {"image": np.zeros((h, w, 3), np.float32), "semseg": seg}
     torch.manual_seed(0)
-    ok = sum(
-        T.class_ratio_ok(T.RandomCrop((20, 40), cat_max_ratio=0.75, ratio_task="semseg")(s)["semseg"], 0.75)
-        for _ in range(50)
-    )
-    plain = sum(T.class_ratio_ok(T.RandomCrop((20, 40))(s)["semseg"], 0.75) for _ in range(50))
-    assert ok >= 48 and plain < 35
-    # impossible (one class): 10 re-draws then the 11th position is used
-    rng = _CountingRng()
-    out = T.RandomCrop((20, 20), rng=rng, cat_max_ratio=0.75, ratio_task="semseg")(
-        {**s, "semseg": np.zeros((h, w), np.int64)}
-    )
-    assert rng.draws == 2 * 11 and out["semseg"].shape == (20, 20)
-    # accepted at once: a single draw
-    rng = _CountingRng()
-    T.RandomCrop((h, w), rng=rng, cat_max_ratio=0.75, ratio_task="semseg")(s)
-    assert rng.draws == 2
-    # without semseg: one draw
-    rng = _CountingRng()
-    T.RandomCrop((20, 20), rng=rng, cat_max_ratio=0.75, ratio_task="semseg")(
-        {"image": s["image"], "depth": seg.astype(np.float32)}
-    )
-    assert rng.draws == 2
+    crop = T.RandomScaleCrop((1.0, 1.0), (20, 40), ratio_task="semseg")
+    ok = sum(T.class_ratio_ok(crop(s)["semseg"], 0.75) for _ in range(50))
+    plain = T.RandomScaleCrop((1.0, 1.0), (20, 40), cat_max_ratio=1.0, ratio_task="semseg")
+    assert ok >= 48 and sum(T.class_ratio_ok(plain(s)["semseg"], 0.75) for _ in range(50)) < 35
 
 
 def test_crop_keeps_targets_aligned():
@@ -155,7 +143,7 @@ def test_crop_keeps_targets_aligned():
     s["semseg"] = np.arange(30 * 40).reshape(30, 40) % 5
     s["depth"] = np.arange(30 * 40, dtype=np.float32).reshape(30, 40) + 1
     torch.manual_seed(1)
-    out = T.RandomCrop((10, 12), cat_max_ratio=0.75, ratio_task="semseg")(s)
+    out = T.RandomScaleCrop((1.0, 1.0), (10, 12), ratio_task="semseg")(s)
     v = int(out["depth"][0, 0]) - 1
     y, x = divmod(v, 40)
     np.testing.assert_array_equal(out["semseg"], s["semseg"][y : y + 10, x : x + 12])
@@ -182,8 +170,8 @@ def test_train_pipeline_output():
 @pytest.mark.parametrize("scale_range", [(0.5, 2.0), (0.5, 0.63)], ids=["window", "whole"])
 @pytest.mark.parametrize("image_dtype", [np.float32, np.uint8])
 def test_fused_scale_crop_equals_scale_then_crop(image_dtype, scale_range):
-    """Same draws → the same output as RandomScale + RandomCrop: labels bit for bit (cv2 nearest;
-    the fused step gathers them with cv2.remap), the image exactly (resize, then crop)."""
+    """Same draws → the same output as rescaling, then cropping (the spec's step): labels bit for bit
+    (cv2 nearest; the fused step gathers them with cv2.remap), the image exactly (resize, then crop)."""
     rng = np.random.default_rng(0)
     s = _sample(47, 63)
     s["image"] = s["image"].astype(image_dtype)
@@ -191,16 +179,11 @@ def test_fused_scale_crop_equals_scale_then_crop(image_dtype, scale_range):
     s["semseg"][:5] = 255
     for seed in range(40):
         g1, g2 = np.random.default_rng(seed), np.random.default_rng(seed)
-        a = T.Compose(
-            [
-                T.RandomScale(scale_range, rng=g1),
-                T.RandomCrop((30, 40), rng=g1, cat_max_ratio=0.75, ratio_task="semseg"),
-            ]
-        )(s)
+        a = _reference((30, 40), scale_range, rng=g1)["scale+crop"](s)
         b = T.RandomScaleCrop(scale_range, (30, 40), rng=g2, ratio_task="semseg")(s)
         assert g1.random() == g2.random()  # the same number of draws
         for k in (*LABELS, "depth", "normals", "edge", "image"):
-            # (cv2.resize turns int64 into int32; the fused step not); the image is rescaled in float32
+            # the image is rescaled in float32
             assert b[k].dtype == (np.float32 if k == "image" else s[k].dtype), k
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"seed {seed} {k}")
 
@@ -321,12 +304,11 @@ def test_rescaled_image_is_float_and_truncated_by_the_photometric_cast():
     3) — uint8 resizing would round 0.75 to 1 — and the photometric step's cast truncates it to
     (0, 0, 2, 3)."""
     img = np.array([[[0, 0, 0], [3, 3, 3]]], np.uint8)
-    for scale in (T.RandomScale((2.0, 2.0 + 1e-12)), T.RandomScaleCrop((2.0, 2.0 + 1e-12), (2, 4))):
-        scaled = scale({"image": img})["image"]
-        assert scaled.dtype == np.float32
-        np.testing.assert_allclose(scaled[0, :, 0], [0.0, 0.75, 2.25, 3.0], atol=1e-6)
-        out = T.PhotometricDistortion(rng=_Scripted([NO] * 5, []))({"image": scaled})["image"]
-        assert out.dtype == np.uint8 and out[0, :, 0].tolist() == [0, 0, 2, 3]
+    scaled = T.RandomScaleCrop((2.0, 2.0 + 1e-12), (2, 4))({"image": img})["image"]
+    assert scaled.dtype == np.float32
+    np.testing.assert_allclose(scaled[0, :, 0], [0.0, 0.75, 2.25, 3.0], atol=1e-6)
+    out = T.PhotometricDistortion(rng=_Scripted([NO] * 5, []))({"image": scaled})["image"]
+    assert out.dtype == np.uint8 and out[0, :, 0].tolist() == [0, 0, 2, 3]
 
 
 def test_photometric_worked_example_uint8_truncation():
@@ -450,10 +432,10 @@ def test_photometric_tables_equal_the_step_by_step_spec():
 def test_normalize_uint8_lut_equals_float():
     img = _smooth_uint8_image(10, 12)
     img[0, :3] = [0, 128, 255]
-    a = T.Normalize()({"image": img})["image"]
-    b = T.Normalize()({"image": img.astype(np.float32)})["image"]
-    assert a.dtype == np.float32 and a.shape == (10, 12, 3)
-    np.testing.assert_array_equal(a, b)
+    a = T.NormalizePadToTensor((10, 12))({"image": img})["image"]
+    b = T.NormalizePadToTensor((10, 12))({"image": img.astype(np.float32)})["image"]
+    assert a.dtype == torch.float32 and a.shape == (3, 10, 12)
+    assert torch.equal(a, b)
 
 
 def _final_sample(h, w, dtype, seed=0, parts=True):
@@ -472,13 +454,13 @@ def _final_sample(h, w, dtype, seed=0, parts=True):
 @pytest.mark.parametrize("flipped", [False, True])
 @pytest.mark.parametrize("parts", [True, False])
 def test_normalize_pad_to_tensor_equals_the_four_steps(dtype, hw, flipped, parts):
-    """One pass = Normalize, PadToSize, IgnoreRegions, ToTensor (bit for bit), for uint8 / float
-    images, padded / exact / larger inputs, flipped views and maps with ignore regions."""
+    """One pass = normalise, pad, ignore regions, to tensor (the spec's steps, bit for bit), for
+    uint8 / float images, padded / exact / larger inputs, flipped views and maps with ignore regions."""
     s = _final_sample(*hw, dtype, parts=parts)
     if flipped:
         s = T.RandomHorizontalFlip(p=1.0)(s)
     size = (16, 20)
-    want = T.Compose([T.Normalize(), T.PadToSize(size), T.IgnoreRegions(), T.ToTensor()])(s)
+    want = _four_steps(size)(s)
     got = T.NormalizePadToTensor(size)(s)
     assert set(got) == set(want) and got["meta"] is s["meta"]
     for k in want:
@@ -490,8 +472,8 @@ def test_normalize_pad_to_tensor_equals_the_four_steps(dtype, hw, flipped, parts
     x = left + (hw[1] - 3 if flipped else 2)
     assert (got["normals"][:, top + 1, x] == 255).all() and (got["normals"][:, top + 1, x + 1] != 255).all()
     assert bool((got["human_parts"] == 255).all()) != parts
-    # without the ignore regions: Normalize, PadToSize, ToTensor
-    want = T.Compose([T.Normalize(), T.PadToSize(size), T.ToTensor()])(s)
+    # without the ignore regions: normalise, pad, to tensor
+    want = _four_steps(size, ignore_regions=False)(s)
     got = T.NormalizePadToTensor(size, ignore_regions=False)(s)
     for k in want:
         if k != "meta":
@@ -515,8 +497,6 @@ def test_train_pipeline_matches_the_reference_pipeline(image_dtype):
     step (``reference_train_steps`` of ``tests/reference_pipeline.py``): every target and the image, bit
     for bit, for a uint8 image and a float one (truncated to uint8 by the photometric step). The
     input sample is never modified."""
-    from reference_pipeline import fake_sample, reference_train_steps
-
     rng = np.random.default_rng(0)
     crop = (60, 80)
     s = fake_sample(72, 96, ["semseg", "human_parts", "sal", "depth", "normals", "edge"], 5, rng)
@@ -636,16 +616,21 @@ def test_fused_scale_crop_redraw_rule():
         {**s, "semseg": s["semseg"] * 0}
     )
     assert rng.draws == {"uniform": 1, "integers": 2}
+    rng = _CountingGenerator()  # no class map of the ratio task: one position
+    T.RandomScaleCrop((1.2, 1.5), (20, 20), rng=rng, ratio_task="semseg")(
+        {"image": s["image"], "depth": s["depth"]}
+    )
+    assert rng.draws == {"uniform": 1, "integers": 2}
 
 
 def test_fused_depth_division_keeps_invalid_values():
-    """Depth 0, 255, negative and NaN are kept, the rest divided by the scale (as RandomScale)."""
+    """Depth 0, 255, negative and NaN are kept, the rest divided by the scale (as the spec's step)."""
     s = _sample(20, 30)
     special = s["depth"].copy()
     special[0, :4] = [0.0, 255.0, -1.0, np.nan]
     for d in (special, s["depth"]):  # the masked path and the plain one
         b = T.RandomScaleCrop((2.0, 2.0), (40, 60))({**s, "depth": d})["depth"]
-        want = T.RandomScale((2.0, 2.0))({**s, "depth": d})["depth"]
+        want = _reference((40, 60), (2.0, 2.0))["scale+crop"]({**s, "depth": d})["depth"]
         assert b.dtype == np.float32
         np.testing.assert_array_equal(b, want)
         np.testing.assert_allclose(b[1::2, 1::2][1:], d[1:] / 2, rtol=1e-6)
@@ -658,7 +643,7 @@ def test_fused_depth_division_keeps_invalid_values():
 def test_normalize_pad_to_tensor_image_views(dtype):
     """Flipped, upside-down and cropped views of the image normalise like contiguous arrays."""
     img = _smooth_uint8_image(10, 12).astype(dtype)
-    four = T.Compose([T.Normalize(), T.PadToSize((16, 20)), T.IgnoreRegions(), T.ToTensor()])
+    four = _four_steps((16, 20))
     for view in (img, img[:, ::-1], img[::-1], img[2:8, 3:9]):
         got = T.NormalizePadToTensor((16, 20))({"image": view})["image"]
         assert got.shape == (3, 16, 20) and torch.equal(got, four({"image": view})["image"])

@@ -34,7 +34,7 @@ from atrc_exp.models.backbones import (
 )
 from atrc_exp.models.hrnet import HRNet
 from atrc_exp.models.original import load_original_state_dict
-from atrc_exp.models.state_dict import WeightsError
+from atrc_exp.models.state_dict import WeightsError, read_checkpoint
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -335,9 +335,10 @@ def _fake_class(monkeypatch, qualname: str, base: type = object) -> type:
     module, name = qualname.rsplit(".", 1)
     parts = module.split(".")
     for i in range(1, len(parts) + 1):
-        monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+        if ".".join(parts[:i]) not in sys.modules:
+            monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
     cls = type(name, (base,), {"__module__": module})
-    setattr(sys.modules[module], name, cls)
+    monkeypatch.setattr(sys.modules[module], name, cls, raising=False)
     return cls
 
 
@@ -360,6 +361,99 @@ def test_lightning_checkpoint_with_foreign_hparams_loads_with_inert_stand_ins(tm
     load_original_state_dict(net, path)
     assert torch.equal(net[0].bias, sd["0.bias"])
     assert "pytorch_lightning" not in sys.modules and "jsonargparse" not in sys.modules  # never imported
+
+
+def _checkpoint_needing_lightning(tmp_path: Path, sd: dict) -> Path:
+    """A Lightning-style checkpoint whose pickle references classes of ``pytorch_lightning`` (not
+    installed here): an ``AttributeDict``, callback states keyed by their class, and an object of a
+    class that no allow-list knows. The fake modules exist only while it is saved."""
+
+    class _Fake:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    parsing = "pytorch_lightning.utilities.parsing"
+    with pytest.MonkeyPatch.context() as m:
+        attr_dict = _fake_class(m, f"{parsing}.AttributeDict", dict)
+        unknown = _fake_class(m, f"{parsing}.LightningInternals", _Fake)
+        ckpt_cb = _fake_class(m, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
+        ckpt = _lightning_ckpt(sd, attr_dict(lr=0.01, internals=unknown(flag=True, steps=[1, 2])))
+        ckpt["callbacks"] = {ckpt_cb: {"best_model_score": torch.tensor(0.5), "monitor": "val"}}
+        path = tmp_path / "needs_lightning.ckpt"
+        torch.save(ckpt, path)
+    assert "pytorch_lightning" not in sys.modules
+    return path
+
+
+def test_trusted_checkpoint_loads_without_lightning_installed(tmp_path, caplog):
+    """A full unpickle reads classes of modules that cannot be imported as inert stand-ins; without
+    the opt-in the file is refused, naming the class the allow-list does not know."""
+    net = _tiny_net()
+    sd = {k: v.clone() + 2 for k, v in net.state_dict().items()}
+    path = _checkpoint_needing_lightning(tmp_path, sd)
+    with pytest.raises(WeightsError) as exc:
+        load_original_state_dict(net, path)
+    msg = _one_line(str(exc.value))
+    assert msg.startswith(f"{path}: refusing to load") and "--trust-checkpoint" in msg
+    assert "pytorch_lightning.utilities.parsing.LightningInternals" in msg
+    assert not torch.equal(net[0].weight, sd["0.weight"])
+    with caplog.at_level("WARNING"):
+        load_original_state_dict(net, path, weights_only=False)
+    assert torch.equal(net[0].weight, sd["0.weight"]) and torch.equal(
+        net[1].running_mean, sd["1.running_mean"]
+    )
+    assert (
+        "pytorch_lightning.utilities.parsing.LightningInternals" in caplog.text and "stand-in" in caplog.text
+    )
+    assert "pytorch_lightning" not in sys.modules
+    # what the stand-ins hold: the pickled state, nothing run
+    obj = read_checkpoint(path, "a checkpoint", weights_only=False)
+    hp = obj["hyper_parameters"]
+    assert hp["lr"] == 0.01 and hp["internals"].flag is True and hp["internals"].steps == [1, 2]
+    assert [c.original for c in obj["callbacks"]] == [
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
+    ]
+
+
+@pytest.mark.parametrize("kind", ["torch", "safetensors"])
+def test_truncated_file_is_called_truncated(tmp_path, kind):
+    net = _tiny_net()
+    path = tmp_path / ("weights.ckpt" if kind == "torch" else "weights.safetensors")
+    if kind == "torch":
+        torch.save({"state_dict": net.state_dict()}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(net.state_dict(), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    for trust in (False, True):
+        with pytest.raises(WeightsError) as exc:
+            read_checkpoint(path, "a checkpoint", weights_only=not trust)
+        msg = _one_line(str(exc.value))
+        assert msg.startswith(f"{path}: truncated") and "again" in msg, msg
+        assert "central directory" not in msg and "zip" not in msg
+    path.write_bytes(data)  # whole again: it loads
+    assert len(read_checkpoint(path, "a checkpoint")) > 0
+
+
+def test_truncated_run_checkpoint_is_called_truncated(tmp_path):
+    """Resuming from a run checkpoint with a truncated file names that file (not miniz's error)."""
+    from accelerate import Accelerator
+
+    from atrc_exp.engine import reset_accelerate_state
+    from atrc_exp.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    reset_accelerate_state()
+    acc = Accelerator(cpu=True)
+    acc.prepare(_tiny_net())
+    ckpt = save_checkpoint(acc, tmp_path, step=3, keep=1)
+    model_file = next(p for p in ckpt.iterdir() if p.name.startswith("pytorch_model"))
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with pytest.raises(WeightsError) as exc:
+        load_checkpoint(acc, ckpt)
+    assert _one_line(str(exc.value)).startswith(f"{model_file}: truncated")
+    reset_accelerate_state()
 
 
 # ------------------------------------------------------------------------------- entry points: exit 2

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError
 from ..data.layouts import LAYOUTS, layout_for_name
 from ..data.nyud import DataError
+from ..errors import ConfigError
 from ..label_io import DataError as LabelDataError
 from ..task_kinds import paper_tasks
 
@@ -103,7 +103,7 @@ def synth_folder(a: argparse.Namespace) -> int:
 
 def cmd_synth(a: argparse.Namespace) -> int:
     from ..config import cache_dir
-    from ..data.synthetic import ensure_synthetic_dataset
+    from ..data.layouts import ensure_synthetic_dataset
 
     if a.layout == FOLDER:
         return synth_folder(a)

@@ -77,9 +77,8 @@ def load_run_config(run_dir: Path | None, overrides: list[str], config: str | No
     """The run's config with ``key=value`` overrides; composed from ``conf/`` when there is no run."""
     from omegaconf import OmegaConf
 
-    from ..config import compose, register_resolvers
+    from ..config import compose
 
-    register_resolvers()
     src = Path(config).expanduser() if config else run_dir
     if src is not None:
         if src.is_dir():
@@ -226,13 +225,6 @@ def _export_edges(logits, batch, out_dir, task: str) -> None:
     save_seism_pngs(prob, names, out_dir, targets=targets, sizes=batch_image_sizes(batch, prob.shape))
 
 
-def format_table(metrics: dict[str, float], title: str) -> str:
-    width = max([len(k) for k in metrics] + [6])
-    lines = [title, "-" * (width + 14)]
-    lines += [f"{k:<{width}}  {v:>12.4f}" for k, v in metrics.items()]
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atrc-eval",
@@ -262,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..engine.checkpoint import write_json_atomic
+    from ..metrics import format_metrics_table
 
     try:
         model, cfg, run_dir, ckpt_dir, wfile, step, device = build_eval_model(
@@ -287,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             "edge_eval": timing,
         },
     )
-    print(format_table(metrics, f"{split} metrics ({ckpt_dir or wfile}, step {step}, {device})"))
+    print(format_metrics_table(metrics, f"{split} metrics ({ckpt_dir or wfile}, step {step}, {device})"))
     for key in [k for k in timing if k.endswith("/images") and timing[k]]:
         t = key[: -len("/images")]
         print(

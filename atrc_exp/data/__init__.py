@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from ..config import config_tasks, resolve_data_dir
 from ..task_kinds import Task
-from .layouts import LAYOUTS, Layout, get_layout
+from .layouts import LAYOUTS, Layout, ensure_synthetic_dataset, get_layout
 from .nyud import NYUDMT, DataError
 from .pascal import PASCALMT
 from .transforms import build_train_transform, build_val_transform
@@ -51,8 +51,6 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
     get_layout(str(cfg.dataset.layout), where=f"dataset={cfg.dataset.name}: ")
     data_dir = resolve_data_dir(cfg)
     if is_synthetic(cfg.dataset):
-        from .synthetic import ensure_synthetic_dataset
-
         g = cfg.dataset.generator
         ensure_synthetic_dataset(
             data_dir,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..label_io import DataError
 from ..task_kinds import TASK_KINDS, Task, make_task, make_tasks, spec_problems
 
@@ -82,11 +82,14 @@ def _read_specs(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
     return specs, problems
 
 
-def load_task_specs(root: str | Path) -> dict[str, dict]:
+def load_task_specs(root: str | Path | None) -> dict[str, dict]:
     """The task specs (``{name: spec}``, as written) of ``root/atrc_dataset.yaml``, validated with
     :func:`~atrc_exp.task_kinds.spec_problems`; a :class:`~atrc_exp.config.ConfigError` with one
-    line per problem (joined by ``"; "``, each naming the file) otherwise."""
-    root = Path(root).expanduser()
+    line per problem (joined by ``"; "``, each naming the file) otherwise (also for no ``root``:
+    ``dataset.root`` not given)."""
+    if root in (None, "", "???"):
+        raise ConfigError("dataset=folder needs the dataset folder: pass dataset.root=<dir>")
+    root = Path(str(root)).expanduser()
     if not root.is_dir():
         raise ConfigError(f"folder dataset {root} does not exist; {LAYOUT_HINT}")
     specs, problems = _read_specs(root)

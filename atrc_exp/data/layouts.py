@@ -16,21 +16,24 @@ files with ``layout: <name>``.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from omegaconf import DictConfig
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .folder import FolderDataset
 from .nyud import NYUD_TASK_FILES, NYUDMT
 from .pascal import PASCALMT, _loadmat, person_parts
-from .synthetic import write_nyud_files, write_pascal_files
+from .synthetic import _check_args, _existing_ok, _manifest, write_nyud_files, write_pascal_files
 from .synthetic_folder import write_folder_files
 
-__all__ = ["LAYOUTS", "Archive", "Layout", "get_layout", "layout_for_name"]
+__all__ = ["LAYOUTS", "Archive", "Layout", "ensure_synthetic_dataset", "get_layout", "layout_for_name"]
 
 
 @dataclass(frozen=True)
@@ -180,3 +183,45 @@ def layout_for_name(s: str) -> str:
         f"unknown layout {s!r}: use one of {', '.join(LAYOUTS)}"
         + (f" ({s!r} could be any of {', '.join(found)})" if found else "")
     )
+
+
+def ensure_synthetic_dataset(
+    root: str | Path,
+    *,
+    n_train: int,
+    n_val: int,
+    height: int,
+    width: int,
+    seed: int,
+    progress: bool = True,
+    layout: str = "NYUD_MT",
+) -> Path:
+    """Make sure ``root/<layout>`` (a key of :data:`LAYOUTS`, written by its
+    ``write_synthetic``) holds the synthetic dataset with these parameters; return ``root``.
+
+    Does nothing when the manifest matches; raises ``ValueError`` when it differs, when
+    ``root/<layout>`` is not synthetic or the layout is unknown (a ``ConfigError``). Generation
+    holds ``root/.synthetic.lock``, writes into ``root/.<layout>.tmp-<pid>`` and renames it into
+    place, so concurrent callers (several ranks or jobs sharing ``root``) end up with one complete
+    dataset and readers never see a partial one.
+    """
+    _check_args(n_train, n_val, height, width)
+    writer = get_layout(layout).write_synthetic
+    root = Path(root)
+    wanted = _manifest(n_train, n_val, height, width, seed, layout)
+    if _existing_ok(root, wanted, layout):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".synthetic.lock")):
+        if _existing_ok(root, wanted, layout):  # another process finished it while we waited
+            return root
+        for stale in root.glob(f".{layout}.tmp-*"):  # left by a crashed generator (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".{layout}.tmp-{os.getpid()}"
+        try:
+            writer(tmp, n_train, n_val, height, width, seed, progress)
+            os.replace(tmp, root / layout)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return root

@@ -118,7 +118,7 @@ class NYUDMT(Dataset):
         except (OSError, ValueError, EOFError) as e:
             raise DataError(f"unreadable file {p} (listed in {self.split_file}): {e}") from e
         bad = ~np.isfinite(arr)
-        if bad.any():  # missing measurements: 0 marks them ignore in IgnoreRegions
+        if bad.any():  # missing measurements: 0 marks them ignore (NormalizePadToTensor)
             arr[bad] = 0.0
         return arr
 

@@ -20,13 +20,13 @@ Targets (the original loader's rules):
   :data:`HUMAN_PART_MAP` (Pascal-Part names → head 1, torso 2, upper arm 3, lower arm 4, upper leg
   5, lower leg 6), the rest is background 0. An image without a person, or whose people have no
   parts, has no labels: the whole map is 255 (the original returns zeros and its
-  ``AddIgnoreRegions`` turns an all-zero map into 255 — :class:`~atrc_exp.data.transforms.IgnoreRegions`
+  ``AddIgnoreRegions`` turns an all-zero map into 255 — :class:`~atrc_exp.data.to_tensor.NormalizePadToTensor`
   applies the same rule after cropping). Which images contain a person is computed once per
   split and cached in the user's cache (the data folder may be read-only).
 * **edge**: ``thin(|Laplacian(LabelMap)| > 0)`` (float 0/1).
 * **normals**: kept only on pixels whose ``LabelMap`` class is one of the original's 170
   (:data:`NORMALS_VALID_CONTEXT_CLASSES`, shipped as ``atrc_exp/resources/``
-  ``pascal_context_normals_valid_classes.json``), zero elsewhere (→ 255 in ``IgnoreRegions``).
+  ``pascal_context_normals_valid_classes.json``), zero elsewhere (→ 255 in ``NormalizePadToTensor``).
 * **sal**: ``v / 255 > 0.5`` (int 0/1).
 """
 

@@ -17,8 +17,8 @@ key             dtype / shape    meaning
 ``human_parts`` uint8  H×W       index into :data:`HUMAN_PART_NAMES`, > 0 only on the figure
 =============== ================ ===============================================================
 
-:func:`ensure_synthetic_dataset` writes ``<root>/NYUD_MT/`` (default) or ``<root>/PASCAL_MT/``
-(``layout="PASCAL_MT"``) once (atomically, safe under concurrency) so that
+:func:`atrc_exp.data.layouts.ensure_synthetic_dataset` writes ``<root>/NYUD_MT/`` (default) or
+``<root>/PASCAL_MT/`` (``layout="PASCAL_MT"``) once (atomically, safe under concurrency) so that
 :class:`atrc_exp.data.nyud.NYUDMT` / :class:`atrc_exp.data.pascal.PASCALMT` read it like the real
 dataset.
 
@@ -34,13 +34,10 @@ Pascal-Part), ``pascal-context/trainval/*.mat`` (``LabelMap`` in 459-class ids, 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
-from filelock import FileLock
 from tqdm import tqdm
 
 from .synthetic_scene import (
@@ -57,7 +54,6 @@ __all__ = [
     "HUMAN_PART_NAMES",
     "PASCAL_CONTEXT_IDS",
     "SEMSEG_CLASSES",
-    "ensure_synthetic_dataset",
     "intrinsics",
     "render_scene",
     "scene_seed",
@@ -330,7 +326,7 @@ def write_nyud_layout(
 
     Names are ``00000``, ``00001``… (train first, then val); image ``i`` has seed
     :func:`scene_seed` ``(seed, i)``. Files already there are overwritten, never removed; use
-    :func:`ensure_synthetic_dataset` for the atomic, idempotent version.
+    :func:`atrc_exp.data.layouts.ensure_synthetic_dataset` for the atomic, idempotent version.
     """
     _check_args(n_train, n_val, height, width)
     dest = Path(root) / "NYUD_MT"
@@ -374,47 +370,3 @@ def _existing_ok(root: Path, wanted: dict, layout: str) -> bool:
             f"Use another paths.data_dir for these settings, or delete {ds} to regenerate it"
         )
     return True
-
-
-def ensure_synthetic_dataset(
-    root: str | Path,
-    *,
-    n_train: int,
-    n_val: int,
-    height: int,
-    width: int,
-    seed: int,
-    progress: bool = True,
-    layout: str = "NYUD_MT",
-) -> Path:
-    """Make sure ``root/<layout>`` (a key of :data:`atrc_exp.data.layouts.LAYOUTS`, written by its
-    ``write_synthetic``) holds the synthetic dataset with these parameters; return ``root``.
-
-    Does nothing when the manifest matches; raises ``ValueError`` when it differs, when
-    ``root/<layout>`` is not synthetic or the layout is unknown (a ``ConfigError``). Generation
-    holds ``root/.synthetic.lock``, writes into ``root/.<layout>.tmp-<pid>`` and renames it into
-    place, so concurrent callers (several ranks or jobs sharing ``root``) end up with one complete
-    dataset and readers never see a partial one.
-    """
-    from .layouts import get_layout
-
-    _check_args(n_train, n_val, height, width)
-    writer = get_layout(layout).write_synthetic
-    root = Path(root)
-    wanted = _manifest(n_train, n_val, height, width, seed, layout)
-    if _existing_ok(root, wanted, layout):
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".synthetic.lock")):
-        if _existing_ok(root, wanted, layout):  # another process finished it while we waited
-            return root
-        for stale in root.glob(f".{layout}.tmp-*"):  # left by a crashed generator (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".{layout}.tmp-{os.getpid()}"
-        try:
-            writer(tmp, n_train, n_val, height, width, seed, progress)
-            os.replace(tmp, root / layout)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return root

@@ -1,8 +1,6 @@
-"""The last steps of a pipeline: normalise, pad, ignore regions, to tensor — one by one, or fused.
-
-:class:`Normalize`, :class:`PadToSize`, :class:`IgnoreRegions` and :class:`ToTensor` are the
-straightforward steps; :class:`NormalizePadToTensor` does all four in one pass with the same values
-(what :func:`~atrc_exp.data.transforms.build_train_transform` and ``build_val_transform`` use).
+"""The last steps of a pipeline — normalise, pad, ignore regions, to tensor — in one pass:
+:class:`NormalizePadToTensor` (what :func:`~atrc_exp.data.transforms.build_train_transform` and
+``build_val_transform`` end with; ``tests/reference_pipeline.py`` states the four steps one by one).
 Samples follow the conventions of :mod:`atrc_exp.data.transforms`.
 
 Padding puts the image in the **centre** of the padded maps, as the original does:
@@ -62,81 +60,6 @@ class LabelRules:
         return [k for k in sample if k in self.tasks and getattr(self.tasks[k].kind, flag)]
 
 
-class Normalize:
-    """``(image - mean) / std`` (ImageNet statistics in the 0..255 range by default) → float32.
-
-    A uint8 image goes through a per-channel look-up table holding the same float32 results."""
-
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.mean = np.asarray(mean, np.float32)
-        self.std = np.asarray(std, np.float32)
-        self._inv_std = (1.0 / np.asarray(std, np.float64)).astype(np.float32)
-        grey = _GREY.astype(np.float32)[:, None]
-        #: 256×C float32: the normalised value of each grey level per channel.
-        self.lut = np.ascontiguousarray((grey - self.mean) * self._inv_std)
-        self.channel_luts = [np.ascontiguousarray(self.lut[:, c]) for c in range(self.lut.shape[1])]
-
-    def __call__(self, sample: Sample) -> Sample:
-        out = dict(sample)
-        img = sample["image"]
-        c = img.shape[2] if img.ndim == 3 else 1
-        if img.dtype == np.uint8 and c == len(self.mean) and c <= 4:
-            out["image"] = cv2.LUT(img, self.lut.reshape(256, 1, c)).reshape(img.shape)
-            return out
-        img = np.array(img, dtype=np.float32)  # a copy
-        img -= self.mean
-        img *= self._inv_std
-        out["image"] = img
-        return out
-
-
-class PadToSize:
-    """Pad up to ``size`` (H, W) with each kind's pad value, the input in the centre (⌊ΔH/2⌋ rows above,
-    ⌊ΔW/2⌋ columns to the left, the rest below / to the right); nothing is cut along a dimension
-    where the input is larger."""
-
-    def __init__(self, size: Sequence[int], tasks=None):
-        self.size = (int(size[0]), int(size[1]))
-        self.rules = LabelRules(tasks)
-
-    def __call__(self, sample: Sample) -> Sample:
-        h, w = sample["image"].shape[:2]
-        ph, pw = max(0, self.size[0] - h), max(0, self.size[1] - w)
-        if ph == 0 and pw == 0:
-            return sample
-        top, left = pad_offsets((h, w), (h + ph, w + pw))
-        out = dict(sample)
-        for k in _dense_keys(sample):
-            arr = sample[k]
-            pad = ((top, ph - top), (left, pw - left)) + ((0, 0),) * (arr.ndim - 2)
-            out[k] = np.pad(arr, pad, constant_values=self.rules.pad_value(k))
-        return out
-
-
-class IgnoreRegions:
-    """Mark invalid targets with 255: maps of kinds where 0 means no label (normals of zero norm,
-    all channels; depth 0), and the whole map of a task with ``ignore_without_foreground`` when it
-    shows no class > 0 (human parts: no person in the image or in the crop, or a person without
-    part annotations — the original's ``AddIgnoreRegions``; padding, already 255, does not count)."""
-
-    def __init__(self, tasks=None):
-        self.rules = LabelRules(tasks)
-
-    def __call__(self, sample: Sample) -> Sample:
-        out = dict(sample)
-        for k in _dense_keys(sample):
-            if self.rules.needs_foreground(k) and not _has_parts(sample[k]):
-                out[k] = np.full(sample[k].shape, IGNORE_INDEX, sample[k].dtype)
-            elif self.rules.zero_is_ignore(k):
-                v = sample[k].astype(np.float32, copy=False)
-                zero = (v == 0).all(axis=-1) if v.ndim == 3 else v == 0
-                if zero.any():
-                    v = v.copy()
-                    v[zero] = IGNORE_INDEX
-                out[k] = v
-        return out
-
-
 def _has_parts(hp: np.ndarray) -> bool:
     """Whether a human-parts map shows a part: a value > 0 other than 255."""
     if hp.size == 0:
@@ -160,25 +83,6 @@ def _zero_vectors(planes: np.ndarray) -> np.ndarray | None:
     return zero if zero.any() else None
 
 
-class ToTensor:
-    """HWC numpy → the batch tensors of :mod:`atrc_exp.tasks` (CHW, int64 class maps)."""
-
-    def __init__(self, tasks=None):
-        self.rules = LabelRules(tasks)
-
-    def __call__(self, sample: Sample) -> dict:
-        out: dict = {}
-        for k, v in sample.items():
-            if k == "meta":
-                out[k] = v
-            elif self.rules.is_int(k):
-                out[k] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64))
-            else:
-                arr = v if v.ndim == 3 else v[..., None]
-                out[k] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))
-        return out
-
-
 def _adoptable(a: np.ndarray) -> bool:
     """Whether ``torch.from_numpy`` can take ``a`` as it is (C-contiguous, writeable, native order)."""
     return a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative
@@ -193,16 +97,21 @@ def _fill_border(a: np.ndarray, top: int, left: int, h: int, w: int, value: floa
 
 
 class NormalizePadToTensor:
-    """:class:`Normalize`, :class:`PadToSize`, :class:`IgnoreRegions` (``ignore_regions=True``) and
-    :class:`ToTensor` in one pass: every target is written at most once, straight into a
-    preallocated tensor of the padded size (CHW float32; int64 class maps), with the same values as
-    the four steps in that order — padding with each kind's pad value (the input in the centre, as
-    :class:`PadToSize`), then zero-norm normals and zero depth (padding included) → 255, a
-    human-parts map without a part → all 255.
+    """Normalise, pad, ignore regions (``ignore_regions=True``), to tensor, in one pass: every target
+    is written at most once, straight into a preallocated tensor of the padded size (CHW float32;
+    int64 class maps), with the values of the four steps in that order —
 
-    The image may be uint8 (per-channel look-up table) or float; any map may be a (flipped) view.
-    A map that needs neither padding nor a change (contiguous, already of the output dtype, no
-    ignore region) becomes a tensor sharing its memory, as :class:`ToTensor` does.
+    1. the image ``(image - mean) / std`` in float32 (ImageNet statistics in the 0..255 range by
+       default; computed as ``(x - mean) · float32(1 / std)``);
+    2. padding up to ``size`` (H, W) with each kind's pad value, the input in the centre (⌊ΔH/2⌋ rows
+       above, ⌊ΔW/2⌋ columns to the left; nothing is cut along a dimension where it is larger);
+    3. zero-norm normals and zero depth (padding included) → 255, a human-parts map without a part
+       (``ignore_without_foreground``) → all 255;
+    4. CHW tensors (int64 class maps).
+
+    The image may be uint8 (per-channel look-up table of the same float32 values) or float; any map
+    may be a (flipped) view. A map that needs neither padding nor a change (contiguous, already of
+    the output dtype, no ignore region) becomes a tensor sharing its memory.
     """
 
     def __init__(
@@ -214,7 +123,12 @@ class NormalizePadToTensor:
         tasks=None,
     ):
         self.size = (int(size[0]), int(size[1]))
-        self.normalize = Normalize(mean, std)
+        self.mean = np.asarray(mean, np.float32)
+        self.inv_std = (1.0 / np.asarray(std, np.float64)).astype(np.float32)
+        #: per channel, the normalised float32 value of each of the 256 grey levels
+        self.channel_luts = [
+            np.ascontiguousarray((_GREY.astype(np.float32) - m) * s) for m, s in zip(self.mean, self.inv_std)
+        ]
         self.ignore_regions = ignore_regions
         self.rules = LabelRules(tasks)
 
@@ -246,24 +160,26 @@ class NormalizePadToTensor:
 
     def _image(self, img: np.ndarray, H: int, W: int, win: tuple[slice, slice]) -> torch.Tensor:
         h, w = img.shape[:2]
-        nz = self.normalize
         c = img.shape[2] if img.ndim == 3 else 0
-        if c != len(nz.mean) or c > 4 or img.dtype not in (np.uint8, np.float32):
-            return self._float_map("image", nz({"image": img})["image"], H, W, win)
+        if c != len(self.mean) or c > 4 or img.dtype not in (np.uint8, np.float32):
+            img = np.array(img, dtype=np.float32)  # a copy
+            img -= self.mean
+            img *= self.inv_std
+            return self._float_map("image", img, H, W, win)
         t = torch.empty((c, H, W), dtype=torch.float32)
         a = t.numpy()
         _fill_border(a, win[0].start, win[1].start, h, w, 0.0)
         body = [a[i][win] for i in range(c)]
         if img.dtype == np.uint8:  # uint8 planes through the per-channel tables, into the tensor
             for i, p in enumerate(cv2.split(img)):
-                r = cv2.LUT(p, nz.channel_luts[i], dst=body[i])
+                r = cv2.LUT(p, self.channel_luts[i], dst=body[i])
                 if not np.may_share_memory(r, body[i]):  # (cv2 wrote elsewhere: copy it in)
                     body[i][...] = r
-        else:  # float32 planes into the tensor, then (x - mean) * (1 / std) in place, as Normalize
+        else:  # float32 planes into the tensor, then (x - mean) * (1 / std) in place
             _split_into(img, body)
             for i, b in enumerate(body):
-                np.subtract(b, nz.mean[i], out=b)
-                b *= nz._inv_std[i]
+                np.subtract(b, self.mean[i], out=b)
+                b *= self.inv_std[i]
         return t
 
     def _float_map(self, k: str, v: np.ndarray, H: int, W: int, win: tuple[slice, slice]) -> torch.Tensor:

@@ -5,9 +5,9 @@ A *sample* is a dict of numpy arrays in HWC layout as a reader returns it:
 until :class:`PhotometricDistortion` truncates it to uint8);
 ``semseg``/``human_parts``/``sal`` int64 H×W; ``depth``/``edge`` float32 H×W; ``normals`` float32
 H×W×3; plus ``meta`` (a dict, untouched). Transforms never modify their input arrays in place; an
-output array may be a view of an input one. :class:`ToTensor` (or the fused
-:class:`NormalizePadToTensor`, both in :mod:`atrc_exp.data.to_tensor` and re-exported here) turns a
-sample into the batch conventions of :mod:`atrc_exp.tasks`.
+output array may be a view of an input one. :class:`NormalizePadToTensor` (in
+:mod:`atrc_exp.data.to_tensor`, re-exported here) turns a sample into the batch conventions of
+:mod:`atrc_exp.tasks`.
 
 Random transforms take an optional ``rng`` (a ``np.random.Generator``, or anything with its
 ``random`` / ``uniform`` / ``integers``); without one they draw from torch's RNG (:class:`TorchDraws`).
@@ -15,7 +15,7 @@ Random transforms take an optional ``rng`` (a ``np.random.Generator``, or anythi
 Invariants: labels are never interpolated (nearest), depth is divided by the scale factor,
 a horizontal flip negates the x component of normals, only the image is changed photometrically
 (on a uint8 image, truncating after every step, as the original), padding puts the image in the
-centre of the crop (:class:`PadToSize`).
+centre of the crop (:class:`NormalizePadToTensor`).
 
 Speed: the train pipeline rescales the image in float32 (as the original, whose images are
 float32 arrays), keeps a uint8 image from the photometric distortion on (grey-level look-up tables
@@ -36,26 +36,9 @@ import numpy as np
 import torch
 
 from ..tasks import IGNORE_INDEX
-from .to_tensor import (  # noqa: F401  (re-exported: all pipeline steps in one namespace)
-    _GREY,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    IgnoreRegions,
-    LabelRules,
-    Normalize,
-    NormalizePadToTensor,
-    PadToSize,
-    ToTensor,
-    _dense_keys,
-)
+from .to_tensor import _GREY, IMAGENET_MEAN, IMAGENET_STD, LabelRules, NormalizePadToTensor, _dense_keys
 
 Sample = dict
-
-
-def torch_seeded_rng() -> np.random.Generator:
-    """A numpy generator seeded from torch's RNG, so augmentation follows ``torch.manual_seed`` and
-    DataLoader workers' per-worker seeds (reproducible runs, no shared numpy state across workers)."""
-    return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
 
 class TorchDraws:
@@ -63,8 +46,8 @@ class TorchDraws:
     ``np.random.Generator`` methods the transforms use (``random``, ``uniform``, ``integers``).
 
     What a transform without its own ``rng`` draws from: it follows ``torch.manual_seed`` and the
-    DataLoader workers' per-worker seeds like :func:`torch_seeded_rng`, without the cost of
-    seeding a numpy generator on every call (~0.1-0.2 ms each inside a busy pipeline)."""
+    DataLoader workers' per-worker seeds, without the cost of seeding a numpy generator from torch
+    on every call (~0.1-0.2 ms each inside a busy pipeline)."""
 
     __slots__ = ("_buf", "_i")
 
@@ -102,42 +85,6 @@ class Compose:
         return "Compose(" + ", ".join(type(t).__name__ for t in self.transforms) + ")"
 
 
-class RandomScale:
-    """Rescale by a factor drawn uniformly from ``scale_range``.
-
-    Image: bilinear, in float32 (the original reads images as float32 arrays: a uint8 image's
-    rescaled values are not rounded, :class:`PhotometricDistortion` truncates them); every label:
-    nearest; depth values are divided by the factor (an object seen larger is nearer). The
-    straightforward version of :class:`RandomScaleCrop` (whole maps).
-    """
-
-    def __init__(
-        self, scale_range: Sequence[float] = (0.5, 2.0), rng: np.random.Generator | None = None, tasks=None
-    ):
-        self.lo, self.hi = float(scale_range[0]), float(scale_range[1])
-        self.rng = rng
-        self.rules = LabelRules(tasks)
-
-    def __call__(self, sample: Sample) -> Sample:
-        rng = self.rng or TorchDraws()
-        s = float(rng.uniform(self.lo, self.hi))
-        h, w = sample["image"].shape[:2]
-        size = (max(1, round(w * s)), max(1, round(h * s)))  # cv2 wants (W, H)
-        out = dict(sample)
-        for k in _dense_keys(sample):
-            interp = cv2.INTER_LINEAR if k == "image" else cv2.INTER_NEAREST
-            arr = sample[k] if k != "image" else sample[k].astype(np.float32, copy=False)
-            res = cv2.resize(arr, size, interpolation=interp)
-            if arr.ndim == 3 and res.ndim == 2:
-                res = res[..., None]
-            out[k] = res
-        for k in self.rules.keys_where("scale_divides_values", out):
-            d = out[k]
-            valid = (d > 0) & (d != IGNORE_INDEX)
-            out[k] = np.where(valid, d / s, d).astype(np.float32)
-        return out
-
-
 def class_ratio_ok(seg: np.ndarray, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
     """MMSegmentation's crop criterion: at least two classes (ignore excluded) and none covering
     ``cat_max_ratio`` or more of the labelled pixels. (Counted with ``np.bincount`` for small
@@ -156,54 +103,6 @@ def class_ratio_ok(seg: np.ndarray, cat_max_ratio: float, ignore_index: int = IG
         labels, cnt = np.unique(flat, return_counts=True)
         cnt = cnt[labels != ignore_index]
     return len(cnt) > 1 and cnt.max() / cnt.sum() < cat_max_ratio
-
-
-class RandomCrop:
-    """Crop to ``size`` (H, W) at a random position (no-op along dims already smaller).
-
-    With ``cat_max_ratio < 1`` and the class map ``ratio_task`` in the sample, the position is
-    re-drawn up to 10 times until no class covers ``cat_max_ratio`` or more of the crop's labelled
-    pixels (ignore excluded, at least two classes); after 10 failures one more draw is taken as it
-    is — the rule of MMSegmentation's ``RandomCrop`` that the original uses (on ``semseg``).
-    Samples without that map crop once.
-    """
-
-    def __init__(
-        self,
-        size: Sequence[int],
-        rng: np.random.Generator | None = None,
-        cat_max_ratio: float = 1.0,
-        ignore_index: int = IGNORE_INDEX,
-        max_tries: int = 10,
-        ratio_task: str | None = None,
-    ):
-        self.ratio_task = ratio_task
-        self.size = (int(size[0]), int(size[1]))
-        self.rng = rng
-        self.cat_max_ratio = float(cat_max_ratio)
-        self.ignore_index = ignore_index
-        self.max_tries = max_tries
-
-    def __call__(self, sample: Sample) -> Sample:
-        rng = self.rng or TorchDraws()
-        h, w = sample["image"].shape[:2]
-        ch, cw = min(self.size[0], h), min(self.size[1], w)
-
-        def draw() -> tuple[int, int]:
-            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-
-        y0, x0 = draw()
-        if self.cat_max_ratio < 1.0 and self.ratio_task in sample:
-            for _ in range(self.max_tries):
-                if class_ratio_ok(
-                    sample[self.ratio_task][y0 : y0 + ch, x0 : x0 + cw], self.cat_max_ratio, self.ignore_index
-                ):
-                    break
-                y0, x0 = draw()
-        out = dict(sample)
-        for k in _dense_keys(sample):
-            out[k] = np.ascontiguousarray(sample[k][y0 : y0 + ch, x0 : x0 + cw])
-        return out
 
 
 def _nearest_index(n_src: int, n_dst: int, start: int, length: int) -> np.ndarray:
@@ -269,10 +168,11 @@ def _gather(
 
 
 class RandomScaleCrop:
-    """:class:`RandomScale` followed by :class:`RandomCrop` (75% class-ratio rule included), fused:
-    labels are resampled only inside the crop window.
+    """Rescale by a factor drawn from ``scale_range``, then crop to ``crop_size`` at a random position
+    (75% class-ratio rule included), fused: labels are resampled only inside the crop window.
 
-    Same draws and the same output as the two steps: the factor ``s`` uniform in ``scale_range``,
+    Same draws and the same output as the two steps one after the other (``scale+crop`` of
+    ``tests/reference_pipeline.py``): the factor ``s`` uniform in ``scale_range``,
     the rescaled size ``round(h·s) × round(w·s)``, crop positions uniform in it and re-drawn by the
     class-ratio rule on the rescaled labels. Labels are gathered with the index arrays of
     ``cv2.resize(INTER_NEAREST)`` (never interpolated, bit-identical to resize-then-crop), depth is
@@ -372,7 +272,7 @@ class RandomHorizontalFlip:
 
     The image and normals are flipped into new contiguous arrays (``cv2.flip``, which moves values
     bit for bit, as same-size uint/float items); the other maps become reversed views, copied once
-    where they are copied anyway (:class:`NormalizePadToTensor`, :class:`ToTensor`).
+    where they are copied anyway (:class:`NormalizePadToTensor`).
     """
 
     def __init__(self, p: float = 0.5, rng: np.random.Generator | None = None, tasks=None):
@@ -539,7 +439,8 @@ def build_val_transform(crop_size: Sequence[int], tasks=None):
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """Inverse of :class:`Normalize` for a C×H×W or B×C×H×W tensor → float in [0, 255]."""
+    """Inverse of the ImageNet normalisation (:class:`NormalizePadToTensor`) for a C×H×W or B×C×H×W
+    tensor → float in [0, 255]."""
     mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(-1, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=image.device).view(-1, 1, 1)
     return (image.float() * std + mean).clamp(0, 255)

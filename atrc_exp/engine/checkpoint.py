@@ -14,6 +14,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from ..models.state_dict import truncated, truncated_error
+
 META = "meta.json"
 
 
@@ -81,8 +83,15 @@ def save_checkpoint(
 
 
 def load_checkpoint(accelerator: Accelerator, ckpt: Path) -> dict:
-    """Restore the state saved by :func:`save_checkpoint`; returns its ``meta.json``."""
-    accelerator.load_state(str(ckpt))
+    """Restore the state saved by :func:`save_checkpoint`; returns its ``meta.json``. A truncated
+    file in it is a one-line :class:`~atrc_exp.models.state_dict.WeightsError` naming it."""
+    try:
+        accelerator.load_state(str(ckpt))
+    except Exception:
+        bad = [p for p in sorted(Path(ckpt).iterdir()) if p.is_file() and truncated(p)]
+        if bad:
+            raise truncated_error(bad[0]) from None
+        raise
     return json.loads((ckpt / META).read_text())
 
 

@@ -59,7 +59,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "apply_fast_paths",

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .layers import ConvBNReLU
 
 __all__ = [

@@ -4,8 +4,10 @@ The original LightningModule's state dict has ``backbone.*`` (MMSeg-style HRNet 
 ``head.*`` (``head.bottleneck.<t>``, ``head.aux_conv.<t>``, ``head.aux_logits.<t>``,
 ``head.atrc_module.cp_blocks.<t>.<s>.*``, ``head.atrc_module.out_proj.<t>``,
 ``head.atrc_module.bottleneck.<t>``, ``head.final_logits.<t>``; a search block
-``cp_blocks.<t>.<s>.arch_param`` / ``.op_list.<i>.*``) plus non-weight entries (``criterion.*``,
-``metrics_dict.*``). Our modules carry the same names, so the key map is the identity apart from
+``cp_blocks.<t>.<s>.arch_param`` / ``.op_list.<i>.*``) plus the loss modules' buffers
+(``criterion.*``: the normals aux centroids, the aux edge class weights), which are not weights
+(nor are ``metrics_dict.*`` entries, which Lightning < 1.0.7 saved for metric states; the
+original's Lightning 1.1.8 does not). Our modules carry the same names, so the key map is the identity apart from
 the dropped entries and wrapper prefixes (``module.``, ``_orig_mod.``, ``model.``);
 :data:`KEY_RENAMES` holds any (prefix → prefix) renames should a layout ever differ.
 """
@@ -22,13 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .state_dict import WeightsError, load_strict, read_checkpoint, strip_prefixes
+from .state_dict import WeightsError, load_strict, read_checkpoint, stand_in, strip_prefixes
 
 __all__ = [
     "CHECKPOINT_SAFE_GLOBALS",
     "DROPPED_PREFIXES",
     "KEY_RENAMES",
-    "HyperParameterStandIn",
     "load_original_state_dict",
     "original_to_ours",
 ]
@@ -54,38 +55,6 @@ def original_to_ours(key: str) -> str | None:
     return key
 
 
-class HyperParameterStandIn:
-    """Inert stand-in for a class that a Lightning checkpoint of the original references outside its
-    weights (hyper-parameter containers, callback classes used as keys): it keeps the pickled state as
-    attributes and never imports or runs the real class. ``original`` names the class it stands for."""
-
-    original: str = ""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.__dict__.update(kwargs)
-        if args:
-            self.__dict__["_args"] = args
-
-    def __setstate__(self, state: Any) -> None:
-        slots = None
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict | type(None)):
-            state, slots = state
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        elif state is not None:
-            self.__dict__["_state"] = state
-        if slots:
-            self.__dict__.update(slots)
-
-    def __repr__(self) -> str:
-        return f"<stand-in for {self.original}: {sorted(self.__dict__)}>"
-
-
-def _stand_in(name: str) -> type:
-    """A stand-in class of its own for ``name`` (distinct classes keep dict keys distinct)."""
-    return type(name.rsplit(".", 1)[-1], (HyperParameterStandIn,), {"original": name, "__module__": __name__})
-
-
 def _defaultdict_as_dict(*_: Any) -> dict:
     """``collections.defaultdict(factory)`` read back as a plain dict (the factory is not kept)."""
     return {}
@@ -93,7 +62,7 @@ def _defaultdict_as_dict(*_: Any) -> dict:
 
 #: Known-harmless classes that Lightning checkpoints of the original may reference outside the weights,
 #: allowed while loading with ``weights_only=True``. Hyper-parameter containers of packages we do not
-#: import (jsonargparse, Lightning, OmegaConf) map to inert :class:`HyperParameterStandIn` subclasses,
+#: import (jsonargparse, Lightning, OmegaConf) map to inert :class:`~atrc_exp.models.state_dict.StandIn` subclasses,
 #: never to the real classes; Lightning's ``AttributeDict`` (a ``dict`` subclass) to ``dict``; a few
 #: builtins OmegaConf metadata refers to, to themselves. Nothing else is allowed: a file referencing
 #: any other global is refused unless the caller opts in to a full unpickle.
@@ -116,7 +85,7 @@ CHECKPOINT_SAFE_GLOBALS: list[Any] = [
     (bool, "builtins.bool"),
     (_defaultdict_as_dict, "collections.defaultdict"),
     *[
-        (_stand_in(n), n)
+        (stand_in(n), n)
         for n in (
             "jsonargparse.Namespace",
             "jsonargparse.namespace.Namespace",
@@ -173,7 +142,8 @@ def load_original_state_dict(
             ``torch.load(weights_only=True)``, allowing only :data:`CHECKPOINT_SAFE_GLOBALS` (mapped to
             inert stand-ins): no code from the file runs, and a file that needs anything else is refused
             with a :class:`WeightsError`. ``False``: a full unpickle, which can run arbitrary code — an
-            explicit opt-in for files you trust (logs a warning).
+            explicit opt-in for files you trust (logs a warning); classes of modules that are not
+            installed (``pytorch_lightning``) are read as inert stand-ins.
 
     ``criterion.*`` and ``metrics_dict.*`` entries are dropped. Any missing key (BatchNorm
     ``num_batches_tracked`` buffers aside), unexpected key or shape mismatch raises ``ValueError``

@@ -3,9 +3,12 @@ the offending keys."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 import re
+import types
 import zipfile
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
@@ -91,6 +94,105 @@ def _is_torch_zip(path: Path) -> bool:
         return False
 
 
+def truncated(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the beginning of a weights file whose end is missing: a zip archive
+    (``torch.save``'s format) without its central directory, or a ``.safetensors`` file shorter than
+    its header says."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head.startswith(b"PK\x03\x04"):
+            try:
+                zipfile.ZipFile(f).close()
+            except zipfile.BadZipFile:
+                return True
+            return False
+        if path.suffix != ".safetensors" or len(head) < 8:
+            return False
+        n = int.from_bytes(head, "little")
+        text = f.read(min(n, size - 8))
+        if not text.startswith(b'{"'):  # not a safetensors header: some other problem
+            return False
+        if size < 8 + n:
+            return True
+        try:
+            header = json.loads(text)
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return False  # not a safetensors header: some other problem
+        return size < 8 + n + int(end)
+
+
+def truncated_error(path: str | os.PathLike) -> WeightsError:
+    """The one-line error for a truncated file (see :func:`truncated`)."""
+    return WeightsError(
+        f"{path}: truncated ({Path(path).stat().st_size} bytes, its end is missing): an incomplete "
+        f"download or copy; download or copy it again"
+    )
+
+
+class StandIn(dict):
+    """Inert stand-in for a class that a checkpoint references outside its weights and that is not
+    imported: one of the known hyper-parameter containers (:data:`~atrc_exp.models.original.CHECKPOINT_SAFE_GLOBALS`),
+    or, in a trusted full unpickle, any class that cannot be imported here (a package that is not
+    installed, e.g. ``pytorch_lightning``). It keeps what the pickle gives it (arguments,
+    attributes, dict items, list items) and runs nothing. ``original`` names the class it stands for."""
+
+    original: str = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.__dict__.update(kwargs)
+        if args:
+            self.__dict__["_args"] = args
+
+    def __setstate__(self, state: Any) -> None:
+        pair = isinstance(state, tuple) and len(state) == 2 and all(isinstance(p, dict | None) for p in state)
+        for part in state if pair else (state,):  # (attributes, slots) or one state
+            if isinstance(part, dict):
+                self.__dict__.update(part)
+            elif part is not None:
+                self.__dict__["_state"] = part
+
+    def append(self, item: Any) -> None:
+        self.__dict__.setdefault("_items", []).append(item)
+
+    def extend(self, items: Any) -> None:
+        self.__dict__.setdefault("_items", []).extend(items)
+
+    def __hash__(self) -> int:  # a stand-in may be a dict key (Lightning keys callback states by class)
+        return id(self)
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self.original}: {sorted(self.__dict__)}>"
+
+
+def stand_in(name: str) -> type:
+    """A :class:`StandIn` class of its own for the class ``name`` (``module.qualname``)."""
+    return type(name.rsplit(".", 1)[-1], (StandIn,), {"original": name, "__module__": __name__})
+
+
+def _lenient_pickle(missing: dict[str, type]) -> types.ModuleType:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler builds a :func:`stand_in` (recorded in
+    ``missing``) for every class it cannot import, instead of failing."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                key = f"{module}.{name}"
+                if key not in missing:
+                    missing[key] = stand_in(key)
+                return missing[key]
+
+    mod = types.ModuleType("atrc_exp_lenient_pickle")
+    mod.Unpickler = Unpickler
+    mod.load = lambda f, **kw: Unpickler(f, **kw).load()
+    return mod
+
+
 def _unsafe_globals(path: Path, err: BaseException) -> list[str]:
     """The globals that kept ``path`` from loading with ``weights_only=True`` (empty: it is no checkpoint)."""
     # torch's messages drop the "builtins." of builtins; its scanner keeps it
@@ -123,15 +225,17 @@ def read_checkpoint(
         expected: what the file should be, for the error message (e.g. ``"backbone weights saved with
             torch.save or .safetensors"``).
         weights_only: ``True``: ``torch.load(weights_only=True)``, which never runs code from the file;
-            ``False``: a full unpickle (can run arbitrary code: only for trusted files; logs a warning).
+            ``False``: a full unpickle (can run arbitrary code: only for trusted files; logs a warning),
+            where a class whose module cannot be imported (``pytorch_lightning`` not installed) is read
+            as an inert :class:`StandIn`.
         safe_globals: extra globals allowed while loading (``torch.serialization.safe_globals`` items:
             harmless classes or ``(stand_in, "module.qualname")`` pairs).
         trust_hint: appended to the refusal message (how the caller opts in to a full unpickle).
 
     Raises:
-        WeightsError (one line, naming the file): an empty file, a file that is no checkpoint (JSON,
-        random bytes, ...) and what was expected, or a checkpoint that needs a full unpickle (naming the
-        globals it references).
+        WeightsError (one line, naming the file): an empty or truncated file, a file that is no
+        checkpoint (JSON, random bytes, ...) and what was expected, or a checkpoint that needs a full
+        unpickle (naming the globals it references).
     """
     path = Path(path)
     if path.stat().st_size == 0:
@@ -142,15 +246,32 @@ def read_checkpoint(
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # noqa: BLE001 - any failure means: not a safetensors file
+            if truncated(path):
+                raise truncated_error(path) from None
             raise WeightsError(f"{path}: not a safetensors file ({_short(e)}); expected {expected}") from None
-    if not weights_only:
+    missing: dict[str, type] = {}
+    if weights_only:
+        load_args: dict[str, Any] = {"weights_only": True}
+    else:
         log.warning("%s: full unpickle (weights_only=False): only do this for files you trust", path)
+        load_args = {"weights_only": False, "pickle_module": _lenient_pickle(missing)}
     with torch.serialization.safe_globals(list(safe_globals)):
         try:
-            return torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+            obj = torch.load(path, map_location="cpu", **load_args)
         except Exception as e:  # noqa: BLE001 - classified below, re-raised as one line
             unsafe = _unsafe_globals(path, e) if weights_only else []
             err = e
+        else:
+            if missing:
+                log.warning("%s: read as inert stand-ins (not importable here): %s", path, ", ".join(missing))
+            return obj
+    if truncated(path):
+        raise truncated_error(path) from None
+    if missing:
+        raise WeightsError(
+            f"{path}: a full unpickle failed ({_short(err)}); it references {', '.join(missing)}, which "
+            f"cannot be imported here: install the package(s) that provide them"
+        ) from None
     if unsafe:
         raise WeightsError(
             f"{path}: refusing to load it: it references {', '.join(unsafe)}, which only a full unpickle "
