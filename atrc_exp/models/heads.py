@@ -21,7 +21,7 @@ class MultiTaskFCNHead(nn.Module):
     bottlenecks, which all read ``x``, run as one convolution (:func:`~.layers.per_task_layers`).
     """
 
-    def __init__(self, c_in: int, out_channels: dict[str, int]):
+    def __init__(self, c_in: int, out_channels: dict[str, int], aux_channels: dict[str, int] | None = None):
         super().__init__()
         self.tasks = list(out_channels)
         self.bottleneck = nn.ModuleDict({t: ConvBNReLU(c_in, c_in // 4, kernel_size=3) for t in self.tasks})
