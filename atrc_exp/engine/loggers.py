@@ -41,30 +41,16 @@ class NullLogger:
 class WandbLogger:
     """Weights & Biases: resolved config, losses, lr, metrics and image panels per task."""
 
-    def __init__(
-        self,
-        cfg: DictConfig,
-        run_dir: Path,
-        project: str,
-        entity: str | None,
-        group: str | None,
-        tags: list[str],
-        mode: str | None,
-        log_images: bool,
-        num_images: int,
-    ):
+    def __init__(self, cfg: DictConfig, run_dir: Path, log_images: bool, num_images: int, **init):
+        """``init``: arguments of ``wandb.init`` (``project``, ``entity``, ``group``, ``tags``, ``mode``)."""
         import wandb
 
         self._wandb = wandb
         self.run = wandb.init(
-            project=project,
-            entity=entity,
-            group=group,
-            tags=tags,
+            **init,
             name=f"{cfg.run_name}/{run_dir.name}",
             dir=str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
-            mode=mode,
             reinit="finish_previous",
         )
         self.wants_images = log_images
