@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import importlib
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -91,16 +93,35 @@ def rank_suffix() -> str:
 
 
 def user_error(e: BaseException) -> BaseException:
-    """``e``, or the error a config interpolation raised inside it (a folder dataset's resolver,
-    a missing ``dataset.root``): what the user should read."""
+    """``e``, or the error it wraps that the user should read: a config interpolation's own error
+    (a folder dataset's resolver, a missing ``dataset.root``), a ``_target_``'s own error."""
+    from hydra.errors import InstantiationException
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-    while isinstance(e, InterpolationResolutionError) and (e.__cause__ or e.__context__) is not None:
+    wrappers = (InterpolationResolutionError, InstantiationException)
+    while isinstance(e, wrappers) and (e.__cause__ or e.__context__) is not None:
         e = e.__cause__ or e.__context__
     if isinstance(e, MissingMandatoryValue):
         key = getattr(e, "full_key", "") or ""
         return ConfigError(f"{key or 'a key'} has no value: pass {key or 'it'}=<value> on the command line")
     return e
+
+
+def instantiate(cfg: DictConfig, key: str, *args, **kwargs):
+    """The object of the config node ``key`` (``_target_`` and its arguments) with ``args`` and ``kwargs`` added:
+    :func:`hydra.utils.instantiate` with plain Python containers. The target's own error is raised,
+    not Hydra's wrapper; arguments its signature does not take are a :class:`ConfigError`."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    node = OmegaConf.select(cfg, key)
+    try:
+        return hydra_instantiate(node, *args, _convert_="all", **kwargs)
+    except InstantiationException as e:
+        cause = user_error(e)
+        if isinstance(cause, TypeError):  # e.g. a user's class without an argument its group passes
+            raise ConfigError(f"{key}._target_={node._target_}: {cause}") from None
+        raise cause from None
 
 
 def config_tasks(cfg: DictConfig, names=None) -> list:
@@ -109,7 +130,7 @@ def config_tasks(cfg: DictConfig, names=None) -> list:
     from .task_kinds import TaskSpecError, make_tasks
 
     names = list(cfg.tasks.names if names is None else names)
-    specs = cfg.dataset.get("task_specs")
+    specs = cfg.dataset.task_specs if "task_specs" in cfg.dataset else None
     if specs is None:
         raise ConfigError(f"dataset={cfg.dataset.name} has no task_specs: say what each task is (its kind)")
     if isinstance(specs, DictConfig):
@@ -130,11 +151,12 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
     """Compose ``conf/<config_name>.yaml`` (``train``) with Hydra's compose API and ``overrides`` (the command-line
     syntax of ``atrc-train``, e.g. ``["dataset=nyud", "backbone.pretrained=false"]``).
 
-    The result is what ``atrc-train`` would run, without the ``hydra`` node's run-time values: pass it
-    to :func:`atrc_exp.build_model`. Interpolations (``paths.cache_dir`` …) resolve on access.
-    Inside a running Hydra job (``atrc-train``: the pipeline's stages) it composes with that job's
-    config loader (its config folder and search path); elsewhere from ``conf/`` with a temporary
-    global Hydra state, so it works inside an initialised Hydra too (a notebook's) and leaves it as it was.
+    The result is what ``atrc-train`` would run, without the ``hydra`` node's run-time values, checked
+    by :func:`validate_config` (a :class:`ConfigError` otherwise): pass it to
+    :func:`atrc_exp.build_model`. Interpolations (``paths.cache_dir`` …) resolve on access. Inside
+    a running Hydra job (``atrc-train``: the pipeline's stages) it composes with that job's config
+    loader (its config folder and search path); elsewhere from ``conf/`` with a temporary global
+    Hydra state, so it works inside an initialised Hydra too (a notebook's) and leaves it as it was.
     """
     from hydra import compose as _compose
     from hydra import initialize_config_dir
@@ -144,16 +166,20 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
     overrides = list(overrides or [])
     outer = GlobalHydra.instance()
     if outer.is_initialized() and HydraConfig.initialized():
-        return _compose(config_name=config_name, overrides=overrides)
+        cfg = _compose(config_name=config_name, overrides=overrides)
+        validate_config(cfg)
+        return cfg
     saved = outer.hydra if outer.is_initialized() else None
     if saved is not None:
         outer.clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return _compose(config_name=config_name, overrides=overrides)
+            cfg = _compose(config_name=config_name, overrides=overrides)
     finally:
         if saved is not None:
             GlobalHydra.instance().initialize(saved)
+    validate_config(cfg)
+    return cfg
 
 
 def synthetic_data_dir(cfg: DictConfig) -> Path:
@@ -178,10 +204,208 @@ def resolve_data_dir(cfg: DictConfig) -> Path:
     )
 
 
+#: The search's settings (``mode=search``; under ``mode.search`` in ``mode=pipeline``).
+_SEARCH_SCHEMA = {
+    "name": "str",
+    "arch_lr": "float > 0",
+    "tau": "pair of float > 0",
+    "entropy_weight": "pair of float",
+    "freeze_gap": "float in [0, 1]",
+    "grad_clip": "null|float > 0",
+    "recompute": "bool",
+}
+
+#: The type and range of every key of ``conf/`` (its values, the defaults, live there and only
+#: there), checked right after composition by :func:`validate_config`. A spec reads
+#: ``[null|][list of |pair of ]ALTS[ RANGE]``: ALTS are ``|``-separated types (``int``, ``float``,
+#: ``bool``, ``str``, ``target``: an importable ``_target_``, ``any``: not checked) or literal
+#: words; RANGE is ``>= a``, ``> a`` or ``in [a, b)`` (brackets inclusive, parentheses exclusive),
+#: for numbers and every item of a list. Keys a group option does not have are skipped; a
+#: ``_target_`` node takes keys beyond those listed (its class's own arguments).
+SCHEMA: dict = {
+    "seed": "int",
+    "run_name": "str",
+    "continue_on_failure": "bool",
+    "paths": {
+        "data_dir": "null|str",
+        "cache_dir": "str",
+        "weights_dir": "str",
+        "log_dir": "str",
+        "output_dir": "any",  # Hydra's run directory
+    },
+    "dataset": {
+        "name": "str",
+        "layout": "str",
+        "root": "str",
+        "tasks": "list of str",
+        "task_specs": "any",  # checked by atrc_exp.task_kinds.make_tasks
+        "default_lr": "float > 0",
+        "crop_size": "pair of int >= 1",
+        "train_split": "str",
+        "val_split": "str",
+        "normals_valid_classes": "null|list of int >= 0",
+        "edge_eval_thresholds": "int >= 1",
+        "augment": {
+            "scale_range": "pair of float > 0",
+            "flip": "bool",
+            "photometric": "bool",
+            "cat_max_ratio": "float in (0, 1]",
+            "cat_max_ratio_task": "null|str",
+        },
+        "generator": {
+            "n_train": "int >= 1",
+            "n_val": "int >= 1",
+            "height": "int >= 8",
+            "width": "int >= 8",
+            "seed": "int",
+        },
+    },
+    "backbone": {
+        "_target_": "target",
+        "pretrained": "bool|str",
+        "weights_dir": "str",
+        "model_name": "str",
+        "out_indices": "null|list of int >= 0",
+    },
+    "tasks": {"names": "list of str"},
+    "context": {
+        "name": "str",
+        "genotype": "null|str",
+        "head": {"_target_": "target", "tasks": "list of str", "genotype": "any"},
+    },
+    "mode": {
+        **_SEARCH_SCHEMA,
+        "search_steps": "null|int >= 1",
+        "distill_steps": "null|int >= 1",
+        "baseline": "bool",
+        "search": _SEARCH_SCHEMA,
+    },
+    "trainer": {
+        "max_steps": "int >= 1",
+        "batch_size": "int >= 1",
+        "val_batch_size": "int >= 1",
+        "lr": "float > 0",
+        "momentum": "float in [0, 1)",
+        "weight_decay": "float >= 0",
+        "poly_power": "float >= 0",
+        "grad_clip": "null|float > 0",
+        "val_interval": "int >= 1",
+        "edge_eval_workers": "int >= 0",
+        "edge_eval_thresholds": "int >= 1",
+        "checkpoint_interval": "int >= 1",
+        "keep_checkpoints": "int >= 0",
+        "init_from_original": "null|str",
+        "init_from_original_trusted": "bool",
+        "resume": "null|str",
+        "on_nonfinite": "stop|skip",
+        "max_skipped_steps": "int >= 0",
+        "num_workers": "int >= 0",
+        "mixed_precision": "no|bf16|fp16",
+        "cpu": "bool",
+        "log_interval": "int >= 1",
+        "progress": "bool",
+        "channels_last": "bool",
+        "compile": {
+            "enabled": "bool",
+            "mode": "default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs",
+            "fullgraph": "bool",
+            "backend": "str",
+            "parts": "list of step|backbone|head",
+            "regional": "bool",
+        },
+        "cudnn_benchmark": "bool",
+        "pin_memory": "auto|bool",
+        "persistent_workers": "bool",
+        "prefetch_factor": "int >= 1",
+    },
+    "ops": {"local_attention": {"backend": "auto|cpp|cuda|torch"}},
+    "logger": {
+        "_target_": "target",
+        "project": "str",
+        "entity": "null|str",
+        "group": "null|str",
+        "tags": "list of str",
+        "mode": "null|online|offline|disabled",
+        "log_images": "bool",
+        "num_images": "int >= 0",
+    },
+}
+
+_SPEC = re.compile(
+    r"(?P<null>null\|)?(?P<shape>list of |pair of )?(?P<alts>[\w|-]+)"
+    r"(?: (?:(?P<op>>=|>) (?P<bound>\S+)|in (?P<lo_br>[\[(])(?P<lo>\S+), (?P<hi>\S+)(?P<hi_br>[\])])))?"
+)
+
+
+def _fits(value, alts: list[str]) -> bool:
+    """``value`` is one of the types / literal words ``alts``."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    kinds = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": number,
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "target": isinstance(value, str),
+    }
+    return any(kinds.get(a, isinstance(value, str) and value == a) for a in alts)
+
+
+def _in_range(value, m: re.Match) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not (m["op"] or m["lo"]):
+        return True
+    if m["op"]:
+        bound = float(m["bound"])
+        return value >= bound if m["op"] == ">=" else value > bound
+    lo, hi = float(m["lo"]), float(m["hi"])
+    above = value >= lo if m["lo_br"] == "[" else value > lo
+    return above and (value <= hi if m["hi_br"] == "]" else value < hi)
+
+
+def _check_value(key: str, value, spec: str) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``value`` fits ``spec`` (see :data:`SCHEMA`)."""
+    m = _SPEC.fullmatch(spec)
+    if m is None:
+        raise ValueError(f"SCHEMA[{key!r}]: cannot read the spec {spec!r}")
+    if m["alts"] == "any" or value is None and m["null"]:
+        return
+    items = value if m["shape"] else [value]
+    shape_ok = not m["shape"] or isinstance(value, list) and (m["shape"] == "list of " or len(value) == 2)
+    if not (shape_ok and all(_fits(v, m["alts"].split("|")) and _in_range(v, m) for v in items)):
+        raise ConfigError(f"{key}={value}: must be {spec}")
+    if m["alts"] == "target":
+        module, _, name = value.rpartition(".")
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigError(f"{key}={value}: cannot import it ({e}); is its package on PYTHONPATH?") from e
+
+
+def _check_schema(node: DictConfig, schema: dict, prefix: str = "") -> None:
+    """Check the keys of ``node`` that ``schema`` (a part of :data:`SCHEMA`) lists."""
+    for name, spec in schema.items():
+        key = prefix + name
+        if OmegaConf.is_missing(node, name):
+            raise ConfigError(f"{key} has no value: pass {key}=<value> on the command line")
+        if name not in node or spec == "any":
+            continue
+        value = node[name]  # resolved
+        if isinstance(spec, dict):
+            if not isinstance(value, DictConfig):
+                raise ConfigError(f"{key}={value}: must be a mapping of {', '.join(spec)}")
+            _check_schema(value, spec, key + ".")
+            continue
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        _check_value(key, value, spec)
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Check cross-group consistency; raise :class:`ConfigError` naming the fix."""
-    if "root" in cfg.dataset.keys() and OmegaConf.is_missing(cfg.dataset, "root"):
-        raise ConfigError(f"dataset={cfg.dataset.name} needs its folder: pass dataset.root=<dir>")
+    """Check every key against :data:`SCHEMA`, then the consistency of the groups; raise a
+    one-line :class:`ConfigError` naming the fix."""
+    try:
+        _check_schema(cfg, SCHEMA)
+    except Exception as e:  # an interpolation's own error (a folder dataset's YAML), a missing value
+        raise user_error(e) from None
     tasks = list(cfg.tasks.names)
     if not tasks:
         raise ConfigError("tasks.names is empty: choose tasks=all or one task, e.g. tasks=semseg")
@@ -189,23 +413,13 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"tasks.names lists a task twice: {tasks}")
     config_tasks(cfg)  # every task known to the dataset, every spec valid
     ctx, mode = cfg.context.name, cfg.mode.name
-    if mode == "pipeline":  # search (context=search, set by the pipeline) then distillation with `context`
-        if ctx != "atrc":
-            raise ConfigError(
-                f"mode=pipeline distils with context=atrc (its search stage uses context=search by "
-                f"itself); got context={ctx}: drop the context override (or pass context=atrc)"
-            )
-        for key in ("search_steps", "distill_steps"):
-            n = cfg.mode.get(key)
-            if n is not None and int(n) < 1:
-                raise ConfigError(f"mode.{key}={n}: use a number of steps >= 1 (or null: trainer.max_steps)")
+    # the pipeline: search (context=search, set by the pipeline), then distillation with context=atrc
+    if mode == "pipeline" and ctx != "atrc":
+        raise ConfigError(
+            f"mode=pipeline distils with context=atrc (its search stage uses context=search by "
+            f"itself); got context={ctx}: drop the context override (or pass context=atrc)"
+        )
     if ctx == "search" and mode != "search":
         raise ConfigError(f"context=search goes with mode=search (got mode={mode})")
     if mode == "search" and ctx != "search":
         raise ConfigError(f"mode=search needs context=search (got context={ctx})")
-    if cfg.trainer.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"trainer.mixed_precision={cfg.trainer.mixed_precision!r}: use no, bf16 or fp16")
-    if int(cfg.trainer.batch_size) < 1:
-        raise ConfigError("trainer.batch_size must be >= 1")
-    if int(cfg.trainer.val_interval) < 1:
-        raise ConfigError("trainer.val_interval must be >= 1 (steps between validations)")

@@ -128,7 +128,7 @@ def run_pipeline(
 
     run_dir = Path(run_dir)
     stages = stage_configs(cfg, overrides, run_dir, config_name)
-    given = OmegaConf.select(cfg, "context.genotype", default=None)
+    given = cfg.context.genotype
     if given is not None:
         log.warning(
             "mode=pipeline distils with the genotype its search finds; context.genotype=%s ignored", given

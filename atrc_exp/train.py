@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import CONF_DIR, ConfigError, is_main_rank, user_error
+from .config import CONF_DIR, ConfigError, is_main_rank, user_error, validate_config
 
 log = logging.getLogger("atrc_exp")
 
@@ -72,6 +72,7 @@ def main(cfg: DictConfig) -> float | None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     pipeline = cfg.mode.name == "pipeline"
     try:
+        validate_config(cfg)  # every value in its range before anything starts
         if pipeline:
             from .pipeline import run_pipeline
 
@@ -85,7 +86,7 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as raised:
         e = user_error(raised)  # a config interpolation's own error (a folder dataset's YAML)
         known = isinstance(e, user_errors())
-        if sweeping and bool(cfg.get("continue_on_failure", True)):
+        if sweeping and cfg.continue_on_failure:
             # record it and let the sweep go on; the end-of-sweep callback reports and exits non-zero
             log.error("job failed: %s", one_line(e), exc_info=not known)
             if is_main_rank():
@@ -98,10 +99,8 @@ def main(cfg: DictConfig) -> float | None:
         if not known:  # a bug, in a sweep that must stop here: the traceback goes to the job's log
             log.exception("job failed")
         log.error("%s: %s", type(e).__name__, one_line(e))
-        print(
-            f"error: {one_line(e)}\n(run dir: {run_dir}; set HYDRA_FULL_ERROR=1 for the traceback)",
-            file=sys.stderr,
-        )
+        hint = f"\n(run dir: {run_dir}; set HYDRA_FULL_ERROR=1 for the traceback)"
+        print(f"error: {one_line(e)}{'' if isinstance(e, ConfigError) else hint}", file=sys.stderr)
         sys.exit(2)
     if is_main_rank() and not pipeline:  # the pipeline printed its tables
         print(format_metrics_table(metrics, f"final validation metrics ({cfg.run_name}, {run_dir})"))

@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from atrc_exp.models import hrnet as hrnet_mod
 from atrc_exp.models.backbones import (
     PRETRAINED_URLS,
-    build_backbone,
     default_weights_path,
+    hrnet18,
+    hrnet48,
     load_backbone_checkpoint,
 )
 from atrc_exp.models.hrnet import HRNet
+from atrc_exp.models.timm_backbone import TimmBackbone
 
 timm = pytest.importorskip("timm")
 
@@ -55,14 +57,14 @@ def timm_hr18():
     [("hrnet18", 3_860_720, [18, 36, 72, 144]), ("hrnet48", 65_325_120, [48, 96, 192, 384])],
 )
 def test_parameter_count_and_channels(name, count, channels):
-    m = build_backbone(name)
+    m = {"hrnet18": hrnet18, "hrnet48": hrnet48}[name]()
     assert n_params(m) == count
     assert m.out_channels == channels
 
 
 @pytest.mark.parametrize("size", [(97, 131), (64, 96)])
 def test_hrnet18_output_shapes(size):
-    m = build_backbone("hrnet18").eval()
+    m = hrnet18().eval()
     h, w = size
     with torch.no_grad():
         out = m(torch.randn(2, 3, h, w))
@@ -77,14 +79,14 @@ def test_hrnet18_output_shapes(size):
 
 
 def test_hrnet48_tiny_forward():
-    m = build_backbone("hrnet48").eval()
+    m = hrnet48().eval()
     with torch.no_grad():
         out = m(torch.randn(1, 3, 40, 56))
     assert [tuple(o.shape) for o in out] == [(1, 48, 10, 14), (1, 96, 5, 7), (1, 192, 3, 4), (1, 384, 2, 2)]
 
 
 def test_hrnet18_backward_reaches_every_parameter():
-    m = build_backbone("hrnet18").train()
+    m = hrnet18().train()
     out = m(torch.randn(2, 3, 45, 61))
     sum(o.square().mean() for o in out).backward()
     no_grad = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -174,11 +176,11 @@ def _mmseg_checkpoint(seed: int = 1) -> dict:
     return {"state_dict": sd, "meta": {"epoch": 1, "CLASSES": ["a", "b"]}}
 
 
-def test_mmseg_checkpoint_loads_via_build_backbone(tmp_path):
+def test_mmseg_checkpoint_loads_via_hrnet18(tmp_path):
     ckpt = _mmseg_checkpoint()
     path = tmp_path / "fcn_hr18s.pth"
     torch.save(ckpt, path)
-    m = build_backbone("hrnet18", pretrained=str(path))
+    m = hrnet18(pretrained=str(path))
     for k, v in m.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"]["backbone." + k]), k
     assert m.load_report["dropped"] == 3
@@ -203,7 +205,7 @@ def test_old_checkpoint_without_num_batches_tracked(tmp_path):
     sd = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith("num_batches_tracked")}
     path = tmp_path / "old.pth"
     torch.save(sd, path)
-    m = build_backbone("hrnet18", pretrained=path)
+    m = hrnet18(pretrained=path)
     assert m.load_report["missing_num_batches_tracked"] > 0
     assert torch.equal(m.conv1.weight, sd["backbone.conv1.weight"])
 
@@ -223,14 +225,14 @@ def test_bad_checkpoint_raises_value_error_naming_key(tmp_path, corruption):
     path = tmp_path / f"bad_{corruption}.pth"
     torch.save({"state_dict": sd}, path)
     with pytest.raises(ValueError) as exc:
-        build_backbone("hrnet18", pretrained=str(path))
+        hrnet18(pretrained=str(path))
     assert key in str(exc.value)
     assert str(path) in str(exc.value)
 
 
 def test_missing_explicit_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        build_backbone("hrnet18", pretrained=str(tmp_path / "nope.pth"))
+        hrnet18(pretrained=str(tmp_path / "nope.pth"))
 
 
 # ------------------------------------------------------------------------------------ pretrained=True
@@ -251,14 +253,13 @@ def test_pretrained_true_without_cache_file_and_network(tmp_path, monkeypatch, n
     # the download itself is tested in test_weights_io.py; here: offline, one line naming URL and target
     from atrc_exp.models.backbones import PretrainedDownloadError
 
-    monkeypatch.setenv("ATRC_WEIGHTS_DIR", str(tmp_path / "weights"))
     base = _dead_url_base()
     monkeypatch.setenv("ATRC_WEIGHTS_URL_BASE", base)
     fname = PRETRAINED_URLS[name].rsplit("/", 1)[-1]
     expected = tmp_path / "weights" / fname
-    assert default_weights_path(name) == expected
+    assert default_weights_path(name, tmp_path / "weights") == expected
     with pytest.raises(PretrainedDownloadError) as exc:
-        build_backbone(name, pretrained=True)
+        {"hrnet18": hrnet18, "hrnet48": hrnet48}[name](pretrained=True, weights_dir=tmp_path / "weights")
     msg = str(exc.value)
     assert "\n" not in msg
     assert f"{base}/{fname}" in msg
@@ -268,33 +269,36 @@ def test_pretrained_true_without_cache_file_and_network(tmp_path, monkeypatch, n
 
 
 def test_pretrained_true_loads_cache_file(tmp_path, monkeypatch, timm_hr18):
-    monkeypatch.setenv("ATRC_WEIGHTS_DIR", str(tmp_path / "env"))
     monkeypatch.setenv("ATRC_WEIGHTS_URL_BASE", _dead_url_base())  # a cached file needs no network
     # ImageNet pretrain layout: bare keys including the classification head
     sd = timm_hr18.state_dict()
-    env_file = default_weights_path("hrnet18")
-    assert env_file.name == "hrnetv2_w18_small-b5a04e21.pth"
-    env_file.parent.mkdir(parents=True)
-    torch.save(sd, env_file)
-    m = build_backbone("hrnet18", pretrained=True)
+    cached = default_weights_path("hrnet18", tmp_path / "w")
+    assert cached.name == "hrnetv2_w18_small-b5a04e21.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(sd, cached)
+    m = hrnet18(pretrained=True, weights_dir=tmp_path / "w")
     assert torch.equal(m.stage4[1].fuse_layers[0][3][0].weight, sd["stage4.1.fuse_layers.0.3.0.weight"])
-
-    # an explicit weights_dir (the config's paths.weights_dir) wins over the environment: not cached there
-    with pytest.raises(ValueError, match=str(tmp_path / "cfg")):
-        build_backbone("hrnet18", pretrained=True, weights_dir=str(tmp_path / "cfg"))
+    with pytest.raises(ValueError, match="weights_dir"):  # the folder is the config's paths.weights_dir
+        hrnet18(pretrained=True)
 
 
-def test_weights_dir_fallbacks(tmp_path, monkeypatch):
+def test_the_weights_folder_is_paths_weights_dir(tmp_path, monkeypatch):
+    """One definition, in conf/paths/default.yaml: $ATRC_WEIGHTS_DIR, else <cache>/weights."""
+    from conftest import compose_cfg
+
     monkeypatch.delenv("ATRC_WEIGHTS_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert default_weights_path("hrnet48") == tmp_path / "atrc_exp" / "weights" / "hrnetv2_w48-d2186c55.pth"
+    cfg = compose_cfg([])
+    assert cfg.paths.weights_dir == str(tmp_path / "atrc_exp" / "weights") == cfg.backbone.weights_dir
+    monkeypatch.setenv("ATRC_WEIGHTS_DIR", str(tmp_path / "env"))
+    assert compose_cfg(["backbone=hrnet48"]).backbone.weights_dir == str(tmp_path / "env")
 
 
 # ----------------------------------------------------------------------------------------------- timm
 
 
 def test_timm_backbone_resnet18():
-    b = build_backbone("timm", model_name="resnet18", out_indices=(1, 2, 3, 4))
+    b = TimmBackbone("resnet18", out_indices=(1, 2, 3, 4))
     assert b.out_channels == [64, 128, 256, 512]
     with torch.no_grad():
         out = b.eval()(torch.randn(1, 3, 64, 96))
@@ -307,16 +311,9 @@ def test_timm_backbone_local_file_and_no_download(tmp_path):
     full = timm.create_model("resnet18", pretrained=False)
     path = tmp_path / "resnet18.pth"
     torch.save(full.state_dict(), path)
-    b = build_backbone("timm", pretrained=str(path), model_name="resnet18", out_indices=[2, 3])
+    b = TimmBackbone("resnet18", pretrained=str(path), out_indices=[2, 3])
     assert b.out_channels == [128, 256]
     assert torch.equal(b.model.layer3[0].conv1.weight, full.layer3[0].conv1.weight)
 
     with pytest.raises(ValueError, match="backbone.pretrained="):
-        build_backbone("timm", pretrained=True, model_name="resnet18")
-    with pytest.raises(ValueError, match="model_name"):
-        build_backbone("timm")
-
-
-def test_unknown_backbone():
-    with pytest.raises(ValueError, match="hrnet18"):
-        build_backbone("vgg_nope")
+        TimmBackbone("resnet18", pretrained=True)

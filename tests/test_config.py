@@ -65,7 +65,7 @@ def test_tasks_all_follows_dataset():
 
 def test_experiment_preset_overrides_groups():
     cfg = compose_cfg(["experiment=nyud_hrnet48_mt"])
-    assert cfg.dataset.name == "nyud" and cfg.backbone.name == "hrnet48"
+    assert cfg.dataset.name == "nyud" and cfg.backbone._target_.endswith(".hrnet48")
     assert cfg.trainer.max_steps == 40000 and cfg.trainer.batch_size == 8
     # the preset takes its whole trainer from trainer=paper
     assert cfg.trainer == compose_cfg(["dataset=nyud", "trainer=paper"]).trainer
@@ -99,3 +99,79 @@ def test_help_lists_groups():
     for group in GROUPS:
         assert f"{group}:" in out.stdout
     assert "hrnet18, hrnet48, timm" in out.stdout
+
+
+#: bad values and the one line each gives (compose and ``atrc-train``: exit 2 before anything starts)
+BAD_VALUES = {
+    "seed=abc": "seed=abc: must be int",
+    "trainer.weight_decay=-1": "trainer.weight_decay=-1: must be float >= 0",
+    "trainer.poly_power=abc": "trainer.poly_power=abc: must be float >= 0",
+    "dataset.crop_size=[0,0]": "dataset.crop_size=[0, 0]: must be pair of int >= 1",
+    "trainer.max_steps=-5": "trainer.max_steps=-5: must be int >= 1",
+    "trainer.momentum=2": "trainer.momentum=2: must be float in [0, 1)",
+    "trainer.lr=0": "trainer.lr=0: must be float > 0",
+    "trainer.batch_size=0": "trainer.batch_size=0: must be int >= 1",
+    "trainer.grad_clip=-1": "trainer.grad_clip=-1: must be null|float > 0",
+    "dataset.augment.scale_range=[0.5]": "dataset.augment.scale_range=[0.5]: must be pair of float > 0",
+    "trainer.on_nonfinite=ignore": "trainer.on_nonfinite=ignore: must be stop|skip",
+    "backbone._target_=mypkg.MyBackbone": "backbone._target_=mypkg.MyBackbone: cannot import it "
+    "(No module named 'mypkg'); is its package on PYTHONPATH?",
+}
+
+
+@pytest.mark.parametrize("override", list(BAD_VALUES))
+def test_a_bad_value_is_one_line_at_compose_time(override):
+    from atrc_exp.config import compose
+
+    with pytest.raises(ConfigError) as e:
+        compose([override])
+    assert str(e.value) == BAD_VALUES[override]
+
+
+def test_bad_values_stop_atrc_train_with_one_line_and_exit_2(tmp_path):
+    data = tmp_path / "data"  # the synthetic dataset would be written here if anything started
+    for override, line in BAD_VALUES.items():
+        run = tmp_path / "run"
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "atrc_exp.train",
+                override,
+                f"paths.data_dir={data}",
+                f"hydra.run.dir={run}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert (out.returncode, out.stderr.splitlines()) == (2, [f"error: {line}"]), (override, out.stderr)
+        assert not data.exists() and not (run / "train_log.jsonl").exists()
+
+
+def _leaf_keys(node, prefix=""):
+    from omegaconf import DictConfig, OmegaConf
+
+    for k in node:
+        v = node._get_node(k)
+        if isinstance(v, DictConfig) and not OmegaConf.is_interpolation(node, k):
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_key_has_a_type_and_range(group):
+    """Every key of every option of conf/ is in atrc_exp.config.SCHEMA (or under an ``any`` node)."""
+    from atrc_exp.config import SCHEMA
+
+    for option in _options(group):
+        extra = {"context=search": ["mode=search"], "mode=search": ["context=search"]}
+        cfg = compose_cfg([f"{group}={option}", *extra.get(f"{group}={option}", [])])
+        for key in _leaf_keys(cfg):
+            spec = SCHEMA
+            for part in key.split("."):
+                assert isinstance(spec, dict) and part in spec, f"{group}={option}: {key} is not in SCHEMA"
+                spec = spec[part]
+                if spec == "any":
+                    break

@@ -273,7 +273,7 @@ def test_published_normal_centroids_are_the_originals(dataset, name, tmp_path):
 
 
 def test_hrnet_fusion_is_scale_factor_upsampling_then_resize_at_the_nyud_crop():
-    from atrc_exp.models.hrnet import hrnet18
+    from atrc_exp.models.backbones import hrnet18
 
     torch.manual_seed(0)
     net = hrnet18().double().eval()

@@ -302,10 +302,10 @@ def test_search_step_is_the_originals(monkeypatch):
 # ------------------------------------------------------------- 4. backbones at odd input sizes
 @pytest.mark.parametrize("name", ["hrnet18", "hrnet48"])
 def test_hrnet_branches_at_odd_sizes_are_the_originals(name):
-    from atrc_exp.models.backbones import build_backbone
+    from atrc_exp.models.hrnet import HRNet
 
     o = oracle("backbone_oracle.pt")[name]
-    net = build_backbone(name)
+    net = HRNet(name)
     net.load_state_dict(fill(o["keys"], o["seed_name"]))
     with torch.no_grad():
         outs = net.double().eval()(o["x"])

@@ -73,7 +73,7 @@ def test_preset_composes_to_the_paper_settings(name):
     assert {k: cfg.trainer[k] for k in PAPER} == PAPER
     assert cfg.trainer.lr == lr
     assert grad_clip_of(cfg) == grad_clip
-    assert (cfg.dataset.name, cfg.backbone.name, cfg.context.name, cfg.mode.name) == (
+    assert (cfg.dataset.name, cfg.backbone._target_.rsplit(".", 1)[-1], cfg.context.name, cfg.mode.name) == (
         dataset,
         backbone,
         context,

@@ -29,8 +29,9 @@ from atrc_exp.models import build_model
 from atrc_exp.models.backbones import (
     PRETRAINED_URLS,
     PretrainedDownloadError,
-    build_backbone,
     default_weights_path,
+    hrnet18,
+    hrnet48,
 )
 from atrc_exp.models.hrnet import HRNet
 from atrc_exp.models.original import load_original_state_dict
@@ -131,16 +132,16 @@ def test_first_use_downloads_once_with_progress_and_hash_check(hrnet18_file, off
     _use_name(monkeypatch, name)
     with _Server({f"/mirror/{name}": data}) as srv:
         monkeypatch.setenv("ATRC_WEIGHTS_URL_BASE", f"{srv.url}/mirror/")
-        m = build_backbone("hrnet18", pretrained=True)
+        m = hrnet18(pretrained=True, weights_dir=offline_env)
         assert srv.requests == [f"/mirror/{name}"]
         assert "100%" in capfd.readouterr().err  # torch.hub's progress bar
-        path = default_weights_path("hrnet18")
+        path = default_weights_path("hrnet18", offline_env)
         assert path == offline_env / name and path.read_bytes() == data
         assert sorted(p.name for p in offline_env.iterdir()) == [name]  # no temporary file left
         for k, v in m.state_dict().items():
             assert torch.equal(v, bare[k]), k
         # second use: from the cache, no request
-        m2 = build_backbone("hrnet18", pretrained=True)
+        m2 = hrnet18(pretrained=True, weights_dir=offline_env)
         assert srv.requests == [f"/mirror/{name}"]
         assert torch.equal(m2.conv1.weight, bare["conv1.weight"])
 
@@ -167,7 +168,7 @@ def test_corrupt_download_is_one_line_and_leaves_nothing(hrnet18_file, offline_e
     with _Server({f"/{name}": served}, truncate=truncate) as srv:
         monkeypatch.setenv("ATRC_WEIGHTS_URL_BASE", srv.url)
         with pytest.raises(PretrainedDownloadError) as exc:
-            build_backbone("hrnet18", pretrained=True)
+            hrnet18(pretrained=True, weights_dir=offline_env)
     msg = _one_line(str(exc.value))
     assert "corrupt" in msg and f"{srv.url}/{name}" in msg and str(offline_env / name) in msg
     assert hashlib.sha256(data).hexdigest()[:8] in msg
@@ -178,9 +179,9 @@ def test_server_down_names_url_and_target(offline_env, monkeypatch):
     base = f"http://127.0.0.1:{_free_port()}/w"
     monkeypatch.setenv("ATRC_WEIGHTS_URL_BASE", base)
     with pytest.raises(PretrainedDownloadError) as exc:
-        build_backbone("hrnet48", pretrained=True)
+        hrnet48(pretrained=True, weights_dir=offline_env)
     msg = _one_line(str(exc.value))
-    target = default_weights_path("hrnet48")
+    target = default_weights_path("hrnet48", offline_env)
     assert target.name == "hrnetv2_w48-d2186c55.pth"
     assert f"{base}/{target.name}" in msg and str(target) in msg and "backbone.pretrained=" in msg
     assert not target.exists() and list(offline_env.iterdir()) == []
@@ -190,7 +191,7 @@ def test_missing_file_on_the_server_is_one_line(offline_env, monkeypatch):
     with _Server({}) as srv:
         monkeypatch.setenv("ATRC_WEIGHTS_URL_BASE", srv.url)
         with pytest.raises(PretrainedDownloadError, match="HTTP Error 404") as exc:
-            build_backbone("hrnet18", pretrained=True)
+            hrnet18(pretrained=True, weights_dir=offline_env)
     _one_line(str(exc.value))
     assert list(offline_env.iterdir()) == []
 
@@ -234,7 +235,7 @@ BAD_KINDS = ["json", "empty", "random bytes"]
 def test_not_a_checkpoint_as_backbone_pretrained(tmp_path, kind):
     path = _bad_file(tmp_path, kind)
     with pytest.raises(WeightsError) as exc:
-        build_backbone("hrnet18", pretrained=str(path))
+        hrnet18(pretrained=str(path))
     msg = _one_line(str(exc.value))
     assert msg.startswith(str(path)) and "not a" in msg and "expected backbone weights" in msg
 
@@ -242,7 +243,7 @@ def test_not_a_checkpoint_as_backbone_pretrained(tmp_path, kind):
 def test_not_a_safetensors_file(tmp_path):
     path = _bad_file(tmp_path, "random bytes", ".safetensors")
     with pytest.raises(WeightsError, match=r"not a safetensors file.*expected backbone weights") as exc:
-        build_backbone("hrnet18", pretrained=str(path))
+        hrnet18(pretrained=str(path))
     _one_line(str(exc.value))
 
 

@@ -1,7 +1,9 @@
 """Experiment loggers: ``logger=none`` (nothing remote) and ``logger=wandb``.
 
-Only the main process creates a real logger; other ranks get :class:`NullLogger`.
-Every logger is closed by ``finish(exit_code)``, also when the run fails.
+A logger is built from ``logger._target_``: called with its group's keys, then the run's config and
+folder (``cls(cfg, run_dir, **keys)``); it has ``log``, ``log_images`` and ``finish`` as
+:class:`NullLogger`. Only the main process creates the configured logger; other ranks get
+:class:`NullLogger`. Every logger is closed by ``finish(exit_code)``, also when the run fails.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import instantiate
+
 log = logging.getLogger(__name__)
 
 
@@ -20,6 +24,9 @@ class NullLogger:
     """Logs nothing remotely (``metrics.json`` and the log file are written by the engine)."""
 
     wants_images = False
+
+    def __init__(self, cfg: DictConfig | None = None, run_dir: Path | None = None):
+        pass
 
     def log(self, data: dict[str, float], step: int) -> None:
         pass
@@ -34,25 +41,20 @@ class NullLogger:
 class WandbLogger:
     """Weights & Biases: resolved config, losses, lr, metrics and image panels per task."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, log_images: bool, num_images: int, **init):
+        """``init``: arguments of ``wandb.init`` (``project``, ``entity``, ``group``, ``tags``, ``mode``)."""
         import wandb
 
         self._wandb = wandb
-        lc = cfg.logger
-        config = OmegaConf.to_container(cfg, resolve=True)
         self.run = wandb.init(
-            project=lc.project,
-            entity=lc.entity,
-            group=lc.group,
-            tags=list(lc.tags or []),
+            **init,
             name=f"{cfg.run_name}/{run_dir.name}",
             dir=str(run_dir),
-            config=config,
-            mode=lc.mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",
         )
-        self.wants_images = bool(lc.log_images)
-        self.num_images = int(lc.num_images)
+        self.wants_images = log_images
+        self.num_images = num_images
         log.info("W&B run %s (%s) in %s", self.run.id, self.run.settings.mode, self.run.dir)
 
     def log(self, data: dict[str, float], step: int) -> None:
@@ -80,9 +82,5 @@ class WandbLogger:
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, is_main: bool) -> Any:
-    """The configured logger on the main process, :class:`NullLogger` elsewhere."""
-    if not is_main or cfg.logger.name == "none":
-        return NullLogger()
-    if cfg.logger.name == "wandb":
-        return WandbLogger(cfg, run_dir)
-    raise ValueError(f"unknown logger {cfg.logger.name!r}: choose logger=wandb or logger=none")
+    """The configured logger (``logger._target_``) on the main process, :class:`NullLogger` elsewhere."""
+    return instantiate(cfg, "logger", _partial_=True)(cfg, run_dir) if is_main else NullLogger()

@@ -75,6 +75,7 @@ _IGNORED_OVERRIDES = (
     "logger",
     "dataset=",
     "backbone=",
+    "backbone._target_=",
     "tasks=",
     "tasks.names=",
     "context=",
@@ -238,11 +239,11 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(
         path=run_dir,
         dataset=str(_select(cfg, "dataset.name", "?")),
-        backbone=str(_select(cfg, "backbone.name", "?")),
+        backbone=str(_select(cfg, "backbone._target_", "?")).rsplit(".", 1)[-1],  # e.g. hrnet18
         tasks=tasks,
         context=str(_select(cfg, "context.name", "?")),
         mode=str(_select(cfg, "mode.name", "?")),
-        seed=int(_select(cfg, "seed", 0)),
+        seed=int(cfg.seed),
         step=int(data.get("step", -1)),
         metrics={k: float(v) for k, v in data["metrics"].items()},
         overrides=overrides,

@@ -1,9 +1,13 @@
-"""Backbone registry, ``build_backbone`` and pretrained-weights resolution / download / loading.
+"""The HRNet backbones of ``conf/backbone/`` and pretrained-weights resolution / download / loading.
+
+A backbone is any ``nn.Module`` with ``out_channels: list[int]`` whose ``forward(x)`` returns a list
+of feature maps, highest resolution first, built from its config group's ``_target_``
+(:func:`hrnet18`, :func:`hrnet48`, :class:`~.timm_backbone.TimmBackbone`, or a user's own class).
 
 ``pretrained=True`` (HRNets) uses the ImageNet checkpoint the original implementation uses
-(:data:`PRETRAINED_URLS`): it is downloaded once into the weights cache (:func:`weights_dir`, or the
-config's ``paths.weights_dir``) with a progress bar, its SHA-256 checked against the hash prefix in its
-name (``torch.hub``'s convention), and read from there afterwards. ``$ATRC_WEIGHTS_URL_BASE`` redirects
+(:data:`PRETRAINED_URLS`): it is downloaded once into the weights folder (the config's
+``paths.weights_dir``) with a progress bar, its SHA-256 checked against the hash prefix in its name
+(``torch.hub``'s convention), and read from there afterwards. ``$ATRC_WEIGHTS_URL_BASE`` redirects
 the download to a mirror (``<base>/<file name>``). Offline, a one-line :class:`PretrainedDownloadError`
 names the URL and where to put the file by hand.
 """
@@ -15,30 +19,27 @@ import logging
 import os
 import re
 import urllib.error
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .hrnet import HRNet, hrnet18, hrnet48
+from .hrnet import HRNet
 from .state_dict import WeightsError, format_keys, load_strict, read_checkpoint, strip_prefixes
-from .timm_backbone import TimmBackbone
 
 __all__ = [
-    "BACKBONES",
     "DROP_PREFIXES",
     "PRETRAINED_URLS",
     "URL_BASE_ENV",
     "PretrainedDownloadError",
-    "build_backbone",
     "default_weights_path",
     "download_pretrained",
+    "hrnet18",
+    "hrnet48",
     "load_backbone_checkpoint",
     "pretrained_url",
-    "register_backbone",
-    "weights_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,47 +74,15 @@ _STRIP_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "backbone.")
 #: Keys under which checkpoints commonly nest the state dict, tried in this order.
 _NESTED_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict", "model_state")
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
-
-def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a backbone factory ``fn(pretrained=..., **kwargs) -> nn.Module`` under ``name``.
-
-    The built module must expose ``out_channels: list[int]`` and return a list of feature maps.
-    """
-
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in BACKBONES:
-            raise ValueError(f"backbone {name!r} is already registered")
-        BACKBONES[name] = fn
-        return fn
-
-    return deco
-
-
-# --------------------------------------------------------------------------------------------- weights dir
-
-
-def weights_dir() -> Path:
-    """Local weights cache: ``$ATRC_WEIGHTS_DIR``, else ``$XDG_CACHE_HOME/atrc_exp/weights``, else
-    ``~/.cache/atrc_exp/weights``."""
-    env = os.environ.get("ATRC_WEIGHTS_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "atrc_exp" / "weights"
-
-
-def default_weights_path(name: str, directory: str | os.PathLike | None = None) -> Path:
-    """Where ``pretrained=True`` expects the default weights of backbone ``name`` (in ``directory``, default
-    :func:`weights_dir`)."""
+def default_weights_path(name: str, directory: str | os.PathLike) -> Path:
+    """Where ``pretrained=True`` expects the default weights of backbone ``name`` in the weights
+    folder ``directory`` (the config's ``paths.weights_dir``)."""
     if name not in PRETRAINED_URLS:
         raise ValueError(
             f"backbone {name!r} has no default pretrained weights; known: {sorted(PRETRAINED_URLS)}"
         )
-    base = Path(directory).expanduser() if directory else weights_dir()
-    return base / PRETRAINED_URLS[name].rsplit("/", 1)[-1]
+    return Path(directory).expanduser() / PRETRAINED_URLS[name].rsplit("/", 1)[-1]
 
 
 class PretrainedDownloadError(WeightsError):
@@ -131,9 +100,9 @@ def pretrained_url(name: str) -> str:
     return f"{base.rstrip('/')}/{url.rsplit('/', 1)[-1]}" if base else url
 
 
-def download_pretrained(name: str, directory: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    """The default weights file of backbone ``name``, downloaded into ``directory`` (default
-    :func:`weights_dir`) unless already there.
+def download_pretrained(name: str, directory: str | os.PathLike, progress: bool = True) -> Path:
+    """The default weights file of backbone ``name``, downloaded into the weights folder ``directory``
+    unless already there.
 
     The download goes to a temporary file in the same folder (``torch.hub.download_url_to_file``), whose
     SHA-256 must start with the hash prefix in the file name; only then is it moved to its final path, so
@@ -182,11 +151,13 @@ def download_pretrained(name: str, directory: str | os.PathLike | None = None, p
 
 
 def _resolve_pretrained(
-    name: str, pretrained: bool | str | os.PathLike | None, directory: str | os.PathLike | None = None
+    name: str, pretrained: bool | str | os.PathLike | None, directory: str | os.PathLike | None
 ) -> Path | None:
     if pretrained is None or pretrained is False or pretrained == "":
         return None
     if pretrained is True:
+        if directory is None:
+            raise ValueError(f"backbone {name!r} with pretrained=True needs the weights folder (weights_dir)")
         return download_pretrained(name, directory)
     if isinstance(pretrained, str | os.PathLike):
         path = Path(pretrained).expanduser()
@@ -279,62 +250,24 @@ def load_backbone_checkpoint(
     }
 
 
-# ------------------------------------------------------------------------------------------------- registry
+# ------------------------------------------------------------------------------------------------ backbones
 
 
-def _build_hrnet(name: str, factory: Callable[..., HRNet]) -> Callable[..., nn.Module]:
-    def build(
-        pretrained: bool | str = False, weights_dir: str | os.PathLike | None = None, **kwargs
-    ) -> nn.Module:
-        # fail before building if the file is missing
-        path = _resolve_pretrained(name, pretrained, weights_dir)
-        model = factory(**kwargs)
-        if path is not None:
-            model.load_report = load_backbone_checkpoint(model, path)
-        return model
-
-    build.__name__ = f"build_{name}"
-    build.__doc__ = (
-        f"Build {name}; ``pretrained``: False, True (default file in ``weights_dir``, default "
-        f":func:`weights_dir`, downloaded if missing) or a path."
-    )
-    return build
+def _hrnet(name: str, pretrained: bool | str, weights_dir: str | os.PathLike | None) -> HRNet:
+    path = _resolve_pretrained(name, pretrained, weights_dir)  # a missing file fails before building
+    model = HRNet(name)
+    if path is not None:
+        model.load_report = load_backbone_checkpoint(model, path)
+    return model
 
 
-register_backbone("hrnet18")(_build_hrnet("hrnet18", hrnet18))
-register_backbone("hrnet48")(_build_hrnet("hrnet48", hrnet48))
+def hrnet18(pretrained: bool | str = False, weights_dir: str | os.PathLike | None = None) -> HRNet:
+    """HRNetV2-W18-small (3,860,720 parameters). ``pretrained``: False (random init), True (the
+    default ImageNet file in ``weights_dir``, downloaded if missing: :func:`download_pretrained`) or
+    the path of a weights file (:func:`load_backbone_checkpoint`)."""
+    return _hrnet("hrnet18", pretrained, weights_dir)
 
 
-@register_backbone("timm")
-def _build_timm(
-    pretrained: bool | str = False,
-    model_name: str | None = None,
-    out_indices=None,
-    weights_dir: str | os.PathLike | None = None,  # accepted for a uniform call; timm has no default file
-    **kwargs,
-) -> nn.Module:
-    if not model_name:
-        raise ValueError("backbone=timm needs model_name (e.g. backbone.model_name=resnet50)")
-    if out_indices is not None:
-        out_indices = tuple(out_indices)
-    return TimmBackbone(model_name, pretrained=pretrained, out_indices=out_indices, **kwargs)
-
-
-def build_backbone(name: str, pretrained: bool | str = False, **kwargs) -> nn.Module:
-    """Build a registered backbone.
-
-    Args:
-        name: ``hrnet18`` (HRNetV2-W18-small), ``hrnet48`` (HRNetV2-W48) or ``timm``.
-        pretrained: ``False`` (random init), ``True`` (the default ImageNet file of the HRNets, downloaded
-            once into :func:`weights_dir`, see :func:`download_pretrained`) or the path of a local weights
-            file.
-        **kwargs: ``weights_dir`` (all backbones): cache folder of ``pretrained=True`` instead of
-            :func:`weights_dir` (e.g. the config's ``paths.weights_dir``). For ``timm``: ``model_name``,
-            ``out_indices`` and anything else for ``timm.create_model``.
-
-    Returns:
-        a module with ``out_channels: list[int]`` whose ``forward(x)`` returns a list of feature maps.
-    """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
-    return BACKBONES[name](pretrained=pretrained, **kwargs)
+def hrnet48(pretrained: bool | str = False, weights_dir: str | os.PathLike | None = None) -> HRNet:
+    """HRNetV2-W48 (65,325,120 parameters); ``pretrained`` as for :func:`hrnet18`."""
+    return _hrnet("hrnet48", pretrained, weights_dir)

@@ -129,8 +129,14 @@ def validate_genotype(data: object, tasks: Sequence[str], source: str = "<genoty
     return out
 
 
-def load_genotype(path: str | os.PathLike, tasks: Sequence[str]) -> Genotype:
-    """Read and validate a genotype (file or search run dir) for ``tasks``."""
+def load_genotype(path: str | os.PathLike | None, tasks: Sequence[str]) -> Genotype:
+    """Read and validate a genotype (file or search run dir) for ``tasks`` (``context=atrc``'s
+    ``context.genotype``)."""
+    if path in (None, ""):
+        raise ConfigError(
+            "context=atrc needs a genotype: pass context.genotype=<genotype.json> or a search "
+            "run directory holding atrc_genotype.json (published ones are in genotypes/)"
+        )
     f = resolve_genotype_path(path)
     try:
         obj = json.loads(f.read_text())

@@ -20,7 +20,7 @@ class MultiTaskFCNHead(nn.Module):
     resolution; ``image`` is accepted for a uniform head interface and unused).
     """
 
-    def __init__(self, c_in: int, out_channels: dict[str, int]):
+    def __init__(self, c_in: int, out_channels: dict[str, int], aux_channels: dict[str, int] | None = None):
         super().__init__()
         self.tasks = list(out_channels)
         self.bottleneck = nn.ModuleDict({t: ConvBNReLU(c_in, c_in // 4, kernel_size=3) for t in self.tasks})

@@ -29,8 +29,6 @@ __all__ = [
     "HRModule",
     "HRNet",
     "StageCfg",
-    "hrnet18",
-    "hrnet48",
 ]
 
 BN_MOMENTUM = 0.1
@@ -325,13 +323,3 @@ class HRNet(nn.Module):
             xs = self._run_transition(getattr(self, f"transition{k}"), ys)
             ys = getattr(self, f"stage{k + 1}")(xs)
         return ys
-
-
-def hrnet18(**kwargs) -> HRNet:
-    """HRNetV2-W18-small (3,860,720 parameters)."""
-    return HRNet("hrnet18", **kwargs)
-
-
-def hrnet48(**kwargs) -> HRNet:
-    """HRNetV2-W48 (65,325,120 parameters)."""
-    return HRNet("hrnet48", **kwargs)

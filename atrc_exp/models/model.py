@@ -6,13 +6,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..config import ConfigError, config_tasks
-from .backbones import build_backbone
-from .context_blocks import CONTEXTS
-from .genotype import load_genotype
-from .heads import MultiTaskFCNHead
+from ..config import config_tasks, instantiate
 from .layers import concat_features, resize_to
-from .relational_head import RelationalContextHead, uniform_genotype
 
 
 class MultiTaskModel(nn.Module):
@@ -36,45 +31,16 @@ class MultiTaskModel(nn.Module):
 
 
 def build_model(cfg: DictConfig) -> MultiTaskModel:
-    """Build the network of a composed config (``backbone``, ``tasks``, ``context``, ``dataset``)."""
-    tasks = list(cfg.tasks.names)
-    bb = cfg.backbone
-    extra = {}
-    if bb.name == "timm":
-        extra = {"model_name": bb.model_name, "out_indices": bb.get("out_indices")}
-    weights_dir = cfg.paths.get("weights_dir") if "paths" in cfg else None
-    backbone = build_backbone(bb.name, pretrained=bb.pretrained, weights_dir=weights_dir, **extra)
-    c_in = sum(backbone.out_channels)
-    task_objects = config_tasks(cfg)
-    out_ch = {t.name: t.final_channels for t in task_objects}
-    aux_ch = {t.name: t.aux_channels for t in task_objects}
-    ctx = cfg.context.name
-    if ctx == "none":  # the FCN baseline
-        return MultiTaskModel(backbone, MultiTaskFCNHead(c_in, out_ch), tasks)
-    if ctx == "atrc":
-        path = cfg.context.get("genotype")
-        if path in (None, "", "null"):
-            raise ConfigError(
-                "context=atrc needs a genotype: pass context.genotype=<genotype.json> or a search "
-                "run directory holding atrc_genotype.json (published ones are in genotypes/)"
-            )
-        genotype = load_genotype(path, tasks)
-    elif ctx == "search":
-        genotype = None  # every pair mixes all candidate contexts
-    else:  # a context type of CONTEXTS (with a CP block) on every pair
-        types = [c.name for c in CONTEXTS if c.block is not None]
-        if ctx not in types:
-            raise ConfigError(
-                f"unknown context {ctx!r}: choose one of {', '.join(['none', *types, 'atrc', 'search'])}"
-            )
-        genotype = uniform_genotype(tasks, ctx)
-    head = RelationalContextHead(
-        c_in,
-        tasks,
-        genotype,
-        out_ch,
-        aux_ch,
-        dropout=float(cfg.context.get("dropout", 0.05)),
-        kernel_size=int(cfg.context.get("kernel_size", 9)),
+    """The network of a composed config: ``backbone`` and ``context.head`` built from their
+    ``_target_``, the head given the backbone's channels (summed; its first argument) and each
+    task's ``out_channels`` and ``aux_channels`` (``{task: channels}``, from ``dataset.task_specs``)."""
+    backbone = instantiate(cfg, "backbone")
+    tasks = config_tasks(cfg)
+    head = instantiate(
+        cfg,
+        "context.head",
+        sum(backbone.out_channels),
+        out_channels={t.name: t.final_channels for t in tasks},
+        aux_channels={t.name: t.aux_channels for t in tasks},
     )
-    return MultiTaskModel(backbone, head, tasks)
+    return MultiTaskModel(backbone, head, [t.name for t in tasks])
