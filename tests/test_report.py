@@ -128,3 +128,15 @@ def test_atrc_report_wandb_offline(sweep, tmp_path):
 def test_atrc_report_no_runs(tmp_path, capsys):
     assert report_main([str(tmp_path)]) == 2
     assert "no run folder" in capsys.readouterr().err
+
+
+def test_a_pipeline_job_counts_once_by_its_stages(tmp_path):
+    """A ``mode=pipeline`` job's own metrics.json repeats its distillation's: only the stages
+    (search, distill, baseline) are runs."""
+    job = tmp_path / "job"
+    for folder, mode in ((job, "pipeline"), (job / "search", "search"), (job / "distill", "distill")):
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "config.yaml").write_text(f"mode:\n  name: {mode}\n")
+        (folder / "metrics.json").write_text("{}")
+    assert find_runs([job]) == [job / "distill", job / "search"]
+    assert find_runs([job / "distill"]) == [job / "distill"]

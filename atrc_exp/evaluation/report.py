@@ -169,8 +169,18 @@ def _config_path(run_dir: Path) -> Path | None:
     return None
 
 
+def _is_pipeline_job(config: Path) -> bool:
+    """A ``mode=pipeline`` job's folder: its ``metrics.json`` repeats its distillation stage's, and
+    its stages (sub-folders) are the runs."""
+    try:
+        return OmegaConf.select(OmegaConf.load(config), "mode.name") == "pipeline"
+    except Exception:  # noqa: BLE001 - unreadable: load_run reports it
+        return False
+
+
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run folders under ``paths``: a ``metrics.json`` next to a config (recursively)."""
+    """Run folders under ``paths``: a ``metrics.json`` next to a config (recursively); a pipeline
+    job counts once, by its stages."""
     found: list[Path] = []
     for p in paths:
         p = Path(p)
@@ -179,8 +189,11 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
         cands = [p / "metrics.json"] if (p / "metrics.json").is_file() else []
         cands += sorted(q for q in p.rglob("metrics.json") if q.parent != p)
         for m in cands:
-            if _config_path(m.parent) is None:
+            config = _config_path(m.parent)
+            if config is None:
                 log.debug("skipping %s: no .hydra/config.yaml or config_resolved.yaml", m.parent)
+                continue
+            if _is_pipeline_job(config):
                 continue
             if m.parent not in found:
                 found.append(m.parent)
