@@ -73,6 +73,7 @@ def test_wheel_carries_data_folders_and_resources(built):
         "atrc_exp/" + p.relative_to(REPO / "atrc_exp").as_posix()
         for p in sorted((REPO / "atrc_exp" / "resources").glob("*.json"))
     ]
+    expected.append("atrc_exp/py.typed")  # type checkers read the package's hints (PEP 561)
     expected += [
         p.relative_to(REPO).as_posix()
         for p in sorted((REPO / "atrc_exp").rglob("*.py"))
