@@ -264,6 +264,7 @@ SCHEMA: dict = {
         "_target_": "target",
         "pretrained": "bool|str",
         "weights_dir": "str",
+        "download_timeout": "null|float > 0",
         "model_name": "str",
         "out_indices": "null|list of int >= 0",
     },

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from atrc_exp.models import hrnet as hrnet_mod
 from atrc_exp.models.backbones import (
     PRETRAINED_URLS,
+    PretrainedDownloadError,
     default_weights_path,
     hrnet18,
     hrnet48,
@@ -315,5 +316,36 @@ def test_timm_backbone_local_file_and_no_download(tmp_path):
     assert b.out_channels == [128, 256]
     assert torch.equal(b.model.layer3[0].conv1.weight, full.layer3[0].conv1.weight)
 
-    with pytest.raises(ValueError, match="backbone.pretrained="):
-        TimmBackbone("resnet18", pretrained=True)
+
+
+def _hub_cache_file(cache, repo: str, state: dict) -> None:
+    """``state`` as ``model.safetensors`` of Hugging Face hub repo ``repo`` in the hub cache layout
+    (``models--<org>--<name>/snapshots/<revision>/``, ``refs/main`` naming the revision)."""
+    from safetensors.torch import save_file
+
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "snapshots" / revision / "model.safetensors")
+
+
+def test_timm_pretrained_true_loads_from_timms_cache_and_names_it_offline(tmp_path, monkeypatch):
+    """``pretrained=true`` is timm's own mechanism: a file in its (Hugging Face hub) cache is what
+    loads; without one, offline, one line names the model and the cache folder."""
+    import huggingface_hub.constants as hf
+
+    name = "test_resnet.r160_in1k"
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)  # never the network
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(PretrainedDownloadError) as err:
+        TimmBackbone(name, pretrained=True)
+    msg = str(err.value)
+    assert "\n" not in msg and name in msg and str(tmp_path / "hub") in msg and "backbone.pretrained=" in msg
+    torch.manual_seed(3)
+    full = timm.create_model(name, pretrained=False)
+    _hub_cache_file(tmp_path / "hub", "timm/" + name, full.state_dict())
+    b = TimmBackbone(name, pretrained=True)
+    assert torch.equal(b.model.layer1[0].conv1.weight, full.layer1[0].conv1.weight)
+    assert not torch.equal(TimmBackbone(name).model.layer1[0].conv1.weight, full.layer1[0].conv1.weight)

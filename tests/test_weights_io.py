@@ -187,6 +187,26 @@ def test_server_down_names_url_and_target(offline_env, monkeypatch):
     assert not target.exists() and list(offline_env.iterdir()) == []
 
 
+def test_a_silent_server_times_out_with_one_line(offline_env, monkeypatch):
+    """A server that accepts the connection and never answers: the download gives up after
+    ``download_timeout`` seconds, says so in one line, and leaves nothing behind."""
+    import time
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        monkeypatch.setenv("ATRC_WEIGHTS_URL_BASE", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        start = time.monotonic()
+        with pytest.raises(PretrainedDownloadError) as exc:
+            hrnet18(pretrained=True, weights_dir=offline_env, download_timeout=0.5)
+        waited = time.monotonic() - start
+    msg = _one_line(str(exc.value))
+    assert "no answer within 0.5 s, backbone.download_timeout" in msg and "backbone.pretrained=" in msg
+    assert 0.4 < waited < 10, waited
+    assert socket.getdefaulttimeout() is None  # the process's default is restored
+    assert list(offline_env.iterdir()) == []
+
+
 def test_missing_file_on_the_server_is_one_line(offline_env, monkeypatch):
     with _Server({}) as srv:
         monkeypatch.setenv("ATRC_WEIGHTS_URL_BASE", srv.url)

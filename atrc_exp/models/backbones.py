@@ -18,6 +18,7 @@ import http.client
 import logging
 import os
 import re
+import socket
 import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,9 +101,12 @@ def pretrained_url(name: str) -> str:
     return f"{base.rstrip('/')}/{url.rsplit('/', 1)[-1]}" if base else url
 
 
-def download_pretrained(name: str, directory: str | os.PathLike, progress: bool = True) -> Path:
+def download_pretrained(
+    name: str, directory: str | os.PathLike, progress: bool = True, timeout: float | None = None
+) -> Path:
     """The default weights file of backbone ``name``, downloaded into the weights folder ``directory``
-    unless already there.
+    unless already there. ``timeout``: seconds the server may stay silent (connecting, or between
+    two reads) before the download fails; ``None`` waits forever.
 
     The download goes to a temporary file in the same folder (``torch.hub.download_url_to_file``), whose
     SHA-256 must start with the hash prefix in the file name; only then is it moved to its final path, so
@@ -130,6 +134,8 @@ def download_pretrained(name: str, directory: str | os.PathLike, progress: bool 
             f"$ATRC_WEIGHTS_DIR to a writable folder, or pass backbone.pretrained=/path/to/file"
         ) from None
     log.info("downloading the pretrained weights of backbone %r: %s -> %s", name, url, path)
+    default_timeout = socket.getdefaulttimeout()  # torch.hub's urlopen takes the sockets' default
+    socket.setdefaulttimeout(timeout)
     try:
         torch.hub.download_url_to_file(
             url, str(path), hash_prefix=m.group(1) if m else None, progress=progress
@@ -143,22 +149,29 @@ def download_pretrained(name: str, directory: str | os.PathLike, progress: bool 
         ) from None
     except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, HTTPError, timeouts, resets
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {timeout:g} s, backbone.download_timeout"
         raise PretrainedDownloadError(
             f"cannot download the pretrained weights of backbone {name!r} from {url} "
             f"({' '.join(str(reason).split())}): {by_hand}"
         ) from None
+    finally:
+        socket.setdefaulttimeout(default_timeout)
     return path
 
 
 def _resolve_pretrained(
-    name: str, pretrained: bool | str | os.PathLike | None, directory: str | os.PathLike | None
+    name: str,
+    pretrained: bool | str | os.PathLike | None,
+    directory: str | os.PathLike | None,
+    timeout: float | None = None,
 ) -> Path | None:
     if pretrained is None or pretrained is False or pretrained == "":
         return None
     if pretrained is True:
         if directory is None:
             raise ValueError(f"backbone {name!r} with pretrained=True needs the weights folder (weights_dir)")
-        return download_pretrained(name, directory)
+        return download_pretrained(name, directory, timeout=timeout)
     if isinstance(pretrained, str | os.PathLike):
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -253,21 +266,32 @@ def load_backbone_checkpoint(
 # ------------------------------------------------------------------------------------------------ backbones
 
 
-def _hrnet(name: str, pretrained: bool | str, weights_dir: str | os.PathLike | None) -> HRNet:
-    path = _resolve_pretrained(name, pretrained, weights_dir)  # a missing file fails before building
+def _hrnet(
+    name: str, pretrained: bool | str, weights_dir: str | os.PathLike | None, download_timeout: float | None
+) -> HRNet:
+    path = _resolve_pretrained(name, pretrained, weights_dir, download_timeout)  # fails before building
     model = HRNet(name)
     if path is not None:
         model.load_report = load_backbone_checkpoint(model, path)
     return model
 
 
-def hrnet18(pretrained: bool | str = False, weights_dir: str | os.PathLike | None = None) -> HRNet:
+def hrnet18(
+    pretrained: bool | str = False,
+    weights_dir: str | os.PathLike | None = None,
+    download_timeout: float | None = None,
+) -> HRNet:
     """HRNetV2-W18-small (3,860,720 parameters). ``pretrained``: False (random init), True (the
-    default ImageNet file in ``weights_dir``, downloaded if missing: :func:`download_pretrained`) or
-    the path of a weights file (:func:`load_backbone_checkpoint`)."""
-    return _hrnet("hrnet18", pretrained, weights_dir)
+    default ImageNet file in ``weights_dir``, downloaded if missing, failing after
+    ``download_timeout`` s of silence: :func:`download_pretrained`) or the path of a weights file
+    (:func:`load_backbone_checkpoint`)."""
+    return _hrnet("hrnet18", pretrained, weights_dir, download_timeout)
 
 
-def hrnet48(pretrained: bool | str = False, weights_dir: str | os.PathLike | None = None) -> HRNet:
-    """HRNetV2-W48 (65,325,120 parameters); ``pretrained`` as for :func:`hrnet18`."""
-    return _hrnet("hrnet48", pretrained, weights_dir)
+def hrnet48(
+    pretrained: bool | str = False,
+    weights_dir: str | os.PathLike | None = None,
+    download_timeout: float | None = None,
+) -> HRNet:
+    """HRNetV2-W48 (65,325,120 parameters); arguments as for :func:`hrnet18`."""
+    return _hrnet("hrnet48", pretrained, weights_dir, download_timeout)

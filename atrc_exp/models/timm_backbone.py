@@ -8,7 +8,21 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .backbones import PretrainedDownloadError
+
 __all__ = ["TimmBackbone"]
+
+
+def _timm_cache(model_name: str) -> str:
+    """Where timm looks for ``model_name``'s pretrained weights: the Hugging Face hub cache for
+    weights on the hub, torch.hub's checkpoint folder for weights at a URL."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name)
+    if cfg is not None and not cfg.hf_hub_id and cfg.url:
+        return str(Path(torch.hub.get_dir()) / "checkpoints")
+    return HF_HUB_CACHE
 
 
 class TimmBackbone(nn.Module):
@@ -16,9 +30,13 @@ class TimmBackbone(nn.Module):
 
     Args:
         model_name: any timm model name supporting ``features_only``.
-        pretrained: ``False`` (random init) or the path of a local weights file (``.pth``/``.bin`` or
-            ``.safetensors``) holding the state dict of the full (classification) timm model. Nothing is ever
-            downloaded: ``True`` raises a ``ValueError`` asking for a local file.
+        pretrained: ``False`` (random init); ``True``: timm's own pretrained weights, as
+            ``timm.create_model(..., pretrained=True)`` loads them (from its cache — the Hugging
+            Face hub cache, ``$HF_HUB_CACHE``, or torch.hub's for URL weights — downloaded there
+            once when missing; offline, a one-line :class:`~atrc_exp.models.backbones.PretrainedDownloadError`
+            naming the model and that folder); or the path of a local weights file
+            (``.pth``/``.bin`` or ``.safetensors``, timm's local-file option) holding the state
+            dict of the full (classification) timm model.
         out_indices: feature levels to return (timm's ``out_indices``); ``None`` keeps timm's default.
         **kwargs: forwarded to ``timm.create_model``.
 
@@ -37,33 +55,34 @@ class TimmBackbone(nn.Module):
         super().__init__()
         import timm
 
-        if pretrained is True:
-            raise ValueError(
-                f"backbone=timm with pretrained=True is not supported (weights are never downloaded). "
-                f"Download the weights of {model_name!r} yourself and pass the local file: "
-                f"backbone.pretrained=/path/to/weights.pth|.safetensors"
-            )
         create_kwargs = dict(kwargs)
         if out_indices is not None:
             create_kwargs["out_indices"] = tuple(int(i) for i in out_indices)
-        if pretrained:
+        source = f"timm's pretrained weights of {model_name!r}"
+        if pretrained and pretrained is not True:
             path = Path(pretrained).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(
                     f"timm backbone {model_name!r}: pretrained weights file not found: {path}"
                 )
-            # timm loads a local file given as pretrained_cfg_overlay['file'] without any network access; it
-            # loads into the full model first (so classifier keys are handled by timm) and then builds the
-            # feature extractor.
+            # timm's local-file option: no network; loads into the full model (timm handles the
+            # classifier keys), then builds the feature extractor
             create_kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-            try:
-                self.model = timm.create_model(
-                    model_name, features_only=True, pretrained=True, **create_kwargs
-                )
-            except RuntimeError as e:  # key / shape mismatches from load_state_dict(strict=True)
-                raise ValueError(f"cannot load {path} into timm model {model_name!r}: {e}") from e
-        else:
-            self.model = timm.create_model(model_name, features_only=True, pretrained=False, **create_kwargs)
+            source = str(path)
+        try:
+            self.model = timm.create_model(
+                model_name, features_only=True, pretrained=bool(pretrained), **create_kwargs
+            )
+        except OSError as e:  # not in timm's cache and no download (offline, no such file on the hub)
+            if pretrained is not True:
+                raise
+            raise PretrainedDownloadError(
+                f"backbone=timm: {source} are not in timm's cache ({_timm_cache(model_name)}) and "
+                f"could not be downloaded ({type(e).__name__}); run once online, or pass a local "
+                f"file: backbone.pretrained=/path/to/weights.pth|.safetensors"
+            ) from None
+        except RuntimeError as e:  # key / shape mismatches from load_state_dict(strict=True)
+            raise ValueError(f"cannot load {source} into timm model {model_name!r}: {e}") from e
         self.model_name = model_name
         self.out_channels: list[int] = list(self.model.feature_info.channels())
         self.strides: list[int] = list(self.model.feature_info.reduction())
