@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from types import FrameType
 
 import torch
@@ -98,38 +98,14 @@ class PreemptionGuard:
             prev(self.signum, None)
 
 
-def any_nonfinite(accelerator, bad: bool) -> bool:
-    """True on every process when ``bad`` is true on any."""
-    if accelerator.num_processes == 1:
-        return bad
-    t = accelerator.reduce(torch.tensor([int(bad)], device=accelerator.device), reduction="sum")
-    return bool(int(t.item()))
-
-
-def nonfinite_grad_params(model: nn.Module, limit: int = 3) -> list[str]:
-    """Names of (up to ``limit``) parameters whose gradient has a NaN or Inf."""
-    out = []
-    for name, p in model.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            out.append(name)
-            if len(out) >= limit:
-                break
-    return out
-
-
 def _nonfinite_message(step: int, loss_bad: bool, bad_terms: list[str], model: nn.Module) -> str:
     """``non-finite loss at step N (terms: ...)`` or ``non-finite gradient at step N (parameters:
-    ...)`` (the parameters whose gradients are not finite now)."""
+    ...)`` (up to three parameters whose gradients are not finite now; reads the device)."""
     if loss_bad:
         return f"non-finite loss at step {step} (terms: {', '.join(bad_terms) or 'total'})"
-    names = nonfinite_grad_params(model)
+    grads = ((n, p.grad) for n, p in model.named_parameters() if p.grad is not None)
+    names = [n for n, g in grads if not bool(torch.isfinite(g).all())][:3]
     return f"non-finite gradient at step {step} (parameters: {', '.join(names) or '?'})"
-
-
-def describe_nonfinite(step: int, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], model) -> str:
-    """The non-finite step ``step`` described from its loss and terms (reads the device)."""
-    bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
-    return _nonfinite_message(step, not bool(torch.isfinite(loss)), bad, model)
 
 
 class NonFiniteMonitor:
@@ -194,14 +170,17 @@ class SkipNonFinite:
 
     @torch.no_grad()
     def allow(self, step: int, result: StepResult) -> bool:
-        ok = torch.isfinite(result.loss)
-        if result.grad_norm is not None:
-            ok = ok & torch.isfinite(result.grad_norm)
-        if not any_nonfinite(self.acc, not bool(ok)):
+        loss_ok = torch.isfinite(result.loss)
+        ok = loss_ok if result.grad_norm is None else loss_ok & torch.isfinite(result.grad_norm)
+        bad = (~ok).int().reshape(1)
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, reduction="sum")  # every process skips the same steps
+        if not bool(bad):
             self.saved = [b.detach().clone() for b in self.buffers]
             return True
         self.skipped += 1
-        what = describe_nonfinite(step, result.loss, result.terms, self.model)
+        bad_terms = [k for k, v in result.terms.items() if not bool(torch.isfinite(v).all())]
+        what = _nonfinite_message(step, not bool(loss_ok), bad_terms, self.model)
         log.warning("%s: step skipped (%d so far)", what, self.skipped)
         for b, s in zip(self.buffers, self.saved, strict=True):
             b.copy_(s)
