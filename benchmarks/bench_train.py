@@ -1,47 +1,32 @@
-"""Benchmark one training step per context and fast path: step time, peak memory, ATen ops/step.
+"""Time the training step per context and fast path: ms/step, × none, peak memory, ATen ops/step.
 
     python benchmarks/bench_train.py                       # CPU table (+ CUDA rows on a GPU)
     python benchmarks/bench_train.py --contexts none atrc --paths fp32 bf16 --steps 4
 
-Models are built as training builds them: the Hydra config composed from ``conf/``
-(``dataset=nyud``: semseg/depth/normals/edge, 40 classes; ``backbone=hrnet18`` without pretrained
-weights; ``context=...``, ``context=atrc`` with the published genotype ``genotypes/nyud_hrnet18.json``,
-``context=search`` with ``mode=search``), then ``build_model``, ``apply_fast_paths`` and
-``MultiTaskLoss`` (random unit-vector normal centroids). The batch is synthetic and built once.
+The step timed is the trainer's own: :func:`atrc_exp.engine.step.train_step` on what the trainer
+builds (``make_accelerator``, ``build_training_model``, ``build_step``) from the Hydra config of
+``dataset=nyud backbone=hrnet18`` (no pretrained weights) with ``context=...`` (``atrc``: the
+published genotype ``genotypes/nyud_hrnet18.json``; ``search``: ``mode=search``), on one synthetic
+batch built once (the normals' centroids random unit vectors). Paths: ``fp32`` (the plain step),
+``bf16`` (``trainer.mixed_precision=bf16``), ``channels_last``, ``compile``
+(``trainer.compile.enabled``: forward and loss as one graph; its first step compiles),
+``bf16+cudagraphs`` (CUDA only: bf16 and ``trainer.compile.mode=reduce-overhead``) and
+``no_recompute`` (search only: ``mode.recompute=false``).
 
-A step is ``zero_grad → forward → loss → backward → SGD step``; the search adds its τ schedule, the
-entropy term, gradient clipping at ``mode.grad_clip`` and Adam on α (fused, as the trainer). The
-model returns its maps before the final upsampling when its ``forward`` takes ``resize`` (the loss
-resizes them, as in the trainer). Warm-up steps are excluded; the median of the timed steps is
-reported. Every (context, path) runs in a fresh process (``--rounds`` interleaved passes, steps
-pooled). Fast paths:
-
-* ``fp32``: the plain step; ``bf16``: ``torch.autocast(device, bfloat16)`` around forward + loss
-  (what ``trainer.mixed_precision=bf16`` does); ``channels_last``: ``trainer.channels_last=true``;
-* ``compile``: ``trainer.compile.enabled=true`` with the trainer's default ``parts: [step]`` (forward
-  and loss as one graph, :func:`atrc_exp.engine.fast_paths.compile_step`); its first step is the
-  compilation (``--cold-compile``: from an empty inductor cache in round 1);
-* ``bf16+cudagraphs`` (CUDA only): bf16 and ``trainer.compile.mode=reduce-overhead``;
-* ``no_recompute`` (``context=search`` only): ``mode.recompute=false``, the candidate ops'
-  activations kept for the backward instead of recomputed (faster, about twice the memory).
-
-Columns: ``× none``: this step over the ``context=none`` step of the same path and device (the
-context's cost); ``speed-up vs fp32``: the fp32 step of the same context over this one; peak memory:
-on the CPU the growth of the peak RSS over the RSS before the first step (gradients, optimizer state,
-activations; weights and batch excluded), on CUDA ``torch.cuda.max_memory_allocated`` (weights
-included); ATen ops/step (eager rows): the ops one more step dispatches, views excluded
-(:func:`dispatched_ops`: the host's work, the same on any device up to the optimizer); on CUDA also
-the host time (until the step function returns) and the kernel time of a step (``torch.profiler``).
-
-CPU: batch 2 at 192×256 with ``--threads`` (2) torch threads; CUDA: batch 8 at 425×560 (the paper's
-NYUD crop); ``--size`` sets another. JSON: ``benchmarks/results-<hostname>.json`` (``--out``),
-rewritten after every row; ``--markdown`` writes the table in ``benchmarks/RESULTS.md``'s format.
+Every row runs in a fresh process; warm-up steps are excluded, the median of the timed steps is
+reported. Columns: ``× none``: this step over the
+``context=none`` step of the same path and device; peak memory: on the CPU the growth of the peak
+RSS over the RSS before the first step, on CUDA ``torch.cuda.max_memory_allocated``; ATen ops/step
+(eager rows): the ops one more step dispatches, views excluded (:func:`dispatched_ops`); on CUDA
+also the host time (until the step function returns) and the kernel time (``torch.profiler``).
+CPU: batch 2 at 192×256 with ``--threads`` torch threads; CUDA: batch 8 at 425×560 (``--size``
+sets another). JSON: ``benchmarks/results-<hostname>.json`` (``--out``), rewritten after every row;
+``--markdown`` writes the table in ``benchmarks/RESULTS.md``'s format.
 
 For a short-lived GPU machine (``benchmarks/gpu_checks.sh``): ``--budget`` bounds the whole run
-(eager rows first, then the compile rows; a row that cannot start is reported as not run),
-``--compile-timeout`` bounds each compile row, ``--parallel-compile N`` compiles up to N compile rows
-at once and then times them one at a time (:func:`measure_group`). A worker killed at its time limit
-still gives its timings if it got past them; SIGTERM makes the driver stop and write what it has.
+(eager rows first; a row that cannot start is reported as not run), ``--compile-timeout`` each
+compile row, ``--parallel-compile N`` compiles up to N compile rows at once and then times them one
+at a time (:func:`measure_group`). SIGTERM makes the driver stop and write what it has.
 """
 
 from __future__ import annotations
@@ -49,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import inspect
 import json
 import math
 import os
@@ -129,11 +113,9 @@ def _rss_kib() -> int:
 
 
 def compose(context: str, spec: dict):
-    """The training config of ``context`` with the fast-path switches of ``spec`` (a PATHS value)."""
-    from hydra import compose as hy_compose
-    from hydra import initialize_config_dir
-
-    from atrc_exp.config import CONF_DIR
+    """The training config of ``context`` with the fast-path switches of ``spec`` (a PATHS value,
+    or a row: its ``device`` sets ``trainer.cpu``)."""
+    from atrc_exp.config import compose as compose_config
 
     def on(key: str) -> str:
         return "true" if spec.get(key) else "false"
@@ -144,13 +126,13 @@ def compose(context: str, spec: dict):
     if context == "atrc":
         ov.append(f"context.genotype={REPO / GENOTYPE}")
     ov += [
+        f"trainer.cpu={'false' if spec.get('device') == 'cuda' else 'true'}",
         f"trainer.channels_last={on('channels_last')}",
         f"trainer.compile.enabled={on('compile')}",
         f"trainer.compile.mode={spec.get('compile_mode', 'default')}",
         f"trainer.mixed_precision={'bf16' if spec.get('bf16') else 'no'}",
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hy_compose(config_name="train", overrides=ov)
+    return compose_config(ov)
 
 
 def synthetic_batch(batch: int, h: int, w: int, classes: int, device, seed: int = 0) -> dict:
@@ -188,7 +170,8 @@ def gpu_kernel_time(step, i0: int, n: int = 2) -> dict:
 
 
 def run_worker(spec: dict) -> dict:
-    """Build the model of ``spec``, run its warm-up and timed steps; the row (timings in seconds)."""
+    """Build what the trainer builds for ``spec``, run its warm-up and timed steps of
+    :func:`~atrc_exp.engine.step.train_step`; the row (timings in seconds)."""
     import resource
 
     import torch
@@ -196,73 +179,34 @@ def run_worker(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     from atrc_exp.config import config_tasks
-    from atrc_exp.engine.fast_paths import (
-        apply_fast_paths,
-        channels_last_enabled,
-        compile_step,
-        prepare_input,
-    )
-    from atrc_exp.engine.search import SearchController, split_parameters
+    from atrc_exp.engine.faults import NonFiniteMonitor
+    from atrc_exp.engine.step import train_step
+    from atrc_exp.engine.trainer import build_step, build_training_model, check_backend, make_accelerator
     from atrc_exp.losses import MultiTaskLoss
-    from atrc_exp.models import build_model
 
-    device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
     cfg = compose(spec["context"], spec)
+    acc = make_accelerator(cfg)
+    cuda = acc.device.type == "cuda"
+    check_backend(str(cfg.ops.local_attention.backend), acc.device)
     torch.manual_seed(0)
-    model = apply_fast_paths(build_model(cfg).to(device), cfg)
-    model.train()
-    g = torch.Generator().manual_seed(1)
-    centroids = torch.randn(40, 3, generator=g)
-    centroids = centroids / centroids.norm(dim=1, keepdim=True)
+    model = build_training_model(cfg, acc).train()
+    centroids = torch.nn.functional.normalize(torch.randn(40, 3, generator=torch.Generator().manual_seed(1)))
     tasks = [
         t.with_options(centroids=centroids.numpy()) if "centroids" in t.kind.options else t
         for t in config_tasks(cfg)
     ]
-    criterion = MultiTaskLoss(tasks).to(device)
-    weights, arch = split_parameters(model)
-    tc = cfg.trainer
-    opt = torch.optim.SGD(weights, lr=0.01, momentum=float(tc.momentum), weight_decay=float(tc.weight_decay))
-    search = cfg.mode.name == "search"
-    warmup, n_steps = int(spec["warmup"]), int(spec["steps"])
-    controller = arch_opt = None
-    if search:
-        controller = SearchController(model, cfg.mode, warmup + n_steps)
-        arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True)
-    grad_clip = float(cfg.mode.grad_clip) if search else None
-    cl = channels_last_enabled(cfg)
-    batch = synthetic_batch(*spec["size"], tasks[0].num_classes, device)
-    use_bf16 = bool(spec.get("bf16"))
+    parts = build_step(cfg, acc, model, MultiTaskLoss(tasks).to(acc.device))
+    monitor = NonFiniteMonitor(acc.device)
+    batch = synthetic_batch(*spec["size"], tasks[0].num_classes, acc.device)
     # CUDA graphs: each step is a new iteration of the graphs, whose outputs the next one overwrites
     cudagraphs = spec.get("compile_mode") == "reduce-overhead" and cuda
-    # the maps before their final upsampling (the loss resizes them), where the model offers it
-    kwargs = {"resize": False} if "resize" in inspect.signature(model.forward).parameters else {}
-
-    def forward_loss(image: torch.Tensor, batch: dict) -> torch.Tensor:
-        return criterion(model(image, **kwargs), batch)[0]
-
-    forward_loss = compile_step(forward_loss, cfg)  # as the trainer: compiled with parts=[step]
 
     def step(i: int) -> torch.Tensor:
-        """One training step; returns the detached loss without reading it (no synchronisation)."""
+        """One training step; returns the loss without reading it (no synchronisation)."""
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        image = prepare_input(batch["image"], cl)
-        opt.zero_grad(set_to_none=True)
-        if search:
-            arch_opt.zero_grad(set_to_none=True)
-            ent_w = controller.begin_step(i)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = forward_loss(image, batch)
-            if search:
-                loss = loss + controller.loss_term(ent_w)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        if search:
-            arch_opt.step()
-        return loss.detach().clone() if cudagraphs else loss.detach()
+        loss = train_step(parts, batch, i, monitor).loss
+        return loss.clone() if cudagraphs else loss
 
     times, host_times, losses = [], [], []
 
@@ -279,6 +223,7 @@ def run_worker(spec: dict) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     rss0 = _rss_kib()
+    warmup, n_steps = int(spec["warmup"]), int(spec["steps"])
     for i in range(warmup):
         timed_step(i)
     gate_wait = None
@@ -295,17 +240,19 @@ def run_worker(spec: dict) -> dict:
     else:
         peak_mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     loss_values = [float(x) for x in losses]
+    step_s = statistics.median(times[warmup:])
     result = {
         **spec,
+        "step_s": step_s,
+        "best_step_s": min(times[warmup:]),
+        "host_s": statistics.median(host_times[warmup:]),
+        "images_per_s": spec["size"][0] / step_s,
         "step_times_s": times[warmup:],
-        "host_times_s": host_times[warmup:],
         "timed_window": window,  # wall-clock start and end of the timed steps
         "first_step_s": times[0],
         "peak_mem_mib": peak_mib,
-        "peak_mem_kind": "cuda max_memory_allocated" if cuda else "peak RSS growth",
         "losses": loss_values,
         "finite": all(math.isfinite(x) for x in loss_values),
-        "params": sum(p.numel() for p in model.parameters()),
     }
     if gate_wait is not None:
         result["gate_wait_s"] = gate_wait
@@ -392,13 +339,10 @@ def _collect(spec: dict, p: subprocess.Popen, logdir: Path, timed_out: str | Non
     return {**base, "error": f"exit {p.returncode}: " + (lines[-1] if lines else "no output")}
 
 
-def measure(spec: dict, timeout: float, cold_cache: bool = False) -> dict:
-    """One configuration in a fresh process, killed (with what it started) after ``timeout``
-    seconds; ``cold_cache``: with an empty inductor cache (its first step is then a whole
-    compilation, not a cache load)."""
-    cache_dir = tempfile.TemporaryDirectory(prefix="inductor-") if cold_cache else contextlib.nullcontext()
-    with cache_dir as cache, tempfile.TemporaryDirectory(prefix="bench-worker-") as logdir:
-        p = _start_worker(spec, Path(logdir), {"TORCHINDUCTOR_CACHE_DIR": cache} if cache else None)
+def measure(spec: dict, timeout: float) -> dict:
+    """One configuration in a fresh process, killed (with what it started) after ``timeout`` s."""
+    with tempfile.TemporaryDirectory(prefix="bench-worker-") as logdir:
+        p = _start_worker(spec, Path(logdir))
         timed_out = None
         try:
             p.wait(timeout)
@@ -504,37 +448,6 @@ def plan_rows(args, dev: str) -> list[dict]:
     return rows
 
 
-def plan_specs(args, dev: str) -> list[dict]:
-    """The worker specs of :func:`plan_rows` (the skipped rows left out)."""
-    return [r for r in plan_rows(args, dev) if "skipped" not in r]
-
-
-def merge(results: list[dict]) -> dict:
-    """One row from the rounds of a configuration: all timed steps pooled (medians)."""
-    ok = [r for r in results if "error" not in r]
-    if not ok:
-        return results[-1]
-    times = [t for r in ok for t in r["step_times_s"]]
-    hosts = [x for r in ok for x in r.get("host_times_s", [])]
-    t = statistics.median(times)
-    row = {k: v for k, v in ok[0].items() if k not in ("step_times_s", "host_times_s", "losses")}
-    row.update(
-        step_s=t,
-        host_s=statistics.median(hosts) if hosts else None,
-        best_step_s=min(times),
-        images_per_s=ok[0]["size"][0] / t,
-        step_times_s=[r["step_times_s"] for r in ok],
-        first_step_s=[r["first_step_s"] for r in ok],
-        peak_mem_mib=max(r["peak_mem_mib"] for r in ok),
-        final_loss=ok[0]["losses"][-1],
-        finite=all(r["finite"] for r in ok),
-        rounds=len(ok),
-    )
-    if len(ok) < len(results):
-        row["failed_rounds"] = [r["error"] for r in results if "error" in r]
-    return row
-
-
 def row_status(r: dict) -> str | None:
     """What a row without timings shows instead (``None`` for a measured row): why it was
     skipped, ``timeout (N s)``, or its error."""
@@ -558,21 +471,9 @@ def _kernel_cell(r: dict) -> str:
 
 
 #: the columns of the table (one row per device, context and path)
-MD_COLUMNS = (
-    "context",
-    "path",
-    "device",
-    "B×H×W",
-    "step ms (median)",
-    "best ms",
-    "images/s",
-    "× none",
-    "speed-up vs fp32",
-    "peak MiB",
-    "ATen ops/step",
-    "host ms/step",
-    "kernel ms/step (kernels)",
-    "first step s",
+MD_COLUMNS = tuple(
+    "context|path|device|B×H×W|step ms (median)|best ms|images/s|× none|speed-up vs fp32|peak MiB|"
+    "ATen ops/step|host ms/step|kernel ms/step (kernels)|first step s".split("|")
 )
 #: what "host ms/step" is (the Markdown notes repeat it)
 HOST_TIME_DEF = (
@@ -604,7 +505,7 @@ def table(rows: list[dict]) -> list[str]:
             f"| {_fmt(t / nb if nb else None, '%.2f×')} | {_fmt(f32 / t if f32 else None, '%.2f×')} "
             f"| {r['peak_mem_mib']:.0f} | {_fmt(r.get('aten_ops_per_step'), '%d')} "
             f"| {_fmt(host * 1e3 if host is not None else None, '%.1f')} | {_kernel_cell(r)} "
-            f"| {r['first_step_s'][0]:.1f} |"
+            f"| {r['first_step_s']:.1f} |"
         )
     return lines
 
@@ -631,12 +532,13 @@ def train_markdown(rows: list[dict], meta: dict, command: str) -> list[str]:
         "",
         f"torch {meta['torch']}, Python {meta['python']}, {meta['cpu_count']} host cores; HRNet18 (no "
         f"pretrained weights), NYUD tasks (40 classes), batch×height×width {', '.join(sizes)}, synthetic "
-        "in-memory batch; a step is zero_grad + forward + loss + backward + SGD step (the search: + Adam on "
-        f"α, gradient clipping). Every row runs in a fresh process; timed steps: {meta['steps']}, after "
-        f"{meta['warmup']} warm-up steps (compile rows: one more; their first step compiles). bf16: "
-        "autocast around forward and loss; compile: `torch.compile` of forward + loss as one graph "
-        "(`trainer.compile.parts=[step]`), default mode; bf16+cudagraphs: the same with "
-        '`mode="reduce-overhead"` (CUDA graphs) and bf16 autocast.' + parallel,
+        "in-memory batch; the step is the trainer's (`atrc_exp.engine.step.train_step`: forward, loss, "
+        "backward, gradient norm or clipping, SGD, the schedule; the search: + entropy term, Adam on α). "
+        f"Every row runs in a fresh process; timed steps: {meta['steps']}, after {meta['warmup']} warm-up "
+        "steps (compile rows: one more; their first step compiles). bf16: `trainer.mixed_precision=bf16`; "
+        "compile: `torch.compile` of forward + loss as one graph (`trainer.compile.parts=[step]`), "
+        'default mode; bf16+cudagraphs: the same with `mode="reduce-overhead"` (CUDA graphs) and bf16.'
+        + parallel,
         "",
         "Columns: step ms = median wall time of a step (on CUDA until `torch.cuda.synchronize()` "
         "returns after it); images/s = batch / step time; × none = this step / the `context=none` step "
@@ -709,11 +611,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--devices", nargs="+", default=None, choices=["cpu", "cuda"], help="default: cpu, + cuda if present")
     add("--steps", type=int, default=None, help="timed steps per round (default: 6 CPU, 20 CUDA)")
     add("--warmup", type=int, default=2, help="untimed steps first (compile: +1)")
-    add("--rounds", type=int, default=2, help="interleaved passes over all rows (steps pooled)")
     add("--threads", type=int, default=2, help="torch threads on the CPU")
     add("--size", type=_parse_size, default=None, help="BxHxW for every device (default: SIZES)")
     add("--skip-compile", action="store_true", help="report the compile rows as skipped")
-    add("--cold-compile", action="store_true", help="compile rows' round 1 with an empty inductor cache")
     add("--timeout", type=float, default=1800, help="seconds per row and round")
     add("--compile-timeout", type=float, default=None, help="seconds per compile row (default --timeout)")
     add(
@@ -749,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [i for i, r in enumerate(planned) if "skipped" not in r]
     eager = [i for i in todo if not planned[i].get("compile")]
     compiled = [i for i in todo if planned[i].get("compile")]
-    results: dict[int, list[dict]] = {i: [] for i in todo}
+    results: dict[int, dict] = {}
     t_start = time.perf_counter()
     deadline = time.monotonic() + args.budget if args.budget else math.inf
     compile_timeout = args.compile_timeout or args.timeout
@@ -763,7 +663,6 @@ def main(argv: list[str] | None = None) -> int:
         python=platform.python_version(),
         cpu_count=os.cpu_count(),
         threads=args.threads,
-        rounds=args.rounds,
         steps=args.steps or (6 if devices == ["cpu"] else 20),
         warmup=args.warmup,
         budget_s=args.budget,
@@ -776,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     def write() -> list[dict]:
         """The JSON (and Markdown) of what is measured so far, rewritten after every row."""
         rows = [
-            merge(results[i]) if results.get(i) else r if "skipped" in r else {**r, "skipped": missing}
+            results[i] if i in results else r if "skipped" in r else {**r, "skipped": missing}
             for i, r in enumerate(planned)
         ]
         meta.update(loadavg_1min=[round(x, 2) for x in load], wall_s=time.perf_counter() - t_start)
@@ -785,46 +684,37 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.markdown).write_text("\n".join(train_markdown(rows, meta, command)) + "\n")
         return rows
 
-    def report(rnd: int, i: int, r: dict) -> None:
-        results[i].append(r)
+    def report(i: int, r: dict) -> None:
+        results[i] = r
         s = planned[i]
         msg = row_status(r) or (
-            f"{statistics.median(r['step_times_s']) * 1e3:.0f} ms/step (median), first step "
+            f"{r['step_s'] * 1e3:.0f} ms/step (median), first step "
             f"{r['first_step_s']:.1f} s, peak {r['peak_mem_mib']:.0f} MiB"
         )
         print(
-            f"[{time.perf_counter() - t_start:6.0f} s] round {rnd + 1} {s['device']} {s['context']:>6} "
-            f"{s['path']:<15} {msg}",
+            f"[{time.perf_counter() - t_start:6.0f} s] {s['device']} {s['context']:>6} {s['path']:<15} {msg}",
             flush=True,
         )
         load.append(os.getloadavg()[0])
         write()
 
-    def run_one(rnd: int, i: int, limit: float) -> None:
+    def run_one(i: int, limit: float) -> None:
         left = deadline - time.monotonic()
         if left >= MIN_ROW_S:
-            cold = args.cold_compile and rnd == 0 and bool(planned[i].get("compile"))
-            report(rnd, i, measure(planned[i], min(limit, left), cold_cache=cold))
+            report(i, measure(planned[i], min(limit, left)))
 
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        for rnd in range(args.rounds):
-            for i in eager:
-                run_one(rnd, i, args.timeout)
-            if args.parallel_compile <= 0:
-                for i in compiled:
-                    run_one(rnd, i, compile_timeout)
-                continue
-            for k in range(0, len(compiled), args.parallel_compile):
-                chunk = compiled[k : k + args.parallel_compile]
-                now = time.monotonic()
-                if deadline - now < MIN_ROW_S + TIMING_RESERVE_S:
-                    break
-                group_deadline = min(deadline, now + compile_timeout + TIMING_RESERVE_S * len(chunk))
-                for i, r in zip(
-                    chunk, measure_group([planned[i] for i in chunk], group_deadline), strict=True
-                ):
-                    report(rnd, i, r)
+        for i in eager + (compiled if args.parallel_compile <= 0 else []):
+            run_one(i, compile_timeout if planned[i].get("compile") else args.timeout)
+        n = args.parallel_compile
+        for chunk in [compiled[k : k + n] for k in range(0, len(compiled), n)] if n > 0 else []:
+            now = time.monotonic()
+            if deadline - now < MIN_ROW_S + TIMING_RESERVE_S:
+                break
+            group_deadline = min(deadline, now + compile_timeout + TIMING_RESERVE_S * len(chunk))
+            for i, r in zip(chunk, measure_group([planned[i] for i in chunk], group_deadline), strict=True):
+                report(i, r)
     except _Stopped:
         missing = "not run: stopped (SIGTERM, the caller's time limit)"
         print("stopped by SIGTERM: writing what was measured", flush=True)
@@ -835,9 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, old_handler)
     rows = write()
     print(
-        f"\nTraining step (zero_grad + forward + loss + backward + SGD step), HRNet18, NYUD tasks (40 "
-        f"classes); {meta['machine']}, torch {meta['torch']}, {args.threads} torch threads on the CPU, "
-        f"{args.rounds} round(s), 1-min load average {min(load):.1f}-{max(load):.1f}"
+        f"\nTraining step (atrc_exp.engine.step.train_step), HRNet18, NYUD tasks (40 classes); {meta['machine']}, torch {meta['torch']}, {args.threads} torch threads on the CPU, "
+        f"1-min load average {min(load):.1f}-{max(load):.1f}"
     )
     print("\n".join(table(rows)))
     print(f"\npeak MiB: cpu = peak RSS growth, cuda = max_memory_allocated. wrote {out_path}")

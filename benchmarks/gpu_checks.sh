@@ -182,7 +182,7 @@ print(f'CUDA extension built in {time.perf_counter() - t:.1f} s')"
   # bench_train stops itself 20 s before the stage's limit and writes what it has
   # shellcheck disable=SC2086 # word splitting of the lists is intended
   stage train "$limit" $PY benchmarks/bench_train.py --devices cuda --contexts $TRAIN_CONTEXTS \
-    --paths $TRAIN_PATHS --fast-contexts $TRAIN_CONTEXTS --rounds 1 --steps "${STEPS:-10}" \
+    --paths $TRAIN_PATHS --fast-contexts $TRAIN_CONTEXTS --steps "${STEPS:-10}" \
     --warmup "${WARMUP:-3}" --timeout "${ROW_TIMEOUT_S:-150}" --compile-timeout "${COMPILE_TIMEOUT_S:-480}" \
     --parallel-compile "${PARALLEL_COMPILE:-6}" --budget $((limit > 40 ? limit - 20 : limit / 2)) --machine "$MACHINE" \
     --markdown "$WORK/train.md" --out "$OUT/results-train-gpu.json"
@@ -204,7 +204,7 @@ print(f'C++ extension built (or loaded) in {time.perf_counter() - t:.1f} s')"
   limit=$(left_now)
   # shellcheck disable=SC2086
   stage train "$limit" $PY benchmarks/bench_train.py --devices cpu --contexts $TRAIN_CONTEXTS \
-    --paths $TRAIN_PATHS --fast-contexts $TRAIN_CONTEXTS --rounds 1 --steps "${STEPS:-1}" \
+    --paths $TRAIN_PATHS --fast-contexts $TRAIN_CONTEXTS --steps "${STEPS:-1}" \
     --warmup "${WARMUP:-0}" --size 1x64x96 --threads 2 --skip-compile --timeout "${ROW_TIMEOUT_S:-300}" \
     --budget $((limit > 40 ? limit - 20 : limit / 2)) --machine "$MACHINE" --markdown "$WORK/train.md" --out "$OUT/results-train-cpu.json"
 fi

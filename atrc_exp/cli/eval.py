@@ -150,7 +150,7 @@ def build_eval_model(
             cfg.backbone.pretrained = False  # the checkpoint has all weights: never fetch ImageNet ones
     model = build_model(cfg)
     step = load_weights(model, ckpt_dir, wfile, trust)
-    want_cpu = cpu or bool(cfg.trainer.get("cpu", False))
+    want_cpu = cpu or bool(cfg.trainer.cpu)
     device = torch.device("cuda" if torch.cuda.is_available() and not want_cpu else "cpu")
     model.to(device).eval()
     return model, cfg, run_dir, ckpt_dir, wfile, step, device
@@ -161,55 +161,42 @@ def build_eval_model(
 # ------------------------------------------------------------------------------------------
 
 
-def evaluate(
-    model, cfg, device, split: str | None = None, edge_workers: int | None = None, export_edges=None
-):
-    """Metrics of ``model`` over a split of the configured dataset (same metrics as training)."""
-    import torch
-    from omegaconf import OmegaConf, open_dict
-    from torch.utils.data import DataLoader
+def evaluate(model, cfg, device, split: str | None = None, export_edges=None):
+    """``(metrics, labelled_images, timing)`` of ``model`` over a split of the configured dataset:
+    the validation of training (:func:`atrc_exp.engine.trainer.validate`), in one process on
+    ``device``; ``export_edges``: a folder for the edge maps as SEISM PNGs."""
+    from accelerate import Accelerator
+    from omegaconf import open_dict
 
     from ..config import config_tasks
     from ..data import build_datasets, prepare_data
-    from ..engine.trainer import build_metrics
+    from ..engine.trainer import build_metrics, build_val_loader, reset_accelerate_state, validate
 
     if split:
         with open_dict(cfg):
             cfg.dataset.val_split = split
-    data_dir = prepare_data(cfg, progress=False)
-    _, val_ds = build_datasets(cfg, data_dir)
+    _, val_ds = build_datasets(cfg, prepare_data(cfg, progress=False))
     tasks = config_tasks(cfg)
-    metrics = build_metrics(cfg, tasks, edge_workers)
-    edge_tasks = [t.name for t in tasks if t.kind.name == "edge"]
-    loader = DataLoader(
-        val_ds,
-        batch_size=max(1, int(OmegaConf.select(cfg, "trainer.val_batch_size", default=1))),
-        shuffle=False,
-        num_workers=int(OmegaConf.select(cfg, "trainer.num_workers", default=0)),
-    )
-    mp = str(OmegaConf.select(cfg, "trainer.mixed_precision", default="no"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    metrics = build_metrics(cfg, tasks)
+    edge_tasks = [t.name for t in tasks if t.kind.name == "edge"] if export_edges is not None else []
     t0 = time.perf_counter()
-    n = 0
+    loop_end = [t0]
+
+    def after_batch(batch: dict, final: dict) -> None:
+        for name in edge_tasks:
+            folder = export_edges if len(edge_tasks) == 1 else Path(export_edges) / name
+            _export_edges(final[name], batch, folder, name)
+        loop_end[0] = time.perf_counter()
+
+    acc = Accelerator(cpu=device.type != "cuda", mixed_precision=str(cfg.trainer.mixed_precision))
     try:
-        with torch.no_grad():
-            for batch in loader:
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    out = model(batch["image"])
-                metrics.update(out["final"], batch)
-                n += batch["image"].shape[0]
-                for name in edge_tasks if export_edges is not None else ():
-                    folder = export_edges if len(edge_tasks) == 1 else Path(export_edges) / name
-                    _export_edges(out["final"][name], batch, folder, name)
-        t_model = time.perf_counter() - t0
-        results = metrics.compute()
-        timing = {"images": n, "seconds_total": time.perf_counter() - t0, "seconds_model_loop": t_model}
-        timing.update(metrics.timings())
-        timing["labelled_images"] = metrics.labelled_images()
+        results = validate(model, build_val_loader(val_ds, cfg, acc), metrics, acc, after_batch)
+        timing = {"images": len(val_ds), "seconds_total": time.perf_counter() - t0}
+        timing.update(seconds_model_loop=loop_end[0] - t0, **metrics.timings())
+        return results, metrics.labelled_images(), timing
     finally:
         metrics.close()
-    return results, timing
+        reset_accelerate_state()
 
 
 def _export_edges(logits, batch, out_dir, task: str) -> None:
@@ -242,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when CUDA is present")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument(
-        "--edge-workers", type=int, default=None, help="edge odsF worker processes (default: config, 2)"
+        "--edge-workers",
+        type=int,
+        default=None,
+        help="edge odsF worker processes (default: trainer.edge_eval_workers)",
     )
     p.add_argument(
         "--export-edges", default=None, help="also write edge maps as 8-bit PNGs for SEISM to this folder"
@@ -253,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from omegaconf import open_dict
+
     from ..engine.checkpoint import write_json_atomic
     from ..metrics import format_metrics_table
 
@@ -260,15 +252,17 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg, run_dir, ckpt_dir, wfile, step, device = build_eval_model(
             args.target, args.overrides, args.config, args.cpu, args.trust_checkpoint
         )
+        if args.edge_workers is not None:
+            with open_dict(cfg):
+                cfg.trainer.edge_eval_workers = args.edge_workers
         export = Path(args.export_edges) if args.export_edges else None
-        metrics, timing = evaluate(model, cfg, device, args.split, args.edge_workers, export)
+        metrics, labelled, timing = evaluate(model, cfg, device, args.split, export)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else ((run_dir / "eval") if run_dir is not None else Path("eval"))
     out.mkdir(parents=True, exist_ok=True)
     split = args.split or str(cfg.dataset.val_split)
-    labelled = timing.pop("labelled_images", {})
     write_json_atomic(
         out / "metrics.json",
         {

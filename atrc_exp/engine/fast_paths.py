@@ -12,7 +12,7 @@ them against the plain float32 step in the same run. bf16 is not here: it is
 
 ``trainer.channels_last`` (bool)
     Weights and activations in NHWC (``torch.channels_last``). :func:`apply_fast_paths` converts
-    the model; the trainer converts each input batch with :func:`prepare_input`. Numerically the
+    the model; the training step converts each input batch with :func:`prepare_input`. Numerically the
     same computation (float rounding aside).
 
 ``trainer.compile`` (``false`` | ``true`` | ``{enabled, mode, fullgraph, dynamic, backend, parts, regional}``)
@@ -63,23 +63,12 @@ from ..errors import ConfigError
 
 __all__ = [
     "apply_fast_paths",
-    "channels_last_enabled",
     "compile_model",
     "compile_options",
     "compile_regions",
     "prepare_input",
     "train_loader_kwargs",
 ]
-
-
-def _get(cfg: DictConfig, key: str, default: Any) -> Any:
-    value = OmegaConf.select(cfg, key, default=default)
-    return default if value is None else value
-
-
-def channels_last_enabled(cfg: DictConfig) -> bool:
-    """``trainer.channels_last`` (false when the key is missing)."""
-    return bool(_get(cfg, "trainer.channels_last", False))
 
 
 #: What ``trainer.compile.parts`` may name: ``step`` (the default: the training step's forward and
@@ -98,8 +87,8 @@ def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
     backend, parts, regional}``; a bad value raises :class:`~atrc_exp.config.ConfigError` (a
     ``ValueError``) naming the key.
     """
-    c = OmegaConf.select(cfg, "trainer.compile", default=None)
-    if c is None or isinstance(c, bool):
+    c = cfg.trainer.compile
+    if isinstance(c, bool):
         c = {"enabled": bool(c)}
     elif isinstance(c, DictConfig):
         c = OmegaConf.to_container(c, resolve=True)
@@ -182,11 +171,12 @@ def apply_fast_paths(model: nn.Module, cfg: DictConfig) -> nn.Module:
     """
     from ..models.relational_head import ATRCModule
 
+    recompute = cfg.mode.get("recompute")  # a key of mode=search only
     for m in model.modules():
-        if isinstance(m, ATRCModule):
-            m.recompute = bool(_get(cfg, "mode.recompute", True))
-    torch.backends.cudnn.benchmark = bool(_get(cfg, "trainer.cudnn_benchmark", False))
-    if channels_last_enabled(cfg):
+        if isinstance(m, ATRCModule) and recompute is not None:
+            m.recompute = bool(recompute)
+    torch.backends.cudnn.benchmark = bool(cfg.trainer.cudnn_benchmark)
+    if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opts = compile_options(cfg)
     if opts is not None:
@@ -215,16 +205,16 @@ def train_loader_kwargs(trainer_cfg: DictConfig, device: torch.device) -> dict[s
     """DataLoader keyword arguments of the train loader from ``trainer.*``.
 
     ``num_workers``; ``pin_memory`` (``auto``: only when ``device`` is CUDA); with workers,
-    ``persistent_workers`` (default true) and ``prefetch_factor`` (default 2, PyTorch's own).
+    ``persistent_workers`` and ``prefetch_factor``.
     """
-    nw = int(_get(trainer_cfg, "num_workers", 0))
-    pin = _get(trainer_cfg, "pin_memory", "auto")
+    nw = int(trainer_cfg.num_workers)
+    pin = trainer_cfg.pin_memory
     if isinstance(pin, str):
         if pin.lower() != "auto":
             raise ConfigError(f"trainer.pin_memory must be auto, true or false, got {pin!r}")
         pin = torch.device(device).type == "cuda"
     kwargs: dict[str, Any] = {"num_workers": nw, "pin_memory": bool(pin)}
     if nw > 0:
-        kwargs["persistent_workers"] = bool(_get(trainer_cfg, "persistent_workers", True))
-        kwargs["prefetch_factor"] = int(_get(trainer_cfg, "prefetch_factor", 2))
+        kwargs["persistent_workers"] = bool(trainer_cfg.persistent_workers)
+        kwargs["prefetch_factor"] = int(trainer_cfg.prefetch_factor)
     return kwargs

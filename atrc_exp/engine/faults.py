@@ -4,11 +4,14 @@
   limit or preemption) into a request that the loop honours at the next step boundary: it saves a
   checkpoint and raises :class:`Preempted`. If another handler was installed before (submitit's,
   which re-queues the job), it is called after the checkpoint is written.
-* :class:`NonFiniteError` is raised for a non-finite loss or gradient (``trainer.on_nonfinite=stop``).
-* ``$ATRC_FAULT_INJECT`` (tests and drills only) makes a run fail on purpose:
-  ``sigkill@K`` (SIGKILL itself during step K, after the forward pass), ``sigterm@K`` / ``sigusr1@K``
-  (send itself that signal during step K), ``nan:<key>@K`` (NaN in batch tensor ``<key>`` at step K),
-  ``nan_grad@K`` (a NaN gradient at step K). Steps are 1-based; several entries separated by ``,``.
+* ``trainer.on_nonfinite``: what a training step does about a non-finite loss or gradient —
+  ``stop``: :class:`NonFiniteMonitor` records it on the device, the loop raises
+  :class:`NonFiniteError` at its next read; ``skip``: :class:`SkipNonFinite` drops the update.
+* ``$ATRC_FAULT_INJECT`` (tests and drills only) makes a run fail on purpose: the loop's step
+  function is then wrapped by :func:`with_faults` (never otherwise). ``sigkill@K`` (SIGKILL itself
+  during step K), ``sigterm@K`` / ``sigusr1@K`` (send itself that signal during step K),
+  ``nan:<key>@K`` (NaN in batch tensor ``<key>`` at step K), ``nan_grad@K`` (a NaN gradient at
+  step K). Steps are 1-based; several entries separated by ``,``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 import torch
+from torch import nn
+
+from .step import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -91,54 +98,151 @@ class PreemptionGuard:
             prev(self.signum, None)
 
 
-def any_nonfinite(accelerator, bad: bool) -> bool:
-    """True on every process when ``bad`` is true on any."""
-    if accelerator.num_processes == 1:
-        return bad
-    t = accelerator.reduce(torch.tensor([int(bad)], device=accelerator.device), reduction="sum")
-    return bool(int(t.item()))
+def _nonfinite_message(step: int, loss_bad: bool, bad_terms: list[str], model: nn.Module) -> str:
+    """``non-finite loss at step N (terms: ...)`` or ``non-finite gradient at step N (parameters:
+    ...)`` (up to three parameters whose gradients are not finite now; reads the device)."""
+    if loss_bad:
+        return f"non-finite loss at step {step} (terms: {', '.join(bad_terms) or 'total'})"
+    grads = ((n, p.grad) for n, p in model.named_parameters() if p.grad is not None)
+    names = [n for n, g in grads if not bool(torch.isfinite(g).all())][:3]
+    return f"non-finite gradient at step {step} (parameters: {', '.join(names) or '?'})"
 
 
-def nonfinite_grad_params(model: torch.nn.Module, limit: int = 3) -> list[str]:
-    """Names of (up to ``limit``) parameters whose gradient has a NaN or Inf."""
-    out = []
-    for name, p in model.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            out.append(name)
-            if len(out) >= limit:
-                break
-    return out
+class NonFiniteMonitor:
+    """``trainer.on_nonfinite=stop``: the first step whose loss or gradient norm was not finite,
+    recorded on the device.
+
+    :meth:`allow` (every step) only queues device ops and lets every step through; :meth:`check`
+    (log, validation and checkpoint steps) reads the record — all-reduced over processes — and
+    returns the description of the first bad step (its number and the non-finite terms, or the
+    parameters with non-finite gradients), or ``None``.
+    """
+
+    skipped = 0
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss_bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.terms_bad: torch.Tensor | None = None
+        self.names: list[str] = []
+
+    @torch.no_grad()
+    def allow(self, step: int, result: StepResult) -> bool:
+        """Note 1-based ``step`` if it is the first non-finite one (device ops only); True."""
+        loss_ok = torch.isfinite(result.loss)
+        ok = loss_ok if result.grad_norm is None else loss_ok & torch.isfinite(result.grad_norm)
+        terms_ok = torch.stack([torch.isfinite(v).all() for v in result.terms.values()])
+        if self.terms_bad is None or list(result.terms) != self.names:
+            self.names = list(result.terms)
+            self.terms_bad = torch.zeros_like(terms_ok)
+        new = ~ok & (self.first_step < 0)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.loss_bad = torch.where(new, ~loss_ok, self.loss_bad)
+        self.terms_bad = torch.where(new, ~terms_ok, self.terms_bad)
+        return True
+
+    def check(self, acc, model: nn.Module) -> str | None:
+        """The first non-finite step of any process, described; ``None`` if there was none (one
+        host read, an all-gather with several processes)."""
+        steps = self.first_step.reshape(1)
+        if acc.num_processes > 1:
+            steps = acc.gather(steps)
+        bad = [s for s in steps.tolist() if s >= 0]
+        if not bad:
+            return None
+        first = min(bad)
+        if int(self.first_step) != first:
+            return f"non-finite values on another process at step {first}"
+        names = [n for n, b in zip(self.names, self.terms_bad.tolist()) if b]
+        return _nonfinite_message(first, bool(self.loss_bad), names, model)
+
+
+class SkipNonFinite:
+    """``trainer.on_nonfinite=skip``: a step whose loss or gradients are not finite on any process
+    is not applied (the optimizers do not step; the model's buffers — BatchNorm statistics — are
+    restored) and counted in :attr:`skipped`; past ``max_skipped`` the run stops
+    (:class:`NonFiniteError`). Reads one flag per step (an all-reduce with several processes)."""
+
+    def __init__(self, acc, model: nn.Module, max_skipped: int, skipped: int = 0):
+        self.acc, self.model, self.max_skipped, self.skipped = acc, model, max_skipped, skipped
+        self.buffers = list(acc.unwrap_model(model).buffers())
+        self.saved = [b.detach().clone() for b in self.buffers]  # as they were before the step
+
+    @torch.no_grad()
+    def allow(self, step: int, result: StepResult) -> bool:
+        loss_ok = torch.isfinite(result.loss)
+        ok = loss_ok if result.grad_norm is None else loss_ok & torch.isfinite(result.grad_norm)
+        bad = (~ok).int().reshape(1)
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, reduction="sum")  # every process skips the same steps
+        if not bool(bad):
+            self.saved = [b.detach().clone() for b in self.buffers]
+            return True
+        self.skipped += 1
+        bad_terms = [k for k, v in result.terms.items() if not bool(torch.isfinite(v).all())]
+        what = _nonfinite_message(step, not bool(loss_ok), bad_terms, self.model)
+        log.warning("%s: step skipped (%d so far)", what, self.skipped)
+        for b, s in zip(self.buffers, self.saved, strict=True):
+            b.copy_(s)
+        if self.skipped > self.max_skipped:
+            raise NonFiniteError(
+                f"{what}; {self.skipped} steps skipped, more than trainer.max_skipped_steps={self.max_skipped}"
+            )
+        return False
+
+    def check(self, acc, model: nn.Module) -> None:
+        """Nothing to report: a non-finite step was dropped when it happened."""
+        return None
+
+
+StepFn = Callable[..., StepResult]
+SIGNAL_FAULTS = {"sigkill": "SIGKILL", "sigterm": "SIGTERM", "sigusr1": "SIGUSR1"}
 
 
 class FaultInjector:
-    """Parses ``$ATRC_FAULT_INJECT`` (see the module docstring); a no-op when it is unset."""
+    """The faults of an ``$ATRC_FAULT_INJECT`` spec (see the module docstring) as
+    ``(what, 1-based step)``; :meth:`wrap` makes a step function that injects them."""
 
-    def __init__(self, spec: str | None = None):
-        spec = os.environ.get("ATRC_FAULT_INJECT", "") if spec is None else spec
+    def __init__(self, spec: str):
         self.faults: list[tuple[str, int]] = []
         for item in filter(None, (s.strip() for s in spec.split(","))):
             what, _, at = item.rpartition("@")
             if not what or not at.isdigit():
                 raise ValueError(f"ATRC_FAULT_INJECT entry {item!r}: expected <fault>@<step>")
+            if what not in (*SIGNAL_FAULTS, "nan_grad") and not what.startswith("nan:"):
+                raise ValueError(
+                    f"ATRC_FAULT_INJECT entry {item!r}: the faults are {', '.join(SIGNAL_FAULTS)}, "
+                    "nan:<batch key>, nan_grad"
+                )
             self.faults.append((what, int(at)))
 
-    def _at(self, step: int) -> list[str]:
-        return [w for w, s in self.faults if s == step]
+    def wrap(self, step_fn: StepFn) -> StepFn:
+        """``step_fn(parts, batch, step, ...)`` with the faults of 1-based step ``step + 1``:
+        NaN batch tensors and signals before it runs, a NaN gradient of the model's first
+        parameter through a gradient hook during its backward."""
 
-    def after_forward(self, step: int) -> None:
-        for what in self._at(step):
-            if what == "sigkill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            elif what in ("sigterm", "sigusr1"):
-                os.kill(os.getpid(), getattr(signal, what.upper()))
+        def step_with_faults(parts, batch: dict, step: int, *args):
+            now = [what for what, at in self.faults if at == step + 1]
+            hooks = []
+            for what in now:
+                if what in SIGNAL_FAULTS:
+                    os.kill(os.getpid(), getattr(signal, SIGNAL_FAULTS[what]))
+                elif what.startswith("nan:"):
+                    t = batch[what[4:]]
+                    batch[what[4:]] = torch.full_like(t.float(), float("nan")).to(t.dtype)
+                else:  # nan_grad
+                    first = next(p for p in parts.model.parameters() if p.requires_grad)
+                    hooks.append(first.register_hook(lambda g: torch.full_like(g, float("nan"))))
+            try:
+                return step_fn(parts, batch, step, *args)
+            finally:
+                for h in hooks:
+                    h.remove()
 
-    def poison_batch(self, step: int, batch: dict) -> None:
-        for what in self._at(step):
-            if what.startswith("nan:"):
-                key = what[4:]
-                batch[key] = torch.full_like(batch[key].float(), float("nan")).to(batch[key].dtype)
+        return step_with_faults
 
-    def poison_grads(self, step: int, model: torch.nn.Module) -> None:
-        if "nan_grad" in self._at(step):
-            p = next(p for p in model.parameters() if p.grad is not None)
-            p.grad.view(-1)[0] = float("nan")
+
+def with_faults(step_fn: StepFn) -> StepFn:
+    """``step_fn`` itself, or — when ``$ATRC_FAULT_INJECT`` is set — wrapped to inject its faults."""
+    spec = os.environ.get("ATRC_FAULT_INJECT", "").strip()
+    return FaultInjector(spec).wrap(step_fn) if spec else step_fn

@@ -23,7 +23,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, config_tasks, validate_config
@@ -34,22 +34,12 @@ from ..models import build_model
 from ..models.genotype import GENOTYPE_FILENAME, save_genotype
 from ..task_kinds import MeterSettings
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, truncate_logs, write_json_atomic
-from .fast_paths import apply_fast_paths, channels_last_enabled, compile_step, train_loader_kwargs
-from .faults import NonFiniteError, Preempted, PreemptionGuard
+from .fast_paths import apply_fast_paths, compile_step, train_loader_kwargs
+from .faults import NonFiniteError, NonFiniteMonitor, Preempted, PreemptionGuard, SkipNonFinite, with_faults
 from .loggers import build_logger
 from .sampling import SeededAugmentation, StepBatchSampler
 from .search import SearchController, split_parameters
-from .step import (
-    NonFiniteMonitor,
-    StepParts,
-    StepResult,
-    describe_nonfinite,
-    forward_backward,
-    make_forward_loss,
-    optimizer_step,
-    step_is_finite,
-    train_step,
-)
+from .step import StepParts, StepResult, make_forward_loss, train_step
 
 log = logging.getLogger(__name__)
 
@@ -192,26 +182,27 @@ def build_val_loader(dataset, cfg: DictConfig, acc: Accelerator) -> DataLoader:
 
 
 @torch.no_grad()
-def validate(model, loader, metrics: MultiTaskMetrics, acc: Accelerator, panel_images: int = 0):
-    """Metrics over the whole split, reduced across processes; optional image panels (main rank)."""
+def validate(model, loader, metrics: MultiTaskMetrics, acc: Accelerator, on_batch=None) -> dict[str, float]:
+    """The metrics of ``model`` over ``loader``, reduced across processes — the validation of
+    training and of ``atrc-eval`` alike. ``on_batch(batch, final)``, if given, sees every batch
+    (on the device) with the model's ``final`` outputs."""
     net = acc.unwrap_model(model)
     was_training = net.training
     net.eval()
     metrics.reset()
-    panels: dict = {}
     for batch in loader:
         batch = _to_device(batch, acc.device)
         with acc.autocast():
-            out = net(batch["image"])
-        metrics.update(out["final"], batch)
-        if panel_images and not panels:
-            panels = make_panels(batch, out["final"], panel_images, metrics.task_objects)
+            final = net(batch["image"])["final"]
+        metrics.update(final, batch)
+        if on_batch is not None:
+            on_batch(batch, final)
     state = metrics.state().to(acc.device)
     if acc.num_processes > 1:
         state = acc.reduce(state, reduction="sum")
     metrics.load_state(state.cpu())
     net.train(was_training)
-    return metrics.compute(), panels
+    return metrics.compute()
 
 
 def make_panels(batch: dict, final: dict, n: int, tasks):
@@ -239,12 +230,11 @@ def metrics_record(step: int, metrics: dict[str, float], meters: MultiTaskMetric
     return {"step": step, "metrics": metrics, "labelled_images": meters.labelled_images()}
 
 
-def build_metrics(cfg: DictConfig, tasks, edge_workers: int | None = None) -> MultiTaskMetrics:
-    """The validation metrics of ``tasks`` with the evaluation settings of ``cfg`` (training and
-    ``atrc-eval`` alike)."""
+def build_metrics(cfg: DictConfig, tasks) -> MultiTaskMetrics:
+    """The validation metrics of ``tasks`` with the evaluation settings of ``cfg.trainer``
+    (training and ``atrc-eval`` alike)."""
     settings = MeterSettings(
-        edge_eval_workers=int(cfg.trainer.edge_eval_workers if edge_workers is None else edge_workers),
-        edge_thresholds=cfg.trainer.edge_eval_thresholds,
+        edge_eval_workers=int(cfg.trainer.edge_eval_workers), edge_thresholds=cfg.trainer.edge_eval_thresholds
     )
     return MultiTaskMetrics(tasks, settings)
 
@@ -259,13 +249,11 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     logger = None
     try:
         acc = make_accelerator(cfg)
-        backend = OmegaConf.select(cfg, "ops.local_attention.backend", default=None)
-        if backend:
-            check_backend(str(backend), acc.device)
+        check_backend(str(cfg.ops.local_attention.backend), acc.device)
         if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
         logger = build_logger(cfg, run_dir, acc.is_main_process)
-        metrics = _fit(cfg, run_dir, acc, logger)
+        metrics = train(setup(cfg, run_dir, acc, logger))
         logger.finish(0)
         return metrics
     except BaseException:
@@ -279,7 +267,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
 def grad_clip_of(cfg: DictConfig) -> float | None:
     """The gradient-norm clipping a run applies: ``trainer.grad_clip``, else the search's
     ``mode.grad_clip``; ``None``: no clipping."""
-    clip = cfg.trainer.grad_clip or (cfg.mode.get("grad_clip") if cfg.mode.name == "search" else None)
+    clip = cfg.trainer.grad_clip or (cfg.mode.grad_clip if cfg.mode.name == "search" else None)
     return float(clip) if clip else None
 
 
@@ -297,6 +285,77 @@ def convert_batchnorm(model: nn.Module, acc: Accelerator) -> nn.Module:
     return model
 
 
+def build_data(cfg: DictConfig, acc: Accelerator) -> tuple[Dataset, Dataset, Path]:
+    """The train and validation datasets and the data folder (prepared by the main process first)."""
+    with acc.main_process_first():
+        data_dir = prepare_data(cfg, progress=acc.is_main_process)
+    train_ds, val_ds = build_datasets(cfg, data_dir)
+    if len(train_ds) < int(cfg.trainer.batch_size):
+        raise ConfigError(
+            f"the train split has {len(train_ds)} samples, fewer than trainer.batch_size={cfg.trainer.batch_size}"
+        )
+    return train_ds, val_ds, data_dir
+
+
+def build_training_model(cfg: DictConfig, acc: Accelerator) -> nn.Module:
+    """The configured model as training starts it: SyncBatchNorm with several GPUs, the weights of
+    ``trainer.init_from_original`` if set, the fast paths of ``cfg.trainer``."""
+    with acc.main_process_first():  # a pretrained backbone is downloaded once
+        model = convert_batchnorm(build_model(cfg), acc)
+    if cfg.trainer.init_from_original:
+        from ..models.original import load_original_state_dict
+
+        path, trusted = str(cfg.trainer.init_from_original), bool(cfg.trainer.init_from_original_trusted)
+        report = load_original_state_dict(model, path, weights_only=not trusted)
+        log.info("initialised from original weights %s (%d tensors)", path, report["loaded"])
+    return apply_fast_paths(model, cfg)  # channels_last / compiled modules (trainer.*; off by default)
+
+
+def build_loss(cfg: DictConfig, model: nn.Module, data_dir: Path, acc: Accelerator) -> MultiTaskLoss:
+    """The multi-task loss of the configured tasks, with the constants of the model's auxiliary
+    tasks that the spec leaves to the data (e.g. the normals' centroids; cached on disk)."""
+    tasks = config_tasks(cfg)
+    aux = set(getattr(model.head, "aux_tasks", ()))
+    with acc.main_process_first():
+        resolved = resolve_task_constants(cfg, [t for t in tasks if t.name in aux], data_dir)
+    by_name = {t.name: t for t in resolved}
+    return MultiTaskLoss([by_name.get(t.name, t) for t in tasks]).to(acc.device)
+
+
+def build_step(cfg: DictConfig, acc: Accelerator, model: nn.Module, criterion: nn.Module) -> StepParts:
+    """The optimizers (SGD on the weights; in search, Adam on α) and the poly schedule, prepared by
+    Accelerate with the model, and the forward+loss (compiled as ``trainer.compile`` asks)."""
+    tc = cfg.trainer
+    weights, arch = split_parameters(model)
+    optimizer = torch.optim.SGD(
+        weights, lr=float(tc.lr), momentum=float(tc.momentum), weight_decay=float(tc.weight_decay)
+    )
+    controller = arch_opt = None
+    if cfg.mode.name == "search":
+        controller = SearchController(model, cfg.mode, int(tc.max_steps))
+        # fused: its step count stays a device tensor (the default reads it on the host every step)
+        arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_lambda(int(tc.max_steps), float(tc.poly_power))
+    )
+    if arch_opt is not None:
+        model, optimizer, arch_opt = acc.prepare(model, optimizer, arch_opt)
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
+    return StepParts(
+        model=model,
+        forward_loss=compile_step(make_forward_loss(model, criterion, bool(tc.channels_last)), cfg),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        acc=acc,
+        arch_opt=arch_opt,
+        controller=controller,
+        grad_clip=grad_clip_of(cfg),
+        check_grads=acc.scaler is None,  # fp16's GradScaler skips non-finite steps itself
+    )
+
+
 @dataclass
 class TrainingRun:
     """Everything the loop needs, built by :func:`setup`."""
@@ -307,11 +366,11 @@ class TrainingRun:
     logger: Any
     parts: StepParts
     metrics: MultiTaskMetrics
-    train_loader: DataLoader
+    train_loader: DataLoader | None
     val_loader: DataLoader
-    tasks: list[str]
+    #: ``trainer.on_nonfinite``: :class:`NonFiniteMonitor` (stop) or :class:`SkipNonFinite` (skip)
+    nonfinite: NonFiniteMonitor | SkipNonFinite | None = None
     step: int = 0
-    skipped: int = 0
     last_ckpt: Path | None = None
 
     @property
@@ -324,149 +383,76 @@ class TrainingRun:
 
     @property
     def skip_mode(self) -> bool:
-        """``trainer.on_nonfinite=skip``: non-finite steps are dropped, not fatal."""
-        return str(OmegaConf.select(self.cfg, "trainer.on_nonfinite", default="stop")) == "skip"
+        return self.cfg.trainer.on_nonfinite == "skip"
 
 
 def setup(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> TrainingRun:
-    """Data, model (original weights, fast paths), loss, metrics, optimizers and schedule, wrapped
-    by Accelerate; the resume from the newest complete checkpoint; the train loader from that step."""
-    tc = cfg.trainer
-    is_main = acc.is_main_process
+    """Data, model, loss, metrics, optimizers and schedule (:func:`build_data`,
+    :func:`build_training_model`, :func:`build_loss`, :func:`build_step`); the resume from the
+    newest complete checkpoint; the train loader from that step."""
     set_seed(int(cfg.seed))
-    with acc.main_process_first():
-        data_dir = prepare_data(cfg, progress=is_main)
-    train_ds, val_ds = build_datasets(cfg, data_dir)
-    per_proc = int(tc.batch_size) // acc.num_processes
-    if len(train_ds) < per_proc * acc.num_processes:
-        raise ConfigError(
-            f"the train split has {len(train_ds)} samples, fewer than trainer.batch_size={tc.batch_size}"
-        )
-
-    with acc.main_process_first():  # a pretrained backbone is downloaded once
-        model = convert_batchnorm(build_model(cfg), acc)
-    init_from = OmegaConf.select(cfg, "trainer.init_from_original", default=None)
-    if init_from:
-        from ..models.original import load_original_state_dict
-
-        trusted = bool(OmegaConf.select(cfg, "trainer.init_from_original_trusted", default=False))
-        report = load_original_state_dict(model, str(init_from), weights_only=not trusted)
-        log.info("initialised from original weights %s (%d tensors)", init_from, report["loaded"])
-    model = apply_fast_paths(model, cfg)  # channels_last / compiled modules (trainer.*; off by default)
-    tasks = list(cfg.tasks.names)
-    task_objects = config_tasks(cfg)
-    aux = set(getattr(model.head, "aux_tasks", ()))
-    with acc.main_process_first():  # aux constants the spec leaves to the data (cached on disk)
-        resolved = resolve_task_constants(cfg, [t for t in task_objects if t.name in aux], data_dir)
-    resolved_by_name = {t.name: t for t in resolved}
-    task_objects = [resolved_by_name.get(t.name, t) for t in task_objects]
-    criterion = MultiTaskLoss(task_objects).to(acc.device)
-    metrics = build_metrics(cfg, task_objects)
-    max_steps = int(tc.max_steps)
-    search = cfg.mode.name == "search"
-    weights, arch = split_parameters(model)
-    optimizer = torch.optim.SGD(
-        weights, lr=float(tc.lr), momentum=float(tc.momentum), weight_decay=float(tc.weight_decay)
-    )
-    controller = arch_opt = None
-    if search:
-        controller = SearchController(model, cfg.mode, max_steps)
-        # fused: its step count stays a device tensor (the default reads it on the host every step)
-        arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(max_steps, float(tc.poly_power)))
-    if search:
-        model, optimizer, arch_opt = acc.prepare(model, optimizer, arch_opt)
-    else:
-        model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)
-    forward_loss = compile_step(make_forward_loss(model, criterion, channels_last_enabled(cfg)), cfg)
-    parts = StepParts(
-        model=model,
-        forward_loss=forward_loss,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        acc=acc,
-        arch_opt=arch_opt,
-        controller=controller,
-        grad_clip=grad_clip_of(cfg),
-        check_grads=acc.scaler is None,  # fp16's GradScaler skips non-finite steps itself
-    )
-    run = TrainingRun(
-        cfg, run_dir, acc, logger, parts, metrics, None, build_val_loader(val_ds, cfg, acc), tasks
-    )
-    n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
+    train_ds, val_ds, data_dir = build_data(cfg, acc)
+    model = build_training_model(cfg, acc)
+    criterion = build_loss(cfg, model, data_dir, acc)
+    parts = build_step(cfg, acc, model, criterion)
+    metrics = build_metrics(cfg, criterion.tasks)
+    run = TrainingRun(cfg, run_dir, acc, logger, parts, metrics, None, build_val_loader(val_ds, cfg, acc))
+    net = acc.unwrap_model(parts.model)
     log.info(
         "run dir %s | %s on %s, %d process(es), %d parameters | train %d / val %d samples",
-        run_dir,
-        cfg.run_name,
-        acc.device,
-        acc.num_processes,
-        n_params,
-        len(train_ds),
-        len(val_ds),
-    )
-    if is_main:
+        run_dir, cfg.run_name, acc.device, acc.num_processes, sum(p.numel() for p in net.parameters()),
+        len(train_ds), len(val_ds),
+    )  # fmt: skip
+    if acc.is_main_process:
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        genotype = getattr(acc.unwrap_model(model).head, "genotype", None)
+        genotype = getattr(net.head, "genotype", None)
         if genotype is not None and hasattr(logger, "log_genotype"):
-            logger.log_genotype(genotype, tasks, step=0)
-    ckpt = resolve_resume(tc.resume, run_dir)
+            logger.log_genotype(genotype, list(cfg.tasks.names), step=0)
+    ckpt = resolve_resume(cfg.trainer.resume, run_dir)
+    skipped = 0
     if ckpt is not None:
         meta = load_checkpoint(acc, ckpt)  # restores every process's RNG states too
-        run.step, run.skipped, run.last_ckpt = int(meta["step"]), int(meta.get("skipped_steps", 0)), ckpt
-        if is_main:
+        run.step, skipped, run.last_ckpt = int(meta["step"]), int(meta.get("skipped_steps", 0)), ckpt
+        if acc.is_main_process:
             truncate_logs(run_dir, run.step)
         log.info("resumed from %s at step %d", ckpt, run.step)
+    if run.skip_mode:  # after the resume: it keeps the restored buffers
+        run.nonfinite = SkipNonFinite(acc, parts.model, int(cfg.trainer.max_skipped_steps), skipped)
+    else:
+        run.nonfinite = NonFiniteMonitor(acc.device)
     # built after the RNG restore, and drawing from its own generator: the global RNG stream
     # (dropout, Gumbel noise) is the same whether or not the run was resumed
     run.train_loader = build_train_loader(train_ds, cfg, acc, start_step=run.step)
     return run
 
 
-def _fit(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> dict[str, float]:
-    return train(setup(cfg, run_dir, acc, logger))
-
-
 def train(run: TrainingRun) -> dict[str, float]:
-    """The loop, as Accelerate's examples read: a training step that only queues device work, then
-    — on their steps only — logging, validation, checkpointing and the preemption check, the
-    places where the host reads from the device (and where a non-finite step is caught)."""
-    cfg, acc = run.cfg, run.acc
-    tc = cfg.trainer
-    max_steps = int(tc.max_steps)
-    log_every, val_every = int(tc.log_interval), int(tc.val_interval)
-    ckpt_every = int(tc.checkpoint_interval or 0)
-    # skip mode restores the BatchNorm statistics of a dropped step: the buffers, listed once
-    buffers = list(acc.unwrap_model(run.model).buffers()) if run.skip_mode else []
-    monitor = NonFiniteMonitor(acc.device)
-    guard = PreemptionGuard()
-    meter = _Throughput(int(tc.batch_size))
+    """The loop, as Accelerate's examples read: a training step (:func:`train_step`) that only
+    queues device work, then — on their steps only — logging, validation, checkpointing and the
+    preemption check, the places where the host reads from the device (and where a non-finite
+    step is caught). ``$ATRC_FAULT_INJECT`` wraps the step (:func:`with_faults`)."""
+    acc, tc = run.acc, run.cfg.trainer
+    max_steps, ckpt_every = int(tc.max_steps), int(tc.checkpoint_interval or 0)
+    step_fn = with_faults(train_step)
+    guard, meter = PreemptionGuard(), _Throughput(int(tc.batch_size))
+    show = acc.is_main_process and tc.progress
+    bar = tqdm(total=max_steps, initial=run.step, disable=not show, desc="train", dynamic_ncols=True)
     final_metrics: dict[str, float] = {}
-    bar = tqdm(
-        total=max_steps,
-        initial=run.step,
-        disable=not (acc.is_main_process and tc.progress),
-        desc="train",
-        dynamic_ncols=True,
-    )
     it = iter(run.train_loader)
     run.model.train()
     with guard, workers_shut_down(it):
         while run.step < max_steps:
             batch = _to_device(next(it), acc.device)
-            if run.skip_mode:
-                result = _step_or_skip(run, batch, buffers)
-            else:
-                result = train_step(run.parts, batch, run.step, monitor)
+            result = step_fn(run.parts, batch, run.step, run.nonfinite)
             run.step += 1
             step = run.step
             bar.update(1)
             meter.add()
-            log_now = step % log_every == 0 or step == max_steps
-            val_now = step % val_every == 0 or step == max_steps
+            log_now = step % int(tc.log_interval) == 0 or step == max_steps
+            val_now = step % int(tc.val_interval) == 0 or step == max_steps
             ckpt_now = bool(ckpt_every) and (step % ckpt_every == 0 or step == max_steps)
             if log_now or val_now or ckpt_now:
-                _stop_if_nonfinite(run, monitor)
+                _stop_if_nonfinite(run)
             if log_now:
                 _log_step(run, result, bar, meter)
             if val_now:
@@ -476,19 +462,14 @@ def train(run: TrainingRun) -> dict[str, float]:
             # one process alone reads a host flag; several agree through an all-reduce (a device
             # read), which happens only where the loop reads anyway
             if step < max_steps and (acc.num_processes == 1 or log_now) and guard.requested(acc):
-                _stop_if_nonfinite(run, monitor)
-                if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"_{step:08d}"):
-                    _checkpoint_step(run)
                 bar.close()
-                guard.hand_over()
-                raise Preempted(guard.signum, step, str(run.last_ckpt))
+                _stop_for_preemption(run, guard)
     bar.close()
     if not final_metrics:  # resumed at the end: validate once more
-        final_metrics, _ = validate(run.model, run.val_loader, run.metrics, acc)
+        final_metrics = validate(run.model, run.val_loader, run.metrics, acc)
         if acc.is_main_process:
-            write_json_atomic(
-                run.run_dir / "metrics.json", metrics_record(run.step, final_metrics, run.metrics)
-            )
+            record = metrics_record(run.step, final_metrics, run.metrics)
+            write_json_atomic(run.run_dir / "metrics.json", record)
     acc.wait_for_everyone()
     bad = [k for k, v in final_metrics.items() if not math.isfinite(v)]
     if bad:
@@ -513,10 +494,10 @@ class _Throughput:
         return ips
 
 
-def _stop_if_nonfinite(run: TrainingRun, monitor: NonFiniteMonitor) -> None:
+def _stop_if_nonfinite(run: TrainingRun) -> None:
     """Raise :class:`NonFiniteError` naming the first non-finite step since the run started (read
     from the device here, at a log, validation or checkpoint step — before anything is saved)."""
-    what = monitor.check(run.acc, run.model)
+    what = run.nonfinite.check(run.acc, run.model)
     if what is not None:
         raise NonFiniteError(
             f"{what}; stopped (last good checkpoint: {run.last_ckpt or 'none'}). Lower trainer.lr, "
@@ -524,28 +505,14 @@ def _stop_if_nonfinite(run: TrainingRun, monitor: NonFiniteMonitor) -> None:
         )
 
 
-def _step_or_skip(run: TrainingRun, batch: dict, buffers: list[torch.Tensor]) -> StepResult:
-    """``trainer.on_nonfinite=skip``: a step whose loss or gradients are not finite on any process
-    is not applied (gradients dropped, BatchNorm statistics restored) and counted; after
-    ``trainer.max_skipped_steps`` the run stops. Reads one flag per step. ``buffers``: the model's."""
-    parts = run.parts
-    saved = [b.detach().clone() for b in buffers]  # a skipped step must not leave NaN in them
-    result = forward_backward(parts, batch, run.step)
-    finite = step_is_finite(run.acc, result)
-    if not finite:
-        run.skipped += 1
-        what = describe_nonfinite(run.step + 1, result.loss.detach(), result.terms, run.model)
-        log.warning("%s: step skipped (%d so far)", what, run.skipped)
-        with torch.no_grad():
-            for b, s in zip(buffers, saved, strict=True):
-                b.copy_(s)
-        max_skipped = int(OmegaConf.select(run.cfg, "trainer.max_skipped_steps", default=100))
-        if run.skipped > max_skipped:
-            raise NonFiniteError(
-                f"{what}; {run.skipped} steps skipped, more than trainer.max_skipped_steps={max_skipped}"
-            )
-    optimizer_step(parts, apply=finite)
-    return result
+def _stop_for_preemption(run: TrainingRun, guard: PreemptionGuard) -> None:
+    """A preemption signal arrived: checkpoint this step (unless just done), hand the signal on
+    and raise :class:`Preempted`."""
+    _stop_if_nonfinite(run)
+    if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"_{run.step:08d}"):
+        _checkpoint_step(run)
+    guard.hand_over()
+    raise Preempted(guard.signum, run.step, str(run.last_ckpt))
 
 
 def _log_step(run: TrainingRun, result: StepResult, bar, meter: _Throughput) -> None:
@@ -563,7 +530,7 @@ def _log_step(run: TrainingRun, result: StepResult, bar, meter: _Throughput) -> 
         **{f"train/{k}": v.item() for k, v in result.terms.items()},
     }
     if run.skip_mode:
-        record["train/skipped_steps"] = run.skipped
+        record["train/skipped_steps"] = run.nonfinite.skipped
     if run.search:
         controller = parts.controller
         record.update(
@@ -586,14 +553,18 @@ def _validation_step(run: TrainingRun) -> dict[str, float]:
     the genotype."""
     acc, step = run.acc, run.step
     is_main = acc.is_main_process
-    want_images = (
-        int(run.cfg.logger.get("num_images", 0)) if getattr(run.logger, "wants_images", False) else 0
-    )
-    metrics, panels = validate(run.model, run.val_loader, run.metrics, acc, want_images if is_main else 0)
+    n_images = int(run.cfg.logger.num_images) if is_main and getattr(run.logger, "wants_images", False) else 0
+    panels: dict = {}
+
+    def keep_panels(batch: dict, final: dict) -> None:
+        if n_images and not panels:
+            panels.update(make_panels(batch, final, n_images, run.metrics.task_objects))
+
+    metrics = validate(run.model, run.val_loader, run.metrics, acc, keep_panels)
     if is_main:
         result = metrics_record(step, metrics, run.metrics)
         if run.skip_mode:
-            result["skipped_steps"] = run.skipped
+            result["skipped_steps"] = run.nonfinite.skipped
         write_json_atomic(run.run_dir / "metrics.json", result)
         with open(run.run_dir / "metrics_history.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
@@ -602,7 +573,7 @@ def _validation_step(run: TrainingRun) -> dict[str, float]:
             genotype = acc.unwrap_model(run.model).head.genotype
             save_genotype(genotype, run.run_dir / GENOTYPE_FILENAME, step)
             if hasattr(run.logger, "log_genotype"):
-                run.logger.log_genotype(genotype, run.tasks, step)
+                run.logger.log_genotype(genotype, list(run.cfg.tasks.names), step)
         if panels:
             run.logger.log_images(panels, step)
     log.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -613,7 +584,7 @@ def _checkpoint_step(run: TrainingRun) -> None:
     """Save a resumable checkpoint of this step (the newest ``trainer.keep_checkpoints`` kept)."""
     meta = {
         "step": run.step,
-        "skipped_steps": run.skipped,
+        "skipped_steps": run.nonfinite.skipped,
         "data": run.train_loader.batch_sampler.position(run.step),
     }
     run.last_ckpt = save_checkpoint(
