@@ -325,10 +325,12 @@ SCHEMA: dict = {
         "project": "str",
         "entity": "null|str",
         "group": "null|str",
+        "job_type": "null|str",
         "tags": "list of str",
         "mode": "null|online|offline|disabled",
         "log_images": "bool",
         "num_images": "int >= 0",
+        "log_checkpoints": "bool",
     },
 }
 

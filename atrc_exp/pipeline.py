@@ -47,6 +47,15 @@ def shared_overrides(overrides: list[str]) -> list[str]:
     ]
 
 
+def pipeline_group(cfg: DictConfig, run_dir: Path) -> str:
+    """The W&B group of a pipeline job's stages: ``logger.group`` (else, in a ``--multirun``, the
+    sweep folder's name), then the job's folder: ``<group>/<job>``, or ``<run_name>/<job>``."""
+    from .engine.loggers import sweep_group
+
+    base = cfg.logger.get("group") or sweep_group() or cfg.run_name
+    return f"{base}/{run_dir.name}"
+
+
 def stage_configs(
     cfg: DictConfig, overrides: list[str], run_dir: str | Path, config_name: str = "train"
 ) -> dict[str, DictConfig]:
@@ -61,6 +70,7 @@ def stage_configs(
     if bool(pm.baseline):
         groups["baseline"] = ["mode=distill", "context=none"]
     stages = {}
+    group = pipeline_group(cfg, run_dir)
     for stage, extra in groups.items():
         s = compose([*base, *extra], config_name)
         steps = pm.search_steps if stage == "search" else pm.distill_steps
@@ -73,6 +83,8 @@ def stage_configs(
             if steps is not None:
                 s.trainer.max_steps = int(steps)
                 s.trainer.val_interval = int(steps)
+            if "job_type" in s.logger:  # a logger with W&B's run groups
+                s.logger.group, s.logger.job_type = group, stage
         validate_config(s)
         stages[stage] = s
     return stages

@@ -317,7 +317,6 @@ def test_timm_backbone_local_file_and_no_download(tmp_path):
     assert torch.equal(b.model.layer3[0].conv1.weight, full.layer3[0].conv1.weight)
 
 
-
 def _hub_cache_file(cache, repo: str, state: dict) -> None:
     """``state`` as ``model.safetensors`` of Hugging Face hub repo ``repo`` in the hub cache layout
     (``models--<org>--<name>/snapshots/<revision>/``, ``refs/main`` naming the revision)."""
@@ -328,7 +327,9 @@ def _hub_cache_file(cache, repo: str, state: dict) -> None:
     (folder / "refs").mkdir(parents=True)
     (folder / "refs" / "main").write_text(revision)
     (folder / "snapshots" / revision).mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, folder / "snapshots" / revision / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, folder / "snapshots" / revision / "model.safetensors"
+    )
 
 
 def test_timm_pretrained_true_loads_from_timms_cache_and_names_it_offline(tmp_path, monkeypatch):

@@ -4,8 +4,6 @@ statistics updated once — and keeps far fewer activations; :func:`running_stat
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import randomise_head
@@ -95,7 +93,7 @@ def test_recompute_keeps_far_fewer_activations():
         head = _search_head()
         head.atrc_module.recompute = recompute
         x, image = _inputs()
-        sizes[recompute] = _saved_bytes(lambda: head(x.requires_grad_(), image=image))
+        sizes[recompute] = _saved_bytes(lambda h=head, x=x, image=image: h(x.requires_grad_(), image=image))
     assert sizes[True] < 0.5 * sizes[False], sizes
 
 

@@ -8,7 +8,9 @@ folder (``cls(cfg, run_dir, **keys)``); it has ``log``, ``log_images`` and ``fin
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import instantiate
+from .wandb_records import last_step
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +41,125 @@ class NullLogger:
         pass
 
 
-class WandbLogger:
-    """Weights & Biases: resolved config, losses, lr, metrics and image panels per task."""
+#: The W&B run of a run folder: its id (a resumed run continues it).
+WANDB_RUN_FILE = "wandb_run.json"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, log_images: bool, num_images: int, **init):
-        """``init``: arguments of ``wandb.init`` (``project``, ``entity``, ``group``, ``tags``, ``mode``)."""
+
+def sweep_group() -> str | None:
+    """In a Hydra ``--multirun``, the sweep folder's name (its jobs' W&B group); else ``None``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
+
+
+class WandbLogger:
+    """Weights & Biases: resolved config, losses, lr, metrics, image panels per task, the genotype.
+
+    * group: ``logger.group``, else the sweep folder's name in a ``--multirun`` (a pipeline's
+      stages: the pipeline job's group, set by :mod:`atrc_exp.pipeline`); ``job_type``:
+      ``logger.job_type``, else the mode (``search``, ``distill``; a pipeline's stages:
+      ``search`` / ``distill`` / ``baseline``); tags: ``logger.tags`` + ``mode:<m>``,
+      ``context:<c>``;
+    * one W&B run per run folder: its id is kept in ``<run_dir>/wandb_run.json``, and a resumed
+      training (``trainer.resume`` set: after a kill, a preemption, a requeue) continues that run
+      (``resume="allow"``): the steps the killed process trained but W&B did not record (a
+      killed W&B service loses its last steps) are logged from ``train_log.jsonl`` and
+      ``metrics_history.jsonl``, and steps already recorded are not logged again (the resumed
+      training repeats them with the same numbers), so the W&B history has every step once;
+    * ``step`` is the x axis; every validation metric's summary is its best value (``max`` or
+      ``min``, its task kind's direction);
+    * artifacts: the genotype of a search (``genotype-<id>``, type ``genotype``) and, unless
+      ``log_checkpoints=false``, the final checkpoint's model weights (``model-<id>``, type
+      ``model``), logged when the run ends well.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        log_images: bool,
+        num_images: int,
+        log_checkpoints: bool,
+        group: str | None = None,
+        job_type: str | None = None,
+        tags: list[str] | tuple[str, ...] = (),
+        **init,
+    ):
+        """``init``: further arguments of ``wandb.init`` (``project``, ``entity``, ``mode``, ...)."""
         import wandb
 
+        from ..config import config_tasks
+
         self._wandb = wandb
+        self.run_dir = run_dir
+        state_file = run_dir / WANDB_RUN_FILE
+        state = json.loads(state_file.read_text()) if state_file.is_file() else None
+        resumed = state is not None and cfg.trainer.resume is not None
+        self.state = state if resumed else {"id": uuid.uuid4().hex[:12]}
+        # steps up to here are in the W&B run already (what its local record logs hold)
+        self.logged_before = last_step(run_dir / "wandb", self.state["id"]) if resumed else -1
         self.run = wandb.init(
             **init,
+            id=self.state["id"],
+            resume="allow" if resumed else None,
+            group=group or sweep_group(),
+            job_type=job_type or cfg.mode.name,
+            tags=[*tags, f"mode:{cfg.mode.name}", f"context:{cfg.context.name}"],
             name=f"{cfg.run_name}/{run_dir.name}",
             dir=str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",
         )
+        (run_dir / WANDB_RUN_FILE).write_text(json.dumps(self.state) + "\n")
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+        for task in config_tasks(cfg):
+            for key, higher in task.metric_directions().items():
+                self.run.define_metric(f"val/{key}", step_metric="step", summary="max" if higher else "min")
         self.wants_images = log_images
         self.num_images = num_images
-        log.info("W&B run %s (%s) in %s", self.run.id, self.run.settings.mode, self.run.dir)
+        self.log_checkpoints = log_checkpoints
+        how = "new"
+        if resumed:
+            how = f"resumed: steps up to {self.logged_before} recorded"
+            self.logged_before = self._catch_up()
+            how += f", up to {self.logged_before} from the run's logs"
+        log.info("W&B run %s (%s, %s) in %s", self.run.id, self.run.settings.mode, how, self.run.dir)
 
-    def log(self, data: dict[str, float], step: int) -> None:
-        self.run.log(dict(data), step=step)
+    def _catch_up(self) -> int:
+        """Log the steps of the run's ``train_log.jsonl`` and ``metrics_history.jsonl`` that W&B
+        did not record; returns the last step now logged."""
+        rows: dict[int, dict] = {}
+        for name, prefix in (("train_log.jsonl", ""), ("metrics_history.jsonl", "val/")):
+            path = self.run_dir / name
+            for line in path.read_text().splitlines() if path.is_file() else []:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut by the kill
+                    continue
+                data = row.get("metrics", row)
+                rows.setdefault(row["step"], {}).update(
+                    {prefix + k: v for k, v in data.items() if k != "step"}
+                )
+        for step in sorted(rows):
+            self.log(rows[step], step)
+        return max([self.logged_before, *rows])
+
+    def log(self, data: dict, step: int) -> None:
+        """``data`` at ``step``, unless this W&B run logged that step before it was resumed."""
+        if step <= self.logged_before:
+            return
+        self.run.log({**data, "step": step}, step=step)
 
     def log_images(self, panels: dict[str, np.ndarray], step: int) -> None:
         images = {
             f"val_images/{k}": self._wandb.Image(v, caption="image | ground truth | prediction")
             for k, v in panels.items()
         }
-        self.run.log(images, step=step)
+        self.log(images, step)
 
     def log_genotype(self, genotype: dict, tasks: list[str], step: int) -> None:
         """The genotype as a T×T heatmap image (target rows, source columns) and a table."""
@@ -75,9 +169,31 @@ class WandbLogger:
             columns=list(GENOTYPE_TABLE_COLUMNS), data=genotype_table_rows(genotype, tasks)
         )
         image = self._wandb.Image(genotype_heatmap(genotype, tasks), caption="target rows, source columns")
-        self.run.log({"genotype/heatmap": image, "genotype/table": table}, step=step)
+        self.log({"genotype/heatmap": image, "genotype/table": table}, step)
+
+    def _log_artifacts(self) -> None:
+        """The genotype of a search and the final checkpoint's model weights, as W&B artifacts."""
+        from ..models.genotype import GENOTYPE_FILENAME
+        from .checkpoint import list_checkpoints
+
+        files = []
+        if (self.run_dir / GENOTYPE_FILENAME).is_file():
+            files.append(("genotype", [self.run_dir / GENOTYPE_FILENAME]))
+        ckpts = list_checkpoints(self.run_dir / "checkpoints") if self.log_checkpoints else []
+        if ckpts:
+            weights = [
+                p for p in sorted(ckpts[-1].iterdir()) if p.name.startswith(("model", "pytorch_model"))
+            ]
+            files.append(("model", weights))
+        for kind, paths in files:
+            artifact = self._wandb.Artifact(f"{kind}-{self.run.id}", type=kind)
+            for path in paths:
+                artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
 
     def finish(self, exit_code: int = 0) -> None:
+        if exit_code == 0:
+            self._log_artifacts()
         self.run.finish(exit_code=exit_code)
 
 

@@ -538,9 +538,9 @@ def _log_step(run: TrainingRun, result: StepResult, bar, meter: _Throughput) -> 
                 "search/tau": controller.tau_at(step - 1),
                 "search/entropy_weight": result.entropy_weight,
                 "search/frozen_pairs": controller.num_frozen(),  # the host learns of new freezes
+                **controller.alpha_log(),
             }
         )
-        run.logger.log(controller.alpha_log(), step)
     run.logger.log(record, step)
     if run.acc.is_main_process:
         with open(run.run_dir / "train_log.jsonl", "a") as f:

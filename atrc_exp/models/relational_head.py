@@ -120,7 +120,9 @@ class ATRCModule(nn.Module):
         for t in self.tasks:
             contexts = self.contexts(t, feats, probs)
             if contexts:
-                out[t] = self.bottleneck[t](torch.cat([feats[t], self.out_proj[t](torch.cat(contexts, 1))], 1))
+                out[t] = self.bottleneck[t](
+                    torch.cat([feats[t], self.out_proj[t](torch.cat(contexts, 1))], 1)
+                )
             else:
                 out[t] = self.bottleneck[t](feats[t])
         return out
