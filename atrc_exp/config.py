@@ -226,6 +226,8 @@ SCHEMA: dict = {
     "seed": "int",
     "run_name": "str",
     "continue_on_failure": "bool",
+    "objective": "any",  # checked by atrc_exp.evaluation.objective.Objective
+    "objective_baselines": "any",  # a folder or a list of them, checked by Objective
     "paths": {
         "data_dir": "null|str",
         "cache_dir": "str",
@@ -282,7 +284,7 @@ SCHEMA: dict = {
         "search": _SEARCH_SCHEMA,
     },
     "trainer": {
-        "max_steps": "int >= 1",
+        "max_steps": "int >= 0",  # 0: validate the initial weights only
         "batch_size": "int >= 1",
         "val_batch_size": "int >= 1",
         "lr": "float > 0",

@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import CONF_DIR, ConfigError, is_main_rank, user_error, validate_config
+from .config import CONF_DIR, ConfigError, config_tasks, is_main_rank, user_error, validate_config
 
 log = logging.getLogger("atrc_exp")
 
@@ -58,11 +58,12 @@ def one_line(e: BaseException) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Run one job (``mode=pipeline``: :func:`atrc_exp.pipeline.run_pipeline`); returns the first
-    validation metric (for Hydra sweepers)."""
+def main(cfg: DictConfig) -> float | list[float] | None:
+    """Run one job (``mode=pipeline``: :func:`atrc_exp.pipeline.run_pipeline`); returns the value
+    of ``objective`` (for Hydra sweepers, :mod:`atrc_exp.evaluation.objective`)."""
     from .engine import fit
     from .engine.faults import Preempted
+    from .evaluation.objective import Objective
     from .hydra_callbacks import FAILED_MARKER
     from .metrics import format_metrics_table
 
@@ -73,6 +74,7 @@ def main(cfg: DictConfig) -> float | None:
     pipeline = cfg.mode.name == "pipeline"
     try:
         validate_config(cfg)  # every value in its range before anything starts
+        objective = Objective(cfg, config_tasks(cfg))  # its metrics known, its baselines found
         if pipeline:
             from .pipeline import run_pipeline
 
@@ -104,7 +106,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     if is_main_rank() and not pipeline:  # the pipeline printed its tables
         print(format_metrics_table(metrics, f"final validation metrics ({cfg.run_name}, {run_dir})"))
-    return next(iter(metrics.values()), None)
+    return objective.value(metrics)
 
 
 _FLAGS = {"--search-steps": "mode.search_steps", "--distill-steps": "mode.distill_steps", "--out": None}

@@ -107,7 +107,7 @@ BAD_VALUES = {
     "trainer.weight_decay=-1": "trainer.weight_decay=-1: must be float >= 0",
     "trainer.poly_power=abc": "trainer.poly_power=abc: must be float >= 0",
     "dataset.crop_size=[0,0]": "dataset.crop_size=[0, 0]: must be pair of int >= 1",
-    "trainer.max_steps=-5": "trainer.max_steps=-5: must be int >= 1",
+    "trainer.max_steps=-5": "trainer.max_steps=-5: must be int >= 0",
     "trainer.momentum=2": "trainer.momentum=2: must be float in [0, 1)",
     "trainer.lr=0": "trainer.lr=0: must be float > 0",
     "trainer.batch_size=0": "trainer.batch_size=0: must be int >= 1",

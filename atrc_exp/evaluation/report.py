@@ -317,7 +317,7 @@ def build_rows(runs: Sequence[Run], baselines: dict | None = None) -> list[Row]:
             base = _baseline_for(baselines, row.dataset, row.backbone)
             source = "baselines file"
         else:
-            base, source = _single_task_baselines(out, row)
+            base, source = single_task_baselines(out, row)
         missing = [t for t in row.tasks if MAIN_METRIC[t] not in base and t not in base]
         row.baseline_source = source
         if missing or any(not math.isfinite(row.mean.get(MAIN_METRIC[t], math.nan)) for t in row.tasks):
@@ -333,7 +333,7 @@ def build_rows(runs: Sequence[Run], baselines: dict | None = None) -> list[Row]:
     return out
 
 
-def _single_task_baselines(rows: Sequence[Row], row: Row) -> tuple[dict[str, float], str]:
+def single_task_baselines(rows: Sequence[Row], row: Row) -> tuple[dict[str, float], str]:
     """B_t from the single-task ``context=none`` rows of the same dataset and backbone (same extra
     overrides preferred)."""
     base: dict[str, float] = {}
