@@ -11,9 +11,9 @@ import sys
 import pytest
 import yaml
 from conftest import REPO, compose_cfg, tiny_overrides
+from wandb_runs import offline_runs
 
 from atrc_exp.config import ConfigError, config_tasks
-from atrc_exp.engine.wandb_records import offline_runs
 from atrc_exp.evaluation.objective import Objective
 
 
@@ -63,7 +63,9 @@ def test_an_optuna_sweep_minimises_depth_rmse(tiny_data_dir, tmp_path):
     lowest), and the jobs' W&B runs share the sweep's group."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
-    over = tiny_overrides(tiny_data_dir, **{"trainer.max_steps": 2, "logger": "wandb", "logger.mode": "offline"})
+    over = tiny_overrides(
+        tiny_data_dir, **{"trainer.max_steps": 2, "logger": "wandb", "logger.mode": "offline"}
+    )
     cmd = [
         sys.executable,
         "-m",

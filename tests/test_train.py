@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, compose_cfg, tiny_overrides
+from wandb_runs import offline_runs
 
 from atrc_exp.engine import fit
-from atrc_exp.engine.wandb_records import offline_runs
 
 RANGES = {
     "semseg/mIoU": (0.0, 100.0),

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 from conftest import compose_cfg, tiny_overrides
+from wandb_runs import offline_runs
 
 from atrc_exp.engine.loggers import WANDB_RUN_FILE
-from atrc_exp.engine.wandb_records import offline_runs
 from atrc_exp.pipeline import stage_configs
 
 STEPS = 7
