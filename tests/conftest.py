@@ -177,6 +177,9 @@ def torch_local_attention():
 @pytest.fixture(autouse=True)
 def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    # an in-process wandb.init leaves $WANDB_SERVICE (its service's socket) in the environment; a
+    # subprocess would join that service, where a run killed with the subprocess stays "in use"
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     (tmp_path / "wandb").mkdir()
 
 
