@@ -103,23 +103,25 @@ def compare(a: dict, b: dict) -> float:
     return max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-300) for k in a)
 
 
-def time_step(context: str, repeats: int) -> str:
+def time_step(context: str, repeats: int, compiled: bool = False) -> str:
     """Milliseconds of one float32 forward + backward (batch 8 at 120×160, 2 threads, the
-    local-attention op's default backend): the minimum and the median of ``repeats``."""
+    local-attention op's default backend; ``compiled``: the model under ``torch.compile``, its
+    compilation in the first step): the minimum and the median of ``repeats``."""
     import statistics
     import time
 
     import torch
 
     model, batch, criterion = setup(context, torch.float32, 8, 120, 160, threads=2)
+    forward = torch.compile(model) if compiled else model
     times = []
     for _ in range(repeats + 1):  # the first one warms up
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        loss, _ = criterion(model(batch["image"]), batch)
+        loss, _ = criterion(forward(batch["image"]), batch)
         loss.backward()
         times.append((time.perf_counter() - start) * 1000)
-    return f"{context}: min {min(times[1:]):.0f} ms, median {statistics.median(times[1:]):.0f} ms"
+    return f"{context}{' compiled' if compiled else ''}: min {min(times[1:]):.0f} ms, median {statistics.median(times[1:]):.0f} ms"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         "--compare", nargs=2, metavar=("A", "B"), help="two fingerprints: print the worst relative difference"
     )
     p.add_argument("--time", type=int, metavar="N", help="time N float32 forward+backward steps instead")
+    p.add_argument("--compile", action="store_true", help="with --time: the model under torch.compile")
     args = p.parse_args(argv)
     if args.time:
-        print(time_step(args.context, args.time))
+        print(time_step(args.context, args.time, args.compile))
         return 0
     if args.compare:
         a, b = (json.loads(Path(f).read_text()) for f in args.compare)
