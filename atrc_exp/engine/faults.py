@@ -129,8 +129,7 @@ class NonFiniteMonitor:
     @torch.no_grad()
     def allow(self, step: int, result: StepResult) -> bool:
         """Note 1-based ``step`` if it is the first non-finite one (device ops only); True."""
-        loss_ok = torch.isfinite(result.loss)
-        ok = loss_ok if result.grad_norm is None else loss_ok & torch.isfinite(result.grad_norm)
+        loss_ok, ok = result.finite()
         terms_ok = torch.stack([torch.isfinite(v).all() for v in result.terms.values()])
         if self.terms_bad is None or list(result.terms) != self.names:
             self.names = list(result.terms)
@@ -170,8 +169,7 @@ class SkipNonFinite:
 
     @torch.no_grad()
     def allow(self, step: int, result: StepResult) -> bool:
-        loss_ok = torch.isfinite(result.loss)
-        ok = loss_ok if result.grad_norm is None else loss_ok & torch.isfinite(result.grad_norm)
+        loss_ok, ok = result.finite()
         bad = (~ok).int().reshape(1)
         if self.acc.num_processes > 1:
             bad = self.acc.reduce(bad, reduction="sum")  # every process skips the same steps

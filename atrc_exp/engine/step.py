@@ -67,6 +67,11 @@ class StepResult:
     #: the entropy weight used (search), a host number
     entropy_weight: float | None = None
 
+    def finite(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device bools (no host read): the loss is finite; the loss and the gradient norm are."""
+        loss_ok = torch.isfinite(self.loss)
+        return loss_ok, loss_ok if self.grad_norm is None else loss_ok & torch.isfinite(self.grad_norm)
+
 
 class NonFinitePolicy(Protocol):
     """What a step does about non-finite values (``trainer.on_nonfinite``)."""
