@@ -55,8 +55,11 @@ class SumMeter:
     """
 
     size: int = 0
+    #: The prefix of the metric keys (``<task>/<metric>``), the class's own unless given.
+    task: str = ""
 
-    def __init__(self) -> None:
+    def __init__(self, task: str | None = None) -> None:
+        self.task = task or self.task
         self.sums = torch.zeros(self.size, dtype=torch.float64)
 
     def reset(self) -> None:
@@ -83,11 +86,10 @@ class SegmentationMeter(SumMeter):
     """
 
     def __init__(self, task: str, num_classes: int, class_names: Sequence[str] | None = None):
-        self.task = task
         self.num_classes = int(num_classes)
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.size = self.num_classes**2
-        super().__init__()
+        super().__init__(task)
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -126,10 +128,7 @@ class DepthMeter(SumMeter):
     """
 
     size = 3
-
-    def __init__(self, task: str = "depth"):
-        self.task = task
-        super().__init__()
+    task = "depth"
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -161,10 +160,7 @@ class NormalsMeter(SumMeter):
     BIN_DEGREES = 0.05
     BINS = int(round(180 / BIN_DEGREES))
     size = 6 + BINS
-
-    def __init__(self, task: str = "normals"):
-        self.task = task
-        super().__init__()
+    task = "normals"
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -221,10 +217,7 @@ class SaliencyMeter(SumMeter):
     BETA_SQUARED = 0.3
     EPS = 1e-8
     size = 2 * len(THRESHOLDS) + 2
-
-    def __init__(self, task: str = "sal"):
-        self.task = task
-        super().__init__()
+    task = "sal"
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -275,8 +268,7 @@ class EdgeLossMeter(SumMeter):
 
     def __init__(self, edge_pos_weight: float, task: str = "edge"):
         self.edge_pos_weight = float(edge_pos_weight)
-        self.task = task
-        super().__init__()
+        super().__init__(task)
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -328,7 +320,6 @@ class EdgeMeter(SumMeter):
 
         require_pyedgeeval()  # a clear error now rather than in a worker later
         self.edge_pos_weight = float(edge_pos_weight)
-        self.task = task
         self.max_dist = float(max_dist)
         if not 0 < self.max_dist < 1:
             raise ValueError(f"edge max_dist is a fraction of the image diagonal, got {max_dist}")
@@ -338,7 +329,7 @@ class EdgeMeter(SumMeter):
         self.start_method = start_method
         self.max_pending = int(max_pending) if max_pending else max(8, 4 * self.workers)
         self.size = 2 + 4 * len(self.thresholds) + 5
-        super().__init__()
+        super().__init__(task)
         self._pool = None
         self._finalizer = None
         self._pending: deque = deque()
@@ -490,23 +481,18 @@ def batch_image_sizes(batch: Mapping, shape: Sequence[int]) -> list[tuple[int, i
 
 
 class MultiTaskMetrics:
-    """The metrics of ``tasks`` over a split, reducible across processes.
+    """The metrics of ``tasks`` over a split, reducible across processes. Each task's kind
+    (:class:`~atrc_exp.task_kinds.Task`) makes its meter; ``settings``:
+    :class:`~atrc_exp.task_kinds.MeterSettings`.
 
-    ``tasks``: :class:`~atrc_exp.task_kinds.Task` objects; each task's kind makes its meter
-    (``settings``: the evaluation settings that are not a task's own, :class:`~atrc_exp.task_kinds.MeterSettings`).
-
-    * ``update(final_outputs, batch)``: raw ``final`` network outputs (``{task: B×C×H×W}`` at
-      target resolution) and the batch targets; post-processing (argmax, softmax, clamping,
-      normalisation) is done by the meters. The image sizes in ``batch["meta"]["size"]`` (as the
-      readers record them), when present, say where the edge evaluation crops each padded map.
+    * ``update(final_outputs, batch)``: raw ``final`` outputs (``{task: B×C×H×W}`` at target
+      resolution; the meters post-process them) and the batch targets; ``batch["meta"]["size"]``
+      (as the readers record it), when present, says where the edge evaluation crops each map.
     * ``state() -> Tensor``: the float64 1-D concatenation of every meter's sums, in the order of
-      ``tasks``, then the number of images with a label of each task (fixed length
-      :attr:`state_size`), on the device of the updates (CPU if none).
+      ``tasks``, then the number of images with a label of each task (:meth:`labelled_images`),
+      fixed length :attr:`state_size`, on the device of the updates (CPU if none).
     * ``load_state(t)``: replace the sums, e.g. with ``all_reduce(state(), SUM)``.
-    * ``compute() -> dict[str, float]``: ``<task>/<metric>`` of every task (its kind's metrics,
-      e.g. ``semseg/mIoU``, ``depth/rmse``, ``normals/mean_angle``, ``sal/maxF``, ``edge/odsF``).
-      Only labelled pixels count: an image without a task's label adds nothing to its metrics;
-      :meth:`labelled_images` says how many images had one.
+    * ``compute() -> dict[str, float]``: ``<task>/<metric>`` of every task (its kind's metrics).
     * ``reset()``: zero all sums; ``close()``: stop the edge-evaluation workers.
     """
 
@@ -538,9 +524,7 @@ class MultiTaskMetrics:
                 meter.update(pred, target)
             counts.append((target != IGNORE_INDEX).reshape(target.shape[0], -1).any(1).sum())
         if counts:
-            if self.labelled.device != self._device:
-                self.labelled = self.labelled.to(self._device)
-            self.labelled += torch.stack(counts).double()
+            self.labelled = self.labelled.to(self._device) + torch.stack(counts).double()
 
     def labelled_images(self) -> dict[str, int]:
         """Images (of the updates, or of the loaded state) with a label of each task."""
