@@ -27,20 +27,6 @@ from torch import Tensor, nn
 
 from .tasks import IGNORE_INDEX, NUM_DEPTH_BINS
 
-__all__ = [
-    "depth_to_bins",
-    "l2_normalize_channels",
-    "normals_to_centroid_index",
-    "cross_entropy_loss",
-    "balanced_cross_entropy_loss",
-    "normals_l1_loss",
-    "depth_l1_loss",
-    "edge_bce_loss",
-    "edge_bce_per_pixel",
-    "weighted_edge_cross_entropy_loss",
-    "MultiTaskLoss",
-]
-
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     """``num / den``, and ``num * 0`` (graph-connected zero) where ``den == 0``.

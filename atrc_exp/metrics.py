@@ -31,17 +31,6 @@ from .tasks import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "SumMeter",
-    "SegmentationMeter",
-    "DepthMeter",
-    "NormalsMeter",
-    "SaliencyMeter",
-    "EdgeLossMeter",
-    "EdgeMeter",
-    "MultiTaskMetrics",
-]
-
 
 def _div(num: float, den: float) -> float:
     return num / den if den > 0 else math.nan

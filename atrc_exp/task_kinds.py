@@ -24,19 +24,6 @@ from torch import Tensor
 from . import label_io, losses, metrics, visualize
 from .tasks import IGNORE_INDEX, NUM_DEPTH_BINS, NUM_NORMAL_CENTROIDS, PUBLISHED_NORMAL_CENTROIDS
 
-__all__ = [
-    "TASK_KINDS",
-    "PAPER_TASK_SPECS",
-    "MeterSettings",
-    "Task",
-    "TaskKind",
-    "TaskSpecError",
-    "make_task",
-    "make_tasks",
-    "paper_tasks",
-    "spec_problems",
-]
-
 #: Keys every task spec may hold, whatever its kind.
 COMMON_KEYS = ("kind", "weight")
 #: Names a task may have (folder datasets; the paper's names fit).

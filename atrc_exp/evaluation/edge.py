@@ -48,17 +48,6 @@ PYEDGEEVAL_PIN = "pyEdgeEval==0.2.8"
 #: Images (after cropping the padding) thinner than this are matched without NMS.
 MIN_NMS_SIDE = 3
 
-__all__ = [
-    "DEFAULT_NUM_THRESHOLDS",
-    "EdgeCounts",
-    "edge_thresholds",
-    "evaluate_edge_image",
-    "evaluate_edge_batch",
-    "summarize",
-    "save_seism_pngs",
-    "require_pyedgeeval",
-]
-
 
 def edge_thresholds(thresholds: int | Sequence[float] = DEFAULT_NUM_THRESHOLDS) -> np.ndarray:
     """``n`` → BSDS' ``linspace(1/(n+1), 1-1/(n+1), n)`` (0.01 … 0.99 for 99); a sequence → itself."""

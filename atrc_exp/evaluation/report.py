@@ -74,21 +74,6 @@ _IGNORED_OVERRIDES = (
     "run_name",
 )
 
-__all__ = [
-    "main_metric",
-    "Run",
-    "Row",
-    "lower_is_better",
-    "delta_m",
-    "find_runs",
-    "load_run",
-    "build_rows",
-    "load_baselines",
-    "to_markdown",
-    "write_outputs",
-    "sign_convention_note",
-]
-
 
 def lower_is_better(task: str) -> bool:
     """Whether a lower main metric is better for ``task`` (its kind says: rmse, angles)."""
