@@ -273,22 +273,20 @@ class EdgeMeter(SumMeter):
     """Edge ``odsF`` / ``oisF`` (percent) and the validation edge loss, reducible by summation.
 
     ``update(logits B×1×H×W, target B×1×H×W, image_sizes=None)``: the edge loss sums are added at
-    once (as :class:`EdgeLossMeter`); each image's ``sigmoid`` map, quantised to 8 bits as the
-    original's PNGs (``uint8(255·p)``, truncated), and its target go to
-    :func:`atrc_exp.evaluation.edge.evaluate_edge_image` (cropped there to the image's ``(h, w)``
-    in ``image_sizes``). That runs in this process until images take ≥
-    :attr:`INLINE_SECONDS_PER_IMAGE` each, then in a pool of ``workers`` processes (kept for later
-    validations; never with ``workers=0`` or in a daemonic process). Workers are *spawned* (fresh
-    interpreters: safe with CUDA, OpenMP and OpenCV thread pools, which a fork can deadlock), so a
-    script that calls :func:`atrc_exp.engine.fit` needs an ``if __name__ == "__main__":`` guard;
-    ``start_method`` overrides. At most ``max_pending`` images are in flight (then ``update`` waits
-    for the oldest), which bounds the memory of a long split.
+    once (as :class:`EdgeLossMeter`); each image's ``sigmoid`` map, quantised as the original's
+    PNGs (``uint8(255·p)``, truncated), and its target go to
+    :func:`atrc_exp.evaluation.edge.evaluate_edge_image` (cropped to its ``image_sizes`` entry),
+    here until images take ≥ :attr:`INLINE_SECONDS_PER_IMAGE` each, then in a pool of ``workers``
+    processes kept for later validations (none with ``workers=0`` or in a daemonic process). Workers
+    are *spawned* (``start_method`` overrides; a fork can deadlock CUDA, OpenMP and OpenCV thread
+    pools), so a script calling :func:`atrc_exp.engine.fit` needs an ``if __name__ == "__main__":``
+    guard. At most ``max_pending`` images are in flight (then ``update`` waits for the oldest).
 
     Sums (``size = 2 + 4T + 5`` for T thresholds): ``[Σ loss, #valid]``, the per-threshold
     ``count_r ×T, sum_r ×T, count_p ×T, sum_p ×T``, the four counts at each image's best threshold
     (oisF), and the number of evaluated images. ``compute() -> {"edge/loss", "edge/odsF",
-    "edge/oisF"}``; it logs the evaluation time, which :meth:`timing` returns (local to this
-    process, not reduced, not a metric: the metrics of a split stay reproducible).
+    "edge/oisF"}`` logs the evaluation time, which :meth:`timing` returns (of this process, not a
+    metric: the metrics of a split stay reproducible).
     """
 
     #: While images take less than this (s/image) in this process, no worker pool is started.

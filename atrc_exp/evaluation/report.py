@@ -51,27 +51,11 @@ def main_metric(task: str) -> str:
     return task_of(task).main_metric
 
 
-#: Overrides that do not make a different configuration.
-_IGNORED_OVERRIDES = (
-    "seed",
-    "paths.",
-    "hydra.",
-    "hydra/",
-    "trainer.resume",
-    "trainer.num_workers",
-    "trainer.progress",
-    "trainer.log_interval",
-    "trainer.edge_eval_workers",
-    "logger",
-    "dataset=",
-    "backbone=",
-    "backbone._target_=",
-    "tasks=",
-    "tasks.names=",
-    "context=",
-    "mode=",
-    "experiment=",
-    "run_name",
+#: Prefixes of the overrides that do not make a different configuration.
+_IGNORED_OVERRIDES = tuple(
+    "seed paths. hydra. hydra/ trainer.resume trainer.num_workers trainer.progress trainer.log_interval "
+    "trainer.edge_eval_workers logger dataset= backbone= backbone._target_= tasks= tasks.names= context= "
+    "mode= experiment= run_name".split()
 )
 
 
