@@ -1,10 +1,6 @@
-"""Reading label files: :class:`DataError` and the decoders every reader shares.
-
-The per-kind readers of the folder dataset format (``labels/<task>/<id>.png | .npy``, see
-:data:`atrc_exp.task_kinds.TASK_KINDS`) are here too. Every reader returns the kind's raw label
-convention (:mod:`atrc_exp.data.transforms`): class maps int64 H×W with 255 = no label; depth float32
-H×W metres with 0 = no label; normals float32 H×W×3 with the zero vector = no label; edges float32
-H×W in {0, 1} (255 = no label).
+"""Reading label files: :class:`DataError` and the decoders every reader shares, and the per-kind
+readers of the folder dataset format (``labels/<task>/<id>.png | .npy``), each returning its kind's
+raw label convention (:mod:`atrc_exp.data.transforms`).
 """
 
 from __future__ import annotations

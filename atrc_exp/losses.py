@@ -1,4 +1,5 @@
-"""Training losses of ATRC (ICCV 2021) for every dense task, final and auxiliary.
+"""Training losses of ATRC (ICCV 2021) for every dense task, final and auxiliary; each task kind's
+row (:data:`atrc_exp.task_kinds.TASK_KINDS`) names its two losses.
 
 Conventions (see :mod:`atrc_exp.tasks`): targets carry the ignore value 255; network outputs
 are logits/raw maps at the target resolution. Every loss
@@ -12,36 +13,7 @@ are logits/raw maps at the target resolution. Every loss
   the autograd graph, so ``backward`` works and gives zero gradients) when a batch holds no valid
   pixel, instead of the ``NaN`` of PyTorch's ``reduction="mean"``.
 
-Each task kind's row (:data:`atrc_exp.task_kinds.TASK_KINDS`) names its losses; by kind
-(segmentation: semseg, parts; saliency: sal; the others by their name):
-
-Final losses (``outputs["final"][task]``):
-
-==============  ===========================================================================
-semseg, parts   cross-entropy (ignore 255), mean over valid pixels
-sal             balanced 2-class CE, class weights ``(1 - w_pos, w_pos)``, ``w_pos`` = share
-                of negatives among the valid pixels of the batch; ``Σ w_i·l_i / #valid``
-normals         L1 between the L2-normalised prediction and the target, summed over the 3
-                channels, divided by the number of valid pixels
-depth           L1 over valid pixels (mean)
-edge            BCE-with-logits with ``pos_weight = w/(1-w)``, times ``(1-w)``, mean over
-                valid pixels; ``w`` = the dataset's ``edge_pos_weight``
-==============  ===========================================================================
-
-Auxiliary losses (``outputs["aux"][task]``, optional per task):
-
-==============  ===========================================================================
-semseg, parts   cross-entropy (ignore 255)
-sal             the balanced CE of the final sal loss
-normals         CE over the index of the nearest of K normal centroids
-                (:func:`normals_to_centroid_index`)
-depth           CE over 40 log-spaced depth bins (:func:`depth_to_bins`)
-edge            2-class CE with class weights ``(1-w, w)`` over the 0/1 edge targets,
-                ``Σ w_i·l_i / #valid``
-==============  ===========================================================================
-
-The total loss is ``Σ_task weight_task · (final_task + aux_task)`` (the kind's default weight unless
-the task spec sets ``weight``: semseg 1, human_parts 2, sal 5, normals 10, depth 1, edge 50).
+The total loss is ``Σ_task weight_task · (final_task + aux_task)`` (:class:`MultiTaskLoss`).
 """
 
 from __future__ import annotations
@@ -55,24 +27,7 @@ from torch import Tensor, nn
 
 from .tasks import IGNORE_INDEX, NUM_DEPTH_BINS
 
-__all__ = [
-    "depth_to_bins",
-    "l2_normalize_channels",
-    "normals_to_centroid_index",
-    "cross_entropy_loss",
-    "balanced_cross_entropy_loss",
-    "normals_l1_loss",
-    "depth_l1_loss",
-    "edge_bce_loss",
-    "edge_bce_per_pixel",
-    "weighted_edge_cross_entropy_loss",
-    "MultiTaskLoss",
-]
 
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     """``num / den``, and ``num * 0`` (graph-connected zero) where ``den == 0``.
 
@@ -114,9 +69,6 @@ def _check_spatial(pred: Tensor, target: Tensor, name: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# auxiliary classification targets
-# --------------------------------------------------------------------------------------------
 def depth_to_bins(
     depth: Tensor, num_bins: int = NUM_DEPTH_BINS, d_min: float = 0.7, d_max: float = 10.0
 ) -> Tensor:
@@ -156,9 +108,6 @@ def normals_to_centroid_index(normals: Tensor, centroids: Tensor) -> Tensor:
     return torch.where(invalid, torch.full_like(idx, IGNORE_INDEX), idx)
 
 
-# --------------------------------------------------------------------------------------------
-# individual losses (all return a 0-dim tensor of the prediction's dtype, see _compute_dtype)
-# --------------------------------------------------------------------------------------------
 def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
     """Cross-entropy with ignore index 255 and (optional) class weights.
 
@@ -193,6 +142,12 @@ def balanced_cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
     return cross_entropy_loss(logits, target, weight=weight)
 
 
+def _masked_l1(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """``Σ_valid |pred − target|`` (over every channel) divided by the number of valid pixels."""
+    err = (pred - target.masked_fill(~valid, 0)).abs() * valid
+    return _safe_ratio(err.sum(), valid.sum().to(err.dtype))
+
+
 def normals_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     """L1 between ``F.normalize(pred, dim=1)`` and the target, summed over channels, / #valid pixels.
 
@@ -201,9 +156,7 @@ def normals_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     _check_spatial(pred, target, "normals_l1_loss")
     pred = l2_normalize_channels(_compute_dtype(pred))
     target = target.to(pred.dtype)
-    valid = (target != IGNORE_INDEX).all(dim=1, keepdim=True)
-    err = (pred - target.masked_fill(~valid, 0)).abs() * valid
-    return _safe_ratio(err.sum(), valid.sum().to(err.dtype))
+    return _masked_l1(pred, target, (target != IGNORE_INDEX).all(dim=1, keepdim=True))
 
 
 def depth_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -211,9 +164,7 @@ def depth_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     _check_spatial(pred, target, "depth_l1_loss")
     pred = _compute_dtype(pred)
     target = target.to(pred.dtype)
-    valid = target != IGNORE_INDEX
-    err = (pred - target.masked_fill(~valid, 0)).abs() * valid
-    return _safe_ratio(err.sum(), valid.sum().to(err.dtype))
+    return _masked_l1(pred, target, target != IGNORE_INDEX)
 
 
 def edge_bce_per_pixel(logits: Tensor, target: Tensor, pos_weight: float) -> tuple[Tensor, Tensor]:
@@ -252,9 +203,6 @@ def weighted_edge_cross_entropy_loss(logits: Tensor, target: Tensor, pos_weight:
     return cross_entropy_loss(logits, target, weight=weight)
 
 
-# --------------------------------------------------------------------------------------------
-# the multi-task loss
-# --------------------------------------------------------------------------------------------
 class MultiTaskLoss(nn.Module):
     """Weighted sum of the final and auxiliary losses of ``tasks``.
 

@@ -1,39 +1,13 @@
 """Evaluation metrics of every dense task, accumulated over a whole split.
 
-Every meter keeps its whole state as **sums in one float64 1-D tensor** of fixed length, so the
-state of a split that was evaluated by several processes is obtained with a single
-``all_reduce(SUM)`` of :meth:`MultiTaskMetrics.state` followed by
-:meth:`MultiTaskMetrics.load_state`; the metric values are then derived from the sums by
-:meth:`MultiTaskMetrics.compute` (identical on every rank).
-
-Definitions follow the original ATRC evaluation code; one meter per task kind
-(:data:`atrc_exp.task_kinds.TASK_KINDS`), keys ``<task>/<metric>``:
-
-=============  ================================================================================
-segmentation   argmax; confusion matrix over valid pixels; IoU_c = TP/(TP+FP+FN) (0 when the
-               denominator is 0); ``mIoU`` = mean over **all** classes × 100 (and ``IoU_<class>``
-               for tasks whose classes are named)
-depth          prediction clamped at ≥ 0; RMSE over all valid pixels of the split (metres); abs rel
-normals        angle between the normalised prediction and target (degrees); mean, median, RMSE
-               and % of pixels below 11.25°, 22.5°, 30°
-saliency       softmax channel 1; per threshold 0.05 … 0.95: TP / predicted / actual positives;
-               F_β (β² = 0.3); ``maxF`` = max over thresholds × 100; ``mIoU`` at 0.5
-edge           ``odsF`` / ``oisF`` as BSDS/SEISM compute them (8-bit sigmoid map, NMS, per
-               threshold thinning and ``correspondPixels`` with tolerance maxDist × diagonal;
-               :mod:`atrc_exp.evaluation.edge`), counts summed per threshold; plus ``<task>/loss``,
-               the validation edge loss (weighted BCE of :mod:`atrc_exp.losses`), pixel mean
-=============  ================================================================================
-
+Every meter keeps its state as **sums in one float64 1-D tensor** of fixed length, so the state of
+a split evaluated by several processes is one ``all_reduce(SUM)`` of :meth:`MultiTaskMetrics.state`
+followed by :meth:`MultiTaskMetrics.load_state`; :meth:`MultiTaskMetrics.compute` derives the
+values from the sums (identical on every rank). Definitions follow the original ATRC evaluation
+code; one meter per task kind (:data:`atrc_exp.task_kinds.TASK_KINDS`), keys ``<task>/<metric>``.
 Only labelled pixels count (255 = no label): an image without a task's label adds nothing to it.
-
-The per-image edge matching is slow (BSDS' assignment problem at 99 thresholds, seconds per
-image); it runs in a pool of worker processes (``edge_eval_workers``) while the model keeps
-predicting, and its results are gathered in :meth:`MultiTaskMetrics.state` / ``compute``. Its
-timing is logged (and returned by :meth:`MultiTaskMetrics.timings`), not put in the metrics, so
-that the metrics of a split stay reproducible.
-
-Inputs are the raw network outputs (``final`` predictions) at target resolution, and the batch
-targets as described in :mod:`atrc_exp.tasks` (ignore value 255).
+Inputs are the raw ``final`` network outputs at target resolution and the batch targets
+(:mod:`atrc_exp.tasks`).
 """
 
 from __future__ import annotations
@@ -45,6 +19,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -55,17 +30,6 @@ from .losses import _as_index_target, _check_spatial, edge_bce_per_pixel
 from .tasks import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "SumMeter",
-    "SegmentationMeter",
-    "DepthMeter",
-    "NormalsMeter",
-    "SaliencyMeter",
-    "EdgeLossMeter",
-    "EdgeMeter",
-    "MultiTaskMetrics",
-]
 
 
 def _div(num: float, den: float) -> float:
@@ -80,16 +44,15 @@ class SumMeter:
     """
 
     size: int = 0
+    #: The prefix of the metric keys (``<task>/<metric>``), the class's own unless given.
+    task: str = ""
 
-    def __init__(self) -> None:
+    def __init__(self, task: str | None = None) -> None:
+        self.task = task or self.task
         self.sums = torch.zeros(self.size, dtype=torch.float64)
 
     def reset(self) -> None:
         self.sums = torch.zeros(self.size, dtype=torch.float64, device=self.sums.device)
-
-    def to(self, device: torch.device | str) -> SumMeter:
-        self.sums = self.sums.to(device)
-        return self
 
     def _add(self, values: Tensor) -> None:
         values = values.detach().to(torch.float64).reshape(-1)
@@ -97,14 +60,8 @@ class SumMeter:
             self.sums = self.sums.to(values.device)
         self.sums += values
 
-    def update(self, pred: Tensor, target: Tensor) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
     def flush(self) -> None:
         """Fold work still in flight into :attr:`sums` (meters with asynchronous work override it)."""
-
-    def compute(self) -> dict[str, float]:  # pragma: no cover - abstract
-        raise NotImplementedError
 
 
 class SegmentationMeter(SumMeter):
@@ -118,11 +75,10 @@ class SegmentationMeter(SumMeter):
     """
 
     def __init__(self, task: str, num_classes: int, class_names: Sequence[str] | None = None):
-        self.task = task
         self.num_classes = int(num_classes)
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.size = self.num_classes**2
-        super().__init__()
+        super().__init__(task)
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -139,20 +95,13 @@ class SegmentationMeter(SumMeter):
             raise ValueError(f"{self.task}: target labels outside [0, {k}) other than {IGNORE_INDEX}")
         self._add(cm)
 
-    def confusion_matrix(self) -> Tensor:
-        """The accumulated K×K confusion matrix (float64, rows = target, columns = prediction)."""
-        return self.sums.detach().cpu().reshape(self.num_classes, self.num_classes)
-
-    def iou_per_class(self) -> Tensor:
-        cm = self.confusion_matrix()
-        tp = cm.diag()
-        den = cm.sum(0) + cm.sum(1) - tp
-        return torch.where(den > 0, tp / den.clamp_min(1), torch.zeros_like(tp))
-
     def compute(self) -> dict[str, float]:
         if self.sums.sum() == 0:  # no labelled pixel in the split
             return {f"{self.task}/mIoU": math.nan}
-        iou = self.iou_per_class()
+        cm = self.sums.detach().cpu().reshape(self.num_classes, self.num_classes)
+        tp = cm.diag()
+        den = cm.sum(0) + cm.sum(1) - tp
+        iou = torch.where(den > 0, tp / den.clamp_min(1), torch.zeros_like(tp))
         out = {f"{self.task}/mIoU": 100.0 * iou.mean().item()}
         if self.class_names is not None:  # named classes: their IoU too
             out.update({f"{self.task}/IoU_{n}": 100.0 * v for n, v in zip(self.class_names, iou.tolist())})
@@ -168,10 +117,7 @@ class DepthMeter(SumMeter):
     """
 
     size = 3
-
-    def __init__(self, task: str = "depth"):
-        self.task = task
-        super().__init__()
+    task = "depth"
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -203,10 +149,7 @@ class NormalsMeter(SumMeter):
     BIN_DEGREES = 0.05
     BINS = int(round(180 / BIN_DEGREES))
     size = 6 + BINS
-
-    def __init__(self, task: str = "normals"):
-        self.task = task
-        super().__init__()
+    task = "normals"
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -263,10 +206,7 @@ class SaliencyMeter(SumMeter):
     BETA_SQUARED = 0.3
     EPS = 1e-8
     size = 2 * len(THRESHOLDS) + 2
-
-    def __init__(self, task: str = "sal"):
-        self.task = task
-        super().__init__()
+    task = "sal"
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -289,28 +229,20 @@ class SaliencyMeter(SumMeter):
         ap = pos.sum().double().reshape(1)
         self._add(torch.cat([tp, pp, ap, valid.sum().double().reshape(1)]))
 
-    def f_measure(self) -> Tensor:
-        """F_β per threshold (float64, 19 values)."""
+    def compute(self) -> dict[str, float]:
         nt = len(self.THRESHOLDS)
         s = self.sums.detach().cpu()
-        tp, pp, ap = s[:nt], s[nt : 2 * nt], s[2 * nt]
+        tp, pp, ap, n = s[:nt], s[nt : 2 * nt], s[2 * nt], s[2 * nt + 1].item()
+        if n == 0:
+            return {f"{self.task}/maxF": math.nan, f"{self.task}/mIoU": math.nan}
         precision = tp / (pp + self.EPS)
         recall = tp / (ap + self.EPS)
         b2 = self.BETA_SQUARED
-        return (1 + b2) * precision * recall / (b2 * precision + recall + self.EPS)
-
-    def compute(self) -> dict[str, float]:
-        nt = len(self.THRESHOLDS)
-        s = self.sums.detach().cpu().tolist()
-        n = s[2 * nt + 1]
-        if n == 0:
-            return {f"{self.task}/maxF": math.nan, f"{self.task}/mIoU": math.nan}
+        f = (1 + b2) * precision * recall / (b2 * precision + recall + self.EPS)
         i = self.THRESHOLDS.index(0.5)
-        tp, pp, ap = s[i], s[nt + i], s[2 * nt]
-        iou_fg = _div(tp, pp + ap - tp)
-        iou_bg = _div(n - pp - ap + tp, n - tp)
-        miou = 100.0 * (iou_fg + iou_bg) / 2 if not math.isnan(iou_fg + iou_bg) else math.nan
-        return {f"{self.task}/maxF": 100.0 * self.f_measure().max().item(), f"{self.task}/mIoU": miou}
+        tp, pp, ap = tp[i].item(), pp[i].item(), ap.item()
+        miou = 100.0 * (_div(tp, pp + ap - tp) + _div(n - pp - ap + tp, n - tp)) / 2
+        return {f"{self.task}/maxF": 100.0 * f.max().item(), f"{self.task}/mIoU": miou}
 
 
 class EdgeLossMeter(SumMeter):
@@ -325,8 +257,7 @@ class EdgeLossMeter(SumMeter):
 
     def __init__(self, edge_pos_weight: float, task: str = "edge"):
         self.edge_pos_weight = float(edge_pos_weight)
-        self.task = task
-        super().__init__()
+        super().__init__(task)
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -338,32 +269,28 @@ class EdgeLossMeter(SumMeter):
         return {f"{self.task}/loss": _div(s, n)}
 
 
-def _shutdown_pool(pool) -> None:
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
 class EdgeMeter(SumMeter):
     """Edge ``odsF`` / ``oisF`` (percent) and the validation edge loss, reducible by summation.
 
     ``update(logits B×1×H×W, target B×1×H×W, image_sizes=None)``: the edge loss sums are added at
-    once (as :class:`EdgeLossMeter`); each image's ``sigmoid`` map, quantised to 8 bits as the
-    original's PNGs (``uint8(255·p)``, truncated), and its target go to
-    :func:`atrc_exp.evaluation.edge.evaluate_edge_image`, cropped there from the centre to the
-    image's ``(h, w)`` in ``image_sizes`` (else to the bounding box of the valid target pixels) —
-    in a pool of ``workers`` processes
-    (started on first use, kept for later validations; ``workers=0`` or a daemonic process: in
-    this process, synchronously; the pool is started only once images are seen to take
-    ≥ :attr:`INLINE_SECONDS_PER_IMAGE` here, so tiny runs never pay for it). Workers are *spawned* (fresh interpreters: safe with CUDA,
-    OpenMP and OpenCV thread pools, which a fork can deadlock — seen with ``fork`` here), so a
-    script that calls :func:`atrc_exp.engine.fit` needs the usual ``if __name__ == "__main__":``
-    guard (``atrc-train`` and ``python -m atrc_exp.train`` have it). ``start_method`` overrides. At most ``max_pending`` images are in flight (then ``update``
-    waits for the oldest), which bounds the memory of a long split.
+    once (as :class:`EdgeLossMeter`); each image's ``sigmoid`` map, quantised as the original's
+    PNGs (``uint8(255·p)``, truncated), and its target go to
+    :func:`atrc_exp.evaluation.edge.evaluate_edge_image` (cropped to its ``image_sizes`` entry),
+    here until images take ≥ :attr:`INLINE_SECONDS_PER_IMAGE` each, then in a pool of ``workers``
+    processes kept for later validations (none with ``workers=0`` or in a daemonic process). Workers
+    are *spawned* (``start_method`` overrides; a fork can deadlock CUDA, OpenMP and OpenCV thread
+    pools), so a script calling :func:`atrc_exp.engine.fit` needs an ``if __name__ == "__main__":``
+    guard. At most ``max_pending`` images are in flight (then ``update`` waits for the oldest).
 
     Sums (``size = 2 + 4T + 5`` for T thresholds): ``[Σ loss, #valid]``, the per-threshold
     ``count_r ×T, sum_r ×T, count_p ×T, sum_p ×T``, the four counts at each image's best threshold
     (oisF), and the number of evaluated images. ``compute() -> {"edge/loss", "edge/odsF",
-    "edge/oisF"}``. Timing (local to this process, not reduced): :meth:`timing`.
+    "edge/oisF"}`` logs the evaluation time, which :meth:`timing` returns (of this process, not a
+    metric: the metrics of a split stay reproducible).
     """
+
+    #: While images take less than this (s/image) in this process, no worker pool is started.
+    INLINE_SECONDS_PER_IMAGE = 0.25
 
     def __init__(
         self,
@@ -380,7 +307,6 @@ class EdgeMeter(SumMeter):
 
         require_pyedgeeval()  # a clear error now rather than in a worker later
         self.edge_pos_weight = float(edge_pos_weight)
-        self.task = task
         self.max_dist = float(max_dist)
         if not 0 < self.max_dist < 1:
             raise ValueError(f"edge max_dist is a fraction of the image diagonal, got {max_dist}")
@@ -389,46 +315,34 @@ class EdgeMeter(SumMeter):
         self.nms = bool(nms)
         self.start_method = start_method
         self.max_pending = int(max_pending) if max_pending else max(8, 4 * self.workers)
-        t = len(self.thresholds)
-        self.size = 2 + 4 * t + 5
-        super().__init__()
+        self.size = 2 + 4 * len(self.thresholds) + 5
+        super().__init__(task)
         self._pool = None
         self._finalizer = None
         self._pending: deque = deque()
-        self._timing = {"images": 0, "work_seconds": 0.0, "wait_seconds": 0.0, "inline_seconds": 0.0}
+        self.reset()
 
-    # -- pool ---------------------------------------------------------------------------------
     def _get_pool(self):
-        if self.workers == 0:
-            return None
+        """The worker pool, started once evaluation here is found slow (a tiny or untrained model's
+        edge maps are matched in milliseconds: not worth starting processes for); None: no pool."""
         if self._pool is None:
+            n = self._timing["images"]
+            slow = n > 0 and self._timing["inline_seconds"] / n >= self.INLINE_SECONDS_PER_IMAGE
+            if self.workers == 0 or not slow:
+                return None
             if multiprocessing.current_process().daemon:
                 log.info("edge evaluation runs in this (daemonic) process: it can not start workers")
                 self.workers = 0
                 return None
-            from concurrent.futures import ProcessPoolExecutor
-
             from .evaluation.edge import _worker_init
 
-            method = self.start_method or "spawn"
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
-                mp_context=multiprocessing.get_context(method),
+                mp_context=multiprocessing.get_context(self.start_method or "spawn"),
                 initializer=_worker_init,
             )
-            self._finalizer = weakref.finalize(self, _shutdown_pool, self._pool)
+            self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=True, cancel_futures=True)
         return self._pool
-
-    #: While images take less than this (s/image) in this process, no worker pool is started.
-    INLINE_SECONDS_PER_IMAGE = 0.25
-
-    def _needs_pool(self) -> bool:
-        """Start workers only once evaluation is found to be slow (a tiny or untrained model's
-        edge maps are matched in milliseconds: not worth starting processes for)."""
-        if self.workers == 0 or self._pool is not None:
-            return self.workers > 0
-        n = self._timing["images"]
-        return n > 0 and self._timing["inline_seconds"] / n >= self.INLINE_SECONDS_PER_IMAGE
 
     def close(self) -> None:
         """Stop the worker processes (they are also stopped when the meter is garbage-collected)."""
@@ -437,7 +351,6 @@ class EdgeMeter(SumMeter):
             self._finalizer()
         self._pool = self._finalizer = None
 
-    # -- accumulation -------------------------------------------------------------------------
     def _fold(self, results) -> None:
         t = len(self.thresholds)
         add = torch.zeros(self.size - 2, dtype=torch.float64)
@@ -466,12 +379,7 @@ class EdgeMeter(SumMeter):
     def _discard_pending(self) -> None:
         for fut in self._pending:
             fut.cancel()
-        for fut in self._pending:
-            if not fut.cancelled():
-                try:
-                    fut.result()
-                except Exception:  # noqa: BLE001 - discarded work
-                    pass
+        wait(self._pending)
         self._pending.clear()
 
     def reset(self) -> None:
@@ -479,17 +387,13 @@ class EdgeMeter(SumMeter):
         self.sums = torch.zeros(self.size, dtype=torch.float64)
         self._timing = {"images": 0, "work_seconds": 0.0, "wait_seconds": 0.0, "inline_seconds": 0.0}
 
-    def to(self, device):  # the sums stay on the CPU (results come from CPU workers)
-        return self
-
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor, image_sizes: Sequence | None = None) -> None:
         from .evaluation.edge import evaluate_edge_batch
 
         loss, valid = edge_bce_per_pixel(pred, target, self.edge_pos_weight)
-        ls = torch.stack([loss.double().sum(), valid.sum().double()]).cpu()
         self.sums = self.sums.cpu()
-        self.sums[:2] += ls
+        self.sums[:2] += torch.stack([loss.double().sum(), valid.sum().double()]).cpu()
         # uint8(255·sigmoid), truncated as the original's PNGs (float -> uint8 casts truncate)
         prob = (torch.sigmoid(pred.float()) * 255.0).to(torch.uint8).cpu().numpy()
         tgt = target.float().cpu().numpy()
@@ -500,7 +404,7 @@ class EdgeMeter(SumMeter):
             for i in range(len(prob))
         ]
         args = (self.max_dist, self.thresholds, self.nms)
-        pool = self._get_pool() if self._needs_pool() else None
+        pool = self._get_pool()
         if pool is None:
             t0 = time.perf_counter()
             self._fold(evaluate_edge_batch(items, *args))
@@ -520,13 +424,20 @@ class EdgeMeter(SumMeter):
         t = len(self.thresholds)
         s = self.sums.detach().cpu().numpy()
         k = self.task
-        out = {f"{k}/loss": _div(s[0], s[1])}
-        n_images = s[2 + 4 * t + 4]
-        if n_images > 0:
+        out = {f"{k}/loss": _div(s[0], s[1]), f"{k}/odsF": math.nan, f"{k}/oisF": math.nan}
+        if s[2 + 4 * t + 4] > 0:  # evaluated images
             res = summarize(s[2 : 2 + 4 * t].reshape(4, t), s[2 + 4 * t : 2 + 4 * t + 4], self.thresholds)
             out[f"{k}/odsF"], out[f"{k}/oisF"] = res["odsF"], res["oisF"]
-        else:
-            out[f"{k}/odsF"] = out[f"{k}/oisF"] = math.nan
+        tm = self.timing()
+        if tm["images"]:
+            log.info(
+                "%s odsF evaluation: %d images here, %.3f s/image (%s), %.1f s waited for results",
+                k,
+                tm["images"],
+                tm["work_seconds"] / tm["images"],
+                f"{tm['workers']} worker processes" if tm["workers"] else "in this process",
+                tm["wait_seconds"] + tm["inline_seconds"],
+            )
         return out
 
     def timing(self) -> dict[str, float]:
@@ -557,23 +468,18 @@ def batch_image_sizes(batch: Mapping, shape: Sequence[int]) -> list[tuple[int, i
 
 
 class MultiTaskMetrics:
-    """The metrics of ``tasks`` over a split, reducible across processes.
+    """The metrics of ``tasks`` over a split, reducible across processes. Each task's kind
+    (:class:`~atrc_exp.task_kinds.Task`) makes its meter; ``settings``:
+    :class:`~atrc_exp.task_kinds.MeterSettings`.
 
-    ``tasks``: :class:`~atrc_exp.task_kinds.Task` objects; each task's kind makes its meter
-    (``settings``: the evaluation settings that are not a task's own, :class:`~atrc_exp.task_kinds.MeterSettings`).
-
-    * ``update(final_outputs, batch)``: raw ``final`` network outputs (``{task: B×C×H×W}`` at
-      target resolution) and the batch targets; post-processing (argmax, softmax, clamping,
-      normalisation) is done by the meters. The image sizes in ``batch["meta"]["size"]`` (as the
-      readers record them), when present, say where the edge evaluation crops each padded map.
+    * ``update(final_outputs, batch)``: raw ``final`` outputs (``{task: B×C×H×W}`` at target
+      resolution; the meters post-process them) and the batch targets; ``batch["meta"]["size"]``
+      (as the readers record it), when present, says where the edge evaluation crops each map.
     * ``state() -> Tensor``: the float64 1-D concatenation of every meter's sums, in the order of
-      ``tasks``, then the number of images with a label of each task (fixed length
-      :attr:`state_size`), on the device of the updates (CPU if none).
+      ``tasks``, then the number of images with a label of each task (:meth:`labelled_images`),
+      fixed length :attr:`state_size`, on the device of the updates (CPU if none).
     * ``load_state(t)``: replace the sums, e.g. with ``all_reduce(state(), SUM)``.
-    * ``compute() -> dict[str, float]``: ``<task>/<metric>`` of every task (its kind's metrics,
-      e.g. ``semseg/mIoU``, ``depth/rmse``, ``normals/mean_angle``, ``sal/maxF``, ``edge/odsF``).
-      Only labelled pixels count: an image without a task's label adds nothing to its metrics;
-      :meth:`labelled_images` says how many images had one.
+    * ``compute() -> dict[str, float]``: ``<task>/<metric>`` of every task (its kind's metrics).
     * ``reset()``: zero all sums; ``close()``: stop the edge-evaluation workers.
     """
 
@@ -605,9 +511,7 @@ class MultiTaskMetrics:
                 meter.update(pred, target)
             counts.append((target != IGNORE_INDEX).reshape(target.shape[0], -1).any(1).sum())
         if counts:
-            if self.labelled.device != self._device:
-                self.labelled = self.labelled.to(self._device)
-            self.labelled += torch.stack(counts).double()
+            self.labelled = self.labelled.to(self._device) + torch.stack(counts).double()
 
     def labelled_images(self) -> dict[str, int]:
         """Images (of the updates, or of the loaded state) with a label of each task."""
@@ -640,19 +544,6 @@ class MultiTaskMetrics:
         out: dict[str, float] = {}
         for m in self.meters.values():
             out.update(m.compute())
-        for name, m in self.meters.items():
-            if not isinstance(m, EdgeMeter):
-                continue
-            tm = m.timing()
-            if tm["images"]:
-                log.info(
-                    "%s odsF evaluation: %d images here, %.3f s/image (%s), %.1f s waited for results",
-                    name,
-                    tm["images"],
-                    tm["work_seconds"] / tm["images"],
-                    f"{tm['workers']} worker processes" if tm["workers"] else "in this process",
-                    tm["wait_seconds"] + tm["inline_seconds"],
-                )
         return out
 
     def timings(self) -> dict[str, float]:

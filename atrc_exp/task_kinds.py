@@ -1,14 +1,10 @@
 """Task kinds as one table: everything the framework does with a task follows from its kind.
 
-:data:`TASK_KINDS` has one :class:`TaskKind` row per kind — ``segmentation``, ``depth``, ``normals``,
-``edge``, ``saliency`` — holding the output channels (final, aux), the losses and the default loss
-weight, the label reading (folder format) and ignore rule, the metrics (main first, with their
-direction), the colouring and the pad value. A *task* (:class:`Task`) is a name, a kind and the
-kind's options (``conf/dataset/*.yaml`` ``task_specs``, or a folder dataset's
-``atrc_dataset.yaml``); the paper's tasks are named tasks of these kinds (``semseg``,
-``human_parts``: segmentation with weight 1 and 2; ``sal``: saliency; ``depth``, ``normals``,
-``edge``). No module branches on a task's name: losses, metrics, transforms, predictions and
-reports ask the task's kind.
+:data:`TASK_KINDS` has one :class:`TaskKind` row per kind (``segmentation``, ``depth``,
+``normals``, ``edge``, ``saliency``). A *task* (:class:`Task`) is a name, a kind and the kind's
+options (``conf/dataset/*.yaml`` ``task_specs``, or a folder dataset's ``atrc_dataset.yaml``); the
+paper's tasks are named tasks of these kinds (:data:`PAPER_TASK_SPECS`). No module branches on a
+task's name: losses, metrics, transforms, predictions and reports ask the task's kind.
 
 Adding a kind: its loss and meter (``losses.py``, ``metrics.py``), one row here; nothing else.
 """
@@ -27,19 +23,6 @@ from torch import Tensor
 
 from . import label_io, losses, metrics, visualize
 from .tasks import IGNORE_INDEX, NUM_DEPTH_BINS, NUM_NORMAL_CENTROIDS, PUBLISHED_NORMAL_CENTROIDS
-
-__all__ = [
-    "TASK_KINDS",
-    "PAPER_TASK_SPECS",
-    "MeterSettings",
-    "Task",
-    "TaskKind",
-    "TaskSpecError",
-    "make_task",
-    "make_tasks",
-    "paper_tasks",
-    "spec_problems",
-]
 
 #: Keys every task spec may hold, whatever its kind.
 COMMON_KEYS = ("kind", "weight")
@@ -150,14 +133,14 @@ class TaskKind:
     metrics: tuple[tuple[str, bool], ...]
     #: ``read_label(path, task) -> raw label``: the folder format's ``labels/<task>/<id>.png|.npy``.
     read_label: Callable[[Path, Task], np.ndarray]
-    integer_labels: bool
     pad_value: float
     #: Network output (B×C×H×W) → prediction in label units (B×H×W classes or B×C×H×W maps).
     postprocess: Callable[[Tensor], Tensor]
     #: A prediction or target (H×W or C×H×W numpy) → RGB uint8 (ignore pixels black).
     colorize: Callable[[np.ndarray], np.ndarray]
     #: A prediction (H×W or C×H×W numpy) → an 8-bit PNG array, or None (no PNG for this kind).
-    prediction_png: Callable[[np.ndarray], np.ndarray | None]
+    prediction_png: Callable[[np.ndarray], np.ndarray | None] = lambda p: None
+    integer_labels: bool = False
     #: The aux loss's constant tensor (normals: the K×3 centroids), or None.
     aux_constant: Callable[[Task], Tensor | None] = lambda task: None
     #: Options a spec must set.
@@ -277,13 +260,11 @@ TASK_KINDS: dict[str, TaskKind] = {
         meter=lambda task, s: metrics.DepthMeter(task.name),
         metrics=(("rmse", False), ("abs_rel", False)),
         read_label=lambda path, task: label_io.read_depth(path),
-        integer_labels=False,
         pad_value=0.0,
         zero_is_ignore=True,
         scale_divides_values=True,
         postprocess=lambda x: x.float().clamp(min=0),
         colorize=visualize.colorize_depth,
-        prediction_png=lambda p: None,
     ),
     "normals": TaskKind(
         name="normals",
@@ -303,14 +284,12 @@ TASK_KINDS: dict[str, TaskKind] = {
             ("within_30", True),
         ),
         read_label=lambda path, task: label_io.read_normals(path),
-        integer_labels=False,
         label_channels=3,
         pad_value=0.0,
         zero_is_ignore=True,
         flip_negates_x=True,
         postprocess=visualize.unit_vectors,
         colorize=visualize.colorize_normals,
-        prediction_png=lambda p: None,
         aux_constant=_centroids,
     ),
     "edge": TaskKind(
@@ -324,7 +303,6 @@ TASK_KINDS: dict[str, TaskKind] = {
         meter=_edge_meter,
         metrics=(("odsF", True), ("oisF", True), ("loss", False)),
         read_label=lambda path, task: label_io.read_edge(path),
-        integer_labels=False,
         pad_value=IGNORE_INDEX,
         postprocess=lambda x: x.float().sigmoid(),
         colorize=visualize.colorize_probability,
@@ -363,14 +341,9 @@ PAPER_TASK_SPECS: dict[str, dict[str, Any]] = {
 
 def _plain(v: Any) -> Any:
     """An OmegaConf node as plain Python (lists, dicts); anything else as it is."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-        if isinstance(v, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(v, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return v
+    return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
 
 
 def spec_problems(name: str, spec: Any) -> list[str]:

@@ -16,15 +16,11 @@ from .tasks import IGNORE_INDEX
 
 def palette(n: int = 256) -> np.ndarray:
     """The PASCAL VOC bit-interleaved colour palette, ``n``×3 uint8."""
+    i = np.arange(n)
     pal = np.zeros((n, 3), np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
+    for j in range(8):  # bit j of channel c is bit 3j + c of the index, from the top bit down
+        for c in range(3):
+            pal[:, c] |= ((i >> (3 * j + c)) & 1).astype(np.uint8) << (7 - j)
     return pal
 
 

@@ -1,8 +1,2 @@
-"""Offline evaluation: SEISM-style edge F-measure (``edge``) and multi-run reports (``report``).
-
-Kept free of torch imports so that edge-evaluation worker processes start quickly.
-"""
-
-from __future__ import annotations
-
-__all__ = ["edge", "report"]
+"""Offline evaluation: SEISM-style edge F-measure (``edge``), multi-run reports (``report``) and
+a sweep's objective (``objective``); importing the package imports none of them."""

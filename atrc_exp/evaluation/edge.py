@@ -1,30 +1,17 @@
 """Edge F-measure (odsF / oisF) the BSDS / SEISM way, with pyEdgeEval's compiled kernels.
 
 Per image (:func:`evaluate_edge_image`), the steps of the BSDS500 ``boundaryBench`` / SEISM
-pipeline that ATRC's MATLAB evaluation ran on the PNGs it wrote:
-
-1. the edge probability is quantised to 8 bits, ``uint8(255·p)`` *truncated* (0.5 → 127), as
-   the PNG files the original wrote for SEISM;
-2. the map is cropped back to the image: from the centre of the padded map to the image size
-   when it is known (validation pads with the image in the centre,
-   :func:`atrc_exp.tasks.crop_center`), else to the bounding box of the valid pixels (the padding
-   is label 255) — so the match tolerance is relative to the *original* image diagonal;
-3. non-maximum suppression (optional, on by default): pyEdgeEval's ``fast_nms`` — Dollár's
-   ``edgesNms``: triangle smoothing, orientation from the second derivatives of the smoothed map,
-   suppression across the edge direction (r=1, s=5, m=1.01);
-4. the remaining ignore pixels (255 inside the image) are set to 0 in prediction and ground truth;
-5. for every threshold t (default 99: 0.01, 0.02, …, 0.99, BSDS' ``nthresh=99``): the binary map
-   ``p >= t`` is thinned (``bwmorph(·, 'thin', Inf)``, pyEdgeEval's ``binary_thin``) and matched to
-   the ground truth with BSDS' ``correspondPixels`` (pyEdgeEval's compiled copy of it) with
-   tolerance ``max_dist × image diagonal``; this gives, per threshold, the counts
-   ``cntR`` (matched ground-truth pixels), ``sumR`` (ground-truth pixels), ``cntP`` (matched
-   predicted pixels), ``sumP`` (predicted pixels) — pyEdgeEval's
-   ``evaluate_boundaries_threshold``.
-
-Over a split (:func:`summarize`): the counts are summed over images; ``odsF`` = the best F over
-the thresholds of the summed counts, ``oisF`` = the F of the summed counts at each image's own best
-threshold (both ×100, as the papers print them). All quantities are sums, so they reduce across
-processes by addition.
+pipeline that ATRC's MATLAB evaluation ran on the PNGs it wrote: the map quantised to 8 bits,
+``uint8(255·p)`` *truncated* (0.5 → 127); cropped to the image (from the centre of the padded
+map, :func:`atrc_exp.tasks.crop_center`, or to the valid target pixels' bounding box), so the
+tolerance is relative to the *original* image diagonal; NMS (pyEdgeEval's ``fast_nms``, Dollár's
+``edgesNms``, r=1, s=5, m=1.01); ignore pixels set to 0; then for every threshold t (99: 0.01 …
+0.99, BSDS' ``nthresh=99``) ``p >= t`` thinned and matched to the ground truth by BSDS'
+``correspondPixels`` at ``max_dist × diagonal``, giving ``cntR, sumR, cntP, sumP`` (pyEdgeEval's
+``evaluate_boundaries_threshold``). Over a split (:func:`summarize`) the counts are summed (so
+they reduce across processes by addition); ``odsF`` = the best F over the thresholds, ``oisF`` =
+the F of the counts at each image's own best threshold (×100). ``docs/evaluation.md`` compares it
+with MATLAB SEISM's numbers.
 
 **Determinism.** BSDS' ``correspondPixels`` draws the sparse outlier connections of its
 assignment problem from a random generator seeded from the clock, so the same maps can give
@@ -33,7 +20,7 @@ generator with a constant before every call (via the symbols the compiled extens
 results are reproducible and independent of which process evaluated which image. If the symbols
 can not be found (another pyEdgeEval build), a warning is logged and results may jitter slightly.
 
-This module imports only numpy at import time; pyEdgeEval is imported on first use.
+pyEdgeEval is imported on first use.
 """
 
 from __future__ import annotations
@@ -49,29 +36,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tasks import crop_center
+from ..tasks import IGNORE_INDEX, crop_center
 from ..visualize import to_uint8_prob
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 DEFAULT_NUM_THRESHOLDS = 99
 #: Seed of BSDS' random outlier graph (any non-zero constant; 0 would mean "from the clock").
 MATCH_SEED = 0x5EED
 PYEDGEEVAL_PIN = "pyEdgeEval==0.2.8"
 #: Images (after cropping the padding) thinner than this are matched without NMS.
 MIN_NMS_SIDE = 3
-
-__all__ = [
-    "DEFAULT_NUM_THRESHOLDS",
-    "EdgeCounts",
-    "edge_thresholds",
-    "evaluate_edge_image",
-    "evaluate_edge_batch",
-    "summarize",
-    "save_seism_pngs",
-    "require_pyedgeeval",
-]
 
 
 def edge_thresholds(thresholds: int | Sequence[float] = DEFAULT_NUM_THRESHOLDS) -> np.ndarray:
@@ -87,10 +62,6 @@ def edge_thresholds(thresholds: int | Sequence[float] = DEFAULT_NUM_THRESHOLDS) 
     return t
 
 
-# --------------------------------------------------------------------------------------------
-# pyEdgeEval access
-# --------------------------------------------------------------------------------------------
-
 _PEE: dict = {}
 
 
@@ -102,66 +73,53 @@ def require_pyedgeeval() -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             from pyEdgeEval._lib import correspond_pixels
             from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
-            from pyEdgeEval.common.metrics import compute_rec_prec_f1
-            from pyEdgeEval.preprocess import binary_thin, fast_nms
+            from pyEdgeEval.preprocess import fast_nms
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             f"edge odsF needs pyEdgeEval ({e}); install it with `pip install {PYEDGEEVAL_PIN}` "
             "(a source package: it needs a C++ compiler, Cython and numpy at build time)"
         ) from e
     _PEE.update(
-        correspond_pixels=correspond_pixels,
+        correspond_pixels=_seeded(correspond_pixels),
         evaluate_boundaries_threshold=evaluate_boundaries_threshold,
-        compute_rec_prec_f1=compute_rec_prec_f1,
-        binary_thin=binary_thin,
         fast_nms=fast_nms,
-        reseed=_find_reseed(),
     )
     return _PEE
 
 
-def _find_reseed():
-    """A function reseeding BSDS' ``Random::rand`` inside the compiled matcher, or ``None``."""
+def _seeded(correspond):
+    """``correspond`` with BSDS' ``Random::rand`` inside the compiled matcher reseeded with
+    :data:`MATCH_SEED` before every call; ``correspond`` itself (and a warning) if it can not be
+    reached."""
     import ctypes
     import sys
 
-    mod = sys.modules.get("pyEdgeEval._lib.correspond_pixels")
     try:
-        lib = ctypes.CDLL(mod.__file__)
+        lib = ctypes.CDLL(sys.modules["pyEdgeEval._lib.correspond_pixels"].__file__)
         addr = ctypes.addressof(ctypes.c_char.in_dll(lib, "_ZN6Random4randE"))
-        fn = lib._ZN6Random6reseedEm
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
-        fn.restype = None
-    except (AttributeError, OSError, ValueError, TypeError) as e:
+        reseed = lib._ZN6Random6reseedEm
+        reseed.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+        reseed.restype = None
+    except (KeyError, AttributeError, OSError, ValueError, TypeError) as e:
         log.warning(
             "could not reach the random generator of pyEdgeEval's correspondPixels (%s): "
             "edge counts may differ by a few pixels between runs",
             e,
         )
-        return None
+        return correspond
 
-    def reseed(seed: int = MATCH_SEED) -> None:
-        fn(addr, seed)
+    def seeded(img0, img1, max_dist=0.0075, outlier_cost=100.0):
+        reseed(addr, MATCH_SEED)
+        return correspond(img0, img1, max_dist=max_dist, outlier_cost=outlier_cost)
 
-    return reseed
-
-
-class _SeededCorrespond:
-    """``correspond_pixels`` with the BSDS random generator reseeded before every call."""
-
-    def __init__(self, pee: dict):
-        self.fn = pee["correspond_pixels"]
-        self.reseed = pee["reseed"]
-
-    def __call__(self, img0, img1, max_dist=0.0075, outlier_cost=100.0):
-        if self.reseed is not None:
-            self.reseed()
-        return self.fn(img0, img1, max_dist=max_dist, outlier_cost=outlier_cost)
+    return seeded
 
 
-# --------------------------------------------------------------------------------------------
-# per image
-# --------------------------------------------------------------------------------------------
+def _prf(count_r, sum_r, count_p, sum_p) -> tuple:
+    """Precision, recall and F as pyEdgeEval/BSDS define them (a 0/0 ratio counts as 0)."""
+    rec = count_r / (sum_r + (sum_r == 0))
+    prec = count_p / (sum_p + (sum_p == 0))
+    return prec, rec, 2 * prec * rec / (prec + rec + ((prec + rec) == 0))
 
 
 @dataclass
@@ -180,10 +138,7 @@ class EdgeCounts:
 
     def best(self) -> np.ndarray:
         """The four counts at this image's best-F threshold (for oisF; first maximum, as BSDS)."""
-        r = self.count_r / (self.sum_r + (self.sum_r == 0))
-        p = self.count_p / (self.sum_p + (self.sum_p == 0))
-        f = 2 * p * r / (p + r + ((p + r) == 0))
-        i = int(np.argmax(f))
+        i = int(np.argmax(_prf(*self.stack())[2]))
         return np.array([self.count_r[i], self.sum_r[i], self.count_p[i], self.sum_p[i]])
 
 
@@ -211,7 +166,6 @@ def evaluate_edge_image(
     max_dist: float,
     thresholds: int | Sequence[float] = DEFAULT_NUM_THRESHOLDS,
     nms: bool = True,
-    thin: bool = True,
     image_size: tuple[int, int] | None = None,
 ) -> EdgeCounts:
     """BSDS counts per threshold of one image.
@@ -226,31 +180,26 @@ def evaluate_edge_image(
     t0 = time.perf_counter()
     pee = require_pyedgeeval()
     th = edge_thresholds(thresholds)
-    pred = np.asarray(pred)
-    target = np.asarray(target)
-    if pred.ndim == 3:
-        pred = pred.reshape(pred.shape[-2:])
-    if target.ndim == 3:
-        target = target.reshape(target.shape[-2:])
+    pred, target = (np.asarray(a) for a in (pred, target))
+    pred, target = (a.reshape(a.shape[-2:]) if a.ndim == 3 else a for a in (pred, target))
     if pred.shape != target.shape:
         raise ValueError(f"edge prediction {pred.shape} and target {target.shape} differ in size")
     if pred.dtype != np.uint8:
         pred = to_uint8_prob(pred)
-    zeros = np.zeros(len(th))
     cropped = _crop_to_image(pred, target, image_size)
     if cropped is None:
-        return EdgeCounts(zeros, zeros.copy(), zeros.copy(), zeros.copy(), time.perf_counter() - t0, False)
+        return EdgeCounts(*np.zeros((4, len(th))), time.perf_counter() - t0, evaluated=False)
     pred, target, valid = cropped
     prob = pred.astype(np.float64) / 255.0
     if nms and min(prob.shape) >= MIN_NMS_SIDE:  # NMS needs image gradients: skip on slivers
         prob = pee["fast_nms"](prob, r=1, s=5, m=1.01)
     prob = np.where(valid, prob, 0.0)
     gt = valid & (target >= 0.5)
-    counts = _count_thresholds(pee, th, prob, gt, float(max_dist), thin)
+    counts = _count_thresholds(pee, th, prob, gt, float(max_dist))
     return EdgeCounts(*counts, seconds=time.perf_counter() - t0)
 
 
-def _count_thresholds(pee, th, prob, gt, max_dist, thin):
+def _count_thresholds(pee, th, prob, gt, max_dist):
     """pyEdgeEval's ``evaluate_boundaries_threshold`` (its thinning and matching, seeded), with
     the thresholds above the maximum of the map skipped: their counts are known exactly
     (nothing predicted, nothing matched)."""
@@ -263,10 +212,10 @@ def _count_thresholds(pee, th, prob, gt, max_dist, thin):
         sum_r[~active] = gt.sum()
     if active.any():
         saved = eb.correspond_pixels
-        eb.correspond_pixels = _SeededCorrespond(pee)
+        eb.correspond_pixels = pee["correspond_pixels"]
         try:
             cr, sr, cp, sp = pee["evaluate_boundaries_threshold"](
-                th[active], prob, gt, max_dist=max_dist, apply_thinning=thin, apply_nms=False
+                th[active], prob, gt, max_dist=max_dist, apply_thinning=True, apply_nms=False
             )
         finally:
             eb.correspond_pixels = saved
@@ -279,12 +228,11 @@ def evaluate_edge_batch(
     max_dist: float,
     thresholds: int | Sequence[float] = DEFAULT_NUM_THRESHOLDS,
     nms: bool = True,
-    thin: bool = True,
 ) -> list[EdgeCounts]:
     """:func:`evaluate_edge_image` over ``(pred, target)`` or ``(pred, target, image_size)``
     items (the unit of work of a worker)."""
     return [
-        evaluate_edge_image(it[0], it[1], max_dist, thresholds, nms, thin, it[2] if len(it) > 2 else None)
+        evaluate_edge_image(*it[:2], max_dist, thresholds, nms, image_size=it[2] if len(it) > 2 else None)
         for it in items
     ]
 
@@ -293,18 +241,10 @@ def _worker_init() -> None:
     """Worker processes: one thread each (they run in parallel already) and pyEdgeEval loaded."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
-    try:
-        import cv2
+    import cv2
 
-        cv2.setNumThreads(1)
-    except Exception:  # pragma: no cover
-        pass
+    cv2.setNumThreads(1)
     require_pyedgeeval()
-
-
-# --------------------------------------------------------------------------------------------
-# over a split
-# --------------------------------------------------------------------------------------------
 
 
 def summarize(per_threshold: np.ndarray, ois: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
@@ -316,19 +256,12 @@ def summarize(per_threshold: np.ndarray, ois: np.ndarray, thresholds: np.ndarray
     threshold (fractions) — precision, recall and F as pyEdgeEval/BSDS define them
     (a 0/0 ratio counts as 0).
     """
-    cr, sr, cp, sp = (np.asarray(x, dtype=np.float64) for x in per_threshold)
-    rec = cr / (sr + (sr == 0))
-    prec = cp / (sp + (sp == 0))
-    f = 2 * prec * rec / (prec + rec + ((prec + rec) == 0))
+    prec, rec, f = _prf(*np.asarray(per_threshold, dtype=np.float64))
     i = int(np.argmax(f))
-    ocr, osr, ocp, osp = (float(x) for x in ois)
-    orec = ocr / (osr + (osr == 0))
-    oprec = ocp / (osp + (osp == 0))
-    of = 2 * oprec * orec / (oprec + orec + ((oprec + orec) == 0))
+    of = _prf(*(float(x) for x in ois))[2]
     out = {
         "odsF": 100.0 * float(f[i]),
         "oisF": 100.0 * float(of),
-        "ods_index": i,
         "precision": prec,
         "recall": rec,
         "f": f,

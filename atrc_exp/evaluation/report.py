@@ -45,59 +45,18 @@ def task_of(name: str):
     return make_task(name, TASK_SPECS[name])
 
 
-class _MainMetric(Mapping):
-    """``MAIN_METRIC[task]``: the key of the metric a task is judged by (its kind's main metric)."""
-
-    def __getitem__(self, task: str) -> str:
-        return task_of(task).main_metric
-
-    def __iter__(self):
-        return iter(TASK_SPECS)
-
-    def __len__(self) -> int:
-        return len(TASK_SPECS)
+def main_metric(task: str) -> str:
+    """The key of the metric ``task`` is judged by in tables and Δm (its kind's main metric), e.g.
+    ``semseg/mIoU``."""
+    return task_of(task).main_metric
 
 
-#: The metric each task is judged by (in tables and Δm), e.g. ``MAIN_METRIC["semseg"] == "semseg/mIoU"``.
-MAIN_METRIC: Mapping[str, str] = _MainMetric()
-
-#: Overrides that do not make a different configuration.
-_IGNORED_OVERRIDES = (
-    "seed",
-    "paths.",
-    "hydra.",
-    "hydra/",
-    "trainer.resume",
-    "trainer.num_workers",
-    "trainer.progress",
-    "trainer.log_interval",
-    "trainer.edge_eval_workers",
-    "logger",
-    "dataset=",
-    "backbone=",
-    "backbone._target_=",
-    "tasks=",
-    "tasks.names=",
-    "context=",
-    "mode=",
-    "experiment=",
-    "run_name",
+#: Prefixes of the overrides that do not make a different configuration.
+_IGNORED_OVERRIDES = tuple(
+    "seed paths. hydra. hydra/ trainer.resume trainer.num_workers trainer.progress trainer.log_interval "
+    "trainer.edge_eval_workers logger dataset= backbone= backbone._target_= tasks= tasks.names= context= "
+    "mode= experiment= run_name".split()
 )
-
-__all__ = [
-    "MAIN_METRIC",
-    "Run",
-    "Row",
-    "lower_is_better",
-    "delta_m",
-    "find_runs",
-    "load_run",
-    "build_rows",
-    "load_baselines",
-    "to_markdown",
-    "write_outputs",
-    "sign_convention_note",
-]
 
 
 def lower_is_better(task: str) -> bool:
@@ -109,7 +68,7 @@ def delta_m(metrics: Mapping[str, float], baselines: Mapping[str, float], tasks:
     """Δm in percent of ``metrics`` (main metric per task, or keyed by metric name) vs ``baselines``."""
     terms = []
     for t in tasks:
-        key = MAIN_METRIC[t]
+        key = main_metric(t)
         m = metrics[key] if key in metrics else metrics[t]
         b = baselines[key] if key in baselines else baselines[t]
         if b == 0:
@@ -133,10 +92,6 @@ class Run:
     step: int
     metrics: dict[str, float]
     overrides: tuple[str, ...] = ()
-
-    @property
-    def single_task(self) -> bool:
-        return len(self.tasks) == 1 and self.context == "none"
 
 
 @dataclass
@@ -290,11 +245,9 @@ def load_baselines(path: str | Path) -> dict:
 
 
 def _baseline_for(baselines: dict, dataset: str, backbone: str) -> dict[str, float]:
-    if isinstance(baselines.get(dataset), dict):
-        sub = baselines[dataset]
-        if isinstance(sub.get(backbone), dict):
-            sub = sub[backbone]
-        return {k: float(v) for k, v in sub.items() if not isinstance(v, dict)}
+    sub = baselines.get(dataset)
+    if isinstance(sub, dict):
+        baselines = sub[backbone] if isinstance(sub.get(backbone), dict) else sub
     return {k: float(v) for k, v in baselines.items() if not isinstance(v, dict)}
 
 
@@ -309,8 +262,7 @@ def build_rows(runs: Sequence[Run], baselines: dict | None = None) -> list[Row]:
         rows.values(), key=lambda w: (w.dataset, w.backbone, -len(w.tasks), w.tasks, w.context, w.extra)
     )
     for row in out:
-        keys = sorted({k for r in row.runs for k in r.metrics})
-        for k in keys:
+        for k in sorted({k for r in row.runs for k in r.metrics}):
             row.mean[k], row.std[k] = _mean_std([r.metrics.get(k, math.nan) for r in row.runs])
     for row in out:
         if baselines is not None:
@@ -318,9 +270,9 @@ def build_rows(runs: Sequence[Run], baselines: dict | None = None) -> list[Row]:
             source = "baselines file"
         else:
             base, source = single_task_baselines(out, row)
-        missing = [t for t in row.tasks if MAIN_METRIC[t] not in base and t not in base]
+        missing = [t for t in row.tasks if main_metric(t) not in base and t not in base]
         row.baseline_source = source
-        if missing or any(not math.isfinite(row.mean.get(MAIN_METRIC[t], math.nan)) for t in row.tasks):
+        if missing or any(not math.isfinite(row.mean.get(main_metric(t), math.nan)) for t in row.tasks):
             continue
         row.delta_m = delta_m(row.mean, base, row.tasks)
         per_seed = []
@@ -345,12 +297,12 @@ def single_task_baselines(rows: Sequence[Row], row: Row) -> tuple[dict[str, floa
             and w.backbone == row.backbone
             and w.tasks == (t,)
             and w.context == "none"
-            and math.isfinite(w.mean.get(MAIN_METRIC[t], math.nan))
+            and math.isfinite(w.mean.get(main_metric(t), math.nan))
         ]
         same = [w for w in cands if w.extra == row.extra]
         pick = (same or cands or [None])[0]
         if pick is not None:
-            base[MAIN_METRIC[t]] = pick.mean[MAIN_METRIC[t]]
+            base[main_metric(t)] = pick.mean[main_metric(t)]
     return base, "single-task runs"
 
 
@@ -367,8 +319,8 @@ def _columns(rows: Sequence[Row]) -> list[str]:
 
 def sign_convention_note(rows: Sequence[Row]) -> str:
     tasks = _columns(rows)
-    up = [MAIN_METRIC[t] for t in tasks if not lower_is_better(t)]
-    down = [MAIN_METRIC[t] for t in tasks if lower_is_better(t)]
+    up = [main_metric(t) for t in tasks if not lower_is_better(t)]
+    down = [main_metric(t) for t in tasks if lower_is_better(t)]
     src = sorted({r.baseline_source for r in rows if r.baseline_source})
     lines = [
         "Values: mean ± std (sample std) over seeds; n = number of seeds.",
@@ -398,7 +350,7 @@ def table_records(rows: Sequence[Row]) -> list[dict]:
             "seeds": " ".join(str(s) for s in r.seeds),
         }
         for t in _columns(rows):
-            k = MAIN_METRIC[t]
+            k = main_metric(t)
             rec[f"{k} mean"] = r.mean.get(k) if t in r.tasks else None
             rec[f"{k} std"] = r.std.get(k) if t in r.tasks else None
         rec["delta_m"] = r.delta_m
@@ -412,7 +364,7 @@ def to_markdown(rows: Sequence[Row]) -> str:
     show_extra = any(r.extra for r in rows)
     head = ["dataset", "backbone", "tasks", "context", "mode"] + (["overrides"] if show_extra else []) + ["n"]
     arrows = {t: "↓" if lower_is_better(t) else "↑" for t in cols}
-    head += [f"{MAIN_METRIC[t]} {arrows[t]}" for t in cols] + ["Δm % ↑"]
+    head += [f"{main_metric(t)} {arrows[t]}" for t in cols] + ["Δm % ↑"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         n = len(r.runs)
@@ -421,7 +373,7 @@ def to_markdown(rows: Sequence[Row]) -> str:
         )
         cells.append(str(n))
         for t in cols:
-            k = MAIN_METRIC[t]
+            k = main_metric(t)
             cells.append(_fmt(r.mean.get(k), r.std.get(k, 0.0), n) if t in r.tasks else "")
         cells.append(
             "–"
@@ -444,20 +396,18 @@ def write_outputs(rows: Sequence[Row], out_dir: str | Path) -> dict[str, Path]:
         w = csv.DictWriter(f, fieldnames=list(recs[0]) if recs else ["dataset"])
         w.writeheader()
         w.writerows(recs)
-    full = []
-    for r, rec in zip(rows, recs):
-        full.append(
-            {
-                **rec,
-                "mean": r.mean,
-                "std": r.std,
-                "baseline_source": r.baseline_source,
-                "runs": [
-                    {"path": str(x.path), "seed": x.seed, "step": x.step, "metrics": x.metrics}
-                    for x in r.runs
-                ],
-            }
-        )
+    full = [
+        {
+            **rec,
+            "mean": r.mean,
+            "std": r.std,
+            "baseline_source": r.baseline_source,
+            "runs": [
+                {"path": str(x.path), "seed": x.seed, "step": x.step, "metrics": x.metrics} for x in r.runs
+            ],
+        }
+        for r, rec in zip(rows, recs)
+    ]
 
     def _clean(o):
         if isinstance(o, float) and not math.isfinite(o):
