@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--wandb", action="store_true", help="also log the table as a W&B table")
     p.add_argument("--wandb-project", default="atrc_exp")
-    p.add_argument("--wandb-mode", default=None, help="online | offline | disabled (default: wandb decides)")
+    p.add_argument("--wandb-mode", help="online | offline | disabled (default: wandb decides)")
     return p
 
 
