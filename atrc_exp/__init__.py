@@ -1,13 +1,8 @@
 """atrc_exp: Hydra-configured experiments for ATRC (ICCV 2021) multi-task dense prediction.
 
-Public API:
-    compose(overrides) -> DictConfig              ``conf/train.yaml`` composed with Hydra overrides
-    build_model(cfg) -> nn.Module                 the network of a composed config
-    load_original_state_dict(model, state_dict)   import weights trained with the original code
-
-Importing the package registers the ``atrc_*`` OmegaConf resolvers that ``conf/`` uses
-(:func:`register_resolvers`), so Hydra's own compose API works on :data:`atrc_exp.config.CONF_DIR`
-too (torch is imported only on use).
+Public API: :func:`compose`, :func:`build_model`, :func:`load_original_state_dict`. Importing the
+package registers the ``atrc_*`` OmegaConf resolvers that ``conf/`` uses, so Hydra's own compose
+API works on :data:`atrc_exp.config.CONF_DIR` too (torch is imported only on use).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import tarfile
 import urllib.error
 import urllib.request
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +41,11 @@ FOLDER = "folder"
 #: The published layouts (the folders ``check`` and ``fetch`` know).
 PUBLISHED = [name for name in LAYOUTS if name != FOLDER]
 
-#: ``fetch --dataset`` name -> the original archive (ASTMT / MTI-Net / ATRC use these layouts), from
-#: the layout table. Sizes and checksums that we do not know for sure are ``None``: `fetch` then
-#: prints the sha256 it computed instead of checking it.
+#: ``fetch --dataset`` name -> the original archive (ASTMT / MTI-Net / ATRC use these layouts) as a
+#: dict (url, file, folder, size, sha256), from the layout table. A ``None`` size or checksum is not
+#: known for sure: `fetch` then prints the sha256 it computed instead of checking it.
 ARCHIVES: dict[str, dict] = {
-    spec.archive.dataset: {
-        "url": spec.archive.url,
-        "file": spec.archive.file,
-        "folder": name,
-        "size": spec.archive.size,
-        "sha256": spec.archive.sha256,
-    }
+    spec.archive.dataset: {**asdict(spec.archive), "file": spec.archive.file, "folder": name}
     for name, spec in LAYOUTS.items()
     if spec.archive is not None
 }
@@ -287,10 +282,7 @@ def _download(url: str, dest: Path, expected_size: int | None) -> str:
         open(dest, "wb") as f,
         tqdm(total=total, unit="B", unit_scale=True, desc=dest.name.lstrip(".")) as bar,
     ):
-        while True:
-            chunk = resp.read(1 << 20)
-            if not chunk:
-                break
+        for chunk in iter(lambda: resp.read(1 << 20), b""):
             f.write(chunk)
             h.update(chunk)
             bar.update(len(chunk))

@@ -235,18 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ((run_dir / "eval") if run_dir is not None else Path("eval"))
     out.mkdir(parents=True, exist_ok=True)
     split = args.split or str(cfg.dataset.val_split)
-    write_json_atomic(
-        out / "metrics.json",
-        {
-            "step": step,
-            "metrics": metrics,
-            "labelled_images": labelled,
-            "split": split,
-            "checkpoint": str(ckpt_dir or wfile),
-            "edge_eval": timing,
-        },
-    )
-    print(format_metrics_table(metrics, f"{split} metrics ({ckpt_dir or wfile}, step {step}, {device})"))
+    ckpt = ckpt_dir or wfile
+    record = dict(step=step, metrics=metrics, labelled_images=labelled, split=split, checkpoint=str(ckpt))
+    write_json_atomic(out / "metrics.json", {**record, "edge_eval": timing})
+    print(format_metrics_table(metrics, f"{split} metrics ({ckpt}, step {step}, {device})"))
     for key in [k for k in timing if k.endswith("/images") and timing[k]]:
         t = key[: -len("/images")]
         print(
