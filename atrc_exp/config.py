@@ -95,9 +95,9 @@ def user_error(e: BaseException) -> BaseException:
 
 
 def instantiate(cfg: DictConfig, key: str, *args, **kwargs):
-    """The object of the config node ``key`` (``_target_`` and its arguments) with ``args`` and ``kwargs`` added:
-    :func:`hydra.utils.instantiate` with plain Python containers. The target's own error is raised,
-    not Hydra's wrapper; arguments its signature does not take are a :class:`ConfigError`."""
+    """The object of the config node ``key`` (``_target_`` and its arguments) with ``args`` and
+    ``kwargs`` added: :func:`hydra.utils.instantiate` with plain Python containers. The target's own
+    error is raised, not Hydra's wrapper; arguments its signature does not take are a :class:`ConfigError`."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
@@ -135,7 +135,7 @@ def config_tasks(cfg: DictConfig, names=None) -> list:
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` (``train``) with Hydra's compose API and ``overrides`` (the command-line
+    """Compose ``conf/<config_name>.yaml`` with Hydra's compose API and ``overrides`` (the command-line
     syntax of ``atrc-train``, e.g. ``["dataset=nyud", "backbone.pretrained=false"]``).
 
     The result is what ``atrc-train`` would run, without the ``hydra`` node's run-time values, checked

@@ -194,7 +194,7 @@ def _export_edges(logits, batch, out_dir, task: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atrc-eval",
-        description="Evaluate a checkpoint (ours, or original-implementation weights) on a split; write metrics.json.",
+        description="Evaluate a checkpoint (ours, or original weights) on a split; write metrics.json.",
     )
     p.add_argument(
         "target", help="run folder, checkpoint folder (checkpoints/step_N) or original weights file"
