@@ -1,13 +1,8 @@
 """atrc_exp: Hydra-configured experiments for ATRC (ICCV 2021) multi-task dense prediction.
 
-Public API:
-    compose(overrides) -> DictConfig              ``conf/train.yaml`` composed with Hydra overrides
-    build_model(cfg) -> nn.Module                 the network of a composed config
-    load_original_state_dict(model, state_dict)   import weights trained with the original code
-
-Importing the package registers the ``atrc_*`` OmegaConf resolvers that ``conf/`` uses
-(:func:`register_resolvers`), so Hydra's own compose API works on :data:`atrc_exp.config.CONF_DIR`
-too (torch is imported only on use).
+Public API: :func:`compose`, :func:`build_model`, :func:`load_original_state_dict`. Importing the
+package registers the ``atrc_*`` OmegaConf resolvers that ``conf/`` uses, so Hydra's own compose
+API works on :data:`atrc_exp.config.CONF_DIR` too (torch is imported only on use).
 """
 
 from __future__ import annotations
@@ -20,14 +15,14 @@ __version__ = "0.1.0"
 
 
 def _folder_task_specs(root) -> dict:
-    """The task specs of a folder dataset (``dataset.root``; see :func:`atrc_exp.data.folder.load_task_specs`)."""
+    """The task specs of the folder dataset at ``root`` (:func:`atrc_exp.data.folder.load_task_specs`)."""
     from .data.folder import load_task_specs
 
     return load_task_specs(root)
 
 
 def register_resolvers() -> None:
-    """Register the ``atrc_*`` OmegaConf resolvers of ``conf/`` (idempotent; importing the package does it)."""
+    """Register the ``atrc_*`` OmegaConf resolvers of ``conf/`` (idempotent; done on import)."""
     from .config import cache_dir, rank_suffix, run_stamp
 
     for name, fn in {
@@ -53,7 +48,7 @@ def build_model(cfg):
 
 def load_original_state_dict(model, state_dict, weights_only=None):
     """Import weights of the original ATRC implementation into ``model`` (a Lightning ``.ckpt`` dict,
-    a bare state dict or the path of either); see :func:`atrc_exp.models.original.load_original_state_dict`."""
+    a bare state dict or the path of either): :func:`atrc_exp.models.original.load_original_state_dict`."""
     from .models.original import load_original_state_dict as _load
 
     return _load(model, state_dict, weights_only=weights_only)

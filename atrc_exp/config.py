@@ -1,14 +1,5 @@
-"""Config helpers: the functions behind ``conf/``'s resolvers, composition, path resolution and
-config validation.
-
-The ``atrc_*`` resolvers that ``conf/train.yaml`` uses are registered when ``atrc_exp`` is imported
-(:func:`atrc_exp.register_resolvers`), so Hydra's compose API works after ``import atrc_exp``;
-:func:`compose` composes ``conf/train.yaml`` in one call.
-
-The shipped data folders (``conf/``, ``genotypes/``, ``kernels/``) are found by :func:`resource_dir`:
-inside the installed package (a wheel carries them as ``atrc_exp/<name>/``) or at the top of the
-checkout (editable install, ``make install``).
-"""
+"""Config helpers: the functions behind ``conf/``'s ``atrc_*`` resolvers (registered by
+:func:`atrc_exp.register_resolvers`), composition, path resolution and validation (:data:`SCHEMA`)."""
 
 from __future__ import annotations
 
@@ -24,16 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-#: The data folders shipped with atrc_exp (see :func:`resource_dir`).
-RESOURCE_DIRS: tuple[str, ...] = ("conf", "genotypes", "kernels")
 
 
 def resource_dir(name: str) -> Path:
-    """The folder of the shipped data ``name`` (one of :data:`RESOURCE_DIRS`): the copy inside the
-    installed package (``<site-packages>/atrc_exp/<name>``, from a wheel) when it exists, else the
-    top-level folder of the checkout (``<repo>/<name>``: editable install or source tree)."""
-    if name not in RESOURCE_DIRS:
-        raise ValueError(f"unknown resource folder {name!r}; known: {', '.join(RESOURCE_DIRS)}")
+    """The folder of the shipped data ``name`` (``conf``, ``genotypes``, ``kernels``): the copy inside
+    the installed package (``<site-packages>/atrc_exp/<name>``, from a wheel) when it exists, else
+    the top-level folder of the checkout (``<repo>/<name>``: editable install or source tree)."""
     inside = _PACKAGE_DIR / name
     return inside if inside.is_dir() else _PACKAGE_DIR.parent / name
 
@@ -108,9 +95,9 @@ def user_error(e: BaseException) -> BaseException:
 
 
 def instantiate(cfg: DictConfig, key: str, *args, **kwargs):
-    """The object of the config node ``key`` (``_target_`` and its arguments) with ``args`` and ``kwargs`` added:
-    :func:`hydra.utils.instantiate` with plain Python containers. The target's own error is raised,
-    not Hydra's wrapper; arguments its signature does not take are a :class:`ConfigError`."""
+    """The object of the config node ``key`` (``_target_`` and its arguments) with ``args`` and
+    ``kwargs`` added: :func:`hydra.utils.instantiate` with plain Python containers. The target's own
+    error is raised, not Hydra's wrapper; arguments its signature does not take are a :class:`ConfigError`."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
@@ -148,7 +135,7 @@ def config_tasks(cfg: DictConfig, names=None) -> list:
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` (``train``) with Hydra's compose API and ``overrides`` (the command-line
+    """Compose ``conf/<config_name>.yaml`` with Hydra's compose API and ``overrides`` (the command-line
     syntax of ``atrc-train``, e.g. ``["dataset=nyud", "backbone.pretrained=false"]``).
 
     The result is what ``atrc-train`` would run, without the ``hydra`` node's run-time values, checked
@@ -167,17 +154,16 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
     outer = GlobalHydra.instance()
     if outer.is_initialized() and HydraConfig.initialized():
         cfg = _compose(config_name=config_name, overrides=overrides)
-        validate_config(cfg)
-        return cfg
-    saved = outer.hydra if outer.is_initialized() else None
-    if saved is not None:
-        outer.clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = _compose(config_name=config_name, overrides=overrides)
-    finally:
+    else:
+        saved = outer.hydra if outer.is_initialized() else None
         if saved is not None:
-            GlobalHydra.instance().initialize(saved)
+            outer.clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = _compose(config_name=config_name, overrides=overrides)
+        finally:
+            if saved is not None:
+                GlobalHydra.instance().initialize(saved)
     validate_config(cfg)
     return cfg
 

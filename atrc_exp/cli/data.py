@@ -4,17 +4,13 @@
     atrc-data check DIR [--max-problems N]
     atrc-data fetch --dataset nyud|pascal_context --dest DIR [--url URL] [--sha256 HEX]
 
-``DIR`` / ``--dest`` is the folder that holds ``NYUD_MT/`` and ``PASCAL_MT/`` (``paths.data_dir``).
-The layouts, their archives and what ``check`` expects of them are the rows of
-:data:`atrc_exp.data.layouts.LAYOUTS`.
-Problems with the data are reported in one line each and give exit code 1 (no traceback).
-A folder dataset (``DIR/atrc_dataset.yaml``, :mod:`atrc_exp.data.folder`) is checked against its
-YAML: the report on stdout, one ``problem: ...`` line per problem on stderr, exit code 2 when there
-are any; ``synth --layout folder --out DIR`` writes the synthetic dataset in that format into ``DIR``.
-``check`` also reports, per split, how many normals pixels are valid (the share over the split,
-the per-image min / mean / max, images without any, the lowest images): on PASCAL_MT the
-distilled normals are kept only on the original's 170 ``LabelMap`` classes, so this shows at once
-whether that mask is sane.
+``DIR`` / ``--dest`` is the folder that holds ``NYUD_MT/`` and ``PASCAL_MT/`` (``paths.data_dir``);
+the layouts, their archives and what ``check`` expects of them are the rows of
+:data:`atrc_exp.data.layouts.LAYOUTS`. Problems with the data are one line each, exit code 1 (no
+traceback); a folder dataset (``DIR/atrc_dataset.yaml``, :mod:`atrc_exp.data.folder`) is checked
+against its YAML (exit code 2 on problems). ``check`` also reports the valid normals pixels per
+split: on PASCAL_MT the distilled normals are kept only on the original's 170 ``LabelMap``
+classes, so this shows at once whether that mask is sane.
 """
 
 from __future__ import annotations
@@ -28,6 +24,8 @@ import sys
 import tarfile
 import urllib.error
 import urllib.request
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +38,14 @@ from ..task_kinds import paper_tasks
 
 #: ``--layout`` of a folder dataset (``atrc_dataset.yaml``; not a published layout).
 FOLDER = "folder"
-#: Exit code of ``check`` when a folder dataset has problems.
-FOLDER_PROBLEMS_EXIT = 2
+#: The published layouts (the folders ``check`` and ``fetch`` know).
+PUBLISHED = [name for name in LAYOUTS if name != FOLDER]
 
-#: ``fetch --dataset`` name -> the original archive (ASTMT / MTI-Net / ATRC use these layouts), from
-#: the layout table. Sizes and checksums that we do not know for sure are ``None``: `fetch` then
-#: prints the sha256 it computed instead of checking it.
+#: ``fetch --dataset`` name -> the original archive (ASTMT / MTI-Net / ATRC use these layouts) as a
+#: dict (url, file, folder, size, sha256), from the layout table. A ``None`` size or checksum is not
+#: known for sure: `fetch` then prints the sha256 it computed instead of checking it.
 ARCHIVES: dict[str, dict] = {
-    spec.archive.dataset: {
-        "url": spec.archive.url,
-        "file": spec.archive.file,
-        "folder": name,
-        "size": spec.archive.size,
-        "sha256": spec.archive.sha256,
-    }
+    spec.archive.dataset: {**asdict(spec.archive), "file": spec.archive.file, "folder": name}
     for name, spec in LAYOUTS.items()
     if spec.archive is not None
 }
@@ -67,89 +59,60 @@ class CLIError(Exception):
     """A problem reported as one line with exit code 1."""
 
 
-# ----------------------------------------------------------------------------------------------
-# synth
-# ----------------------------------------------------------------------------------------------
-
-
 def _layout_arg(s: str) -> str:
-    if s.lower() == FOLDER:
-        return FOLDER
     try:
         return layout_for_name(s)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def synth_folder(a: argparse.Namespace) -> int:
-    """``synth --layout folder``: the synthetic dataset as a folder dataset in ``--out`` itself."""
-    from ..config import cache_dir
-    from ..data.synthetic_folder import ensure_folder_dataset
-
-    out = a.out
-    if out is None:
-        out = cache_dir() / "synthetic" / f"folder_v1_n{a.n_train}-{a.n_val}_{a.height}x{a.width}_s{a.seed}"
-    try:
-        root = ensure_folder_dataset(
-            Path(out), n_train=a.n_train, n_val=a.n_val, height=a.height, width=a.width, seed=a.seed,
-            progress=not a.quiet,
-        )  # fmt: skip
-    except ValueError as e:
-        raise CLIError(str(e)) from e
-    print(f"folder dataset ({a.n_train} train / {a.n_val} val, {a.height}x{a.width} and others) in {root}")
-    print(f"use it with: atrc-train dataset=folder dataset.root={root}")
-    return 0
-
-
 def cmd_synth(a: argparse.Namespace) -> int:
+    """``synth``: the synthetic dataset in ``--out/<layout>``, or with ``--layout folder`` a folder
+    dataset in ``--out`` itself."""
     from ..config import cache_dir
     from ..data.layouts import ensure_synthetic_dataset
+    from ..data.synthetic_folder import ensure_folder_dataset
 
-    if a.layout == FOLDER:
-        return synth_folder(a)
-    out = a.out
-    if out is None:  # the folder dataset=synthetic uses for these settings (config.synthetic_data_dir)
-        out = cache_dir() / "synthetic" / f"v1_n{a.n_train}-{a.n_val}_{a.height}x{a.width}_s{a.seed}"
+    folder = a.layout == FOLDER
+    # default: the folder dataset=synthetic uses for these settings (config.synthetic_data_dir)
+    tag = f"{'folder_' if folder else ''}v1_n{a.n_train}-{a.n_val}_{a.height}x{a.width}_s{a.seed}"
+    out = Path(a.out) if a.out is not None else cache_dir() / "synthetic" / tag
+    sizes = dict(n_train=a.n_train, n_val=a.n_val, height=a.height, width=a.width, seed=a.seed)
     try:
-        root = ensure_synthetic_dataset(
-            Path(out), n_train=a.n_train, n_val=a.n_val, height=a.height, width=a.width, seed=a.seed,
-            progress=not a.quiet, layout=a.layout,
-        )  # fmt: skip
+        if folder:
+            root = ensure_folder_dataset(out, **sizes, progress=not a.quiet)
+        else:
+            root = ensure_synthetic_dataset(out, **sizes, progress=not a.quiet, layout=a.layout)
     except ValueError as e:
         raise CLIError(str(e)) from e
-    print(f"{a.layout} ({a.n_train} train / {a.n_val} val, {a.height}x{a.width}) in {Path(root) / a.layout}")
-    print(f"use it with: atrc-train paths.data_dir={root} dataset={LAYOUTS[a.layout].synthetic_dataset}")
+    size = f"{a.n_train} train / {a.n_val} val, {a.height}x{a.width}"
+    if folder:
+        print(f"folder dataset ({size} and others) in {root}")
+        print(f"use it with: atrc-train dataset=folder dataset.root={root}")
+    else:
+        print(f"{a.layout} ({size}) in {Path(root) / a.layout}")
+        print(f"use it with: atrc-train paths.data_dir={root} dataset={LAYOUTS[a.layout].synthetic_dataset}")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# check
-# ----------------------------------------------------------------------------------------------
 
 
 def _find_layouts(path: Path) -> tuple[Path, list[str]]:
     """(data_dir, layouts present) for a data dir or a layout folder itself."""
-    if path.name in LAYOUTS and path.name != FOLDER and path.is_dir():
+    if path.name in PUBLISHED and path.is_dir():
         return path.parent, [path.name]
-    found = [lay for lay in LAYOUTS if lay != FOLDER and (path / lay).is_dir()]
-    return path, found
+    return path, [lay for lay in PUBLISHED if (path / lay).is_dir()]
 
 
 def _manifest(folder: Path) -> dict | None:
-    mf = folder / "synthetic.json"
-    if mf.is_file():
-        try:
-            return json.loads(mf.read_text())
-        except (OSError, ValueError):
-            return None
-    return None
+    try:
+        return json.loads((folder / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _check_values(name: str, sample: dict, problems: list[str], where: str) -> None:
     """Label ranges beyond what the readers enforce, by each label's kind (the published layouts'
     tasks are the paper's named tasks)."""
-    kinds = {k: kind for k, kind in PAPER_KINDS.items() if k in sample}
-    for key, kind in kinds.items():
+    for key, kind in [(k, kind) for k, kind in PAPER_KINDS.items() if k in sample]:
         v = sample[key]
         if kind == "edge" and not np.isin(v, (0.0, 1.0)).all():
             problems.append(f"{where}: {key} values other than 0/1 ({np.unique(v)[:5]}...) in {name}")
@@ -188,7 +151,7 @@ def normals_report(stats: list[tuple[str, int, int]], worst: int = 3) -> str:
     )
 
 
-def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[str], list[str]]:
+def check_layout(data_dir: Path, layout: str) -> tuple[list[str], list[str]]:
     """Validate ``data_dir/<layout>``: (report lines, problems)."""
     from tqdm import tqdm
 
@@ -215,7 +178,7 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
             problems.append(str(e))
             continue
         n_bad = 0
-        sizes: dict[tuple, int] = {}
+        sizes: Counter = Counter()
         normals: list[tuple[str, int, int]] = []  # (image id, valid pixels, pixels)
         for i in tqdm(range(len(ds)), desc=f"{layout}/{split}", unit="img", leave=False, disable=None):
             try:
@@ -225,8 +188,7 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
                 _check_values(ds.names[i], sample, problems, f"{layout}/{split}")
                 for key in [k for k, kind in PAPER_KINDS.items() if k in sample and kind == "normals"]:
                     normals.append((ds.names[i], *normals_valid_pixels(sample[key])))
-                hw = sample["image"].shape[:2]
-                sizes[hw] = sizes.get(hw, 0) + 1
+                sizes[sample["image"].shape[:2]] += 1
             except DataError as e:
                 n_bad += 1
                 problems.append(str(e))
@@ -234,7 +196,7 @@ def check_layout(data_dir: Path, layout: str, max_list: int = 20) -> tuple[list[
         count = f"{len(ds)} images" + (f" (expected {want})" if want is not None else "")
         if want is not None and len(ds) != want:
             problems.append(f"{layout}/{split}: {len(ds)} images listed in {ds.split_file}, expected {want}")
-        common = ", ".join(f"{h}x{w}: {c}" for (h, w), c in sorted(sizes.items(), key=lambda kv: -kv[1])[:3])
+        common = ", ".join(f"{h}x{w}: {c}" for (h, w), c in sizes.most_common(3))
         lines.append(f"  {split}: {count}, {n_bad} unreadable or damaged; sizes {common or '-'}")
         if normals:
             lines.append(f"    {normals_report(normals)}")
@@ -258,7 +220,7 @@ def check_folder_dataset(path: Path, max_problems: int) -> int:
         print(f"problem: {p}", file=sys.stderr)
     if len(problems) > max_problems:
         print(f"problem: ... and {len(problems) - max_problems} more (--max-problems)", file=sys.stderr)
-    return FOLDER_PROBLEMS_EXIT
+    return 2
 
 
 def _is_folder_dataset(path: Path) -> bool:
@@ -274,14 +236,14 @@ def cmd_check(a: argparse.Namespace) -> int:
     path = Path(a.dir).expanduser()
     if path.is_dir() and _is_folder_dataset(path):
         return check_folder_dataset(path, a.max_problems)
-    folders = " and/or ".join(f"{lay}/" for lay in LAYOUTS if lay != FOLDER)
+    folders = " and/or ".join(f"{lay}/" for lay in PUBLISHED)
     fetch = f"`atrc-data fetch --dataset {'|'.join(ARCHIVES)} --dest {path}`"
     if not path.is_dir():
         raise CLIError(f"{path} does not exist: pass the folder that holds {folders} (get them with {fetch})")
     data_dir, layouts = _find_layouts(path)
     if not layouts:
         raise CLIError(
-            f"{path} holds none of {', '.join(f'{lay}/' for lay in LAYOUTS if lay != FOLDER)}: expected the "
+            f"{path} holds none of {', '.join(f'{lay}/' for lay in PUBLISHED)}: expected the "
             f"published layouts there (get them with {fetch}, or generate one with `atrc-data synth --out "
             f"{path}`), or a folder dataset (atrc_dataset.yaml, images/, labels/, splits/)"
         )
@@ -299,11 +261,6 @@ def cmd_check(a: argparse.Namespace) -> int:
         return 1
     print("ok")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# fetch
-# ----------------------------------------------------------------------------------------------
 
 
 def _download(url: str, dest: Path, expected_size: int | None) -> str:
@@ -325,10 +282,7 @@ def _download(url: str, dest: Path, expected_size: int | None) -> str:
         open(dest, "wb") as f,
         tqdm(total=total, unit="B", unit_scale=True, desc=dest.name.lstrip(".")) as bar,
     ):
-        while True:
-            chunk = resp.read(1 << 20)
-            if not chunk:
-                break
+        for chunk in iter(lambda: resp.read(1 << 20), b""):
             f.write(chunk)
             h.update(chunk)
             bar.update(len(chunk))
@@ -363,16 +317,13 @@ def cmd_fetch(a: argparse.Namespace) -> int:
     try:
         print(f"downloading {url}")
         digest = _download(url, part, info["size"])
-        if expected:
-            if digest != expected.lower():
-                raise CLIError(
-                    f"sha256 mismatch for {url}: got {digest}, expected {expected}; nothing was kept"
-                )
-            print(f"sha256 ok ({digest})")
+        if not expected:
+            note = f"no reference checksum is known for {a.dataset}; compare it with a trusted copy"
+            print(f"sha256 {digest} ({note})")
+        elif digest != expected.lower():
+            raise CLIError(f"sha256 mismatch for {url}: got {digest}, expected {expected}; nothing was kept")
         else:
-            print(
-                f"sha256 {digest} (no reference checksum is known for {a.dataset}; compare it with a trusted copy)"
-            )
+            print(f"sha256 ok ({digest})")
         tmp_dir.mkdir()
         _extract(part, tmp_dir)
         got = tmp_dir / info["folder"]
@@ -391,9 +342,6 @@ def cmd_fetch(a: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atrc-data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -403,10 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout",
         type=_layout_arg,
         default="NYUD_MT",
-        help=f"one of {', '.join(k for k in LAYOUTS if k != FOLDER)} (default NYUD_MT), or the dataset name "
+        help=f"one of {', '.join(PUBLISHED)} (default NYUD_MT), or the dataset name "
         f"of one ({', '.join(ARCHIVES)}), or {FOLDER} (a folder dataset, written into --out itself)",
     )
-    s.add_argument("--out", type=Path, default=None, help="data dir (default: the synthetic cache folder)")
+    s.add_argument("--out", type=Path, help="data dir (default: the synthetic cache folder)")
     s.add_argument("--n-train", type=int, default=240)
     s.add_argument("--n-val", type=int, default=48)
     s.add_argument("--height", type=int, default=120)
@@ -418,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a data dir against its layout (and report the valid normals)")
     c.add_argument(
         "dir",
-        help=f"the folder holding {' and/or '.join(f'{k}/' for k in LAYOUTS if k != FOLDER)} (or one of "
+        help=f"the folder holding {' and/or '.join(f'{k}/' for k in PUBLISHED)} (or one of "
         "them), or a folder dataset (holding atrc_dataset.yaml)",
     )
     c.add_argument("--max-problems", type=int, default=50, help="problems listed (all are counted)")
@@ -427,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="download and unpack an original archive")
     f.add_argument("--dataset", choices=sorted(ARCHIVES), default="nyud")
     f.add_argument("--dest", default=".", help="the data dir (the layout folder goes inside)")
-    f.add_argument("--url", default=None, help="another source (a mirror, or file:///path/archive.tgz)")
-    f.add_argument("--sha256", default=None, help="expected sha256 of the archive")
+    f.add_argument("--url", help="another source (a mirror, or file:///path/archive.tgz)")
+    f.add_argument("--sha256", help="expected sha256 of the archive")
     f.add_argument("--keep-archive", action="store_true")
     f.add_argument("--force", action="store_true", help="replace an existing folder")
     f.set_defaults(fn=cmd_fetch)

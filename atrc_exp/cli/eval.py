@@ -8,17 +8,14 @@
     atrc-eval <run_dir> --export-edges out/edges    # also the edge maps as SEISM-readable PNGs
 
 The model is rebuilt from the run's config (``<run>/.hydra/config.yaml``, else
-``config_resolved.yaml``); ``key=value`` overrides are applied to that config. For weights of the
-original implementation (a Lightning ``.ckpt`` or a plain state-dict file), the config comes from
-``--config`` or is composed from ``conf/`` with the overrides (Hydra syntax, groups allowed), and
-the weights are imported with ``atrc_exp.load_original_state_dict`` — weights only: a file that
-needs a full unpickle is refused unless ``--trust-checkpoint`` is given (only for files you trust).
-A file that is not a checkpoint is a one-line error (exit code 2).
+``config_resolved.yaml``) with the ``key=value`` overrides. For weights of the original
+implementation (a Lightning ``.ckpt`` or a plain state-dict file) the config comes from ``--config``
+or is composed from ``conf/`` with the overrides (Hydra syntax, groups allowed); they load weights
+only unless ``--trust-checkpoint``. A file that is not a checkpoint is a one-line error (exit code 2).
 
-Evaluation runs in one process (CUDA when available, unless ``--cpu``), with the same metrics and
-post-processing as the validation in training, so a checkpoint's numbers reproduce the
-``metrics.json`` of the run that saved it. Output: ``<out>/metrics.json`` (default
-``<run>/eval/``) ``{"step", "metrics", "split", "checkpoint", "edge_eval"}`` and a table on screen.
+Evaluation runs in one process (CUDA when available, unless ``--cpu``) with the validation of
+training, so a checkpoint's numbers reproduce the ``metrics.json`` of the run that saved it.
+Output: ``<out>/metrics.json`` (default ``<run>/eval/``) and a table on screen.
 """
 
 from __future__ import annotations
@@ -44,15 +41,6 @@ class EvalError(Exception):
     """A user-facing error (bad path, missing checkpoint, ...)."""
 
 
-# ------------------------------------------------------------------------------------------
-# locating runs, configs and checkpoints (shared with atrc-predict)
-# ------------------------------------------------------------------------------------------
-
-
-def _is_ckpt_dir(p: Path) -> bool:
-    return p.is_dir() and (p / "meta.json").is_file()
-
-
 def resolve_target(target: str | Path) -> tuple[Path | None, Path | None, Path | None]:
     """``(run_dir, checkpoint_dir, original_weights_file)`` for a run dir, a checkpoint dir or a file."""
     from ..engine.checkpoint import list_checkpoints
@@ -62,7 +50,7 @@ def resolve_target(target: str | Path) -> tuple[Path | None, Path | None, Path |
         raise EvalError(f"{p}: no such run folder, checkpoint folder or weights file")
     if p.is_file():
         return None, None, p
-    if _is_ckpt_dir(p):
+    if (p / "meta.json").is_file():  # a checkpoint folder
         run = p.parent.parent if p.parent.name == "checkpoints" else None
         return run, p, None
     ckpts = list_checkpoints(p / "checkpoints")
@@ -80,22 +68,20 @@ def load_run_config(run_dir: Path | None, overrides: list[str], config: str | No
     from ..config import compose
 
     src = Path(config).expanduser() if config else run_dir
-    if src is not None:
-        if src.is_dir():
-            cands = [src / ".hydra" / "config.yaml", src / "config_resolved.yaml"]
-            path = next((c for c in cands if c.is_file()), None)
-            if path is None:
-                raise EvalError(f"{src}: no .hydra/config.yaml or config_resolved.yaml")
-        else:
-            path = src
-        cfg = OmegaConf.load(path)
-        bad = [o for o in overrides if "=" not in o or o.split("=", 1)[0].lstrip("+").find("/") >= 0]
-        if bad:
-            raise EvalError(f"overrides of a saved config must be key=value (no group changes): {bad}")
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
-        return cfg
-    return compose(overrides)
+    if src is None:
+        return compose(overrides)
+    if src.is_dir():
+        found = [c for c in (src / ".hydra/config.yaml", src / "config_resolved.yaml") if c.is_file()]
+        if not found:
+            raise EvalError(f"{src}: no .hydra/config.yaml or config_resolved.yaml")
+        src = found[0]
+    cfg = OmegaConf.load(src)
+    bad = [o for o in overrides if "=" not in o or "/" in o.split("=", 1)[0]]
+    if bad:
+        raise EvalError(f"overrides of a saved config must be key=value (no group changes): {bad}")
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    return cfg
 
 
 def load_weights(model, ckpt_dir: Path | None, weights_file: Path | None, trust: bool = False) -> int:
@@ -115,8 +101,7 @@ def load_weights(model, ckpt_dir: Path | None, weights_file: Path | None, trust:
             sd = read_checkpoint(f, "the model weights of an atrc-train checkpoint")
             if not isinstance(sd, dict):
                 raise WeightsError(f"{f}: not a state dict (got {type(sd).__name__})")
-            sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
-            model.load_state_dict(sd, strict=True)
+            model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()}, strict=True)
         except WeightsError as e:
             raise EvalError(str(e)) from e
         except RuntimeError as e:
@@ -150,15 +135,9 @@ def build_eval_model(
             cfg.backbone.pretrained = False  # the checkpoint has all weights: never fetch ImageNet ones
     model = build_model(cfg)
     step = load_weights(model, ckpt_dir, wfile, trust)
-    want_cpu = cpu or bool(cfg.trainer.cpu)
-    device = torch.device("cuda" if torch.cuda.is_available() and not want_cpu else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not (cpu or cfg.trainer.cpu) else "cpu")
     model.to(device).eval()
     return model, cfg, run_dir, ckpt_dir, wfile, step, device
-
-
-# ------------------------------------------------------------------------------------------
-# evaluation
-# ------------------------------------------------------------------------------------------
 
 
 def evaluate(model, cfg, device, split: str | None = None, export_edges=None):
@@ -215,28 +194,21 @@ def _export_edges(logits, batch, out_dir, task: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atrc-eval",
-        description="Evaluate a checkpoint (ours, or original-implementation weights) on a split; write metrics.json.",
+        description="Evaluate a checkpoint (ours, or original weights) on a split; write metrics.json.",
     )
     p.add_argument(
         "target", help="run folder, checkpoint folder (checkpoints/step_N) or original weights file"
     )
     p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. paths.data_dir=/data)")
-    p.add_argument(
-        "--split", default=None, help="split to evaluate (default: the config's dataset.val_split)"
-    )
-    p.add_argument("--out", default=None, help="output folder (default: <run>/eval, or ./eval)")
-    p.add_argument("--config", default=None, help="run folder or config YAML (for original weights)")
+    p.add_argument("--split", help="split to evaluate (default: the config's dataset.val_split)")
+    p.add_argument("--out", help="output folder (default: <run>/eval, or ./eval)")
+    p.add_argument("--config", help="run folder or config YAML (for original weights)")
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when CUDA is present")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument(
-        "--edge-workers",
-        type=int,
-        default=None,
-        help="edge odsF worker processes (default: trainer.edge_eval_workers)",
+        "--edge-workers", type=int, help="edge odsF worker processes (default: trainer.edge_eval_workers)"
     )
-    p.add_argument(
-        "--export-edges", default=None, help="also write edge maps as 8-bit PNGs for SEISM to this folder"
-    )
+    p.add_argument("--export-edges", help="also write edge maps as 8-bit PNGs for SEISM to this folder")
     return p
 
 
@@ -263,18 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ((run_dir / "eval") if run_dir is not None else Path("eval"))
     out.mkdir(parents=True, exist_ok=True)
     split = args.split or str(cfg.dataset.val_split)
-    write_json_atomic(
-        out / "metrics.json",
-        {
-            "step": step,
-            "metrics": metrics,
-            "labelled_images": labelled,
-            "split": split,
-            "checkpoint": str(ckpt_dir or wfile),
-            "edge_eval": timing,
-        },
-    )
-    print(format_metrics_table(metrics, f"{split} metrics ({ckpt_dir or wfile}, step {step}, {device})"))
+    ckpt = ckpt_dir or wfile
+    record = dict(step=step, metrics=metrics, labelled_images=labelled, split=split, checkpoint=str(ckpt))
+    write_json_atomic(out / "metrics.json", {**record, "edge_eval": timing})
+    print(format_metrics_table(metrics, f"{split} metrics ({ckpt}, step {step}, {device})"))
     for key in [k for k in timing if k.endswith("/images") and timing[k]]:
         t = key[: -len("/images")]
         print(

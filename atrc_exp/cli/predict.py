@@ -64,9 +64,7 @@ def predict_image(model, rgb: np.ndarray, device, tasks) -> dict[str, np.ndarray
     from ..tasks import crop_center, pad_offsets
 
     h, w = rgb.shape[:2]
-    img = (rgb.astype(np.float32) - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(
-        IMAGENET_STD, np.float32
-    )
+    img = (rgb.astype(np.float32) - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
     ph, pw = (-h) % STRIDE, (-w) % STRIDE
     top, left = pad_offsets((h, w), (h + ph, w + pw))  # the image in the centre, as validation
     img = np.pad(img, ((top, ph - top), (left, pw - left), (0, 0)))
@@ -101,30 +99,30 @@ def write_predictions(rgb: np.ndarray, preds: dict[str, np.ndarray], out_dir: Pa
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
+
+    def write(name: str, img: np.ndarray, from_rgb: bool = True) -> None:
+        written[name] = out_dir / name
+        cv2.imwrite(str(written[name]), cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if from_rgb else img)
+
     panels = [_title(rgb, "image")]
     for task in tasks:
         name, kind, p = task.name, task.kind, preds[task.name]
-        np.save(out_dir / f"{name}.npy", p)
         written[f"{name}.npy"] = out_dir / f"{name}.npy"
+        np.save(written[f"{name}.npy"], p)
         png = kind.prediction_png(p)
         if png is not None:
-            cv2.imwrite(str(out_dir / f"{name}.png"), png)
-            written[f"{name}.png"] = out_dir / f"{name}.png"
+            write(f"{name}.png", png, from_rgb=False)
         color = kind.colorize(p.transpose(2, 0, 1) if p.ndim == 3 else p)
-        cv2.imwrite(str(out_dir / f"{name}_color.png"), cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
-        written[f"{name}_color.png"] = out_dir / f"{name}_color.png"
+        write(f"{name}_color.png", color)
         if task.named_classes:  # named classes: a legend beside
             leg = legend(task.named_classes, color.shape[0])
-            cv2.imwrite(str(out_dir / f"{name}_legend.png"), cv2.cvtColor(leg, cv2.COLOR_RGB2BGR))
-            written[f"{name}_legend.png"] = out_dir / f"{name}_legend.png"
+            write(f"{name}_legend.png", leg)
             color = np.pad(color, ((0, leg.shape[0] - color.shape[0]), (0, 0), (0, 0)), constant_values=255)
             color = np.concatenate([color, leg], 1)
         panels.append(_title(color, name))
     height = max(p.shape[0] for p in panels)
     panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in panels]
-    sheet = np.concatenate(panels, 1)
-    cv2.imwrite(str(out_dir / "sheet.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    written["sheet.png"] = out_dir / "sheet.png"
+    write("sheet.png", np.concatenate(panels, 1))
     return written
 
 
@@ -133,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder, checkpoint folder or original weights file")
     p.add_argument("--images", required=True, help="folder of images (any size)")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per image)")
-    p.add_argument("--config", default=None, help="run folder or config YAML (for original weights)")
+    p.add_argument("--config", help="run folder or config YAML (for original weights)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is present")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")

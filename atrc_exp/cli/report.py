@@ -15,22 +15,13 @@ import argparse
 import logging
 import sys
 
-from ..evaluation.report import (
-    build_rows,
-    find_runs,
-    load_baselines,
-    load_run,
-    log_wandb_table,
-    sign_convention_note,
-    to_markdown,
-    write_outputs,
-)
+from ..evaluation import report
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atrc-report",
-        description="Gather metrics.json of runs / multiruns into a table with mean ± std over seeds and Δm.",
+        description="Gather metrics.json of runs / multiruns into a table: mean ± std over seeds, Δm.",
     )
     p.add_argument("paths", nargs="+", help="run folders, multirun folders or any folder above them")
     p.add_argument("--out", help="write report.md, report.csv and report.json to this folder")
@@ -41,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--wandb", action="store_true", help="also log the table as a W&B table")
     p.add_argument("--wandb-project", default="atrc_exp")
-    p.add_argument("--wandb-mode", default=None, help="online | offline | disabled (default: wandb decides)")
+    p.add_argument("--wandb-mode", help="online | offline | disabled (default: wandb decides)")
     return p
 
 
@@ -49,28 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        dirs = find_runs(args.paths)
+        dirs = report.find_runs(args.paths)
+        if not dirs:
+            where = ", ".join(args.paths)
+            raise FileNotFoundError(f"no run folder (metrics.json with .hydra/config.yaml) under {where}")
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not dirs:
-        print(
-            "error: no run folder (metrics.json with .hydra/config.yaml) under " + ", ".join(args.paths),
-            file=sys.stderr,
-        )
-        return 2
-    runs = [load_run(d) for d in dirs]
-    baselines = load_baselines(args.baselines) if args.baselines else None
-    rows = build_rows(runs, baselines)
-    print(to_markdown(rows))
-    print()
-    print(sign_convention_note(rows))
+    runs = [report.load_run(d) for d in dirs]
+    rows = report.build_rows(runs, report.load_baselines(args.baselines) if args.baselines else None)
+    print(f"{report.to_markdown(rows)}\n\n{report.sign_convention_note(rows)}")
     print(f"\n{len(runs)} runs, {len(rows)} configurations")
     if args.out:
-        paths = write_outputs(rows, args.out)
+        paths = report.write_outputs(rows, args.out)
         print("written: " + ", ".join(str(p) for p in paths.values()))
     if args.wandb:
-        where = log_wandb_table(rows, project=args.wandb_project, mode=args.wandb_mode)
+        where = report.log_wandb_table(rows, project=args.wandb_project, mode=args.wandb_mode)
         print(f"W&B table logged (run files in {where})")
     return 0
 

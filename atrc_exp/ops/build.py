@@ -1,22 +1,15 @@
-"""JIT builder for the C++/CUDA kernels in ``kernels/`` (stylegan3 ``custom_ops`` style).
+"""JIT builder for the C++/CUDA kernels of the local-attention op in ``kernels/`` (read from
+:data:`KERNELS_DIR`): ``cpp`` (C++/OpenMP) and ``cuda``, compiled with
+:func:`torch.utils.cpp_extension.load` on first use.
 
-The sources are read from :data:`KERNELS_DIR` (``$ATRC_KERNELS_DIR``, else the installed package's
-copy, else the checkout's ``kernels/``; see :func:`atrc_exp.config.resource_dir`).
-
-Extensions (``kind``): ``cpp`` and ``cuda``, the local-attention op's C++/OpenMP and CUDA kernels.
-
-* Sources are compiled with :func:`torch.utils.cpp_extension.load` on first use.
-* The build directory is keyed by a hash of the source files, the compile flags, the torch,
-  Python and CUDA versions and the machine (architecture and CPU model/flags, because the CPU
-  kernel is built with ``-march=native``): ``<root>/atrc_exp/<name>-<hash16>`` where ``<root>`` is
-  ``$TORCH_EXTENSIONS_DIR`` or torch's default (``~/.cache/torch_extensions``). Nothing is ever
-  written into the source tree. A second process (or a second run) finds the built ``.so`` and
-  only imports it.
-* A :mod:`filelock` lock next to the build directory makes concurrent processes (DDP ranks,
-  Hydra multirun jobs) build once: the first builds, the others wait and then import.
-* CUDA is built only when ``torch.cuda.is_available()`` and an ``nvcc`` exist. When
-  ``CUDA_HOME`` is unset we locate the real toolkit behind ``nvcc`` on PATH (which may be a
-  wrapper script that ``exec``s the real binary) instead of torch's guess.
+* The build directory is ``<root>/atrc_exp/<name>-<hash16>`` (``<root>``: ``$TORCH_EXTENSIONS_DIR``
+  or torch's default ``~/.cache/torch_extensions``), keyed by the sources, the compile flags, the
+  torch, Python and CUDA versions and the machine (CPU model and flags: the CPU kernel is built
+  with ``-march=native``). Nothing is written into the source tree; a later process only imports.
+* A :mod:`filelock` lock next to it makes concurrent processes (DDP ranks, multirun jobs) build once.
+* CUDA is built only when ``torch.cuda.is_available()`` and an ``nvcc`` exist. When ``CUDA_HOME``
+  is unset we locate the real toolkit behind ``nvcc`` on PATH (which may be a wrapper script that
+  ``exec``s the real binary) instead of torch's guess.
 
 A failed build raises :class:`ExtensionBuildError` (cached, so we do not retry on every call).
 """
@@ -37,19 +30,11 @@ import torch
 
 from ..config import resource_dir
 
-__all__ = [
-    "ExtensionBuildError",
-    "KERNELS_DIR",
-    "build_root",
-    "find_cuda_home",
-    "get_extension",
-    "cuda_build_possible",
-]
-
 #: The kernel sources: ``$ATRC_KERNELS_DIR`` when set, else ``resource_dir("kernels")`` (the copy in
 #: the installed package, or ``kernels/`` at the top of the checkout).
 KERNELS_DIR = Path(os.environ.get("ATRC_KERNELS_DIR") or resource_dir("kernels"))
 
+_OP = "local_attention"  # module and build-directory names, messages
 # one CUDA translation unit per dtype (ninja compiles them in parallel; ptxas of one is ~30 s)
 _CUDA_DTYPES = ("f32", "bf16", "f16", "f64")
 _SOURCES = {
@@ -60,11 +45,6 @@ _SOURCES = {
 _HEADERS = {
     "cpp": ["local_attention_dispatch.h", "cpu_vector.h"],
     "cuda": ["local_attention_dispatch.h", "local_attention_cuda.h", "local_attention_cuda.cuh"],
-}
-#: the op each extension implements (module and build-directory names, messages)
-_OP_NAMES = {
-    "cpp": "local_attention",
-    "cuda": "local_attention",
 }
 _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
 _LDFLAGS = ["-fopenmp"]
@@ -86,20 +66,17 @@ _cache: dict[str, object] = {}  # kind -> module or ExtensionBuildError
 
 
 def build_root() -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if not root:
-        root = torch.utils.cpp_extension.get_default_build_root()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or torch.utils.cpp_extension.get_default_build_root()
     return Path(root) / "atrc_exp"
 
 
 def _cpu_identity() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
-        flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
-        return (model.group(1) if model else "") + "|" + (flags.group(1) if flags else "")
     except OSError:
         return platform.processor()
+    found = [re.search(rf"^{field}\s*:\s*(.*)$", text, re.M) for field in ("model name", "flags")]
+    return "|".join(m.group(1) if m else "" for m in found)
 
 
 def find_cuda_home() -> str | None:
@@ -158,17 +135,16 @@ def _build_key(kind: str) -> str:
 
 
 def _build(kind: str, verbose: bool = False):
-    """Compile (or just import, when already built) the extension of ``kind`` (see
-    :data:`_SOURCES`)."""
+    """Compile (or just import, when already built) the extension of ``kind`` (see :data:`_SOURCES`)."""
     import filelock
     from torch.utils import cpp_extension
 
-    op = _OP_NAMES[kind]
+    cuda = kind == "cuda"
     sources = _source_paths(kind)
     missing = [str(p) for p in sources if not p.exists()]
     if missing:
-        raise ExtensionBuildError(f"{op} {kind} sources not found: {missing}")
-    if kind == "cuda":
+        raise ExtensionBuildError(f"{_OP} {kind} sources not found: {missing}")
+    if cuda:
         if not cuda_build_possible():
             raise ExtensionBuildError("CUDA extension needs torch.cuda.is_available() and nvcc")
         home = find_cuda_home()
@@ -177,25 +153,21 @@ def _build(kind: str, verbose: bool = False):
     elif shutil.which(os.environ.get("CXX", "c++")) is None:
         raise ExtensionBuildError("no C++ compiler found (set $CXX or install g++)")
     key = _build_key(kind)
-    stem = f"{op}_{'cuda' if kind == 'cuda' else 'cpp'}"
-    name = f"atrc_{stem}_{key}"
-    build_dir = build_root() / f"{stem}-{key}"
+    build_dir = build_root() / f"{_OP}_{kind}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(
-        name=name,
-        sources=[str(p) for p in sources],
-        build_directory=str(build_dir),
-        extra_cflags=list(_CFLAGS) if kind != "cuda" else ["-O3"],
-        extra_ldflags=list(_LDFLAGS) if kind != "cuda" else [],
-        verbose=verbose,
-    )
-    if kind == "cuda":
-        kwargs["extra_cuda_cflags"] = list(_CUDA_FLAGS)
     try:
         with filelock.FileLock(str(build_dir) + ".lock"):
-            return cpp_extension.load(**kwargs)
+            return cpp_extension.load(  # (it appends to the flag lists: pass copies)
+                name=f"atrc_{_OP}_{kind}_{key}",
+                sources=[str(p) for p in sources],
+                build_directory=str(build_dir),
+                extra_cflags=["-O3"] if cuda else list(_CFLAGS),
+                extra_ldflags=[] if cuda else list(_LDFLAGS),
+                extra_cuda_cflags=list(_CUDA_FLAGS) if cuda else None,
+                verbose=verbose,
+            )
     except Exception as e:  # compiler missing, compile error, import error
-        raise ExtensionBuildError(f"building the {op} {kind} extension failed: {e}") from e
+        raise ExtensionBuildError(f"building the {_OP} {kind} extension failed: {e}") from e
 
 
 def get_extension(kind: str, verbose: bool = False):
@@ -206,31 +178,22 @@ def get_extension(kind: str, verbose: bool = False):
         if got is None:
             try:
                 got = _build(kind, verbose=verbose)
-            except ExtensionBuildError as e:
-                got = e
             except Exception as e:  # noqa: BLE001 - any failure means "not available"
-                got = ExtensionBuildError(
-                    f"building the {_OP_NAMES.get(kind, kind)} {kind} extension failed: {e}"
-                )
+                ok = isinstance(e, ExtensionBuildError)
+                got = e if ok else ExtensionBuildError(f"building the {_OP} {kind} extension failed: {e}")
             _cache[kind] = got
     if isinstance(got, ExtensionBuildError):
         raise got
     return got
 
 
-def reset_cache() -> None:
-    """Forget built/failed extensions (tests)."""
-    with _lock:
-        _cache.clear()
-
-
 def _compile_check_cuda(out_dir: str | None = None, quick: bool = True) -> subprocess.CompletedProcess:
-    """Compile the CUDA sources to object files with the real nvcc (no GPU needed), the
-    per-dtype kernel units in parallel; used by the tests to keep the CUDA sources compiling on
-    CPU-only machines. ``quick`` compiles only the float32 and bfloat16 units with k in {9,
-    generic} (``LA_QUICK_COMPILE_CHECK``) and ptxas -O0: the full build (4 dtypes x 6 window
-    sizes) takes minutes. The binding/dispatch unit (``local_attention_cuda.cpp``) is
-    syntax-checked with the host compiler. Returns the first failure (or the last success)."""
+    """Compile the CUDA sources to object files with the real nvcc (no GPU needed), the per-dtype
+    units in parallel, and syntax-check the binding unit (``local_attention_cuda.cpp``) with the
+    host compiler: the tests' check that the CUDA sources compile on CPU-only machines. ``quick``:
+    only the float32 and bfloat16 units with k in {9, generic} (``LA_QUICK_COMPILE_CHECK``) and
+    ptxas -O0 (the full build takes minutes). Returns the first failure (or the last success)."""
+    import inspect
     import sysconfig
     import tempfile
 
@@ -249,12 +212,11 @@ def _compile_check_cuda(out_dir: str | None = None, quick: bool = True) -> subpr
     stamp = build_root() / f"local_attention_cuda_check-{h.hexdigest()[:16]}.ok"
     if stamp.exists():  # these exact sources already compiled with this toolkit and torch
         return subprocess.CompletedProcess(["cached", str(stamp)], 0, "", "")
-    incs = (
-        cpp_extension.include_paths(device_type="cuda")
-        if _accepts_device_type()
-        else cpp_extension.include_paths(cuda=True)
-    )
-    incs = [*incs, sysconfig.get_paths()["include"], str(Path(home) / "include")]
+    if "device_type" in inspect.signature(cpp_extension.include_paths).parameters:
+        incs = cpp_extension.include_paths(device_type="cuda")
+    else:
+        incs = cpp_extension.include_paths(cuda=True)
+    incs = [f"-I{p}" for p in [*incs, sysconfig.get_paths()["include"], str(Path(home) / "include")]]
     abi = "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI))
     defs = [abi, "-DTORCH_EXTENSION_NAME=atrc_la_check", "-DTORCH_API_INCLUDE_EXTENSION_H"]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -263,17 +225,13 @@ def _compile_check_cuda(out_dir: str | None = None, quick: bool = True) -> subpr
         src = KERNELS_DIR / f"local_attention_cuda_{unit}.cu"
         cmd = [nvcc, "-c", str(src), "-o", str(Path(out_dir) / f"la_{unit}.o")]
         cmd += ["-arch=sm_90", "-std=c++20", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC", *defs]
-        cmd += _CUDA_FLAGS[2:] + [f"-I{p}" for p in incs]
+        cmd += _CUDA_FLAGS[2:] + incs
         if quick:
             cmd += ["-DLA_QUICK_COMPILE_CHECK", "-Xptxas", "-O0"]
         cmds.append(cmd)
-    cxx = os.environ.get("CXX", "c++")
-    cmds.append(
-        [cxx, "-fsyntax-only", "-std=c++20", *defs, str(KERNELS_DIR / "local_attention_cuda.cpp")]
-        + [f"-I{p}" for p in incs]
-    )
+    binding = str(KERNELS_DIR / "local_attention_cuda.cpp")
+    cmds.append([os.environ.get("CXX", "c++"), "-fsyntax-only", "-std=c++20", *defs, binding, *incs])
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
-    res = None
     for c, proc in zip(cmds, procs):
         out, err = proc.communicate()
         res = subprocess.CompletedProcess(c, proc.returncode, out, err)
@@ -285,11 +243,3 @@ def _compile_check_cuda(out_dir: str | None = None, quick: bool = True) -> subpr
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text("\n".join(" ".join(c) for c in cmds))
     return res
-
-
-def _accepts_device_type() -> bool:
-    import inspect
-
-    from torch.utils import cpp_extension
-
-    return "device_type" in inspect.signature(cpp_extension.include_paths).parameters

@@ -1,9 +1,9 @@
-"""``local_attention(query, key, value, kernel_size=9)``: ATRC's local context op.
+"""``local_attention(query, key, value, kernel_size=9)``: ATRC's local context op, and its backends.
 
-Public entry point plus backend dispatch. The computation is registered as the
-``torch.library`` custom ops ``atrc_exp::local_attention_fwd`` (returns the output and the
-per-pixel log-sum-exp of the scores) and ``atrc_exp::local_attention_bwd`` with fake (meta)
-implementations and autograd, so ``torch.compile`` traces through without graph breaks.
+The computation is registered as the ``torch.library`` custom ops ``atrc_exp::local_attention_fwd``
+(returns the output and the per-pixel log-sum-exp of the scores) and
+``atrc_exp::local_attention_bwd`` with fake (meta) implementations and autograd, so
+``torch.compile`` traces through without graph breaks.
 
 Backends (``set_backend`` / ``ops.local_attention.backend`` in the Hydra config):
 
@@ -16,19 +16,58 @@ Backends (``set_backend`` / ``ops.local_attention.backend`` in the Hydra config)
 
 from __future__ import annotations
 
+import threading
+import warnings
+
 import torch
 
 from . import build
 from .reference import reference_backward, reference_forward
-from .switch import BackendSwitch
 
 __all__ = ["local_attention", "set_backend", "get_backend", "available_backends", "BACKENDS"]
 
 BACKENDS = ("auto", "cpp", "cuda", "torch")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_switch = BackendSwitch("local_attention", BACKENDS)
 
-set_backend, get_backend = _switch.accessors("local_attention")
+
+class _Switch:
+    """The process-wide backend choice and the warnings issued once per key."""
+
+    def __init__(self):
+        self.name = "auto"
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def warn_once(self, key: str, msg: str) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    def reset_warnings(self) -> None:
+        """Forget which warnings were issued (tests)."""
+        with self._lock:
+            self._warned.clear()
+
+
+_switch = _Switch()
+
+
+def _check_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"local_attention backend must be one of {BACKENDS}, got {name!r}")
+
+
+def set_backend(name: str) -> None:
+    """Select the implementation used by :func:`local_attention`: auto | cpp | cuda | torch."""
+    _check_backend(name)
+    _switch.name = name
+
+
+def get_backend() -> str:
+    """The implementation :func:`local_attention` uses now: auto | cpp | cuda | torch."""
+    return _switch.name
 
 
 def available_backends(kinds: tuple[str, ...] = ("cpp", "cuda")) -> list[str]:
@@ -75,29 +114,18 @@ def _resolve(backend: str, device: torch.device):
         return None
 
 
-def _reference_fwd(q, k, v, kernel_size):
-    if q.dtype in _LOW_PRECISION:
-        out, lse = reference_forward(q.float(), k.float(), v.float(), kernel_size)
-        return out.to(q.dtype), lse
-    return reference_forward(q, k, v, kernel_size)
-
-
-def _reference_bwd(g, q, k, v, lse, kernel_size):
-    if q.dtype in _LOW_PRECISION:
-        grads = reference_backward(g.float(), q.float(), k.float(), v.float(), lse, kernel_size)
-        return tuple(x.to(q.dtype) for x in grads)
-    return reference_backward(g, q, k, v, lse, kernel_size)
-
-
 @torch.library.custom_op("atrc_exp::local_attention_fwd", mutates_args=())
 def _la_fwd(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     ext = _resolve(backend, query.device)
-    if ext is None:
-        out, lse = _reference_fwd(query, key, value, kernel_size)
-    else:
+    if ext is not None:
         out, lse = ext.forward(query, key, value, kernel_size)
+    elif query.dtype in _LOW_PRECISION:  # the reference in float32; lse stays float32
+        out, lse = reference_forward(query.float(), key.float(), value.float(), kernel_size)
+        out = out.to(query.dtype)
+    else:
+        out, lse = reference_forward(query, key, value, kernel_size)
     return out, lse
 
 
@@ -119,10 +147,15 @@ def _la_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ext = _resolve(backend, query.device)
-    if ext is None:
-        gq, gk, gv = _reference_bwd(grad_out, query, key, value, lse, kernel_size)
-    else:
+    if ext is not None:
         gq, gk, gv = ext.backward(grad_out, query, key, value, lse, kernel_size)
+    elif query.dtype in _LOW_PRECISION:
+        grads = reference_backward(
+            grad_out.float(), query.float(), key.float(), value.float(), lse, kernel_size
+        )
+        gq, gk, gv = (g.to(query.dtype) for g in grads)
+    else:
+        gq, gk, gv = reference_backward(grad_out, query, key, value, lse, kernel_size)
     return gq, gk, gv
 
 
@@ -152,9 +185,8 @@ _la_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
-    names = ("query", "key", "value")
     tensors = (query, key, value)
-    for n, t in zip(names, tensors):
+    for n, t in zip(("query", "key", "value"), tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"local_attention: {n} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -168,16 +200,11 @@ def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_s
         raise TypeError(f"local_attention: kernel_size must be an int, got {kernel_size!r}")
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"local_attention: kernel_size must be a positive odd integer, got {kernel_size}")
-    if not (query.device == key.device == value.device):
-        raise ValueError(
-            f"local_attention: query, key and value must be on the same device, got "
-            f"{query.device}, {key.device}, {value.device}"
-        )
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(
-            f"local_attention: query, key and value must have the same dtype, got "
-            f"{query.dtype}, {key.dtype}, {value.dtype}"
-        )
+    for attr, error in (("device", ValueError), ("dtype", TypeError)):
+        got = [getattr(t, attr) for t in tensors]
+        if len(set(got)) > 1:
+            got = ", ".join(map(str, got))
+            raise error(f"local_attention: query, key and value must have the same {attr}, got {got}")
     allowed = (torch.float32, torch.float64) + (_LOW_PRECISION if query.device.type == "cuda" else ())
     if query.dtype not in allowed:
         raise TypeError(
@@ -209,7 +236,6 @@ def local_attention(
     """
     _check(query, key, value, kernel_size)
     backend = _switch.name if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"local_attention backend must be one of {BACKENDS}, got {backend!r}")
+    _check_backend(backend)
     out, _ = _la_fwd(query.contiguous(), key.contiguous(), value.contiguous(), kernel_size, backend)
     return out

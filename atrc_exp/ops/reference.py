@@ -14,41 +14,37 @@ max/sum pass (the same contract as the C++ and CUDA kernels).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
 
-def _offsets(kernel_size: int):
-    for dy in range(kernel_size):
-        for dx in range(kernel_size):
-            yield dy, dx
-
-
-def _scores(q: torch.Tensor, kp: torch.Tensor, kernel_size: int, scale: float) -> torch.Tensor:
-    """B×k²×H×W raw scores (scaled) of each pixel against its window of the padded keys."""
-    B, C, H, W = q.shape
-    s = q.new_empty(B, kernel_size * kernel_size, H, W)
-    for o, (dy, dx) in enumerate(_offsets(kernel_size)):
-        s[:, o] = (q * kp[:, :, dy : dy + H, dx : dx + W]).sum(1)
-    return s.mul_(scale)
+def _scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int):
+    """``(padded key, padded value, B×k²×H×W scaled scores of each pixel against its window of
+    keys, window offsets (dy, dx) in the order of the scores)``."""
+    B, C, H, W = query.shape
+    r = kernel_size // 2
+    kp = F.pad(key, (r, r, r, r))
+    vp = F.pad(value, (r, r, r, r))
+    offsets = list(itertools.product(range(kernel_size), repeat=2))
+    s = query.new_empty(B, kernel_size * kernel_size, H, W)
+    for o, (dy, dx) in enumerate(offsets):
+        s[:, o] = (query * kp[:, :, dy : dy + H, dx : dx + W]).sum(1)
+    return kp, vp, s.mul_(1.0 / math.sqrt(C)), offsets
 
 
 def reference_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out B×C×H×W, lse B×H×W) where lse is the log-sum-exp of the scaled scores."""
-    B, C, H, W = query.shape
-    r = kernel_size // 2
-    scale = 1.0 / math.sqrt(C)
-    kp = F.pad(key, (r, r, r, r))
-    vp = F.pad(value, (r, r, r, r))
-    s = _scores(query, kp, kernel_size, scale)
+    H, W = query.shape[2:]
+    _, vp, s, offsets = _scores(query, key, value, kernel_size)
     lse = torch.logsumexp(s, dim=1)
     a = torch.exp(s - lse.unsqueeze(1))
     out = torch.zeros_like(query)
-    for o, (dy, dx) in enumerate(_offsets(kernel_size)):
+    for o, (dy, dx) in enumerate(offsets):
         out.addcmul_(a[:, o : o + 1], vp[:, :, dy : dy + H, dx : dx + W])
     return out, lse
 
@@ -64,21 +60,19 @@ def reference_backward(
     """Hand-written backward: (grad_query, grad_key, grad_value)."""
     B, C, H, W = query.shape
     r = kernel_size // 2
-    scale = 1.0 / math.sqrt(C)
-    kp = F.pad(key, (r, r, r, r))
-    vp = F.pad(value, (r, r, r, r))
-    a = torch.exp(_scores(query, kp, kernel_size, scale) - lse.unsqueeze(1))
+    kp, vp, s, offsets = _scores(query, key, value, kernel_size)
+    a = torch.exp(s - lse.unsqueeze(1))
     # dA[o] = <g, v_o>
     da = query.new_empty(B, kernel_size * kernel_size, H, W)
-    for o, (dy, dx) in enumerate(_offsets(kernel_size)):
+    for o, (dy, dx) in enumerate(offsets):
         da[:, o] = (grad_out * vp[:, :, dy : dy + H, dx : dx + W]).sum(1)
     # softmax backward: dS = A * (dA - sum_o A*dA), then the 1/sqrt(C) scale
     ds = a * (da - (a * da).sum(1, keepdim=True))
-    ds.mul_(scale)
+    ds.mul_(1.0 / math.sqrt(C))
     gq = torch.zeros_like(query)
     gkp = torch.zeros_like(kp)
     gvp = torch.zeros_like(vp)
-    for o, (dy, dx) in enumerate(_offsets(kernel_size)):
+    for o, (dy, dx) in enumerate(offsets):
         dso = ds[:, o : o + 1]
         gq.addcmul_(dso, kp[:, :, dy : dy + H, dx : dx + W])
         gkp[:, :, dy : dy + H, dx : dx + W].addcmul_(dso, query)
