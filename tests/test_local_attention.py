@@ -9,11 +9,12 @@ import warnings
 
 import pytest
 import torch
+from local_attention_checks import compile_check_cuda, local_attention_naive
 
 from atrc_exp import ops
 from atrc_exp.ops import build
 from atrc_exp.ops.local_attention import local_attention
-from atrc_exp.ops.reference import local_attention_naive, reference_backward, reference_forward
+from atrc_exp.ops.reference import reference_backward, reference_forward
 
 # ``atrc_exp.ops.local_attention`` the attribute is the function; the module is in sys.modules
 la_mod = importlib.import_module("atrc_exp.ops.local_attention")
@@ -274,14 +275,14 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     """Build-only check of the CUDA sources (no GPU needed): the float32 and bf16 kernel units
     (k = 9 and generic k) with nvcc, the binding/dispatch unit with the host compiler. About a
     minute the first time; cached per source hash afterwards."""
-    res = build._compile_check_cuda(str(tmp_path))
+    res = compile_check_cuda(str(tmp_path))
     assert res.returncode == 0, res.stderr[-4000:]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(build.find_cuda_home() is None or shutil.which("g++") is None, reason="no nvcc")
 def test_cuda_sources_compile_with_nvcc_all_instantiations(tmp_path):
-    res = build._compile_check_cuda(str(tmp_path), quick=False)
+    res = compile_check_cuda(str(tmp_path), quick=False)
     assert res.returncode == 0, res.stderr[-4000:]
 
 

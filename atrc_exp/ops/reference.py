@@ -80,17 +80,3 @@ def reference_backward(
     gk = gkp[:, :, r : r + H, r : r + W].contiguous()
     gv = gvp[:, :, r : r + H, r : r + W].contiguous()
     return gq, gk, gv
-
-
-def local_attention_naive(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int = 9
-) -> torch.Tensor:
-    """The op written with ``F.unfold`` and autograd only: an independent oracle for tests
-    (memory O(B·C·k²·H·W); use it on small inputs)."""
-    B, C, H, W = query.shape
-    r = kernel_size // 2
-    kk = F.unfold(key, kernel_size, padding=r).view(B, C, kernel_size * kernel_size, H, W)
-    vv = F.unfold(value, kernel_size, padding=r).view(B, C, kernel_size * kernel_size, H, W)
-    s = (query.unsqueeze(2) * kk).sum(1) / math.sqrt(C)
-    a = torch.softmax(s, dim=1)
-    return (a.unsqueeze(1) * vv).sum(2)
