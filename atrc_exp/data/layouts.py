@@ -16,21 +16,25 @@ files with ``layout: <name>``.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 from omegaconf import DictConfig
 
 from ..errors import ConfigError
 from .folder import FolderDataset
 from .nyud import NYUD_TASK_FILES, NYUDMT
 from .pascal import PASCALMT, _loadmat, person_parts
-from .synthetic import _check_args, _existing_ok, _manifest, write_nyud_files, write_pascal_files
+from .synthetic import (
+    _check_args,
+    _existing_ok,
+    _manifest,
+    write_atomically,
+    write_nyud_files,
+    write_pascal_files,
+)
 from .synthetic_folder import write_folder_files
 
 __all__ = ["LAYOUTS", "Archive", "Layout", "ensure_synthetic_dataset", "get_layout", "layout_for_name"]
@@ -209,19 +213,11 @@ def ensure_synthetic_dataset(
     writer = get_layout(layout).write_synthetic
     root = Path(root)
     wanted = _manifest(n_train, n_val, height, width, seed, layout)
-    if _existing_ok(root, wanted, layout):
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".synthetic.lock")):
-        if _existing_ok(root, wanted, layout):  # another process finished it while we waited
-            return root
-        for stale in root.glob(f".{layout}.tmp-*"):  # left by a crashed generator (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".{layout}.tmp-{os.getpid()}"
-        try:
-            writer(tmp, n_train, n_val, height, width, seed, progress)
-            os.replace(tmp, root / layout)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+    def write(tmp: Path) -> None:
+        writer(tmp, n_train, n_val, height, width, seed, progress)
+
+    write_atomically(
+        root / layout, root / ".synthetic.lock", lambda: _existing_ok(root, wanted, layout), write
+    )
     return root
