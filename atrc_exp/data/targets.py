@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -101,12 +102,13 @@ def compute_normal_centroids(normals: np.ndarray, k: int = NUM_NORMAL_CENTROIDS,
     return cent.astype(np.float32)
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in its folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -142,7 +144,9 @@ def cached_array(
             pass  # damaged: recompute
     arr = np.asarray(compute(), np.float32)
     try:
-        _atomic_save_npy(path, arr)
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        atomic_write(path, buf.getvalue())
     except OSError:
         pass  # read-only cache: recompute next time
     return arr
