@@ -20,10 +20,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from torch.utils.data import Dataset
 
 from ..label_io import DataError, read_label_png, read_npy
 from ..tasks import IGNORE_INDEX
+from .folder import SplitDataset
 
 __all__ = ["NYUD_TASK_FILES", "NYUDMT", "DataError", "LayoutReader", "read_image", "require_layout_dir"]
 
@@ -58,11 +58,10 @@ def require_layout_dir(data_dir: str | Path, layout: str, dataset: str) -> Path:
     return root
 
 
-class LayoutReader(Dataset):
+class LayoutReader(SplitDataset):
     """One split of a published layout ``data_dir/<LAYOUT>/``, whose split lists are
     ``<SPLIT_DIR>/<split>.txt`` and whose other folders are ``FOLDERS``; ``tasks`` (task objects
-    or names) are a subset of ``TASKS``. Items are ``transform(load_raw(i))``, raw numpy arrays
-    without a transform."""
+    or names) are a subset of ``TASKS``."""
 
     NAME, LAYOUT, DATASET, SPLIT_DIR, FOLDERS, UNPACK = "", "", "", "", "", ""
     TASKS: Sequence[str] = ()
@@ -86,13 +85,6 @@ class LayoutReader(Dataset):
         self.names = [ln.strip() for ln in self.split_file.read_text().splitlines() if ln.strip()]
         if not self.names:
             raise DataError(f"split list {self.split_file} is empty")
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.load_raw(index)
-        return self.transform(sample) if self.transform is not None else sample
 
     def _path(self, folder: str, name: str, ext: str) -> Path:
         p = self.root / folder / f"{name}{ext}"
