@@ -78,9 +78,9 @@ class LayoutReader(SplitDataset):
         if not self.split_file.is_file():
             raise DataError(
                 f"split list {self.split_file} not found: expected the {self.LAYOUT} layout ({self.FOLDERS}, "
-                f"{self.SPLIT_DIR}/{{train,val}}.txt) under {self.root}. Get it with `atrc-data fetch --dataset "
-                f"{self.DATASET} --dest <paths.data_dir>`{self.UNPACK} so that <paths.data_dir>/{self.LAYOUT}/ "
-                f"exists, or use dataset=synthetic"
+                f"{self.SPLIT_DIR}/{{train,val}}.txt) under {self.root}. Get it with `atrc-data fetch "
+                f"--dataset {self.DATASET} --dest <paths.data_dir>`{self.UNPACK} so that "
+                f"<paths.data_dir>/{self.LAYOUT}/ exists, or use dataset=synthetic"
             )
         self.names = [ln.strip() for ln in self.split_file.read_text().splitlines() if ln.strip()]
         if not self.names:
@@ -94,9 +94,8 @@ class LayoutReader(SplitDataset):
 
     def _check_size(self, arr: np.ndarray, p: Path, img_path: Path, hw: tuple[int, int]) -> None:
         if arr.shape[:2] != hw:
-            raise DataError(
-                f"{p}: size {arr.shape[:2]} differs from its image {img_path} {hw} (listed in {self.split_file})"
-            )
+            where = f"(listed in {self.split_file})"
+            raise DataError(f"{p}: size {arr.shape[:2]} differs from its image {img_path} {hw} {where}")
 
 
 class NYUDMT(LayoutReader):

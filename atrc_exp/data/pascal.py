@@ -21,8 +21,9 @@ Targets (the original loader's rules):
   5, lower leg 6), the rest is background 0. An image without a person, or whose people have no
   parts, has no labels: the whole map is 255 (the original returns zeros and its
   ``AddIgnoreRegions`` turns an all-zero map into 255 —
-  :class:`~atrc_exp.data.to_tensor.NormalizePadToTensor` applies the same rule after cropping). Which images contain a person is computed once per
-  split and cached in the user's cache (the data folder may be read-only).
+  :class:`~atrc_exp.data.to_tensor.NormalizePadToTensor` applies the same rule after cropping).
+  Which images contain a person is computed once per split and cached in the user's cache (the
+  data folder may be read-only).
 * **edge**: ``thin(|Laplacian(LabelMap)| > 0)`` (float 0/1).
 * **normals**: kept only on pixels whose ``LabelMap`` class is one of the original's 170
   (:data:`NORMALS_VALID_CONTEXT_CLASSES`, shipped as ``atrc_exp/resources/``

@@ -25,8 +25,8 @@ dataset.
 The PASCAL_MT files have the real ones' formats: ``semseg/{VOC12,pascal-context}/*.png`` (the 7
 synthetic classes, 0..6, VOC12 for even image indices), Pascal-Part ``human_parts/*.mat``
 (``anno`` struct with ``imname`` and ``objects``: ``class``, ``class_ind``, ``mask``, ``parts``
-with ``part_name``/``mask``; the person of every 5th image (index 3, 8, ...) is written without parts, as happens in
-Pascal-Part), ``pascal-context/trainval/*.mat`` (``LabelMap`` in 459-class ids, see
+with ``part_name``/``mask``; the person of every 5th image (index 3, 8, ...) is written without
+parts, as happens in Pascal-Part), ``pascal-context/trainval/*.mat`` (``LabelMap`` in 459-class ids, see
 :data:`PASCAL_CONTEXT_IDS`: every synthetic class is one of the 170 whose normals are kept), RGB
 ``normals_distill/*.png`` and grey ``sal_distill/*.png`` (20 background, 220 salient).
 """
@@ -295,8 +295,8 @@ def write_pascal_files(
     """Write the PASCAL_MT files into ``dest`` itself; the manifest goes last."""
     import scipy.io as sio
 
-    _mkdirs(dest, ("JPEGImages", "semseg/VOC12", "semseg/pascal-context", "human_parts", "pascal-context/trainval",
-                   "normals_distill", "sal_distill", "ImageSets/Context"))  # fmt: skip
+    _mkdirs(dest, ("JPEGImages", "semseg/VOC12", "semseg/pascal-context", "human_parts",
+                   "pascal-context/trainval", "normals_distill", "sal_distill", "ImageSets/Context"))  # fmt: skip
     ctx_ids = np.array([PASCAL_CONTEXT_IDS[c][0] for c in SEMSEG_CLASSES], np.uint16)
     names = [f"2008_{i:06d}" for i in range(n_train + n_val)]
     for i, name, s in _rendered(names, seed, lambda i: (height, width), "synthetic PASCAL_MT", progress):
@@ -323,9 +323,7 @@ def _check_args(n_train: int, n_val: int, height: int, width: int) -> None:
     _check_size(height, width)
 
 
-def write_nyud_layout(
-    root: str | Path, *, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool = True
-) -> Path:
+def write_nyud_layout(root: str | Path, *, n_train, n_val, height, width, seed, progress=True) -> Path:
     """Render ``n_train + n_val`` scenes into ``root/NYUD_MT/`` and return that folder.
 
     Names are ``00000``, ``00001``… (train first, then val); image ``i`` has seed
@@ -337,13 +335,8 @@ def write_nyud_layout(
     return Path(root) / "NYUD_MT"
 
 
-def write_pascal_layout(
-    root: str | Path, *, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool = True
-) -> Path:
-    """Render ``n_train + n_val`` scenes into ``root/PASCAL_MT/`` and return that folder.
-
-    Names are ``2008_000000``… (train first); image ``i`` is the same scene as in the NYUD layout.
-    """
+def write_pascal_layout(root: str | Path, *, n_train, n_val, height, width, seed, progress=True) -> Path:
+    """:func:`write_nyud_layout` in ``root/PASCAL_MT/``; names are ``2008_000000``… (train first)."""
     _check_args(n_train, n_val, height, width)
     write_pascal_files(Path(root) / "PASCAL_MT", n_train, n_val, height, width, seed, progress)
     return Path(root) / "PASCAL_MT"
@@ -396,3 +389,19 @@ def write_atomically(dest: Path, lock: Path, done: Callable[[], bool], write: Ca
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def ensure_layout_files(
+    root: Path, layout: str, writer: Callable, *params: int, progress: bool = True
+) -> None:
+    """``writer(dest, *params, progress)`` (``params``: n_train, n_val, height, width, seed) into
+    ``root/<layout>`` atomically, under ``root/.synthetic.lock``, unless that folder holds this
+    dataset already (:func:`_existing_ok`)."""
+    wanted = _manifest(*params, layout)
+
+    def write(tmp: Path) -> None:
+        writer(tmp, *params, progress)
+
+    write_atomically(
+        root / layout, root / ".synthetic.lock", lambda: _existing_ok(root, wanted, layout), write
+    )
