@@ -295,8 +295,8 @@ def write_pascal_files(
     """Write the PASCAL_MT files into ``dest`` itself; the manifest goes last."""
     import scipy.io as sio
 
-    _mkdirs(dest, ("JPEGImages", "semseg/VOC12", "semseg/pascal-context", "human_parts",
-                   "pascal-context/trainval", "normals_distill", "sal_distill", "ImageSets/Context"))  # fmt: skip
+    labels = ("semseg/VOC12", "semseg/pascal-context", "human_parts", "pascal-context/trainval")
+    _mkdirs(dest, ("JPEGImages", *labels, "normals_distill", "sal_distill", "ImageSets/Context"))
     ctx_ids = np.array([PASCAL_CONTEXT_IDS[c][0] for c in SEMSEG_CLASSES], np.uint16)
     names = [f"2008_{i:06d}" for i in range(n_train + n_val)]
     for i, name, s in _rendered(names, seed, lambda i: (height, width), "synthetic PASCAL_MT", progress):
