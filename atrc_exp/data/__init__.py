@@ -37,11 +37,6 @@ __all__ = [
 ]
 
 
-def is_synthetic(ds_cfg: DictConfig) -> bool:
-    """True for the embedded synthetic datasets (they carry ``generator`` settings)."""
-    return str(ds_cfg.name).startswith("synthetic") or "generator" in ds_cfg
-
-
 def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
     """Return the data folder for ``cfg``, generating the synthetic dataset there if needed.
 
@@ -50,18 +45,9 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
     """
     get_layout(str(cfg.dataset.layout), where=f"dataset={cfg.dataset.name}: ")
     data_dir = resolve_data_dir(cfg)
-    if is_synthetic(cfg.dataset):
-        g = cfg.dataset.generator
-        ensure_synthetic_dataset(
-            data_dir,
-            n_train=int(g.n_train),
-            n_val=int(g.n_val),
-            height=int(g.height),
-            width=int(g.width),
-            seed=int(g.seed),
-            progress=progress,
-            layout=str(cfg.dataset.layout),
-        )
+    if str(cfg.dataset.name).startswith("synthetic") or "generator" in cfg.dataset:  # the embedded ones
+        g = {k: int(cfg.dataset.generator[k]) for k in ("n_train", "n_val", "height", "width", "seed")}
+        ensure_synthetic_dataset(data_dir, **g, progress=progress, layout=str(cfg.dataset.layout))
     return data_dir
 
 
@@ -81,14 +67,9 @@ def build_datasets(cfg: DictConfig, data_dir: Path | None = None):
     tasks = config_tasks(cfg)
     crop = list(ds.crop_size)
     aug = ds.augment
+    ratio_task = aug.get("cat_max_ratio_task")
     train_tf = build_train_transform(
-        crop,
-        aug.scale_range,
-        aug.flip,
-        aug.photometric,
-        cat_max_ratio=float(aug.cat_max_ratio),
-        ratio_task=aug.get("cat_max_ratio_task"),
-        tasks=tasks,
+        crop, aug.scale_range, aug.flip, aug.photometric, float(aug.cat_max_ratio), ratio_task, tasks
     )
     val = _make(cfg, data_dir, ds.val_split, tasks, None)
     val.transform = build_val_transform(get_layout(str(ds.layout)).val_size(val, crop), tasks=tasks)
@@ -110,20 +91,22 @@ def resolve_task_constants(cfg: DictConfig, tasks: list[Task], data_dir: Path | 
     return out
 
 
-def _train_sample_indices(n: int, max_images: int) -> list[int]:
-    return sorted({int(i) for i in torch.linspace(0, n - 1, min(n, max_images)).round().tolist()})
-
-
-def _cache_key(cfg: DictConfig, reader, task: Task, n: int) -> dict:
+def _training_labels(cfg: DictConfig, data_dir: Path | None, task: Task, max_images: int):
+    """``(cache key, labels)``: ``labels()`` yields ``task``'s labels of up to ``max_images`` evenly
+    spaced training images; the key names the dataset, its split list and those images."""
+    reader = _make(cfg, Path(data_dir or resolve_data_dir(cfg)), cfg.dataset.train_split, [task], None)
+    n = len(reader)
+    idx = sorted({int(i) for i in torch.linspace(0, n - 1, min(n, max_images)).round().tolist()})
     sf = reader.split_file.stat()
-    return {
+    key = {
         "name": f"{cfg.dataset.name}_{cfg.dataset.layout}_{task.name}",
         "root": str(reader.root.resolve()),
         "split": cfg.dataset.train_split,
         "split_list": f"{sf.st_size}:{sf.st_mtime_ns}",
-        "images": n,
+        "images": len(idx),
         "normals_valid": [int(c) for c in getattr(reader, "normals_valid_classes", [])],
     }
+    return key, lambda: (reader.load_raw(i)[task.name] for i in idx)
 
 
 def normal_centroids(
@@ -151,14 +134,8 @@ def normal_centroids(
             return torch.from_numpy(published_normal_centroids(choice))
         except ValueError as e:
             raise DataError(f"task {task.name!r}, centroids: {e}") from None
-    data_dir = Path(data_dir or resolve_data_dir(cfg))
-    reader = _make(cfg, data_dir, ds.train_split, [task], None)
-    idx = _train_sample_indices(len(reader), max_images)
-    key = _cache_key(cfg, reader, task, len(idx))
-    cent = cached_normal_centroids(
-        Path(str(cfg.paths.cache_dir)), key, lambda: (reader.load_raw(i)[task.name] for i in idx), seed=0
-    )
-    return torch.from_numpy(cent)
+    key, labels = _training_labels(cfg, data_dir, task, max_images)
+    return torch.from_numpy(cached_normal_centroids(Path(str(cfg.paths.cache_dir)), key, labels))
 
 
 def depth_range(
@@ -169,13 +146,10 @@ def depth_range(
     ``paths.cache_dir/depth_ranges/`` as the normal centroids are."""
     from .targets import cached_array, depth_label_range
 
-    data_dir = Path(data_dir or resolve_data_dir(cfg))
-    reader = _make(cfg, data_dir, cfg.dataset.train_split, [task], None)
-    idx = _train_sample_indices(len(reader), max_images)
-    key = _cache_key(cfg, reader, task, len(idx))
+    key, labels = _training_labels(cfg, data_dir, task, max_images)
 
     def compute() -> np.ndarray:
-        rng = depth_label_range(reader.load_raw(i)[task.name] for i in idx)
+        rng = depth_label_range(labels())
         if rng.size == 0:
             raise DataError(
                 f"task {task.name!r}: no labelled depth in the training split, so no range for its aux "
@@ -183,6 +157,5 @@ def depth_range(
             )
         return rng
 
-    return [
-        float(x) for x in cached_array(Path(str(cfg.paths.cache_dir)), "depth_ranges", key, (2,), compute)
-    ]
+    cache_dir = Path(str(cfg.paths.cache_dir))
+    return [float(x) for x in cached_array(cache_dir, "depth_ranges", key, (2,), compute)]

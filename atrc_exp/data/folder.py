@@ -26,15 +26,7 @@ from ..errors import ConfigError
 from ..label_io import DataError
 from ..task_kinds import TASK_KINDS, Task, make_task, make_tasks, spec_problems
 
-__all__ = [
-    "IMAGE_EXTS",
-    "LABEL_EXTS",
-    "SPEC_FILE",
-    "FolderDataset",
-    "check_folder",
-    "folder_tasks",
-    "load_task_specs",
-]
+__all__ = ["IMAGE_EXTS", "SPEC_FILE", "FolderDataset", "check_folder", "folder_tasks", "load_task_specs"]
 
 SPEC_FILE = "atrc_dataset.yaml"
 #: Image file extensions, in lookup order.
@@ -52,11 +44,6 @@ LAYOUT_HINT = (
 UNIT_TOLERANCE = 1e-2
 #: ... and within this one in an 8-bit PNG (plus its quantisation: 2/255 per channel if truncated).
 UNIT_TOLERANCE_PNG = UNIT_TOLERANCE + float(np.sqrt(3)) * 2 / 255
-
-
-# ----------------------------------------------------------------------------------------------
-# atrc_dataset.yaml
-# ----------------------------------------------------------------------------------------------
 
 
 def _read_specs(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
@@ -108,11 +95,6 @@ def folder_tasks(root: str | Path, names: Sequence[str] | None = None) -> list[T
         raise ConfigError(f"{Path(root) / SPEC_FILE}: {e}") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# files
-# ----------------------------------------------------------------------------------------------
-
-
 def _read_split(split_file: Path) -> list[str]:
     """The ids of a split file (blank lines skipped); DataError if it is missing or empty."""
     if not split_file.is_file():
@@ -158,8 +140,20 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-class FolderDataset(Dataset):
-    """One split of a folder dataset. Items are ``transform(load_raw(i))`` (raw without a transform).
+class SplitDataset(Dataset):
+    """Base of the readers: one split, ``names`` its ids; items are ``transform(load_raw(i))``, the
+    raw sample without a transform."""
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.load_raw(index)
+        return self.transform(sample) if self.transform is not None else sample
+
+
+class FolderDataset(SplitDataset):
+    """One split of a folder dataset.
 
     Args:
         data_dir: the dataset folder itself (it holds ``atrc_dataset.yaml``).
@@ -170,11 +164,7 @@ class FolderDataset(Dataset):
     """
 
     def __init__(
-        self,
-        data_dir: str | Path,
-        split: str,
-        tasks: Sequence[Task | str],
-        transform: Callable | None = None,
+        self, data_dir: str | Path, split: str, tasks: Sequence[Task | str], transform: Callable | None = None
     ):
         self.root = Path(data_dir).expanduser()
         if not self.root.is_dir():
@@ -187,9 +177,6 @@ class FolderDataset(Dataset):
         self.split_file = self.root / "splits" / f"{split}.txt"
         self.names = _read_split(self.split_file)
         self._sizes: list[tuple[int, int]] | None = None
-
-    def __len__(self) -> int:
-        return len(self.names)
 
     def image_path(self, index: int) -> Path:
         """``images/<id>.jpg|.png``; DataError naming the id, the split file and the folder otherwise."""
@@ -252,15 +239,6 @@ class FolderDataset(Dataset):
             sample[task.name] = lab
         sample["meta"] = {"name": name, "size": (h, w)}
         return sample
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.load_raw(index)
-        return self.transform(sample) if self.transform is not None else sample
-
-
-# ----------------------------------------------------------------------------------------------
-# check
-# ----------------------------------------------------------------------------------------------
 
 
 def _value_problems(task: Task, path: Path, lab: np.ndarray) -> list[str]:

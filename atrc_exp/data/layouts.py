@@ -6,31 +6,23 @@ extra keyword arguments from the config, what ``atrc-data check`` / ``fetch`` / 
 (split-list folder, published sizes, the archive, the synthetic writer). Nothing else in the
 package branches on a layout name.
 
-Adding a layout: its reader class (``reader(data_dir, split, tasks, transform=None,
-**reader_kwargs(cfg))`` with ``tasks`` :class:`~atrc_exp.task_kinds.Task` objects, reading
-``data_dir/<name>/``, with ``root``, ``split_file``, ``names`` and ``load_raw(i)``), one row here,
-a synthetic writer
-(``write(dest, n_train, n_val, height, width, seed, progress)``) and ``conf/dataset/<name>.yaml``
-files with ``layout: <name>``.
+Adding a layout: README "A dataset".
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 from omegaconf import DictConfig
 
 from ..errors import ConfigError
 from .folder import FolderDataset
 from .nyud import NYUD_TASK_FILES, NYUDMT
 from .pascal import PASCALMT, _loadmat, person_parts
-from .synthetic import _check_args, _existing_ok, _manifest, write_nyud_files, write_pascal_files
+from .synthetic import _check_args, ensure_layout_files, write_nyud_files, write_pascal_files
 from .synthetic_folder import write_folder_files
 
 __all__ = ["LAYOUTS", "Archive", "Layout", "ensure_synthetic_dataset", "get_layout", "layout_for_name"]
@@ -83,11 +75,9 @@ class Layout:
 def _semseg_classes(cfg: DictConfig) -> dict[str, Any]:
     """The published layouts' ``semseg`` class count, from the dataset's task spec."""
     spec = cfg.dataset.task_specs.get("semseg")
-    return (
-        {}
-        if spec is None
-        else {"num_classes": len(spec.classes) if not isinstance(spec.classes, int) else int(spec.classes)}
-    )
+    if spec is None:
+        return {}
+    return {"num_classes": int(spec.classes) if isinstance(spec.classes, int) else len(spec.classes)}
 
 
 def _pascal_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -193,8 +183,8 @@ def ensure_synthetic_dataset(
     height: int,
     width: int,
     seed: int,
-    progress: bool = True,
-    layout: str = "NYUD_MT",
+    progress=True,
+    layout="NYUD_MT",
 ) -> Path:
     """Make sure ``root/<layout>`` (a key of :data:`LAYOUTS`, written by its
     ``write_synthetic``) holds the synthetic dataset with these parameters; return ``root``.
@@ -207,21 +197,5 @@ def ensure_synthetic_dataset(
     """
     _check_args(n_train, n_val, height, width)
     writer = get_layout(layout).write_synthetic
-    root = Path(root)
-    wanted = _manifest(n_train, n_val, height, width, seed, layout)
-    if _existing_ok(root, wanted, layout):
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".synthetic.lock")):
-        if _existing_ok(root, wanted, layout):  # another process finished it while we waited
-            return root
-        for stale in root.glob(f".{layout}.tmp-*"):  # left by a crashed generator (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".{layout}.tmp-{os.getpid()}"
-        try:
-            writer(tmp, n_train, n_val, height, width, seed, progress)
-            os.replace(tmp, root / layout)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return root
+    ensure_layout_files(Path(root), layout, writer, n_train, n_val, height, width, seed, progress=progress)
+    return Path(root)

@@ -1,4 +1,4 @@
-"""NYUD-v2 reader for the published ``NYUD_MT`` layout.
+"""NYUD-v2 reader for the published ``NYUD_MT`` layout, and the base of the published layouts' readers.
 
 ``<data_dir>/NYUD_MT/``::
 
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from torch.utils.data import Dataset
 
-from ..label_io import DataError, read_label_png  # noqa: F401  (DataError: re-exported)
+from ..label_io import DataError, read_label_png, read_npy
 from ..tasks import IGNORE_INDEX
+from .folder import SplitDataset
+
+__all__ = ["NYUD_TASK_FILES", "NYUDMT", "DataError", "LayoutReader", "read_image", "require_layout_dir"]
 
 #: Folder and file extension of every NYUD task.
 NYUD_TASK_FILES = {
@@ -56,55 +58,33 @@ def require_layout_dir(data_dir: str | Path, layout: str, dataset: str) -> Path:
     return root
 
 
-def _read_split(root: Path, split: str) -> list[str]:
-    split_file = root / "gt_sets" / f"{split}.txt"
-    if not split_file.is_file():
-        raise DataError(
-            f"split list {split_file} not found: expected the NYUD_MT layout (images/, segmentation/, "
-            f"depth/, normals/, edge/, gt_sets/{{train,val}}.txt) under {root}. Get it with "
-            f"`atrc-data fetch --dataset nyud --dest <paths.data_dir>` so that <paths.data_dir>/NYUD_MT/ "
-            f"exists, or use dataset=synthetic"
-        )
-    names = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
-    if not names:
-        raise DataError(f"split list {split_file} is empty")
-    return names
+class LayoutReader(SplitDataset):
+    """One split of a published layout ``data_dir/<LAYOUT>/``, whose split lists are
+    ``<SPLIT_DIR>/<split>.txt`` and whose other folders are ``FOLDERS``; ``tasks`` (task objects
+    or names) are a subset of ``TASKS``."""
 
+    NAME, LAYOUT, DATASET, SPLIT_DIR, FOLDERS, UNPACK = "", "", "", "", "", ""
+    TASKS: Sequence[str] = ()
 
-class NYUDMT(Dataset):
-    """One split of NYUD_MT. Items are transformed samples (see :mod:`atrc_exp.data.transforms`).
-
-    Args:
-        data_dir: the folder that holds ``NYUD_MT/``.
-        split: ``train`` or ``val`` (a file ``gt_sets/<split>.txt``).
-        tasks: the tasks to load (:class:`~atrc_exp.task_kinds.Task` objects or names, a subset of
-            :data:`NYUD_TASK_FILES`).
-        transform: applied to the raw sample dict; ``None`` returns raw numpy arrays.
-        num_classes: number of semseg classes; labels above it are an error.
-    """
-
-    def __init__(
-        self,
-        data_dir: str | Path,
-        split: str,
-        tasks: Sequence,
-        transform: Callable | None = None,
-        num_classes: int = 40,
-    ):
-        self.root = require_layout_dir(data_dir, "NYUD_MT", "nyud")
-        tasks = [getattr(t, "name", t) for t in tasks]
-        unknown = [t for t in tasks if t not in NYUD_TASK_FILES]
+    def __init__(self, data_dir: str | Path, split: str, tasks: Sequence, transform: Callable | None = None):
+        self.root = require_layout_dir(data_dir, self.LAYOUT, self.DATASET)
+        self.tasks = [getattr(t, "name", t) for t in tasks]
+        unknown = [t for t in self.tasks if t not in self.TASKS]
         if unknown:
-            raise DataError(f"NYUD-v2 has no task(s) {unknown}; it has {list(NYUD_TASK_FILES)}")
+            raise DataError(f"{self.NAME} has no task(s) {unknown}; it has {list(self.TASKS)}")
         self.split = split
-        self.tasks = list(tasks)
         self.transform = transform
-        self.num_classes = num_classes
-        self.split_file = self.root / "gt_sets" / f"{split}.txt"
-        self.names = _read_split(self.root, split)
-
-    def __len__(self) -> int:
-        return len(self.names)
+        self.split_file = self.root / self.SPLIT_DIR / f"{split}.txt"
+        if not self.split_file.is_file():
+            raise DataError(
+                f"split list {self.split_file} not found: expected the {self.LAYOUT} layout ({self.FOLDERS}, "
+                f"{self.SPLIT_DIR}/{{train,val}}.txt) under {self.root}. Get it with `atrc-data fetch "
+                f"--dataset {self.DATASET} --dest <paths.data_dir>`{self.UNPACK} so that "
+                f"<paths.data_dir>/{self.LAYOUT}/ exists, or use dataset=synthetic"
+            )
+        self.names = [ln.strip() for ln in self.split_file.read_text().splitlines() if ln.strip()]
+        if not self.names:
+            raise DataError(f"split list {self.split_file} is empty")
 
     def _path(self, folder: str, name: str, ext: str) -> Path:
         p = self.root / folder / f"{name}{ext}"
@@ -112,14 +92,27 @@ class NYUDMT(Dataset):
             raise DataError(f"missing file {p} (listed in {self.split_file})")
         return p
 
+    def _check_size(self, arr: np.ndarray, p: Path, img_path: Path, hw: tuple[int, int]) -> None:
+        if arr.shape[:2] != hw:
+            where = f"(listed in {self.split_file})"
+            raise DataError(f"{p}: size {arr.shape[:2]} differs from its image {img_path} {hw} {where}")
+
+
+class NYUDMT(LayoutReader):
+    """One split of NYUD_MT (``split``: ``train`` or ``val``); ``num_classes``: semseg classes,
+    labels above it are an error."""
+
+    NAME, LAYOUT, DATASET, SPLIT_DIR = "NYUD-v2", "NYUD_MT", "nyud", "gt_sets"
+    FOLDERS = "images/, segmentation/, depth/, normals/, edge/"
+    TASKS = tuple(NYUD_TASK_FILES)
+
+    def __init__(self, data_dir, split, tasks, transform=None, num_classes: int = 40):
+        super().__init__(data_dir, split, tasks, transform)
+        self.num_classes = num_classes
+
     def _load_npy(self, p: Path) -> np.ndarray:
-        try:
-            arr = np.load(p).astype(np.float32)
-        except (OSError, ValueError, EOFError) as e:
-            raise DataError(f"unreadable file {p} (listed in {self.split_file}): {e}") from e
-        bad = ~np.isfinite(arr)
-        if bad.any():  # missing measurements: 0 marks them ignore (NormalizePadToTensor)
-            arr[bad] = 0.0
+        arr = read_npy(p, self.split_file)
+        arr[~np.isfinite(arr)] = 0.0  # missing measurements: 0 marks them ignore (NormalizePadToTensor)
         return arr
 
     def _semseg(self, p: Path) -> np.ndarray:
@@ -149,22 +142,13 @@ class NYUDMT(Dataset):
         name = self.names[index]
         img_path = self._path("images", name, ".jpg")
         image = read_image(img_path, self.split_file)
-        h, w = image.shape[:2]
+        hw = image.shape[:2]
         sample = {"image": image}
         read = {"semseg": self._semseg, "normals": self._normals, "depth": self._map, "edge": self._map}
         for task in self.tasks:
             folder, ext = NYUD_TASK_FILES[task]
             p = self._path(folder, name, ext)
-            arr = read[task](p)
-            if arr.shape[:2] != (h, w):
-                raise DataError(
-                    f"{p}: size {arr.shape[:2]} differs from its image {img_path} ({h}, {w}) "
-                    f"(listed in {self.split_file})"
-                )
-            sample[task] = arr
-        sample["meta"] = {"name": name, "size": (h, w)}
+            sample[task] = read[task](p)
+            self._check_size(sample[task], p, img_path, hw)
+        sample["meta"] = {"name": name, "size": hw}
         return sample
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.load_raw(index)
-        return self.transform(sample) if self.transform is not None else sample

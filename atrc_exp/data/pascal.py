@@ -20,9 +20,10 @@ Targets (the original loader's rules):
   :data:`HUMAN_PART_MAP` (Pascal-Part names → head 1, torso 2, upper arm 3, lower arm 4, upper leg
   5, lower leg 6), the rest is background 0. An image without a person, or whose people have no
   parts, has no labels: the whole map is 255 (the original returns zeros and its
-  ``AddIgnoreRegions`` turns an all-zero map into 255 — :class:`~atrc_exp.data.to_tensor.NormalizePadToTensor`
-  applies the same rule after cropping). Which images contain a person is computed once per
-  split and cached in the user's cache (the data folder may be read-only).
+  ``AddIgnoreRegions`` turns an all-zero map into 255 —
+  :class:`~atrc_exp.data.to_tensor.NormalizePadToTensor` applies the same rule after cropping).
+  Which images contain a person is computed once per split and cached in the user's cache (the
+  data folder may be read-only).
 * **edge**: ``thin(|Laplacian(LabelMap)| > 0)`` (float 0/1).
 * **normals**: kept only on pixels whose ``LabelMap`` class is one of the original's 170
   (:data:`NORMALS_VALID_CONTEXT_CLASSES`, shipped as ``atrc_exp/resources/``
@@ -32,11 +33,11 @@ Targets (the original loader's rules):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
@@ -44,12 +45,11 @@ import cv2
 import numpy as np
 import scipy.io as sio
 from scipy import ndimage as ndi
-from torch.utils.data import Dataset
 
 from ..tasks import IGNORE_INDEX
-from .nyud import DataError, read_image, read_label_png, require_layout_dir
+from .nyud import DataError, LayoutReader, read_image, read_label_png
+from .targets import atomic_write
 
-PASCAL_TASKS = ("semseg", "human_parts", "sal", "normals", "edge")
 #: ``class_ind`` of a person in Pascal-Part (VOC order, 1-based).
 HUMAN_PARTS_CATEGORY = 15
 
@@ -64,25 +64,12 @@ HUMAN_PART_MAP: dict[str, int] = {
     **dict.fromkeys(("lfoot", "llleg", "rfoot", "rlleg"), 6),
 }
 
-#: VOC classes (the 21 semseg classes) and their ids in the 459-class ``LabelMap``.
-VOC_CATEGORY_NAMES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)  # fmt: skip
-CONTEXT_CATEGORY_LABELS = (
-    0, 2, 23, 25, 31, 34, 45, 59, 65, 72, 98, 397, 113, 207, 258, 284, 308, 347, 368, 416, 427,
-)  # fmt: skip
-
-#: The package resource that lists the ``LabelMap`` classes whose distilled normals are kept.
-NORMALS_VALID_CLASSES_RESOURCE = "pascal_context_normals_valid_classes.json"
-
 
 def load_normals_valid_classes() -> dict[int, str]:
     """``{LabelMap id: class name}`` of the 170 PASCAL-Context classes whose distilled normals the
     original keeps (the classes whose name is also an NYUD class, except ``unknown``, plus
-    ``tvmonitor``), read from the package resource :data:`NORMALS_VALID_CLASSES_RESOURCE`."""
-    res = files("atrc_exp") / "resources" / NORMALS_VALID_CLASSES_RESOURCE
+    ``tvmonitor``), read from the package resource ``pascal_context_normals_valid_classes.json``."""
+    res = files("atrc_exp") / "resources" / "pascal_context_normals_valid_classes.json"
     return {int(k): str(v) for k, v in json.loads(res.read_text(encoding="utf-8"))["classes"].items()}
 
 
@@ -90,18 +77,10 @@ def load_normals_valid_classes() -> dict[int, str]:
 #: :func:`load_normals_valid_classes`); ``dataset.normals_valid_classes`` overrides the ids.
 NORMALS_VALID_CONTEXT_CLASSES: dict[int, str] = load_normals_valid_classes()
 
-_TASK_FILES = {
-    "human_parts": ("human_parts", ".mat"),
-    "edge": ("pascal-context/trainval", ".mat"),
-    "normals": ("normals_distill", ".png"),
-    "sal": ("sal_distill", ".png"),
-}
 _CACHE_VERSION = 1
 
 
-# ----------------------------------------------------------------------------------------------
 # Thinning (skimage.morphology.thin, Guo & Hall 1989), so that we need no scikit-image
-# ----------------------------------------------------------------------------------------------
 
 
 def _thin_luts() -> tuple[np.ndarray, np.ndarray]:
@@ -152,11 +131,6 @@ def edges_from_labelmap(label_map: np.ndarray) -> np.ndarray:
     return thin(np.abs(lap) > 0).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------------------
-# .mat helpers
-# ----------------------------------------------------------------------------------------------
-
-
 def _loadmat(path: Path, split_file: Path) -> dict:
     if not path.is_file():
         raise DataError(f"missing file {path} (listed in {split_file})")
@@ -203,67 +177,31 @@ def person_parts(mat: dict, path: Path, shape: tuple[int, int]) -> np.ndarray | 
     return target
 
 
-# ----------------------------------------------------------------------------------------------
-# The reader
-# ----------------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_split_list(root: Path, split: str) -> tuple[Path, list[str]]:
-    """``ImageSets/Context/<split>.txt`` of a PASCAL_MT folder: (path, ids)."""
-    split_file = root / "ImageSets" / "Context" / f"{split}.txt"
-    if not split_file.is_file():
-        raise DataError(
-            f"split list {split_file} not found: expected the PASCAL_MT layout (JPEGImages/, semseg/, "
-            f"human_parts/, pascal-context/trainval/, normals_distill/, sal_distill/, "
-            f"ImageSets/Context/{{train,val}}.txt) under {root}. Get it with `atrc-data fetch --dataset "
-            f"pascal_context --dest <paths.data_dir>` and unpack it so that <paths.data_dir>/PASCAL_MT/ "
-            f"exists, or use dataset=synthetic"
-        )
-    names = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
-    if not names:
-        raise DataError(f"split list {split_file} is empty")
-    return split_file, names
-
-
+@dataclass
 class _ImageContext:
     """One image being read: its name, size and ``LabelMap`` (loaded once, for edges and normals)."""
 
-    def __init__(self, reader: PASCALMT, index: int, name: str, img_path: Path, hw: tuple[int, int]):
-        self.reader, self.index, self.name, self.img_path, self.hw = reader, index, name, img_path, hw
-        self._label_map: np.ndarray | None = None
+    reader: PASCALMT
+    index: int
+    name: str
+    img_path: Path
+    hw: tuple[int, int]
 
+    @functools.cached_property
     def label_map(self) -> np.ndarray:
-        if self._label_map is None:
-            r = self.reader
-            p = r.root / "pascal-context" / "trainval" / f"{self.name}.mat"
-            mat = _loadmat(p, r.split_file)
-            if "LabelMap" not in mat:
-                raise DataError(f"{p}: no LabelMap variable (listed in {r.split_file})")
-            self._label_map = np.asarray(mat["LabelMap"])
-            r._check_size(self._label_map, p, self.img_path, self.hw)
-        return self._label_map
+        r = self.reader
+        p = r.root / "pascal-context" / "trainval" / f"{self.name}.mat"
+        mat = _loadmat(p, r.split_file)
+        if "LabelMap" not in mat:
+            raise DataError(f"{p}: no LabelMap variable (listed in {r.split_file})")
+        r._check_size(mat["LabelMap"], p, self.img_path, self.hw)
+        return np.asarray(mat["LabelMap"])
 
 
-class PASCALMT(Dataset):
-    """One split of PASCAL_MT. Items are transformed samples (see :mod:`atrc_exp.data.transforms`).
+class PASCALMT(LayoutReader):
+    """One split of PASCAL_MT (``split``: ``train`` or ``val``).
 
     Args:
-        data_dir: the folder that holds ``PASCAL_MT/``.
-        split: ``train`` or ``val`` (a file ``ImageSets/Context/<split>.txt``).
-        tasks: subset of :data:`PASCAL_TASKS`.
-        transform: applied to the raw sample dict; ``None`` returns raw numpy arrays.
         num_classes: semseg classes (21); other labels than 0..K-1 and 255 are an error.
         normals_valid_classes: ``LabelMap`` ids whose normals are kept (default: the original's
             170, :data:`NORMALS_VALID_CONTEXT_CLASSES`).
@@ -271,30 +209,27 @@ class PASCALMT(Dataset):
         area_thres: objects of at most this many pixels do not count (the original's 0).
     """
 
+    NAME, LAYOUT, DATASET, SPLIT_DIR = "PASCAL-Context", "PASCAL_MT", "pascal_context", "ImageSets/Context"
+    FOLDERS = "JPEGImages/, semseg/, human_parts/, pascal-context/trainval/, normals_distill/, sal_distill/"
+    UNPACK = " and unpack it"
+    TASKS = ("semseg", "human_parts", "sal", "normals", "edge")
+
     def __init__(
         self,
         data_dir: str | Path,
         split: str,
         tasks: Sequence,
-        transform: Callable | None = None,
+        transform=None,
         num_classes: int = 21,
         normals_valid_classes: Sequence[int] | None = None,
         cache_dir: str | Path | None = None,
         area_thres: int = 0,
     ):
-        self.root = require_layout_dir(data_dir, "PASCAL_MT", "pascal_context")
-        tasks = [getattr(t, "name", t) for t in tasks]
-        unknown = [t for t in tasks if t not in PASCAL_TASKS]
-        if unknown:
-            raise DataError(f"PASCAL-Context has no task(s) {unknown}; it has {list(PASCAL_TASKS)}")
-        self.split = split
-        self.tasks = list(tasks)
-        self.transform = transform
+        super().__init__(data_dir, split, tasks, transform)
         self.num_classes = int(num_classes)
         valid = NORMALS_VALID_CONTEXT_CLASSES if normals_valid_classes is None else normals_valid_classes
         self.normals_valid_classes = np.array(sorted(int(c) for c in valid), dtype=np.int64)
         self.area_thres = int(area_thres)
-        self.split_file, self.names = read_split_list(self.root, split)
         if cache_dir is None:
             from ..config import cache_dir as _user_cache
 
@@ -305,15 +240,10 @@ class PASCALMT(Dataset):
             objs = self.object_classes()
             self.has_person = [HUMAN_PARTS_CATEGORY in objs[n] for n in self.names]
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    # -- person lookup ---------------------------------------------------------------------------
     def _lookup_path(self) -> tuple[Path, str]:
-        files = [self.root / "human_parts" / f"{n}.mat" for n in self.names]
         h = hashlib.sha256()
         h.update(f"{_CACHE_VERSION}|{self.root.resolve()}|{self.split}|{self.area_thres}".encode())
-        for p in files:
+        for p in (self.root / "human_parts" / f"{n}.mat" for n in self.names):
             try:
                 st = p.stat()
                 h.update(f"|{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -342,19 +272,12 @@ class PASCALMT(Dataset):
                 for o in _anno_objects(mat, p)
             ]
         try:
-            _atomic_write_text(
-                path, json.dumps({"digest": digest, "root": str(self.root), "objects": objects})
+            atomic_write(
+                path, json.dumps({"digest": digest, "root": str(self.root), "objects": objects}).encode()
             )
         except OSError:
             pass  # a read-only cache only costs the recomputation next time
         return objects
-
-    # -- files -----------------------------------------------------------------------------------
-    def _path(self, folder: str, name: str, ext: str) -> Path:
-        p = self.root / folder / f"{name}{ext}"
-        if not p.is_file():
-            raise DataError(f"missing file {p} (listed in {self.split_file})")
-        return p
 
     def semseg_path(self, name: str) -> Path:
         for sub in ("VOC12", "pascal-context"):
@@ -366,13 +289,6 @@ class PASCALMT(Dataset):
             f"(listed in {self.split_file})"
         )
 
-    def _check_size(self, arr: np.ndarray, p: Path, img_path: Path, hw: tuple[int, int]) -> None:
-        if arr.shape[:2] != hw:
-            raise DataError(
-                f"{p}: size {arr.shape[:2]} differs from its image {img_path} {hw} "
-                f"(listed in {self.split_file})"
-            )
-
     def _semseg(self, c: _ImageContext) -> np.ndarray:
         p = self.semseg_path(c.name)
         raw = read_label_png(p, self.split_file)
@@ -382,9 +298,8 @@ class PASCALMT(Dataset):
                 f"{p}: label {int(raw[bad].max())} outside 0..{self.num_classes - 1} and 255 "
                 f"(listed in {self.split_file})"
             )
-        arr = raw.astype(np.int64)
-        self._check_size(arr, p, c.img_path, c.hw)
-        return arr
+        self._check_size(raw, p, c.img_path, c.hw)
+        return raw.astype(np.int64)
 
     def _human_parts(self, c: _ImageContext) -> np.ndarray:
         arr = None
@@ -396,14 +311,14 @@ class PASCALMT(Dataset):
         return arr
 
     def _edge(self, c: _ImageContext) -> np.ndarray:
-        return edges_from_labelmap(c.label_map())
+        return edges_from_labelmap(c.label_map)
 
     def _normals(self, c: _ImageContext) -> np.ndarray:
         p = self._path("normals_distill", c.name, ".png")
         raw = read_image(p, self.split_file)  # RGB, as PIL reads it in the original
         self._check_size(raw, p, c.img_path, c.hw)
         arr = (2.0 * raw.astype(np.float32) / 255.0 - 1.0).astype(np.float32)
-        arr[~np.isin(c.label_map(), self.normals_valid_classes)] = 0.0
+        arr[~np.isin(c.label_map, self.normals_valid_classes)] = 0.0
         return arr
 
     def _sal(self, c: _ImageContext) -> np.ndarray:
@@ -417,21 +332,7 @@ class PASCALMT(Dataset):
         name = self.names[index]
         img_path = self._path("JPEGImages", name, ".jpg")
         image = read_image(img_path, self.split_file)
-        hw = image.shape[:2]
-        sample: dict = {"image": image}
-        ctx = _ImageContext(self, index, name, img_path, hw)
-        read = {
-            "semseg": self._semseg,
-            "human_parts": self._human_parts,
-            "edge": self._edge,
-            "normals": self._normals,
-            "sal": self._sal,
-        }
-        for task in self.tasks:
-            sample[task] = read[task](ctx)
-        sample["meta"] = {"name": name, "size": tuple(hw)}
+        ctx = _ImageContext(self, index, name, img_path, image.shape[:2])
+        sample = {"image": image, **{task: getattr(self, f"_{task}")(ctx) for task in self.tasks}}
+        sample["meta"] = {"name": name, "size": tuple(ctx.hw)}
         return sample
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.load_raw(index)
-        return self.transform(sample) if self.transform is not None else sample

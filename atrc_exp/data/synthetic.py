@@ -25,8 +25,8 @@ dataset.
 The PASCAL_MT files have the real ones' formats: ``semseg/{VOC12,pascal-context}/*.png`` (the 7
 synthetic classes, 0..6, VOC12 for even image indices), Pascal-Part ``human_parts/*.mat``
 (``anno`` struct with ``imname`` and ``objects``: ``class``, ``class_ind``, ``mask``, ``parts``
-with ``part_name``/``mask``; the person of every 5th image (index 3, 8, ...) is written without parts, as happens in
-Pascal-Part), ``pascal-context/trainval/*.mat`` (``LabelMap`` in 459-class ids, see
+with ``part_name``/``mask``; the person of every 5th image (index 3, 8, ...) is written without
+parts, as happens in Pascal-Part), ``pascal-context/trainval/*.mat`` (``LabelMap`` in 459-class ids, see
 :data:`PASCAL_CONTEXT_IDS`: every synthetic class is one of the 170 whose normals are kept), RGB
 ``normals_distill/*.png`` and grey ``sal_distill/*.png`` (20 background, 220 salient).
 """
@@ -34,10 +34,14 @@ Pascal-Part), ``pascal-context/trainval/*.mat`` (``LabelMap`` in 459-class ids, 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+from filelock import FileLock
 from tqdm import tqdm
 
 from .synthetic_scene import (
@@ -45,6 +49,7 @@ from .synthetic_scene import (
     HUMAN_PART_NAMES,
     SEMSEG_CLASSES,
     Scene,
+    _dot,
     cast,
     intrinsics,
     sample_scene,
@@ -93,10 +98,6 @@ _PART_NAMES = {1: ("head", "hair"), 2: ("torso", "neck"), 3: ("luarm", "ruarm"),
 EDGE_DEPTH_REL = 0.05
 #: ... or whose normals differ by more than this angle (a crease); any instance change is an edge.
 EDGE_CREASE_DEG = 30.0
-
-
-def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.einsum("...i,...i->...", a, b)
 
 
 def _edges(inst: np.ndarray, surf: np.ndarray, depth: np.ndarray, normals: np.ndarray) -> np.ndarray:
@@ -201,8 +202,7 @@ def render_scene(seed: int, height: int, width: int) -> dict[str, np.ndarray]:
 
     The geometry depends only on ``seed``, so one seed gives the same scene at every size.
     """
-    if height < 2 or width < 2:
-        raise ValueError(f"image size must be at least 2×2, got {height}×{width}")
+    _check_size(height, width)
     return render(sample_scene(seed), height, width, np.random.default_rng([seed, 1]))
 
 
@@ -212,40 +212,51 @@ def scene_seed(seed: int, index: int) -> int:
 
 
 def _manifest(n_train: int, n_val: int, height: int, width: int, seed: int, layout: str) -> dict:
-    return {
-        "layout": layout,
-        "generator": GENERATOR,
-        "version": VERSION,
-        "n_train": n_train,
-        "n_val": n_val,
-        "height": height,
-        "width": width,
-        "seed": seed,
-        "semseg_classes": list(SEMSEG_CLASSES),
-    }
+    params = {"n_train": n_train, "n_val": n_val, "height": height, "width": width, "seed": seed}
+    head = {"layout": layout, "generator": GENERATOR, "version": VERSION}
+    return {**head, **params, "semseg_classes": list(SEMSEG_CLASSES)}
+
+
+def _rendered(
+    names: list[str], seed: int, size: Callable[[int], tuple[int, int]], desc: str, progress: bool
+) -> Iterator:
+    """``(i, name, render_scene(scene_seed(seed, i), *size(i)))`` for every name, with a progress bar."""
+    for i in tqdm(range(len(names)), desc=desc, unit="img", disable=not progress):
+        yield i, names[i], render_scene(scene_seed(seed, i), *size(i))
+
+
+def _finish(dest: Path, split_dir: str, names: list[str], n_train: int, manifest: dict) -> None:
+    """The split lists, then the manifest (last: it marks the dataset complete)."""
+    (dest / split_dir / "train.txt").write_text("".join(f"{n}\n" for n in names[:n_train]))
+    (dest / split_dir / "val.txt").write_text("".join(f"{n}\n" for n in names[n_train:]))
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _mkdirs(dest: Path, subs) -> None:
+    for sub in subs:
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _imwrite(path: Path, arr: np.ndarray, *params: int) -> None:
+    """``cv2.imwrite``; OSError when it fails."""
+    if not cv2.imwrite(str(path), arr, list(params)):
+        raise OSError(f"could not write {path}")
 
 
 def write_nyud_files(
     dest: Path, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool
 ) -> None:
     """Write the NYUD_MT files into ``dest`` itself; the manifest goes last."""
-    for sub in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
-        (dest / sub).mkdir(parents=True, exist_ok=True)
+    _mkdirs(dest, ("images", "segmentation", "depth", "normals", "edge", "gt_sets"))
     names = [f"{i:05d}" for i in range(n_train + n_val)]
-    for i in tqdm(range(len(names)), desc="synthetic NYUD_MT", unit="img", disable=not progress):
-        name, s = names[i], render_scene(scene_seed(seed, i), height, width)
+    for _, name, s in _rendered(names, seed, lambda i: (height, width), "synthetic NYUD_MT", progress):
         bgr = cv2.cvtColor(s["image"], cv2.COLOR_RGB2BGR)
-        if not cv2.imwrite(str(dest / "images" / f"{name}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95]):
-            raise OSError(f"could not write {dest / 'images' / name}.jpg")
-        if not cv2.imwrite(str(dest / "segmentation" / f"{name}.png"), s["semseg"] + np.uint8(1)):
-            raise OSError(f"could not write {dest / 'segmentation' / name}.png")
+        _imwrite(dest / "images" / f"{name}.jpg", bgr, cv2.IMWRITE_JPEG_QUALITY, 95)
+        _imwrite(dest / "segmentation" / f"{name}.png", s["semseg"] + np.uint8(1))
         np.save(dest / "depth" / f"{name}.npy", s["depth"])
         np.save(dest / "normals" / f"{name}.npy", s["normals"])
         np.save(dest / "edge" / f"{name}.npy", s["edge"].astype(np.float32))
-    (dest / "gt_sets" / "train.txt").write_text("".join(f"{n}\n" for n in names[:n_train]))
-    (dest / "gt_sets" / "val.txt").write_text("".join(f"{n}\n" for n in names[n_train:]))
-    manifest = _manifest(n_train, n_val, height, width, seed, "NYUD_MT")
-    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _finish(dest, "gt_sets", names, n_train, _manifest(n_train, n_val, height, width, seed, "NYUD_MT"))
 
 
 def _struct_array(records: list[tuple], fields: tuple[str, ...]) -> np.ndarray:
@@ -284,44 +295,35 @@ def write_pascal_files(
     """Write the PASCAL_MT files into ``dest`` itself; the manifest goes last."""
     import scipy.io as sio
 
-    subs = ("JPEGImages", "semseg/VOC12", "semseg/pascal-context", "human_parts", "pascal-context/trainval",
-            "normals_distill", "sal_distill", "ImageSets/Context")  # fmt: skip
-    for sub in subs:
-        (dest / sub).mkdir(parents=True, exist_ok=True)
+    labels = ("semseg/VOC12", "semseg/pascal-context", "human_parts", "pascal-context/trainval")
+    _mkdirs(dest, ("JPEGImages", *labels, "normals_distill", "sal_distill", "ImageSets/Context"))
     ctx_ids = np.array([PASCAL_CONTEXT_IDS[c][0] for c in SEMSEG_CLASSES], np.uint16)
     names = [f"2008_{i:06d}" for i in range(n_train + n_val)]
-    for i in tqdm(range(len(names)), desc="synthetic PASCAL_MT", unit="img", disable=not progress):
-        name, s = names[i], render_scene(scene_seed(seed, i), height, width)
+    for i, name, s in _rendered(names, seed, lambda i: (height, width), "synthetic PASCAL_MT", progress):
         bgr = cv2.cvtColor(s["image"], cv2.COLOR_RGB2BGR)
-        if not cv2.imwrite(str(dest / "JPEGImages" / f"{name}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95]):
-            raise OSError(f"could not write {dest / 'JPEGImages' / name}.jpg")
-        seg_dir = "VOC12" if i % 2 == 0 else "pascal-context"
-        cv2.imwrite(str(dest / "semseg" / seg_dir / f"{name}.png"), s["semseg"])
+        _imwrite(dest / "JPEGImages" / f"{name}.jpg", bgr, cv2.IMWRITE_JPEG_QUALITY, 95)
+        _imwrite(dest / "semseg" / ("VOC12" if i % 2 == 0 else "pascal-context") / f"{name}.png", s["semseg"])
         sio.savemat(str(dest / "human_parts" / f"{name}.mat"), {"anno": _pascal_anno(name, s, i % 5 == 3)})
-        sio.savemat(
-            str(dest / "pascal-context" / "trainval" / f"{name}.mat"), {"LabelMap": ctx_ids[s["semseg"]]}
-        )
+        sio.savemat(str(dest / "pascal-context/trainval" / f"{name}.mat"), {"LabelMap": ctx_ids[s["semseg"]]})
         nrm = np.clip(np.rint((s["normals"] + 1.0) * 127.5), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(dest / "normals_distill" / f"{name}.png"), cv2.cvtColor(nrm, cv2.COLOR_RGB2BGR))
-        cv2.imwrite(
-            str(dest / "sal_distill" / f"{name}.png"), np.where(s["sal"] > 0, 220, 20).astype(np.uint8)
-        )
-    (dest / "ImageSets" / "Context" / "train.txt").write_text("".join(f"{n}\n" for n in names[:n_train]))
-    (dest / "ImageSets" / "Context" / "val.txt").write_text("".join(f"{n}\n" for n in names[n_train:]))
+        _imwrite(dest / "normals_distill" / f"{name}.png", cv2.cvtColor(nrm, cv2.COLOR_RGB2BGR))
+        _imwrite(dest / "sal_distill" / f"{name}.png", np.where(s["sal"] > 0, 220, 20).astype(np.uint8))
     manifest = _manifest(n_train, n_val, height, width, seed, "PASCAL_MT")
-    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _finish(dest, "ImageSets/Context", names, n_train, manifest)
+
+
+def _check_size(height: int, width: int) -> None:
+    if height < 2 or width < 2:
+        raise ValueError(f"image size must be at least 2×2, got {height}×{width}")
 
 
 def _check_args(n_train: int, n_val: int, height: int, width: int) -> None:
     if n_train < 0 or n_val < 0 or n_train + n_val == 0:
         raise ValueError(f"need n_train, n_val >= 0 and at least one image, got {n_train}, {n_val}")
-    if height < 2 or width < 2:
-        raise ValueError(f"image size must be at least 2×2, got {height}×{width}")
+    _check_size(height, width)
 
 
-def write_nyud_layout(
-    root: str | Path, *, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool = True
-) -> Path:
+def write_nyud_layout(root: str | Path, *, n_train, n_val, height, width, seed, progress=True) -> Path:
     """Render ``n_train + n_val`` scenes into ``root/NYUD_MT/`` and return that folder.
 
     Names are ``00000``, ``00001``… (train first, then val); image ``i`` has seed
@@ -329,22 +331,15 @@ def write_nyud_layout(
     :func:`atrc_exp.data.layouts.ensure_synthetic_dataset` for the atomic, idempotent version.
     """
     _check_args(n_train, n_val, height, width)
-    dest = Path(root) / "NYUD_MT"
-    write_nyud_files(dest, n_train, n_val, height, width, seed, progress)
-    return dest
+    write_nyud_files(Path(root) / "NYUD_MT", n_train, n_val, height, width, seed, progress)
+    return Path(root) / "NYUD_MT"
 
 
-def write_pascal_layout(
-    root: str | Path, *, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool = True
-) -> Path:
-    """Render ``n_train + n_val`` scenes into ``root/PASCAL_MT/`` and return that folder.
-
-    Names are ``2008_000000``… (train first); image ``i`` is the same scene as in the NYUD layout.
-    """
+def write_pascal_layout(root: str | Path, *, n_train, n_val, height, width, seed, progress=True) -> Path:
+    """:func:`write_nyud_layout` in ``root/PASCAL_MT/``; names are ``2008_000000``… (train first)."""
     _check_args(n_train, n_val, height, width)
-    dest = Path(root) / "PASCAL_MT"
-    write_pascal_files(dest, n_train, n_val, height, width, seed, progress)
-    return dest
+    write_pascal_files(Path(root) / "PASCAL_MT", n_train, n_val, height, width, seed, progress)
+    return Path(root) / "PASCAL_MT"
 
 
 def _existing_ok(root: Path, wanted: dict, layout: str) -> bool:
@@ -370,3 +365,43 @@ def _existing_ok(root: Path, wanted: dict, layout: str) -> bool:
             f"Use another paths.data_dir for these settings, or delete {ds} to regenerate it"
         )
     return True
+
+
+def write_atomically(dest: Path, lock: Path, done: Callable[[], bool], write: Callable[[Path], None]) -> None:
+    """Unless ``done()``: under the file lock ``lock``, ask ``done()`` again (another process may
+    have finished), then ``write`` into ``.<dest name>.tmp-<pid>`` beside ``dest`` and rename it to
+    ``dest`` (an empty folder there is replaced), so that concurrent callers end up with one complete
+    dataset and readers never see a partial one."""
+    if done():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
+        if done():
+            return
+        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by a crashed writer (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+        try:
+            write(tmp)
+            if dest.is_dir():
+                dest.rmdir()
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def ensure_layout_files(
+    root: Path, layout: str, writer: Callable, *params: int, progress: bool = True
+) -> None:
+    """``writer(dest, *params, progress)`` (``params``: n_train, n_val, height, width, seed) into
+    ``root/<layout>`` atomically, under ``root/.synthetic.lock``, unless that folder holds this
+    dataset already (:func:`_existing_ok`)."""
+    wanted = _manifest(*params, layout)
+
+    def write(tmp: Path) -> None:
+        writer(tmp, *params, progress)
+
+    write_atomically(
+        root / layout, root / ".synthetic.lock", lambda: _existing_ok(root, wanted, layout), write
+    )

@@ -11,26 +11,23 @@ as ``.jpg`` for even ``i``, ``.png`` for odd ``i``; every 3rd (``i % 3 == 2``) a
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
-from tqdm import tqdm
 
 from .folder import SPEC_FILE
-from .synthetic import MANIFEST, SEMSEG_CLASSES, _manifest, render_scene, scene_seed
+from .synthetic import (
+    MANIFEST,
+    SEMSEG_CLASSES,
+    _check_size,
+    _finish,
+    _manifest,
+    _mkdirs,
+    _rendered,
+    write_atomically,
+)
 
-__all__ = [
-    "MISSING",
-    "SPECS",
-    "ensure_folder_dataset",
-    "has_label",
-    "image_id",
-    "image_size",
-    "write_folder_files",
-]
+__all__ = ["MISSING", "SPECS", "ensure_folder_dataset", "has_label", "image_size", "write_folder_files"]
 
 #: The tasks of the synthetic folder dataset (the YAML's ``tasks``).
 SPECS: dict[str, dict] = {
@@ -43,11 +40,6 @@ SPECS: dict[str, dict] = {
 #: Task -> (m, r): image ``i`` has no label of the task when ``i % m == r``.
 MISSING: dict[str, tuple[int, int]] = {"depth": (4, 1), "person": (4, 3)}
 LAYOUT = "folder"
-
-
-def image_id(index: int) -> str:
-    """The id of image ``index`` (train first, then val)."""
-    return f"{index:05d}"
 
 
 def image_size(index: int, height: int, width: int) -> tuple[int, int]:
@@ -64,12 +56,6 @@ def has_label(task: str, index: int) -> bool:
     return not m or index % m != r
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(arr).save(path)
-
-
 def write_folder_files(
     dest: Path, n_train: int, n_val: int, height: int, width: int, seed: int, progress: bool
 ) -> None:
@@ -79,39 +65,31 @@ def write_folder_files(
     from PIL import Image
 
     dest = Path(dest)
-    for sub in ("images", "splits", *(f"labels/{t}" for t in SPECS)):
-        (dest / sub).mkdir(parents=True, exist_ok=True)
+    _mkdirs(dest, ("images", "splits", *(f"labels/{t}" for t in SPECS)))
     person = SEMSEG_CLASSES.index("person")
-    n = n_train + n_val
-    for i in tqdm(range(n), desc="synthetic folder", unit="img", disable=not progress):
-        name, (h, w) = image_id(i), image_size(i, height, width)
-        s = render_scene(scene_seed(seed, i), h, w)
-        if i % 2 == 0:
-            Image.fromarray(s["image"]).save(dest / "images" / f"{name}.jpg", quality=95)
-        else:
-            _save_png(s["image"], dest / "images" / f"{name}.png")
-        lab = dest / "labels"
-        if has_label("semseg", i):
-            _save_png(s["semseg"].astype(np.uint8), lab / "semseg" / f"{name}.png")
-        if has_label("depth", i):
-            np.save(lab / "depth" / f"{name}.npy", s["depth"].astype(np.float32))
-        if has_label("normals", i):
-            np.save(lab / "normals" / f"{name}.npy", s["normals"].astype(np.float32))
-        if has_label("edge", i):
-            _save_png((s["edge"] > 0).astype(np.uint8) * np.uint8(255), lab / "edge" / f"{name}.png")
-        if has_label("person", i):
-            _save_png(
-                (s["semseg"] == person).astype(np.uint8) * np.uint8(255), lab / "person" / f"{name}.png"
-            )
-    ids = [image_id(i) for i in range(n)]
-    (dest / "splits" / "train.txt").write_text("".join(f"{x}\n" for x in ids[:n_train]))
-    (dest / "splits" / "val.txt").write_text("".join(f"{x}\n" for x in ids[n_train:]))
+    names = [f"{i:05d}" for i in range(n_train + n_val)]
+    for i, name, s in _rendered(
+        names, seed, lambda i: image_size(i, height, width), "synthetic folder", progress
+    ):
+        Image.fromarray(s["image"]).save(dest / "images" / f"{name}{'.png' if i % 2 else '.jpg'}", quality=95)
+        labels = {
+            "semseg": s["semseg"].astype(np.uint8),
+            "depth": s["depth"].astype(np.float32),
+            "normals": s["normals"].astype(np.float32),
+            "edge": (s["edge"] > 0).astype(np.uint8) * np.uint8(255),
+            "person": (s["semseg"] == person).astype(np.uint8) * np.uint8(255),
+        }
+        for task, lab in labels.items():
+            if not has_label(task, i):
+                continue
+            if lab.dtype == np.uint8:
+                Image.fromarray(lab).save(dest / "labels" / task / f"{name}.png")
+            else:
+                np.save(dest / "labels" / task / f"{name}.npy", lab)
     head = "# the embedded synthetic dataset (atrc-data synth --layout folder)\n"
-    (dest / SPEC_FILE).write_text(
-        head + yaml.safe_dump({"tasks": SPECS}, sort_keys=False, default_flow_style=None)
-    )
-    manifest = _manifest(n_train, n_val, height, width, seed, LAYOUT)
-    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    spec = yaml.safe_dump({"tasks": SPECS}, sort_keys=False, default_flow_style=None)
+    (dest / SPEC_FILE).write_text(head + spec)
+    _finish(dest, "splits", names, n_train, _manifest(n_train, n_val, height, width, seed, LAYOUT))
 
 
 def ensure_folder_dataset(
@@ -125,8 +103,7 @@ def ensure_folder_dataset(
     """
     if n_train < 1 or n_val < 1:
         raise ValueError(f"a folder dataset needs n_train, n_val >= 1, got {n_train}, {n_val}")
-    if height < 2 or width < 2:
-        raise ValueError(f"image size must be at least 2×2, got {height}×{width}")
+    _check_size(height, width)
     dest = Path(dest).expanduser()
     wanted = _manifest(n_train, n_val, height, width, seed, LAYOUT)
 
@@ -144,20 +121,8 @@ def ensure_folder_dataset(
             f"{dest} already holds {what}: choose another --out, or delete {dest} to write it there"
         )
 
-    if done():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest.parent / f".{dest.name}.lock")):
-        if done():
-            return dest
-        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            write_folder_files(tmp, n_train, n_val, height, width, seed, progress)
-            if dest.is_dir():
-                dest.rmdir()  # empty (done() checked)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    def write(tmp: Path) -> None:
+        write_folder_files(tmp, n_train, n_val, height, width, seed, progress)
+
+    write_atomically(dest, dest.parent / f".{dest.name}.lock", done, write)
     return dest

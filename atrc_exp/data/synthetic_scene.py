@@ -22,7 +22,7 @@ so the same seed gives the same scene at every resolution.
 from __future__ import annotations
 
 import colorsys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,14 +30,8 @@ import numpy as np
 SEMSEG_CLASSES: tuple[str, ...] = ("wall", "floor", "ceiling", "sphere", "box", "cylinder", "person")
 #: Human-part labels (index = ``human_parts`` value; 0 = not a person).
 HUMAN_PART_NAMES: tuple[str, ...] = (
-    "background",
-    "head",
-    "torso",
-    "upper_arm",
-    "lower_arm",
-    "upper_leg",
-    "lower_leg",
-)
+    "background", "head", "torso", "upper_arm", "lower_arm", "upper_leg", "lower_leg"
+)  # fmt: skip
 WALL, FLOOR, CEILING, SPHERE, BOX, CYLINDER, PERSON = range(7)
 #: First semseg label counted as salient (objects and people; the room is background).
 FIRST_OBJECT_CLASS = SPHERE
@@ -52,11 +46,6 @@ def intrinsics(height: int, width: int) -> tuple[float, float, float, float]:
     return NYUD_FX * sx, NYUD_FY * sy, NYUD_CX * sx, NYUD_CY * sy
 
 
-# ----------------------------------------------------------------------------------------------
-# Materials
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Texture:
     """Procedural solid texture: ``mix(local) ∈ [0, 1]`` blends ``color1`` (0) → ``color2`` (1)."""
@@ -64,10 +53,10 @@ class Texture:
     kind: str  # "plain" | "checker" | "stripes" | "noise"
     color1: np.ndarray  # (3,) linear RGB albedo
     color2: np.ndarray  # (3,)
-    period: float = 0.5
-    axis: np.ndarray = field(default_factory=lambda: np.array([1.0, 0.0, 0.0]))
-    phase: np.ndarray = field(default_factory=lambda: np.zeros(3))
-    freqs: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    period: float
+    axis: np.ndarray
+    phase: np.ndarray
+    freqs: np.ndarray
 
     def albedo(self, local: np.ndarray) -> np.ndarray:
         """Per-point albedo (N×3) for points in the primitive's local frame (N×3)."""
@@ -78,11 +67,9 @@ class Texture:
             m = np.mod(cells.sum(1), 2.0)
         elif self.kind == "stripes":
             m = (np.sin(2 * np.pi * (local @ self.axis) / self.period + self.phase[0]) > 0).astype(float)
-        elif self.kind == "noise":
+        else:  # noise
             m = 0.5 + 0.5 * np.sin(local @ self.freqs.T + self.phase[: len(self.freqs)]).mean(1) * 1.5
             m = np.clip(m, 0.0, 1.0)
-        else:
-            raise ValueError(f"unknown texture kind {self.kind!r}")
         return self.color1 + (self.color2 - self.color1) * m[:, None]
 
 
@@ -91,14 +78,8 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return rgb**2.2  # sRGB-ish → linear
 
 
-def _texture(
-    rng: np.random.Generator,
-    kinds: tuple[str, ...],
-    base: np.ndarray,
-    contrast: float,
-    axis: np.ndarray,
-    period: tuple[float, float],
-) -> Texture:
+def _texture(rng, kinds, base, contrast, axis, period) -> Texture:
+    """A texture of a kind drawn from ``kinds``: ``base`` blended with a tint darker by ``contrast``."""
     kind = kinds[rng.integers(len(kinds))]
     tint = np.clip(base * (1 - contrast) * rng.uniform(0.9, 1.1, 3), 0, 1)
     return Texture(
@@ -110,12 +91,6 @@ def _texture(
         phase=rng.uniform(0, 2 * np.pi, 4),
         freqs=rng.normal(0, 2 * np.pi / period[1], (4, 3)) * np.where(axis > 0, 1.0, 0.3),
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Primitives: intersect(o, d) -> t (N,) with inf on a miss; surface(p) -> normal, face, local
-#   o: (3,) or (N, 3) origins; d: (N, 3) directions (not normalised; t is in units of d).
-# ----------------------------------------------------------------------------------------------
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -133,30 +108,33 @@ def _sphere_t(o: np.ndarray, d: np.ndarray, c: np.ndarray, r: float) -> np.ndarr
     return np.where((disc >= 0) & (t > _EPS), t, np.inf)
 
 
+def _rot(axis: int, angle: float) -> np.ndarray:
+    """Rotation by ``angle`` (radians, right-handed) about world axis ``axis`` (0 x, 1 y, 2 z)."""
+    c, s = np.cos(angle), np.sin(angle)
+    i, j = (axis + 1) % 3, (axis + 2) % 3
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
 @dataclass
 class Prim:
-    """Base of all object primitives: labels, material and a bounding sphere for culling."""
+    """An object primitive: labels, material and geometry. Subclasses define ``bound()`` (centre,
+    radius of a bounding ball, for culling), ``intersect(o, d)`` (the hit distance t (N,), inf on a
+    miss, for origins ``o`` (3,) or (N, 3) and directions ``d`` (N, 3), not normalised: t is in units
+    of d) and ``surface(p)``: outward unit normal (N×3, world), face id (N,) int and local texture
+    coordinates (N×3) of hit points ``p`` (N×3)."""
 
     instance: int
     semseg: int
     part: int
     texture: Texture
 
-    def bound(self) -> tuple[np.ndarray, float]:
-        raise NotImplementedError
-
-    def intersect(self, o: np.ndarray, d: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def surface(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Outward unit normal (N×3, world), face id (N,) int, local texture coords (N×3)."""
-        raise NotImplementedError
-
 
 @dataclass
 class Sphere(Prim):
-    center: np.ndarray = field(default_factory=lambda: np.zeros(3))
-    radius: float = 0.5
+    center: np.ndarray
+    radius: float
 
     def bound(self):
         return self.center, self.radius
@@ -174,17 +152,19 @@ class Sphere(Prim):
 class Capsule(Prim):
     """Segment ``a``→``b`` swept by a ball of ``radius`` (one smooth surface, face 0)."""
 
-    a: np.ndarray = field(default_factory=lambda: np.zeros(3))
-    b: np.ndarray = field(default_factory=lambda: np.ones(3))
-    radius: float = 0.1
+    a: np.ndarray
+    b: np.ndarray
+    radius: float
 
     def bound(self):
         return (self.a + self.b) / 2, float(np.linalg.norm(self.b - self.a)) / 2 + self.radius
 
+    def _axis(self) -> tuple[float, np.ndarray]:
+        length = float(np.linalg.norm(self.b - self.a))
+        return length, (self.b - self.a) / length
+
     def intersect(self, o, d):
-        axis = self.b - self.a
-        length = float(np.linalg.norm(axis))
-        u = axis / length
+        length, u = self._axis()
         oa = o - self.a
         du, ou = d @ u, oa @ u
         dp = d - du[:, None] * u
@@ -199,43 +179,26 @@ class Capsule(Prim):
         return np.minimum(t, _sphere_t(o, d, self.b, self.radius))
 
     def surface(self, p):
-        axis = self.b - self.a
-        length = float(np.linalg.norm(axis))
-        u = axis / length
+        length, u = self._axis()
         s = np.clip((p - self.a) @ u, 0, length)
         n = p - (self.a + s[:, None] * u)
         n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
         return n, np.zeros(len(p), np.int64), p - self.a
 
 
-def _rot_y(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-
-
-def _rot_x(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-
-
-def _rot_z(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-
-
 @dataclass
 class Box(Prim):
     """Box of half sizes ``half`` centred at ``center``, rotated by ``yaw`` about the vertical."""
 
-    center: np.ndarray = field(default_factory=lambda: np.zeros(3))
-    half: np.ndarray = field(default_factory=lambda: np.ones(3))
-    yaw: float = 0.0
+    center: np.ndarray
+    half: np.ndarray
+    yaw: float
 
     def bound(self):
         return self.center, float(np.linalg.norm(self.half))
 
     def intersect(self, o, d):
-        rot = _rot_y(self.yaw)  # local → world
+        rot = _rot(1, self.yaw)  # local → world
         ol, dl = (o - self.center) @ rot, d @ rot
         with np.errstate(divide="ignore", invalid="ignore"):
             t1, t2 = (-self.half - ol) / dl, (self.half - ol) / dl
@@ -244,7 +207,7 @@ class Box(Prim):
         return np.where((tmax >= tmin) & (tmin > _EPS), tmin, np.inf)
 
     def surface(self, p):
-        rot = _rot_y(self.yaw)
+        rot = _rot(1, self.yaw)
         local = (p - self.center) @ rot
         f = np.argmax(np.abs(local) / self.half, axis=1)
         sign = np.sign(local[np.arange(len(p)), f])
@@ -260,9 +223,9 @@ class Cylinder(Prim):
     Faces: 0 side, 1 top cap, 2 bottom cap.
     """
 
-    base: np.ndarray = field(default_factory=lambda: np.zeros(3))
-    radius: float = 0.3
-    height: float = 1.0
+    base: np.ndarray
+    radius: float
+    height: float
 
     def bound(self):
         return self.base + [0, self.height / 2, 0], float(np.hypot(self.radius, self.height / 2))
@@ -326,11 +289,6 @@ class Room:
         return t, face
 
 
-# ----------------------------------------------------------------------------------------------
-# Scene sampling
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Scene:
     """Everything the renderer needs: camera pose, room, objects, light."""
@@ -346,26 +304,19 @@ class Scene:
     noise_sigma: float  # sensor noise std in 0..255 units
 
 
-def camera_rotation(yaw: float, pitch: float) -> np.ndarray:
-    """``R_wc`` for a camera turned right by ``yaw`` and looking down by ``pitch`` (radians)."""
-    return _rot_y(yaw) @ _rot_x(pitch) @ np.diag([1.0, -1.0, 1.0])
-
-
-def _limb(start, flex, abd, bend, lengths, radii, parts, textures):
-    """Two capsules (local frame) from ``start``: the upper one swung forward by ``flex`` and out by
-    ``abd``, the lower one swung forward by a further ``bend`` (radians; negative bends backward)."""
+def _limb(start, flex, abd, bend, upper, lower):
+    """Two capsules (local frame) from ``start``, ``upper`` and ``lower`` each (length, radius, part,
+    texture): the upper one swung forward by ``flex`` and out by ``abd``, the lower one swung forward
+    by a further ``bend`` (radians; negative bends backward)."""
     down = np.array([0.0, -1.0, 0.0])
-    joint = start + lengths[0] * (_rot_z(abd) @ _rot_x(-flex) @ down)
-    end = joint + lengths[1] * (_rot_z(abd) @ _rot_x(-(flex + bend)) @ down)
-    return [(start, joint, radii[0], parts[0], textures[0]), (joint, end, radii[1], parts[1], textures[1])]
+    joint = start + upper[0] * (_rot(2, abd) @ _rot(0, -flex) @ down)
+    end = joint + lower[0] * (_rot(2, abd) @ _rot(0, -(flex + bend)) @ down)
+    return [(start, joint, *upper[1:]), (joint, end, *lower[1:])]
 
 
-def _make_figure(
-    rng: np.random.Generator, pos: np.ndarray, facing: float, instance: int, materials: dict[str, Texture]
-) -> list[Prim]:
+def _make_figure(rng, pos, facing, instance, skin, shirt, trousers) -> list[Prim]:
     """A jointed figure (head, torso, upper/lower arms and legs) standing on the floor at ``pos``
-    (x, z), facing ``facing`` (radians). ``materials`` has ``skin``, ``shirt`` and ``trousers``."""
-    skin, shirt, trousers = materials["skin"], materials["shirt"], materials["trousers"]
+    (x, z), facing ``facing`` (radians), dressed in the three textures."""
     s = rng.uniform(1.5, 1.9) / 1.75
     torso_half = np.array([0.17, 0.26, 0.10]) * s
     hip_y = 0.97 * s
@@ -376,31 +327,15 @@ def _make_figure(
     for side in (-1.0, 1.0):
         flex, abd, knee = np.radians([rng.uniform(-30, 35), rng.uniform(0, 12), rng.uniform(0, 60)])
         hip = np.array([side * 0.09 * s, hip_y, 0.0])
-        capsules += _limb(
-            hip,
-            flex,
-            side * abd,
-            -knee,
-            (0.45 * s, 0.45 * s),
-            (0.075 * s, 0.06 * s),
-            (5, 6),
-            (trousers, trousers),
-        )
+        leg = (0.45 * s, 0.075 * s, 5, trousers), (0.45 * s, 0.06 * s, 6, trousers)
+        capsules += _limb(hip, flex, side * abd, -knee, *leg)
         flex, abd, elbow = np.radians([rng.uniform(-40, 140), rng.uniform(3, 85), rng.uniform(0, 110)])
         shoulder = torso_c + [side * (torso_half[0] + 0.05 * s), torso_half[1] - 0.06 * s, 0]
-        capsules += _limb(
-            shoulder,
-            flex,
-            side * abd,
-            elbow,
-            (0.30 * s, 0.28 * s),
-            (0.055 * s, 0.045 * s),
-            (3, 4),
-            (shirt, skin),
-        )
+        arm = (0.30 * s, 0.055 * s, 3, shirt), (0.28 * s, 0.045 * s, 4, skin)
+        capsules += _limb(shoulder, flex, side * abd, elbow, *arm)
     # figure frame → world, lifted so that the lowest point touches the floor
     lowest = min(min(a[1], b[1]) - r for a, b, r, _, _ in capsules)
-    rot, origin = _rot_y(facing), np.array([pos[0], -lowest, pos[1]])
+    rot, origin = _rot(1, facing), np.array([pos[0], -lowest, pos[1]])
     prims: list[Prim] = [
         Sphere(instance, PERSON, 1, skin, center=rot @ head_c + origin, radius=head_r),
         Box(instance, PERSON, 2, shirt, center=rot @ torso_c + origin, half=torso_half, yaw=facing),
@@ -410,6 +345,22 @@ def _make_figure(
     return prims
 
 
+#: Per object kind: the range of its footprint radius ...
+_FOOTPRINTS = {"sphere": (0.2, 0.6), "box": (0.25, 0.75), "cylinder": (0.15, 0.5)}
+#: ... and its look: hue, saturation and value ranges, texture kinds, contrast, axis, period range.
+_LOOKS = {
+    "sphere": (0.0, (0.5, 0.9), (0.5, 0.9), ("plain", "stripes", "noise"), 0.5, (0, 1, 0), (0.1, 0.3)),
+    "box": (0.6, (0.3, 0.8), (0.4, 0.85), ("checker", "noise", "plain"), 0.35, (1, 1, 1), (0.1, 0.35)),
+    "cylinder": (0.33, (0.4, 0.9), (0.4, 0.85), ("stripes", "noise", "plain"), 0.4, (0, 1, 0), (0.08, 0.3)),
+}
+
+
+def _object_texture(rng: np.random.Generator, kind: str) -> Texture:
+    hue, sat, val, kinds, contrast, axis, period = _LOOKS[kind]
+    col = _hsv(hue + rng.uniform(-0.1, 0.1), rng.uniform(*sat), rng.uniform(*val))
+    return _texture(rng, kinds, col, contrast, np.array(axis, float), period)
+
+
 def sample_scene(seed: int) -> Scene:
     """Draw a random room, camera, 2–6 objects (at most one figure) and a light from ``seed``."""
     rng = np.random.default_rng(seed)
@@ -417,18 +368,17 @@ def sample_scene(seed: int) -> Scene:
     lo, hi = np.array([-rw / 2, 0.0, 0.0]), np.array([rw / 2, rh, rd])
     cam = np.array([rng.uniform(-0.2, 0.2) * rw, rng.uniform(1.1, 1.7), rng.uniform(0.3, 0.8)])
     yaw, pitch = np.radians(rng.uniform(-15, 15)), np.radians(rng.uniform(3, 20))
-    # room materials: walls share a base colour, each wall jittered
-    wall_base = (rng.choice([0.08, 0.12, 0.55, 0.3]), rng.uniform(0.05, 0.3), rng.uniform(0.7, 0.9))
-    wall_kinds = ("noise", "stripes", "plain")
-    wall_kind = wall_kinds[rng.integers(3)]
-    textures = []
-    for face in range(6):
-        if face in (2, 3):
-            continue
-        col = _hsv(
-            wall_base[0] + rng.uniform(-0.02, 0.02), wall_base[1], wall_base[2] + rng.uniform(-0.06, 0.06)
-        )
-        textures.append(_texture(rng, (wall_kind,), col, 0.15, np.array([1.0, 0.0, 1.0]), (0.15, 0.5)))
+    # room materials: the four walls share a base colour, each wall jittered
+    wall_h, wall_s, wall_v = (
+        rng.choice([0.08, 0.12, 0.55, 0.3]),
+        rng.uniform(0.05, 0.3),
+        rng.uniform(0.7, 0.9),
+    )
+    wall_kind = ("noise", "stripes", "plain")[rng.integers(3)]
+    walls = []
+    for _ in range(4):
+        col = _hsv(wall_h + rng.uniform(-0.02, 0.02), wall_s, wall_v + rng.uniform(-0.06, 0.06))
+        walls.append(_texture(rng, (wall_kind,), col, 0.15, np.array([1.0, 0.0, 1.0]), (0.15, 0.5)))
     wood = rng.random() < 0.5
     floor_col = _hsv(0.08, 0.5, 0.55) if wood else _hsv(rng.uniform(0, 1), 0.08, 0.6)
     floor_col = floor_col * rng.uniform(0.8, 1.2, 3)
@@ -436,8 +386,7 @@ def sample_scene(seed: int) -> Scene:
         rng, ("checker",), np.clip(floor_col, 0, 1), 0.35, np.array([1.0, 0.0, 1.0]), (0.3, 0.8)
     )
     ceil_tex = _texture(rng, ("noise", "plain"), _hsv(0.1, 0.04, 0.92), 0.06, np.ones(3), (0.5, 1.0))
-    textures = textures[:2] + [floor_tex, ceil_tex] + textures[2:]
-    room = Room(lo, hi, textures)
+    room = Room(lo, hi, walls[:2] + [floor_tex, ceil_tex] + walls[2:])
 
     # objects, placed on the floor inside the view, without overlapping footprints
     n_obj = int(rng.integers(2, 7))
@@ -449,12 +398,8 @@ def sample_scene(seed: int) -> Scene:
     prims: list[Prim] = []
     instance = 7
     for kind in kinds:
-        foot = {
-            "person": 0.55,
-            "sphere": rng.uniform(0.2, 0.6),
-            "box": rng.uniform(0.25, 0.75),
-            "cylinder": rng.uniform(0.15, 0.5),
-        }[kind]
+        feet = {k: rng.uniform(*r) for k, r in _FOOTPRINTS.items()}  # all drawn, one used
+        foot = 0.55 if kind == "person" else feet[kind]
         min_dist = 2.4 if kind == "person" else 1.8
         pos = None
         for _ in range(50):
@@ -477,47 +422,26 @@ def sample_scene(seed: int) -> Scene:
             skin_col = _hsv(rng.uniform(0.03, 0.09), rng.uniform(0.3, 0.6), rng.uniform(0.35, 0.95))
             shirt_col = _hsv(rng.random(), rng.uniform(0.3, 0.9), rng.uniform(0.3, 0.9))
             trousers_col = _hsv(rng.choice([0.6, 0.08, 0.0]), rng.uniform(0.1, 0.6), rng.uniform(0.15, 0.5))
-            materials = {
-                "skin": _texture(rng, ("plain",), skin_col, 0.1, np.ones(3), (0.1, 0.2)),
-                "shirt": _texture(
-                    rng, ("plain", "stripes", "noise"), shirt_col, 0.4, np.array([0.0, 1, 0]), (0.06, 0.15)
-                ),
-                "trousers": _texture(rng, ("plain", "noise"), trousers_col, 0.2, np.ones(3), (0.1, 0.3)),
-            }
-            prims += _make_figure(rng, pos, rng.uniform(0, 2 * np.pi), instance, materials)
+            skin = _texture(rng, ("plain",), skin_col, 0.1, np.ones(3), (0.1, 0.2))
+            shirt = _texture(
+                rng, ("plain", "stripes", "noise"), shirt_col, 0.4, np.array([0.0, 1, 0]), (0.06, 0.15)
+            )
+            trousers = _texture(rng, ("plain", "noise"), trousers_col, 0.2, np.ones(3), (0.1, 0.3))
+            prims += _make_figure(rng, pos, rng.uniform(0, 2 * np.pi), instance, skin, shirt, trousers)
         elif kind == "sphere":
-            col = _hsv(0.0 + rng.uniform(-0.1, 0.1), rng.uniform(0.5, 0.9), rng.uniform(0.5, 0.9))
-            tex = _texture(
-                rng, ("plain", "stripes", "noise"), col, 0.5, np.array([0.0, 1.0, 0.0]), (0.1, 0.3)
-            )
-            prims.append(
-                Sphere(instance, SPHERE, 0, tex, center=np.array([pos[0], foot, pos[1]]), radius=foot)
-            )
+            tex, center = _object_texture(rng, kind), np.array([pos[0], foot, pos[1]])
+            prims.append(Sphere(instance, SPHERE, 0, tex, center=center, radius=foot))
         elif kind == "box":
             half = np.array([rng.uniform(0.15, 1.0), rng.uniform(0.15, 0.75), rng.uniform(0.15, 1.0)])
             half[[0, 2]] *= foot / np.hypot(half[0], half[2])
             box_yaw = 0.0 if rng.random() < 0.5 else rng.uniform(0, np.pi)
-            col = _hsv(0.6 + rng.uniform(-0.1, 0.1), rng.uniform(0.3, 0.8), rng.uniform(0.4, 0.85))
-            tex = _texture(rng, ("checker", "noise", "plain"), col, 0.35, np.ones(3), (0.1, 0.35))
-            prims.append(
-                Box(instance, BOX, 0, tex, center=np.array([pos[0], half[1], pos[1]]), half=half, yaw=box_yaw)
-            )
+            tex = _object_texture(rng, kind)
+            center = np.array([pos[0], half[1], pos[1]])
+            prims.append(Box(instance, BOX, 0, tex, center=center, half=half, yaw=box_yaw))
         else:
-            col = _hsv(0.33 + rng.uniform(-0.1, 0.1), rng.uniform(0.4, 0.9), rng.uniform(0.4, 0.85))
-            tex = _texture(
-                rng, ("stripes", "noise", "plain"), col, 0.4, np.array([0.0, 1.0, 0.0]), (0.08, 0.3)
-            )
-            prims.append(
-                Cylinder(
-                    instance,
-                    CYLINDER,
-                    0,
-                    tex,
-                    base=np.array([pos[0], 0.0, pos[1]]),
-                    radius=foot,
-                    height=rng.uniform(0.4, 1.9),
-                )
-            )
+            tex = _object_texture(rng, kind)
+            base, height = np.array([pos[0], 0.0, pos[1]]), rng.uniform(0.4, 1.9)
+            prims.append(Cylinder(instance, CYLINDER, 0, tex, base=base, radius=foot, height=height))
         instance += 1
 
     point = rng.random() < 0.7
@@ -527,7 +451,7 @@ def sample_scene(seed: int) -> Scene:
     warm = rng.uniform(-0.08, 0.08)
     return Scene(
         cam_pos=cam,
-        R_wc=camera_rotation(yaw, pitch),
+        R_wc=_rot(1, yaw) @ _rot(0, pitch) @ np.diag([1.0, -1.0, 1.0]),  # turned right, looking down
         room=room,
         prims=prims,
         light_pos=light_pos if point else None,
@@ -536,11 +460,6 @@ def sample_scene(seed: int) -> Scene:
         ambient=float(rng.uniform(0.2, 0.4)),
         noise_sigma=float(rng.uniform(1.0, 3.0)),
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Ray casting
-# ----------------------------------------------------------------------------------------------
 
 
 def _hits_sphere(o: np.ndarray, d: np.ndarray, c: np.ndarray, r: float) -> np.ndarray:

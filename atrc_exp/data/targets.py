@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -48,10 +49,7 @@ def published_normal_centroids(name: str) -> np.ndarray:
             f"{', '.join(PUBLISHED_NORMAL_CENTROIDS)}, or 'kmeans' to compute them from the training split"
         )
     text = (files("atrc_exp") / "resources" / PUBLISHED_NORMAL_CENTROIDS[name]).read_text()
-    cent = np.asarray(json.loads(text)["centroids"], dtype=np.float32)
-    if cent.ndim != 2 or cent.shape[1] != 3:
-        raise ValueError(f"published normal centroids {name!r}: expected K×3, got {cent.shape}")
-    return cent
+    return np.asarray(json.loads(text)["centroids"], dtype=np.float32)
 
 
 _VERSION = 1
@@ -101,38 +99,29 @@ def compute_normal_centroids(normals: np.ndarray, k: int = NUM_NORMAL_CENTROIDS,
     return cent.astype(np.float32)
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in its folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def centroid_cache_key(**params) -> str:
-    """A stable key for a centroid computation (dataset identity + parameters)."""
-    blob = json.dumps({"version": _VERSION, **params}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
 def cached_array(
-    cache_root: str | Path,
-    folder: str,
-    key_params: dict,
-    shape: tuple[int, ...],
-    compute: Callable[[], np.ndarray],
+    cache_root: str | Path, folder: str, key_params: dict, shape: tuple, compute: Callable
 ) -> np.ndarray:
     """A float32 array of ``shape`` derived from a dataset, from
-    ``cache_root/<folder>/<name>_<key>.npy`` (key: :func:`centroid_cache_key` of ``key_params``),
-    computed by ``compute()`` and written atomically on the first call; a damaged or non-finite
-    file is recomputed, a read-only cache only costs the recomputation."""
-    key = centroid_cache_key(**key_params)
+    ``cache_root/<folder>/<name>_<key>.npy`` (key: a hash of ``key_params``, the dataset identity
+    and parameters), computed by ``compute()`` and written atomically on the first call; a damaged
+    or non-finite file is recomputed, a read-only cache only costs the recomputation."""
+    blob = json.dumps({"version": _VERSION, **key_params}, sort_keys=True, default=str)
     tag = str(key_params.get("name", "dataset")).replace("/", "_")
-    path = Path(cache_root) / folder / f"{tag}_{key}.npy"
+    path = Path(cache_root) / folder / f"{tag}_{hashlib.sha256(blob.encode()).hexdigest()[:24]}.npy"
     if path.is_file():
         try:
             arr = np.load(path)
@@ -141,23 +130,21 @@ def cached_array(
         except (OSError, ValueError):
             pass  # damaged: recompute
     arr = np.asarray(compute(), np.float32)
+    buf = io.BytesIO()
+    np.save(buf, arr)
     try:
-        _atomic_save_npy(path, arr)
+        atomic_write(path, buf.getvalue())
     except OSError:
         pass  # read-only cache: recompute next time
     return arr
 
 
 def cached_normal_centroids(
-    cache_root: str | Path,
-    key_params: dict,
-    load_maps: Callable[[], Iterable[np.ndarray]],
-    k: int = NUM_NORMAL_CENTROIDS,
-    per_image: int = 2000,
-    seed: int = 0,
+    cache_root: str | Path, key_params: dict, load_maps: Callable[[], Iterable[np.ndarray]]
 ) -> np.ndarray:
-    """Centroids from ``cache_root/normal_centroids/<name>_<key>.npy``, computed (from the maps
-    ``load_maps()`` yields) and written atomically on the first call."""
+    """The k-means centroids (40, 2000 normals per image, seed 0) of the maps ``load_maps()`` yields,
+    cached in ``cache_root/normal_centroids/`` (:func:`cached_array`)."""
+    k, per_image, seed = NUM_NORMAL_CENTROIDS, 2000, 0
     return cached_array(
         cache_root,
         "normal_centroids",

@@ -38,17 +38,10 @@ class LabelRules:
     def __init__(self, tasks: Mapping[str, Task] | Iterable[Task] | None = None):
         self.tasks = tasks_by_name(tasks)
 
-    def pad_value(self, key: str) -> float:
+    def kind_attr(self, key: str, name: str, default=False):
+        """The attribute ``name`` of the kind of ``key``'s task (``default`` for a key that is no task)."""
         t = self.tasks.get(key)
-        return 0.0 if t is None else t.kind.pad_value
-
-    def is_int(self, key: str) -> bool:
-        t = self.tasks.get(key)
-        return t is not None and t.kind.integer_labels
-
-    def zero_is_ignore(self, key: str) -> bool:
-        t = self.tasks.get(key)
-        return t is not None and t.kind.zero_is_ignore
+        return default if t is None else getattr(t.kind, name)
 
     def needs_foreground(self, key: str) -> bool:
         """A map without any class > 0 is all ignore (``ignore_without_foreground``: human parts)."""
@@ -57,7 +50,7 @@ class LabelRules:
 
     def keys_where(self, flag: str, sample: Sample) -> list[str]:
         """The keys of ``sample`` whose task's kind has ``flag`` set (e.g. ``flip_negates_x``)."""
-        return [k for k in sample if k in self.tasks and getattr(self.tasks[k].kind, flag)]
+        return [k for k in sample if self.kind_attr(k, flag)]
 
 
 def _has_parts(hp: np.ndarray) -> bool:
@@ -143,7 +136,7 @@ class NormalizePadToTensor:
                 out[k] = v
             elif k == "image":
                 out[k] = self._image(v, H, W, win)
-            elif self.rules.is_int(k):
+            elif self.rules.kind_attr(k, "integer_labels"):
                 if self.ignore_regions and self.rules.needs_foreground(k) and not _has_parts(v):
                     out[k] = torch.full((H, W), IGNORE_INDEX, dtype=torch.int64)
                 elif (h, w) == (H, W) and v.dtype == np.int64 and _adoptable(v):
@@ -151,7 +144,7 @@ class NormalizePadToTensor:
                 else:
                     t = torch.empty((H, W), dtype=torch.int64)
                     a = t.numpy()
-                    _fill_border(a, top, left, h, w, self.rules.pad_value(k))
+                    _fill_border(a, top, left, h, w, self.rules.kind_attr(k, "pad_value", 0.0))
                     np.copyto(a[win], v, casting="unsafe")
                     out[k] = t
             else:
@@ -184,7 +177,7 @@ class NormalizePadToTensor:
 
     def _float_map(self, k: str, v: np.ndarray, H: int, W: int, win: tuple[slice, slice]) -> torch.Tensor:
         h, w = v.shape[:2]
-        ignore = self.ignore_regions and self.rules.zero_is_ignore(k)
+        ignore = self.ignore_regions and self.rules.kind_attr(k, "zero_is_ignore")
         if v.ndim == 2 and (h, w) == (H, W) and v.dtype == np.float32 and _adoptable(v):
             zero = _zero_vectors(v[None]) if ignore else None
             if zero is not None:
@@ -193,7 +186,8 @@ class NormalizePadToTensor:
         chw = v[None] if v.ndim == 2 else v.transpose(2, 0, 1)
         t = torch.empty((chw.shape[0], H, W), dtype=torch.float32)
         a = t.numpy()
-        _fill_border(a, win[0].start, win[1].start, h, w, IGNORE_INDEX if ignore else self.rules.pad_value(k))
+        pad = IGNORE_INDEX if ignore else self.rules.kind_attr(k, "pad_value", 0.0)
+        _fill_border(a, win[0].start, win[1].start, h, w, pad)
         body = a[(slice(None), *win)]
         if v.ndim == 3 and 1 < v.shape[2] <= 4 and v.dtype == np.float32 and v.strides[1] > 0:
             _split_into(v, list(body))  # (cv2's deinterleave: twice as fast as a transposing copy)

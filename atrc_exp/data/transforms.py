@@ -2,12 +2,11 @@
 
 A *sample* is a dict of numpy arrays in HWC layout as a reader returns it:
 ``image`` uint8 H×W×3 RGB (float32 in [0, 255] is accepted too, through slower float paths,
-until :class:`PhotometricDistortion` truncates it to uint8);
-``semseg``/``human_parts``/``sal`` int64 H×W; ``depth``/``edge`` float32 H×W; ``normals`` float32
-H×W×3; plus ``meta`` (a dict, untouched). Transforms never modify their input arrays in place; an
-output array may be a view of an input one. :class:`NormalizePadToTensor` (in
-:mod:`atrc_exp.data.to_tensor`, re-exported here) turns a sample into the batch conventions of
-:mod:`atrc_exp.tasks`.
+until :class:`PhotometricDistortion` truncates it to uint8); class maps int64 H×W; ``depth``/``edge``
+float32 H×W; ``normals`` float32 H×W×3; plus ``meta`` (a dict, untouched). Transforms never modify
+their input arrays in place; an output array may be a view of an input one.
+:class:`NormalizePadToTensor` (:mod:`atrc_exp.data.to_tensor`) turns a sample into the batch
+conventions of :mod:`atrc_exp.tasks`.
 
 Random transforms take an optional ``rng`` (a ``np.random.Generator``, or anything with its
 ``random`` / ``uniform`` / ``integers``); without one they draw from torch's RNG (:class:`TorchDraws`).
@@ -15,15 +14,8 @@ Random transforms take an optional ``rng`` (a ``np.random.Generator``, or anythi
 Invariants: labels are never interpolated (nearest), depth is divided by the scale factor,
 a horizontal flip negates the x component of normals, only the image is changed photometrically
 (on a uint8 image, truncating after every step, as the original), padding puts the image in the
-centre of the crop (:class:`NormalizePadToTensor`).
-
-Speed: the train pipeline rescales the image in float32 (as the original, whose images are
-float32 arrays), keeps a uint8 image from the photometric distortion on (grey-level look-up tables
-give exactly the values of the step-by-step uint8 arithmetic),
-resamples labels only inside the crop window, and writes normalised, padded CHW tensors in one
-pass (``python benchmarks/bench_data.py``). ``reference_train_steps`` in
-``tests/reference_pipeline.py`` states the same pipeline step by step as plain code; both give
-identical samples for the same draws.
+centre of the crop. ``reference_train_steps`` in ``tests/reference_pipeline.py`` states the same
+pipeline step by step as plain code; both give identical samples for the same draws.
 """
 
 from __future__ import annotations
@@ -43,11 +35,8 @@ Sample = dict
 
 class TorchDraws:
     """Uniform draws from torch's default generator, fetched 16 at a time, behind the three
-    ``np.random.Generator`` methods the transforms use (``random``, ``uniform``, ``integers``).
-
-    What a transform without its own ``rng`` draws from: it follows ``torch.manual_seed`` and the
-    DataLoader workers' per-worker seeds, without the cost of seeding a numpy generator from torch
-    on every call (~0.1-0.2 ms each inside a busy pipeline)."""
+    ``np.random.Generator`` methods the transforms use: it follows ``torch.manual_seed`` and the
+    DataLoader workers' seeds, without seeding a numpy generator from torch on every call."""
 
     __slots__ = ("_buf", "_i")
 
@@ -85,23 +74,22 @@ class Compose:
         return "Compose(" + ", ".join(type(t).__name__ for t in self.transforms) + ")"
 
 
-def class_ratio_ok(seg: np.ndarray, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
+def class_ratio_ok(seg: np.ndarray, cat_max_ratio: float) -> bool:
     """MMSegmentation's crop criterion: at least two classes (ignore excluded) and none covering
-    ``cat_max_ratio`` or more of the labelled pixels. (Counted with ``np.bincount`` for small
-    non-negative integer labels, else ``np.unique``.)"""
+    ``cat_max_ratio`` or more of the labelled pixels."""
     flat = np.asarray(seg).ravel()
     cnt = None
-    if flat.size and flat.dtype.kind in "iu" and 0 <= ignore_index < 65536 and flat.max() < 65536:
+    if flat.size and flat.dtype.kind in "iu" and flat.max() < 65536:
         try:
-            cnt = np.bincount(flat, minlength=ignore_index + 1)
+            cnt = np.bincount(flat, minlength=IGNORE_INDEX + 1)
         except (TypeError, ValueError):  # negative labels, uint64
-            cnt = None
+            pass
         else:
-            cnt[ignore_index] = 0
+            cnt[IGNORE_INDEX] = 0
             cnt = cnt[cnt > 0]
     if cnt is None:
         labels, cnt = np.unique(flat, return_counts=True)
-        cnt = cnt[labels != ignore_index]
+        cnt = cnt[labels != IGNORE_INDEX]
     return len(cnt) > 1 and cnt.max() / cnt.sum() < cat_max_ratio
 
 
@@ -116,15 +104,10 @@ def _nearest_index(n_src: int, n_dst: int, start: int, length: int) -> np.ndarra
 def _nearest_map(rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
     """The ``cv2.remap`` map (``CV_16SC2``: len(rows)×len(cols)×2 int16 x, y) that gathers
     ``arr[rows][:, cols]``; ``None`` where an index does not fit in int16."""
-    if rows.size == 0 or cols.size == 0 or max(rows.max(), cols.max()) >= 32768:
+    if rows.size == 0 or cols.size == 0 or max(rows.max(), cols.max()) >= 32768 or sys.byteorder != "little":
         return None
-    if sys.byteorder == "little":  # one int32 per pixel: y in the high half, x in the low one
-        packed = (rows.astype(np.int32)[:, None] << 16) | cols.astype(np.int32)[None]
-        return packed.view(np.int16).reshape(len(rows), len(cols), 2)
-    m = np.empty((len(rows), len(cols), 2), np.int16)
-    m[..., 0] = cols[None]
-    m[..., 1] = rows[:, None]
-    return m
+    packed = (rows.astype(np.int32)[:, None] << 16) | cols.astype(np.int32)[None]  # y high, x low half
+    return packed.view(np.int16).reshape(len(rows), len(cols), 2)
 
 
 #: The dtype that cv2.remap (INTER_NEAREST) and cv2.flip move values of each item size as (bit-exact).
@@ -149,9 +132,8 @@ def _gather(
     whole: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """``arr[rows][:, cols]`` as a new contiguous array: ``cv2.resize(INTER_NEAREST)`` to ``whole``
-    (W, H) when the rows and columns are those of the whole resized map, else one
-    ``cv2.remap(INTER_NEAREST)`` pass with ``nmap`` (:func:`_nearest_map`) — both move the values
-    bit for bit, as same-size uint/float items — else two ``np.take`` passes (rows, then columns)."""
+    (W, H) when the rows and columns are those of the whole resized map, else ``cv2.remap`` with
+    ``nmap`` (:func:`_nearest_map`), else two ``np.take`` passes (rows, then columns)."""
     src = _cv2_view(arr)
     if src is not None and (whole is not None or nmap is not None):
         if whole is not None:
@@ -169,37 +151,26 @@ def _gather(
 
 class RandomScaleCrop:
     """Rescale by a factor drawn from ``scale_range``, then crop to ``crop_size`` at a random position
-    (75% class-ratio rule included), fused: labels are resampled only inside the crop window.
+    (MMSeg's class-ratio rule on ``ratio_task``: up to ``MAX_TRIES`` positions checked, then one more
+    taken as it is), fused: labels are resampled only inside the crop window.
 
     Same draws and the same output as the two steps one after the other (``scale+crop`` of
     ``tests/reference_pipeline.py``): the factor ``s`` uniform in ``scale_range``,
-    the rescaled size ``round(h·s) × round(w·s)``, crop positions uniform in it and re-drawn by the
-    class-ratio rule on the rescaled labels. Labels are gathered with the index arrays of
-    ``cv2.resize(INTER_NEAREST)`` (never interpolated, bit-identical to resize-then-crop), depth is
-    divided by ``s``; the image is ``cv2.resize(INTER_LINEAR)`` of the whole image in float32 (as
-    the original, which reads images as float32: the rescaled values are not rounded to integers;
-    :class:`PhotometricDistortion` truncates them to uint8), then cropped — the output image is a
-    float32 view into that resized array.
+    the rescaled size ``round(h·s) × round(w·s)``, crop positions uniform in it. Labels are gathered
+    with the index arrays of ``cv2.resize(INTER_NEAREST)`` (bit-identical to resize-then-crop),
+    depth is divided by ``s``; the image is ``cv2.resize(INTER_LINEAR)`` of the whole image in
+    float32 (as the original, which reads images as float32: the values are not rounded), then
+    cropped (a view into that resized array).
     """
 
-    def __init__(
-        self,
-        scale_range: Sequence[float],
-        crop_size: Sequence[int],
-        cat_max_ratio: float = 0.75,
-        ignore_index: int = IGNORE_INDEX,
-        max_tries: int = 10,
-        rng: np.random.Generator | None = None,
-        ratio_task: str | None = None,
-        tasks=None,
-    ):
+    MAX_TRIES = 10
+
+    def __init__(self, scale_range, crop_size, cat_max_ratio=0.75, rng=None, ratio_task=None, tasks=None):
         self.ratio_task = ratio_task
         self.rules = LabelRules(tasks)
         self.lo, self.hi = float(scale_range[0]), float(scale_range[1])
         self.size = (int(crop_size[0]), int(crop_size[1]))
         self.cat_max_ratio = float(cat_max_ratio)
-        self.ignore_index = ignore_index
-        self.max_tries = max_tries
         self.rng = rng
 
     def __call__(self, sample: Sample) -> Sample:
@@ -222,10 +193,8 @@ class RandomScaleCrop:
         rows, cols, nmap = window(y0, x0)
         seg_crop = None  # the accepted crop of the ratio task's class map, reused below
         if self.cat_max_ratio < 1.0 and self.ratio_task in sample:
-            # MMSeg's rule: up to max_tries checked positions, then one more taken as it is
-            # (a position drawn again gets the same verdict: no need to look twice)
-            pos = None
-            for i in range(self.max_tries + 1):
+            pos = None  # (a position drawn again gets the same verdict: no need to look twice)
+            for i in range(self.MAX_TRIES + 1):
                 if i:
                     y0, x0 = draw()
                 if (y0, x0) != pos:
@@ -233,10 +202,10 @@ class RandomScaleCrop:
                         rows, cols, nmap = window(y0, x0)
                     seg = _gather(sample[self.ratio_task], rows, cols, nmap, whole)
                     seg_crop, pos, ok = seg, (y0, x0), None
-                if i == self.max_tries:
+                if i == self.MAX_TRIES:
                     break
                 if ok is None:
-                    ok = class_ratio_ok(seg_crop, self.cat_max_ratio, self.ignore_index)
+                    ok = class_ratio_ok(seg_crop, self.cat_max_ratio)
                 if ok:
                     break
         out = dict(sample)
@@ -298,11 +267,8 @@ class RandomHorizontalFlip:
 
 
 def _flip_lr(arr: np.ndarray) -> np.ndarray:
-    chans = 1 if arr.ndim == 2 else arr.shape[2] if arr.ndim == 3 else 0
-    view = _REMAP_VIEW.get(arr.dtype.itemsize)
-    if 1 <= chans <= 4 and view is not None and arr.dtype.kind in "biuf":
-        return cv2.flip(arr.view(view), 1).reshape(arr.shape).view(arr.dtype)
-    return arr[:, ::-1]
+    src = _cv2_view(arr)
+    return arr[:, ::-1] if src is None else cv2.flip(src, 1).reshape(arr.shape).view(arr.dtype)
 
 
 def _affine_table(a: float, b: float) -> np.ndarray:
@@ -310,11 +276,6 @@ def _affine_table(a: float, b: float) -> np.ndarray:
     over the 256 grey levels: float32 arithmetic (``a``, ``b`` rounded to float32), clipped, then
     truncated to uint8 — the original's ``convert``."""
     return np.clip(_GREY.astype(np.float32) * np.float32(a) + np.float32(b), 0, 255).astype(np.uint8)
-
-
-def _compose(first: np.ndarray | None, then: np.ndarray) -> np.ndarray:
-    """The uint8 table of ``first`` followed by ``then`` (``first=None``: ``then`` alone)."""
-    return then if first is None else then[first]
 
 
 class PhotometricDistortion:
@@ -376,33 +337,26 @@ class PhotometricDistortion:
         return out
 
     @staticmethod
-    def _hsv_table(channel: int, table: np.ndarray) -> np.ndarray:
-        """256×1×3 uint8 ``cv2.LUT`` table changing one HSV channel by ``table``, the others not."""
-        t = np.stack([_GREY, _GREY, _GREY], -1)
-        t[:, channel] = table
-        return np.ascontiguousarray(t.reshape(256, 1, 3))
-
-    @classmethod
-    def _apply(cls, img: np.ndarray, p: dict) -> np.ndarray:
+    def _apply(img: np.ndarray, p: dict) -> np.ndarray:
         """``p``'s steps on the uint8 image ``img`` (never changed in place); uint8 result."""
         lut = None  # the composed table of the brightness / contrast steps not applied yet
-        if p["brightness"] is not None:
-            lut = _compose(lut, _affine_table(1.0, p["brightness"]))
-        if p["contrast_first"] is not None:
-            lut = _compose(lut, _affine_table(p["contrast_first"], 0.0))
-        hsv_steps = (
-            (1, p["saturation"], lambda a: _affine_table(a, 0.0)),
-            (0, p["hue"], lambda k: ((_GREY.astype(np.int64) + k) % 180).astype(np.uint8)),
-        )
-        for channel, value, table in hsv_steps:
-            if value is None:
+        for key, v in p.items():  # (in the order of the steps)
+            if v is None:
+                continue
+            channel = {"saturation": 1, "hue": 0}.get(key)  # the HSV channel it changes
+            if key == "hue":
+                table = ((_GREY.astype(np.int64) + v) % 180).astype(np.uint8)
+            else:
+                table = _affine_table(1.0, v) if key == "brightness" else _affine_table(v, 0.0)
+            if channel is None:
+                lut = table if lut is None else table[lut]
                 continue
             if lut is not None:
                 img, lut = cv2.LUT(img, lut), None
-            hsv = cv2.LUT(cv2.cvtColor(img, cv2.COLOR_RGB2HSV), cls._hsv_table(channel, table(value)))
+            hsv_table = np.stack([_GREY, _GREY, _GREY], -1)
+            hsv_table[:, channel] = table
+            hsv = cv2.LUT(cv2.cvtColor(img, cv2.COLOR_RGB2HSV), hsv_table.reshape(256, 1, 3))
             img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-        if p["contrast_last"] is not None:
-            lut = _compose(lut, _affine_table(p["contrast_last"], 0.0))
         return img if lut is None else cv2.LUT(img, lut)
 
 
@@ -419,11 +373,7 @@ def build_train_transform(
     :class:`RandomScaleCrop`), flip, photometric (uint8), then normalise, pad (image in the centre)
     and ignore regions (fused, :class:`NormalizePadToTensor`). ``tasks``: the samples' tasks (their
     kinds say what each step does to a label; ``None``: the paper's named tasks)."""
-    steps: list = [
-        RandomScaleCrop(
-            scale_range, crop_size, cat_max_ratio=cat_max_ratio, ratio_task=ratio_task, tasks=tasks
-        )
-    ]
+    steps: list = [RandomScaleCrop(scale_range, crop_size, cat_max_ratio, ratio_task=ratio_task, tasks=tasks)]
     if flip:
         steps.append(RandomHorizontalFlip(0.5, tasks=tasks))
     if photometric:
