@@ -6,11 +6,6 @@ atrc-train tasks=semseg                      # single-task baseline
 atrc-train --multirun tasks=semseg,depth     # one run dir per job, each with metrics.json
 atrc-train mode=pipeline                     # ATRC: search, distillation, baseline (atrc_exp.pipeline)
 atrc-train --help                            # config groups and options
-
-``atrc-pipeline [flags] [overrides]`` is ``atrc-train mode=pipeline``; its old flags are translated
-(:func:`translate_args`): ``--search-steps N`` → ``mode.search_steps=N``, ``--distill-steps N`` →
-``mode.distill_steps=N``, ``--no-baseline`` → ``mode.baseline=false``, ``--out DIR`` →
-``hydra.run.dir=DIR`` (``hydra.sweep.dir`` with ``--multirun``).
 """
 
 from __future__ import annotations
@@ -30,17 +25,15 @@ from .config import CONF_DIR, ConfigError, config_tasks, is_main_rank, user_erro
 
 log = logging.getLogger("atrc_exp")
 
-#: Errors caused by the user's input: one line with a hint, no traceback (HYDRA_FULL_ERROR=1 shows it).
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
-
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Every exception type that means bad input (data, config, weights), not a bug."""
+    """The exception types that mean bad input (data, config, weights), not a bug: one line with a
+    hint, no traceback (``HYDRA_FULL_ERROR=1`` shows it)."""
     from .data import DataError
     from .engine.faults import NonFiniteError
     from .models.state_dict import WeightsError
 
-    return (*USER_ERRORS, DataError, WeightsError, NonFiniteError)
+    return (ConfigError, FileNotFoundError, DataError, WeightsError, NonFiniteError)
 
 
 def one_line(e: BaseException) -> str:
@@ -49,11 +42,8 @@ def one_line(e: BaseException) -> str:
     msg = str(e)
     if "Original Traceback" in msg:
         last = [line for line in msg.splitlines() if line.strip()][-1]
-        msg = (
-            last.split(": ", 1)[1]
-            if ": " in last and last.split(": ", 1)[0].endswith(type(e).__name__)
-            else last
-        )
+        head, sep, rest = last.partition(": ")
+        msg = rest if sep and head.endswith(type(e).__name__) else last
     return " ".join(msg.split("\n")).strip()
 
 
@@ -118,9 +108,11 @@ def _quote(value: str) -> str:
 
 
 def translate_args(argv: list[str]) -> list[str]:
-    """``atrc-pipeline``'s command line as ``atrc-train``'s: ``mode=pipeline`` first, the old flags
-    as overrides, everything else (overrides, ``--multirun``, ``--cfg job`` ...) unchanged.
-    Raises :class:`ConfigError` for a flag without its value or another ``mode``."""
+    """``atrc-pipeline``'s command line as ``atrc-train``'s: ``mode=pipeline`` first, then
+    ``--search-steps N`` → ``mode.search_steps=N``, ``--distill-steps N`` → ``mode.distill_steps=N``,
+    ``--no-baseline`` → ``mode.baseline=false``, ``--out DIR`` → ``hydra.run.dir=DIR``
+    (``hydra.sweep.dir`` with ``--multirun``), everything else unchanged. Raises
+    :class:`ConfigError` for a flag without its value or another ``mode``."""
     multirun = any(a in ("--multirun", "-m") for a in argv)
     out, i = ["mode=pipeline"], 0
     while i < len(argv):
@@ -150,7 +142,7 @@ def translate_args(argv: list[str]) -> list[str]:
 
 
 def pipeline_main(argv: list[str] | None = None) -> int:
-    """``atrc-pipeline``: ``atrc-train mode=pipeline`` with the old flags translated (module doc)."""
+    """``atrc-pipeline``: ``atrc-train mode=pipeline`` with the old flags translated."""
     try:
         args = translate_args(sys.argv[1:] if argv is None else list(argv))
     except ConfigError as e:
