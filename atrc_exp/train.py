@@ -56,18 +56,16 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     from .evaluation.objective import Objective
     from .hydra_callbacks import FAILED_MARKER
     from .metrics import format_metrics_table
+    from .pipeline import run_pipeline
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     sweeping = hc.mode == RunMode.MULTIRUN
-    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     pipeline = cfg.mode.name == "pipeline"
     try:
         validate_config(cfg)  # every value in its range before anything starts
         objective = Objective(cfg, config_tasks(cfg))  # its metrics known, its baselines found
         if pipeline:
-            from .pipeline import run_pipeline
-
             metrics = run_pipeline(cfg, run_dir, list(hc.overrides.task), hc.job.config_name)
         else:
             metrics = fit(cfg, run_dir)
@@ -86,7 +84,7 @@ def main(cfg: DictConfig) -> float | list[float] | None:
                 (Path(run_dir) / FAILED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
                 print(f"error: {one_line(e)} (job {hc.job.num}, run dir {run_dir})", file=sys.stderr)
             return None
-        if full_error or not (known or sweeping):
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (known or sweeping):
             raise raised
         if not known:  # a bug, in a sweep that must stop here: the traceback goes to the job's log
             log.exception("job failed")

@@ -33,14 +33,11 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint: str):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + int(signum)
         super().__init__(
             f"{signal.Signals(signum).name} received: stopped at step {step} after saving {checkpoint}; "
             f"run again with trainer.resume=auto (same run dir) to continue"
         )
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum)
 
 
 class NonFiniteError(FloatingPointError):

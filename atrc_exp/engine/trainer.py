@@ -42,11 +42,6 @@ from .step import StepParts, StepResult, make_forward_loss, train_step
 log = logging.getLogger(__name__)
 
 
-def poly_lambda(max_steps: int, power: float):
-    """LR factor (1 − step/max_steps)^power, 0 past the end."""
-    return lambda step: max(0.0, 1.0 - step / max(1, max_steps)) ** power
-
-
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     """An Accelerator for this job; checks that the total batch splits over the processes."""
     # search: frozen pairs skip their unused ops, which DDP must be told about
@@ -200,12 +195,6 @@ def make_panels(batch: dict, final: dict, n: int, tasks):
     return panels
 
 
-def metrics_record(step: int, metrics: dict[str, float], meters: MultiTaskMetrics) -> dict:
-    """What ``metrics.json`` holds: the step, the metrics and how many validation images had a
-    label of each task (``labelled_images``)."""
-    return {"step": step, "metrics": metrics, "labelled_images": meters.labelled_images()}
-
-
 def build_metrics(cfg: DictConfig, tasks) -> MultiTaskMetrics:
     """The validation metrics of ``tasks`` with the settings of ``cfg.trainer`` (training and
     ``atrc-eval`` alike)."""
@@ -308,8 +297,10 @@ def build_step(cfg: DictConfig, acc: Accelerator, model: nn.Module, criterion: n
         controller = SearchController(model, cfg.mode, int(tc.max_steps))
         # fused: its step count stays a device tensor (the default reads it on the host every step)
         arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True)
+    max_steps, power = max(1, int(tc.max_steps)), float(tc.poly_power)
+    # poly: the LR factor (1 − step/max_steps)^power, 0 past the end
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lambda(int(tc.max_steps), float(tc.poly_power))
+        optimizer, lambda step: max(0.0, 1.0 - step / max_steps) ** power
     )
     model, optimizer, *arch_opts = acc.prepare(model, optimizer, *filter(None, [arch_opt]))
     acc.register_for_checkpointing(scheduler)
@@ -346,14 +337,6 @@ class TrainingRun:
     def model(self) -> nn.Module:
         return self.parts.model
 
-    @property
-    def search(self) -> bool:
-        return self.parts.controller is not None
-
-    @property
-    def skip_mode(self) -> bool:
-        return self.cfg.trainer.on_nonfinite == "skip"
-
 
 def setup(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> TrainingRun:
     """Data, model, loss, metrics, optimizers and schedule; the resume from the newest complete
@@ -384,7 +367,7 @@ def setup(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> TrainingR
         if acc.is_main_process:
             truncate_logs(run_dir, run.step)
         log.info("resumed from %s at step %d", ckpt, run.step)
-    if run.skip_mode:  # after the resume: it keeps the restored buffers
+    if cfg.trainer.on_nonfinite == "skip":  # after the resume: it keeps the restored buffers
         run.nonfinite = SkipNonFinite(acc, parts.model, int(cfg.trainer.max_skipped_steps), skipped)
     else:
         run.nonfinite = NonFiniteMonitor(acc.device)
@@ -439,8 +422,7 @@ def train(run: TrainingRun) -> dict[str, float]:
     if not final_metrics:  # max_steps=0, or resumed at the end: validate once more
         final_metrics = validate(run.model, run.val_loader, run.metrics, acc)
         if acc.is_main_process:
-            record = metrics_record(run.step, final_metrics, run.metrics)
-            write_json_atomic(run.run_dir / "metrics.json", record)
+            write_json_atomic(run.run_dir / "metrics.json", _metrics_record(run, final_metrics))
     acc.wait_for_everyone()
     bad = [k for k, v in final_metrics.items() if not math.isfinite(v)]
     if bad:
@@ -475,9 +457,9 @@ def _log_step(run: TrainingRun, result: StepResult, bar, since: tuple[float, int
         "train/images_per_s": ips,
         **{f"train/{k}": v.item() for k, v in result.terms.items()},
     }
-    if run.skip_mode:
+    if isinstance(run.nonfinite, SkipNonFinite):
         record["train/skipped_steps"] = run.nonfinite.skipped
-    if run.search:
+    if parts.controller is not None:
         record["search/tau"] = parts.controller.tau_at(step - 1)
         record["search/entropy_weight"] = result.entropy_weight
         record["search/frozen_pairs"] = parts.controller.num_frozen()  # the host learns of new freezes
@@ -504,14 +486,11 @@ def _validation_step(run: TrainingRun) -> dict[str, float]:
 
     metrics = validate(run.model, run.val_loader, run.metrics, acc, keep_panels)
     if is_main:
-        result = metrics_record(step, metrics, run.metrics)
-        if run.skip_mode:
-            result["skipped_steps"] = run.nonfinite.skipped
-        write_json_atomic(run.run_dir / "metrics.json", result)
+        write_json_atomic(run.run_dir / "metrics.json", _metrics_record(run, metrics))
         with open(run.run_dir / "metrics_history.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
         run.logger.log({f"val/{k}": v for k, v in metrics.items()}, step)
-        if run.search:
+        if run.parts.controller is not None:
             genotype = acc.unwrap_model(run.model).head.genotype
             save_genotype(genotype, run.run_dir / GENOTYPE_FILENAME, step)
             if hasattr(run.logger, "log_genotype"):
@@ -529,3 +508,12 @@ def _checkpoint_step(run: TrainingRun) -> None:
     run.last_ckpt = save_checkpoint(
         run.acc, run.run_dir, run.step, int(run.cfg.trainer.keep_checkpoints), meta
     )
+
+
+def _metrics_record(run: TrainingRun, metrics: dict[str, float]) -> dict:
+    """What ``metrics.json`` holds: the step, the metrics, how many validation images had a label
+    of each task and, with ``trainer.on_nonfinite=skip``, the steps skipped."""
+    record = {"step": run.step, "metrics": metrics, "labelled_images": run.metrics.labelled_images()}
+    if isinstance(run.nonfinite, SkipNonFinite):
+        record["skipped_steps"] = run.nonfinite.skipped
+    return record
