@@ -1,9 +1,4 @@
-"""Hydra callbacks of ``atrc-train`` (registered in ``conf/hydra/default.yaml``).
-
-* Before a run or a sweep starts: the output folder must be writable (one-line error otherwise).
-* After a sweep: a summary of failed jobs (``FAILED.json`` in their run dirs, written by
-  :func:`atrc_exp.train.main` when ``continue_on_failure=true``), and a non-zero exit if any failed.
-"""
+"""Hydra callbacks of ``atrc-train`` (registered in ``conf/hydra/default.yaml``)."""
 
 from __future__ import annotations
 
@@ -39,7 +34,8 @@ def check_writable(folder: str | Path, what: str) -> None:
 
 
 class RunGuards(Callback):
-    """Output-folder checks and the end-of-sweep failure report."""
+    """Before a run or sweep: the output folder must be writable. After a sweep: a summary of the
+    failed jobs (their ``FAILED.json``, written with ``continue_on_failure=true``), exit 1 if any."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_writable(OmegaConf.select(config, "hydra.run.dir"), "run directory")
@@ -54,7 +50,7 @@ class RunGuards(Callback):
         failed = sorted(sweep.glob(f"*/{FAILED_MARKER}"), key=lambda p: p.parent.name)
         if not failed:
             return
-        jobs = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()] if sweep.is_dir() else []
+        jobs = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()]
         lines = [f"sweep {sweep}: {len(failed)} of {len(jobs)} job(s) failed"]
         for marker in failed:
             info = json.loads(marker.read_text())

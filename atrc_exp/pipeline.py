@@ -1,20 +1,7 @@
-"""The ATRC pipeline as one Hydra job: ``atrc-train mode=pipeline`` (``conf/mode/pipeline.yaml``).
-
-1. search   (``mode=search context=search``, settings from ``mode.search``) → ``<run dir>/search``
-2. distill  (``mode=distill context=atrc context.genotype=<run dir>/search``) → ``<run dir>/distill``
-3. baseline (``mode=distill context=none``, the multi-task FCN; if ``mode.baseline``) → ``<run dir>/baseline``
-
-Every other override (dataset, backbone, tasks, trainer, seed, experiment, ...) applies to every
-stage; ``mode.search_steps`` / ``mode.distill_steps`` set each stage's ``trainer.max_steps`` (and
-``val_interval``: one validation, at the end). The job's own ``metrics.json`` is the distillation's.
-Prints the found genotype as a T×T table and ATRC's final metrics next to the baseline's.
-
-    atrc-train mode=pipeline                                  # synthetic defaults, ~9 min on 2 CPU cores
-    atrc-train --multirun mode=pipeline seed=0,1,2
-    atrc-train mode=pipeline mode.search_steps=2000 mode.distill_steps=4000 dataset=nyud paths.data_dir=/data
-
-``atrc-pipeline [flags] [overrides]`` (and ``make train``) is ``atrc-train mode=pipeline``
-(:func:`atrc_exp.train.pipeline_main`).
+"""The ATRC pipeline as one Hydra job, ``atrc-train mode=pipeline`` (README, "Usage"): search →
+``<run dir>/search``, distillation (``context=atrc``, the search's genotype) → ``<run dir>/distill``,
+the multi-task baseline (``context=none``, if ``mode.baseline``) → ``<run dir>/baseline``. The job's
+``metrics.json`` is the distillation's; it prints the genotype and ATRC's metrics next to the baseline's.
 """
 
 from __future__ import annotations
@@ -31,8 +18,6 @@ log = logging.getLogger("atrc_exp")
 
 #: The stages of a pipeline job, in order; each is a sub-folder of the job's run dir.
 STAGES = ("search", "distill", "baseline")
-#: The groups a stage sets itself: overrides of these (and of their keys) are not passed to the stages.
-_STAGE_GROUPS = ("mode", "context")
 
 
 def shared_overrides(overrides: list[str]) -> list[str]:
@@ -43,26 +28,20 @@ def shared_overrides(overrides: list[str]) -> list[str]:
     return [
         text
         for text, o in zip(overrides, parsed, strict=True)
-        if o.key_or_group.split(".", 1)[0] not in _STAGE_GROUPS
+        if o.key_or_group.split(".", 1)[0] not in ("mode", "context")
     ]
-
-
-def pipeline_group(cfg: DictConfig, run_dir: Path) -> str:
-    """The W&B group of a pipeline job's stages: ``logger.group`` (else, in a ``--multirun``, the
-    sweep folder's name), then the job's folder: ``<group>/<job>``, or ``<run_name>/<job>``."""
-    from .engine.loggers import sweep_group
-
-    base = cfg.logger.get("group") or sweep_group() or cfg.run_name
-    return f"{base}/{run_dir.name}"
 
 
 def stage_configs(
     cfg: DictConfig, overrides: list[str], run_dir: str | Path, config_name: str = "train"
 ) -> dict[str, DictConfig]:
-    """The composed config of each stage of the pipeline job ``cfg`` (``mode=pipeline``) whose
-    command-line overrides were ``overrides``, keyed by stage name (:data:`STAGES` order; no
-    ``baseline`` unless ``mode.baseline``). The distillation reads its genotype from
-    ``<run_dir>/search``. Raises :class:`ConfigError` for a config that cannot run."""
+    """The composed config of each stage of the pipeline job ``cfg`` whose command-line overrides
+    were ``overrides``, by stage name (:data:`STAGES` order; ``baseline`` only if ``mode.baseline``);
+    each stage's ``max_steps`` and ``val_interval`` (one validation, at the end) from
+    ``mode.search_steps`` / ``mode.distill_steps``. Raises :class:`ConfigError` for a config that
+    cannot run."""
+    from .engine.loggers import sweep_group
+
     validate_config(cfg)
     pm, run_dir = cfg.mode, Path(run_dir)
     base = shared_overrides(overrides)
@@ -70,7 +49,8 @@ def stage_configs(
     if bool(pm.baseline):
         groups["baseline"] = ["mode=distill", "context=none"]
     stages = {}
-    group = pipeline_group(cfg, run_dir)
+    # the stages' W&B group: <logger.group, else the sweep's, else run_name>/<job folder>
+    group = f"{cfg.logger.get('group') or sweep_group() or cfg.run_name}/{run_dir.name}"
     for stage, extra in groups.items():
         s = compose([*base, *extra], config_name)
         steps = pm.search_steps if stage == "search" else pm.distill_steps
@@ -131,32 +111,27 @@ def _run_stage(stage: str, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 def run_pipeline(
     cfg: DictConfig, run_dir: str | Path, overrides: list[str], config_name: str = "train"
 ) -> dict[str, float]:
-    """Run the pipeline job ``cfg`` (``mode=pipeline``, composed from ``overrides``) in ``run_dir``:
-    search, distillation, optional baseline, each in ``run_dir/<stage>``. Writes ``run_dir/metrics.json``
-    (the distillation's), prints the genotype and the metrics; returns the distillation's metrics."""
+    """Run the pipeline job ``cfg`` (composed from ``overrides``) in ``run_dir``; returns the
+    distillation's metrics."""
     from .engine.checkpoint import write_json_atomic
     from .metrics import format_metrics_table
     from .models.genotype import load_genotype
 
     run_dir = Path(run_dir)
     stages = stage_configs(cfg, overrides, run_dir, config_name)
-    given = cfg.context.genotype
-    if given is not None:
-        log.warning(
-            "mode=pipeline distils with the genotype its search finds; context.genotype=%s ignored", given
-        )
+    if cfg.context.genotype is not None:
+        msg = "mode=pipeline distils with the genotype its search finds; context.genotype=%s ignored"
+        log.warning(msg, cfg.context.genotype)
     results = {stage: _run_stage(stage, s, run_dir / stage) for stage, s in stages.items()}
     atrc, baseline = results["distill"], results.get("baseline")
     if is_main_rank():
-        write_json_atomic(
-            run_dir / "metrics.json", json.loads((run_dir / "distill" / "metrics.json").read_text())
-        )
+        distilled = json.loads((run_dir / "distill" / "metrics.json").read_text())
+        write_json_atomic(run_dir / "metrics.json", distilled)
         tasks = list(cfg.tasks.names)
         print("\ngenotype found by the search (target rows, source columns):")
         print(genotype_table(load_genotype(run_dir / "search", tasks), tasks))
-        print()
-        print(
+        table = (
             comparison_table(atrc, baseline) if baseline else format_metrics_table(atrc, "ATRC final metrics")
         )
-        print(f"\nruns: {run_dir}", flush=True)
+        print(f"\n{table}\n\nruns: {run_dir}", flush=True)
     return atrc

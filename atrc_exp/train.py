@@ -6,11 +6,6 @@ atrc-train tasks=semseg                      # single-task baseline
 atrc-train --multirun tasks=semseg,depth     # one run dir per job, each with metrics.json
 atrc-train mode=pipeline                     # ATRC: search, distillation, baseline (atrc_exp.pipeline)
 atrc-train --help                            # config groups and options
-
-``atrc-pipeline [flags] [overrides]`` is ``atrc-train mode=pipeline``; its old flags are translated
-(:func:`translate_args`): ``--search-steps N`` → ``mode.search_steps=N``, ``--distill-steps N`` →
-``mode.distill_steps=N``, ``--no-baseline`` → ``mode.baseline=false``, ``--out DIR`` →
-``hydra.run.dir=DIR`` (``hydra.sweep.dir`` with ``--multirun``).
 """
 
 from __future__ import annotations
@@ -30,17 +25,15 @@ from .config import CONF_DIR, ConfigError, config_tasks, is_main_rank, user_erro
 
 log = logging.getLogger("atrc_exp")
 
-#: Errors caused by the user's input: one line with a hint, no traceback (HYDRA_FULL_ERROR=1 shows it).
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
-
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Every exception type that means bad input (data, config, weights), not a bug."""
+    """The exception types that mean bad input (data, config, weights), not a bug: one line with a
+    hint, no traceback (``HYDRA_FULL_ERROR=1`` shows it)."""
     from .data import DataError
     from .engine.faults import NonFiniteError
     from .models.state_dict import WeightsError
 
-    return (*USER_ERRORS, DataError, WeightsError, NonFiniteError)
+    return (ConfigError, FileNotFoundError, DataError, WeightsError, NonFiniteError)
 
 
 def one_line(e: BaseException) -> str:
@@ -49,11 +42,8 @@ def one_line(e: BaseException) -> str:
     msg = str(e)
     if "Original Traceback" in msg:
         last = [line for line in msg.splitlines() if line.strip()][-1]
-        msg = (
-            last.split(": ", 1)[1]
-            if ": " in last and last.split(": ", 1)[0].endswith(type(e).__name__)
-            else last
-        )
+        head, sep, rest = last.partition(": ")
+        msg = rest if sep and head.endswith(type(e).__name__) else last
     return " ".join(msg.split("\n")).strip()
 
 
@@ -66,18 +56,16 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     from .evaluation.objective import Objective
     from .hydra_callbacks import FAILED_MARKER
     from .metrics import format_metrics_table
+    from .pipeline import run_pipeline
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     sweeping = hc.mode == RunMode.MULTIRUN
-    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     pipeline = cfg.mode.name == "pipeline"
     try:
         validate_config(cfg)  # every value in its range before anything starts
         objective = Objective(cfg, config_tasks(cfg))  # its metrics known, its baselines found
         if pipeline:
-            from .pipeline import run_pipeline
-
             metrics = run_pipeline(cfg, run_dir, list(hc.overrides.task), hc.job.config_name)
         else:
             metrics = fit(cfg, run_dir)
@@ -96,7 +84,7 @@ def main(cfg: DictConfig) -> float | list[float] | None:
                 (Path(run_dir) / FAILED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
                 print(f"error: {one_line(e)} (job {hc.job.num}, run dir {run_dir})", file=sys.stderr)
             return None
-        if full_error or not (known or sweeping):
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (known or sweeping):
             raise raised
         if not known:  # a bug, in a sweep that must stop here: the traceback goes to the job's log
             log.exception("job failed")
@@ -118,9 +106,11 @@ def _quote(value: str) -> str:
 
 
 def translate_args(argv: list[str]) -> list[str]:
-    """``atrc-pipeline``'s command line as ``atrc-train``'s: ``mode=pipeline`` first, the old flags
-    as overrides, everything else (overrides, ``--multirun``, ``--cfg job`` ...) unchanged.
-    Raises :class:`ConfigError` for a flag without its value or another ``mode``."""
+    """``atrc-pipeline``'s command line as ``atrc-train``'s: ``mode=pipeline`` first, then
+    ``--search-steps N`` → ``mode.search_steps=N``, ``--distill-steps N`` → ``mode.distill_steps=N``,
+    ``--no-baseline`` → ``mode.baseline=false``, ``--out DIR`` → ``hydra.run.dir=DIR``
+    (``hydra.sweep.dir`` with ``--multirun``), everything else unchanged. Raises
+    :class:`ConfigError` for a flag without its value or another ``mode``."""
     multirun = any(a in ("--multirun", "-m") for a in argv)
     out, i = ["mode=pipeline"], 0
     while i < len(argv):
@@ -150,7 +140,7 @@ def translate_args(argv: list[str]) -> list[str]:
 
 
 def pipeline_main(argv: list[str] | None = None) -> int:
-    """``atrc-pipeline``: ``atrc-train mode=pipeline`` with the old flags translated (module doc)."""
+    """``atrc-pipeline``: ``atrc-train mode=pipeline`` with the old flags translated."""
     try:
         args = translate_args(sys.argv[1:] if argv is None else list(argv))
     except ConfigError as e:

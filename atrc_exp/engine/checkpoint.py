@@ -19,19 +19,20 @@ from ..models.state_dict import truncated, truncated_error
 META = "meta.json"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    _write_atomic(Path(path), json.dumps(data, indent=2) + "\n")
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Valid checkpoints under ``ckpt_root``, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    found = [p for p in ckpt_root.glob("step_*") if p.is_dir() and (p / META).is_file()]
+    found = [p for p in ckpt_root.glob("step_*") if (p / META).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
@@ -95,15 +96,11 @@ def load_checkpoint(accelerator: Accelerator, ckpt: Path) -> dict:
     return json.loads((ckpt / META).read_text())
 
 
-def truncate_logs(run_dir: Path, step: int, names=("train_log.jsonl", "metrics_history.jsonl")) -> None:
+def truncate_logs(run_dir: Path, step: int) -> None:
     """Drop log lines past ``step`` (written after the checkpoint a resumed run starts from)."""
-    for name in names:
-        path = Path(run_dir) / name
-        if not path.is_file():
-            continue
-        keep = [
-            line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
-        ]
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+    for path in (Path(run_dir) / "train_log.jsonl", Path(run_dir) / "metrics_history.jsonl"):
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            _write_atomic(
+                path, "".join(x + "\n" for x in lines if x and json.loads(x).get("step", 0) <= step)
+            )

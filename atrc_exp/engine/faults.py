@@ -1,17 +1,9 @@
 """Preemption signals, non-finite losses/gradients and fault injection for the training loop.
 
-* :class:`PreemptionGuard` turns SIGTERM / SIGUSR1 (what SLURM and submitit send before a time
-  limit or preemption) into a request that the loop honours at the next step boundary: it saves a
-  checkpoint and raises :class:`Preempted`. If another handler was installed before (submitit's,
-  which re-queues the job), it is called after the checkpoint is written.
-* ``trainer.on_nonfinite``: what a training step does about a non-finite loss or gradient —
-  ``stop``: :class:`NonFiniteMonitor` records it on the device, the loop raises
-  :class:`NonFiniteError` at its next read; ``skip``: :class:`SkipNonFinite` drops the update.
-* ``$ATRC_FAULT_INJECT`` (tests and drills only) makes a run fail on purpose: the loop's step
-  function is then wrapped by :func:`with_faults` (never otherwise). ``sigkill@K`` (SIGKILL itself
-  during step K), ``sigterm@K`` / ``sigusr1@K`` (send itself that signal during step K),
-  ``nan:<key>@K`` (NaN in batch tensor ``<key>`` at step K), ``nan_grad@K`` (a NaN gradient at
-  step K). Steps are 1-based; several entries separated by ``,``.
+``$ATRC_FAULT_INJECT`` (tests and drills only) makes a run fail on purpose; the loop's step is then
+wrapped by :func:`with_faults` (never otherwise). Entries, separated by ``,``, steps 1-based:
+``sigkill@K`` (SIGKILL itself during step K), ``sigterm@K`` / ``sigusr1@K`` (send itself that
+signal), ``nan:<key>@K`` (NaN in batch tensor ``<key>``), ``nan_grad@K`` (a NaN gradient).
 """
 
 from __future__ import annotations
@@ -30,6 +22,7 @@ from .step import StepResult
 
 log = logging.getLogger(__name__)
 
+#: What SLURM and submitit send before a time limit or preemption.
 PREEMPTION_SIGNALS = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s
 )
@@ -40,15 +33,11 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint: str):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        name = signal.Signals(signum).name
+        self.exit_code = 128 + int(signum)
         super().__init__(
-            f"{name} received: stopped at step {step} after saving {checkpoint}; "
+            f"{signal.Signals(signum).name} received: stopped at step {step} after saving {checkpoint}; "
             f"run again with trainer.resume=auto (same run dir) to continue"
         )
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum)
 
 
 class NonFiniteError(FloatingPointError):
@@ -56,10 +45,13 @@ class NonFiniteError(FloatingPointError):
 
 
 class PreemptionGuard:
-    """Context manager: while active, SIGTERM/SIGUSR1 set :attr:`signum` instead of killing us."""
+    """Context manager: while active, SIGTERM/SIGUSR1 set :attr:`signum` instead of killing us; the
+    loop then checkpoints and calls :meth:`hand_over` (the handler installed before, e.g. submitit's
+    re-queue)."""
 
-    def __init__(self, signals: tuple[int, ...] = PREEMPTION_SIGNALS):
-        self.signals = signals
+    signals = PREEMPTION_SIGNALS
+
+    def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -81,26 +73,25 @@ class PreemptionGuard:
 
     def requested(self, accelerator=None) -> bool:
         """Whether any process got a signal (all processes agree, so they stop at the same step)."""
-        flag = self.signum is not None
-        if accelerator is not None and accelerator.num_processes > 1:
-            t = torch.tensor([self.signum or 0], device=accelerator.device)
-            t = accelerator.reduce(t, reduction="sum")
-            if not flag and int(t.item()):
-                self.signum = int(t.item()) if int(t.item()) in self.signals else self.signals[0]
-            flag = bool(int(t.item()))
-        return flag
+        if accelerator is None or accelerator.num_processes == 1:
+            return self.signum is not None
+        t = torch.tensor([self.signum or 0], device=accelerator.device)
+        total = int(accelerator.reduce(t, reduction="sum").item())
+        if self.signum is None and total:
+            self.signum = total if total in self.signals else self.signals[0]
+        return bool(total)
 
     def hand_over(self) -> None:
-        """Call the handler that was installed before ours (e.g. submitit's re-queue), if any."""
+        """Call the handler that was installed before ours, if any."""
         prev = self._previous.get(self.signum) if self.signum is not None else None
-        if callable(prev) and prev not in (signal.default_int_handler,):
+        if callable(prev) and prev is not signal.default_int_handler:
             log.info("passing %s on to the previous handler (%r)", signal.Signals(self.signum).name, prev)
             prev(self.signum, None)
 
 
 def _nonfinite_message(step: int, loss_bad: bool, bad_terms: list[str], model: nn.Module) -> str:
-    """``non-finite loss at step N (terms: ...)`` or ``non-finite gradient at step N (parameters:
-    ...)`` (up to three parameters whose gradients are not finite now; reads the device)."""
+    """What went wrong at ``step``: the loss terms, or up to three parameters whose gradients are
+    not finite now (reads the device)."""
     if loss_bad:
         return f"non-finite loss at step {step} (terms: {', '.join(bad_terms) or 'total'})"
     grads = ((n, p.grad) for n, p in model.named_parameters() if p.grad is not None)
@@ -110,13 +101,8 @@ def _nonfinite_message(step: int, loss_bad: bool, bad_terms: list[str], model: n
 
 class NonFiniteMonitor:
     """``trainer.on_nonfinite=stop``: the first step whose loss or gradient norm was not finite,
-    recorded on the device.
-
-    :meth:`allow` (every step) only queues device ops and lets every step through; :meth:`check`
-    (log, validation and checkpoint steps) reads the record — all-reduced over processes — and
-    returns the description of the first bad step (its number and the non-finite terms, or the
-    parameters with non-finite gradients), or ``None``.
-    """
+    recorded on the device by :meth:`allow` (every step; lets it through) and read by :meth:`check`
+    (at log, validation and checkpoint steps)."""
 
     skipped = 0
 
@@ -128,7 +114,6 @@ class NonFiniteMonitor:
 
     @torch.no_grad()
     def allow(self, step: int, result: StepResult) -> bool:
-        """Note 1-based ``step`` if it is the first non-finite one (device ops only); True."""
         loss_ok, ok = result.finite()
         terms_ok = torch.stack([torch.isfinite(v).all() for v in result.terms.values()])
         if self.terms_bad is None or list(result.terms) != self.names:
@@ -141,26 +126,24 @@ class NonFiniteMonitor:
         return True
 
     def check(self, acc, model: nn.Module) -> str | None:
-        """The first non-finite step of any process, described; ``None`` if there was none (one
-        host read, an all-gather with several processes)."""
+        """The first non-finite step of any process, described, or ``None`` (one host read, an
+        all-gather with several processes)."""
         steps = self.first_step.reshape(1)
         if acc.num_processes > 1:
             steps = acc.gather(steps)
         bad = [s for s in steps.tolist() if s >= 0]
         if not bad:
             return None
-        first = min(bad)
-        if int(self.first_step) != first:
-            return f"non-finite values on another process at step {first}"
+        if int(self.first_step) != min(bad):
+            return f"non-finite values on another process at step {min(bad)}"
         names = [n for n, b in zip(self.names, self.terms_bad.tolist()) if b]
-        return _nonfinite_message(first, bool(self.loss_bad), names, model)
+        return _nonfinite_message(min(bad), bool(self.loss_bad), names, model)
 
 
 class SkipNonFinite:
     """``trainer.on_nonfinite=skip``: a step whose loss or gradients are not finite on any process
-    is not applied (the optimizers do not step; the model's buffers — BatchNorm statistics — are
-    restored) and counted in :attr:`skipped`; past ``max_skipped`` the run stops
-    (:class:`NonFiniteError`). Reads one flag per step (an all-reduce with several processes)."""
+    is not applied (no optimizer step; the model's buffers — BatchNorm statistics — restored) and
+    counted in :attr:`skipped`; past ``max_skipped`` the run stops. Reads one flag per step."""
 
     def __init__(self, acc, model: nn.Module, max_skipped: int, skipped: int = 0):
         self.acc, self.model, self.max_skipped, self.skipped = acc, model, max_skipped, skipped
@@ -190,16 +173,14 @@ class SkipNonFinite:
 
     def check(self, acc, model: nn.Module) -> None:
         """Nothing to report: a non-finite step was dropped when it happened."""
-        return None
 
 
-StepFn = Callable[..., StepResult]
 SIGNAL_FAULTS = {"sigkill": "SIGKILL", "sigterm": "SIGTERM", "sigusr1": "SIGUSR1"}
 
 
 class FaultInjector:
-    """The faults of an ``$ATRC_FAULT_INJECT`` spec (see the module docstring) as
-    ``(what, 1-based step)``; :meth:`wrap` makes a step function that injects them."""
+    """The faults of an ``$ATRC_FAULT_INJECT`` spec as ``(what, 1-based step)``; :meth:`wrap` makes
+    a step function that injects them."""
 
     def __init__(self, spec: str):
         self.faults: list[tuple[str, int]] = []
@@ -214,15 +195,14 @@ class FaultInjector:
                 )
             self.faults.append((what, int(at)))
 
-    def wrap(self, step_fn: StepFn) -> StepFn:
-        """``step_fn(parts, batch, step, ...)`` with the faults of 1-based step ``step + 1``:
-        NaN batch tensors and signals before it runs, a NaN gradient of the model's first
-        parameter through a gradient hook during its backward."""
+    def wrap(self, step_fn: Callable[..., StepResult]) -> Callable[..., StepResult]:
+        """``step_fn(parts, batch, step, ...)`` with the faults of step ``step + 1``: NaN batch
+        tensors and signals before it runs, a NaN gradient of the model's first parameter through a
+        gradient hook during its backward."""
 
         def step_with_faults(parts, batch: dict, step: int, *args):
-            now = [what for what, at in self.faults if at == step + 1]
             hooks = []
-            for what in now:
+            for what in [what for what, at in self.faults if at == step + 1]:
                 if what in SIGNAL_FAULTS:
                     os.kill(os.getpid(), getattr(signal, SIGNAL_FAULTS[what]))
                 elif what.startswith("nan:"):
@@ -240,7 +220,7 @@ class FaultInjector:
         return step_with_faults
 
 
-def with_faults(step_fn: StepFn) -> StepFn:
+def with_faults(step_fn: Callable[..., StepResult]) -> Callable[..., StepResult]:
     """``step_fn`` itself, or — when ``$ATRC_FAULT_INJECT`` is set — wrapped to inject its faults."""
     spec = os.environ.get("ATRC_FAULT_INJECT", "").strip()
     return FaultInjector(spec).wrap(step_fn) if spec else step_fn

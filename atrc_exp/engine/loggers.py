@@ -1,10 +1,6 @@
-"""Experiment loggers: ``logger=none`` (nothing remote) and ``logger=wandb``.
-
-A logger is built from ``logger._target_``: called with its group's keys, then the run's config and
-folder (``cls(cfg, run_dir, **keys)``); it has ``log``, ``log_images`` and ``finish`` as
-:class:`NullLogger`. Only the main process creates the configured logger; other ranks get
-:class:`NullLogger`. Every logger is closed by ``finish(exit_code)``, also when the run fails.
-"""
+"""Experiment loggers, built from ``logger._target_`` as ``cls(cfg, run_dir, **keys)`` on the main
+process (:class:`NullLogger` elsewhere), with the methods of :class:`NullLogger`; ``finish(exit_code)``
+closes one, also when the run fails."""
 
 from __future__ import annotations
 
@@ -28,17 +24,13 @@ class NullLogger:
 
     wants_images = False
 
-    def __init__(self, cfg: DictConfig | None = None, run_dir: Path | None = None):
-        pass
+    def __init__(self, cfg: DictConfig | None = None, run_dir: Path | None = None): ...
 
-    def log(self, data: dict[str, float], step: int) -> None:
-        pass
+    def log(self, data: dict[str, float], step: int) -> None: ...
 
-    def log_images(self, panels: dict[str, np.ndarray], step: int) -> None:
-        pass
+    def log_images(self, panels: dict[str, np.ndarray], step: int) -> None: ...
 
-    def finish(self, exit_code: int = 0) -> None:
-        pass
+    def finish(self, exit_code: int = 0) -> None: ...
 
 
 #: The W&B run of a run folder: its id (a resumed run continues it).
@@ -56,25 +48,11 @@ def sweep_group() -> str | None:
 
 
 class WandbLogger:
-    """Weights & Biases: resolved config, losses, lr, metrics, image panels per task, the genotype.
-
-    * group: ``logger.group``, else the sweep folder's name in a ``--multirun`` (a pipeline's
-      stages: the pipeline job's group, set by :mod:`atrc_exp.pipeline`); ``job_type``:
-      ``logger.job_type``, else the mode (``search``, ``distill``; a pipeline's stages:
-      ``search`` / ``distill`` / ``baseline``); tags: ``logger.tags`` + ``mode:<m>``,
-      ``context:<c>``;
-    * one W&B run per run folder: its id is kept in ``<run_dir>/wandb_run.json``, and a resumed
-      training (``trainer.resume`` set: after a kill, a preemption, a requeue) continues that run
-      (``resume="allow"``): the steps the killed process trained but W&B did not record (a
-      killed W&B service loses its last steps) are logged from ``train_log.jsonl`` and
-      ``metrics_history.jsonl``, and steps already recorded are not logged again (the resumed
-      training repeats them with the same numbers), so the W&B history has every step once;
-    * ``step`` is the x axis; every validation metric's summary is its best value (``max`` or
-      ``min``, its task kind's direction);
-    * artifacts: the genotype of a search (``genotype-<id>``, type ``genotype``) and, unless
-      ``log_checkpoints=false``, the final checkpoint's model weights (``model-<id>``, type
-      ``model``), logged when the run ends well.
-    """
+    """Weights & Biases (README, "W&B"): group ``logger.group`` or the sweep's,
+    ``job_type`` ``logger.job_type`` or the mode, tags ``logger.tags`` + ``mode:<m>``,
+    ``context:<c>``; one W&B run per run folder (its id in ``wandb_run.json``), which a resumed
+    training continues with every step logged once; ``step`` the x axis, each validation metric's
+    summary its best value; the genotype and the final weights as artifacts when the run ends well."""
 
     def __init__(
         self,
@@ -119,14 +97,11 @@ class WandbLogger:
         for task in config_tasks(cfg):
             for key, higher in task.metric_directions().items():
                 self.run.define_metric(f"val/{key}", step_metric="step", summary="max" if higher else "min")
-        self.wants_images = log_images
-        self.num_images = num_images
-        self.log_checkpoints = log_checkpoints
+        self.wants_images, self.log_checkpoints = log_images, log_checkpoints
         how = "new"
         if resumed:
-            how = f"resumed: steps up to {self.logged_before} recorded"
-            self.logged_before = self._catch_up()
-            how += f", up to {self.logged_before} from the run's logs"
+            recorded, self.logged_before = self.logged_before, self._catch_up()
+            how = f"resumed: steps up to {recorded} recorded, up to {self.logged_before} from the run's logs"
         log.info("W&B run %s (%s, %s) in %s", self.run.id, self.run.settings.mode, how, self.run.dir)
 
     def _catch_up(self) -> int:
@@ -150,24 +125,18 @@ class WandbLogger:
 
     def log(self, data: dict, step: int) -> None:
         """``data`` at ``step``, unless this W&B run logged that step before it was resumed."""
-        if step <= self.logged_before:
-            return
-        self.run.log({**data, "step": step}, step=step)
+        if step > self.logged_before:
+            self.run.log({**data, "step": step}, step=step)
 
     def log_images(self, panels: dict[str, np.ndarray], step: int) -> None:
-        images = {
-            f"val_images/{k}": self._wandb.Image(v, caption="image | ground truth | prediction")
-            for k, v in panels.items()
-        }
-        self.log(images, step)
+        caption = "image | ground truth | prediction"
+        self.log({f"val_images/{k}": self._wandb.Image(v, caption=caption) for k, v in panels.items()}, step)
 
     def log_genotype(self, genotype: dict, tasks: list[str], step: int) -> None:
         """The genotype as a T×T heatmap image (target rows, source columns) and a table."""
         from ..models.genotype import GENOTYPE_TABLE_COLUMNS, genotype_heatmap, genotype_table_rows
 
-        table = self._wandb.Table(
-            columns=list(GENOTYPE_TABLE_COLUMNS), data=genotype_table_rows(genotype, tasks)
-        )
+        table = self._wandb.Table(list(GENOTYPE_TABLE_COLUMNS), genotype_table_rows(genotype, tasks))
         image = self._wandb.Image(genotype_heatmap(genotype, tasks), caption="target rows, source columns")
         self.log({"genotype/heatmap": image, "genotype/table": table}, step)
 
@@ -176,9 +145,8 @@ class WandbLogger:
         from ..models.genotype import GENOTYPE_FILENAME
         from .checkpoint import list_checkpoints
 
-        files = []
-        if (self.run_dir / GENOTYPE_FILENAME).is_file():
-            files.append(("genotype", [self.run_dir / GENOTYPE_FILENAME]))
+        genotype = self.run_dir / GENOTYPE_FILENAME
+        files = [("genotype", [genotype])] if genotype.is_file() else []
         ckpts = list_checkpoints(self.run_dir / "checkpoints") if self.log_checkpoints else []
         if ckpts:
             weights = [

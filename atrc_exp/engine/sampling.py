@@ -16,13 +16,12 @@ does not depend on the number of DataLoader workers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
-
-__all__ = ["StepBatchSampler", "SeededAugmentation", "sample_seed"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -33,40 +32,29 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Infinite per-process batches for the global steps ``start_step, start_step + 1, ...``.
-
-    Yields lists of *codes* ``epoch · n + index`` (decoded by :class:`SeededAugmentation`).
-    """
+    """Infinite per-process batches for the global steps ``start_step, start_step + 1, ...`` as
+    lists of *codes* ``epoch · n + index`` (decoded by :class:`SeededAugmentation`). The trainer
+    has checked that ``batch_size`` divides over the processes and that ``n >= batch_size``."""
 
     def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        seed: int,
-        start_step: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1
     ):
-        if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} processes")
-        if n < batch_size:
-            raise ValueError(f"{n} samples are fewer than one batch of {batch_size}")
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
-        self.start_step, self.rank, self.world_size = int(start_step), int(rank), int(world_size)
-        self.per_process = self.batch_size // self.world_size
+        self.start_step, self.rank = int(start_step), int(rank)
+        self.per_process = self.batch_size // int(world_size)
         self.steps_per_epoch = self.n // self.batch_size
-
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator()
-        g.manual_seed(self.seed + epoch)
-        return torch.randperm(self.n, generator=g)
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its order), the last one drawn
 
     def batch_for_step(self, step: int) -> list[int]:
         """The codes this process loads at global step ``step``."""
         epoch, b = divmod(int(step), self.steps_per_epoch)
-        order = self.epoch_order(epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (
+                epoch,
+                torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)),
+            )
         lo = b * self.batch_size + self.rank * self.per_process
-        return [epoch * self.n + int(i) for i in order[lo : lo + self.per_process]]
+        return [epoch * self.n + int(i) for i in self._order[1][lo : lo + self.per_process]]
 
     def position(self, step: int) -> dict[str, int]:
         """Where global step ``step`` starts in the data order (recorded in checkpoints)."""
@@ -79,15 +67,7 @@ class StepBatchSampler(Sampler[list[int]]):
         }
 
     def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
-        epoch, order = None, None
-        while True:
-            e, b = divmod(step, self.steps_per_epoch)
-            if e != epoch:
-                epoch, order = e, self.epoch_order(e)
-            lo = b * self.batch_size + self.rank * self.per_process
-            yield [e * self.n + int(i) for i in order[lo : lo + self.per_process]]
-            step += 1
+        return map(self.batch_for_step, itertools.count(self.start_step))
 
     def __len__(self) -> int:  # infinite; DataLoader only needs this for len(loader)
         return 2**62

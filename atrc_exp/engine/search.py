@@ -1,9 +1,9 @@
 """ATRC search (``mode=search context=search``): schedules, the entropy term, the α optimizer.
 
 Per training iteration ``step`` (0-based, of ``max_steps``):
-* τ of the Gumbel-softmax goes linearly from ``mode.tau[0]`` (1.0) towards ``mode.tau[1]`` (0.05), the
-  original's ``end + (1 − step/max_steps)·(start − end)`` (:func:`linear_schedule`);
-* the entropy weight w follows the same formula from ``mode.entropy_weight[0]`` (−0.02) to ``[1]`` (0.06), and
+* τ of the Gumbel-softmax goes linearly from ``mode.tau[0]`` (1.0) towards ``mode.tau[1]`` (0.05),
+  the original's ``end + (1 − step/max_steps)·(start − end)`` (:func:`linear_schedule`);
+* the entropy weight w follows the same formula from ``mode.entropy_weight`` (−0.02 to 0.06), and
   ``w · mean_over_pairs(−Σ softmax(α)·log softmax(α))`` is added to the loss;
 * the weights are stepped by SGD and the architecture parameters α by Adam (``mode.arch_lr``,
   5e-4, no weight decay), both on the same batch.
@@ -38,11 +38,8 @@ def search_blocks(model: nn.Module) -> dict[tuple[str, str], SearchCPBlock]:
 
 def entropy_term(blocks: Sequence[SearchCPBlock]) -> torch.Tensor:
     """Mean over pairs of the entropy −Σ p·log p of p = softmax(α)."""
-    ents = []
-    for b in blocks:
-        logp = F.log_softmax(b.arch_param, dim=0)  # in α's dtype (float64 in verification mode)
-        ents.append(-(logp.exp() * logp).sum())
-    return torch.stack(ents).mean()
+    logps = [F.log_softmax(b.arch_param, dim=0) for b in blocks]  # in α's dtype (float64 in verification)
+    return torch.stack([-(logp.exp() * logp).sum() for logp in logps]).mean()
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -60,8 +57,8 @@ class SearchController:
         self.blocks = search_blocks(model)
         if not self.blocks:
             raise ValueError("mode=search needs a model with search blocks (context=search)")
-        self.tau = tuple(float(x) for x in mode_cfg.tau)
-        self.entropy_weight = tuple(float(x) for x in mode_cfg.entropy_weight)
+        self.tau = tuple(map(float, mode_cfg.tau))
+        self.entropy_weight = tuple(map(float, mode_cfg.entropy_weight))
         self.max_steps = int(max_steps)
         for b in self.blocks.values():
             b.freeze_gap = float(mode_cfg.freeze_gap)
@@ -74,9 +71,8 @@ class SearchController:
 
     def begin_step(self, step: int) -> float:
         """Set τ on every block for iteration ``step``; returns the entropy weight to use."""
-        tau = self.tau_at(step)
         for b in self.blocks.values():
-            b.tau = tau
+            b.tau = self.tau_at(step)
         return self.entropy_weight_at(step)
 
     def loss_term(self, weight: float) -> torch.Tensor:

@@ -1,12 +1,8 @@
 """One training step, whole: :func:`train_step` — the unit the loop repeats and ``make bench`` times.
 
-The step only queues device work: forward and loss (one function, compiled as a whole with
-``trainer.compile``), the search's entropy term, backward, gradient clipping (or the gradient norm),
-the non-finite record, both optimizers (weights by SGD; α by Adam in search) and the
-learning-rate schedule. It reads nothing from the device, so the host runs ahead of a GPU and
-the step can be captured as CUDA graphs; non-finite values are recorded on the device and read
-where the loop reads anyway (:class:`~atrc_exp.engine.faults.NonFiniteMonitor`). Only
-``trainer.on_nonfinite=skip`` reads one flag per step (:class:`~atrc_exp.engine.faults.SkipNonFinite`).
+It only queues device work (no host read), so the host runs ahead of a GPU and the step can be
+captured as CUDA graphs; non-finite values are recorded on the device and read where the loop
+reads anyway. Only ``trainer.on_nonfinite=skip`` reads one flag per step.
 """
 
 from __future__ import annotations
@@ -23,15 +19,12 @@ from torch import nn
 from .fast_paths import prepare_input
 from .search import SearchController
 
-__all__ = ["NonFinitePolicy", "StepParts", "StepResult", "make_forward_loss", "train_step"]
-
 ForwardLoss = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.Tensor, dict]]
 
 
 def make_forward_loss(model: nn.Module, criterion: nn.Module, channels_last: bool = False) -> ForwardLoss:
-    """``(image, batch) -> (loss, terms)``: the model's outputs and the multi-task loss — one
-    function, so that ``torch.compile`` makes one graph of it
-    (:func:`~atrc_exp.engine.fast_paths.compile_step`). ``channels_last``: the image in NHWC."""
+    """``(image, batch) -> (loss, terms)``: model and multi-task loss as one function, so that
+    ``torch.compile`` makes one graph of it. ``channels_last``: the image in NHWC."""
 
     def forward_loss(image: torch.Tensor, batch: Mapping[str, torch.Tensor]):
         return criterion(model(prepare_input(image, channels_last)), batch)
@@ -52,8 +45,7 @@ class StepParts:
     arch_opt: torch.optim.Optimizer | None = None
     controller: SearchController | None = None
     grad_clip: float | None = None
-    #: compute the gradient norm (for the non-finite record) when not clipping; off under fp16's
-    #: GradScaler, which skips non-finite steps itself
+    #: the gradient norm (for the non-finite record) when not clipping; off under fp16's GradScaler
     check_grads: bool = True
 
 
@@ -64,8 +56,7 @@ class StepResult:
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
     grad_norm: torch.Tensor | None
-    #: the entropy weight used (search), a host number
-    entropy_weight: float | None = None
+    entropy_weight: float | None = None  # search: the weight used, a host number
 
     def finite(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Device bools (no host read): the loss is finite; the loss and the gradient norm are."""
@@ -74,10 +65,9 @@ class StepResult:
 
 
 class NonFinitePolicy(Protocol):
-    """What a step does about non-finite values (``trainer.on_nonfinite``)."""
+    """``trainer.on_nonfinite``: ``allow`` says whether the optimizers may apply 1-based ``step``."""
 
-    def allow(self, step: int, result: StepResult) -> bool:
-        """Whether the optimizers may apply 1-based step ``step``."""
+    def allow(self, step: int, result: StepResult) -> bool: ...
 
 
 def train_step(parts: StepParts, batch: dict, step: int, nonfinite: NonFinitePolicy) -> StepResult:

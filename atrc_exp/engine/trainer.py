@@ -1,8 +1,5 @@
-"""The Accelerate training loop (``mode=distill``): SGD + poly LR, validation, checkpoints, logging.
-
-``fit(cfg, run_dir)`` runs one job on every process of a launch and returns the final validation
-metrics (identical on every rank). Only the main process writes files and logs remotely.
-"""
+"""The Accelerate training loop: SGD + poly LR (Adam on α in search), validation, checkpoints,
+logging. Every process of a launch runs :func:`fit`; only the main process writes files and logs."""
 
 from __future__ import annotations
 
@@ -11,6 +8,7 @@ import json
 import logging
 import math
 import multiprocessing
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,11 +40,6 @@ from .search import SearchController, split_parameters
 from .step import StepParts, StepResult, make_forward_loss, train_step
 
 log = logging.getLogger(__name__)
-
-
-def poly_lambda(max_steps: int, power: float):
-    """LR factor (1 − step/max_steps)^power, 0 past the end."""
-    return lambda step: max(0.0, 1.0 - step / max(1, max_steps)) ** power
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
@@ -93,22 +86,14 @@ def check_backend(backend: str, device: torch.device) -> None:
 
 def _worker_init(_: int) -> None:
     """DataLoader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints first."""
-    import signal
-
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
+    for sig in PreemptionGuard.signals:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def worker_start_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
-    """The ``multiprocessing_context`` of a DataLoader with ``num_workers`` workers.
-
-    ``None`` (multiprocessing's default start method: ``fork`` on Linux, no pickling of the
-    dataset) unless this process's default was switched to a start method multiprocessing does
-    not know: a job of Hydra's joblib launcher runs in a worker of joblib's ``loky`` backend,
-    which makes ``loky`` the default, and loky can only start its own ``LokyProcess`` objects
-    (``'Process' object has no attribute 'env'`` for DataLoader workers). There the platform's
-    standard default (the first of ``multiprocessing.get_all_start_methods()``) is used."""
+    """The ``multiprocessing_context`` of a DataLoader: ``None`` (the default start method) unless
+    that is one multiprocessing does not know — ``loky`` in a job of Hydra's joblib launcher, which
+    cannot start DataLoader workers — where the platform's standard one is used."""
     if num_workers <= 0:
         return None
     standard = multiprocessing.get_all_start_methods()
@@ -119,22 +104,16 @@ def worker_start_context(num_workers: int) -> multiprocessing.context.BaseContex
 
 @contextlib.contextmanager
 def workers_shut_down(iterator) -> Iterator[None]:
-    """Shut the DataLoader workers of ``iterator`` down when the block ends, however it ends.
-
-    Needed because the workers ignore SIGTERM (:func:`_worker_init`): an iterator kept alive by an
-    exception's traceback (a failed sweep job, a test) would otherwise leave workers that
-    multiprocessing's exit handler can neither terminate nor join, and the process would hang
-    at exit."""
+    """Shut the DataLoader workers of ``iterator`` down when the block ends, however it ends: they
+    ignore SIGTERM, so an iterator kept alive by a traceback would hang the process at exit."""
     try:
         yield
     finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        getattr(iterator, "_shutdown_workers", lambda: None)()
 
 
 def reset_accelerate_state() -> None:
-    """Forget the process-wide Accelerate singletons (between Hydra multirun jobs and tests)."""
+    """Forget the process-wide Accelerate singletons (between multirun jobs and tests)."""
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -144,18 +123,12 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def build_train_loader(dataset, cfg: DictConfig, acc: Accelerator, start_step: int = 0) -> DataLoader:
     """An endless loader of this process's training batches from global step ``start_step`` on
-    (see :mod:`atrc_exp.engine.sampling`: the data of step k depends only on the seed and k)."""
+    (:mod:`atrc_exp.engine.sampling`: the data of step k depends only on the seed and k)."""
     tc = cfg.trainer
     sampler = StepBatchSampler(
-        len(dataset),
-        int(tc.batch_size),
-        seed=int(cfg.seed),
-        start_step=start_step,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
+        len(dataset), int(tc.batch_size), int(cfg.seed), start_step, acc.process_index, acc.num_processes
     )
-    kwargs = train_loader_kwargs(tc, acc.device)  # num_workers, pin_memory, prefetch_factor, ...
-    # one iterator for the whole run, so workers live as long as the run (persistent by design)
+    kwargs = train_loader_kwargs(tc, acc.device)
     return DataLoader(
         SeededAugmentation(dataset, int(cfg.seed)),
         batch_sampler=sampler,
@@ -169,15 +142,14 @@ def build_train_loader(dataset, cfg: DictConfig, acc: Accelerator, start_step: i
 def build_val_loader(dataset, cfg: DictConfig, acc: Accelerator) -> DataLoader:
     """Shard ``dataset`` over processes without padding (every sample counted exactly once)."""
     shard = Subset(dataset, list(range(acc.process_index, len(dataset), acc.num_processes)))
-    per_proc = max(1, int(cfg.trainer.val_batch_size) // acc.num_processes)
+    workers = int(cfg.trainer.num_workers)
     return DataLoader(
         shard,
-        batch_size=per_proc,
-        shuffle=False,
-        num_workers=int(cfg.trainer.num_workers),
+        batch_size=max(1, int(cfg.trainer.val_batch_size) // acc.num_processes),
+        num_workers=workers,
         pin_memory=acc.device.type == "cuda",
         worker_init_fn=_worker_init,
-        multiprocessing_context=worker_start_context(int(cfg.trainer.num_workers)),
+        multiprocessing_context=worker_start_context(workers),
     )
 
 
@@ -206,8 +178,8 @@ def validate(model, loader, metrics: MultiTaskMetrics, acc: Accelerator, on_batc
 
 
 def make_panels(batch: dict, final: dict, n: int, tasks):
-    """Per task (``tasks``: their :class:`~atrc_exp.task_kinds.Task` objects, the kind colours
-    them), rows of [image | ground truth | prediction] for the first ``n`` images."""
+    """Per task (:class:`~atrc_exp.task_kinds.Task`), rows of [image | ground truth | prediction]
+    for the first ``n`` images, coloured by the task's kind."""
     import numpy as np
 
     from ..data.transforms import denormalize
@@ -216,27 +188,18 @@ def make_panels(batch: dict, final: dict, n: int, tasks):
     n = min(n, batch["image"].shape[0])
     imgs = [denormalize(batch["image"][i]).byte().permute(1, 2, 0).cpu().numpy() for i in range(n)]
     for task in tasks:
-        kind = task.kind
-        pred = kind.postprocess(final[task.name]).float().cpu().numpy()
+        pred = task.kind.postprocess(final[task.name]).float().cpu().numpy()
         gt = batch[task.name].float().cpu().numpy()
-        rows = [np.concatenate([imgs[i], kind.colorize(gt[i]), kind.colorize(pred[i])], 1) for i in range(n)]
+        rows = [np.concatenate([imgs[i], *map(task.kind.colorize, (gt[i], pred[i]))], 1) for i in range(n)]
         panels[task.name] = np.concatenate(rows, 0)
     return panels
 
 
-def metrics_record(step: int, metrics: dict[str, float], meters: MultiTaskMetrics) -> dict:
-    """What ``metrics.json`` holds: the step, the metrics and how many validation images had a
-    label of each task (``labelled_images``)."""
-    return {"step": step, "metrics": metrics, "labelled_images": meters.labelled_images()}
-
-
 def build_metrics(cfg: DictConfig, tasks) -> MultiTaskMetrics:
-    """The validation metrics of ``tasks`` with the evaluation settings of ``cfg.trainer``
-    (training and ``atrc-eval`` alike)."""
-    settings = MeterSettings(
-        edge_eval_workers=int(cfg.trainer.edge_eval_workers), edge_thresholds=cfg.trainer.edge_eval_thresholds
-    )
-    return MultiTaskMetrics(tasks, settings)
+    """The validation metrics of ``tasks`` with the settings of ``cfg.trainer`` (training and
+    ``atrc-eval`` alike)."""
+    tc = cfg.trainer
+    return MultiTaskMetrics(tasks, MeterSettings(int(tc.edge_eval_workers), tc.edge_eval_thresholds))
 
 
 def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
@@ -272,9 +235,8 @@ def grad_clip_of(cfg: DictConfig) -> float | None:
 
 
 def convert_batchnorm(model: nn.Module, acc: Accelerator) -> nn.Module:
-    """BatchNorm → SyncBatchNorm when several processes train on CUDA (statistics over the whole
-    batch, as the original's SyncBN). PyTorch's SyncBatchNorm runs on GPUs only: on CPU processes
-    (gloo) each process normalises over its own share of the batch, as logged."""
+    """BatchNorm → SyncBatchNorm when several processes train on CUDA (as the original's SyncBN);
+    SyncBatchNorm needs GPUs, so CPU processes (gloo) normalise over their own share, as logged."""
     if acc.num_processes > 1:
         if acc.device.type == "cuda":
             return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -299,7 +261,7 @@ def build_data(cfg: DictConfig, acc: Accelerator) -> tuple[Dataset, Dataset, Pat
 
 def build_training_model(cfg: DictConfig, acc: Accelerator) -> nn.Module:
     """The configured model as training starts it: SyncBatchNorm with several GPUs, the weights of
-    ``trainer.init_from_original`` if set, the fast paths of ``cfg.trainer``."""
+    ``trainer.init_from_original`` if set, the fast paths."""
     with acc.main_process_first():  # a pretrained backbone is downloaded once
         model = convert_batchnorm(build_model(cfg), acc)
     if cfg.trainer.init_from_original:
@@ -308,12 +270,12 @@ def build_training_model(cfg: DictConfig, acc: Accelerator) -> nn.Module:
         path, trusted = str(cfg.trainer.init_from_original), bool(cfg.trainer.init_from_original_trusted)
         report = load_original_state_dict(model, path, weights_only=not trusted)
         log.info("initialised from original weights %s (%d tensors)", path, report["loaded"])
-    return apply_fast_paths(model, cfg)  # channels_last / compiled modules (trainer.*; off by default)
+    return apply_fast_paths(model, cfg)
 
 
 def build_loss(cfg: DictConfig, model: nn.Module, data_dir: Path, acc: Accelerator) -> MultiTaskLoss:
-    """The multi-task loss of the configured tasks, with the constants of the model's auxiliary
-    tasks that the spec leaves to the data (e.g. the normals' centroids; cached on disk)."""
+    """The multi-task loss, with the constants the spec leaves to the data for the model's
+    auxiliary tasks (e.g. the normals' centroids; cached on disk)."""
     tasks = config_tasks(cfg)
     aux = set(getattr(model.head, "aux_tasks", ()))
     with acc.main_process_first():
@@ -323,8 +285,8 @@ def build_loss(cfg: DictConfig, model: nn.Module, data_dir: Path, acc: Accelerat
 
 
 def build_step(cfg: DictConfig, acc: Accelerator, model: nn.Module, criterion: nn.Module) -> StepParts:
-    """The optimizers (SGD on the weights; in search, Adam on α) and the poly schedule, prepared by
-    Accelerate with the model, and the forward+loss (compiled as ``trainer.compile`` asks)."""
+    """The optimizers (SGD on the weights; in search, Adam on α) and the poly schedule, prepared
+    with the model, and the forward+loss (compiled as ``trainer.compile`` asks)."""
     tc = cfg.trainer
     weights, arch = split_parameters(model)
     optimizer = torch.optim.SGD(
@@ -335,13 +297,12 @@ def build_step(cfg: DictConfig, acc: Accelerator, model: nn.Module, criterion: n
         controller = SearchController(model, cfg.mode, int(tc.max_steps))
         # fused: its step count stays a device tensor (the default reads it on the host every step)
         arch_opt = torch.optim.Adam(arch, lr=float(cfg.mode.arch_lr), weight_decay=0.0, fused=True)
+    max_steps, power = max(1, int(tc.max_steps)), float(tc.poly_power)
+    # poly: the LR factor (1 − step/max_steps)^power, 0 past the end
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lambda(int(tc.max_steps), float(tc.poly_power))
+        optimizer, lambda step: max(0.0, 1.0 - step / max_steps) ** power
     )
-    if arch_opt is not None:
-        model, optimizer, arch_opt = acc.prepare(model, optimizer, arch_opt)
-    else:
-        model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer, *arch_opts = acc.prepare(model, optimizer, *filter(None, [arch_opt]))
     acc.register_for_checkpointing(scheduler)
     return StepParts(
         model=model,
@@ -349,7 +310,7 @@ def build_step(cfg: DictConfig, acc: Accelerator, model: nn.Module, criterion: n
         optimizer=optimizer,
         scheduler=scheduler,
         acc=acc,
-        arch_opt=arch_opt,
+        arch_opt=arch_opts[0] if arch_opts else None,
         controller=controller,
         grad_clip=grad_clip_of(cfg),
         check_grads=acc.scaler is None,  # fp16's GradScaler skips non-finite steps itself
@@ -368,8 +329,7 @@ class TrainingRun:
     metrics: MultiTaskMetrics
     train_loader: DataLoader | None
     val_loader: DataLoader
-    #: ``trainer.on_nonfinite``: :class:`NonFiniteMonitor` (stop) or :class:`SkipNonFinite` (skip)
-    nonfinite: NonFiniteMonitor | SkipNonFinite | None = None
+    nonfinite: NonFiniteMonitor | SkipNonFinite | None = None  # trainer.on_nonfinite: stop | skip
     step: int = 0
     last_ckpt: Path | None = None
 
@@ -377,19 +337,10 @@ class TrainingRun:
     def model(self) -> nn.Module:
         return self.parts.model
 
-    @property
-    def search(self) -> bool:
-        return self.parts.controller is not None
-
-    @property
-    def skip_mode(self) -> bool:
-        return self.cfg.trainer.on_nonfinite == "skip"
-
 
 def setup(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> TrainingRun:
-    """Data, model, loss, metrics, optimizers and schedule (:func:`build_data`,
-    :func:`build_training_model`, :func:`build_loss`, :func:`build_step`); the resume from the
-    newest complete checkpoint; the train loader from that step."""
+    """Data, model, loss, metrics, optimizers and schedule; the resume from the newest complete
+    checkpoint; the train loader from that step."""
     set_seed(int(cfg.seed))
     train_ds, val_ds, data_dir = build_data(cfg, acc)
     model = build_training_model(cfg, acc)
@@ -416,7 +367,7 @@ def setup(cfg: DictConfig, run_dir: Path, acc: Accelerator, logger) -> TrainingR
         if acc.is_main_process:
             truncate_logs(run_dir, run.step)
         log.info("resumed from %s at step %d", ckpt, run.step)
-    if run.skip_mode:  # after the resume: it keeps the restored buffers
+    if cfg.trainer.on_nonfinite == "skip":  # after the resume: it keeps the restored buffers
         run.nonfinite = SkipNonFinite(acc, parts.model, int(cfg.trainer.max_skipped_steps), skipped)
     else:
         run.nonfinite = NonFiniteMonitor(acc.device)
@@ -432,9 +383,9 @@ def train(run: TrainingRun) -> dict[str, float]:
     preemption check, the places where the host reads from the device (and where a non-finite
     step is caught). ``$ATRC_FAULT_INJECT`` wraps the step (:func:`with_faults`)."""
     acc, tc = run.acc, run.cfg.trainer
-    max_steps, ckpt_every = int(tc.max_steps), int(tc.checkpoint_interval or 0)
+    max_steps, ckpt_every = int(tc.max_steps), int(tc.checkpoint_interval)
     step_fn = with_faults(train_step)
-    guard, meter = PreemptionGuard(), _Throughput(int(tc.batch_size))
+    guard, since = PreemptionGuard(), (time.perf_counter(), run.step)
     show = acc.is_main_process and tc.progress
     bar = tqdm(total=max_steps, initial=run.step, disable=not show, desc="train", dynamic_ncols=True)
     final_metrics: dict[str, float] = {}
@@ -447,14 +398,13 @@ def train(run: TrainingRun) -> dict[str, float]:
             run.step += 1
             step = run.step
             bar.update(1)
-            meter.add()
             log_now = step % int(tc.log_interval) == 0 or step == max_steps
             val_now = step % int(tc.val_interval) == 0 or step == max_steps
-            ckpt_now = bool(ckpt_every) and (step % ckpt_every == 0 or step == max_steps)
+            ckpt_now = step % ckpt_every == 0 or step == max_steps
             if log_now or val_now or ckpt_now:
                 _stop_if_nonfinite(run)
             if log_now:
-                _log_step(run, result, bar, meter)
+                since = _log_step(run, result, bar, since)
             if val_now:
                 final_metrics = _validation_step(run)
             if ckpt_now:
@@ -463,13 +413,16 @@ def train(run: TrainingRun) -> dict[str, float]:
             # read), which happens only where the loop reads anyway
             if step < max_steps and (acc.num_processes == 1 or log_now) and guard.requested(acc):
                 bar.close()
-                _stop_for_preemption(run, guard)
+                _stop_if_nonfinite(run)
+                if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"_{step:08d}"):
+                    _checkpoint_step(run)
+                guard.hand_over()
+                raise Preempted(guard.signum, step, str(run.last_ckpt))
     bar.close()
-    if not final_metrics:  # resumed at the end: validate once more
+    if not final_metrics:  # max_steps=0, or resumed at the end: validate once more
         final_metrics = validate(run.model, run.val_loader, run.metrics, acc)
         if acc.is_main_process:
-            record = metrics_record(run.step, final_metrics, run.metrics)
-            write_json_atomic(run.run_dir / "metrics.json", record)
+            write_json_atomic(run.run_dir / "metrics.json", _metrics_record(run, final_metrics))
     acc.wait_for_everyone()
     bad = [k for k, v in final_metrics.items() if not math.isfinite(v)]
     if bad:
@@ -477,26 +430,9 @@ def train(run: TrainingRun) -> dict[str, float]:
     return final_metrics
 
 
-class _Throughput:
-    """Images per second since the last log step."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self.t_last, self.images = time.perf_counter(), 0
-
-    def add(self) -> None:
-        self.images += self.batch_size
-
-    def rate(self) -> float:
-        now = time.perf_counter()
-        ips = self.images / max(now - self.t_last, 1e-9)
-        self.t_last, self.images = now, 0
-        return ips
-
-
 def _stop_if_nonfinite(run: TrainingRun) -> None:
     """Raise :class:`NonFiniteError` naming the first non-finite step since the run started (read
-    from the device here, at a log, validation or checkpoint step — before anything is saved)."""
+    here, at a log, validation or checkpoint step — before anything is saved)."""
     what = run.nonfinite.check(run.acc, run.model)
     if what is not None:
         raise NonFiniteError(
@@ -505,21 +441,13 @@ def _stop_if_nonfinite(run: TrainingRun) -> None:
         )
 
 
-def _stop_for_preemption(run: TrainingRun, guard: PreemptionGuard) -> None:
-    """A preemption signal arrived: checkpoint this step (unless just done), hand the signal on
-    and raise :class:`Preempted`."""
-    _stop_if_nonfinite(run)
-    if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"_{run.step:08d}"):
-        _checkpoint_step(run)
-    guard.hand_over()
-    raise Preempted(guard.signum, run.step, str(run.last_ckpt))
-
-
-def _log_step(run: TrainingRun, result: StepResult, bar, meter: _Throughput) -> None:
-    """Losses, learning rate, throughput (and the search's τ, entropy weight, frozen pairs and α)
-    to the progress bar, the logger and ``train_log.jsonl``."""
+def _log_step(run: TrainingRun, result: StepResult, bar, since: tuple[float, int]) -> tuple[float, int]:
+    """Losses, learning rate, images/s since ``since`` (time, step) — and the search's τ, entropy
+    weight, frozen pairs and α — to the progress bar, the logger and ``train_log.jsonl``; returns
+    the new ``since``."""
     step, parts = run.step, run.parts
-    ips = meter.rate()
+    now = time.perf_counter()
+    ips = int(run.cfg.trainer.batch_size) * (step - since[1]) / max(now - since[0], 1e-9)
     lr = parts.optimizer.param_groups[0]["lr"]
     loss_v = result.loss.item()
     bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
@@ -529,23 +457,19 @@ def _log_step(run: TrainingRun, result: StepResult, bar, meter: _Throughput) -> 
         "train/images_per_s": ips,
         **{f"train/{k}": v.item() for k, v in result.terms.items()},
     }
-    if run.skip_mode:
+    if isinstance(run.nonfinite, SkipNonFinite):
         record["train/skipped_steps"] = run.nonfinite.skipped
-    if run.search:
-        controller = parts.controller
-        record.update(
-            {
-                "search/tau": controller.tau_at(step - 1),
-                "search/entropy_weight": result.entropy_weight,
-                "search/frozen_pairs": controller.num_frozen(),  # the host learns of new freezes
-                **controller.alpha_log(),
-            }
-        )
+    if parts.controller is not None:
+        record["search/tau"] = parts.controller.tau_at(step - 1)
+        record["search/entropy_weight"] = result.entropy_weight
+        record["search/frozen_pairs"] = parts.controller.num_frozen()  # the host learns of new freezes
+        record.update(parts.controller.alpha_log())
     run.logger.log(record, step)
     if run.acc.is_main_process:
         with open(run.run_dir / "train_log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
     log.debug("step %d loss %.4f lr %.3e", step, loss_v, lr)
+    return now, step
 
 
 def _validation_step(run: TrainingRun) -> dict[str, float]:
@@ -562,14 +486,11 @@ def _validation_step(run: TrainingRun) -> dict[str, float]:
 
     metrics = validate(run.model, run.val_loader, run.metrics, acc, keep_panels)
     if is_main:
-        result = metrics_record(step, metrics, run.metrics)
-        if run.skip_mode:
-            result["skipped_steps"] = run.nonfinite.skipped
-        write_json_atomic(run.run_dir / "metrics.json", result)
+        write_json_atomic(run.run_dir / "metrics.json", _metrics_record(run, metrics))
         with open(run.run_dir / "metrics_history.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
         run.logger.log({f"val/{k}": v for k, v in metrics.items()}, step)
-        if run.search:
+        if run.parts.controller is not None:
             genotype = acc.unwrap_model(run.model).head.genotype
             save_genotype(genotype, run.run_dir / GENOTYPE_FILENAME, step)
             if hasattr(run.logger, "log_genotype"):
@@ -582,11 +503,17 @@ def _validation_step(run: TrainingRun) -> dict[str, float]:
 
 def _checkpoint_step(run: TrainingRun) -> None:
     """Save a resumable checkpoint of this step (the newest ``trainer.keep_checkpoints`` kept)."""
-    meta = {
-        "step": run.step,
-        "skipped_steps": run.nonfinite.skipped,
-        "data": run.train_loader.batch_sampler.position(run.step),
-    }
+    data = run.train_loader.batch_sampler.position(run.step)
+    meta = {"step": run.step, "skipped_steps": run.nonfinite.skipped, "data": data}
     run.last_ckpt = save_checkpoint(
         run.acc, run.run_dir, run.step, int(run.cfg.trainer.keep_checkpoints), meta
     )
+
+
+def _metrics_record(run: TrainingRun, metrics: dict[str, float]) -> dict:
+    """What ``metrics.json`` holds: the step, the metrics, how many validation images had a label
+    of each task and, with ``trainer.on_nonfinite=skip``, the steps skipped."""
+    record = {"step": run.step, "metrics": metrics, "labelled_images": run.metrics.labelled_images()}
+    if isinstance(run.nonfinite, SkipNonFinite):
+        record["skipped_steps"] = run.nonfinite.skipped
+    return record
