@@ -1,29 +1,16 @@
 """ATRC's context types: the context-propagation (CP) blocks and :data:`CONTEXTS`, their one table.
 
-A context type is one row of :data:`CONTEXTS` (:class:`ContextSpec`: genotype code, config name,
-CP block class, which auxiliary prediction it reads, how genotype plots draw it), its block class
-below and its ``conf/context/<name>.yaml``. Everything else — genotype codes and validation, the
-search's candidate ops, which tasks get an auxiliary head, the names in logs and heatmaps, the
-config's list of contexts — is read from the table.
+Every block maps ``(features_t, features_s)`` (B×C×h×w, C = the head's bottleneck width) to
+B×d×h×w (d = ``out_channels``, C // 2 in ATRC) in the method's three steps:
+``source = key_input(features_s, prob)`` (the source features, or for a label context the class
+summaries ``P·F_sᵀ``, B×C×K×1, under the spatially normalised auxiliary prediction ``prob``,
+B×K×hw), then ``query_project(features_t)``, ``key_project(source)``, ``value_project(source)``,
+then ``attend(query, key, value)``. A new context type is any module with that ``forward``.
 
-Every block maps ``(features_t, features_s)`` (both B×C×h×w, C = the head's bottleneck width) to
-B×d×h×w with d = ``out_channels`` (C // 2 in ATRC), in three steps that are the method:
-
-* ``source = block.key_input(features_s, prob)``: what the key and value projections read — the
-  source features, or for a label context the class summaries ``P·F_sᵀ`` (B×C×K×1) of the source
-  under the spatially normalised auxiliary prediction ``prob`` (B×K×hw, :func:`spatial_softmax`);
-* ``query_project(features_t)``, ``key_project(source)``, ``value_project(source)``;
-* ``block.attend(query, key, value)``.
-
-``block(target_feats, source_feats, target_prob=None, source_prob=None)`` runs the three for one
-pair; the ATRC head calls it for every (target, source) pair. A new context type is any block
-with that forward (an ``nn.Module``; subclassing :class:`_CPBlock` is a convenience).
-
-Module names and parameter order follow the original implementation (``query_project``,
-``key_project``, ``value_project``; each layer a :class:`ConvBNReLU` with attributes ``conv`` and
-``bn``), so the state-dict keys are the original's: ``query_project.0.conv.weight``,
-``value_project.bn.running_mean``, ... ``last_affine=False`` makes the value projection's
-BatchNorm non-affine (the search head). Conv weights are Xavier-uniform initialised.
+Module names and parameter order are the original's, so the state-dict keys are too
+(``query_project.0.conv.weight``, ``value_project.bn.running_mean``, ...). ``last_affine=False``
+makes the value projection's BatchNorm non-affine (the search head). Conv weights are
+Xavier-uniform initialised.
 """
 
 from __future__ import annotations
@@ -79,6 +66,7 @@ class _CPBlock(nn.Module):
         self.out_channels = out_channels
         self.last_affine = last_affine
         self.reads_aux = reads_aux
+        self.kernel_size = kernel_size
 
     def _two_layers(self, relu_second: bool = True) -> nn.Sequential:
         d = self.out_channels
@@ -138,9 +126,7 @@ class GlobalContextBlock(_CPBlock):
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Projected query (B×d×H×W), key and value (B×d×h×w) → B×d×H×W."""
         B, d, H, W = query.shape
-        key = key.reshape(B, d, -1)  # B×d×N
-        value = value.reshape(B, d, -1)  # B×d×N
-        query = query.reshape(B, d, -1)  # B×d×N
+        key, value, query = key.reshape(B, d, -1), value.reshape(B, d, -1), query.reshape(B, d, -1)  # B×d×N
         s = torch.matmul(value, key.transpose(1, 2))  # B×d×d
         z = key.sum(dim=2, keepdim=True).transpose(1, 2)  # B×1×d
         denom = torch.matmul(z, query).clamp_min(1e-12)  # B×1×N
@@ -159,7 +145,6 @@ class LocalContextBlock(_CPBlock):
 
     def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, **kwargs):
         super().__init__(in_channels, out_channels, last_affine, **kwargs)
-        self.kernel_size = int(kwargs.get("kernel_size", 9))
         self.query_project = self._two_layers()
         self.key_project = self._two_layers()
         self.value_project = self._value()

@@ -74,16 +74,14 @@ class ATRCModule(nn.Module):
         tasks: Sequence[str],
         genotype: Genotype | None,
         channels: int,
-        inter_channels: int | None = None,
+        inter: int,
         dropout: float = 0.05,
         kernel_size: int = 9,
-        zero_init: bool = True,
     ):
         super().__init__()
         self.tasks = list(tasks)
         self.search = genotype is None
         self.recompute = True
-        inter = channels // 2 if inter_channels is None else inter_channels
         self.cp_blocks = nn.ModuleDict()
         for t in self.tasks:
             row = nn.ModuleDict()
@@ -98,11 +96,9 @@ class ATRCModule(nn.Module):
         for t in self.tasks:
             n = len(self.cp_blocks[t])
             if n > 0:
-                proj = ConvBNReLU(inter * n, channels, 1, relu=False)
-                if zero_init:
-                    nn.init.zeros_(proj.bn.weight)
-                    nn.init.zeros_(proj.bn.bias)
-                self.out_proj[t] = proj
+                self.out_proj[t] = ConvBNReLU(inter * n, channels, 1, relu=False)
+                nn.init.zeros_(self.out_proj[t].bn.weight)
+                nn.init.zeros_(self.out_proj[t].bn.bias)
                 layer = ConvBNReLU(2 * channels, channels, 1)
             else:
                 layer = ConvBNReLU(channels, channels, 1)
@@ -119,12 +115,8 @@ class ATRCModule(nn.Module):
         out = {}
         for t in self.tasks:
             contexts = self.contexts(t, feats, probs)
-            if contexts:
-                out[t] = self.bottleneck[t](
-                    torch.cat([feats[t], self.out_proj[t](torch.cat(contexts, 1))], 1)
-                )
-            else:
-                out[t] = self.bottleneck[t](feats[t])
+            x = torch.cat([feats[t], self.out_proj[t](torch.cat(contexts, 1))], 1) if contexts else feats[t]
+            out[t] = self.bottleneck[t](x)
         return out
 
     def contexts(
@@ -181,17 +173,12 @@ class RelationalContextHead(nn.Module):
         kernel_size: int = 9,
     ):
         super().__init__()
-        self.tasks = list(tasks)
+        self.tasks = tasks = list(tasks)
         self.search = genotype is None
-        if self.search:  # every task has an aux head in search
-            self._genotype = None
-            self.aux_tasks = list(self.tasks)
-        else:
-            self._genotype = {t: {s: int(genotype[t][s]) for s in self.tasks} for t in self.tasks}
-            self.aux_tasks = aux_tasks_of(self._genotype, self.tasks)
+        self._genotype = None if self.search else {t: {s: int(genotype[t][s]) for s in tasks} for t in tasks}
+        self.aux_tasks = list(tasks) if self.search else aux_tasks_of(self._genotype, tasks)  # search: all
         c = in_channels // 4
         self.in_channels = in_channels
-        self.channels = c
         self.bottleneck = nn.ModuleDict({t: ConvBNReLU(in_channels, c, 3) for t in self.tasks})
         if self.aux_tasks:
             self.aux_conv = nn.ModuleDict(
@@ -220,14 +207,14 @@ class RelationalContextHead(nn.Module):
         for name, m in self.named_modules():
             if "logits" in name and isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, mean=0.0, std=0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                nn.init.zeros_(m.bias)
 
     def forward(
         self, x: torch.Tensor, image: torch.Tensor | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
         """``x``: B×C_in×h×w concatenated backbone features; ``image``: the network input (its pixels
-        equal to 255 are left out of the label contexts) → ``{"final": {t: B×C_t×h×w}, "aux": {t: B×K_t×h×w}}`` (``aux`` with aux heads)."""
+        equal to 255 are left out of the label contexts) → ``{"final": {t: B×C_t×h×w}, "aux":
+        {t: B×K_t×h×w}}`` (``aux`` with aux heads)."""
         feats = {t: self.bottleneck[t](x) for t in self.tasks}
         aux: dict[str, torch.Tensor] = {}
         probs: dict[str, torch.Tensor] = {}
