@@ -22,15 +22,6 @@ from torch import nn
 from .hrnet import HRNet
 from .state_dict import WeightsError, format_keys, load_strict, read_checkpoint, strip_prefixes
 
-__all__ = [
-    "PRETRAINED_URLS",
-    "PretrainedDownloadError",
-    "default_weights_path",
-    "hrnet18",
-    "hrnet48",
-    "load_backbone_checkpoint",
-]
-
 log = logging.getLogger(__name__)
 
 #: Default ImageNet pretrain files (OpenMMLab "third_party" HRNetV2 releases) of the built-in HRNets.
@@ -200,12 +191,7 @@ def load_backbone_checkpoint(
         state[k2] = v
 
     n_nbt = load_strict(model, state, source)
-    return {
-        "source": source,
-        "loaded": len(state) - n_nbt,
-        "dropped": dropped,
-        "missing_num_batches_tracked": n_nbt,
-    }
+    return dict(source=source, loaded=len(state) - n_nbt, dropped=dropped, missing_num_batches_tracked=n_nbt)
 
 
 # ------------------------------------------------------------------------------------------------ backbones

@@ -24,19 +24,6 @@ from torch import nn
 from ..errors import ConfigError
 from .layers import ConvBNReLU
 
-__all__ = [
-    "CONTEXTS",
-    "aux_of_pair",
-    "ContextSpec",
-    "GlobalContextBlock",
-    "LabelContextBlock",
-    "LocalContextBlock",
-    "context_spec",
-    "ignore_mask",
-    "make_cp_block",
-    "spatial_softmax",
-]
-
 IGNORE_VALUE = 255
 
 
@@ -47,10 +34,11 @@ def aux_of_pair(reads_aux: str | None, target, source):
 
 
 class _CPBlock(nn.Module):
-    """A CP block: subclasses build ``query_project``, ``key_project``, ``value_project`` and
-    define :meth:`attend` (and :meth:`key_input` when the keys read something other than the
-    source features). ``reads_aux``: whose auxiliary prediction the block reads (``None``,
-    ``"target"`` or ``"source"``), from its row of :data:`CONTEXTS`."""
+    """A CP block: ``query_project`` and ``key_project`` (each a :meth:`projection`),
+    ``value_project`` (ConvBNReLU 1×1), then :meth:`attend`, which subclasses define (and
+    :meth:`key_input` when the keys read something other than the source features). ``reads_aux``:
+    whose auxiliary prediction the block reads (``None``, ``"target"`` or ``"source"``), from its
+    row of :data:`CONTEXTS`."""
 
     def __init__(
         self,
@@ -67,20 +55,17 @@ class _CPBlock(nn.Module):
         self.last_affine = last_affine
         self.reads_aux = reads_aux
         self.kernel_size = kernel_size
-
-    def _two_layers(self, relu_second: bool = True) -> nn.Sequential:
-        d = self.out_channels
-        return nn.Sequential(ConvBNReLU(self.in_channels, d, 1), ConvBNReLU(d, d, 1, relu=relu_second))
-
-    def _value(self) -> ConvBNReLU:
-        return ConvBNReLU(self.in_channels, self.out_channels, 1, affine=self.last_affine)
-
-    def _init_weights(self) -> None:
+        self.query_project = self.projection()
+        self.key_project = self.projection()
+        self.value_project = ConvBNReLU(in_channels, out_channels, 1, affine=last_affine)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+
+    def projection(self) -> nn.Module:
+        """A query / key projection: [ConvBNReLU 1×1, ConvBNReLU 1×1] (C → d → d)."""
+        d = self.out_channels
+        return nn.Sequential(ConvBNReLU(self.in_channels, d, 1), ConvBNReLU(d, d, 1))
 
     def key_input(self, source_feats: torch.Tensor, prob: torch.Tensor | None = None) -> torch.Tensor:
         """What the key and value projections read: the source features (B×C×h×w)."""
@@ -116,17 +101,16 @@ class GlobalContextBlock(_CPBlock):
     S = V·Kᵀ (B×d×d), Z = Σ_N K (B×d), out = S·Q / max(Zᵀ·Q, 1e-12).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, **kwargs):
-        super().__init__(in_channels, out_channels, last_affine, **kwargs)
-        self.query_project = nn.Sequential(*self._two_layers(relu_second=False), nn.Softplus())
-        self.key_project = nn.Sequential(*self._two_layers(relu_second=False), nn.Softplus())
-        self.value_project = self._value()
-        self._init_weights()
+    def projection(self) -> nn.Module:
+        d = self.out_channels
+        return nn.Sequential(
+            ConvBNReLU(self.in_channels, d, 1), ConvBNReLU(d, d, 1, relu=False), nn.Softplus()
+        )
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Projected query (B×d×H×W), key and value (B×d×h×w) → B×d×H×W."""
         B, d, H, W = query.shape
-        key, value, query = key.reshape(B, d, -1), value.reshape(B, d, -1), query.reshape(B, d, -1)  # B×d×N
+        key, value, query = (t.reshape(B, d, -1) for t in (key, value, query))  # B×d×N
         s = torch.matmul(value, key.transpose(1, 2))  # B×d×d
         z = key.sum(dim=2, keepdim=True).transpose(1, 2)  # B×1×d
         denom = torch.matmul(z, query).clamp_min(1e-12)  # B×1×N
@@ -142,13 +126,6 @@ class LocalContextBlock(_CPBlock):
     that score 0 and stay in the softmax (the original's border semantics; see
     :func:`atrc_exp.ops.local_attention`, ATRC's custom op).
     """
-
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, **kwargs):
-        super().__init__(in_channels, out_channels, last_affine, **kwargs)
-        self.query_project = self._two_layers()
-        self.key_project = self._two_layers()
-        self.value_project = self._value()
-        self._init_weights()
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Projected query, key and value (B×d×H×W) → B×d×H×W."""
@@ -169,16 +146,12 @@ class LabelContextBlock(_CPBlock):
     1×1 on the target; out = softmax_K(QᵀK/√d)·V.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, **kwargs):
-        super().__init__(in_channels, out_channels, last_affine, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         if self.reads_aux not in ("target", "source"):
             raise ValueError(
                 f"a label context reads the 'target' or 'source' aux map, got {self.reads_aux!r}"
             )
-        self.query_project = self._two_layers()
-        self.key_project = self._two_layers()
-        self.value_project = self._value()
-        self._init_weights()
 
     def key_input(self, source_feats: torch.Tensor, prob: torch.Tensor | None = None) -> torch.Tensor:
         """``prob`` B×K×N (spatially normalised), ``source_feats`` B×C×h×w → context B×C×K×1."""

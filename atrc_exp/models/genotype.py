@@ -17,16 +17,6 @@ import numpy as np
 from ..config import ConfigError, resource_dir
 from .context_blocks import CONTEXTS, context_spec
 
-__all__ = [
-    "GENOTYPE_FILENAME",
-    "GENOTYPE_TABLE_COLUMNS",
-    "genotype_heatmap",
-    "genotype_table_rows",
-    "load_genotype",
-    "resolve_genotype_path",
-    "save_genotype",
-]
-
 #: File name of the genotype in a search run directory.
 GENOTYPE_FILENAME = "atrc_genotype.json"
 #: The folder that holds the shipped ``genotypes/``: the installed package (a wheel), or the repository

@@ -22,8 +22,6 @@ from torch import Tensor, nn
 
 from .layers import resize_to
 
-__all__ = ["HRNET_ARCHS", "Bottleneck", "HRModule", "HRNet"]
-
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)

@@ -24,8 +24,6 @@ from torch import nn
 
 from .state_dict import WeightsError, load_strict, read_checkpoint, stand_in, strip_prefixes
 
-__all__ = ["CHECKPOINT_SAFE_GLOBALS", "DROPPED_PREFIXES", "load_original_state_dict"]
-
 #: Entries of an original checkpoint's state dict that are not network weights.
 DROPPED_PREFIXES: tuple[str, ...] = ("criterion.", "metrics_dict.")
 
@@ -43,21 +41,16 @@ def _defaultdict_as_dict(*_: Any) -> dict:
 #: any other global is refused unless the caller opts in to a full unpickle.
 CHECKPOINT_SAFE_GLOBALS: list[Any] = [
     argparse.Namespace,
+    *[(t, f"builtins.{t.__name__}") for t in (dict, list, int, float, str, bool)],
     *[
-        (dict, n)
-        for n in (
-            "builtins.dict",
-            "pytorch_lightning.utilities.parsing.AttributeDict",
-            "lightning.pytorch.utilities.parsing.AttributeDict",
-            "lightning_fabric.utilities.data.AttributeDict",
-            "lightning.fabric.utilities.data.AttributeDict",
+        (dict, f"{m}.AttributeDict")
+        for m in (
+            "pytorch_lightning.utilities.parsing",
+            "lightning.pytorch.utilities.parsing",
+            "lightning_fabric.utilities.data",
+            "lightning.fabric.utilities.data",
         )
     ],
-    (list, "builtins.list"),
-    (int, "builtins.int"),
-    (float, "builtins.float"),
-    (str, "builtins.str"),
-    (bool, "builtins.bool"),
     (_defaultdict_as_dict, "collections.defaultdict"),
     *[
         (stand_in(n), n)
@@ -73,13 +66,10 @@ CHECKPOINT_SAFE_GLOBALS: list[Any] = [
             "omegaconf.listconfig.ListConfig",
             "omegaconf.base.ContainerMetadata",
             "omegaconf.base.Metadata",
-            "omegaconf.nodes.AnyNode",
-            "omegaconf.nodes.StringNode",
-            "omegaconf.nodes.IntegerNode",
-            "omegaconf.nodes.FloatNode",
-            "omegaconf.nodes.BooleanNode",
-            "omegaconf.nodes.PathNode",
-            "omegaconf.nodes.BytesNode",
+            *[
+                f"omegaconf.nodes.{k}Node"
+                for k in ("Any", "String", "Integer", "Float", "Boolean", "Path", "Bytes")
+            ],
             "typing.Any",
         )
     ],
@@ -152,4 +142,4 @@ def load_original_state_dict(
         hint=" (does the config — dataset, backbone, tasks, context/genotype — match the checkpoint?)",
         limit=8,
     )
-    return {"loaded": len(mapped) - n_nbt, "dropped": dropped, "missing_num_batches_tracked": n_nbt}
+    return dict(loaded=len(mapped) - n_nbt, dropped=dropped, missing_num_batches_tracked=n_nbt)

@@ -1,4 +1,4 @@
-"""The relational-context head of ATRC (distillation network with a fixed genotype).
+"""The relational-context head of ATRC (the distillation network of a genotype, or the search head).
 
 Layout (C_in = concatenated backbone channels, C = C_in // 4, d = C // 2), module names = the
 original's state-dict keys under ``head.``:
@@ -10,10 +10,6 @@ original's state-dict keys under ``head.``:
   in search);
 * ``atrc_module``: :class:`ATRCModule` (``cp_blocks.<t>.<s>``, ``out_proj.<t>``, ``bottleneck.<t>``);
 * ``final_logits.<t>``: 1×1 conv with bias to the task's output channels.
-
-``forward(x, image=None) -> {"final": {t: ...}, "aux": {t: ...}}`` at feature resolution (the
-model upsamples to the input size); ``aux`` only when there are aux heads. ``image`` (the network
-input) marks pixels equal to 255 that the label context ignores.
 """
 
 from __future__ import annotations
@@ -28,9 +24,6 @@ from torch.utils.checkpoint import checkpoint
 from .context_blocks import aux_of_pair, context_spec, ignore_mask, make_cp_block, spatial_softmax
 from .layers import ConvBNReLU, running_stats_kept
 from .search_block import SearchCPBlock
-
-__all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "uniform_genotype"]
-
 
 Genotype = Mapping[str, Mapping[str, int]]
 
@@ -155,7 +148,8 @@ class RelationalContextHead(nn.Module):
         in_channels: C_in, channels of the concatenated backbone features.
         tasks: task names (order of the outputs and of the sources within each target).
         genotype: context code of every (target, source) pair (0 none, 1 global, 2 local,
-            3 t-label, 4 s-label: the codes of :data:`~atrc_exp.models.context_blocks.CONTEXTS`).
+            3 t-label, 4 s-label: the codes of :data:`~atrc_exp.models.context_blocks.CONTEXTS`);
+            ``None``: the search head.
         out_channels: final output channels per task.
         aux_channels: aux output channels per task (needed for tasks with an aux head).
         dropout: Dropout2d rate after the ATRC bottleneck.

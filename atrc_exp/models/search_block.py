@@ -24,8 +24,6 @@ from torch import nn
 from .context_blocks import CONTEXTS, make_cp_block
 from .state_dict import FREEZE_BUFFER
 
-__all__ = ["SearchCPBlock"]
-
 
 class SearchCPBlock(nn.Module):
     """``forward(target, source, target_prob, source_prob) -> B×d×H×W`` mixing the candidate ops."""

@@ -34,12 +34,8 @@ def _freeze_state(key: str, keys) -> bool:
 
 def strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
     """Remove any of ``prefixes`` from the front of ``key``, repeatedly (``module.backbone.x`` → ``x``)."""
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
+    while key.startswith(prefixes):
+        key = next(key.removeprefix(p) for p in prefixes if key.startswith(p))
     return key
 
 
@@ -286,8 +282,9 @@ def load_strict(
 ) -> int:
     """Load ``state`` into ``model`` strictly; returns how many ``num_batches_tracked`` were missing.
 
-    Missing :data:`OPTIONAL_BUFFERS` keep the model's values; any other missing or unexpected key or shape mismatch raises :class:`WeightsError`
-    ``"cannot load {what} into <Model>: ...{hint}"`` listing up to ``limit`` keys of each kind.
+    Missing :data:`OPTIONAL_BUFFERS` keep the model's values; any other missing or unexpected key or
+    shape mismatch raises :class:`WeightsError` ``"cannot load {what} into <Model>: ...{hint}"``
+    listing up to ``limit`` keys of each kind.
     """
     own = model.state_dict()
     unexpected = [k for k in state if k not in own and not _freeze_state(k, own)]
@@ -299,13 +296,8 @@ def load_strict(
         for k in state
         if k in own and tuple(state[k].shape) != tuple(own[k].shape)
     ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {format_keys(missing, limit)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {format_keys(unexpected, limit)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {format_keys(mismatched, limit)}")
+    kinds = {"missing key(s)": missing, "unexpected key(s)": unexpected, "shape mismatch(es)": mismatched}
+    problems = [f"{len(keys)} {kind}: {format_keys(keys, limit)}" for kind, keys in kinds.items() if keys]
     if problems:
         raise WeightsError(f"cannot load {what} into {type(model).__name__}: " + "; ".join(problems) + hint)
     for k in missing_nbt:
