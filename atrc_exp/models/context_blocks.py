@@ -226,26 +226,21 @@ def make_cp_block(
     )
 
 
-def ignore_mask(
-    image: torch.Tensor, size: tuple[int, int], ignore_value: float = IGNORE_VALUE
-) -> torch.Tensor:
+def ignore_mask(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """B×1×(h·w) bool: the pixels of ``image`` (B×3×H×W, nearest-resized to ``size`` = (h, w))
-    equal to ``ignore_value`` in any channel (always a mask, never a data-dependent shortcut: no
+    equal to 255 (``IGNORE_VALUE``) in any channel (always a mask, never a data-dependent shortcut: no
     host read, one compiled graph)."""
     h, w = size
     img = image if tuple(image.shape[-2:]) == (h, w) else F.interpolate(image, size=(h, w), mode="nearest")
-    return (img == ignore_value).any(dim=1).reshape(img.shape[0], 1, h * w)
+    return (img == IGNORE_VALUE).any(dim=1).reshape(img.shape[0], 1, h * w)
 
 
 def spatial_softmax(
-    logits: torch.Tensor,
-    image: torch.Tensor | None = None,
-    ignore_value: float = IGNORE_VALUE,
-    mask: torch.Tensor | None = None,
+    logits: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-class softmax over spatial positions of aux ``logits`` (B×K×h×w) → B×K×(h·w).
 
-    Pixels where the input ``image`` (B×3×H×W, nearest-resized to h×w) equals ``ignore_value`` in any
+    Pixels where the input ``image`` (B×3×H×W, nearest-resized to h×w) equals 255 in any
     channel do not take part; an image whose pixels are all excluded gives zeros (not NaN, and
     finite gradients). ``mask`` (:func:`ignore_mask` of the image, computed once for several
     logits) replaces ``image``; with neither, no pixel is excluded.
@@ -253,7 +248,7 @@ def spatial_softmax(
     B, K, h, w = logits.shape
     x = logits.reshape(B, K, h * w)
     if mask is None and image is not None:
-        mask = ignore_mask(image, (h, w), ignore_value)
+        mask = ignore_mask(image, (h, w))
     if mask is None:
         return F.softmax(x, dim=2)
     empty = mask.all(dim=2, keepdim=True)  # B×1×1

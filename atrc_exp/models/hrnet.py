@@ -30,9 +30,9 @@ def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, downsample: nn.Module | None = None):
         super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.conv1 = _conv3x3(inplanes, planes)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -47,15 +47,13 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck, PyTorch style (stride on the 3×3 conv)."""
-
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, downsample: nn.Module | None = None):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
+        self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -73,17 +71,14 @@ class Bottleneck(nn.Module):
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}
 
 
-def _make_layer(
-    block: type[nn.Module], inplanes: int, planes: int, num_blocks: int, stride: int = 1
-) -> nn.Sequential:
+def _make_layer(block: type[nn.Module], inplanes: int, planes: int, num_blocks: int) -> nn.Sequential:
     downsample = None
     out_ch = planes * block.expansion
-    if stride != 1 or inplanes != out_ch:
+    if inplanes != out_ch:
         downsample = nn.Sequential(
-            nn.Conv2d(inplanes, out_ch, kernel_size=1, stride=stride, bias=False),
-            nn.BatchNorm2d(out_ch),
+            nn.Conv2d(inplanes, out_ch, kernel_size=1, bias=False), nn.BatchNorm2d(out_ch)
         )
-    layers = [block(inplanes, planes, stride, downsample)]
+    layers = [block(inplanes, planes, downsample)]
     layers += [block(out_ch, planes) for _ in range(1, num_blocks)]
     return nn.Sequential(*layers)
 

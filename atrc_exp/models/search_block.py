@@ -65,7 +65,6 @@ class SearchCPBlock(nn.Module):
         with torch.no_grad():
             self.tau_tensor.fill_(float(value))  # no host read, no recompilation
 
-    # -- state dict: the original's ``fixed_weights``, exactly for the frozen pairs ---------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.sync() >= 0:
@@ -101,8 +100,7 @@ class SearchCPBlock(nn.Module):
 
     @property
     def one_hot(self) -> bool:
-        """The op weights are one-hot and known on the host (frozen as far as the host knows, or
-        evaluation): only the chosen op runs."""
+        """The op weights are one-hot and known on the host (frozen, evaluation): only the chosen op runs."""
         return self._frozen >= 0 or not self.training
 
     def freeze(self, code: int) -> None:
@@ -114,8 +112,7 @@ class SearchCPBlock(nn.Module):
         self._frozen = int(code)
 
     def choice(self) -> int:
-        """The current discrete choice (genotype code): the frozen one, else argmax(α) (reads the
-        device)."""
+        """The current genotype code: the frozen one, else argmax(α) (reads the device)."""
         code = self.sync()
         return code if code >= 0 else int(self.arch_param.argmax())
 
@@ -131,8 +128,7 @@ class SearchCPBlock(nn.Module):
         self.frozen_flag.logical_or_(newly)
 
     def op_weights(self) -> torch.Tensor:
-        """Weights over [none, ops...] for this forward pass (see the module docstring); in training
-        applies the freeze rule first, on the device."""
+        """Weights over [none, ops...] for this forward pass; in training after the freeze rule."""
         if self.one_hot:
             w = self.arch_param.detach().new_zeros(self.arch_param.numel())
             w[self.choice()] = 1.0  # no host-to-device copy

@@ -216,17 +216,12 @@ def read_checkpoint(
 ) -> Any:
     """Read a weights file (``torch.save`` output, or ``.safetensors``) on the CPU, safely by default.
 
-    Args:
-        path: the file (must exist).
-        expected: what the file should be, for the error message (e.g. ``"backbone weights saved with
-            torch.save or .safetensors"``).
-        weights_only: ``True``: ``torch.load(weights_only=True)``, which never runs code from the file;
-            ``False``: a full unpickle (can run arbitrary code: only for trusted files; logs a warning),
-            where a class whose module cannot be imported (``pytorch_lightning`` not installed) is read
-            as an inert :class:`StandIn`.
-        safe_globals: extra globals allowed while loading (``torch.serialization.safe_globals`` items:
-            harmless classes or ``(stand_in, "module.qualname")`` pairs).
-        trust_hint: appended to the refusal message (how the caller opts in to a full unpickle).
+    ``expected``: what the file should be, for the error message. ``weights_only=True``:
+    ``torch.load(weights_only=True)``, which never runs code from the file, allowing also
+    ``safe_globals`` (``torch.serialization.safe_globals`` items); ``False``: a full unpickle (only
+    for trusted files; logs a warning) that reads a class whose module cannot be imported
+    (``pytorch_lightning`` not installed) as an inert :class:`StandIn`. ``trust_hint`` is appended
+    to the refusal message (how the caller opts in to a full unpickle).
 
     Raises:
         WeightsError (one line, naming the file): an empty or truncated file, a file that is no
