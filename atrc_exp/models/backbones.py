@@ -1,15 +1,7 @@
-"""The HRNet backbones of ``conf/backbone/`` and pretrained-weights resolution / download / loading.
+"""The HRNet backbones of ``conf/backbone/`` and their pretrained weights (download, loading).
 
 A backbone is any ``nn.Module`` with ``out_channels: list[int]`` whose ``forward(x)`` returns a list
-of feature maps, highest resolution first, built from its config group's ``_target_``
-(:func:`hrnet18`, :func:`hrnet48`, :class:`~.timm_backbone.TimmBackbone`, or a user's own class).
-
-``pretrained=True`` (HRNets) uses the ImageNet checkpoint the original implementation uses
-(:data:`PRETRAINED_URLS`): it is downloaded once into the weights folder (the config's
-``paths.weights_dir``) with a progress bar, its SHA-256 checked against the hash prefix in its name
-(``torch.hub``'s convention), and read from there afterwards. ``$ATRC_WEIGHTS_URL_BASE`` redirects
-the download to a mirror (``<base>/<file name>``). Offline, a one-line :class:`PretrainedDownloadError`
-names the URL and where to put the file by hand.
+of feature maps, highest resolution first, built from its config group's ``_target_``.
 """
 
 from __future__ import annotations
@@ -29,19 +21,6 @@ from torch import nn
 
 from .hrnet import HRNet
 from .state_dict import WeightsError, format_keys, load_strict, read_checkpoint, strip_prefixes
-
-__all__ = [
-    "DROP_PREFIXES",
-    "PRETRAINED_URLS",
-    "URL_BASE_ENV",
-    "PretrainedDownloadError",
-    "default_weights_path",
-    "download_pretrained",
-    "hrnet18",
-    "hrnet48",
-    "load_backbone_checkpoint",
-    "pretrained_url",
-]
 
 log = logging.getLogger(__name__)
 
@@ -70,35 +49,19 @@ DROP_PREFIXES: tuple[str, ...] = (
 )
 
 #: Wrapper prefixes stripped from checkpoint keys (DDP, torch.compile, MMSeg segmentor).
-_STRIP_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "backbone.")
-
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 #: Keys under which checkpoints commonly nest the state dict, tried in this order.
-_NESTED_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict", "model_state")
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "model_state")
 
 
 def default_weights_path(name: str, directory: str | os.PathLike) -> Path:
     """Where ``pretrained=True`` expects the default weights of backbone ``name`` in the weights
     folder ``directory`` (the config's ``paths.weights_dir``)."""
-    if name not in PRETRAINED_URLS:
-        raise ValueError(
-            f"backbone {name!r} has no default pretrained weights; known: {sorted(PRETRAINED_URLS)}"
-        )
     return Path(directory).expanduser() / PRETRAINED_URLS[name].rsplit("/", 1)[-1]
 
 
 class PretrainedDownloadError(WeightsError):
     """The default pretrained weights could not be downloaded or failed their hash check (one line)."""
-
-
-def pretrained_url(name: str) -> str:
-    """The download URL of backbone ``name``'s default weights (``$ATRC_WEIGHTS_URL_BASE`` applied)."""
-    if name not in PRETRAINED_URLS:
-        raise ValueError(
-            f"backbone {name!r} has no default pretrained weights; known: {sorted(PRETRAINED_URLS)}"
-        )
-    url = PRETRAINED_URLS[name]
-    base = os.environ.get(URL_BASE_ENV, "").strip()
-    return f"{base.rstrip('/')}/{url.rsplit('/', 1)[-1]}" if base else url
 
 
 def download_pretrained(
@@ -108,9 +71,10 @@ def download_pretrained(
     unless already there. ``timeout``: seconds the server may stay silent (connecting, or between
     two reads) before the download fails; ``None`` waits forever.
 
-    The download goes to a temporary file in the same folder (``torch.hub.download_url_to_file``), whose
-    SHA-256 must start with the hash prefix in the file name; only then is it moved to its final path, so
-    an interrupted, truncated or corrupted download leaves nothing that looks valid.
+    ``$ATRC_WEIGHTS_URL_BASE`` redirects the download to a mirror (``<base>/<file name>``). It goes to a
+    temporary file (``torch.hub.download_url_to_file``) whose SHA-256 must start with the hash prefix
+    in the file name (torch.hub's convention) before it is moved to its final path, so an
+    interrupted, truncated or corrupted download leaves nothing that looks valid.
 
     Raises:
         PretrainedDownloadError: no network / server error (naming the URL and where to put the file by
@@ -119,7 +83,8 @@ def download_pretrained(
     path = default_weights_path(name, directory)
     if path.is_file():
         return path
-    url = pretrained_url(name)
+    base = os.environ.get(URL_BASE_ENV, "").strip()
+    url = f"{base.rstrip('/')}/{path.name}" if base else PRETRAINED_URLS[name]
     by_hand = (
         f"download it by hand and put it at {path} (e.g. `mkdir -p {path.parent} && wget -O {path} {url}`; "
         f"the folder is paths.weights_dir / $ATRC_WEIGHTS_DIR, a mirror ${URL_BASE_ENV}), "
@@ -160,37 +125,7 @@ def download_pretrained(
     return path
 
 
-def _resolve_pretrained(
-    name: str,
-    pretrained: bool | str | os.PathLike | None,
-    directory: str | os.PathLike | None,
-    timeout: float | None = None,
-) -> Path | None:
-    if pretrained is None or pretrained is False or pretrained == "":
-        return None
-    if pretrained is True:
-        if directory is None:
-            raise ValueError(f"backbone {name!r} with pretrained=True needs the weights folder (weights_dir)")
-        return download_pretrained(name, directory, timeout=timeout)
-    if isinstance(pretrained, str | os.PathLike):
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights file for backbone {name!r} not found: {path}")
-        return path
-    raise TypeError(
-        f"pretrained must be a bool or a file path, got {type(pretrained).__name__}: {pretrained!r}"
-    )
-
-
 # ---------------------------------------------------------------------------------------- checkpoint loading
-
-
-def _read_file(path: Path) -> Any:
-    return read_checkpoint(
-        path,
-        "backbone weights: a file saved with torch.save (.pth/.pt/.bin) or .safetensors",
-        trust_hint="; if you trust it, load it yourself and save only its state dict (torch.save or .safetensors)",
-    )
 
 
 def _unwrap(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
@@ -208,10 +143,6 @@ def _unwrap(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
     if bad:
         raise WeightsError(f"{source}: state dict has non-tensor entries: {format_keys(bad)}")
     return dict(obj)
-
-
-def _strip(key: str) -> str:
-    return strip_prefixes(key, _STRIP_PREFIXES)
 
 
 def load_backbone_checkpoint(
@@ -238,13 +169,18 @@ def load_backbone_checkpoint(
         source = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        ckpt = _read_file(path)
+        ckpt = read_checkpoint(
+            path,
+            "backbone weights: a file saved with torch.save (.pth/.pt/.bin) or .safetensors",
+            trust_hint="; if you trust it, load it yourself and save only its state dict (torch.save or "
+            ".safetensors)",
+        )
     raw = _unwrap(ckpt, source)
 
     state: dict[str, torch.Tensor] = {}
     dropped = 0
     for k, v in raw.items():
-        k2 = _strip(k)
+        k2 = strip_prefixes(k, _STRIP_PREFIXES)
         if k2.startswith(DROP_PREFIXES):
             dropped += 1
             continue
@@ -255,12 +191,7 @@ def load_backbone_checkpoint(
         state[k2] = v
 
     n_nbt = load_strict(model, state, source)
-    return {
-        "source": source,
-        "loaded": len(state) - n_nbt,
-        "dropped": dropped,
-        "missing_num_batches_tracked": n_nbt,
-    }
+    return dict(source=source, loaded=len(state) - n_nbt, dropped=dropped, missing_num_batches_tracked=n_nbt)
 
 
 # ------------------------------------------------------------------------------------------------ backbones
@@ -269,7 +200,15 @@ def load_backbone_checkpoint(
 def _hrnet(
     name: str, pretrained: bool | str, weights_dir: str | os.PathLike | None, download_timeout: float | None
 ) -> HRNet:
-    path = _resolve_pretrained(name, pretrained, weights_dir, download_timeout)  # fails before building
+    path = None  # resolved (downloaded) before building, so that a bad path fails at once
+    if pretrained is True:
+        if weights_dir is None:
+            raise ValueError(f"backbone {name!r} with pretrained=True needs the weights folder (weights_dir)")
+        path = download_pretrained(name, weights_dir, timeout=download_timeout)
+    elif pretrained not in (None, False, ""):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights file for backbone {name!r} not found: {path}")
     model = HRNet(name)
     if path is not None:
         model.load_report = load_backbone_checkpoint(model, path)

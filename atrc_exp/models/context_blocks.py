@@ -1,29 +1,16 @@
 """ATRC's context types: the context-propagation (CP) blocks and :data:`CONTEXTS`, their one table.
 
-A context type is one row of :data:`CONTEXTS` (:class:`ContextSpec`: genotype code, config name,
-CP block class, which auxiliary prediction it reads, how genotype plots draw it), its block class
-below and its ``conf/context/<name>.yaml``. Everything else — genotype codes and validation, the
-search's candidate ops, which tasks get an auxiliary head, the names in logs and heatmaps, the
-config's list of contexts — is read from the table.
+Every block maps ``(features_t, features_s)`` (B×C×h×w, C = the head's bottleneck width) to
+B×d×h×w (d = ``out_channels``, C // 2 in ATRC) in the method's three steps:
+``source = key_input(features_s, prob)`` (the source features, or for a label context the class
+summaries ``P·F_sᵀ``, B×C×K×1, under the spatially normalised auxiliary prediction ``prob``,
+B×K×hw), then ``query_project(features_t)``, ``key_project(source)``, ``value_project(source)``,
+then ``attend(query, key, value)``. A new context type is any module with that ``forward``.
 
-Every block maps ``(features_t, features_s)`` (both B×C×h×w, C = the head's bottleneck width) to
-B×d×h×w with d = ``out_channels`` (C // 2 in ATRC), in three steps that are the method:
-
-* ``source = block.key_input(features_s, prob)``: what the key and value projections read — the
-  source features, or for a label context the class summaries ``P·F_sᵀ`` (B×C×K×1) of the source
-  under the spatially normalised auxiliary prediction ``prob`` (B×K×hw, :func:`spatial_softmax`);
-* ``query_project(features_t)``, ``key_project(source)``, ``value_project(source)``;
-* ``block.attend(query, key, value)``.
-
-``block(target_feats, source_feats, target_prob=None, source_prob=None)`` runs the three for one
-pair; the ATRC head calls it for every (target, source) pair. A new context type is any block
-with that forward (an ``nn.Module``; subclassing :class:`_CPBlock` is a convenience).
-
-Module names and parameter order follow the original implementation (``query_project``,
-``key_project``, ``value_project``; each layer a :class:`ConvBNReLU` with attributes ``conv`` and
-``bn``), so the state-dict keys are the original's: ``query_project.0.conv.weight``,
-``value_project.bn.running_mean``, ... ``last_affine=False`` makes the value projection's
-BatchNorm non-affine (the search head). Conv weights are Xavier-uniform initialised.
+Module names and parameter order are the original's, so the state-dict keys are too
+(``query_project.0.conv.weight``, ``value_project.bn.running_mean``, ...). ``last_affine=False``
+makes the value projection's BatchNorm non-affine (the search head). Conv weights are
+Xavier-uniform initialised.
 """
 
 from __future__ import annotations
@@ -37,19 +24,6 @@ from torch import nn
 from ..errors import ConfigError
 from .layers import ConvBNReLU
 
-__all__ = [
-    "CONTEXTS",
-    "aux_of_pair",
-    "ContextSpec",
-    "GlobalContextBlock",
-    "LabelContextBlock",
-    "LocalContextBlock",
-    "context_spec",
-    "ignore_mask",
-    "make_cp_block",
-    "spatial_softmax",
-]
-
 IGNORE_VALUE = 255
 
 
@@ -60,10 +34,11 @@ def aux_of_pair(reads_aux: str | None, target, source):
 
 
 class _CPBlock(nn.Module):
-    """A CP block: subclasses build ``query_project``, ``key_project``, ``value_project`` and
-    define :meth:`attend` (and :meth:`key_input` when the keys read something other than the
-    source features). ``reads_aux``: whose auxiliary prediction the block reads (``None``,
-    ``"target"`` or ``"source"``), from its row of :data:`CONTEXTS`."""
+    """A CP block: ``query_project`` and ``key_project`` (each a :meth:`projection`),
+    ``value_project`` (ConvBNReLU 1×1), then :meth:`attend`, which subclasses define (and
+    :meth:`key_input` when the keys read something other than the source features). ``reads_aux``:
+    whose auxiliary prediction the block reads (``None``, ``"target"`` or ``"source"``), from its
+    row of :data:`CONTEXTS`."""
 
     def __init__(
         self,
@@ -79,20 +54,18 @@ class _CPBlock(nn.Module):
         self.out_channels = out_channels
         self.last_affine = last_affine
         self.reads_aux = reads_aux
-
-    def _two_layers(self, relu_second: bool = True) -> nn.Sequential:
-        d = self.out_channels
-        return nn.Sequential(ConvBNReLU(self.in_channels, d, 1), ConvBNReLU(d, d, 1, relu=relu_second))
-
-    def _value(self) -> ConvBNReLU:
-        return ConvBNReLU(self.in_channels, self.out_channels, 1, affine=self.last_affine)
-
-    def _init_weights(self) -> None:
+        self.kernel_size = kernel_size
+        self.query_project = self.projection()
+        self.key_project = self.projection()
+        self.value_project = ConvBNReLU(in_channels, out_channels, 1, affine=last_affine)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+
+    def projection(self) -> nn.Module:
+        """A query / key projection: [ConvBNReLU 1×1, ConvBNReLU 1×1] (C → d → d)."""
+        d = self.out_channels
+        return nn.Sequential(ConvBNReLU(self.in_channels, d, 1), ConvBNReLU(d, d, 1))
 
     def key_input(self, source_feats: torch.Tensor, prob: torch.Tensor | None = None) -> torch.Tensor:
         """What the key and value projections read: the source features (B×C×h×w)."""
@@ -128,19 +101,16 @@ class GlobalContextBlock(_CPBlock):
     S = V·Kᵀ (B×d×d), Z = Σ_N K (B×d), out = S·Q / max(Zᵀ·Q, 1e-12).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, **kwargs):
-        super().__init__(in_channels, out_channels, last_affine, **kwargs)
-        self.query_project = nn.Sequential(*self._two_layers(relu_second=False), nn.Softplus())
-        self.key_project = nn.Sequential(*self._two_layers(relu_second=False), nn.Softplus())
-        self.value_project = self._value()
-        self._init_weights()
+    def projection(self) -> nn.Module:
+        d = self.out_channels
+        return nn.Sequential(
+            ConvBNReLU(self.in_channels, d, 1), ConvBNReLU(d, d, 1, relu=False), nn.Softplus()
+        )
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Projected query (B×d×H×W), key and value (B×d×h×w) → B×d×H×W."""
         B, d, H, W = query.shape
-        key = key.reshape(B, d, -1)  # B×d×N
-        value = value.reshape(B, d, -1)  # B×d×N
-        query = query.reshape(B, d, -1)  # B×d×N
+        key, value, query = (t.reshape(B, d, -1) for t in (key, value, query))  # B×d×N
         s = torch.matmul(value, key.transpose(1, 2))  # B×d×d
         z = key.sum(dim=2, keepdim=True).transpose(1, 2)  # B×1×d
         denom = torch.matmul(z, query).clamp_min(1e-12)  # B×1×N
@@ -156,14 +126,6 @@ class LocalContextBlock(_CPBlock):
     that score 0 and stay in the softmax (the original's border semantics; see
     :func:`atrc_exp.ops.local_attention`, ATRC's custom op).
     """
-
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, **kwargs):
-        super().__init__(in_channels, out_channels, last_affine, **kwargs)
-        self.kernel_size = int(kwargs.get("kernel_size", 9))
-        self.query_project = self._two_layers()
-        self.key_project = self._two_layers()
-        self.value_project = self._value()
-        self._init_weights()
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Projected query, key and value (B×d×H×W) → B×d×H×W."""
@@ -184,16 +146,12 @@ class LabelContextBlock(_CPBlock):
     1×1 on the target; out = softmax_K(QᵀK/√d)·V.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, last_affine: bool = True, **kwargs):
-        super().__init__(in_channels, out_channels, last_affine, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         if self.reads_aux not in ("target", "source"):
             raise ValueError(
                 f"a label context reads the 'target' or 'source' aux map, got {self.reads_aux!r}"
             )
-        self.query_project = self._two_layers()
-        self.key_project = self._two_layers()
-        self.value_project = self._value()
-        self._init_weights()
 
     def key_input(self, source_feats: torch.Tensor, prob: torch.Tensor | None = None) -> torch.Tensor:
         """``prob`` B×K×N (spatially normalised), ``source_feats`` B×C×h×w → context B×C×K×1."""
@@ -268,26 +226,21 @@ def make_cp_block(
     )
 
 
-def ignore_mask(
-    image: torch.Tensor, size: tuple[int, int], ignore_value: float = IGNORE_VALUE
-) -> torch.Tensor:
+def ignore_mask(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """B×1×(h·w) bool: the pixels of ``image`` (B×3×H×W, nearest-resized to ``size`` = (h, w))
-    equal to ``ignore_value`` in any channel (always a mask, never a data-dependent shortcut: no
+    equal to 255 (``IGNORE_VALUE``) in any channel (always a mask, never a data-dependent shortcut: no
     host read, one compiled graph)."""
     h, w = size
     img = image if tuple(image.shape[-2:]) == (h, w) else F.interpolate(image, size=(h, w), mode="nearest")
-    return (img == ignore_value).any(dim=1).reshape(img.shape[0], 1, h * w)
+    return (img == IGNORE_VALUE).any(dim=1).reshape(img.shape[0], 1, h * w)
 
 
 def spatial_softmax(
-    logits: torch.Tensor,
-    image: torch.Tensor | None = None,
-    ignore_value: float = IGNORE_VALUE,
-    mask: torch.Tensor | None = None,
+    logits: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-class softmax over spatial positions of aux ``logits`` (B×K×h×w) → B×K×(h·w).
 
-    Pixels where the input ``image`` (B×3×H×W, nearest-resized to h×w) equals ``ignore_value`` in any
+    Pixels where the input ``image`` (B×3×H×W, nearest-resized to h×w) equals 255 in any
     channel do not take part; an image whose pixels are all excluded gives zeros (not NaN, and
     finite gradients). ``mask`` (:func:`ignore_mask` of the image, computed once for several
     logits) replaces ``image``; with neither, no pixel is excluded.
@@ -295,7 +248,7 @@ def spatial_softmax(
     B, K, h, w = logits.shape
     x = logits.reshape(B, K, h * w)
     if mask is None and image is not None:
-        mask = ignore_mask(image, (h, w), ignore_value)
+        mask = ignore_mask(image, (h, w))
     if mask is None:
         return F.softmax(x, dim=2)
     empty = mask.all(dim=2, keepdim=True)  # B×1×1

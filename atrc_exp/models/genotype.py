@@ -1,21 +1,8 @@
 """ATRC genotypes: which context each (target, source) pair uses.
 
-File format (the original's, users have these files)::
-
-    {"data": {target: {source: code}}, "step": N}
-
-codes: those of :data:`~atrc_exp.models.context_blocks.CONTEXTS` (0 none, 1 global, 2 local,
-3 t-label, 4 s-label). Published genotypes are in ``genotypes/``
-at the top of the repository.
-
-* :func:`load_genotype` reads a JSON file or a search run directory holding ``atrc_genotype.json``
-  and validates it against the configured tasks (:class:`~atrc_exp.config.ConfigError` naming the
-  file and the pair otherwise). Relative paths are looked up in the working directory first, then
-  against the folder that holds the shipped ``genotypes/`` (the installed package, or the top of the
-  checkout), so ``context.genotype=genotypes/nyud_hrnet18.json`` works from anywhere.
-* :func:`save_genotype` writes the original format.
-* :func:`genotype_heatmap` / :func:`genotype_table_rows` render a genotype for W&B (an RGB image
-  with target rows, source columns and context names in the cells; table rows).
+File format (the original's, users have these files): ``{"data": {target: {source: code}}, "step": N}``
+with the codes of :data:`~atrc_exp.models.context_blocks.CONTEXTS` (0 none, 1 global, 2 local,
+3 t-label, 4 s-label). Published genotypes are in ``genotypes/`` at the top of the repository.
 """
 
 from __future__ import annotations
@@ -29,18 +16,6 @@ import numpy as np
 
 from ..config import ConfigError, resource_dir
 from .context_blocks import CONTEXTS, context_spec
-
-__all__ = [
-    "GENOTYPE_FILENAME",
-    "GENOTYPE_TABLE_COLUMNS",
-    "REPO_DIR",
-    "genotype_heatmap",
-    "genotype_table_rows",
-    "load_genotype",
-    "resolve_genotype_path",
-    "save_genotype",
-    "validate_genotype",
-]
 
 #: File name of the genotype in a search run directory.
 GENOTYPE_FILENAME = "atrc_genotype.json"
@@ -76,10 +51,11 @@ def resolve_genotype_path(path: str | os.PathLike) -> Path:
 
 
 def validate_genotype(data: object, tasks: Sequence[str], source: str = "<genotype>") -> Genotype:
-    """Check that ``data`` ({target: {source: code}}) covers exactly ``tasks`` × ``tasks`` with codes
-    of :data:`~atrc_exp.models.context_blocks.CONTEXTS`; return it as plain ints in ``tasks`` order. Errors name ``source`` (the file) and the pair."""
+    """Check that ``data`` ({target: {source: code}}, read from JSON) covers exactly ``tasks`` ×
+    ``tasks`` with codes of :data:`~atrc_exp.models.context_blocks.CONTEXTS`; return it as plain
+    ints in ``tasks`` order. Errors name ``source`` (the file) and the pair."""
     tasks = list(tasks)
-    known = ", ".join(tasks)
+    known = f"(configured tasks: {', '.join(tasks)})"
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{source}: genotype 'data' must map target -> {{source: code}}, got {type(data).__name__}"
@@ -87,10 +63,7 @@ def validate_genotype(data: object, tasks: Sequence[str], source: str = "<genoty
     for t, row in data.items():
         if t not in tasks:
             s0 = next(iter(row), "?") if isinstance(row, Mapping) else "?"
-            raise ConfigError(
-                f"{source}: pair (target={t!r}, source={s0!r}): unknown task {t!r} "
-                f"(configured tasks: {known})"
-            )
+            raise ConfigError(f"{source}: pair (target={t!r}, source={s0!r}): unknown task {t!r} {known}")
         if not isinstance(row, Mapping):
             raise ConfigError(
                 f"{source}: target {t!r} must map source -> code, got {type(row).__name__} "
@@ -98,28 +71,20 @@ def validate_genotype(data: object, tasks: Sequence[str], source: str = "<genoty
             )
         for s in row:
             if s not in tasks:
-                raise ConfigError(
-                    f"{source}: pair (target={t!r}, source={s!r}): unknown task {s!r} "
-                    f"(configured tasks: {known})"
-                )
+                raise ConfigError(f"{source}: pair (target={t!r}, source={s!r}): unknown task {s!r} {known}")
     out: Genotype = {}
     for t in tasks:
         if t not in data:
             raise ConfigError(
                 f"{source}: missing task {t!r} as a target: pair (target={t!r}, source={tasks[0]!r}) "
-                f"and the rest of its row are not given (configured tasks: {known})"
+                f"and the rest of its row are not given {known}"
             )
         out[t] = {}
         for s in tasks:
             if s not in data[t]:
                 raise ConfigError(f"{source}: missing pair (target={t!r}, source={s!r})")
             v = data[t][s]
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, int | float)
-                or int(v) != v
-                or not 0 <= v < len(CONTEXTS)
-            ):
+            if type(v) not in (int, float) or int(v) != v or not 0 <= v < len(CONTEXTS):  # bool is no code
                 codes = ", ".join(f"{c.code} {c.display}" for c in CONTEXTS)
                 raise ConfigError(
                     f"{source}: pair (target={t!r}, source={s!r}) has context {v!r}; it must be an "
@@ -214,6 +179,6 @@ def genotype_heatmap(
             cv2.rectangle(img, (x0, y0), (x0 + cw, y0 + ch), colour, thickness=-1)
             cv2.rectangle(img, (x0, y0), (x0 + cw, y0 + ch), (255, 255, 255), thickness=1)
             name = CONTEXTS[code].display if known else str(code)
-            text_colour = (0, 0, 0) if code in (0,) else (255, 255, 255)
+            text_colour = (0, 0, 0) if code == 0 else (255, 255, 255)
             put_centered(name, x0, y0, cw, ch, text_colour)
     return img

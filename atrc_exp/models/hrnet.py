@@ -22,22 +22,6 @@ from torch import Tensor, nn
 
 from .layers import resize_to
 
-__all__ = [
-    "HRNET_ARCHS",
-    "BasicBlock",
-    "Bottleneck",
-    "HRModule",
-    "HRNet",
-    "StageCfg",
-]
-
-BN_MOMENTUM = 0.1
-BN_EPS = 1e-5
-
-
-def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -46,12 +30,12 @@ def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, downsample: nn.Module | None = None):
         super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = _bn(planes)
+        self.conv1 = _conv3x3(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = _bn(planes)
+        self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -63,18 +47,16 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck, PyTorch style (stride on the 3×3 conv)."""
-
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, downsample: nn.Module | None = None):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-        self.bn1 = _bn(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = _bn(planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
-        self.bn3 = _bn(planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -89,17 +71,14 @@ class Bottleneck(nn.Module):
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}
 
 
-def _make_layer(
-    block: type[nn.Module], inplanes: int, planes: int, num_blocks: int, stride: int = 1
-) -> nn.Sequential:
+def _make_layer(block: type[nn.Module], inplanes: int, planes: int, num_blocks: int) -> nn.Sequential:
     downsample = None
     out_ch = planes * block.expansion
-    if stride != 1 or inplanes != out_ch:
+    if inplanes != out_ch:
         downsample = nn.Sequential(
-            nn.Conv2d(inplanes, out_ch, kernel_size=1, stride=stride, bias=False),
-            _bn(out_ch),
+            nn.Conv2d(inplanes, out_ch, kernel_size=1, bias=False), nn.BatchNorm2d(out_ch)
         )
-    layers = [block(inplanes, planes, stride, downsample)]
+    layers = [block(inplanes, planes, downsample)]
     layers += [block(out_ch, planes) for _ in range(1, num_blocks)]
     return nn.Sequential(*layers)
 
@@ -113,57 +92,35 @@ class HRModule(nn.Module):
         num_blocks: Sequence[int],
         in_channels: Sequence[int],
         num_channels: Sequence[int],
-        multiscale_output: bool = True,
     ):
         super().__init__()
         n = len(num_blocks)
-        if not (n == len(in_channels) == len(num_channels)):
-            raise ValueError(
-                f"HRModule: num_blocks {tuple(num_blocks)}, in_channels {tuple(in_channels)} and "
-                f"num_channels {tuple(num_channels)} must have the same length"
-            )
-        self.num_branches = n
-        self.multiscale_output = multiscale_output
         self.branches = nn.ModuleList(
             _make_layer(block, in_channels[i], num_channels[i], num_blocks[i]) for i in range(n)
         )
-        self.out_channels = [c * block.expansion for c in num_channels]
-        self.fuse_layers = self._make_fuse_layers() if n > 1 else None
-        self.relu = nn.ReLU(inplace=False)
-
-    def _make_fuse_layers(self) -> nn.ModuleList:
-        ch = self.out_channels
-        n = self.num_branches
-        fuse_layers = nn.ModuleList()
-        for i in range(n if self.multiscale_output else 1):
+        self.out_channels = ch = [c * block.expansion for c in num_channels]
+        self.fuse_layers = nn.ModuleList()
+        for i in range(n):
             row = nn.ModuleList()
             for j in range(n):
-                if j > i:
-                    # 1×1 conv + BN; the bilinear resize to branch i's size happens in forward.
-                    row.append(nn.Sequential(nn.Conv2d(ch[j], ch[i], kernel_size=1, bias=False), _bn(ch[i])))
+                if j > i:  # 1×1 conv + BN; the bilinear resize to branch i's size happens in forward
+                    conv = nn.Conv2d(ch[j], ch[i], kernel_size=1, bias=False)
+                    row.append(nn.Sequential(conv, nn.BatchNorm2d(ch[i])))
                 elif j == i:
                     row.append(nn.Identity())
-                else:
+                else:  # i - j stride-2 3×3 convs, a ReLU after all but the last
                     convs = []
                     for k in range(i - j):
-                        if k == i - j - 1:
-                            convs.append(nn.Sequential(_conv3x3(ch[j], ch[i], stride=2), _bn(ch[i])))
-                        else:
-                            convs.append(
-                                nn.Sequential(
-                                    _conv3x3(ch[j], ch[j], stride=2), _bn(ch[j]), nn.ReLU(inplace=False)
-                                )
-                            )
+                        last = k == i - j - 1
+                        c_out = ch[i] if last else ch[j]
+                        layers = [_conv3x3(ch[j], c_out, stride=2), nn.BatchNorm2d(c_out)]
+                        convs.append(nn.Sequential(*layers) if last else nn.Sequential(*layers, nn.ReLU()))
                     row.append(nn.Sequential(*convs))
-            fuse_layers.append(row)
-        return fuse_layers
+            self.fuse_layers.append(row)
+        self.relu = nn.ReLU(inplace=False)
 
     def forward(self, x: list[Tensor]) -> list[Tensor]:
-        if len(x) != self.num_branches:
-            raise ValueError(f"HRModule expects {self.num_branches} inputs, got {len(x)}")
         x = [branch(xi) for branch, xi in zip(self.branches, x)]
-        if self.fuse_layers is None:
-            return x
         out = []
         for i, row in enumerate(self.fuse_layers):
             size = x[i].shape[-2:]
@@ -185,10 +142,6 @@ class StageCfg:
     num_blocks: tuple[int, ...]
     num_channels: tuple[int, ...]
 
-    @property
-    def num_branches(self) -> int:
-        return len(self.num_blocks)
-
 
 # (stage1, stage2, stage3, stage4), as in MMSeg's fcn_hr18s / fcn_hr48 configs.
 HRNET_ARCHS: dict[str, tuple[StageCfg, StageCfg, StageCfg, StageCfg]] = {
@@ -207,83 +160,53 @@ HRNET_ARCHS: dict[str, tuple[StageCfg, StageCfg, StageCfg, StageCfg]] = {
 }
 
 
+def _conv_bn_relu(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(_conv3x3(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+
 class HRNet(nn.Module):
     """HRNetV2 backbone returning the 4 branch outputs of stage 4 (strides 4, 8, 16, 32).
 
     Args:
-        stages: the four stage configs, or the name of one in :data:`HRNET_ARCHS`.
+        stages: the four stage configs (stage k with k branches), or the name of one in
+            :data:`HRNET_ARCHS`.
         in_channels: number of input image channels.
     """
 
     def __init__(self, stages: str | Sequence[StageCfg], in_channels: int = 3):
         super().__init__()
-        if isinstance(stages, str):
-            if stages not in HRNET_ARCHS:
-                raise ValueError(f"unknown HRNet arch {stages!r}; choose from {sorted(HRNET_ARCHS)}")
-            stages = HRNET_ARCHS[stages]
-        stages = tuple(stages)
-        if len(stages) != 4 or stages[0].num_branches != 1:
-            raise ValueError("HRNet needs 4 stage configs, the first with a single branch")
-        for k, s in enumerate(stages):
-            if s.num_branches != k + 1 or len(s.num_channels) != s.num_branches:
-                raise ValueError(f"stage{k + 1} must have {k + 1} branches, got {s}")
-        self.stage_cfgs = stages
-
+        stages = HRNET_ARCHS[stages] if isinstance(stages, str) else tuple(stages)
         # stem: two stride-2 3×3 convs
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=2, padding=1, bias=False)
-        self.bn1 = _bn(64)
+        self.bn1 = nn.BatchNorm2d(64)
         self.conv2 = nn.Conv2d(64, 64, kernel_size=3, stride=2, padding=1, bias=False)
-        self.bn2 = _bn(64)
+        self.bn2 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-
-        # stage 1
         s1 = stages[0]
         block1 = BLOCKS[s1.block]
         self.layer1 = _make_layer(block1, 64, s1.num_channels[0], s1.num_blocks[0])
-        pre_channels = [s1.num_channels[0] * block1.expansion]
-
-        # stages 2-4, each preceded by a transition
-        for k in (1, 2, 3):
+        pre = [s1.num_channels[0] * block1.expansion]
+        for k in (1, 2, 3):  # stages 2-4, each preceded by a transition
             cfg = stages[k]
             block = BLOCKS[cfg.block]
-            cur_channels = [c * block.expansion for c in cfg.num_channels]
-            setattr(self, f"transition{k}", self._make_transition(pre_channels, cur_channels))
-            stage, pre_channels = self._make_stage(cfg, cur_channels)
-            setattr(self, f"stage{k + 1}", stage)
-
-        self.out_channels: list[int] = list(pre_channels)
-        self.strides: list[int] = [4, 8, 16, 32]
+            cur = [c * block.expansion for c in cfg.num_channels]
+            transition = nn.ModuleList()
+            for i, c in enumerate(cur):
+                if i < len(pre):  # an existing branch: a 3×3 conv where its width changes
+                    transition.append(nn.Identity() if c == pre[i] else _conv_bn_relu(pre[i], c))
+                else:  # a new (lower-resolution) branch: stride-2 3×3 convs from the last existing one
+                    n = i + 1 - len(pre)
+                    convs = [_conv_bn_relu(pre[-1], c if j == n - 1 else pre[-1], stride=2) for j in range(n)]
+                    transition.append(nn.Sequential(*convs))
+            setattr(self, f"transition{k}", transition)
+            modules = []
+            for _ in range(cfg.num_modules):
+                modules.append(HRModule(block, cfg.num_blocks, cur, cfg.num_channels))
+                cur = modules[-1].out_channels
+            setattr(self, f"stage{k + 1}", nn.Sequential(*modules))
+            pre = list(cur)
+        self.out_channels: list[int] = pre
         self.init_weights()
-
-    @staticmethod
-    def _make_transition(pre: list[int], cur: list[int]) -> nn.ModuleList:
-        layers = nn.ModuleList()
-        for i in range(len(cur)):
-            if i < len(pre):
-                if cur[i] != pre[i]:
-                    layers.append(nn.Sequential(_conv3x3(pre[i], cur[i]), _bn(cur[i]), nn.ReLU(inplace=True)))
-                else:
-                    layers.append(nn.Identity())
-            else:
-                convs = []
-                for j in range(i + 1 - len(pre)):
-                    in_ch = pre[-1]
-                    out_ch = cur[i] if j == i - len(pre) else in_ch
-                    convs.append(
-                        nn.Sequential(_conv3x3(in_ch, out_ch, stride=2), _bn(out_ch), nn.ReLU(inplace=True))
-                    )
-                layers.append(nn.Sequential(*convs))
-        return layers
-
-    @staticmethod
-    def _make_stage(cfg: StageCfg, in_channels: list[int]) -> tuple[nn.Sequential, list[int]]:
-        block = BLOCKS[cfg.block]
-        modules = []
-        for _ in range(cfg.num_modules):
-            m = HRModule(block, cfg.num_blocks, in_channels, cfg.num_channels, multiscale_output=True)
-            modules.append(m)
-            in_channels = m.out_channels
-        return nn.Sequential(*modules), list(in_channels)
 
     def init_weights(self) -> None:
         """MMSeg default init: Kaiming normal (fan_out, relu) for convs, BN weight 1 / bias 0."""
@@ -295,17 +218,6 @@ class HRNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    @staticmethod
-    def _run_transition(transition: nn.ModuleList, ys: list[Tensor]) -> list[Tensor]:
-        # As MMSeg/timm: new (lower-resolution) branches branch off the last existing one.
-        out = []
-        for i, t in enumerate(transition):
-            if isinstance(t, nn.Identity):
-                out.append(ys[i])
-            else:
-                out.append(t(ys[i] if i < len(ys) else ys[-1]))
-        return out
 
     def compile_regions(self) -> list[nn.Module]:
         """The modules to compile one by one for a regional ``torch.compile``
@@ -319,7 +231,7 @@ class HRNet(nn.Module):
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.layer1(x)
         ys = [x]
-        for k in (1, 2, 3):
-            xs = self._run_transition(getattr(self, f"transition{k}"), ys)
+        for k in (1, 2, 3):  # as MMSeg/timm: a new branch branches off the last existing one
+            xs = [t(ys[min(i, len(ys) - 1)]) for i, t in enumerate(getattr(self, f"transition{k}"))]
             ys = getattr(self, f"stage{k + 1}")(xs)
         return ys

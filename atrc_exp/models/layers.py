@@ -15,17 +15,9 @@ class ConvBNReLU(nn.Module):
     implementation's layer: attributes ``conv`` and ``bn`` (state-dict keys ``conv.weight``,
     ``bn.weight``, ``bn.running_mean``, ...)."""
 
-    def __init__(
-        self,
-        c_in: int,
-        c_out: int,
-        kernel_size: int = 1,
-        relu: bool = True,
-        affine: bool = True,
-        stride: int = 1,
-    ):
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 1, relu: bool = True, affine: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
         self.relu = bool(relu)
 
@@ -42,12 +34,6 @@ def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def concat_features(features: list[torch.Tensor]) -> torch.Tensor:
-    """Upsample every map to the first one's size and concatenate along channels."""
-    size = tuple(features[0].shape[-2:])
-    return torch.cat([resize_to(f, size) for f in features], dim=1)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..config import config_tasks, instantiate
-from .layers import concat_features, resize_to
+from .layers import resize_to
 
 
 class MultiTaskModel(nn.Module):
@@ -25,7 +25,8 @@ class MultiTaskModel(nn.Module):
         self.tasks = list(tasks)
 
     def forward(self, image: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        out = self.head(concat_features(self.backbone(image)), image=image)
+        feats = self.backbone(image)  # every map upsampled to the first one's size, concatenated
+        out = self.head(torch.cat([resize_to(f, feats[0].shape[-2:]) for f in feats], dim=1), image=image)
         size = tuple(image.shape[-2:])
         return {kind: {t: resize_to(v, size) for t, v in preds.items()} for kind, preds in out.items()}
 

@@ -1,21 +1,19 @@
 """Import weights trained with the original ATRC implementation (PyTorch Lightning).
 
-The original LightningModule's state dict has ``backbone.*`` (MMSeg-style HRNet keys) and
-``head.*`` (``head.bottleneck.<t>``, ``head.aux_conv.<t>``, ``head.aux_logits.<t>``,
+The original LightningModule's state dict has ``backbone.*`` (MMSeg-style HRNet keys) and ``head.*``
+(``head.bottleneck.<t>``, ``head.aux_conv.<t>``, ``head.aux_logits.<t>``,
 ``head.atrc_module.cp_blocks.<t>.<s>.*``, ``head.atrc_module.out_proj.<t>``,
 ``head.atrc_module.bottleneck.<t>``, ``head.final_logits.<t>``; a search block
 ``cp_blocks.<t>.<s>.arch_param`` / ``.op_list.<i>.*``) plus the loss modules' buffers
 (``criterion.*``: the normals aux centroids, the aux edge class weights), which are not weights
 (nor are ``metrics_dict.*`` entries, which Lightning < 1.0.7 saved for metric states; the
-original's Lightning 1.1.8 does not). Our modules carry the same names, so the key map is the identity apart from
-the dropped entries and wrapper prefixes (``module.``, ``_orig_mod.``, ``model.``);
-:data:`KEY_RENAMES` holds any (prefix → prefix) renames should a layout ever differ.
+original's Lightning 1.1.8 does not). Our modules carry the same names, so the key map is the
+identity apart from the dropped entries and wrapper prefixes (``module.``, ``_orig_mod.``).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,33 +24,8 @@ from torch import nn
 
 from .state_dict import WeightsError, load_strict, read_checkpoint, stand_in, strip_prefixes
 
-__all__ = [
-    "CHECKPOINT_SAFE_GLOBALS",
-    "DROPPED_PREFIXES",
-    "KEY_RENAMES",
-    "load_original_state_dict",
-    "original_to_ours",
-]
-
-log = logging.getLogger(__name__)
-
 #: Entries of an original checkpoint's state dict that are not network weights.
 DROPPED_PREFIXES: tuple[str, ...] = ("criterion.", "metrics_dict.")
-#: Wrapper prefixes removed from keys (DDP, torch.compile).
-_WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
-#: (original prefix, our prefix) renames, applied in order (none needed: our names are the original's).
-KEY_RENAMES: tuple[tuple[str, str], ...] = ()
-
-
-def original_to_ours(key: str) -> str | None:
-    """Our key for an original state-dict key, or ``None`` for an entry that is not a weight."""
-    key = strip_prefixes(key, _WRAPPER_PREFIXES)
-    if key.startswith(DROPPED_PREFIXES):
-        return None
-    for old, new in KEY_RENAMES:
-        if key.startswith(old):
-            key = new + key[len(old) :]
-    return key
 
 
 def _defaultdict_as_dict(*_: Any) -> dict:
@@ -68,21 +41,16 @@ def _defaultdict_as_dict(*_: Any) -> dict:
 #: any other global is refused unless the caller opts in to a full unpickle.
 CHECKPOINT_SAFE_GLOBALS: list[Any] = [
     argparse.Namespace,
+    *[(t, f"builtins.{t.__name__}") for t in (dict, list, int, float, str, bool)],
     *[
-        (dict, n)
-        for n in (
-            "builtins.dict",
-            "pytorch_lightning.utilities.parsing.AttributeDict",
-            "lightning.pytorch.utilities.parsing.AttributeDict",
-            "lightning_fabric.utilities.data.AttributeDict",
-            "lightning.fabric.utilities.data.AttributeDict",
+        (dict, f"{m}.AttributeDict")
+        for m in (
+            "pytorch_lightning.utilities.parsing",
+            "lightning.pytorch.utilities.parsing",
+            "lightning_fabric.utilities.data",
+            "lightning.fabric.utilities.data",
         )
     ],
-    (list, "builtins.list"),
-    (int, "builtins.int"),
-    (float, "builtins.float"),
-    (str, "builtins.str"),
-    (bool, "builtins.bool"),
     (_defaultdict_as_dict, "collections.defaultdict"),
     *[
         (stand_in(n), n)
@@ -98,33 +66,14 @@ CHECKPOINT_SAFE_GLOBALS: list[Any] = [
             "omegaconf.listconfig.ListConfig",
             "omegaconf.base.ContainerMetadata",
             "omegaconf.base.Metadata",
-            "omegaconf.nodes.AnyNode",
-            "omegaconf.nodes.StringNode",
-            "omegaconf.nodes.IntegerNode",
-            "omegaconf.nodes.FloatNode",
-            "omegaconf.nodes.BooleanNode",
-            "omegaconf.nodes.PathNode",
-            "omegaconf.nodes.BytesNode",
+            *[
+                f"omegaconf.nodes.{k}Node"
+                for k in ("Any", "String", "Integer", "Float", "Boolean", "Path", "Bytes")
+            ],
             "typing.Any",
         )
     ],
 ]
-
-_EXPECTED = "a Lightning .ckpt of the original ATRC implementation or a state dict saved with torch.save"
-_TRUST_HINT = (
-    "; if you trust this file, allow a full unpickle: atrc-eval/atrc-predict --trust-checkpoint, "
-    "trainer.init_from_original_trusted=true, or load_original_state_dict(..., weights_only=False)"
-)
-
-
-def _read(path: Path, weights_only: bool) -> Any:
-    return read_checkpoint(
-        path,
-        _EXPECTED,
-        weights_only=weights_only,
-        safe_globals=CHECKPOINT_SAFE_GLOBALS,
-        trust_hint=_TRUST_HINT,
-    )
 
 
 def load_original_state_dict(
@@ -159,7 +108,15 @@ def load_original_state_dict(
         source = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"original checkpoint not found: {path}")
-        obj = _read(path, weights_only is not False)
+        obj = read_checkpoint(
+            path,
+            "a Lightning .ckpt of the original ATRC implementation or a state dict saved with torch.save",
+            weights_only=weights_only is not False,
+            safe_globals=CHECKPOINT_SAFE_GLOBALS,
+            trust_hint="; if you trust this file, allow a full unpickle: atrc-eval/atrc-predict "
+            "--trust-checkpoint, trainer.init_from_original_trusted=true, or "
+            "load_original_state_dict(..., weights_only=False)",
+        )
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -168,14 +125,14 @@ def load_original_state_dict(
     mapped: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for k, v in obj.items():
-        ours = original_to_ours(k)
-        if ours is None:
+        ours = strip_prefixes(k, ("module.", "_orig_mod."))  # DDP, torch.compile
+        if ours.startswith(DROPPED_PREFIXES):
             dropped.append(k)
             continue
         if not isinstance(v, torch.Tensor):
             raise WeightsError(f"{source}: entry {k!r} is not a tensor ({type(v).__name__})")
         if ours in mapped:
-            raise WeightsError(f"{source}: key {ours!r} appears twice after renaming (from {k!r})")
+            raise WeightsError(f"{source}: key {ours!r} appears twice after stripping prefixes (from {k!r})")
         mapped[ours] = v
 
     n_nbt = load_strict(
@@ -185,8 +142,4 @@ def load_original_state_dict(
         hint=" (does the config — dataset, backbone, tasks, context/genotype — match the checkpoint?)",
         limit=8,
     )
-    return {
-        "loaded": len(mapped) - n_nbt,
-        "dropped": dropped,
-        "missing_num_batches_tracked": n_nbt,
-    }
+    return dict(loaded=len(mapped) - n_nbt, dropped=dropped, missing_num_batches_tracked=n_nbt)

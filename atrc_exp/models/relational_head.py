@@ -1,4 +1,4 @@
-"""The relational-context head of ATRC (distillation network with a fixed genotype).
+"""The relational-context head of ATRC (the distillation network of a genotype, or the search head).
 
 Layout (C_in = concatenated backbone channels, C = C_in // 4, d = C // 2), module names = the
 original's state-dict keys under ``head.``:
@@ -10,10 +10,6 @@ original's state-dict keys under ``head.``:
   in search);
 * ``atrc_module``: :class:`ATRCModule` (``cp_blocks.<t>.<s>``, ``out_proj.<t>``, ``bottleneck.<t>``);
 * ``final_logits.<t>``: 1×1 conv with bias to the task's output channels.
-
-``forward(x, image=None) -> {"final": {t: ...}, "aux": {t: ...}}`` at feature resolution (the
-model upsamples to the input size); ``aux`` only when there are aux heads. ``image`` (the network
-input) marks pixels equal to 255 that the label context ignores.
 """
 
 from __future__ import annotations
@@ -28,9 +24,6 @@ from torch.utils.checkpoint import checkpoint
 from .context_blocks import aux_of_pair, context_spec, ignore_mask, make_cp_block, spatial_softmax
 from .layers import ConvBNReLU, running_stats_kept
 from .search_block import SearchCPBlock
-
-__all__ = ["ATRCModule", "RelationalContextHead", "aux_tasks_of", "uniform_genotype"]
-
 
 Genotype = Mapping[str, Mapping[str, int]]
 
@@ -74,16 +67,14 @@ class ATRCModule(nn.Module):
         tasks: Sequence[str],
         genotype: Genotype | None,
         channels: int,
-        inter_channels: int | None = None,
+        inter: int,
         dropout: float = 0.05,
         kernel_size: int = 9,
-        zero_init: bool = True,
     ):
         super().__init__()
         self.tasks = list(tasks)
         self.search = genotype is None
         self.recompute = True
-        inter = channels // 2 if inter_channels is None else inter_channels
         self.cp_blocks = nn.ModuleDict()
         for t in self.tasks:
             row = nn.ModuleDict()
@@ -98,11 +89,9 @@ class ATRCModule(nn.Module):
         for t in self.tasks:
             n = len(self.cp_blocks[t])
             if n > 0:
-                proj = ConvBNReLU(inter * n, channels, 1, relu=False)
-                if zero_init:
-                    nn.init.zeros_(proj.bn.weight)
-                    nn.init.zeros_(proj.bn.bias)
-                self.out_proj[t] = proj
+                self.out_proj[t] = ConvBNReLU(inter * n, channels, 1, relu=False)
+                nn.init.zeros_(self.out_proj[t].bn.weight)
+                nn.init.zeros_(self.out_proj[t].bn.bias)
                 layer = ConvBNReLU(2 * channels, channels, 1)
             else:
                 layer = ConvBNReLU(channels, channels, 1)
@@ -119,12 +108,8 @@ class ATRCModule(nn.Module):
         out = {}
         for t in self.tasks:
             contexts = self.contexts(t, feats, probs)
-            if contexts:
-                out[t] = self.bottleneck[t](
-                    torch.cat([feats[t], self.out_proj[t](torch.cat(contexts, 1))], 1)
-                )
-            else:
-                out[t] = self.bottleneck[t](feats[t])
+            x = torch.cat([feats[t], self.out_proj[t](torch.cat(contexts, 1))], 1) if contexts else feats[t]
+            out[t] = self.bottleneck[t](x)
         return out
 
     def contexts(
@@ -163,7 +148,8 @@ class RelationalContextHead(nn.Module):
         in_channels: C_in, channels of the concatenated backbone features.
         tasks: task names (order of the outputs and of the sources within each target).
         genotype: context code of every (target, source) pair (0 none, 1 global, 2 local,
-            3 t-label, 4 s-label: the codes of :data:`~atrc_exp.models.context_blocks.CONTEXTS`).
+            3 t-label, 4 s-label: the codes of :data:`~atrc_exp.models.context_blocks.CONTEXTS`);
+            ``None``: the search head.
         out_channels: final output channels per task.
         aux_channels: aux output channels per task (needed for tasks with an aux head).
         dropout: Dropout2d rate after the ATRC bottleneck.
@@ -181,17 +167,12 @@ class RelationalContextHead(nn.Module):
         kernel_size: int = 9,
     ):
         super().__init__()
-        self.tasks = list(tasks)
+        self.tasks = tasks = list(tasks)
         self.search = genotype is None
-        if self.search:  # every task has an aux head in search
-            self._genotype = None
-            self.aux_tasks = list(self.tasks)
-        else:
-            self._genotype = {t: {s: int(genotype[t][s]) for s in self.tasks} for t in self.tasks}
-            self.aux_tasks = aux_tasks_of(self._genotype, self.tasks)
+        self._genotype = None if self.search else {t: {s: int(genotype[t][s]) for s in tasks} for t in tasks}
+        self.aux_tasks = list(tasks) if self.search else aux_tasks_of(self._genotype, tasks)  # search: all
         c = in_channels // 4
         self.in_channels = in_channels
-        self.channels = c
         self.bottleneck = nn.ModuleDict({t: ConvBNReLU(in_channels, c, 3) for t in self.tasks})
         if self.aux_tasks:
             self.aux_conv = nn.ModuleDict(
@@ -220,14 +201,14 @@ class RelationalContextHead(nn.Module):
         for name, m in self.named_modules():
             if "logits" in name and isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, mean=0.0, std=0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                nn.init.zeros_(m.bias)
 
     def forward(
         self, x: torch.Tensor, image: torch.Tensor | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
         """``x``: B×C_in×h×w concatenated backbone features; ``image``: the network input (its pixels
-        equal to 255 are left out of the label contexts) → ``{"final": {t: B×C_t×h×w}, "aux": {t: B×K_t×h×w}}`` (``aux`` with aux heads)."""
+        equal to 255 are left out of the label contexts) → ``{"final": {t: B×C_t×h×w}, "aux":
+        {t: B×K_t×h×w}}`` (``aux`` with aux heads)."""
         feats = {t: self.bottleneck[t](x) for t in self.tasks}
         aux: dict[str, torch.Tensor] = {}
         probs: dict[str, torch.Tensor] = {}

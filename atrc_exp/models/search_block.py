@@ -1,27 +1,18 @@
 """The ATRC search block: a convex combination of CP blocks for one (target, source) pair.
 
-Ops (``op_list``) in genotype-code order: every context type of
-:data:`~atrc_exp.models.context_blocks.CONTEXTS` with a CP block — [global, local, t-label,
-s-label] — except, for a task's own pair, those not offered on the diagonal (s-label), with
-``none`` as index 0 of ``arch_param`` (α = zeros(len(ops) + 1)), so the argmax of α *is* the
-genotype code. The value projection's BN of every op is not affine.
+``op_list``: the CP block of every context type of :data:`~.context_blocks.CONTEXTS` in
+genotype-code order (on a task's own pair only those ``on_diagonal``: no s-label), the value
+projection's BN not affine; α (``arch_param``) has ``none`` at index 0, so argmax(α) *is* the
+genotype code. The op weights are one-hot when frozen or evaluating, else Gumbel-softmax(α, τ,
+soft); in training a pair freezes, irreversibly, to argmax(α) once the top-two gap of
+softmax(α) reaches ``freeze_gap``.
 
-Weights of the ops:
-* frozen: one-hot, saved as the original saves it, in ``fixed_weights``: the one-hot float vector
-  over [none, ops…], present in the state dict exactly for the frozen pairs (irreversible; an
-  original search checkpoint has ``cp_blocks.<t>.<s>.fixed_weights`` exactly for its frozen pairs,
-  and loads both ways);
-* evaluation: one-hot argmax(α);
-* training: if the top-two gap of softmax(α) is ≥ ``freeze_gap`` the choice freezes to its argmax;
-  otherwise Gumbel-softmax(α, τ = ``self.tau``, soft).
-
-The freeze rule decides **on the device** (no host read in a training step: a GPU is never made to
-wait): the block keeps its freeze state in two device buffers (a flag and the one-hot weights) and
-mixes ``where(frozen, one_hot, gumbel_softmax(α))``. The host learns of a freeze only where it may
-read the device — :meth:`SearchCPBlock.sync` (the trainer calls it at log steps), the state dict,
-evaluation — and from then on computes only the chosen op of that pair (no activations kept for
-the others). Before that, a pair frozen on the device still computes all its ops, weighted by the
-one-hot vector: the same output. A frozen pair draws no Gumbel noise once the host knows of it.
+The freeze rule decides on the device (no host read in a training step): a flag and the one-hot
+weights are device buffers, mixed as ``where(frozen, one_hot, gumbel_softmax(α))``. The host
+learns of a freeze only where it may read the device (:meth:`SearchCPBlock.sync`, at log steps;
+the state dict; evaluation) and from then on computes only the chosen op, drawing no Gumbel
+noise. A frozen pair is saved as the original saves it: ``fixed_weights``, the one-hot vector over
+[none, ops…], in the state dict exactly for the frozen pairs (original checkpoints load both ways).
 """
 
 from __future__ import annotations
@@ -32,8 +23,6 @@ from torch import nn
 
 from .context_blocks import CONTEXTS, make_cp_block
 from .state_dict import FREEZE_BUFFER
-
-__all__ = ["SearchCPBlock"]
 
 
 class SearchCPBlock(nn.Module):
@@ -76,7 +65,6 @@ class SearchCPBlock(nn.Module):
         with torch.no_grad():
             self.tau_tensor.fill_(float(value))  # no host read, no recompilation
 
-    # -- state dict: the original's ``fixed_weights``, exactly for the frozen pairs ---------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.sync() >= 0:
@@ -98,11 +86,6 @@ class SearchCPBlock(nn.Module):
                 self.frozen_flag.fill_(True)
                 self._frozen = int(w.argmax())
 
-    @property
-    def fixed_weights(self) -> torch.Tensor | None:
-        """The frozen one-hot weights over [none, ops…], or ``None`` (reads the device)."""
-        return self.frozen_weights if self.sync() >= 0 else None
-
     def sync(self) -> int:
         """Read the device's freeze state into the host's copy (one host read, none once the host
         knows the pair is frozen); returns the frozen code or -1."""
@@ -117,8 +100,7 @@ class SearchCPBlock(nn.Module):
 
     @property
     def one_hot(self) -> bool:
-        """The op weights are one-hot and known on the host (frozen as far as the host knows, or
-        evaluation): only the chosen op runs."""
+        """The op weights are one-hot and known on the host (frozen, evaluation): only the chosen op runs."""
         return self._frozen >= 0 or not self.training
 
     def freeze(self, code: int) -> None:
@@ -130,8 +112,7 @@ class SearchCPBlock(nn.Module):
         self._frozen = int(code)
 
     def choice(self) -> int:
-        """The current discrete choice (genotype code): the frozen one, else argmax(α) (reads the
-        device)."""
+        """The current genotype code: the frozen one, else argmax(α) (reads the device)."""
         code = self.sync()
         return code if code >= 0 else int(self.arch_param.argmax())
 
@@ -147,8 +128,7 @@ class SearchCPBlock(nn.Module):
         self.frozen_flag.logical_or_(newly)
 
     def op_weights(self) -> torch.Tensor:
-        """Weights over [none, ops...] for this forward pass (see the module docstring); in training
-        applies the freeze rule first, on the device."""
+        """Weights over [none, ops...] for this forward pass; in training after the freeze rule."""
         if self.one_hot:
             w = self.arch_param.detach().new_zeros(self.arch_param.numel())
             w[self.choice()] = 1.0  # no host-to-device copy
@@ -166,22 +146,6 @@ class SearchCPBlock(nn.Module):
         c = self.choice()
         return [c - 1] if c > 0 else []
 
-    def mix(
-        self, w: torch.Tensor, active: list[int], outputs: list[torch.Tensor], like: torch.Tensor
-    ) -> torch.Tensor:
-        """Σ w[i+1]·outputs for the ``active`` ops (zeros shaped like ``like`` when there is none);
-        a single op of a one-hot weight (frozen, evaluation) is its output itself."""
-        if len(active) == 1 and self.one_hot:  # y·1 = y
-            return outputs[0]
-        out = None
-        for i, y in zip(active, outputs):
-            y = w[i + 1] * y
-            out = y if out is None else out + y
-        if out is None:  # `none` chosen: contributes nothing
-            b, _, h, wd = like.shape
-            out = like.new_zeros(b, self.out_channels, h, wd)
-        return out
-
     def forward(
         self,
         target_feats: torch.Tensor,
@@ -196,4 +160,12 @@ class SearchCPBlock(nn.Module):
         w = self.op_weights() if weights is None else weights
         active = self.active_ops()
         outputs = [self.op_list[i](target_feats, source_feats, target_prob, source_prob) for i in active]
-        return self.mix(w, active, outputs, target_feats)
+        if len(active) == 1 and self.one_hot:  # a single op of a one-hot weight: y·1 = y
+            return outputs[0]
+        if not active:  # `none` chosen: contributes nothing
+            b, _, h, wd = target_feats.shape
+            return target_feats.new_zeros(b, self.out_channels, h, wd)
+        out = w[active[0] + 1] * outputs[0]
+        for i, y in zip(active[1:], outputs[1:]):
+            out = out + w[i + 1] * y
+        return out

@@ -34,12 +34,8 @@ def _freeze_state(key: str, keys) -> bool:
 
 def strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
     """Remove any of ``prefixes`` from the front of ``key``, repeatedly (``module.backbone.x`` → ``x``)."""
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
+    while key.startswith(prefixes):
+        key = next(key.removeprefix(p) for p in prefixes if key.startswith(p))
     return key
 
 
@@ -220,17 +216,12 @@ def read_checkpoint(
 ) -> Any:
     """Read a weights file (``torch.save`` output, or ``.safetensors``) on the CPU, safely by default.
 
-    Args:
-        path: the file (must exist).
-        expected: what the file should be, for the error message (e.g. ``"backbone weights saved with
-            torch.save or .safetensors"``).
-        weights_only: ``True``: ``torch.load(weights_only=True)``, which never runs code from the file;
-            ``False``: a full unpickle (can run arbitrary code: only for trusted files; logs a warning),
-            where a class whose module cannot be imported (``pytorch_lightning`` not installed) is read
-            as an inert :class:`StandIn`.
-        safe_globals: extra globals allowed while loading (``torch.serialization.safe_globals`` items:
-            harmless classes or ``(stand_in, "module.qualname")`` pairs).
-        trust_hint: appended to the refusal message (how the caller opts in to a full unpickle).
+    ``expected``: what the file should be, for the error message. ``weights_only=True``:
+    ``torch.load(weights_only=True)``, which never runs code from the file, allowing also
+    ``safe_globals`` (``torch.serialization.safe_globals`` items); ``False``: a full unpickle (only
+    for trusted files; logs a warning) that reads a class whose module cannot be imported
+    (``pytorch_lightning`` not installed) as an inert :class:`StandIn`. ``trust_hint`` is appended
+    to the refusal message (how the caller opts in to a full unpickle).
 
     Raises:
         WeightsError (one line, naming the file): an empty or truncated file, a file that is no
@@ -286,8 +277,9 @@ def load_strict(
 ) -> int:
     """Load ``state`` into ``model`` strictly; returns how many ``num_batches_tracked`` were missing.
 
-    Missing :data:`OPTIONAL_BUFFERS` keep the model's values; any other missing or unexpected key or shape mismatch raises :class:`WeightsError`
-    ``"cannot load {what} into <Model>: ...{hint}"`` listing up to ``limit`` keys of each kind.
+    Missing :data:`OPTIONAL_BUFFERS` keep the model's values; any other missing or unexpected key or
+    shape mismatch raises :class:`WeightsError` ``"cannot load {what} into <Model>: ...{hint}"``
+    listing up to ``limit`` keys of each kind.
     """
     own = model.state_dict()
     unexpected = [k for k in state if k not in own and not _freeze_state(k, own)]
@@ -299,13 +291,8 @@ def load_strict(
         for k in state
         if k in own and tuple(state[k].shape) != tuple(own[k].shape)
     ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {format_keys(missing, limit)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {format_keys(unexpected, limit)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {format_keys(mismatched, limit)}")
+    kinds = {"missing key(s)": missing, "unexpected key(s)": unexpected, "shape mismatch(es)": mismatched}
+    problems = [f"{len(keys)} {kind}: {format_keys(keys, limit)}" for kind, keys in kinds.items() if keys]
     if problems:
         raise WeightsError(f"cannot load {what} into {type(model).__name__}: " + "; ".join(problems) + hint)
     for k in missing_nbt:

@@ -10,8 +10,6 @@ from torch import Tensor, nn
 
 from .backbones import PretrainedDownloadError
 
-__all__ = ["TimmBackbone"]
-
 
 def _timm_cache(model_name: str) -> str:
     """Where timm looks for ``model_name``'s pretrained weights: the Hugging Face hub cache for
@@ -30,19 +28,14 @@ class TimmBackbone(nn.Module):
 
     Args:
         model_name: any timm model name supporting ``features_only``.
-        pretrained: ``False`` (random init); ``True``: timm's own pretrained weights, as
-            ``timm.create_model(..., pretrained=True)`` loads them (from its cache — the Hugging
-            Face hub cache, ``$HF_HUB_CACHE``, or torch.hub's for URL weights — downloaded there
-            once when missing; offline, a one-line :class:`~atrc_exp.models.backbones.PretrainedDownloadError`
-            naming the model and that folder); or the path of a local weights file
-            (``.pth``/``.bin`` or ``.safetensors``, timm's local-file option) holding the state
-            dict of the full (classification) timm model.
+        pretrained: ``False`` (random init); ``True``: timm's own pretrained weights, from its cache
+            (the Hugging Face hub cache, ``$HF_HUB_CACHE``, or torch.hub's for URL weights),
+            downloaded there once when missing (offline: a one-line
+            :class:`~atrc_exp.models.backbones.PretrainedDownloadError` naming the model and that
+            folder); or the path of a local weights file (``.pth``/``.bin`` or ``.safetensors``)
+            holding the state dict of the full (classification) timm model.
         out_indices: feature levels to return (timm's ``out_indices``); ``None`` keeps timm's default.
         **kwargs: forwarded to ``timm.create_model``.
-
-    Attributes:
-        out_channels: channels of each returned map.
-        strides: reduction (stride) of each returned map.
     """
 
     def __init__(
@@ -55,9 +48,8 @@ class TimmBackbone(nn.Module):
         super().__init__()
         import timm
 
-        create_kwargs = dict(kwargs)
         if out_indices is not None:
-            create_kwargs["out_indices"] = tuple(int(i) for i in out_indices)
+            kwargs["out_indices"] = tuple(out_indices)
         source = f"timm's pretrained weights of {model_name!r}"
         if pretrained and pretrained is not True:
             path = Path(pretrained).expanduser()
@@ -67,11 +59,11 @@ class TimmBackbone(nn.Module):
                 )
             # timm's local-file option: no network; loads into the full model (timm handles the
             # classifier keys), then builds the feature extractor
-            create_kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
             source = str(path)
         try:
             self.model = timm.create_model(
-                model_name, features_only=True, pretrained=bool(pretrained), **create_kwargs
+                model_name, features_only=True, pretrained=bool(pretrained), **kwargs
             )
         except OSError as e:  # not in timm's cache and no download (offline, no such file on the hub)
             if pretrained is not True:
@@ -83,14 +75,8 @@ class TimmBackbone(nn.Module):
             ) from None
         except RuntimeError as e:  # key / shape mismatches from load_state_dict(strict=True)
             raise ValueError(f"cannot load {source} into timm model {model_name!r}: {e}") from e
-        self.model_name = model_name
         self.out_channels: list[int] = list(self.model.feature_info.channels())
-        self.strides: list[int] = list(self.model.feature_info.reduction())
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        out = self.model(x)
-        if isinstance(out, torch.Tensor):
-            return [out]
-        if isinstance(out, dict):
-            return list(out.values())
-        return list(out)
+        out = self.model(x)  # a list, or a dict with feature_cls="dict"
+        return list(out.values()) if isinstance(out, dict) else list(out)
