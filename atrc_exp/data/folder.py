@@ -26,8 +26,6 @@ from ..errors import ConfigError
 from ..label_io import DataError
 from ..task_kinds import TASK_KINDS, Task, make_task, make_tasks, spec_problems
 
-__all__ = ["IMAGE_EXTS", "SPEC_FILE", "FolderDataset", "check_folder", "folder_tasks", "load_task_specs"]
-
 SPEC_FILE = "atrc_dataset.yaml"
 #: Image file extensions, in lookup order.
 IMAGE_EXTS = (".jpg", ".png", ".jpeg")

@@ -25,8 +25,6 @@ from .pascal import PASCALMT, _loadmat, person_parts
 from .synthetic import _check_args, ensure_layout_files, write_nyud_files, write_pascal_files
 from .synthetic_folder import write_folder_files
 
-__all__ = ["LAYOUTS", "Archive", "Layout", "ensure_synthetic_dataset", "get_layout", "layout_for_name"]
-
 
 @dataclass(frozen=True)
 class Archive:

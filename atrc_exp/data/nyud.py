@@ -25,8 +25,6 @@ from ..label_io import DataError, read_label_png, read_npy
 from ..tasks import IGNORE_INDEX
 from .folder import SplitDataset
 
-__all__ = ["NYUD_TASK_FILES", "NYUDMT", "DataError", "LayoutReader", "read_image", "require_layout_dir"]
-
 #: Folder and file extension of every NYUD task.
 NYUD_TASK_FILES = {
     "semseg": ("segmentation", ".png"),

@@ -27,8 +27,6 @@ from .synthetic import (
     write_atomically,
 )
 
-__all__ = ["MISSING", "SPECS", "ensure_folder_dataset", "has_label", "image_size", "write_folder_files"]
-
 #: The tasks of the synthetic folder dataset (the YAML's ``tasks``).
 SPECS: dict[str, dict] = {
     "semseg": {"kind": "segmentation", "classes": list(SEMSEG_CLASSES)},

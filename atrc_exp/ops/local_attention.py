@@ -24,8 +24,6 @@ import torch
 from . import build
 from .reference import reference_backward, reference_forward
 
-__all__ = ["local_attention", "set_backend", "get_backend", "available_backends", "BACKENDS"]
-
 BACKENDS = ("auto", "cpp", "cuda", "torch")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
