@@ -46,9 +46,9 @@ import numpy as np
 import scipy.io as sio
 from scipy import ndimage as ndi
 
+from ..files import write_atomic
 from ..tasks import IGNORE_INDEX
 from .nyud import DataError, LayoutReader, read_image, read_label_png
-from .targets import atomic_write
 
 #: ``class_ind`` of a person in Pascal-Part (VOC order, 1-based).
 HUMAN_PARTS_CATEGORY = 15
@@ -272,7 +272,7 @@ class PASCALMT(LayoutReader):
                 for o in _anno_objects(mat, p)
             ]
         try:
-            atomic_write(
+            write_atomic(
                 path, json.dumps({"digest": digest, "root": str(self.root), "objects": objects}).encode()
             )
         except OSError:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
+from ..files import write_atomic
 from ..losses import depth_to_bins
 from ..tasks import IGNORE_INDEX, NUM_DEPTH_BINS, NUM_NORMAL_CENTROIDS, PUBLISHED_NORMAL_CENTROIDS
 
@@ -99,19 +98,6 @@ def compute_normal_centroids(normals: np.ndarray, k: int = NUM_NORMAL_CENTROIDS,
     return cent.astype(np.float32)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in its folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cached_array(
     cache_root: str | Path, folder: str, key_params: dict, shape: tuple, compute: Callable
 ) -> np.ndarray:
@@ -133,7 +119,7 @@ def cached_array(
     buf = io.BytesIO()
     np.save(buf, arr)
     try:
-        atomic_write(path, buf.getvalue())
+        write_atomic(path, buf.getvalue())
     except OSError:
         pass  # read-only cache: recompute next time
     return arr

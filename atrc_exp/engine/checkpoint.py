@@ -14,20 +14,14 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from ..files import write_atomic
 from ..models.state_dict import truncated, truncated_error
 
 META = "meta.json"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
-    _write_atomic(Path(path), json.dumps(data, indent=2) + "\n")
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -101,6 +95,4 @@ def truncate_logs(run_dir: Path, step: int) -> None:
     for path in (Path(run_dir) / "train_log.jsonl", Path(run_dir) / "metrics_history.jsonl"):
         if path.is_file():
             lines = path.read_text().splitlines()
-            _write_atomic(
-                path, "".join(x + "\n" for x in lines if x and json.loads(x).get("step", 0) <= step)
-            )
+            write_atomic(path, "".join(x + "\n" for x in lines if x and json.loads(x).get("step", 0) <= step))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, resource_dir
+from ..files import write_atomic
 from .context_blocks import CONTEXTS, context_spec
 
 #: File name of the genotype in a search run directory.
@@ -119,12 +120,8 @@ def save_genotype(genotype: Mapping[str, Mapping[str, int]], path: str | os.Path
     p = Path(path)
     if p.is_dir():
         p = p / GENOTYPE_FILENAME
-    p.parent.mkdir(parents=True, exist_ok=True)
     data = {str(t): {str(s): int(c) for s, c in row.items()} for t, row in genotype.items()}
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps({"data": data, "step": int(step)}, indent=2) + "\n")
-    os.replace(tmp, p)
-    return p
+    return write_atomic(p, json.dumps({"data": data, "step": int(step)}, indent=2) + "\n")
 
 
 def genotype_table_rows(
